@@ -1,0 +1,330 @@
+//! The warehouse on ClickHouse over HTTP. Schema and statements live in [`sql`]; they run
+//! on ClickHouse 18.16 and on current releases alike. Row types are sent as RowBinary with
+//! the client's schema validation off (18.16 does not know `RowBinaryWithNamesAndTypes`).
+
+pub mod sql;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use clickhouse::Row;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{
+    Breakdown, BreakdownQuery, GroupCounts, StoredVote, TimePoint, TimeseriesQuery, Warehouse,
+    Watermarks, WindowRow,
+};
+use crate::results::Tally;
+use crate::{Error, Result};
+
+/// Groups a breakdown reads at most; more is an error asking for filters.
+pub const MAX_GROUPS: usize = 1_000;
+
+#[derive(Debug, Clone)]
+pub struct ClickHouseConfig {
+    pub url: String,
+    pub database: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct ClickHouseWarehouse {
+    client: clickhouse::Client,
+    server: clickhouse::Client,
+    database: String,
+}
+
+#[derive(Row, Serialize, Deserialize)]
+struct VoteRow {
+    log_partition: u16,
+    seq: u64,
+    vote_id: String,
+    poll_id: String,
+    voter_key: String,
+    choice: Vec<String>,
+    value: Option<i32>,
+    campaign: String,
+    channel: String,
+    source: String,
+    medium: String,
+    country: String,
+    device: String,
+    dim_keys: Vec<String>,
+    dim_values: Vec<String>,
+    received_at: u32,
+    received_ms: u64,
+}
+
+#[derive(Row, Serialize, Deserialize)]
+struct WindowRowCh {
+    log_partition: u16,
+    poll_id: String,
+    window_start: u32,
+    window_seconds: u32,
+    option: String,
+    votes: u64,
+    last_seq: u64,
+}
+
+impl ClickHouseWarehouse {
+    pub fn new(config: &ClickHouseConfig) -> Result<Self> {
+        let valid_name = !config.database.is_empty()
+            && config
+                .database
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid_name {
+            return Err(Error::Warehouse(format!(
+                "database name `{}` must be letters, digits and '_'",
+                config.database
+            )));
+        }
+        let mut server = clickhouse::Client::default()
+            .with_url(&config.url)
+            .with_validation(false);
+        if let Some(user) = &config.user {
+            server = server.with_user(user);
+        }
+        if let Some(password) = &config.password {
+            server = server.with_password(password);
+        }
+        let client = server.clone().with_database(&config.database);
+        Ok(ClickHouseWarehouse {
+            client,
+            server,
+            database: config.database.clone(),
+        })
+    }
+
+    async fn fetch_u64(&self, sql: &str) -> Result<u64> {
+        self.client
+            .query_raw(sql)
+            .fetch_one::<u64>()
+            .await
+            .map_err(Error::warehouse)
+    }
+
+    async fn execute(&self, sql: &str) -> Result<()> {
+        self.client
+            .query_raw(sql)
+            .execute()
+            .await
+            .map_err(Error::warehouse)
+    }
+}
+
+#[async_trait]
+impl Warehouse for ClickHouseWarehouse {
+    async fn migrate(&self) -> Result<Vec<u32>> {
+        let create_db = format!(
+            "CREATE DATABASE IF NOT EXISTS {}",
+            sql::ident(&self.database)
+        );
+        self.server
+            .query_raw(&create_db)
+            .execute()
+            .await
+            .map_err(Error::warehouse)?;
+        self.execute(sql::MIGRATIONS_TABLE).await?;
+        let applied: Vec<u32> = self
+            .client
+            .query_raw(&sql::applied_migrations())
+            .fetch_all::<u32>()
+            .await
+            .map_err(Error::warehouse)?;
+        let mut newly = Vec::new();
+        for (version, name, statement) in sql::MIGRATIONS {
+            if applied.contains(version) {
+                continue;
+            }
+            self.execute(statement).await?;
+            self.execute(&sql::record_migration(*version, name)).await?;
+            tracing::info!(version, name, "applied warehouse migration");
+            newly.push(*version);
+        }
+        Ok(newly)
+    }
+
+    async fn watermarks(&self, partition: u16) -> Result<Watermarks> {
+        Ok(Watermarks {
+            votes: self.fetch_u64(&sql::votes_watermark(partition)).await?,
+            windows: self.fetch_u64(&sql::windows_watermark(partition)).await?,
+        })
+    }
+
+    async fn insert_votes(&self, partition: u16, votes: &[StoredVote]) -> Result<()> {
+        if votes.is_empty() {
+            return Ok(());
+        }
+        let mut insert = self
+            .client
+            .insert::<VoteRow>("votes")
+            .await
+            .map_err(Error::warehouse)?;
+        for stored in votes {
+            let vote = &stored.vote;
+            let segment = &vote.segment;
+            let row = VoteRow {
+                log_partition: partition,
+                seq: stored.seq,
+                vote_id: vote.vote_id.clone(),
+                poll_id: vote.poll_id.clone(),
+                voter_key: vote.voter_key.clone(),
+                choice: vote.choice.clone(),
+                value: vote.value,
+                campaign: segment.campaign.clone(),
+                channel: segment.channel.clone(),
+                source: segment.source.clone(),
+                medium: segment.medium.clone(),
+                country: segment.country.clone(),
+                device: segment.device.clone(),
+                dim_keys: segment.custom.keys().cloned().collect(),
+                dim_values: segment.custom.values().cloned().collect(),
+                received_at: (vote.received_at.max(0) / 1000) as u32,
+                received_ms: vote.received_at.max(0) as u64,
+            };
+            insert.write(&row).await.map_err(Error::warehouse)?;
+        }
+        insert.end().await.map_err(Error::warehouse)
+    }
+
+    async fn insert_windows(&self, partition: u16, rows: &[WindowRow]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut insert = self
+            .client
+            .insert::<WindowRowCh>("vote_windows")
+            .await
+            .map_err(Error::warehouse)?;
+        for row in rows {
+            debug_assert_eq!(
+                row.window_start % row.window_seconds as i64,
+                0,
+                "windows are aligned"
+            );
+            let row = WindowRowCh {
+                log_partition: partition,
+                poll_id: row.poll_id.clone(),
+                window_start: row.window_start.max(0) as u32,
+                window_seconds: row.window_seconds,
+                option: row.option.clone(),
+                votes: row.votes,
+                last_seq: row.last_seq,
+            };
+            insert.write(&row).await.map_err(Error::warehouse)?;
+        }
+        insert.end().await.map_err(Error::warehouse)
+    }
+
+    async fn tally(&self, poll_id: &str) -> Result<Tally> {
+        let (ballots, unique_voters, as_of) = self
+            .client
+            .query_raw(&sql::tally_totals(poll_id))
+            .fetch_one::<(u64, u64, u64)>()
+            .await
+            .map_err(Error::warehouse)?;
+        let counts: Vec<(String, u64)> = self
+            .client
+            .query_raw(&sql::tally_counts(poll_id, as_of))
+            .fetch_all()
+            .await
+            .map_err(Error::warehouse)?;
+        Ok(Tally {
+            ballots,
+            unique_voters,
+            counts: counts.into_iter().collect(),
+            as_of,
+        })
+    }
+
+    async fn voter_keys(&self, poll_id: &str) -> Result<Vec<String>> {
+        self.client
+            .query_raw(&sql::voter_keys(poll_id))
+            .fetch_all::<String>()
+            .await
+            .map_err(Error::warehouse)
+    }
+
+    async fn breakdown(&self, query: &BreakdownQuery) -> Result<Breakdown> {
+        let as_of = self.fetch_u64(&sql::poll_watermark(&query.poll_id)).await?;
+        let ballots: Vec<(Vec<String>, u64)> = self
+            .client
+            .query_raw(&sql::breakdown_ballots(query, as_of, MAX_GROUPS + 1))
+            .fetch_all()
+            .await
+            .map_err(Error::warehouse)?;
+        if ballots.len() > MAX_GROUPS {
+            return Err(Error::Invalid(crate::problem::Problem::invalid(
+                "by",
+                format!("the breakdown has more than {MAX_GROUPS} groups; break down by fewer dimensions or add filters"),
+            )));
+        }
+        let counts: Vec<(Vec<String>, String, u64)> = self
+            .client
+            .query_raw(&sql::breakdown_counts(query, as_of))
+            .fetch_all()
+            .await
+            .map_err(Error::warehouse)?;
+        let mut per_group: BTreeMap<Vec<String>, BTreeMap<String, u64>> = BTreeMap::new();
+        for (group, option, count) in counts {
+            per_group.entry(group).or_default().insert(option, count);
+        }
+        let groups = ballots
+            .into_iter()
+            .map(|(values, ballots)| {
+                let counts = per_group.remove(&values).unwrap_or_default();
+                GroupCounts {
+                    values,
+                    ballots,
+                    counts,
+                }
+            })
+            .collect();
+        Ok(Breakdown { groups, as_of })
+    }
+
+    async fn timeseries(&self, query: &TimeseriesQuery) -> Result<Vec<TimePoint>> {
+        let rows: Vec<(u32, String, u64)> = self
+            .client
+            .query_raw(&sql::timeseries(query))
+            .fetch_all()
+            .await
+            .map_err(Error::warehouse)?;
+        let mut points: Vec<TimePoint> = Vec::new();
+        for (t, option, votes) in rows {
+            let t = t as i64;
+            match points.last_mut() {
+                Some(point) if point.t == t => {
+                    point.counts.insert(option, votes);
+                }
+                _ => points.push(TimePoint {
+                    t,
+                    counts: [(option, votes)].into(),
+                }),
+            }
+        }
+        Ok(points)
+    }
+
+    async fn check(&self) -> Result<()> {
+        self.server
+            .query_raw("SELECT 1")
+            .fetch_one::<u8>()
+            .await
+            .map_err(Error::warehouse)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_types_match_the_column_lists() {
+        assert_eq!(VoteRow::COLUMN_NAMES, sql::VOTE_COLUMNS);
+        assert_eq!(WindowRowCh::COLUMN_NAMES, sql::WINDOW_COLUMNS);
+    }
+}

@@ -1,0 +1,66 @@
+//! `/healthz` (the process is up) and `/readyz` (its dependencies answer), for every service.
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::future::BoxFuture;
+use serde_json::json;
+
+use crate::Result;
+
+/// A named readiness check of one dependency.
+pub type Probe = (
+    &'static str,
+    Arc<dyn Fn() -> BoxFuture<'static, Result<()>> + Send + Sync>,
+);
+
+pub fn probe<F, Fut>(name: &'static str, check: F) -> Probe
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    (
+        name,
+        Arc::new(move || Box::pin(check()) as BoxFuture<'static, Result<()>>),
+    )
+}
+
+pub fn routes<S: Clone + Send + Sync + 'static>(probes: Vec<Probe>) -> Router<S> {
+    let probes = Arc::new(probes);
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route(
+            "/readyz",
+            get(move || {
+                let probes = probes.clone();
+                async move {
+                    let mut checks = serde_json::Map::new();
+                    let mut ready = true;
+                    for (name, check) in probes.iter() {
+                        let outcome =
+                            tokio::time::timeout(std::time::Duration::from_secs(2), check()).await;
+                        let status = match outcome {
+                            Ok(Ok(())) => "ok".to_owned(),
+                            Ok(Err(err)) => {
+                                ready = false;
+                                err.to_string()
+                            }
+                            Err(_) => {
+                                ready = false;
+                                "timed out".to_owned()
+                            }
+                        };
+                        checks.insert((*name).to_owned(), json!(status));
+                    }
+                    let code = if ready {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    (code, Json(json!({"ready": ready, "checks": checks})))
+                }
+            }),
+        )
+}

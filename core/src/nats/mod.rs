@@ -1,0 +1,67 @@
+//! NATS back ends: the vote log on a JetStream stream, the poll registry on a JetStream
+//! key-value bucket, and live totals on a core NATS subject.
+
+mod live;
+mod log;
+mod registry;
+
+use std::time::Duration;
+
+pub use live::NatsLiveFeed;
+pub use log::JetStreamLog;
+pub use registry::KvRegistry;
+
+pub use async_nats::Client;
+pub use log::LogOptions;
+
+use crate::{Error, Result};
+
+pub const VOTES_STREAM: &str = "VOTES";
+pub const POLLS_BUCKET: &str = "POLLS";
+pub const LIVE_PREFIX: &str = "tally.live";
+
+/// Connects to NATS, retrying for the first `patience` while the server comes up.
+pub async fn connect(url: &str, patience: Duration) -> Result<async_nats::Client> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let options = async_nats::ConnectOptions::new()
+            .name("tally")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(2))
+            .max_reconnects(None);
+        // With retry_on_initial_connect the client returns at once and connects in the
+        // background; wait until it is actually connected so startup errors are visible.
+        match options.connect(url).await {
+            Ok(client) => {
+                while client.connection_state() != async_nats::connection::State::Connected {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(Error::Bus(format!("cannot connect to NATS at {url}")));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                return Ok(client);
+            }
+            Err(err) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %err, "nats connect failed, retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(err) => {
+                return Err(Error::Bus(format!(
+                    "cannot connect to NATS at {url}: {err}"
+                )))
+            }
+        }
+    }
+}
+
+/// The JetStream error code behind a failed call, if the server sent one.
+pub(crate) fn jetstream_code(err: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(err) = source {
+        if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>() {
+            return Some(js.error_code().0);
+        }
+        source = err.source();
+    }
+    None
+}

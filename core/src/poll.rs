@@ -1,0 +1,592 @@
+//! Polls: what a marketer creates, and the rules a poll definition must follow.
+//!
+//! A [`Poll`] is stored by the registry as a versioned JSON record; its `status` is derived
+//! from the schedule and explicit close/archive times, so it is computed when read, never
+//! stored.
+
+use serde::{Deserialize, Serialize};
+
+use crate::problem::Problem;
+use crate::segment::STANDARD_KEYS;
+
+pub const MAX_OPTIONS: usize = 50;
+pub const MAX_DIMENSIONS: usize = 10;
+/// Version of the stored poll record.
+pub const RECORD_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PollKind {
+    Single,
+    Multi,
+    Rating,
+    Nps,
+}
+
+impl PollKind {
+    /// Rating and NPS ballots are a number; the tally keys them by its decimal text.
+    pub fn is_scale(self) -> bool {
+        matches!(self, PollKind::Rating | PollKind::Nps)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dedupe {
+    /// One vote per voter; the first one wins.
+    #[default]
+    PerVoter,
+    /// Every submission counts; retries with the same vote_id still count once.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollOption {
+    pub id: String,
+    pub label: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scale {
+    pub min: i32,
+    pub max: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PollStatus {
+    Scheduled,
+    Open,
+    Closed,
+    Archived,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Poll {
+    pub id: String,
+    pub title: String,
+    pub question: String,
+    pub kind: PollKind,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<PollOption>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_choices: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<Scale>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<String>,
+    #[serde(default)]
+    pub dimensions: Vec<String>,
+    #[serde(default)]
+    pub dedupe: Dedupe,
+    #[serde(default)]
+    pub require_token: bool,
+    #[serde(
+        default,
+        with = "crate::time::opt_rfc3339",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub opens_at: Option<i64>,
+    #[serde(
+        default,
+        with = "crate::time::opt_rfc3339",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub closes_at: Option<i64>,
+    /// Set by an explicit close; cleared by reopen.
+    #[serde(
+        default,
+        with = "crate::time::opt_rfc3339",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub closed_at: Option<i64>,
+    #[serde(
+        default,
+        with = "crate::time::opt_rfc3339",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub archived_at: Option<i64>,
+    #[serde(with = "crate::time::rfc3339")]
+    pub created_at: i64,
+    #[serde(with = "crate::time::rfc3339")]
+    pub updated_at: i64,
+    /// The registry's revision of this record; a conditional update names it.
+    #[serde(default)]
+    pub version: u64,
+}
+
+/// A poll as the API shows it: the record plus its derived status.
+#[derive(Debug, Serialize)]
+pub struct PollView<'a> {
+    #[serde(flatten)]
+    pub poll: &'a Poll,
+    pub status: PollStatus,
+}
+
+impl Poll {
+    pub fn status(&self, now_ms: i64) -> PollStatus {
+        if self.archived_at.is_some() {
+            PollStatus::Archived
+        } else if self.closed_at.is_some() || self.closes_at.is_some_and(|at| at <= now_ms) {
+            PollStatus::Closed
+        } else if self.opens_at.is_some_and(|at| at > now_ms) {
+            PollStatus::Scheduled
+        } else {
+            PollStatus::Open
+        }
+    }
+
+    pub fn view(&self, now_ms: i64) -> PollView<'_> {
+        PollView {
+            poll: self,
+            status: self.status(now_ms),
+        }
+    }
+
+    /// The scale a rating or NPS ballot must fall in.
+    pub fn effective_scale(&self) -> Option<Scale> {
+        match self.kind {
+            PollKind::Nps => Some(Scale { min: 0, max: 10 }),
+            PollKind::Rating => Some(self.scale.unwrap_or(Scale { min: 1, max: 5 })),
+            PollKind::Single | PollKind::Multi => None,
+        }
+    }
+
+    /// The keys a tally counts: option ids, or every value of the scale.
+    pub fn answer_keys(&self) -> Vec<(String, String)> {
+        match self.effective_scale() {
+            Some(scale) => (scale.min..=scale.max)
+                .map(|v| (v.to_string(), v.to_string()))
+                .collect(),
+            None => self
+                .options
+                .iter()
+                .map(|o| (o.id.clone(), o.label.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn option(&self, id: &str) -> Option<&PollOption> {
+        self.options.iter().find(|o| o.id == id)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Record<'a> {
+            v: u32,
+            #[serde(flatten)]
+            poll: &'a Poll,
+        }
+        serde_json::to_vec(&Record {
+            v: RECORD_VERSION,
+            poll: self,
+        })
+        .unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> crate::Result<Poll> {
+        #[derive(Deserialize)]
+        struct Record {
+            v: u32,
+            #[serde(flatten)]
+            poll: Poll,
+        }
+        let record: Record = serde_json::from_slice(bytes)
+            .map_err(|e| crate::Error::Corrupt(format!("poll record: {e}")))?;
+        if record.v != RECORD_VERSION {
+            return Err(crate::Error::Corrupt(format!(
+                "poll record version {} is not supported",
+                record.v
+            )));
+        }
+        Ok(record.poll)
+    }
+}
+
+/// `POST /v1/polls`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewPoll {
+    pub id: Option<String>,
+    pub title: String,
+    pub question: String,
+    pub kind: PollKind,
+    #[serde(default)]
+    pub options: Vec<PollOption>,
+    pub max_choices: Option<u32>,
+    pub scale: Option<Scale>,
+    pub campaign: Option<String>,
+    #[serde(default)]
+    pub dimensions: Vec<String>,
+    #[serde(default)]
+    pub dedupe: Dedupe,
+    #[serde(default)]
+    pub require_token: bool,
+    #[serde(default, with = "crate::time::opt_rfc3339")]
+    pub opens_at: Option<i64>,
+    #[serde(default, with = "crate::time::opt_rfc3339")]
+    pub closes_at: Option<i64>,
+}
+
+impl NewPoll {
+    /// Validates the definition and makes the poll; `make_id` supplies an id when none was given.
+    pub fn into_poll(self, now_ms: i64, make_id: impl FnOnce() -> String) -> Result<Poll, Problem> {
+        let id = match self.id {
+            Some(id) => {
+                check_slug("id", &id)?;
+                id
+            }
+            None => make_id(),
+        };
+        let poll = Poll {
+            id,
+            title: self.title,
+            question: self.question,
+            kind: self.kind,
+            options: self.options,
+            max_choices: self.max_choices,
+            scale: self.scale,
+            campaign: self.campaign,
+            dimensions: self.dimensions,
+            dedupe: self.dedupe,
+            require_token: self.require_token,
+            opens_at: self.opens_at,
+            closes_at: self.closes_at,
+            closed_at: None,
+            archived_at: None,
+            created_at: now_ms,
+            updated_at: now_ms,
+            version: 0,
+        };
+        validate(&poll)?;
+        Ok(poll)
+    }
+}
+
+/// `PATCH /v1/polls/{id}`: fields that may change after creation. `null` clears a schedule time.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollPatch {
+    pub title: Option<String>,
+    pub question: Option<String>,
+    /// The full option list: existing ids keep their place (labels may change), new ids are
+    /// added; leaving out an option removes it, which is refused once it has votes.
+    pub options: Option<Vec<PollOption>>,
+    pub max_choices: Option<u32>,
+    pub campaign: Option<String>,
+    #[serde(default, deserialize_with = "double_option")]
+    pub opens_at: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "double_option")]
+    pub closes_at: Option<Option<i64>>,
+}
+
+fn double_option<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<i64>>, D::Error> {
+    crate::time::opt_rfc3339::deserialize(deserializer).map(Some)
+}
+
+impl PollPatch {
+    /// Applies the patch; returns the option ids it removes so the caller can check they
+    /// have no votes.
+    pub fn apply(self, poll: &mut Poll, now_ms: i64) -> Result<Vec<String>, Problem> {
+        let mut removed = Vec::new();
+        if let Some(title) = self.title {
+            poll.title = title;
+        }
+        if let Some(question) = self.question {
+            poll.question = question;
+        }
+        if let Some(options) = self.options {
+            if poll.kind.is_scale() {
+                return Err(Problem::invalid(
+                    "options",
+                    "rating and NPS polls have no options",
+                ));
+            }
+            removed = poll
+                .options
+                .iter()
+                .filter(|old| !options.iter().any(|new| new.id == old.id))
+                .map(|o| o.id.clone())
+                .collect();
+            poll.options = options;
+        }
+        if let Some(max_choices) = self.max_choices {
+            poll.max_choices = Some(max_choices);
+        }
+        if let Some(campaign) = self.campaign {
+            poll.campaign = Some(campaign);
+        }
+        if let Some(opens_at) = self.opens_at {
+            poll.opens_at = opens_at;
+        }
+        if let Some(closes_at) = self.closes_at {
+            poll.closes_at = closes_at;
+        }
+        poll.updated_at = now_ms;
+        validate(poll)?;
+        Ok(removed)
+    }
+}
+
+fn check_slug(field: &str, id: &str) -> Result<(), Problem> {
+    let valid = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && b == b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(Problem::invalid(field, format!("`{id}` is not a valid id: use 1-64 of a-z, 0-9 and '-', starting with a letter or digit")))
+    }
+}
+
+fn check_text(field: &str, text: &str, max: usize) -> Result<(), Problem> {
+    let len = text.chars().count();
+    if text.trim().is_empty() {
+        return Err(Problem::invalid(
+            field,
+            format!("`{field}` must not be empty"),
+        ));
+    }
+    if len > max {
+        return Err(Problem::invalid(
+            field,
+            format!("`{field}` is {len} characters long; the limit is {max}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Every rule of a poll definition, for creation and for patches.
+pub fn validate(poll: &Poll) -> Result<(), Problem> {
+    check_text("title", &poll.title, 200)?;
+    check_text("question", &poll.question, 1000)?;
+    if let Some(campaign) = &poll.campaign {
+        check_text("campaign", campaign, 128)?;
+    }
+    match poll.kind {
+        PollKind::Single | PollKind::Multi => {
+            let count = poll.options.len();
+            if !(2..=MAX_OPTIONS).contains(&count) {
+                return Err(Problem::invalid(
+                    "options",
+                    format!(
+                        "a {} poll needs 2 to {MAX_OPTIONS} options; {count} given",
+                        kind_name(poll.kind)
+                    ),
+                ));
+            }
+            for (i, option) in poll.options.iter().enumerate() {
+                let field = format!("options[{i}].id");
+                let valid_id = !option.id.is_empty()
+                    && option.id.len() <= 64
+                    && option
+                        .id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                if !valid_id {
+                    return Err(Problem::invalid(
+                        field,
+                        format!(
+                            "option id `{}` must be 1-64 of A-Z, a-z, 0-9, '-' and '_'",
+                            option.id
+                        ),
+                    ));
+                }
+                if poll.options[..i].iter().any(|o| o.id == option.id) {
+                    return Err(Problem::invalid(
+                        field,
+                        format!("option id `{}` is used twice", option.id),
+                    ));
+                }
+                check_text(&format!("options[{i}].label"), &option.label, 200)?;
+            }
+            if poll.scale.is_some() {
+                return Err(Problem::invalid("scale", "only rating polls have a scale"));
+            }
+            match (poll.kind, poll.max_choices) {
+                (PollKind::Single, Some(_)) => {
+                    return Err(Problem::invalid(
+                        "max_choices",
+                        "only multi polls take max_choices",
+                    ))
+                }
+                (PollKind::Multi, Some(max)) if max == 0 || max as usize > count => {
+                    return Err(Problem::invalid(
+                        "max_choices",
+                        format!(
+                            "max_choices must be between 1 and the number of options ({count})"
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        PollKind::Rating | PollKind::Nps => {
+            if !poll.options.is_empty() {
+                return Err(Problem::invalid(
+                    "options",
+                    "rating and NPS polls have no options; their answers are numbers",
+                ));
+            }
+            if poll.max_choices.is_some() {
+                return Err(Problem::invalid(
+                    "max_choices",
+                    "only multi polls take max_choices",
+                ));
+            }
+            if poll.kind == PollKind::Nps && poll.scale.is_some() {
+                return Err(Problem::invalid("scale", "the NPS scale is fixed at 0-10"));
+            }
+            if let Some(scale) = poll.scale {
+                if scale.min >= scale.max
+                    || scale.max - scale.min > 100
+                    || scale.min < -1000
+                    || scale.max > 1000
+                {
+                    return Err(Problem::invalid(
+                        "scale",
+                        "scale needs min < max, at most 100 steps, within -1000..1000",
+                    ));
+                }
+            }
+        }
+    }
+    if poll.dimensions.len() > MAX_DIMENSIONS {
+        return Err(Problem::invalid(
+            "dimensions",
+            format!("at most {MAX_DIMENSIONS} custom dimensions"),
+        ));
+    }
+    for (i, key) in poll.dimensions.iter().enumerate() {
+        let field = format!("dimensions[{i}]");
+        let valid = !key.is_empty()
+            && key.len() <= 32
+            && key.as_bytes()[0].is_ascii_lowercase()
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !valid {
+            return Err(Problem::invalid(
+                field,
+                format!(
+                    "dimension `{key}` must be 1-32 of a-z, 0-9 and '_', starting with a letter"
+                ),
+            ));
+        }
+        if STANDARD_KEYS.contains(&key.as_str()) {
+            return Err(Problem::invalid(
+                field,
+                format!("`{key}` is a standard segment key; list only extra keys"),
+            ));
+        }
+        if poll.dimensions[..i].contains(key) {
+            return Err(Problem::invalid(
+                field,
+                format!("dimension `{key}` is listed twice"),
+            ));
+        }
+    }
+    if let (Some(opens), Some(closes)) = (poll.opens_at, poll.closes_at) {
+        if opens >= closes {
+            return Err(Problem::invalid(
+                "closes_at",
+                "closes_at must be after opens_at",
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn kind_name(kind: PollKind) -> &'static str {
+    match kind {
+        PollKind::Single => "single",
+        PollKind::Multi => "multi",
+        PollKind::Rating => "rating",
+        PollKind::Nps => "nps",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_poll(json: &str) -> Result<Poll, Problem> {
+        let new: NewPoll = crate::problem::parse_json(json.as_bytes())?;
+        new.into_poll(1_000, || "generated".into())
+    }
+
+    #[test]
+    fn accepts_every_kind() {
+        new_poll(r#"{"title":"t","question":"q","kind":"single","options":[{"id":"a","label":"A"},{"id":"b","label":"B"}]}"#).unwrap();
+        new_poll(r#"{"title":"t","question":"q","kind":"multi","max_choices":2,"options":[{"id":"a","label":"A"},{"id":"b","label":"B"}]}"#).unwrap();
+        let rating = new_poll(
+            r#"{"id":"r-1","title":"t","question":"q","kind":"rating","scale":{"min":1,"max":7}}"#,
+        )
+        .unwrap();
+        assert_eq!(rating.answer_keys().len(), 7);
+        let nps = new_poll(r#"{"title":"t","question":"q","kind":"nps"}"#).unwrap();
+        assert_eq!(nps.id, "generated");
+        assert_eq!(nps.answer_keys().len(), 11);
+    }
+
+    #[test]
+    fn rejects_bad_definitions_naming_the_field() {
+        let cases = [
+            (
+                r#"{"id":"Bad Id","title":"t","question":"q","kind":"nps"}"#,
+                "id",
+            ),
+            (
+                r#"{"title":"t","question":"q","kind":"single","options":[{"id":"a","label":"A"}]}"#,
+                "options",
+            ),
+            (
+                r#"{"title":"t","question":"q","kind":"single","options":[{"id":"a","label":"A"},{"id":"a","label":"B"}]}"#,
+                "options[1].id",
+            ),
+            (r#"{"title":"","question":"q","kind":"nps"}"#, "title"),
+            (
+                r#"{"title":"t","question":"q","kind":"rating","scale":{"min":5,"max":1}}"#,
+                "scale",
+            ),
+            (
+                r#"{"title":"t","question":"q","kind":"nps","dimensions":["country"]}"#,
+                "dimensions[0]",
+            ),
+            (
+                r#"{"title":"t","question":"q","kind":"nps","colour":"red"}"#,
+                "colour",
+            ),
+        ];
+        for (json, field) in cases {
+            let problem = new_poll(json).unwrap_err();
+            assert_eq!(problem.field.as_deref(), Some(field), "{json}: {problem:?}");
+        }
+    }
+
+    #[test]
+    fn status_follows_schedule_and_close() {
+        let mut poll = new_poll(r#"{"title":"t","question":"q","kind":"nps","opens_at":"1970-01-01T00:00:02Z","closes_at":"1970-01-01T00:00:04Z"}"#).unwrap();
+        assert_eq!(poll.status(1_000), PollStatus::Scheduled);
+        assert_eq!(poll.status(3_000), PollStatus::Open);
+        assert_eq!(poll.status(4_000), PollStatus::Closed);
+        poll.closed_at = Some(2_500);
+        assert_eq!(poll.status(3_000), PollStatus::Closed);
+        poll.archived_at = Some(3_000);
+        assert_eq!(poll.status(3_000), PollStatus::Archived);
+    }
+
+    #[test]
+    fn record_round_trips_with_version() {
+        let poll = new_poll(r#"{"title":"t","question":"q","kind":"nps","campaign":"c"}"#).unwrap();
+        assert_eq!(Poll::decode(&poll.encode()).unwrap(), poll);
+        assert!(Poll::decode(br#"{"v":9}"#).is_err());
+    }
+}

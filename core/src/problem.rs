@@ -1,0 +1,243 @@
+//! The one error shape of the HTTP API: RFC 9457 `application/problem+json`.
+//!
+//! Every service maps its errors to a [`Problem`] in one place; extractor rejections (bad
+//! JSON, wrong types, bodies too large, invalid UTF-8) go through [`ApiJson`] so they have
+//! the same shape as our own errors. `type` is a stable URI per kind of problem; `detail`
+//! says what to fix.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Base of every problem `type`; the slug after it is the stable part of the contract.
+pub const TYPE_BASE: &str = "https://tally.dev/problems/";
+
+pub const CONTENT_TYPE: &str = "application/problem+json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, thiserror::Error)]
+#[error("{title}: {detail}")]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// The request field at fault, as a JSON path (`choice`, `segment.country`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// Seconds after which a retry may succeed (also sent as `Retry-After`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+}
+
+impl Problem {
+    pub fn new(status: u16, slug: &str, title: &str, detail: impl Into<String>) -> Self {
+        Problem {
+            kind: format!("{TYPE_BASE}{slug}"),
+            title: title.to_owned(),
+            status,
+            detail: detail.into(),
+            field: None,
+            retry_after: None,
+        }
+    }
+
+    /// The slug of `type` (`already-voted`, `invalid-field`, …).
+    pub fn slug(&self) -> &str {
+        self.kind.strip_prefix(TYPE_BASE).unwrap_or(&self.kind)
+    }
+
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    /// 422 for a field whose value breaks a rule.
+    pub fn invalid(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        Problem::new(422, "invalid-field", "Invalid field", detail).with_field(field)
+    }
+
+    pub fn bad_request(slug: &str, detail: impl Into<String>) -> Self {
+        Problem::new(400, slug, "Bad request", detail)
+    }
+
+    pub fn not_found(what: &str) -> Self {
+        Problem::new(
+            404,
+            "not-found",
+            "Not found",
+            format!("{what} does not exist"),
+        )
+    }
+
+    pub fn unavailable(detail: impl Into<String>) -> Self {
+        let mut problem = Problem::new(503, "unavailable", "Service unavailable", detail);
+        problem.retry_after = Some(1);
+        problem
+    }
+
+    pub fn internal() -> Self {
+        Problem::new(
+            500,
+            "internal",
+            "Internal error",
+            "the server failed to handle the request; it has been logged",
+        )
+    }
+
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        Problem::new(401, "unauthorized", "Unauthorized", detail)
+    }
+
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Problem::new(403, "forbidden", "Forbidden", detail)
+    }
+
+    pub fn too_large(limit: usize) -> Self {
+        Problem::new(
+            413,
+            "body-too-large",
+            "Body too large",
+            format!("the request body exceeds the limit of {limit} bytes"),
+        )
+    }
+
+    pub fn status_code(&self) -> StatusCode {
+        StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_vec(&self).unwrap_or_default();
+        let mut response = (self.status_code(), body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// Parses a JSON body that must be valid UTF-8 and match `T` exactly; every failure is a
+/// [`Problem`] naming the field at fault. Types meant for it use `deny_unknown_fields`.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+    if let Err(err) = std::str::from_utf8(body) {
+        return Err(Problem::bad_request(
+            "invalid-utf8",
+            format!("the body is not valid UTF-8 (byte {})", err.valid_up_to()),
+        ));
+    }
+    let deserializer = &mut serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            Problem::bad_request(
+                "malformed-json",
+                format!("the body is not valid JSON: {inner}"),
+            )
+        } else if path == "." {
+            Problem::invalid(
+                "body",
+                format!("the body does not have the expected shape: {inner}"),
+            )
+        } else {
+            Problem::invalid(path.clone(), format!("`{path}`: {inner}"))
+        }
+    })?;
+    Ok(value)
+}
+
+/// A JSON body extractor whose rejections are problems. The body limit is axum's
+/// `DefaultBodyLimit`, which also counts chunked bodies as they stream.
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let body = read_body(req, state).await?;
+        parse_json(&body).map(ApiJson)
+    }
+}
+
+/// Buffers a body within the configured limit, mapping the limit to 413.
+pub async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Problem> {
+    match Bytes::from_request(req, state).await {
+        Ok(bytes) => Ok(bytes),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(Problem::new(
+            413,
+            "body-too-large",
+            "Body too large",
+            "the request body exceeds the size limit of this endpoint",
+        )),
+        Err(rejection) => Err(Problem::bad_request(
+            "unreadable-body",
+            rejection.body_text(),
+        )),
+    }
+}
+
+/// Fallback for unknown routes, so even a 404 has the problem shape.
+pub async fn no_route() -> Problem {
+    Problem::new(
+        404,
+        "no-route",
+        "Not found",
+        "no endpoint at this path; see the API reference",
+    )
+}
+
+/// Maps a 405 from the router to a problem.
+pub fn method_not_allowed() -> Problem {
+    Problem::new(
+        405,
+        "method-not-allowed",
+        "Method not allowed",
+        "this endpoint does not accept that method",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        #[allow(dead_code)]
+        n: u32,
+    }
+
+    #[test]
+    fn names_the_field_at_fault() {
+        let problem = parse_json::<Body>(br#"{"n": "x"}"#).unwrap_err();
+        assert_eq!(problem.status, 422);
+        assert_eq!(problem.field.as_deref(), Some("n"));
+        let problem = parse_json::<Body>(br#"{"n": 1, "extra": 2}"#).unwrap_err();
+        assert_eq!(problem.status, 422);
+        assert!(problem.detail.contains("extra"), "{}", problem.detail);
+    }
+
+    #[test]
+    fn malformed_json_and_bad_utf8_are_400() {
+        assert_eq!(
+            parse_json::<Body>(b"{\"n\": ").unwrap_err().slug(),
+            "malformed-json"
+        );
+        assert_eq!(
+            parse_json::<Body>(b"{\"n\": \"\xff\"}").unwrap_err().slug(),
+            "invalid-utf8"
+        );
+    }
+}
