@@ -1,0 +1,442 @@
+//! The processor: reads each owned partition of the vote log in order, writes the
+//! deduplicated votes and their tumbling-window aggregates to the warehouse, and publishes
+//! full live totals per poll.
+//!
+//! In: log entries (versioned vote events). Out: `votes` and `vote_windows` rows, each
+//! stamped with the log sequence it covers, and [`Results`] on the live feed.
+//!
+//! Exactly-once: every warehouse table knows how far it holds the log (its watermark). On
+//! start the processor reads the watermarks and resumes after the lower one; an entry at or
+//! below a table's watermark is never written to that table again. One insert is atomic, so
+//! a crash at any point leaves each table either with a whole batch or without it. Log acks
+//! only spare the broker redeliveries. One vote per voter is enforced by the log at intake
+//! (one entry per uniqueness key), so every entry read is a vote to count.
+
+mod windows;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tally_core::backend::{
+    Backoff, LiveFeed, LogEntry, PollRegistry, StoredVote, VoteLog, Warehouse, Watermarks,
+};
+use tally_core::poll::Dedupe;
+use tally_core::polls::PollCache;
+use tally_core::results::{Results, Tally};
+use tally_core::{health, wire};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use windows::{Pick, WindowEngine};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Core(#[from] tally_core::Error),
+    #[error("window aggregation: {0}")]
+    Window(String),
+    #[error("http listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Clone)]
+pub struct Deps {
+    pub log: Arc<dyn VoteLog>,
+    pub registry: Arc<dyn PollRegistry>,
+    pub warehouse: Arc<dyn Warehouse>,
+    pub live: Arc<dyn LiveFeed>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Partitions this process owns; empty = all of them.
+    pub partitions: Vec<u16>,
+    pub batch_max: usize,
+    /// How long a read waits for the first entry of a batch.
+    pub batch_wait: Duration,
+    pub window_seconds: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            partitions: Vec::new(),
+            batch_max: 5_000,
+            batch_wait: Duration::from_millis(500),
+            window_seconds: 10,
+        }
+    }
+}
+
+/// Runs the processor until `shutdown` resolves; serves `/healthz` and `/readyz` on
+/// `listener`. Returns once every partition has finished its current batch.
+pub async fn run(
+    listener: TcpListener,
+    deps: Deps,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let engine = WindowEngine::start(config.window_seconds)?;
+    let polls = PollCache::start(deps.registry.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let partitions: Vec<u16> = if config.partitions.is_empty() {
+        (0..deps.log.partitions()).collect()
+    } else {
+        config.partitions.clone()
+    };
+    let mut workers = Vec::new();
+    for partition in partitions {
+        let worker = Partition::new(
+            partition,
+            deps.clone(),
+            config.clone(),
+            polls.clone(),
+            engine.clone(),
+            stop_rx.clone(),
+        );
+        workers.push(tokio::spawn(worker.run()));
+    }
+
+    let log = deps.log.clone();
+    let warehouse = deps.warehouse.clone();
+    let app = health::routes::<()>(vec![
+        health::probe("vote_log", move || {
+            let log = log.clone();
+            async move { log.check().await }
+        }),
+        health::probe("warehouse", move || {
+            let warehouse = warehouse.clone();
+            async move { warehouse.check().await }
+        }),
+    ]);
+    let mut http_stop = stop_rx.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = http_stop.wait_for(|stop| *stop).await;
+    });
+    let server = tokio::spawn(async move { server.await });
+
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    for worker in workers {
+        let _ = worker.await;
+    }
+    let _ = server.await;
+    Ok(())
+}
+
+/// The bound address of a listener, for logs.
+pub fn local_addr(listener: &TcpListener) -> Option<SocketAddr> {
+    listener.local_addr().ok()
+}
+
+/// Counting state of one poll, as of the `votes` table's watermark.
+struct PollState {
+    tally: Tally,
+    /// Voter keys seen, only for `dedupe: none` polls (on `per_voter` polls every counted
+    /// vote is a new voter, which the log guarantees).
+    voters: Option<HashSet<String>>,
+}
+
+struct Partition {
+    partition: u16,
+    deps: Deps,
+    config: Config,
+    polls: Arc<PollCache>,
+    engine: WindowEngine,
+    stop: watch::Receiver<bool>,
+    watermarks: Watermarks,
+    states: HashMap<String, PollState>,
+}
+
+impl Partition {
+    fn new(
+        partition: u16,
+        deps: Deps,
+        config: Config,
+        polls: Arc<PollCache>,
+        engine: WindowEngine,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        Partition {
+            partition,
+            deps,
+            config,
+            polls,
+            engine,
+            stop,
+            watermarks: Watermarks::default(),
+            states: HashMap::new(),
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Waits `delay` unless asked to stop first; returns whether to go on.
+    async fn pause(&mut self, delay: Duration) -> bool {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => !self.stopping(),
+            _ = stop.wait_for(|stop| *stop) => false,
+        }
+    }
+
+    async fn run(mut self) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        while !self.stopping() {
+            // (Re)start from the warehouse: it is the source of truth for positions.
+            let watermarks = match self.deps.warehouse.watermarks(self.partition).await {
+                Ok(watermarks) => watermarks,
+                Err(err) => {
+                    tracing::warn!(partition = self.partition, error = %err, "cannot read watermarks, retrying");
+                    let delay = backoff.next_delay();
+                    if !self.pause(delay).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            self.watermarks = watermarks;
+            self.states.clear();
+            let start = watermarks.votes.min(watermarks.windows);
+            let mut reader = match self.deps.log.reader(self.partition, start).await {
+                Ok(reader) => reader,
+                Err(err) => {
+                    tracing::warn!(partition = self.partition, error = %err, "cannot open the vote log, retrying");
+                    let delay = backoff.next_delay();
+                    if !self.pause(delay).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            tracing::info!(
+                partition = self.partition,
+                votes = watermarks.votes,
+                windows = watermarks.windows,
+                "processing from watermarks"
+            );
+            backoff.reset();
+            loop {
+                let mut stop = self.stop.clone();
+                let batch = tokio::select! {
+                    batch = reader.next_batch(self.config.batch_max, self.config.batch_wait) => batch,
+                    _ = stop.wait_for(|stop| *stop) => return,
+                };
+                let batch = match batch {
+                    Ok(batch) if batch.is_empty() => continue,
+                    Ok(batch) => batch,
+                    Err(err) => {
+                        tracing::warn!(partition = self.partition, error = %err, "reading the vote log failed, reopening");
+                        break;
+                    }
+                };
+                let last = batch.last().map(|e| e.seq).unwrap_or(0);
+                if !self.process(batch).await {
+                    return;
+                }
+                if let Err(err) = reader.commit(last).await {
+                    tracing::debug!(partition = self.partition, error = %err, "ack failed; the watermark still holds");
+                }
+                failpoint("after-commit");
+            }
+            let delay = backoff.next_delay();
+            if !self.pause(delay).await {
+                return;
+            }
+        }
+    }
+
+    /// Writes one batch to every table that does not hold it yet, then publishes totals.
+    /// Retries writes until they succeed; returns false only when stopping.
+    async fn process(&mut self, batch: Vec<LogEntry>) -> bool {
+        let last_seq = batch.last().map(|e| e.seq).unwrap_or(0);
+        let mut votes = Vec::with_capacity(batch.len());
+        for entry in batch {
+            match wire::decode(&entry.payload) {
+                Ok(vote) => votes.push(StoredVote {
+                    seq: entry.seq,
+                    vote,
+                }),
+                // Only ingest writes the log and it writes valid events; an undecodable entry
+                // was never a 202 and counting it is impossible, so it is logged and skipped.
+                Err(err) => {
+                    tracing::error!(partition = self.partition, seq = entry.seq, error = %err, "skipping undecodable log entry")
+                }
+            }
+        }
+
+        let new_votes: Vec<StoredVote> = votes
+            .iter()
+            .filter(|v| v.seq > self.watermarks.votes)
+            .cloned()
+            .collect();
+        if !new_votes.is_empty() {
+            if !self.load_states(&new_votes).await {
+                return false;
+            }
+            let warehouse = self.deps.warehouse.clone();
+            let partition = self.partition;
+            if self
+                .retry("insert votes", || {
+                    warehouse.insert_votes(partition, &new_votes)
+                })
+                .await
+                .is_none()
+            {
+                return false;
+            }
+            failpoint("after-votes-insert");
+            debug_assert!(
+                last_seq > self.watermarks.votes,
+                "the votes watermark only moves forward"
+            );
+            self.watermarks.votes = last_seq;
+        }
+
+        let picks: Vec<Pick> = votes
+            .iter()
+            .filter(|v| v.seq > self.watermarks.windows)
+            .flat_map(|v| {
+                v.vote.choice.iter().map(|option| Pick {
+                    poll_id: v.vote.poll_id.clone(),
+                    received_ms: v.vote.received_at,
+                    option: option.clone(),
+                })
+            })
+            .collect();
+        if !picks.is_empty() {
+            let rows = loop {
+                match self.engine.windows(picks.clone(), last_seq).await {
+                    Ok(rows) => break rows,
+                    Err(err) => {
+                        tracing::error!(partition = self.partition, error = %err, "window aggregation failed, retrying");
+                        if !self.pause(Duration::from_secs(1)).await {
+                            return false;
+                        }
+                    }
+                }
+            };
+            let warehouse = self.deps.warehouse.clone();
+            let partition = self.partition;
+            if self
+                .retry("insert windows", || {
+                    warehouse.insert_windows(partition, &rows)
+                })
+                .await
+                .is_none()
+            {
+                return false;
+            }
+            self.watermarks.windows = last_seq;
+        }
+
+        self.count_and_publish(&new_votes).await;
+        true
+    }
+
+    /// Loads the counting state of polls seen for the first time, from the warehouse as it
+    /// stands before this batch is written.
+    async fn load_states(&mut self, votes: &[StoredVote]) -> bool {
+        let missing: HashSet<&str> = votes
+            .iter()
+            .map(|v| v.vote.poll_id.as_str())
+            .filter(|id| !self.states.contains_key(*id))
+            .collect();
+        for poll_id in missing {
+            let poll = self.polls.get(poll_id).await.ok().flatten();
+            let count_voters = poll.as_ref().is_none_or(|p| p.dedupe == Dedupe::None);
+            let warehouse = self.deps.warehouse.clone();
+            let loaded = self
+                .retry("load tally", || {
+                    let warehouse = warehouse.clone();
+                    let poll_id = poll_id.to_owned();
+                    async move {
+                        let tally = warehouse.tally(&poll_id).await?;
+                        let voters: Option<HashSet<String>> = if count_voters {
+                            Some(warehouse.voter_keys(&poll_id).await?.into_iter().collect())
+                        } else {
+                            None
+                        };
+                        Ok((tally, voters))
+                    }
+                })
+                .await;
+            let Some((tally, voters)) = loaded else {
+                return false;
+            };
+            self.states
+                .insert(poll_id.to_owned(), PollState { tally, voters });
+        }
+        true
+    }
+
+    async fn count_and_publish(&mut self, votes: &[StoredVote]) {
+        let mut changed: Vec<String> = Vec::new();
+        for stored in votes {
+            let Some(state) = self.states.get_mut(&stored.vote.poll_id) else {
+                continue;
+            };
+            let new_voter = match &mut state.voters {
+                Some(seen) => {
+                    !stored.vote.voter_key.is_empty() && seen.insert(stored.vote.voter_key.clone())
+                }
+                None => true,
+            };
+            state.tally.add(&stored.vote, stored.seq, new_voter);
+            if !changed.contains(&stored.vote.poll_id) {
+                changed.push(stored.vote.poll_id.clone());
+            }
+        }
+        let now = tally_core::time::now_ms();
+        for poll_id in changed {
+            let Ok(Some(poll)) = self.polls.get(&poll_id).await else {
+                tracing::warn!(poll_id = %poll_id, "votes for a poll the registry does not know; totals not published");
+                continue;
+            };
+            let results = Results::new(&poll, &self.states[&poll_id].tally, now);
+            if let Err(err) = self.deps.live.publish(&results).await {
+                tracing::warn!(poll_id = %poll_id, error = %err, "publishing live totals failed");
+            }
+        }
+    }
+
+    /// Retries a warehouse call with backoff until it succeeds; None when stopping.
+    async fn retry<T, F, Fut>(&mut self, what: &str, mut call: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = tally_core::Result<T>>,
+    {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            match call().await {
+                Ok(value) => return Some(value),
+                Err(err) => {
+                    tracing::warn!(partition = self.partition, error = %err, "{what} failed, retrying");
+                    let delay = backoff.next_delay();
+                    if !self.pause(delay).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Test-only crash points: `TALLY_FAILPOINT=<name>` makes the process abort there, the way
+/// kill -9 would, so fault tests can hit the gaps between a write and what follows it.
+fn failpoint(name: &str) {
+    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let armed = ARMED.get_or_init(|| std::env::var("TALLY_FAILPOINT").ok());
+    if armed.as_deref() == Some(name) {
+        tracing::error!(failpoint = name, "failpoint hit, aborting");
+        std::process::abort();
+    }
+}

@@ -1,0 +1,176 @@
+//! Live totals over Server-Sent Events.
+//!
+//! One subscription to the live feed per process updates a `watch` channel per poll, which
+//! keeps only the newest totals: a burst of updates coalesces into one, memory per poll is
+//! one document, and a slow client never holds up the others (each client task reads the
+//! channel at its own pace and is dropped if it cannot take an event within a timeout).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::StreamExt;
+use tally_core::backend::{Backoff, LiveFeed};
+use tally_core::poll::PollStatus;
+use tally_core::results::Results;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::App;
+
+type Latest = watch::Sender<Option<Arc<Results>>>;
+
+#[derive(Default)]
+pub struct LiveHub {
+    polls: Mutex<HashMap<String, Latest>>,
+}
+
+impl LiveHub {
+    fn channel(&self, poll_id: &str) -> Latest {
+        let mut polls = self.polls.lock().expect("live hub lock");
+        polls
+            .entry(poll_id.to_owned())
+            .or_insert_with(|| watch::Sender::new(None))
+            .clone()
+    }
+
+    /// Keeps `results` if newer than what the poll's channel holds: totals never go back.
+    pub fn offer(&self, results: Results) {
+        let channel = self.channel(&results.poll_id);
+        channel.send_if_modified(|current| {
+            let newer = current.as_ref().is_none_or(|c| results.as_of > c.as_of);
+            if newer {
+                *current = Some(Arc::new(results));
+            }
+            newer
+        });
+    }
+
+    pub fn subscribe(&self, poll_id: &str) -> watch::Receiver<Option<Arc<Results>>> {
+        self.channel(poll_id).subscribe()
+    }
+
+    /// Follows the live feed for the life of the process, resubscribing after failures.
+    pub fn follow(self: &Arc<Self>, feed: Arc<dyn LiveFeed>) {
+        let hub = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+            loop {
+                match feed.subscribe().await {
+                    Ok(mut updates) => {
+                        backoff.reset();
+                        while let Some(results) = updates.next().await {
+                            let Some(hub) = hub.upgrade() else { return };
+                            hub.offer(results);
+                        }
+                        tracing::warn!("live feed subscription ended, resubscribing");
+                    }
+                    Err(err) => tracing::warn!(error = %err, "cannot subscribe to the live feed"),
+                }
+                if hub.strong_count() == 0 {
+                    return;
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        });
+    }
+}
+
+fn event(kind: &str, results: &Results) -> Event {
+    Event::default()
+        .event(kind)
+        .id(results.as_of.to_string())
+        .json_data(results)
+        .unwrap_or_else(|_| Event::default().comment("encode error"))
+}
+
+/// Streams a poll's totals: `snapshot` first (or, when resuming with `Last-Event-ID`, the
+/// newer totals only), then `totals` whenever the sequence grows, at most every
+/// `min_interval`; `closed` once when the poll closes.
+pub fn stream(
+    app: Arc<App>,
+    poll_id: String,
+    initial: Arc<Results>,
+    resume_after: Option<u64>,
+) -> impl axum::response::IntoResponse {
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(8);
+    let mut latest = app.live.subscribe(&poll_id);
+    let mut poll_changes = app.polls.changes();
+    let min_interval = app.config.live_min_interval;
+    let send_timeout = app.config.live_send_timeout;
+    let heartbeat = app.config.live_heartbeat;
+    tokio::spawn(async move {
+        let send = |event: Event| {
+            let tx = tx.clone();
+            async move {
+                matches!(
+                    tokio::time::timeout(send_timeout, tx.send(Ok(event))).await,
+                    Ok(Ok(()))
+                )
+            }
+        };
+        let mut sent = resume_after.unwrap_or(0);
+        let first = match resume_after {
+            None => Some(event("snapshot", &initial)),
+            Some(after) if initial.as_of > after => Some(event("totals", &initial)),
+            Some(_) => None,
+        };
+        if let Some(first) = first {
+            sent = sent.max(initial.as_of);
+            if !send(first).await {
+                return;
+            }
+        }
+        let mut closed_sent = false;
+        loop {
+            let status = app
+                .polls
+                .cached(&poll_id)
+                .map(|p| p.status(tally_core::time::now_ms()));
+            if !closed_sent && matches!(status, Some(PollStatus::Closed | PollStatus::Archived)) {
+                closed_sent = true;
+                let data = serde_json::json!({"poll_id": poll_id, "status": status});
+                if !send(Event::default().event("closed").data(data.to_string())).await {
+                    return;
+                }
+            }
+            let closes_in = app
+                .polls
+                .cached(&poll_id)
+                .and_then(|p| p.closes_at)
+                .map(|at| at - tally_core::time::now_ms())
+                .filter(|ms| *ms > 0 && !closed_sent)
+                .map(|ms| Duration::from_millis(ms as u64 + 5))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                changed = latest.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let current = latest.borrow_and_update().clone();
+                    if let Some(current) = current {
+                        if current.as_of > sent {
+                            sent = current.as_of;
+                            if !send(event("totals", &current)).await {
+                                return;
+                            }
+                            // Coalesce: whatever arrives meanwhile is sent as one update.
+                            tokio::time::sleep(min_interval).await;
+                        }
+                    }
+                }
+                changed = poll_changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(closes_in) => {}
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::new().interval(heartbeat).text("heartbeat"))
+}

@@ -1,0 +1,321 @@
+//! `tally`: one binary, one subcommand per service. Flags and `TALLY_*` environment
+//! variables mean the same thing; a flag wins.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tally_core::auth::ApiKeys;
+use tally_core::backend::Warehouse;
+use tally_core::clickhouse::{ClickHouseConfig, ClickHouseWarehouse};
+use tally_core::nats::{self, JetStreamLog, KvRegistry, NatsLiveFeed};
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(
+    name = "tally",
+    version,
+    about = "Real-time polling backend: ingest, process and query votes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Public vote intake: validates votes and appends them to the vote log.
+    Ingest {
+        #[command(flatten)]
+        listen: Listen<8080>,
+        #[command(flatten)]
+        bus: Bus,
+        /// Server secret for hashing voter ids and signing voter tokens (16+ bytes).
+        #[arg(long, env = "TALLY_SECRET", hide_env_values = true)]
+        secret: String,
+    },
+    /// Consumes the vote log, writes votes and window aggregates, publishes live totals.
+    Processor {
+        #[command(flatten)]
+        listen: Listen<8082>,
+        #[command(flatten)]
+        bus: Bus,
+        #[command(flatten)]
+        warehouse: WarehouseArgs,
+        /// Partitions this process owns (comma-separated); all when empty.
+        #[arg(long, env = "TALLY_OWN_PARTITIONS", value_delimiter = ',')]
+        own_partitions: Vec<u16>,
+        /// Width of the tumbling windows, in seconds.
+        #[arg(long, env = "TALLY_WINDOW_SECONDS", default_value_t = 10)]
+        window_seconds: u32,
+        /// Largest batch read from the log and written at once.
+        #[arg(long, env = "TALLY_BATCH_MAX", default_value_t = 5000)]
+        batch_max: usize,
+    },
+    /// Poll management, results, breakdowns, time series and live totals.
+    Query {
+        #[command(flatten)]
+        listen: Listen<8081>,
+        #[command(flatten)]
+        bus: Bus,
+        #[command(flatten)]
+        warehouse: WarehouseArgs,
+        #[command(flatten)]
+        keys: Keys,
+        /// Width of the processor's tumbling windows, in seconds.
+        #[arg(long, env = "TALLY_WINDOW_SECONDS", default_value_t = 10)]
+        window_seconds: u32,
+        /// Seconds between SSE heartbeats.
+        #[arg(long, env = "TALLY_SSE_HEARTBEAT_SECONDS", default_value_t = 15)]
+        sse_heartbeat_seconds: u64,
+    },
+    /// Applies warehouse migrations and exits.
+    Migrate {
+        #[command(flatten)]
+        warehouse: WarehouseArgs,
+    },
+}
+
+#[derive(Args)]
+struct Listen<const PORT: u16> {
+    /// Address:port of the HTTP listener (port 0 picks a free one).
+    #[arg(long = "listen", env = "TALLY_LISTEN", default_value_t = format!("127.0.0.1:{PORT}"))]
+    addr: String,
+}
+
+#[derive(Args)]
+struct Bus {
+    /// NATS server(s), comma-separated.
+    #[arg(long, env = "TALLY_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Number of vote log partitions (must agree across all services).
+    #[arg(long, env = "TALLY_PARTITIONS", default_value_t = 1)]
+    partitions: u16,
+}
+
+#[derive(Args)]
+struct WarehouseArgs {
+    #[arg(
+        long,
+        env = "TALLY_CLICKHOUSE_URL",
+        default_value = "http://127.0.0.1:8123"
+    )]
+    clickhouse_url: String,
+    #[arg(long, env = "TALLY_CLICKHOUSE_DATABASE", default_value = "tally")]
+    clickhouse_database: String,
+    #[arg(long, env = "TALLY_CLICKHOUSE_USER")]
+    clickhouse_user: Option<String>,
+    #[arg(long, env = "TALLY_CLICKHOUSE_PASSWORD", hide_env_values = true)]
+    clickhouse_password: Option<String>,
+}
+
+#[derive(Args)]
+struct Keys {
+    /// API keys with the admin role, comma-separated.
+    #[arg(
+        long,
+        env = "TALLY_ADMIN_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    admin_keys: Vec<String>,
+    /// API keys with the analyst role, comma-separated.
+    #[arg(
+        long,
+        env = "TALLY_ANALYST_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    analyst_keys: Vec<String>,
+}
+
+impl WarehouseArgs {
+    /// Connects and applies pending migrations (idempotent; every service does it at start).
+    async fn open(&self) -> anyhow::Result<(Arc<ClickHouseWarehouse>, Vec<u32>)> {
+        let warehouse = ClickHouseWarehouse::new(&ClickHouseConfig {
+            url: self.clickhouse_url.clone(),
+            database: self.clickhouse_database.clone(),
+            user: self.clickhouse_user.clone(),
+            password: self.clickhouse_password.clone(),
+        })?;
+        let mut attempt = 0;
+        loop {
+            match warehouse.migrate().await {
+                Ok(applied) => return Ok((Arc::new(warehouse), applied)),
+                Err(err) if attempt < 30 => {
+                    attempt += 1;
+                    tracing::warn!(error = %err, "warehouse not ready, retrying migrations");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(err) => return Err(err).context("applying warehouse migrations"),
+            }
+        }
+    }
+}
+
+impl Bus {
+    async fn connect(&self) -> anyhow::Result<nats::Client> {
+        nats::connect(&self.nats_url, Duration::from_secs(30))
+            .await
+            .context("connecting to NATS")
+    }
+
+    async fn log(&self, client: nats::Client) -> anyhow::Result<Arc<JetStreamLog>> {
+        let options = nats::LogOptions {
+            partitions: self.partitions,
+            ..Default::default()
+        };
+        Ok(Arc::new(
+            JetStreamLog::open(client, options)
+                .await
+                .context("opening the vote stream")?,
+        ))
+    }
+}
+
+async fn bind(addr: &str, service: &str) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let local = listener.local_addr()?;
+    // Scripts and tests read this line to find the port.
+    println!("tally {service} listening on http://{local}");
+    Ok(listener)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Migrate { warehouse } => {
+            let (_, applied) = warehouse.open().await?;
+            println!("warehouse schema is current (applied now: {applied:?})");
+        }
+        Command::Ingest {
+            listen,
+            bus,
+            secret,
+        } => {
+            let client = bus.connect().await?;
+            let log = bus.log(client.clone()).await?;
+            let registry = Arc::new(
+                KvRegistry::open(client)
+                    .await
+                    .context("opening the poll registry")?,
+            );
+            let config = tally_ingest::Config {
+                secret: secret.into_bytes(),
+                ..Default::default()
+            };
+            let listener = bind(&listen.addr, "ingest").await?;
+            tally_ingest::run(
+                listener,
+                tally_ingest::Deps { log, registry },
+                config,
+                shutdown_signal(),
+            )
+            .await?;
+        }
+        Command::Processor {
+            listen,
+            bus,
+            warehouse,
+            own_partitions,
+            window_seconds,
+            batch_max,
+        } => {
+            let (warehouse, _) = warehouse.open().await?;
+            let client = bus.connect().await?;
+            let log = bus.log(client.clone()).await?;
+            let registry = Arc::new(
+                KvRegistry::open(client.clone())
+                    .await
+                    .context("opening the poll registry")?,
+            );
+            let live = Arc::new(NatsLiveFeed::new(client));
+            let config = tally_processor::Config {
+                partitions: own_partitions,
+                window_seconds,
+                batch_max,
+                ..Default::default()
+            };
+            let listener = bind(&listen.addr, "processor").await?;
+            let deps = tally_processor::Deps {
+                log,
+                registry,
+                warehouse,
+                live,
+            };
+            tally_processor::run(listener, deps, config, shutdown_signal()).await?;
+        }
+        Command::Query {
+            listen,
+            bus,
+            warehouse,
+            keys,
+            window_seconds,
+            sse_heartbeat_seconds,
+        } => {
+            let (warehouse, _) = warehouse.open().await?;
+            let client = bus.connect().await?;
+            let registry = Arc::new(
+                KvRegistry::open(client.clone())
+                    .await
+                    .context("opening the poll registry")?,
+            );
+            let live = Arc::new(NatsLiveFeed::new(client));
+            let api_keys = ApiKeys::new(&keys.admin_keys, &keys.analyst_keys);
+            if api_keys.is_empty() {
+                tracing::warn!("no API keys configured: poll management and analytics will refuse every request");
+            }
+            let config = tally_query::Config {
+                keys: api_keys,
+                window_seconds,
+                live_heartbeat: Duration::from_secs(sse_heartbeat_seconds.max(1)),
+                ..Default::default()
+            };
+            let listener = bind(&listen.addr, "query").await?;
+            tally_query::run(
+                listener,
+                tally_query::Deps {
+                    registry,
+                    warehouse,
+                    live,
+                },
+                config,
+                shutdown_signal(),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
