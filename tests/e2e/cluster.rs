@@ -1,0 +1,358 @@
+//! A private tally deployment for one test: its own nats-server, its own ClickHouse
+//! database on the suite's ClickHouse server, and the three services as real processes of
+//! the `tally` binary, which the test can kill and restart.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use tally_testkit::{ClickHouse, NatsServer};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const ADMIN_KEY: &str = "test-admin-key";
+pub const ANALYST_KEY: &str = "test-analyst-key";
+
+pub struct Service {
+    name: &'static str,
+    child: Option<Child>,
+    pub url: String,
+    log: PathBuf,
+}
+
+impl Service {
+    async fn spawn(
+        name: &'static str,
+        env: &HashMap<String, String>,
+        extra_env: &[(&str, &str)],
+        dir: &std::path::Path,
+    ) -> Result<Service> {
+        let log = dir.join(format!(
+            "{name}-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_micros()
+        ));
+        let log_file = std::fs::File::create(&log)?;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+        command
+            .arg(name)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .envs(env)
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .kill_on_drop(true);
+        for (key, value) in extra_env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().context("spawning tally")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(90), lines.next_line()).await;
+        let url = match line {
+            Ok(Ok(Some(line))) => line.rsplit(' ').next().unwrap_or_default().to_owned(),
+            _ => {
+                let _ = child.start_kill();
+                bail!("tally {name} did not start; its log:\n{}", tail(&log));
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Service {
+            name,
+            child: Some(child),
+            url,
+            log,
+        })
+    }
+
+    /// SIGKILL, like a crashed machine: no shutdown hooks run.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
+
+    pub async fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().ok().flatten().is_some(),
+            None => true,
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        format!("--- {} ---\n{}", self.name, tail(&self.log))
+    }
+}
+
+fn tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+pub struct Cluster {
+    /// Held so the server lives as long as the cluster; fault tests restart it.
+    #[allow(dead_code)]
+    pub nats: NatsServer,
+    pub clickhouse: &'static ClickHouse,
+    pub database: String,
+    env: HashMap<String, String>,
+    dir: tempfile::TempDir,
+    pub ingest: Service,
+    pub processor: tokio::sync::Mutex<Service>,
+    pub query: Service,
+    pub http: reqwest::Client,
+}
+
+impl Cluster {
+    pub async fn start() -> Result<Cluster> {
+        let nats = NatsServer::start().await?;
+        let clickhouse = tally_testkit::clickhouse().await?;
+        let database = tally_testkit::unique_name("e2e");
+        let dir = tempfile::tempdir()?;
+        let env: HashMap<String, String> = [
+            ("TALLY_NATS_URL", nats.url()),
+            ("TALLY_CLICKHOUSE_URL", clickhouse.url.clone()),
+            ("TALLY_CLICKHOUSE_DATABASE", database.clone()),
+            (
+                "TALLY_SECRET",
+                "an-e2e-test-secret-of-enough-length".to_owned(),
+            ),
+            ("TALLY_ADMIN_KEYS", ADMIN_KEY.to_owned()),
+            ("TALLY_ANALYST_KEYS", ANALYST_KEY.to_owned()),
+            ("TALLY_SSE_HEARTBEAT_SECONDS", "1".to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        // The processor first: it applies migrations and creates the stream others use.
+        let processor = Service::spawn("processor", &env, &[], dir.path()).await?;
+        let ingest = Service::spawn("ingest", &env, &[], dir.path()).await?;
+        let query = Service::spawn("query", &env, &[], dir.path()).await?;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Cluster {
+            nats,
+            clickhouse,
+            database,
+            env,
+            dir,
+            ingest,
+            processor: tokio::sync::Mutex::new(processor),
+            query,
+            http,
+        })
+    }
+
+    /// Kills the processor (SIGKILL) and starts a new one with `extra_env` added.
+    pub async fn restart_processor(&self, extra_env: &[(&str, &str)]) -> Result<()> {
+        let mut processor = self.processor.lock().await;
+        processor.kill().await;
+        *processor = Service::spawn("processor", &self.env, extra_env, self.dir.path()).await?;
+        Ok(())
+    }
+
+    pub async fn processor_exited(&self) -> bool {
+        self.processor.lock().await.exited().await
+    }
+
+    pub fn logs(&self) -> String {
+        let processor = self
+            .processor
+            .try_lock()
+            .map(|p| p.log_tail())
+            .unwrap_or_default();
+        [processor, self.ingest.log_tail(), self.query.log_tail()].join("\n")
+    }
+
+    pub async fn create_poll(&self, body: Value) -> Result<Value> {
+        let response = self
+            .http
+            .post(format!("{}/v1/polls", self.query.url))
+            .bearer_auth(ADMIN_KEY)
+            .json(&body)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        if status != 201 {
+            bail!("creating a poll answered {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    pub async fn vote(&self, poll: &str, body: &Value) -> Result<(u16, Value)> {
+        let response = self
+            .http
+            .post(format!("{}/v1/polls/{poll}/votes", self.ingest.url))
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    pub async fn results(&self, poll: &str) -> Result<Value> {
+        let response = self
+            .http
+            .get(format!("{}/v1/polls/{poll}/results", self.query.url))
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("results answered {}", response.status());
+        }
+        Ok(response.json().await?)
+    }
+
+    pub async fn analyst_get(&self, path: &str) -> Result<Value> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.query.url))
+            .bearer_auth(ANALYST_KEY)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        if !status.is_success() {
+            bail!("GET {path} answered {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// Waits until a poll's results count `total` votes.
+    pub async fn wait_for_total(
+        &self,
+        poll: &str,
+        total: u64,
+        deadline: Duration,
+    ) -> Result<Value> {
+        let end = tokio::time::Instant::now() + deadline;
+        loop {
+            let results = self.results(poll).await;
+            if let Ok(results) = &results {
+                if results["total_votes"].as_u64() == Some(total) {
+                    return Ok(results.clone());
+                }
+            }
+            if tokio::time::Instant::now() > end {
+                bail!(
+                    "poll {poll} did not reach {total} votes in time (last: {results:?})\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Runs a statement on this cluster's ClickHouse database and returns its TSV output.
+    pub async fn clickhouse_query(&self, sql: &str) -> Result<String> {
+        let response = self
+            .http
+            .post(format!(
+                "{}/?database={}",
+                self.clickhouse.url, self.database
+            ))
+            .body(sql.to_owned())
+            .send()
+            .await?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("clickhouse answered {status}: {text}");
+        }
+        Ok(text.trim().to_owned())
+    }
+}
+
+/// A Server-Sent Events client that records every event it receives.
+pub struct SseClient {
+    pub events: tokio::sync::mpsc::UnboundedReceiver<(String, Option<String>, String)>,
+}
+
+impl SseClient {
+    pub async fn connect(
+        http: &reqwest::Client,
+        url: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<SseClient> {
+        use futures::StreamExt;
+        let mut request = http.get(url).timeout(Duration::from_secs(3600));
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request.send().await?;
+        if response.status() != 200 {
+            bail!("SSE connect answered {}", response.status());
+        }
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        if !content_type.starts_with("text/event-stream") {
+            bail!("SSE content type is {content_type}");
+        }
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let mut body = response.bytes_stream();
+        tokio::spawn(async move {
+            let mut buffer = String::new();
+            while let Some(Ok(chunk)) = body.next().await {
+                buffer.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buffer.find("\n\n") {
+                    let block: String = buffer.drain(..end + 2).collect();
+                    let (mut kind, mut id, mut data) = ("message".to_owned(), None, String::new());
+                    let mut comment = None;
+                    for line in block.lines() {
+                        if let Some(rest) = line.strip_prefix("event:") {
+                            kind = rest.trim().to_owned();
+                        } else if let Some(rest) = line.strip_prefix("id:") {
+                            id = Some(rest.trim().to_owned());
+                        } else if let Some(rest) = line.strip_prefix("data:") {
+                            data.push_str(rest.trim_start());
+                        } else if let Some(rest) = line.strip_prefix(':') {
+                            comment = Some(rest.trim().to_owned());
+                        }
+                    }
+                    let event = match comment {
+                        Some(comment) if data.is_empty() => ("comment".to_owned(), None, comment),
+                        _ => (kind, id, data),
+                    };
+                    if tx.send(event).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(SseClient { events })
+    }
+
+    /// The next event that is not a comment, within `deadline`.
+    pub async fn next_event(
+        &mut self,
+        deadline: Duration,
+    ) -> Result<(String, Option<String>, Value)> {
+        let end = tokio::time::Instant::now() + deadline;
+        loop {
+            let event = tokio::time::timeout_at(end, self.events.recv())
+                .await
+                .context("no SSE event in time")?
+                .context("SSE stream ended")?;
+            if event.0 == "comment" {
+                continue;
+            }
+            let data = serde_json::from_str(&event.2).unwrap_or(Value::String(event.2.clone()));
+            return Ok((event.0, event.1, data));
+        }
+    }
+}
