@@ -69,6 +69,24 @@ enum Command {
         /// Seconds between SSE heartbeats.
         #[arg(long, env = "TALLY_SSE_HEARTBEAT_SECONDS", default_value_t = 15)]
         sse_heartbeat_seconds: u64,
+        /// Server secret (as given to ingest); enables minting voter tokens.
+        #[arg(long, env = "TALLY_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+    },
+    /// Mints a signed voter token for a `require_token` poll and prints it.
+    Token {
+        /// The poll the token is for.
+        #[arg(long)]
+        poll: String,
+        /// The voter id the token vouches for.
+        #[arg(long)]
+        voter: String,
+        /// Seconds until the token expires.
+        #[arg(long, default_value_t = 86_400)]
+        ttl: u64,
+        /// Server secret (as given to ingest).
+        #[arg(long, env = "TALLY_SECRET", hide_env_values = true)]
+        secret: String,
     },
     /// Applies warehouse migrations and exits.
     Migrate {
@@ -277,6 +295,18 @@ async fn main() -> anyhow::Result<()> {
             };
             tally_processor::run(listener, deps, config, shutdown_signal()).await?;
         }
+        Command::Token {
+            poll,
+            voter,
+            ttl,
+            secret,
+        } => {
+            let expiry = tally_core::time::now_ms() / 1000 + ttl as i64;
+            println!(
+                "{}",
+                tally_core::token::mint(secret.as_bytes(), &poll, &voter, expiry)
+            );
+        }
         Command::Query {
             listen,
             bus,
@@ -284,6 +314,7 @@ async fn main() -> anyhow::Result<()> {
             keys,
             window_seconds,
             sse_heartbeat_seconds,
+            secret,
         } => {
             let (warehouse, _) = warehouse.open().await?;
             let client = bus.connect().await?;
@@ -301,6 +332,7 @@ async fn main() -> anyhow::Result<()> {
                 keys: api_keys,
                 window_seconds,
                 live_heartbeat: Duration::from_secs(sse_heartbeat_seconds.max(1)),
+                secret: secret.map(String::into_bytes),
                 ..Default::default()
             };
             let listener = bind(&listen.addr, "query").await?;

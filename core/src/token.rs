@@ -75,6 +75,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn matches_the_documented_python_snippet() {
+        // Computed with the README's Python snippet.
+        let expected =
+            "2000000000.0584759e32fc8d9f70f04daa191f0c9e23ad9616bf55bebdecaeafe7cd9147b8";
+        assert_eq!(
+            mint(b"secret", "spring-launch", "u-123", 2_000_000_000),
+            expected
+        );
+    }
+
+    #[test]
     fn accepts_only_its_own_poll_voter_and_time() {
         let token = mint(b"s", "p1", "u1", 100);
         assert!(verify(b"s", Some(&token), "p1", Some("u1"), 99).is_ok());

@@ -61,6 +61,8 @@ pub struct Config {
     pub live_min_interval: Duration,
     /// A client that cannot take an event within this long is dropped.
     pub live_send_timeout: Duration,
+    /// Server secret for minting voter tokens; minting is refused without it.
+    pub secret: Option<Vec<u8>>,
 }
 
 impl Default for Config {
@@ -71,6 +73,7 @@ impl Default for Config {
             live_heartbeat: Duration::from_secs(15),
             live_min_interval: Duration::from_millis(100),
             live_send_timeout: Duration::from_secs(30),
+            secret: None,
         }
     }
 }
@@ -138,6 +141,7 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/v1/polls/{id}/close", post(close_poll))
         .route("/v1/polls/{id}/reopen", post(reopen_poll))
+        .route("/v1/polls/{id}/tokens", post(mint_token))
         .route("/v1/polls/{id}/results", get(results))
         .route("/v1/polls/{id}/breakdown", get(breakdown))
         .route("/v1/polls/{id}/timeseries", get(timeseries))
@@ -387,6 +391,53 @@ async fn archive_poll(
     })
     .await?;
     Ok(poll_json(StatusCode::OK, &poll))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    voter_id: String,
+    ttl_seconds: Option<u64>,
+}
+
+const MAX_TOKEN_TTL: u64 = 90 * 86_400;
+
+/// Mints a signed voter token for one voter of one poll (admin).
+async fn mint_token(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    ApiJson(request): ApiJson<TokenRequest>,
+) -> Reply {
+    app.authorize(&headers, Role::Admin)?;
+    let Some(secret) = &app.config.secret else {
+        return Err(Problem::new(
+            501,
+            "token-minting-disabled",
+            "Token minting disabled",
+            "start the query service with TALLY_SECRET (the same secret as ingest) to mint voter tokens",
+        ));
+    };
+    let poll = app.poll(&id).await?;
+    if request.voter_id.is_empty()
+        || request.voter_id.chars().count() > tally_core::vote::MAX_VOTER_ID_CHARS
+    {
+        return Err(Problem::invalid(
+            "voter_id",
+            "voter_id must be 1-256 characters",
+        ));
+    }
+    let ttl = request.ttl_seconds.unwrap_or(86_400);
+    if ttl == 0 || ttl > MAX_TOKEN_TTL {
+        return Err(Problem::invalid(
+            "ttl_seconds",
+            format!("ttl_seconds must be between 1 and {MAX_TOKEN_TTL}"),
+        ));
+    }
+    let expiry = time::now_ms() / 1000 + ttl as i64;
+    let token = tally_core::token::mint(secret, &poll.id, &request.voter_id, expiry);
+    let body = json!({"token": token, "poll_id": poll.id, "voter_id": request.voter_id, "expires_at": time::format_ms(expiry * 1000)});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
 // ---- results ---------------------------------------------------------------------------

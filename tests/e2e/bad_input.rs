@@ -62,6 +62,7 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() -> Result<()> {
         .send()
         .await?;
     ensure!(closed.status() == 200);
+    cluster.wait_for_ingest_status("shut", 409).await?;
     for voter in 0..10 {
         let (status, _) = cluster
             .vote(

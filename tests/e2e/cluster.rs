@@ -15,6 +15,7 @@ use tokio::process::{Child, Command};
 
 pub const ADMIN_KEY: &str = "test-admin-key";
 pub const ANALYST_KEY: &str = "test-analyst-key";
+pub const SECRET: &str = "an-e2e-test-secret-of-enough-length";
 
 pub struct Service {
     name: &'static str,
@@ -161,6 +162,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// Starts one more ingest replica against the same bus.
+    pub async fn spawn_ingest(&self) -> Result<Service> {
+        Service::spawn("ingest", &self.env, &[], self.dir.path()).await
+    }
+
     pub async fn processor_exited(&self) -> bool {
         self.processor.lock().await.exited().await
     }
@@ -191,9 +197,35 @@ impl Cluster {
     }
 
     pub async fn vote(&self, poll: &str, body: &Value) -> Result<(u16, Value)> {
+        self.vote_at(&self.ingest.url, poll, body).await
+    }
+
+    /// Waits until ingest sees a poll's new status: a probe vote with an option no poll has
+    /// is refused with 422 while ingest sees the poll open and with 409/410 while it sees it
+    /// closed/archived; this waits for `status`
+    /// with the change, so probing never counts anything. Changes reach every ingest replica
+    /// through the registry watch within milliseconds; a vote racing a close may still count.
+    pub async fn wait_for_ingest_status(&self, poll: &str, status: u16) -> Result<()> {
+        let probe =
+            serde_json::json!({"voter_id": "status-probe", "choice": "no-such-option-anywhere"});
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (got, answer) = self.vote(poll, &probe).await?;
+            if got == status {
+                return Ok(());
+            }
+            if ![409, 410, 422].contains(&got) || tokio::time::Instant::now() > end {
+                bail!("ingest answered {got} for poll {poll} while waiting for {status}: {answer}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Votes through the ingest service at `base`.
+    pub async fn vote_at(&self, base: &str, poll: &str, body: &Value) -> Result<(u16, Value)> {
         let response = self
             .http
-            .post(format!("{}/v1/polls/{poll}/votes", self.ingest.url))
+            .post(format!("{base}/v1/polls/{poll}/votes"))
             .json(body)
             .send()
             .await?;

@@ -4,5 +4,7 @@
 mod bad_input;
 mod cluster;
 mod faults;
+mod integrity;
 mod management;
 mod pipeline;
+mod tokens;

@@ -118,6 +118,7 @@ async fn polls_are_managed_through_their_lifecycle() -> Result<()> {
 
     let (status, closed) = admin(&cluster, M::POST, &format!("/v1/polls/{id}/close"), None).await?;
     ensure!(status == 200 && closed["status"] == "closed");
+    cluster.wait_for_ingest_status(&id, 409).await?;
     let (kind, _, data) = sse.next_event(Duration::from_secs(10)).await?;
     ensure!(
         kind == "closed" && data["status"] == "closed",
@@ -134,6 +135,7 @@ async fn polls_are_managed_through_their_lifecycle() -> Result<()> {
     let (status, reopened) =
         admin(&cluster, M::POST, &format!("/v1/polls/{id}/reopen"), None).await?;
     ensure!(status == 200 && reopened["status"] == "open");
+    cluster.wait_for_ingest_status(&id, 422).await?;
     let (status, _) = cluster
         .vote(&id, &json!({"voter_id": "b", "choice": "red"}))
         .await?;
@@ -164,6 +166,7 @@ async fn polls_are_managed_through_their_lifecycle() -> Result<()> {
 
     let (status, archived) = admin(&cluster, M::DELETE, &format!("/v1/polls/{id}"), None).await?;
     ensure!(status == 200 && archived["status"] == "archived");
+    cluster.wait_for_ingest_status(&id, 410).await?;
     let (status, _) = cluster
         .vote(&id, &json!({"voter_id": "d", "choice": "blue"}))
         .await?;

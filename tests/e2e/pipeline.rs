@@ -363,19 +363,24 @@ async fn pipeline_counts_every_vote_exactly_once() -> Result<()> {
         "first event {kind} {id:?} {snapshot}"
     );
 
+    let started = std::time::Instant::now();
     let truth = drive_load(&cluster).await?;
+    let sending = started.elapsed();
     let counted: u64 = truth.ballots.values().sum();
     ensure!(
         counted >= 20_000,
         "the load must count at least 20,000 votes, counted {counted}"
     );
     ensure!(truth.voters["colours"].len() == VOTERS);
-    eprintln!(
-        "sent {} submissions, {counted} counted votes",
-        truth.submissions
-    );
-
     check_results(&cluster, &truth).await?;
+    // Figures for the record, not assertions: sequential per voter, 32 clients, debug build.
+    eprintln!(
+        "sent {} submissions ({counted} counted) in {:.1}s ({:.0}/s); all counted after {:.1}s",
+        truth.submissions,
+        sending.as_secs_f64(),
+        truth.submissions as f64 / sending.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
 
     // Rating and NPS summaries follow from the exact distribution.
     let stars = cluster.results("stars").await?;
