@@ -335,23 +335,37 @@ fn archived(id: &str) -> Problem {
     )
 }
 
-async fn close_poll(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+/// Close, reopen and archive: an admin-only status change applied with the version check.
+async fn change_status(
+    app: &App,
+    headers: &HeaderMap,
+    id: &str,
+    archived_ok: bool,
+    change: impl Fn(&mut Poll, i64),
 ) -> Reply {
-    app.authorize(&headers, Role::Admin)?;
-    let poll = modify(&app, &id, |poll| {
-        if poll.archived_at.is_some() {
+    app.authorize(headers, Role::Admin)?;
+    let poll = modify(app, id, |poll| {
+        if poll.archived_at.is_some() && !archived_ok {
             return Err(archived(&poll.id));
         }
         let now = time::now_ms();
-        poll.closed_at.get_or_insert(now);
+        change(poll, now);
         poll.updated_at = now;
         Ok(Vec::new())
     })
     .await?;
     Ok(poll_json(StatusCode::OK, &poll))
+}
+
+async fn close_poll(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Reply {
+    change_status(&app, &headers, &id, false, |poll, now| {
+        poll.closed_at.get_or_insert(now);
+    })
+    .await
 }
 
 async fn reopen_poll(
@@ -359,22 +373,14 @@ async fn reopen_poll(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Reply {
-    app.authorize(&headers, Role::Admin)?;
-    let poll = modify(&app, &id, |poll| {
-        if poll.archived_at.is_some() {
-            return Err(archived(&poll.id));
-        }
-        let now = time::now_ms();
+    change_status(&app, &headers, &id, false, |poll, now| {
         poll.closed_at = None;
         // Reopening means open now: a schedule end already passed no longer applies.
         if poll.closes_at.is_some_and(|at| at <= now) {
             poll.closes_at = None;
         }
-        poll.updated_at = now;
-        Ok(Vec::new())
     })
-    .await?;
-    Ok(poll_json(StatusCode::OK, &poll))
+    .await
 }
 
 async fn archive_poll(
@@ -382,15 +388,10 @@ async fn archive_poll(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Reply {
-    app.authorize(&headers, Role::Admin)?;
-    let poll = modify(&app, &id, |poll| {
-        let now = time::now_ms();
+    change_status(&app, &headers, &id, true, |poll, now| {
         poll.archived_at.get_or_insert(now);
-        poll.updated_at = now;
-        Ok(Vec::new())
     })
-    .await?;
-    Ok(poll_json(StatusCode::OK, &poll))
+    .await
 }
 
 #[derive(Deserialize)]
