@@ -71,3 +71,55 @@ async fn clickhouse_warehouse_conforms() {
     ))
     .await;
 }
+
+/// Past the broker's duplicate window a retry is caught by the one-message-per-subject
+/// limit instead; it must still resolve to the original entry, not to `AlreadyVoted`.
+#[tokio::test]
+async fn jetstream_retry_after_the_duplicate_window_gets_the_original() {
+    use tally_core::backend::{Appended, VoteLog};
+    use tally_core::poll::Dedupe;
+    use tally_core::vote::Vote;
+
+    let server = NatsServer::start().await.expect("nats-server");
+    let options = LogOptions {
+        duplicate_window: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let log = JetStreamLog::open(nats_client(&server).await, options)
+        .await
+        .expect("open log");
+    let vote = Vote {
+        vote_id: "late-retry".into(),
+        poll_id: "window".into(),
+        voter_key: "k".into(),
+        choice: vec!["a".into()],
+        value: None,
+        segment: Default::default(),
+        received_at: 1,
+    };
+    let key = vote.unique_key(Dedupe::PerVoter);
+    let Ok(Appended::Accepted {
+        seq,
+        duplicate: false,
+    }) = log.append(&vote, &key).await
+    else {
+        panic!("the first append is accepted");
+    };
+    // The broker forgets message ids once the window has passed (it sweeps once per window).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        log.append(&vote, &key).await.expect("append"),
+        Appended::Accepted {
+            seq,
+            duplicate: true
+        }
+    );
+    let other = Vote {
+        vote_id: "another".into(),
+        ..vote.clone()
+    };
+    assert_eq!(
+        log.append(&other, &key).await.expect("append"),
+        Appended::AlreadyVoted
+    );
+}
