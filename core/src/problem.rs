@@ -96,15 +96,6 @@ impl Problem {
         Problem::new(403, "forbidden", "Forbidden", detail)
     }
 
-    pub fn too_large(limit: usize) -> Self {
-        Problem::new(
-            413,
-            "body-too-large",
-            "Body too large",
-            format!("the request body exceeds the limit of {limit} bytes"),
-        )
-    }
-
     pub fn status_code(&self) -> StatusCode {
         StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
@@ -123,15 +114,20 @@ impl IntoResponse for Problem {
     }
 }
 
+/// The body as text, or 400 `invalid-utf8` saying where it stops being UTF-8.
+pub fn utf8(body: &[u8]) -> Result<&str, Problem> {
+    std::str::from_utf8(body).map_err(|err| {
+        Problem::bad_request(
+            "invalid-utf8",
+            format!("the body is not valid UTF-8 (byte {})", err.valid_up_to()),
+        )
+    })
+}
+
 /// Parses a JSON body that must be valid UTF-8 and match `T` exactly; every failure is a
 /// [`Problem`] naming the field at fault. Types meant for it use `deny_unknown_fields`.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
-    if let Err(err) = std::str::from_utf8(body) {
-        return Err(Problem::bad_request(
-            "invalid-utf8",
-            format!("the body is not valid UTF-8 (byte {})", err.valid_up_to()),
-        ));
-    }
+    utf8(body)?;
     let deserializer = &mut serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let path = err.path().to_string();

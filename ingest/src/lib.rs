@@ -21,7 +21,7 @@ use serde::Serialize;
 use tally_core::backend::{Appended, PollRegistry, VoteLog};
 use tally_core::poll::{Poll, PollStatus};
 use tally_core::polls::PollCache;
-use tally_core::problem::{self, parse_json, Problem};
+use tally_core::problem::{self, parse_json, ApiJson, Problem};
 use tally_core::vote::{build_vote, VoteRequest, VoterHasher};
 use tally_core::{health, time, token};
 use tokio::net::TcpListener;
@@ -196,16 +196,8 @@ pub fn router(ingest: Arc<Ingest>) -> Router {
 async fn vote(
     State(ingest): State<Arc<Ingest>>,
     Path(poll_id): Path<String>,
-    request: Request,
+    ApiJson(request): ApiJson<VoteRequest>,
 ) -> Response {
-    let body = match problem::read_body(request, &()).await {
-        Ok(body) => body,
-        Err(problem) => return problem.into_response(),
-    };
-    let request: VoteRequest = match parse_json(&body) {
-        Ok(request) => request,
-        Err(problem) => return problem.into_response(),
-    };
     if request.poll_id.as_ref().is_some_and(|id| id != &poll_id) {
         return Problem::invalid(
             "poll_id",
@@ -253,15 +245,9 @@ async fn batch(State(ingest): State<Arc<Ingest>>, request: Request) -> Response 
         Ok(body) => body,
         Err(problem) => return problem.into_response(),
     };
-    let text = match std::str::from_utf8(&body) {
+    let text = match problem::utf8(&body) {
         Ok(text) => text,
-        Err(err) => {
-            return Problem::bad_request(
-                "invalid-utf8",
-                format!("the body is not valid UTF-8 (byte {})", err.valid_up_to()),
-            )
-            .into_response()
-        }
+        Err(problem) => return problem.into_response(),
     };
     let lines: Vec<(usize, String)> = text
         .lines()

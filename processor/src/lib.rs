@@ -16,7 +16,6 @@ mod windows;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -130,11 +129,6 @@ pub async fn run(
     Ok(())
 }
 
-/// The bound address of a listener, for logs.
-pub fn local_addr(listener: &TcpListener) -> Option<SocketAddr> {
-    listener.local_addr().ok()
-}
-
 /// Counting state of one poll, as of the `votes` table's watermark.
 struct PollState {
     tally: Tally,
@@ -190,40 +184,34 @@ impl Partition {
 
     async fn run(mut self) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let (partition, warehouse, log) = (
+            self.partition,
+            self.deps.warehouse.clone(),
+            self.deps.log.clone(),
+        );
         while !self.stopping() {
             // (Re)start from the warehouse: it is the source of truth for positions.
-            let watermarks = match self.deps.warehouse.watermarks(self.partition).await {
-                Ok(watermarks) => watermarks,
-                Err(err) => {
-                    tracing::warn!(partition = self.partition, error = %err, "cannot read watermarks, retrying");
-                    let delay = backoff.next_delay();
-                    if !self.pause(delay).await {
-                        return;
-                    }
-                    continue;
-                }
+            let Some(watermarks) = self
+                .retry("read watermarks", || warehouse.watermarks(partition))
+                .await
+            else {
+                return;
+            };
+            let start = watermarks.votes.min(watermarks.windows);
+            let Some(mut reader) = self
+                .retry("open the vote log", || log.reader(partition, start))
+                .await
+            else {
+                return;
             };
             self.watermarks = watermarks;
             self.states.clear();
-            let start = watermarks.votes.min(watermarks.windows);
-            let mut reader = match self.deps.log.reader(self.partition, start).await {
-                Ok(reader) => reader,
-                Err(err) => {
-                    tracing::warn!(partition = self.partition, error = %err, "cannot open the vote log, retrying");
-                    let delay = backoff.next_delay();
-                    if !self.pause(delay).await {
-                        return;
-                    }
-                    continue;
-                }
-            };
             tracing::info!(
-                partition = self.partition,
+                partition,
                 votes = watermarks.votes,
                 windows = watermarks.windows,
                 "processing from watermarks"
             );
-            backoff.reset();
             loop {
                 let mut stop = self.stop.clone();
                 let batch = tokio::select! {
@@ -234,7 +222,7 @@ impl Partition {
                     Ok(batch) if batch.is_empty() => continue,
                     Ok(batch) => batch,
                     Err(err) => {
-                        tracing::warn!(partition = self.partition, error = %err, "reading the vote log failed, reopening");
+                        tracing::warn!(partition, error = %err, "reading the vote log failed, reopening");
                         break;
                     }
                 };
@@ -242,8 +230,9 @@ impl Partition {
                 if !self.process(batch).await {
                     return;
                 }
+                backoff.reset();
                 if let Err(err) = reader.commit(last).await {
-                    tracing::debug!(partition = self.partition, error = %err, "ack failed; the watermark still holds");
+                    tracing::debug!(partition, error = %err, "ack failed; the watermark still holds");
                 }
                 failpoint("after-commit");
             }
@@ -273,20 +262,18 @@ impl Partition {
             }
         }
 
-        let new_votes: Vec<StoredVote> = votes
-            .iter()
-            .filter(|v| v.seq > self.watermarks.votes)
-            .cloned()
-            .collect();
+        // Entries are in sequence order, so what a table lacks is a suffix of the batch.
+        let new_votes = &votes[votes.partition_point(|v| v.seq <= self.watermarks.votes)..];
+        let window_votes = &votes[votes.partition_point(|v| v.seq <= self.watermarks.windows)..];
         if !new_votes.is_empty() {
-            if !self.load_states(&new_votes).await {
+            if !self.load_states(new_votes).await {
                 return false;
             }
             let warehouse = self.deps.warehouse.clone();
             let partition = self.partition;
             if self
                 .retry("insert votes", || {
-                    warehouse.insert_votes(partition, &new_votes)
+                    warehouse.insert_votes(partition, new_votes)
                 })
                 .await
                 .is_none()
@@ -301,9 +288,8 @@ impl Partition {
             self.watermarks.votes = last_seq;
         }
 
-        let picks: Vec<Pick> = votes
+        let picks: Vec<Pick> = window_votes
             .iter()
-            .filter(|v| v.seq > self.watermarks.windows)
             .flat_map(|v| {
                 v.vote.choice.iter().map(|option| Pick {
                     poll_id: v.vote.poll_id.clone(),
@@ -313,6 +299,7 @@ impl Partition {
             })
             .collect();
         if !picks.is_empty() {
+            let picks = Arc::new(picks);
             let rows = loop {
                 match self.engine.windows(picks.clone(), last_seq).await {
                     Ok(rows) => break rows,
@@ -338,7 +325,7 @@ impl Partition {
             self.watermarks.windows = last_seq;
         }
 
-        self.count_and_publish(&new_votes).await;
+        self.count_and_publish(new_votes).await;
         true
     }
 

@@ -23,7 +23,7 @@ pub struct Pick {
 }
 
 type Job = (
-    Vec<Pick>,
+    Arc<Vec<Pick>>,
     oneshot::Sender<Result<Vec<(String, i64, String, u64)>>>,
 );
 
@@ -61,12 +61,8 @@ impl WindowEngine {
         })
     }
 
-    pub fn window_seconds(&self) -> u32 {
-        self.window_seconds
-    }
-
     /// Counts picks per (poll, window, option); every row covers the log up to `last_seq`.
-    pub async fn windows(&self, picks: Vec<Pick>, last_seq: u64) -> Result<Vec<WindowRow>> {
+    pub async fn windows(&self, picks: Arc<Vec<Pick>>, last_seq: u64) -> Result<Vec<WindowRow>> {
         if picks.is_empty() {
             return Ok(Vec::new());
         }
@@ -94,7 +90,7 @@ impl WindowEngine {
 
 async fn aggregate(
     ctx: &SessionContext,
-    picks: Vec<Pick>,
+    picks: Arc<Vec<Pick>>,
     window_seconds: u32,
 ) -> Result<Vec<(String, i64, String, u64)>> {
     let df_err = |e: datafusion::error::DataFusionError| Error::Window(e.to_string());
@@ -191,7 +187,7 @@ mod tests {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             let rows = runtime.block_on(async {
                 let engine = WindowEngine::start(w).unwrap();
-                engine.windows(picks.clone(), 42).await.unwrap()
+                engine.windows(Arc::new(picks.clone()), 42).await.unwrap()
             });
             let got: BTreeMap<_, _> = rows.iter().map(|r| ((r.poll_id.clone(), r.window_start, r.option.clone()), r.votes)).collect();
             prop_assert_eq!(got, reference(&picks, w as i64));
