@@ -1,5 +1,8 @@
 //! `tally`: one binary, one subcommand per service. Flags and `TALLY_*` environment
-//! variables mean the same thing; a flag wins.
+//! variables mean the same thing; a flag wins. With no subcommand it runs `standalone`.
+
+mod demo;
+mod standalone;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,15 +19,21 @@ use tokio::net::TcpListener;
 #[command(
     name = "tally",
     version,
-    about = "Real-time polling backend: ingest, process and query votes"
+    about = "Real-time polling backend: ingest, process and query votes",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    /// With no subcommand: the options of `standalone`.
+    #[command(flatten)]
+    standalone: StandaloneArgs,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Everything in one process on embedded back ends in a data directory (the default).
+    Standalone(StandaloneArgs),
     /// Public vote intake: validates votes and appends them to the vote log.
     Ingest {
         #[command(flatten)]
@@ -93,6 +102,56 @@ enum Command {
         #[command(flatten)]
         warehouse: WarehouseArgs,
     },
+}
+
+#[derive(Args)]
+struct StandaloneArgs {
+    #[command(flatten)]
+    listen: Listen<8080>,
+    /// Where votes, polls and the warehouse are kept.
+    #[arg(long, env = "TALLY_DATA_DIR", default_value = "tally-data")]
+    data_dir: std::path::PathBuf,
+    /// Vote log partitions: processor workers that run side by side.
+    #[arg(long, env = "TALLY_PARTITIONS", default_value_t = 2)]
+    partitions: u16,
+    #[command(flatten)]
+    keys: Keys,
+    /// Server secret for hashing voter ids and signing voter tokens; generated and kept in
+    /// the data directory when not given.
+    #[arg(long, env = "TALLY_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Width of the tumbling windows, in seconds.
+    #[arg(long, env = "TALLY_WINDOW_SECONDS", default_value_t = 10)]
+    window_seconds: u32,
+    /// Largest batch read from the log and written at once.
+    #[arg(long, env = "TALLY_BATCH_MAX", default_value_t = 5000)]
+    batch_max: usize,
+    /// Seconds between SSE heartbeats.
+    #[arg(long, env = "TALLY_SSE_HEARTBEAT_SECONDS", default_value_t = 15)]
+    sse_heartbeat_seconds: u64,
+    /// Creates a sample poll and feeds it synthetic votes.
+    #[arg(long)]
+    demo: bool,
+}
+
+impl StandaloneArgs {
+    async fn run(self) -> anyhow::Result<()> {
+        let listener = TcpListener::bind(&self.listen.addr)
+            .await
+            .with_context(|| format!("binding {}", self.listen.addr))?;
+        let settings = standalone::Settings {
+            data_dir: self.data_dir,
+            partitions: self.partitions,
+            admin_keys: self.keys.admin_keys,
+            analyst_keys: self.keys.analyst_keys,
+            secret: self.secret,
+            window_seconds: self.window_seconds,
+            batch_max: self.batch_max,
+            sse_heartbeat: Duration::from_secs(self.sse_heartbeat_seconds.max(1)),
+            demo: self.demo,
+        };
+        standalone::run(listener, settings, shutdown_signal()).await
+    }
 }
 
 #[derive(Args)]
@@ -233,7 +292,11 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match cli.command {
+    let Some(command) = cli.command else {
+        return cli.standalone.run().await;
+    };
+    match command {
+        Command::Standalone(args) => args.run().await?,
         Command::Migrate { warehouse } => {
             let (_, applied) = warehouse.open().await?;
             println!("warehouse schema is current (applied now: {applied:?})");

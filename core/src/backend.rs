@@ -134,6 +134,17 @@ pub struct Watermarks {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dimension(pub String);
 
+/// The most groups a breakdown returns; more is refused as a bad request.
+pub const MAX_GROUPS: usize = 1_000;
+
+/// The error for a breakdown over more than [`MAX_GROUPS`] groups.
+pub fn too_many_groups() -> crate::Error {
+    crate::Error::Invalid(crate::problem::Problem::invalid(
+        "by",
+        format!("the breakdown has more than {MAX_GROUPS} groups; break down by fewer dimensions or add filters"),
+    ))
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct BreakdownQuery {
     pub poll_id: String,

@@ -27,6 +27,14 @@ where
     )
 }
 
+/// A service's router: its `api`, `/healthz` and `/readyz` over `probes`, and problem+json
+/// answers for unknown paths and methods.
+pub fn service(api: Router, probes: Vec<Probe>) -> Router {
+    api.merge(routes(probes))
+        .fallback(crate::problem::no_route)
+        .method_not_allowed_fallback(|| async { crate::problem::method_not_allowed() })
+}
+
 pub fn routes<S: Clone + Send + Sync + 'static>(probes: Vec<Probe>) -> Router<S> {
     let probes = Arc::new(probes);
     Router::new()

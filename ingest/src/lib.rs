@@ -164,11 +164,10 @@ impl Ingest {
     }
 }
 
-pub fn router(ingest: Arc<Ingest>) -> Router {
+/// The vote routes alone, for composing with other services on one listener.
+pub fn api(ingest: Arc<Ingest>) -> Router {
     let vote_limit = ingest.config.max_vote_bytes;
     let batch_limit = ingest.config.max_batch_bytes;
-    let log = ingest.log.clone();
-    let registry = ingest.polls.registry().clone();
     Router::new()
         .route(
             "/v1/polls/{id}/votes",
@@ -178,19 +177,29 @@ pub fn router(ingest: Arc<Ingest>) -> Router {
             "/v1/votes:batch",
             post(batch).layer(DefaultBodyLimit::max(batch_limit)),
         )
-        .merge(health::routes(vec![
-            health::probe("vote_log", move || {
-                let log = log.clone();
-                async move { log.check().await }
-            }),
-            health::probe("poll_registry", move || {
-                let registry = registry.clone();
-                async move { registry.check().await }
-            }),
-        ]))
-        .fallback(problem::no_route)
-        .method_not_allowed_fallback(|| async { problem::method_not_allowed() })
         .with_state(ingest)
+}
+
+/// Readiness checks of what ingest depends on.
+pub fn probes(ingest: &Ingest) -> Vec<health::Probe> {
+    let log = ingest.log.clone();
+    let registry = ingest.polls.registry().clone();
+    vec![
+        health::probe("vote_log", move || {
+            let log = log.clone();
+            async move { log.check().await }
+        }),
+        health::probe("poll_registry", move || {
+            let registry = registry.clone();
+            async move { registry.check().await }
+        }),
+    ]
+}
+
+/// The ingest service: vote routes, health, and problem+json for everything else.
+pub fn router(ingest: Arc<Ingest>) -> Router {
+    let probes = probes(&ingest);
+    health::service(api(ingest), probes)
 }
 
 async fn vote(

@@ -72,39 +72,54 @@ impl Default for Config {
     }
 }
 
-/// Runs the processor until `shutdown` resolves; serves `/healthz` and `/readyz` on
-/// `listener`. Returns once every partition has finished its current batch.
-pub async fn run(
-    listener: TcpListener,
-    deps: Deps,
-    config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
+/// A processor at work: one worker per owned partition.
+pub struct Running {
+    stop: watch::Sender<bool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Asks every worker to stop and waits until each has finished its current batch.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for worker in self.workers {
+            let _ = worker.await;
+        }
+    }
+}
+
+/// Starts the partition workers; they run until [`Running::stop`].
+pub fn start(deps: Deps, config: Config) -> Result<Running> {
     let engine = WindowEngine::start(config.window_seconds)?;
     let polls = PollCache::start(deps.registry.clone());
-    let (stop_tx, stop_rx) = watch::channel(false);
-
+    let (stop, stop_rx) = watch::channel(false);
     let partitions: Vec<u16> = if config.partitions.is_empty() {
         (0..deps.log.partitions()).collect()
     } else {
         config.partitions.clone()
     };
-    let mut workers = Vec::new();
-    for partition in partitions {
-        let worker = Partition::new(
-            partition,
-            deps.clone(),
-            config.clone(),
-            polls.clone(),
-            engine.clone(),
-            stop_rx.clone(),
-        );
-        workers.push(tokio::spawn(worker.run()));
-    }
+    let workers = partitions
+        .into_iter()
+        .map(|partition| {
+            let worker = Partition::new(
+                partition,
+                deps.clone(),
+                config.clone(),
+                polls.clone(),
+                engine.clone(),
+                stop_rx.clone(),
+            );
+            tokio::spawn(worker.run())
+        })
+        .collect();
+    Ok(Running { stop, workers })
+}
 
+/// Readiness checks of what the processor depends on.
+pub fn probes(deps: &Deps) -> Vec<health::Probe> {
     let log = deps.log.clone();
     let warehouse = deps.warehouse.clone();
-    let app = health::routes::<()>(vec![
+    vec![
         health::probe("vote_log", move || {
             let log = log.clone();
             async move { log.check().await }
@@ -113,18 +128,27 @@ pub async fn run(
             let warehouse = warehouse.clone();
             async move { warehouse.check().await }
         }),
-    ]);
-    let mut http_stop = stop_rx.clone();
+    ]
+}
+
+/// Runs the processor until `shutdown` resolves; serves `/healthz` and `/readyz` on
+/// `listener`. Returns once every partition has finished its current batch.
+pub async fn run(
+    listener: TcpListener,
+    deps: Deps,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let app = health::service(axum::Router::new(), probes(&deps));
+    let running = start(deps, config)?;
+    let (http_stop, mut http_stopped) = watch::channel(false);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = http_stop.wait_for(|stop| *stop).await;
+        let _ = http_stopped.wait_for(|stop| *stop).await;
     });
     let server = tokio::spawn(async move { server.await });
-
     shutdown.await;
-    let _ = stop_tx.send(true);
-    for worker in workers {
-        let _ = worker.await;
-    }
+    running.stop().await;
+    let _ = http_stop.send(true);
     let _ = server.await;
     Ok(())
 }

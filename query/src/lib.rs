@@ -28,7 +28,7 @@ use tally_core::backend::{
 };
 use tally_core::poll::{NewPoll, Poll, PollKind, PollPatch};
 use tally_core::polls::PollCache;
-use tally_core::problem::{self, ApiJson, Problem};
+use tally_core::problem::{ApiJson, Problem};
 use tally_core::results::{share, Results};
 use tally_core::segment::STANDARD_KEYS;
 use tally_core::{health, time, Error as CoreError};
@@ -130,9 +130,8 @@ fn server_error(err: CoreError) -> Problem {
     }
 }
 
-pub fn router(app: Arc<App>) -> Router {
-    let warehouse = app.warehouse.clone();
-    let registry = app.registry.clone();
+/// The query routes alone, for composing with other services on one listener.
+pub fn api(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/polls", post(create_poll).get(list_polls))
         .route(
@@ -147,19 +146,29 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/polls/{id}/timeseries", get(timeseries))
         .route("/v1/polls/{id}/live", get(live))
         .layer(DefaultBodyLimit::max(64 * 1024))
-        .merge(health::routes(vec![
-            health::probe("warehouse", move || {
-                let warehouse = warehouse.clone();
-                async move { warehouse.check().await }
-            }),
-            health::probe("poll_registry", move || {
-                let registry = registry.clone();
-                async move { registry.check().await }
-            }),
-        ]))
-        .fallback(problem::no_route)
-        .method_not_allowed_fallback(|| async { problem::method_not_allowed() })
         .with_state(app)
+}
+
+/// Readiness checks of what the query service depends on.
+pub fn probes(app: &App) -> Vec<health::Probe> {
+    let warehouse = app.warehouse.clone();
+    let registry = app.registry.clone();
+    vec![
+        health::probe("warehouse", move || {
+            let warehouse = warehouse.clone();
+            async move { warehouse.check().await }
+        }),
+        health::probe("poll_registry", move || {
+            let registry = registry.clone();
+            async move { registry.check().await }
+        }),
+    ]
+}
+
+/// The query service: its routes, health, and problem+json for everything else.
+pub fn router(app: Arc<App>) -> Router {
+    let probes = probes(&app);
+    health::service(api(app), probes)
 }
 
 /// Serves the query API on `listener` until `shutdown` resolves.

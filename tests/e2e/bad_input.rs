@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use serde_json::{json, Value};
 
-use crate::cluster::{Cluster, ADMIN_KEY, ANALYST_KEY};
+use crate::cluster::{Cluster, Deployment, ADMIN_KEY, ANALYST_KEY};
 
 struct Case {
     name: &'static str,
@@ -43,9 +43,10 @@ fn comparable(results: &Value) -> Value {
     results
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bad_input_gets_clear_errors_and_changes_nothing() -> Result<()> {
-    let cluster = Cluster::start().await?;
+crate::for_each_deployment!(bad_input_gets_clear_errors_and_changes_nothing);
+
+async fn bad_input_gets_clear_errors_and_changes_nothing(deployment: Deployment) -> Result<()> {
+    let cluster = Cluster::start(deployment).await?;
     cluster
         .create_poll(
             json!({"id": "bad", "title": "Bad", "question": "Q", "kind": "single",

@@ -1,6 +1,9 @@
-//! A private tally deployment for one test: its own nats-server, its own ClickHouse
-//! database on the suite's ClickHouse server, and the three services as real processes of
-//! the `tally` binary, which the test can kill and restart.
+//! A private tally deployment for one test, in either shape:
+//! - distributed: its own nats-server, its own ClickHouse database on the suite's
+//!   ClickHouse server, and the three services as real processes of the `tally` binary;
+//! - standalone: one `tally standalone` process on a private data directory.
+//!
+//! Either way the test can kill (SIGKILL) and restart what does the processing.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,16 +20,63 @@ pub const ADMIN_KEY: &str = "test-admin-key";
 pub const ANALYST_KEY: &str = "test-analyst-key";
 pub const SECRET: &str = "an-e2e-test-secret-of-enough-length";
 
+/// The two deployments every end-to-end scenario runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deployment {
+    Distributed,
+    Standalone,
+}
+
+/// Runs a scenario `async fn(Deployment) -> Result<()>` as two tests, one per deployment.
+#[macro_export]
+macro_rules! for_each_deployment {
+    ($scenario:ident) => {
+        mod $scenario {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn distributed() -> anyhow::Result<()> {
+                super::$scenario($crate::cluster::Deployment::Distributed).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn standalone() -> anyhow::Result<()> {
+                super::$scenario($crate::cluster::Deployment::Standalone).await
+            }
+        }
+    };
+}
+
 pub struct Service {
     name: &'static str,
     child: Option<Child>,
     pub url: String,
     log: PathBuf,
+    listen: String,
 }
 
 impl Service {
+    /// Another handle on the same endpoint, owning no process.
+    fn alias(&self) -> Service {
+        Service {
+            name: self.name,
+            child: None,
+            url: self.url.clone(),
+            log: self.log.clone(),
+            listen: self.listen.clone(),
+        }
+    }
+
     async fn spawn(
         name: &'static str,
+        env: &HashMap<String, String>,
+        extra_env: &[(&str, &str)],
+        dir: &std::path::Path,
+    ) -> Result<Service> {
+        Self::spawn_on(name, "127.0.0.1:0", env, extra_env, dir).await
+    }
+
+    async fn spawn_on(
+        name: &'static str,
+        listen: &str,
         env: &HashMap<String, String>,
         extra_env: &[(&str, &str)],
         dir: &std::path::Path,
@@ -42,7 +92,7 @@ impl Service {
         command
             .arg(name)
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .envs(env)
             .stdout(Stdio::piped())
             .stderr(log_file)
@@ -68,6 +118,7 @@ impl Service {
             child: Some(child),
             url,
             log,
+            listen: listen.to_owned(),
         })
     }
 
@@ -98,33 +149,28 @@ fn tail(path: &std::path::Path) -> String {
 }
 
 pub struct Cluster {
-    /// Held so the server lives as long as the cluster; fault tests restart it.
+    pub deployment: Deployment,
+    /// Held so the server lives as long as the cluster (distributed only).
     #[allow(dead_code)]
-    pub nats: NatsServer,
-    pub clickhouse: &'static ClickHouse,
+    pub nats: Option<NatsServer>,
+    pub clickhouse: Option<&'static ClickHouse>,
     pub database: String,
     env: HashMap<String, String>,
     dir: tempfile::TempDir,
+    /// Where votes go: the ingest service, or the standalone process.
     pub ingest: Service,
+    /// What processes votes: the processor, or the standalone process (which it owns).
     pub processor: tokio::sync::Mutex<Service>,
+    /// Where polls, results and analytics are served.
     pub query: Service,
     pub http: reqwest::Client,
 }
 
 impl Cluster {
-    pub async fn start() -> Result<Cluster> {
-        let nats = NatsServer::start().await?;
-        let clickhouse = tally_testkit::clickhouse().await?;
-        let database = tally_testkit::unique_name("e2e");
+    pub async fn start(deployment: Deployment) -> Result<Cluster> {
         let dir = tempfile::tempdir()?;
-        let env: HashMap<String, String> = [
-            ("TALLY_NATS_URL", nats.url()),
-            ("TALLY_CLICKHOUSE_URL", clickhouse.url.clone()),
-            ("TALLY_CLICKHOUSE_DATABASE", database.clone()),
-            (
-                "TALLY_SECRET",
-                "an-e2e-test-secret-of-enough-length".to_owned(),
-            ),
+        let mut env: HashMap<String, String> = [
+            ("TALLY_SECRET", SECRET.to_owned()),
             ("TALLY_ADMIN_KEYS", ADMIN_KEY.to_owned()),
             ("TALLY_ANALYST_KEYS", ANALYST_KEY.to_owned()),
             ("TALLY_SSE_HEARTBEAT_SECONDS", "1".to_owned()),
@@ -133,38 +179,83 @@ impl Cluster {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        // The processor first: it applies migrations and creates the stream others use.
-        let processor = Service::spawn("processor", &env, &[], dir.path()).await?;
-        let ingest = Service::spawn("ingest", &env, &[], dir.path()).await?;
-        let query = Service::spawn("query", &env, &[], dir.path()).await?;
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(64)
             .timeout(Duration::from_secs(30))
             .build()?;
-        Ok(Cluster {
-            nats,
-            clickhouse,
-            database,
-            env,
-            dir,
-            ingest,
-            processor: tokio::sync::Mutex::new(processor),
-            query,
-            http,
-        })
+        match deployment {
+            Deployment::Distributed => {
+                let nats = NatsServer::start().await?;
+                let clickhouse = tally_testkit::clickhouse().await?;
+                let database = tally_testkit::unique_name("e2e");
+                env.insert("TALLY_NATS_URL".into(), nats.url());
+                env.insert("TALLY_CLICKHOUSE_URL".into(), clickhouse.url.clone());
+                env.insert("TALLY_CLICKHOUSE_DATABASE".into(), database.clone());
+                // The processor first: it applies migrations and creates the stream others use.
+                let processor = Service::spawn("processor", &env, &[], dir.path()).await?;
+                let ingest = Service::spawn("ingest", &env, &[], dir.path()).await?;
+                let query = Service::spawn("query", &env, &[], dir.path()).await?;
+                Ok(Cluster {
+                    deployment,
+                    nats: Some(nats),
+                    clickhouse: Some(clickhouse),
+                    database,
+                    env,
+                    dir,
+                    ingest,
+                    processor: tokio::sync::Mutex::new(processor),
+                    query,
+                    http,
+                })
+            }
+            Deployment::Standalone => {
+                env.insert(
+                    "TALLY_DATA_DIR".into(),
+                    dir.path().join("data").to_string_lossy().into_owned(),
+                );
+                // A fixed port, so the process comes back at the same address after a kill.
+                let listen = format!("127.0.0.1:{}", tally_testkit::free_port());
+                let process =
+                    Service::spawn_on("standalone", &listen, &env, &[], dir.path()).await?;
+                Ok(Cluster {
+                    deployment,
+                    nats: None,
+                    clickhouse: None,
+                    database: String::new(),
+                    env,
+                    dir,
+                    ingest: process.alias(),
+                    query: process.alias(),
+                    processor: tokio::sync::Mutex::new(process),
+                    http,
+                })
+            }
+        }
     }
 
-    /// Kills the processor (SIGKILL) and starts a new one with `extra_env` added.
+    /// Kills the processor (SIGKILL) and starts a new one with `extra_env` added. In
+    /// standalone that is the whole process, which comes back on the same address.
     pub async fn restart_processor(&self, extra_env: &[(&str, &str)]) -> Result<()> {
         let mut processor = self.processor.lock().await;
         processor.kill().await;
-        *processor = Service::spawn("processor", &self.env, extra_env, self.dir.path()).await?;
+        let name = processor.name;
+        let listen = match self.deployment {
+            Deployment::Distributed => "127.0.0.1:0".to_owned(),
+            Deployment::Standalone => processor.listen.clone(),
+        };
+        *processor =
+            Service::spawn_on(name, &listen, &self.env, extra_env, self.dir.path()).await?;
         Ok(())
     }
 
-    /// Starts one more ingest replica against the same bus.
+    /// One more ingest replica against the same log; in standalone, the same process again.
     pub async fn spawn_ingest(&self) -> Result<Service> {
-        Service::spawn("ingest", &self.env, &[], self.dir.path()).await
+        match self.deployment {
+            Deployment::Distributed => {
+                Service::spawn("ingest", &self.env, &[], self.dir.path()).await
+            }
+            Deployment::Standalone => Ok(self.ingest.alias()),
+        }
     }
 
     pub async fn processor_exited(&self) -> bool {
@@ -177,7 +268,12 @@ impl Cluster {
             .try_lock()
             .map(|p| p.log_tail())
             .unwrap_or_default();
-        [processor, self.ingest.log_tail(), self.query.log_tail()].join("\n")
+        match self.deployment {
+            Deployment::Distributed => {
+                [processor, self.ingest.log_tail(), self.query.log_tail()].join("\n")
+            }
+            Deployment::Standalone => processor,
+        }
     }
 
     pub async fn create_poll(&self, body: Value) -> Result<Value> {
@@ -286,14 +382,15 @@ impl Cluster {
         }
     }
 
-    /// Runs a statement on this cluster's ClickHouse database and returns its TSV output.
-    pub async fn clickhouse_query(&self, sql: &str) -> Result<String> {
+    /// Runs a statement on this cluster's ClickHouse database and returns its TSV output;
+    /// `None` in standalone, which has no ClickHouse.
+    pub async fn clickhouse_query(&self, sql: &str) -> Result<Option<String>> {
+        let Some(clickhouse) = self.clickhouse else {
+            return Ok(None);
+        };
         let response = self
             .http
-            .post(format!(
-                "{}/?database={}",
-                self.clickhouse.url, self.database
-            ))
+            .post(format!("{}/?database={}", clickhouse.url, self.database))
             .body(sql.to_owned())
             .send()
             .await?;
@@ -302,7 +399,7 @@ impl Cluster {
         if !status.is_success() {
             bail!("clickhouse answered {status}: {text}");
         }
-        Ok(text.trim().to_owned())
+        Ok(Some(text.trim().to_owned()))
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use serde_json::{json, Value};
 
-use crate::cluster::{Cluster, SseClient, ADMIN_KEY};
+use crate::cluster::{Cluster, Deployment, SseClient, ADMIN_KEY};
 
 async fn admin(
     cluster: &Cluster,
@@ -28,10 +28,11 @@ async fn admin(
     ))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn polls_are_managed_through_their_lifecycle() -> Result<()> {
+crate::for_each_deployment!(polls_are_managed_through_their_lifecycle);
+
+async fn polls_are_managed_through_their_lifecycle(deployment: Deployment) -> Result<()> {
     use reqwest::Method as M;
-    let cluster = Cluster::start().await?;
+    let cluster = Cluster::start(deployment).await?;
     let created = cluster
         .create_poll(
             json!({"title": "Launch", "question": "Colour?", "kind": "single",

@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::cluster::{Cluster, SseClient};
+use crate::cluster::{Cluster, Deployment, SseClient};
 
 const VOTERS: usize = 5_000;
 const CLIENTS: usize = 32;
@@ -346,9 +346,10 @@ pub async fn check_timeseries(cluster: &Cluster, truth: &Truth) -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn pipeline_counts_every_vote_exactly_once() -> Result<()> {
-    let cluster = Arc::new(Cluster::start().await?);
+crate::for_each_deployment!(pipeline_counts_every_vote_exactly_once);
+
+async fn pipeline_counts_every_vote_exactly_once(deployment: Deployment) -> Result<()> {
+    let cluster = Arc::new(Cluster::start(deployment).await?);
     create_polls(&cluster).await?;
 
     let mut sse = SseClient::connect(

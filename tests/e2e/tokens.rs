@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use serde_json::{json, Value};
 
-use crate::cluster::{Cluster, ADMIN_KEY, SECRET};
+use crate::cluster::{Cluster, Deployment, ADMIN_KEY, SECRET};
 
 async fn mint(cluster: &Cluster, poll: &str, voter: &str) -> Result<String> {
     let response = cluster
@@ -34,9 +34,10 @@ fn slug(answer: &Value) -> &str {
         .unwrap_or("")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn voter_tokens_gate_require_token_polls() -> Result<()> {
-    let cluster = Cluster::start().await?;
+crate::for_each_deployment!(voter_tokens_gate_require_token_polls);
+
+async fn voter_tokens_gate_require_token_polls(deployment: Deployment) -> Result<()> {
+    let cluster = Cluster::start(deployment).await?;
     for id in ["vip", "other"] {
         cluster
             .create_poll(json!({"id": id, "title": "VIP", "question": "Q", "kind": "single", "require_token": true,

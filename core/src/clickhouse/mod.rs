@@ -11,14 +11,11 @@ use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{
-    Breakdown, BreakdownQuery, GroupCounts, StoredVote, TimePoint, TimeseriesQuery, Warehouse,
-    Watermarks, WindowRow,
+    too_many_groups, Breakdown, BreakdownQuery, GroupCounts, StoredVote, TimePoint,
+    TimeseriesQuery, Warehouse, Watermarks, WindowRow, MAX_GROUPS,
 };
 use crate::results::Tally;
 use crate::{Error, Result};
-
-/// Groups a breakdown reads at most; more is an error asking for filters.
-pub const MAX_GROUPS: usize = 1_000;
 
 #[derive(Debug, Clone)]
 pub struct ClickHouseConfig {
@@ -256,10 +253,7 @@ impl Warehouse for ClickHouseWarehouse {
             .await
             .map_err(Error::warehouse)?;
         if ballots.len() > MAX_GROUPS {
-            return Err(Error::Invalid(crate::problem::Problem::invalid(
-                "by",
-                format!("the breakdown has more than {MAX_GROUPS} groups; break down by fewer dimensions or add filters"),
-            )));
+            return Err(too_many_groups());
         }
         let counts: Vec<(Vec<String>, String, u64)> = self
             .client
