@@ -2,6 +2,8 @@
 //! variables mean the same thing; a flag wins. With no subcommand it runs `standalone`.
 
 mod demo;
+mod loadgen;
+mod log_baseline;
 mod standalone;
 
 use std::sync::Arc;
@@ -40,6 +42,8 @@ enum Command {
         listen: Listen<8080>,
         #[command(flatten)]
         bus: Bus,
+        #[command(flatten)]
+        limits: LimitArgs,
         /// Server secret for hashing voter ids and signing voter tokens (16+ bytes).
         #[arg(long, env = "TALLY_SECRET", hide_env_values = true)]
         secret: String,
@@ -97,6 +101,19 @@ enum Command {
         #[arg(long, env = "TALLY_SECRET", hide_env_values = true)]
         secret: String,
     },
+    /// Drives vote traffic at a deployment and reports throughput, latency and counting.
+    Loadgen(loadgen::LoadgenArgs),
+    /// Measures raw durable appends to the embedded vote log (the standalone baseline).
+    #[command(hide = true)]
+    BenchLogAppend {
+        /// A fresh directory for the log.
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 200_000)]
+        votes: u64,
+        #[arg(long, default_value_t = 1024)]
+        in_flight: usize,
+    },
     /// Applies warehouse migrations and exits.
     Migrate {
         #[command(flatten)]
@@ -104,10 +121,51 @@ enum Command {
     },
 }
 
+/// A rate setting: `N/s`, `N/min`, `N/h` or `off`.
+#[derive(Clone, Debug)]
+struct RateSetting(Option<tally_ingest::limits::Rate>);
+
+impl std::str::FromStr for RateSetting {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        tally_ingest::limits::Rate::parse(text).map(RateSetting)
+    }
+}
+
+#[derive(Args)]
+struct LimitArgs {
+    /// Votes requests per client address (IPv6: per /64): N/s, N/min, N/h or off.
+    #[arg(long, env = "TALLY_RATE_PER_IP", default_value = "100/s")]
+    rate_per_ip: RateSetting,
+    /// Votes per voter: N/s, N/min, N/h or off.
+    #[arg(long, env = "TALLY_RATE_PER_VOTER", default_value = "10/min")]
+    rate_per_voter: RateSetting,
+    /// Votes per poll: N/s, N/min, N/h or off.
+    #[arg(long, env = "TALLY_RATE_PER_POLL", default_value = "off")]
+    rate_per_poll: RateSetting,
+    /// Proxies (CIDRs, comma-separated) whose X-Forwarded-For names the client.
+    #[arg(long, env = "TALLY_TRUSTED_PROXIES", value_delimiter = ',')]
+    trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+impl LimitArgs {
+    fn config(&self) -> tally_ingest::limits::LimitConfig {
+        tally_ingest::limits::LimitConfig {
+            per_ip: self.rate_per_ip.0,
+            per_voter: self.rate_per_voter.0,
+            per_poll: self.rate_per_poll.0,
+            trusted_proxies: self.trusted_proxies.clone(),
+        }
+    }
+}
+
 #[derive(Args)]
 struct StandaloneArgs {
     #[command(flatten)]
     listen: Listen<8080>,
+    #[command(flatten)]
+    limits: LimitArgs,
     /// Where votes, polls and the warehouse are kept.
     #[arg(long, env = "TALLY_DATA_DIR", default_value = "tally-data")]
     data_dir: std::path::PathBuf,
@@ -149,6 +207,7 @@ impl StandaloneArgs {
             batch_max: self.batch_max,
             sse_heartbeat: Duration::from_secs(self.sse_heartbeat_seconds.max(1)),
             demo: self.demo,
+            limits: self.limits.config(),
         };
         standalone::run(listener, settings, shutdown_signal()).await
     }
@@ -297,6 +356,12 @@ async fn main() -> anyhow::Result<()> {
     };
     match command {
         Command::Standalone(args) => args.run().await?,
+        Command::Loadgen(args) => loadgen::run(args).await?,
+        Command::BenchLogAppend {
+            data_dir,
+            votes,
+            in_flight,
+        } => log_baseline::run(votes, in_flight, &data_dir).await?,
         Command::Migrate { warehouse } => {
             let (_, applied) = warehouse.open().await?;
             println!("warehouse schema is current (applied now: {applied:?})");
@@ -304,6 +369,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Ingest {
             listen,
             bus,
+            limits,
             secret,
         } => {
             let client = bus.connect().await?;
@@ -315,6 +381,7 @@ async fn main() -> anyhow::Result<()> {
             );
             let config = tally_ingest::Config {
                 secret: secret.into_bytes(),
+                limits: limits.config(),
                 ..Default::default()
             };
             let listener = bind(&listen.addr, "ingest").await?;

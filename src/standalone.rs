@@ -23,6 +23,7 @@ pub struct Settings {
     pub batch_max: usize,
     pub sse_heartbeat: Duration,
     pub demo: bool,
+    pub limits: tally_ingest::limits::LimitConfig,
 }
 
 /// Reads a generated secret from `path`, or makes one and stores it there (mode 0600).
@@ -93,6 +94,7 @@ pub async fn run(
         },
         tally_ingest::Config {
             secret: secret.clone().into_bytes(),
+            limits: settings.limits,
             ..Default::default()
         },
     )?;

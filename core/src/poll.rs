@@ -40,6 +40,22 @@ pub enum Dedupe {
     None,
 }
 
+/// Who may see a poll's results (results endpoint and live stream). Analyst and admin keys
+/// always may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultsVisibility {
+    /// Everyone, while votes come in.
+    #[default]
+    Live,
+    /// Whoever voted: the vote's 202 carries a `results_token`.
+    AfterVote,
+    /// Everyone, once the poll is closed.
+    AfterClose,
+    /// Only analyst and admin keys.
+    Private,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PollOption {
@@ -83,6 +99,8 @@ pub struct Poll {
     pub dedupe: Dedupe,
     #[serde(default)]
     pub require_token: bool,
+    #[serde(default)]
+    pub results_visibility: ResultsVisibility,
     #[serde(
         default,
         with = "crate::time::opt_rfc3339",
@@ -224,6 +242,8 @@ pub struct NewPoll {
     pub dedupe: Dedupe,
     #[serde(default)]
     pub require_token: bool,
+    #[serde(default)]
+    pub results_visibility: ResultsVisibility,
     #[serde(default, with = "crate::time::opt_rfc3339")]
     pub opens_at: Option<i64>,
     #[serde(default, with = "crate::time::opt_rfc3339")]
@@ -252,6 +272,7 @@ impl NewPoll {
             dimensions: self.dimensions,
             dedupe: self.dedupe,
             require_token: self.require_token,
+            results_visibility: self.results_visibility,
             opens_at: self.opens_at,
             closes_at: self.closes_at,
             closed_at: None,
@@ -276,6 +297,7 @@ pub struct PollPatch {
     pub options: Option<Vec<PollOption>>,
     pub max_choices: Option<u32>,
     pub campaign: Option<String>,
+    pub results_visibility: Option<ResultsVisibility>,
     #[serde(default, deserialize_with = "double_option")]
     pub opens_at: Option<Option<i64>>,
     #[serde(default, deserialize_with = "double_option")]
@@ -298,6 +320,9 @@ impl PollPatch {
         }
         if let Some(question) = self.question {
             poll.question = question;
+        }
+        if let Some(visibility) = self.results_visibility {
+            poll.results_visibility = visibility;
         }
         if let Some(options) = self.options {
             if poll.kind.is_scale() {

@@ -30,7 +30,11 @@ pub struct Problem {
     pub field: Option<String>,
     /// Seconds after which a retry may succeed (also sent as `Retry-After`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub retry_after: Option<u64>,
+    pub retry_after: Option<u32>,
+    /// For 429: the limit that was exceeded, sent as `RateLimit-Limit` with
+    /// `RateLimit-Remaining: 0` and `RateLimit-Reset` (= `Retry-After`).
+    #[serde(skip)]
+    pub rate_limit: Option<u32>,
 }
 
 impl Problem {
@@ -42,6 +46,7 @@ impl Problem {
             detail: detail.into(),
             field: None,
             retry_after: None,
+            rate_limit: None,
         }
     }
 
@@ -109,6 +114,11 @@ impl IntoResponse for Problem {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
         if let Some(seconds) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            if let Some(limit) = self.rate_limit {
+                headers.insert("ratelimit-limit", HeaderValue::from(limit));
+                headers.insert("ratelimit-remaining", HeaderValue::from(0u32));
+                headers.insert("ratelimit-reset", HeaderValue::from(seconds));
+            }
         }
         response
     }

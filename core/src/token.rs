@@ -70,8 +70,54 @@ pub fn verify(
     Ok(())
 }
 
+fn results_mac(secret: &[u8], poll_id: &str, expiry: i64) -> Vec<u8> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("hmac accepts any key length");
+    mac.update(b"tally-results\0");
+    mac.update(poll_id.as_bytes());
+    mac.update(b"\0");
+    mac.update(expiry.to_string().as_bytes());
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// A results token: proof that its holder voted on an `after_vote` poll, handed out with the
+/// vote's 202. `<expiry>.<hex HMAC-SHA256(secret, "tally-results\0" poll_id "\0" expiry)>`.
+pub fn mint_results(secret: &[u8], poll_id: &str, expiry_unix: i64) -> String {
+    format!(
+        "{expiry_unix}.{}",
+        hex::encode(results_mac(secret, poll_id, expiry_unix))
+    )
+}
+
+/// Whether `token` is an unexpired results token for `poll_id`.
+pub fn verify_results(secret: &[u8], token: &str, poll_id: &str, now_unix: i64) -> bool {
+    let Some((expiry, signature)) = token.split_once('.') else {
+        return false;
+    };
+    let (Ok(expiry), Ok(signature)) = (expiry.parse::<i64>(), hex::decode(signature)) else {
+        return false;
+    };
+    let expected = results_mac(secret, poll_id, expiry);
+    bool::from(expected.ct_eq(&signature)) && expiry > now_unix
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn results_tokens_are_bound_to_a_poll_and_expire() {
+        let secret = b"a-secret-of-sixteen-bytes";
+        let token = super::mint_results(secret, "p1", 2_000);
+        assert!(super::verify_results(secret, &token, "p1", 1_999));
+        assert!(!super::verify_results(secret, &token, "p2", 1_999));
+        assert!(!super::verify_results(secret, &token, "p1", 2_000));
+        assert!(!super::verify_results(
+            b"another-secret-entirely",
+            &token,
+            "p1",
+            1_999
+        ));
+        assert!(!super::verify_results(secret, "2000.zz", "p1", 1_999));
+    }
+
     use super::*;
 
     #[test]

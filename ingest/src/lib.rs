@@ -7,19 +7,23 @@
 //! already voted; 503 with `Retry-After` when the log cannot be reached, in which case
 //! nothing was accepted. A retry with the same `vote_id` gets the same answer and counts once.
 
+pub mod limits;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::FromRequest;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use futures::StreamExt;
 use serde::Serialize;
 use tally_core::backend::{Appended, PollRegistry, VoteLog};
-use tally_core::poll::{Poll, PollStatus};
+use tally_core::poll::{Poll, PollStatus, ResultsVisibility};
 use tally_core::polls::PollCache;
 use tally_core::problem::{self, parse_json, ApiJson, Problem};
 use tally_core::vote::{build_vote, VoteRequest, VoterHasher};
@@ -51,6 +55,7 @@ pub struct Config {
     pub max_batch_lines: usize,
     /// Appends of one batch in flight at once.
     pub batch_concurrency: usize,
+    pub limits: limits::LimitConfig,
 }
 
 impl Default for Config {
@@ -61,12 +66,14 @@ impl Default for Config {
             max_batch_bytes: 8 * 1024 * 1024,
             max_batch_lines: 10_000,
             batch_concurrency: 512,
+            limits: limits::LimitConfig::default(),
         }
     }
 }
 
 pub struct Ingest {
     log: Arc<dyn VoteLog>,
+    limits: Arc<limits::Limits>,
     polls: Arc<PollCache>,
     hasher: VoterHasher,
     config: Config,
@@ -76,7 +83,13 @@ pub struct Ingest {
 pub struct Accepted {
     pub vote_id: String,
     pub status: &'static str,
+    /// On `after_vote` polls: shows the voter the results (`?results_token=`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub results_token: Option<String>,
 }
+
+/// How long a results token shows an `after_vote` poll's results.
+const RESULTS_TOKEN_TTL_SECONDS: i64 = 30 * 86_400;
 
 impl Ingest {
     pub fn new(deps: Deps, config: Config) -> Result<Arc<Ingest>> {
@@ -85,8 +98,20 @@ impl Ingest {
                 "the server secret (TALLY_SECRET) must be at least 16 bytes".into(),
             ));
         }
+        let limits = Arc::new(limits::Limits::new(&config.limits));
+        // Forget limiter keys whose quota has replenished, so memory stays bounded.
+        let weak = Arc::downgrade(&limits);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                let Some(limits) = weak.upgrade() else { return };
+                limits.retain_recent();
+            }
+        });
         Ok(Arc::new(Ingest {
             log: deps.log,
+            limits,
             polls: PollCache::start(deps.registry),
             hasher: VoterHasher::new(&config.secret),
             config,
@@ -145,10 +170,20 @@ impl Ingest {
             )?;
         }
         let vote = build_vote(&poll, &request, &self.hasher, now)?;
+        self.limits.check_vote(&poll.id, &vote.voter_key)?;
         match self.log.append(&vote, &vote.unique_key(poll.dedupe)).await {
             Ok(Appended::Accepted { .. }) => Ok(Accepted {
                 vote_id: vote.vote_id,
                 status: "accepted",
+                results_token: (poll.results_visibility == ResultsVisibility::AfterVote).then(
+                    || {
+                        token::mint_results(
+                            &self.config.secret,
+                            &poll.id,
+                            now / 1000 + RESULTS_TOKEN_TTL_SECONDS,
+                        )
+                    },
+                ),
             }),
             Ok(Appended::AlreadyVoted) => Err(Problem::new(
                 409,
@@ -177,7 +212,40 @@ pub fn api(ingest: Arc<Ingest>) -> Router {
             "/v1/votes:batch",
             post(batch).layer(DefaultBodyLimit::max(batch_limit)),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            ingest.clone(),
+            limit_by_address,
+        ))
         .with_state(ingest)
+}
+
+/// The per-address limit, before a body is read. Without a peer address (a router served
+/// without connect info) there is nothing to key on and the limit does not apply.
+async fn limit_by_address(
+    State(ingest): State<Arc<Ingest>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(ConnectInfo(peer)) = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .copied()
+    else {
+        return next.run(request).await;
+    };
+    let client = ingest.limits.client_ip(peer.ip(), request.headers());
+    match ingest.limits.check_ip(client) {
+        Err(problem) => problem.into_response(),
+        Ok(allowance) => {
+            let mut response = next.run(request).await;
+            if let Some(allowance) = allowance {
+                let headers = response.headers_mut();
+                headers.insert("ratelimit-limit", allowance.limit.into());
+                headers.insert("ratelimit-remaining", allowance.remaining.into());
+            }
+            response
+        }
+    }
 }
 
 /// Readiness checks of what ingest depends on.
@@ -202,22 +270,79 @@ pub fn router(ingest: Arc<Ingest>) -> Router {
     health::service(api(ingest), probes)
 }
 
+/// The cookie that identifies a browser voter who brings no `voter_id` (the vote widget).
+pub const VOTER_COOKIE: &str = "tally_voter";
+
+/// The voter id in a request's `tally_voter` cookie, when it is one ingest could have set.
+fn cookie_voter(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == VOTER_COOKIE)
+        .map(|(_, value)| value.trim().to_owned())
+        .filter(|id| (16..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
 async fn vote(
     State(ingest): State<Arc<Ingest>>,
     Path(poll_id): Path<String>,
-    ApiJson(request): ApiJson<VoteRequest>,
+    request: Request,
 ) -> Response {
-    if request.poll_id.as_ref().is_some_and(|id| id != &poll_id) {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip());
+    let headers = request.headers().clone();
+    let mut vote = match ApiJson::<VoteRequest>::from_request(request, &()).await {
+        Ok(ApiJson(vote)) => vote,
+        Err(problem) => return problem.into_response(),
+    };
+    if vote.poll_id.as_ref().is_some_and(|id| id != &poll_id) {
         return Problem::invalid(
             "poll_id",
             "poll_id in the body differs from the poll in the path; leave it out",
         )
         .into_response();
     }
-    match ingest.submit(&poll_id, request).await {
+    // Without a voter_id a browser voter is its first-party cookie, set now if new. Only
+    // browsers get one (they send Sec-Fetch-Mode or Origin, or bring the cookie back): an
+    // API client that forgets voter_id is told so, not given a new identity per request.
+    let mut new_cookie = None;
+    if vote.voter_id.is_none() {
+        let known = cookie_voter(&headers);
+        let browser =
+            headers.contains_key("sec-fetch-mode") || headers.contains_key(header::ORIGIN);
+        if known.is_some() || browser {
+            let id = known.unwrap_or_else(|| {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                new_cookie = Some(id.clone());
+                id
+            });
+            vote.voter_id = Some(id);
+        }
+    }
+    let mut response = match ingest.submit(&poll_id, vote).await {
         Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
         Err(problem) => problem.into_response(),
+    };
+    if let Some(id) = new_cookie {
+        // Secure when the client reached us over TLS, as a trusted proxy reports it.
+        let tls = peer.is_some_and(|peer| ingest.limits.trusts(peer))
+            && headers
+                .get("x-forwarded-proto")
+                .is_some_and(|proto| proto.as_bytes().eq_ignore_ascii_case(b"https"));
+        let cookie = format!(
+            "{VOTER_COOKIE}={id}; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax{}",
+            if tls { "; Secure" } else { "" }
+        );
+        if let Ok(value) = cookie.parse() {
+            response.headers_mut().insert(header::SET_COOKIE, value);
+        }
     }
+    response
 }
 
 #[derive(Serialize)]
@@ -247,6 +372,49 @@ struct BatchResult {
     results: Vec<LineResult>,
 }
 
+/// One parsed line of a batch: its number (from 1) and its poll and vote, or what is wrong
+/// with it.
+pub type BatchLine = (usize, Result<(String, VoteRequest), Problem>);
+
+/// Parses an NDJSON batch: UTF-8, one JSON vote with `poll_id` per non-blank line, at most
+/// `max_lines`. A bad line is that line's error; a bad batch is the batch's.
+pub fn parse_batch(body: &[u8], max_lines: usize) -> Result<Vec<BatchLine>, Problem> {
+    let text = problem::utf8(body)?;
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.trim()))
+        .filter(|(_, l)| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return Err(Problem::bad_request(
+            "empty-batch",
+            "the batch has no votes; send one JSON vote per line",
+        ));
+    }
+    if lines.len() > max_lines {
+        return Err(Problem::new(
+            413,
+            "batch-too-large",
+            "Batch too large",
+            format!("a batch holds at most {max_lines} votes"),
+        ));
+    }
+    Ok(lines
+        .into_iter()
+        .map(|(line, text)| {
+            let parsed =
+                parse_json::<VoteRequest>(text.as_bytes()).and_then(|request| {
+                    match request.poll_id.clone() {
+                        Some(poll_id) => Ok((poll_id, request)),
+                        None => Err(Problem::invalid("poll_id", "each batch line needs poll_id")),
+                    }
+                });
+            (line, parsed)
+        })
+        .collect())
+}
+
 /// NDJSON batch: one vote per line, each with `poll_id`. Lines are validated and appended
 /// independently (many in flight at once); the answer lists each line's outcome in order.
 async fn batch(State(ingest): State<Arc<Ingest>>, request: Request) -> Response {
@@ -254,48 +422,18 @@ async fn batch(State(ingest): State<Arc<Ingest>>, request: Request) -> Response 
         Ok(body) => body,
         Err(problem) => return problem.into_response(),
     };
-    let text = match problem::utf8(&body) {
-        Ok(text) => text,
+    let lines = match parse_batch(&body, ingest.config.max_batch_lines) {
+        Ok(lines) => lines,
         Err(problem) => return problem.into_response(),
     };
-    let lines: Vec<(usize, String)> = text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| (i + 1, l.trim()))
-        .filter(|(_, l)| !l.is_empty())
-        .map(|(i, l)| (i, l.to_owned()))
-        .collect();
-    if lines.is_empty() {
-        return Problem::bad_request(
-            "empty-batch",
-            "the batch has no votes; send one JSON vote per line",
-        )
-        .into_response();
-    }
-    if lines.len() > ingest.config.max_batch_lines {
-        return Problem::new(
-            413,
-            "batch-too-large",
-            "Batch too large",
-            format!(
-                "a batch holds at most {} votes",
-                ingest.config.max_batch_lines
-            ),
-        )
-        .into_response();
-    }
     let outcomes: Vec<LineResult> = futures::stream::iter(lines)
-        .map(|(line, text)| {
+        .map(|(line, parsed)| {
             let ingest = ingest.clone();
             async move {
-                let outcome = async {
-                    let request: VoteRequest = parse_json(text.as_bytes())?;
-                    let Some(poll_id) = request.poll_id.clone() else {
-                        return Err(Problem::invalid("poll_id", "each batch line needs poll_id"));
-                    };
-                    ingest.submit(&poll_id, request).await
-                }
-                .await;
+                let outcome = match parsed {
+                    Ok((poll_id, request)) => ingest.submit(&poll_id, request).await,
+                    Err(problem) => Err(problem),
+                };
                 match outcome {
                     Ok(accepted) => LineResult {
                         line,

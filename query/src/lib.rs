@@ -26,7 +26,7 @@ use tally_core::auth::{ApiKeys, Role};
 use tally_core::backend::{
     BreakdownQuery, Dimension, LiveFeed, PollRegistry, TimeseriesQuery, Warehouse,
 };
-use tally_core::poll::{NewPoll, Poll, PollKind, PollPatch};
+use tally_core::poll::{NewPoll, Poll, PollKind, PollPatch, PollStatus, ResultsVisibility};
 use tally_core::polls::PollCache;
 use tally_core::problem::{ApiJson, Problem};
 use tally_core::results::{share, Results};
@@ -457,8 +457,64 @@ async fn current_results(app: &App, poll: &Poll) -> Result<Results, Problem> {
     Ok(Results::new(poll, &tally, time::now_ms()))
 }
 
-async fn results(State(app): State<Arc<App>>, Path(id): Path<String>) -> Reply {
+#[derive(Deserialize)]
+struct ResultsParams {
+    results_token: Option<String>,
+}
+
+/// Whether the caller may see `poll`'s results, per its `results_visibility`. Analyst and
+/// admin keys always may; a key that is sent must be valid.
+fn may_see_results(
+    app: &App,
+    poll: &Poll,
+    headers: &HeaderMap,
+    results_token: Option<&str>,
+) -> Result<(), Problem> {
+    if headers.contains_key(header::AUTHORIZATION) {
+        return app.authorize(headers, Role::Analyst);
+    }
+    let hidden = |detail: String| Problem::new(403, "results-hidden", "Results hidden", detail);
+    match poll.results_visibility {
+        ResultsVisibility::Live => Ok(()),
+        ResultsVisibility::AfterClose => match poll.status(time::now_ms()) {
+            PollStatus::Closed | PollStatus::Archived => Ok(()),
+            _ => Err(hidden(format!(
+                "the results of poll `{}` are shown once it closes",
+                poll.id
+            ))),
+        },
+        ResultsVisibility::AfterVote => {
+            let shown = match (&app.config.secret, results_token) {
+                (Some(secret), Some(token)) => {
+                    tally_core::token::verify_results(secret, token, &poll.id, time::now_ms() / 1000)
+                }
+                _ => false,
+            };
+            if shown {
+                Ok(())
+            } else {
+                Err(hidden(format!(
+                    "the results of poll `{}` are shown to voters: pass the results_token of your vote's answer as ?results_token=",
+                    poll.id
+                )))
+            }
+        }
+        ResultsVisibility::Private => Err(Problem::unauthorized(format!(
+            "the results of poll `{}` are private: send an analyst key as Authorization: Bearer <key>",
+            poll.id
+        ))),
+    }
+}
+
+async fn results(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    params: Result<Query<ResultsParams>, QueryRejection>,
+) -> Reply {
+    let params = query_params(params)?;
     let poll = app.poll(&id).await?;
+    may_see_results(&app, &poll, &headers, params.results_token.as_deref())?;
     let results = current_results(&app, &poll).await?;
     Ok(([(header::CACHE_CONTROL, "no-store")], Json(results)).into_response())
 }
@@ -719,8 +775,15 @@ async fn timeseries(
     Ok(Json(json!({"poll_id": poll.id, "step_seconds": step, "points": points})).into_response())
 }
 
-async fn live(State(app): State<Arc<App>>, Path(id): Path<String>, headers: HeaderMap) -> Reply {
+async fn live(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    params: Result<Query<ResultsParams>, QueryRejection>,
+) -> Reply {
+    let params = query_params(params)?;
     let poll = app.poll(&id).await?;
+    may_see_results(&app, &poll, &headers, params.results_token.as_deref())?;
     let resume_after = match headers
         .get("last-event-id")
         .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()))

@@ -167,7 +167,13 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// A deployment with intake rate limits off, so load from one test address gets through.
     pub async fn start(deployment: Deployment) -> Result<Cluster> {
+        Self::start_with(deployment, &[]).await
+    }
+
+    /// A deployment with `settings` added to every process's environment.
+    pub async fn start_with(deployment: Deployment, settings: &[(&str, &str)]) -> Result<Cluster> {
         let dir = tempfile::tempdir()?;
         let mut env: HashMap<String, String> = [
             ("TALLY_SECRET", SECRET.to_owned()),
@@ -175,10 +181,15 @@ impl Cluster {
             ("TALLY_ANALYST_KEYS", ANALYST_KEY.to_owned()),
             ("TALLY_SSE_HEARTBEAT_SECONDS", "1".to_owned()),
             ("RUST_LOG", "info".to_owned()),
+            ("TALLY_RATE_PER_IP", "off".to_owned()),
+            ("TALLY_RATE_PER_VOTER", "off".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+        for (key, value) in settings {
+            env.insert((*key).to_owned(), (*value).to_owned());
+        }
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(64)
             .timeout(Duration::from_secs(30))

@@ -89,3 +89,69 @@ async fn one_voter_counts_once_across_two_ingest_replicas(deployment: Deployment
     }
     Ok(())
 }
+
+crate::for_each_deployment!(a_browser_without_voter_id_is_its_cookie);
+
+/// The widget sends no voter_id: ingest identifies the browser by a first-party cookie it
+/// sets (HttpOnly, SameSite=Lax), so a second vote from the same browser is refused.
+async fn a_browser_without_voter_id_is_its_cookie(deployment: Deployment) -> Result<()> {
+    let cluster = Cluster::start(deployment).await?;
+    cluster
+        .create_poll(
+            json!({"id": "widget", "title": "W", "question": "Q", "kind": "single",
+            "options": [{"id": "a", "label": "A"}, {"id": "b", "label": "B"}]}),
+        )
+        .await?;
+    let url = format!("{}/v1/polls/widget/votes", cluster.ingest.url);
+    // An API client that forgets voter_id is told so, not given an identity.
+    let (status, problem) = cluster.vote("widget", &json!({"choice": "a"})).await?;
+    ensure!(
+        status == 422 && problem["field"] == "voter_id",
+        "{status} {problem}"
+    );
+    let browser = |body: serde_json::Value| {
+        cluster
+            .http
+            .post(&url)
+            .header("sec-fetch-mode", "cors")
+            .json(&body)
+    };
+    let first = browser(json!({"choice": "a"})).send().await?;
+    ensure!(first.status() == 202, "{}", first.status());
+    let cookie = first.headers()["set-cookie"].to_str()?.to_owned();
+    ensure!(
+        cookie.starts_with("tally_voter=")
+            && cookie.contains("HttpOnly")
+            && cookie.contains("SameSite=Lax")
+            && !cookie.contains("Secure"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap_or_default().to_owned();
+    let again = browser(json!({"choice": "b"}))
+        .header("cookie", &pair)
+        .send()
+        .await?;
+    ensure!(
+        again.status() == 409,
+        "the same browser votes once: {}",
+        again.status()
+    );
+    ensure!(
+        again.headers().get("set-cookie").is_none(),
+        "a known voter keeps its cookie"
+    );
+    let other = browser(json!({"choice": "b"})).send().await?;
+    ensure!(other.status() == 202, "another browser: {}", other.status());
+    ensure!(other.headers()["set-cookie"].to_str()?.split(';').next() != Some(pair.as_str()));
+    // A cookie ingest could not have set is not an identity: a fresh one replaces it.
+    let forged = browser(json!({"choice": "b"}))
+        .header("cookie", "tally_voter=x")
+        .send()
+        .await?;
+    ensure!(forged.status() == 202 && forged.headers().contains_key("set-cookie"));
+    let results = cluster
+        .wait_for_total("widget", 3, Duration::from_secs(30))
+        .await?;
+    ensure!(results["unique_voters"] == 3, "{results}");
+    Ok(())
+}

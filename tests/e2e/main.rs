@@ -1,10 +1,15 @@
-//! End-to-end tests: real nats-server and clickhouse-server processes, the three tally
-//! services as processes, everything over HTTP.
+//! End-to-end tests, everything over HTTP. Each scenario runs twice: against the distributed
+//! deployment (real nats-server and clickhouse-server processes, the three tally services as
+//! processes) and against one `tally standalone` process.
 
 mod bad_input;
 mod cluster;
 mod faults;
 mod integrity;
+mod limits;
+mod loadgen;
 mod management;
 mod pipeline;
+mod roles;
 mod tokens;
+mod visibility;

@@ -1,0 +1,66 @@
+//! `tally loadgen` against a deployment: what it reports agrees with what the deployment
+//! counted, in single-vote and NDJSON-batch mode, with repeat voters refused.
+
+use anyhow::{ensure, Context, Result};
+use serde_json::Value;
+
+use crate::cluster::{Cluster, Deployment, ADMIN_KEY};
+
+async fn loadgen(cluster: &Cluster, extra: &[&str]) -> Result<Value> {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "loadgen",
+            "--url",
+            &cluster.ingest.url,
+            "--query-url",
+            &cluster.query.url,
+        ])
+        .args(["--admin-key", ADMIN_KEY, "--duration", "2", "--polls", "2"])
+        .args(["--repeat-ratio", "0.1", "--json"])
+        .args(extra)
+        .output()
+        .await
+        .context("running tally loadgen")?;
+    ensure!(
+        output.status.success(),
+        "loadgen failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        cluster.logs()
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+crate::for_each_deployment!(loadgen_reports_what_the_deployment_counted);
+
+async fn loadgen_reports_what_the_deployment_counted(deployment: Deployment) -> Result<()> {
+    let cluster = Cluster::start(deployment).await?;
+    for extra in [
+        &["--concurrency", "8"][..],
+        &["--concurrency", "2", "--batch", "50"],
+    ] {
+        let summary = loadgen(&cluster, extra).await?;
+        let accepted = summary["accepted"].as_u64().unwrap_or(0);
+        let statuses = &summary["statuses"];
+        ensure!(accepted > 50, "too little load got through: {summary}");
+        ensure!(
+            summary["counted"] == accepted && statuses["202"] == accepted,
+            "every accepted vote is counted and reported once: {summary}"
+        );
+        ensure!(
+            statuses["409"].as_u64().unwrap_or(0) > 0,
+            "repeat voters are refused: {summary}"
+        );
+        let sent = summary["votes_sent"].as_u64().unwrap_or(0);
+        let by_status: u64 = statuses
+            .as_object()
+            .map(|m| m.values().filter_map(Value::as_u64).sum())
+            .unwrap_or(0);
+        ensure!(by_status == sent, "every vote has an outcome: {summary}");
+        ensure!(
+            statuses.get("connection").is_none() && statuses.get("timeout").is_none(),
+            "no transport errors: {summary}"
+        );
+        ensure!(summary["latency_ms"]["p99"].as_f64().unwrap_or(0.0) > 0.0);
+    }
+    Ok(())
+}
