@@ -44,6 +44,8 @@ enum Command {
         bus: Bus,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        timeout: Timeout,
         /// Server secret for hashing voter ids and signing voter tokens (16+ bytes).
         #[arg(long, env = "TALLY_SECRET", hide_env_values = true)]
         secret: String,
@@ -85,6 +87,11 @@ enum Command {
         /// Server secret (as given to ingest); enables minting voter tokens.
         #[arg(long, env = "TALLY_SECRET", hide_env_values = true)]
         secret: Option<String>,
+        /// Live (SSE) connections served at once; more get 503.
+        #[arg(long, env = "TALLY_LIVE_MAX_CLIENTS", default_value_t = 10_000)]
+        live_max_clients: usize,
+        #[command(flatten)]
+        timeout: Timeout,
     },
     /// Mints a signed voter token for a `require_token` poll and prints it.
     Token {
@@ -161,7 +168,26 @@ impl LimitArgs {
 }
 
 #[derive(Args)]
+struct Timeout {
+    /// Seconds a request may take to be answered (408 after).
+    #[arg(
+        long = "request-timeout-seconds",
+        env = "TALLY_REQUEST_TIMEOUT_SECONDS",
+        default_value_t = 30.0
+    )]
+    seconds: f64,
+}
+
+impl Timeout {
+    fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.seconds.clamp(0.1, 3600.0))
+    }
+}
+
+#[derive(Args)]
 struct StandaloneArgs {
+    #[command(flatten)]
+    timeout: Timeout,
     #[command(flatten)]
     listen: Listen<8080>,
     #[command(flatten)]
@@ -187,6 +213,9 @@ struct StandaloneArgs {
     /// Seconds between SSE heartbeats.
     #[arg(long, env = "TALLY_SSE_HEARTBEAT_SECONDS", default_value_t = 15)]
     sse_heartbeat_seconds: u64,
+    /// Live (SSE) connections served at once; more get 503.
+    #[arg(long, env = "TALLY_LIVE_MAX_CLIENTS", default_value_t = 10_000)]
+    live_max_clients: usize,
     /// Creates a sample poll and feeds it synthetic votes.
     #[arg(long)]
     demo: bool,
@@ -208,6 +237,8 @@ impl StandaloneArgs {
             sse_heartbeat: Duration::from_secs(self.sse_heartbeat_seconds.max(1)),
             demo: self.demo,
             limits: self.limits.config(),
+            live_max_clients: self.live_max_clients,
+            request_timeout: self.timeout.duration(),
         };
         standalone::run(listener, settings, shutdown_signal()).await
     }
@@ -370,6 +401,7 @@ async fn main() -> anyhow::Result<()> {
             listen,
             bus,
             limits,
+            timeout,
             secret,
         } => {
             let client = bus.connect().await?;
@@ -382,6 +414,7 @@ async fn main() -> anyhow::Result<()> {
             let config = tally_ingest::Config {
                 secret: secret.into_bytes(),
                 limits: limits.config(),
+                request_timeout: timeout.duration(),
                 ..Default::default()
             };
             let listener = bind(&listen.addr, "ingest").await?;
@@ -445,6 +478,8 @@ async fn main() -> anyhow::Result<()> {
             window_seconds,
             sse_heartbeat_seconds,
             secret,
+            live_max_clients,
+            timeout,
         } => {
             let (warehouse, _) = warehouse.open().await?;
             let client = bus.connect().await?;
@@ -463,6 +498,8 @@ async fn main() -> anyhow::Result<()> {
                 window_seconds,
                 live_heartbeat: Duration::from_secs(sse_heartbeat_seconds.max(1)),
                 secret: secret.map(String::into_bytes),
+                live_max_clients,
+                request_timeout: timeout.duration(),
                 ..Default::default()
             };
             let listener = bind(&listen.addr, "query").await?;

@@ -24,6 +24,8 @@ pub struct Settings {
     pub sse_heartbeat: Duration,
     pub demo: bool,
     pub limits: tally_ingest::limits::LimitConfig,
+    pub live_max_clients: usize,
+    pub request_timeout: Duration,
 }
 
 /// Reads a generated secret from `path`, or makes one and stores it there (mode 0600).
@@ -95,6 +97,7 @@ pub async fn run(
         tally_ingest::Config {
             secret: secret.clone().into_bytes(),
             limits: settings.limits,
+            request_timeout: settings.request_timeout,
             ..Default::default()
         },
     )?;
@@ -108,6 +111,7 @@ pub async fn run(
             keys: ApiKeys::new(&admin_keys, &settings.analyst_keys),
             window_seconds: settings.window_seconds,
             live_heartbeat: settings.sse_heartbeat,
+            live_max_clients: settings.live_max_clients,
             secret: Some(secret.into_bytes()),
             ..Default::default()
         },
@@ -135,6 +139,7 @@ pub async fn run(
     let app = health::service(
         tally_ingest::api(ingest.clone()).merge(tally_query::api(query)),
         probes,
+        settings.request_timeout,
     );
 
     let local = listener.local_addr()?;

@@ -27,12 +27,40 @@ where
     )
 }
 
-/// A service's router: its `api`, `/healthz` and `/readyz` over `probes`, and problem+json
-/// answers for unknown paths and methods.
-pub fn service(api: Router, probes: Vec<Probe>) -> Router {
+/// The default of how long a request may take to be answered (its response head; a live
+/// stream's body may flow for hours). Covers clients that trickle their body.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A service's router: its `api`, `/healthz` and `/readyz` over `probes`, problem+json
+/// answers for unknown paths and methods, and a 408 for requests not answered in `timeout`.
+pub fn service(api: Router, probes: Vec<Probe>, timeout: std::time::Duration) -> Router {
     api.merge(routes(probes))
         .fallback(crate::problem::no_route)
         .method_not_allowed_fallback(|| async { crate::problem::method_not_allowed() })
+        .layer(axum::middleware::from_fn(move |request, next| {
+            time_limit(timeout, request, next)
+        }))
+}
+
+async fn time_limit(
+    timeout: std::time::Duration,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => crate::problem::Problem::new(
+            408,
+            "request-timeout",
+            "Request timeout",
+            format!(
+                "the request was not answered within {} s; a body must arrive within that time, and a retry with the same vote_id is safe",
+                timeout.as_secs_f64()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 pub fn routes<S: Clone + Send + Sync + 'static>(probes: Vec<Probe>) -> Router<S> {

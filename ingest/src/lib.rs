@@ -56,6 +56,7 @@ pub struct Config {
     /// Appends of one batch in flight at once.
     pub batch_concurrency: usize,
     pub limits: limits::LimitConfig,
+    pub request_timeout: std::time::Duration,
 }
 
 impl Default for Config {
@@ -67,6 +68,7 @@ impl Default for Config {
             max_batch_lines: 10_000,
             batch_concurrency: 512,
             limits: limits::LimitConfig::default(),
+            request_timeout: health::REQUEST_TIMEOUT,
         }
     }
 }
@@ -267,7 +269,8 @@ pub fn probes(ingest: &Ingest) -> Vec<health::Probe> {
 /// The ingest service: vote routes, health, and problem+json for everything else.
 pub fn router(ingest: Arc<Ingest>) -> Router {
     let probes = probes(&ingest);
-    health::service(api(ingest), probes)
+    let timeout = ingest.config.request_timeout;
+    health::service(api(ingest), probes, timeout)
 }
 
 /// The cookie that identifies a browser voter who brings no `voter_id` (the vote widget).

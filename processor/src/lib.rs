@@ -139,7 +139,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let app = health::service(axum::Router::new(), probes(&deps));
+    let app = health::service(axum::Router::new(), probes(&deps), health::REQUEST_TIMEOUT);
     let running = start(deps, config)?;
     let (http_stop, mut http_stopped) = watch::channel(false);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {

@@ -63,6 +63,9 @@ pub struct Config {
     pub live_send_timeout: Duration,
     /// Server secret for minting voter tokens; minting is refused without it.
     pub secret: Option<Vec<u8>>,
+    /// Live (SSE) connections served at once; more get 503.
+    pub live_max_clients: usize,
+    pub request_timeout: Duration,
 }
 
 impl Default for Config {
@@ -74,11 +77,14 @@ impl Default for Config {
             live_min_interval: Duration::from_millis(100),
             live_send_timeout: Duration::from_secs(30),
             secret: None,
+            live_max_clients: 10_000,
+            request_timeout: health::REQUEST_TIMEOUT,
         }
     }
 }
 
 pub struct App {
+    live_slots: Arc<tokio::sync::Semaphore>,
     registry: Arc<dyn PollRegistry>,
     warehouse: Arc<dyn Warehouse>,
     polls: Arc<PollCache>,
@@ -91,6 +97,7 @@ impl App {
         let live = Arc::new(LiveHub::default());
         live.follow(deps.live.clone());
         Arc::new(App {
+            live_slots: Arc::new(tokio::sync::Semaphore::new(config.live_max_clients)),
             polls: PollCache::start(deps.registry.clone()),
             registry: deps.registry,
             warehouse: deps.warehouse,
@@ -168,7 +175,8 @@ pub fn probes(app: &App) -> Vec<health::Probe> {
 /// The query service: its routes, health, and problem+json for everything else.
 pub fn router(app: Arc<App>) -> Router {
     let probes = probes(&app);
-    health::service(api(app), probes)
+    let timeout = app.config.request_timeout;
+    health::service(api(app), probes, timeout)
 }
 
 /// Serves the query API on `listener` until `shutdown` resolves.
@@ -810,8 +818,21 @@ async fn live(
                 .unwrap_or_else(|| Arc::new(results))
         }
     };
+    let Ok(permit) = app.live_slots.clone().try_acquire_owned() else {
+        let mut problem = Problem::new(
+            503,
+            "too-many-live-clients",
+            "Too many live connections",
+            format!(
+                "this server already streams to {} clients; retry later or read the results endpoint",
+                app.config.live_max_clients
+            ),
+        );
+        problem.retry_after = Some(5);
+        return Err(problem);
+    };
     let mut response =
-        live::stream(app.clone(), poll.id.clone(), initial, resume_after).into_response();
+        live::stream(app.clone(), poll.id.clone(), initial, resume_after, permit).into_response();
     response.headers_mut().insert(
         header::CACHE_CONTROL,
         "no-cache".parse().expect("static header"),

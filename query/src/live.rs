@@ -94,6 +94,7 @@ pub fn stream(
     poll_id: String,
     initial: Arc<Results>,
     resume_after: Option<u64>,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> impl axum::response::IntoResponse {
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(8);
     let mut latest = app.live.subscribe(&poll_id);
@@ -102,6 +103,8 @@ pub fn stream(
     let send_timeout = app.config.live_send_timeout;
     let heartbeat = app.config.live_heartbeat;
     tokio::spawn(async move {
+        // Held while this client is connected: the live connection cap counts it.
+        let _permit = permit;
         let send = |event: Event| {
             let tx = tx.clone();
             async move {

@@ -195,3 +195,101 @@ async fn clients_over_their_quota_wait_and_others_are_served(deployment: Deploym
     ensure!(cluster.results("busy").await?["total_votes"] == results["total_votes"]);
     Ok(())
 }
+
+crate::for_each_deployment!(live_connections_are_capped);
+
+/// Past the cap a live client gets 503 with Retry-After; a slot frees when a client leaves.
+async fn live_connections_are_capped(deployment: Deployment) -> Result<()> {
+    let cluster = Cluster::start_with(deployment, &[("TALLY_LIVE_MAX_CLIENTS", "2")]).await?;
+    cluster
+        .create_poll(
+            json!({"id": "watched", "title": "W", "question": "Q", "kind": "single",
+            "options": [{"id": "a", "label": "A"}, {"id": "b", "label": "B"}]}),
+        )
+        .await?;
+    let url = format!("{}/v1/polls/watched/live", cluster.query.url);
+    let first = crate::cluster::SseClient::connect(&cluster.http, &url, None).await?;
+    let _second = crate::cluster::SseClient::connect(&cluster.http, &url, None).await?;
+    let refused = cluster.http.get(&url).send().await?;
+    ensure!(
+        refused.status() == 503,
+        "a third live client: {}",
+        refused.status()
+    );
+    ensure!(refused.headers().contains_key("retry-after"));
+    let problem: Value = refused.json().await?;
+    ensure!(
+        problem["type"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with("/too-many-live-clients"),
+        "{problem}"
+    );
+    // The server notices the departure at its next send (heartbeats come every second here).
+    drop(first);
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = cluster
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await?;
+        if response.status() == 200 {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < end,
+            "the slot never freed: {}",
+            response.status()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+crate::for_each_deployment!(a_client_that_trickles_its_body_times_out);
+
+/// A vote whose body never finishes arriving is answered 408 (problem+json) when the request
+/// timeout passes, instead of holding a connection and a task forever.
+async fn a_client_that_trickles_its_body_times_out(deployment: Deployment) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster =
+        Cluster::start_with(deployment, &[("TALLY_REQUEST_TIMEOUT_SECONDS", "1")]).await?;
+    cluster
+        .create_poll(
+            json!({"id": "slow", "title": "S", "question": "Q", "kind": "single",
+            "options": [{"id": "a", "label": "A"}, {"id": "b", "label": "B"}]}),
+        )
+        .await?;
+    let address = cluster.ingest.url.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await?;
+    stream
+        .write_all(
+            format!("POST /v1/polls/slow/votes HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"voter_id\":")
+                .as_bytes(),
+        )
+        .await?;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buffer).await?;
+            answer.extend_from_slice(&buffer[..n]);
+            if n == 0 || answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                return anyhow::Ok(());
+            }
+        }
+    })
+    .await;
+    ensure!(read.is_ok(), "no answer to a stalled body within 10 s");
+    let head = String::from_utf8_lossy(&answer).to_string();
+    ensure!(head.starts_with("HTTP/1.1 408"), "{head}");
+    ensure!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/problem+json"),
+        "{head}"
+    );
+    ensure!(cluster.results("slow").await?["total_votes"] == 0);
+    Ok(())
+}
