@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub(crate) const LOG: TableDefinition<(u16, u64), &[u8]> = TableDefinition::new("vote_log");
 pub(crate) const UNIQUE: TableDefinition<&str, (u16, u64)> = TableDefinition::new("vote_unique");
+const LOG_META: TableDefinition<&str, u64> = TableDefinition::new("vote_log_meta");
 
 /// Appends one writer transaction takes at most.
 const GROUP_MAX: usize = 4096;
@@ -48,6 +49,24 @@ impl EmbeddedLog {
         {
             txn.open_table(LOG).map_err(storage)?;
             txn.open_table(UNIQUE).map_err(storage)?;
+            // A poll's partition depends on the count: a store keeps the count it began with.
+            let mut meta = txn.open_table(LOG_META).map_err(storage)?;
+            let stored = meta
+                .get("partitions")
+                .map_err(storage)?
+                .map(|guard| guard.value());
+            match stored {
+                Some(count) if count != u64::from(partitions) => {
+                    return Err(Error::Bus(format!(
+                        "this data directory's vote log has {count} partitions; start with --partitions {count} (TALLY_PARTITIONS={count})"
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("partitions", u64::from(partitions))
+                        .map_err(storage)?;
+                }
+            }
         }
         txn.commit().map_err(storage)?;
 

@@ -502,6 +502,15 @@ impl Inner {
         tail.rows >= self.options.flush_rows
     }
 
+    /// A flush an insert asked for. The insert itself has succeeded (its rows are in the
+    /// tail and visible), so a failed write is not the insert's error — reporting it would
+    /// make the caller retry and add the rows twice. The background flusher tries again.
+    async fn flush_after_insert(self: &Arc<Self>, kind: Kind, partition: u16) {
+        if let Err(err) = self.flush(kind, partition).await {
+            tracing::warn!(table = kind.table(), partition, error = %err, "writing the warehouse tail failed; will retry");
+        }
+    }
+
     async fn flush_where(self: &Arc<Self>, due: impl Fn(&Tail) -> bool) -> Result<()> {
         let mut work = Vec::new();
         {
@@ -827,7 +836,7 @@ impl Warehouse for ParquetWarehouse {
         }
         let batch = votes_batch(&self.inner.votes_schema, partition, votes)?;
         if self.inner.append(Kind::Votes, partition, batch) {
-            self.inner.flush(Kind::Votes, partition).await?;
+            self.inner.flush_after_insert(Kind::Votes, partition).await;
         }
         Ok(())
     }
@@ -838,7 +847,9 @@ impl Warehouse for ParquetWarehouse {
         }
         let batch = windows_batch(&self.inner.windows_schema, partition, rows)?;
         if self.inner.append(Kind::Windows, partition, batch) {
-            self.inner.flush(Kind::Windows, partition).await?;
+            self.inner
+                .flush_after_insert(Kind::Windows, partition)
+                .await;
         }
         Ok(())
     }

@@ -126,6 +126,20 @@ async fn the_log_and_registry_survive_reopening() {
         .await
         .unwrap();
     assert!(!polls.is_empty(), "polls survive");
+    drop((store, reader));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = tally_embedded::open(
+        dir.path(),
+        Options {
+            partitions: 3,
+            ..Default::default()
+        },
+    );
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        message.contains("--partitions 2"),
+        "a store keeps its partition count: {message}"
+    );
 }
 
 #[tokio::test]
@@ -240,4 +254,46 @@ async fn a_merge_interrupted_before_deleting_its_inputs_counts_once() {
         1,
         "leftovers are cleaned up"
     );
+}
+
+/// A flush that fails (disk full, directory gone) does not fail the insert that triggered
+/// it — the rows are in the tail — so the processor never re-inserts them; a later flush
+/// writes them once.
+#[tokio::test]
+async fn a_failed_flush_neither_loses_nor_repeats_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let votes_dir = dir.path().join("votes");
+    let warehouse = tally_embedded::ParquetWarehouse::open(
+        dir.path(),
+        WarehouseOptions {
+            flush_rows: 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    std::fs::remove_dir_all(&votes_dir).unwrap();
+    std::fs::write(&votes_dir, b"not a directory").unwrap();
+    let rows: Vec<StoredVote> = (1..=20)
+        .map(|i| StoredVote {
+            seq: i,
+            vote: vote(i),
+        })
+        .collect();
+    warehouse
+        .insert_votes(0, &rows)
+        .await
+        .expect("the insert succeeds even though its flush cannot");
+    assert_eq!(warehouse.tally("durable").await.unwrap().ballots, 20);
+    assert!(
+        warehouse.flush_all().await.is_err(),
+        "the flush itself reports the failure"
+    );
+    std::fs::remove_file(&votes_dir).unwrap();
+    std::fs::create_dir(&votes_dir).unwrap();
+    warehouse.flush_all().await.unwrap();
+    drop(warehouse);
+    let warehouse =
+        tally_embedded::ParquetWarehouse::open(dir.path(), WarehouseOptions::default()).unwrap();
+    let tally = warehouse.tally("durable").await.unwrap();
+    assert_eq!((tally.ballots, tally.as_of), (20, 20));
 }
