@@ -53,6 +53,8 @@ pub struct LoadgenArgs {
 
 #[derive(Default)]
 struct Stats {
+    /// When each vote to the watched poll (the first) was acknowledged with 202.
+    watched_acks: Mutex<Vec<Instant>>,
     requests: AtomicU64,
     sent: AtomicU64,
     accepted: AtomicU64,
@@ -83,6 +85,8 @@ struct Summary {
     accepted_per_s: f64,
     statuses: BTreeMap<String, u64>,
     latency_ms: BTreeMap<&'static str, f64>,
+    /// From a vote's 202 until the SSE stream of its poll showed a total that includes it.
+    visible_ms: BTreeMap<&'static str, f64>,
     counted: u64,
     /// From the first vote until the results counted every accepted vote.
     all_counted_after_s: Option<f64>,
@@ -159,6 +163,42 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration);
     let per_request = args.batch.max(1) as u64;
+
+    // Our own live subscriber on the first poll: when does an accepted vote show up?
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, u64)>();
+    let watcher = {
+        let url = format!("{query_url}/v1/polls/{}/live", polls[0]);
+        let http = http.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let Ok(response) = http
+                .get(url)
+                .timeout(Duration::from_secs(86_400))
+                .send()
+                .await
+            else {
+                return;
+            };
+            let mut body = response.bytes_stream();
+            let mut buffer = String::new();
+            while let Some(Ok(chunk)) = body.next().await {
+                let arrived = Instant::now();
+                buffer.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buffer.find("\n\n") {
+                    let block: String = buffer.drain(..end + 2).collect();
+                    for line in block.lines() {
+                        if let Some(data) = line.strip_prefix("data:") {
+                            if let Ok(value) = serde_json::from_str::<Value>(data.trim()) {
+                                if let Some(total) = value["total_votes"].as_u64() {
+                                    let _ = seen_tx.send((arrived, total));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    };
 
     let progress = {
         let stats = stats.clone();
@@ -254,8 +294,23 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
                 latencies.push(sent_at.elapsed().as_micros() as u64);
                 stats.requests.fetch_add(1, Ordering::Relaxed);
                 stats.sent.fetch_add(voters.len() as u64, Ordering::Relaxed);
+                let acked_at = Instant::now();
                 match outcome {
                     Ok(statuses) => {
+                        let watched = statuses
+                            .iter()
+                            .zip(&voters)
+                            .filter(|(status, voter)| {
+                                **status == 202 && poll_of(**voter) == polls[0].as_str()
+                            })
+                            .count();
+                        if watched > 0 {
+                            stats
+                                .watched_acks
+                                .lock()
+                                .expect("stats")
+                                .extend(std::iter::repeat_n(acked_at, watched));
+                        }
                         let accepted = statuses.iter().filter(|s| **s == 202).count() as u64;
                         stats.accepted.fetch_add(accepted, Ordering::Relaxed);
                         let mut counted: BTreeMap<u16, u64> = BTreeMap::new();
@@ -311,6 +366,29 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
 
+    // Give the stream a moment past the final count, then match acks to totals: the i-th
+    // acknowledged vote became visible with the first total of at least i.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    watcher.abort();
+    let mut seen = Vec::new();
+    while let Ok(event) = seen_rx.try_recv() {
+        seen.push(event);
+    }
+    let mut acks = std::mem::take(&mut *stats.watched_acks.lock().expect("stats"));
+    acks.sort_unstable();
+    let mut visible_us = Vec::new();
+    let mut next_event = 0;
+    for (i, acked) in acks.iter().enumerate() {
+        while next_event < seen.len() && seen[next_event].1 < (i as u64 + 1) {
+            next_event += 1;
+        }
+        let Some((arrived, _)) = seen.get(next_event) else {
+            break;
+        };
+        visible_us.push(arrived.saturating_duration_since(*acked).as_micros() as u64);
+    }
+    visible_us.sort_unstable();
+
     let mut latencies = std::mem::take(&mut *stats.latencies_us.lock().expect("stats"));
     latencies.sort_unstable();
     let summary = Summary {
@@ -333,6 +411,12 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             ("p99", percentile(&latencies, 0.99)),
         ]
         .into(),
+        visible_ms: [
+            ("p50", percentile(&visible_us, 0.50)),
+            ("p99", percentile(&visible_us, 0.99)),
+            ("samples", visible_us.len() as f64),
+        ]
+        .into(),
         counted,
         all_counted_after_s: all_counted_after,
         counted_per_s: all_counted_after.map(|after| accepted as f64 / after),
@@ -353,6 +437,13 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         println!(
             "request latency  p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms",
             summary.latency_ms["p50"], summary.latency_ms["p95"], summary.latency_ms["p99"]
+        );
+        println!(
+            "vote→live        p50 {:.1} ms, p99 {:.1} ms ({} votes seen on the SSE stream of {})",
+            summary.visible_ms["p50"],
+            summary.visible_ms["p99"],
+            summary.visible_ms["samples"],
+            polls[0]
         );
         match (summary.all_counted_after_s, summary.counted_per_s) {
             (Some(after), Some(rate)) => println!(

@@ -61,6 +61,10 @@ async fn loadgen_reports_what_the_deployment_counted(deployment: Deployment) -> 
             "no transport errors: {summary}"
         );
         ensure!(summary["latency_ms"]["p99"].as_f64().unwrap_or(0.0) > 0.0);
+        ensure!(
+            summary["visible_ms"]["samples"].as_f64().unwrap_or(0.0) > 0.0,
+            "the live subscriber saw votes arrive: {summary}"
+        );
     }
     Ok(())
 }
