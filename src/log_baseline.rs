@@ -1,7 +1,8 @@
-//! `tally bench-log-append` (hidden; `scripts/bench` runs it): the ceiling of standalone
-//! intake on this machine — durable appends to the embedded vote log, in process, with many
-//! in flight; no HTTP, no JSON parsing, no processing. Prints one line of JSON:
-//! `{"votes": N, "seconds": S, "per_s": R}`.
+//! The baselines `scripts/bench` measures every figure against, as hidden subcommands:
+//! `tally bench-log-append` (standalone: durable appends to the embedded vote log, in
+//! process) and `tally bench-publish` (distributed: JetStream publishes). Both send the same
+//! vote payloads with many in flight — no HTTP, no JSON parsing, no processing — and print
+//! one line of JSON: `{"votes": N, "seconds": S, "per_s": R}`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,6 +12,25 @@ use tally_core::backend::VoteLog;
 use tally_core::poll::Dedupe;
 use tally_core::segment::Segment;
 use tally_core::vote::Vote;
+
+/// A vote like the load generator's: four segment values, one choice.
+fn sample_vote(i: u64) -> Vote {
+    Vote {
+        vote_id: format!("baseline-{i}-0123456789"),
+        poll_id: format!("baseline-{}", i % 4),
+        voter_key: format!("{i:032x}"),
+        choice: vec!["green".into()],
+        value: None,
+        segment: Segment {
+            country: "DE".into(),
+            device: "mobile".into(),
+            channel: "email".into(),
+            custom: [("plan".to_owned(), "pro".to_owned())].into(),
+            ..Default::default()
+        },
+        received_at: 1_700_000_000_000 + i as i64,
+    }
+}
 
 pub async fn run(votes: u64, in_flight: usize, dir: &std::path::Path) -> anyhow::Result<()> {
     let store = tally_embedded::open(
@@ -26,22 +46,7 @@ pub async fn run(votes: u64, in_flight: usize, dir: &std::path::Path) -> anyhow:
         .map(|i| {
             let log = log.clone();
             async move {
-                let segment = Segment {
-                    country: "DE".into(),
-                    device: "mobile".into(),
-                    channel: "email".into(),
-                    custom: [("plan".to_owned(), "pro".to_owned())].into(),
-                    ..Default::default()
-                };
-                let vote = Vote {
-                    vote_id: format!("baseline-{i}-0123456789"),
-                    poll_id: format!("baseline-{}", i % 4),
-                    voter_key: format!("{:032x}", i),
-                    choice: vec!["green".into()],
-                    value: None,
-                    segment,
-                    received_at: 1_700_000_000_000 + i as i64,
-                };
+                let vote = sample_vote(i);
                 log.append(&vote, &vote.unique_key(Dedupe::PerVoter)).await
             }
         })
@@ -51,6 +56,49 @@ pub async fn run(votes: u64, in_flight: usize, dir: &std::path::Path) -> anyhow:
         })
         .await;
     let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{{\"votes\": {votes}, \"seconds\": {seconds:.3}, \"per_s\": {:.0}}}",
+        votes as f64 / seconds
+    );
+    Ok(())
+}
+
+/// `tally bench-publish` (hidden; `scripts/bench` runs it): the broker's ceiling for the
+/// distributed deployment — JetStream publishes of the same vote payloads to a file-storage
+/// stream of its own, from one connection with many acks awaited at once.
+pub async fn publish(nats_url: &str, votes: u64, in_flight: usize) -> anyhow::Result<()> {
+    use async_nats::jetstream::{self, stream};
+    let client = tally_core::nats::connect(nats_url, std::time::Duration::from_secs(10)).await?;
+    let js = jetstream::new(client);
+    let _ = js.delete_stream("BENCH_PUBLISH").await;
+    js.create_stream(stream::Config {
+        name: "BENCH_PUBLISH".into(),
+        subjects: vec!["bench.>".into()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+    let started = Instant::now();
+    futures::stream::iter(0..votes)
+        .map(|i| {
+            let js = js.clone();
+            async move {
+                let vote = sample_vote(i);
+                let subject = format!("bench.{}.{}", vote.poll_id, vote.voter_key);
+                let ack = js
+                    .publish(subject, tally_core::wire::encode(&vote).into())
+                    .await?;
+                ack.await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(in_flight)
+        .for_each(|outcome| async move {
+            outcome.expect("publish");
+        })
+        .await;
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = js.delete_stream("BENCH_PUBLISH").await;
     println!(
         "{{\"votes\": {votes}, \"seconds\": {seconds:.3}, \"per_s\": {:.0}}}",
         votes as f64 / seconds

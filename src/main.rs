@@ -121,6 +121,16 @@ enum Command {
         #[arg(long, default_value_t = 1024)]
         in_flight: usize,
     },
+    /// Measures raw JetStream publishes of vote payloads (the distributed baseline).
+    #[command(hide = true)]
+    BenchPublish {
+        #[arg(long, env = "TALLY_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+        #[arg(long, default_value_t = 200_000)]
+        votes: u64,
+        #[arg(long, default_value_t = 1024)]
+        in_flight: usize,
+    },
     /// Applies warehouse migrations and exits.
     Migrate {
         #[command(flatten)]
@@ -393,6 +403,11 @@ async fn main() -> anyhow::Result<()> {
             votes,
             in_flight,
         } => log_baseline::run(votes, in_flight, &data_dir).await?,
+        Command::BenchPublish {
+            nats_url,
+            votes,
+            in_flight,
+        } => log_baseline::publish(&nats_url, votes, in_flight).await?,
         Command::Migrate { warehouse } => {
             let (_, applied) = warehouse.open().await?;
             println!("warehouse schema is current (applied now: {applied:?})");
