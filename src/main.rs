@@ -1,6 +1,11 @@
 //! `tally`: one binary, one subcommand per service. Flags and `TALLY_*` environment
 //! variables mean the same thing; a flag wins. With no subcommand it runs `standalone`.
 
+// Vote handling allocates many small strings per vote; glibc's malloc/free took about a
+// fifth of the workers' CPU in profiles (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod demo;
 mod loadgen;
 mod log_baseline;
