@@ -122,12 +122,11 @@ pub async fn run(
         warehouse: store.warehouse.clone(),
         live: store.live.clone(),
     };
-    let mut probes = tally_ingest::probes(&ingest);
-    probes.extend(
-        tally_processor::probes(&processor_deps)
-            .into_iter()
-            .filter(|(name, _)| *name == "warehouse"),
-    );
+    let probes = vec![
+        health::vote_log(store.log.clone()),
+        health::poll_registry(store.registry.clone()),
+        health::warehouse(store.warehouse.clone()),
+    ];
     let processor = tally_processor::start(
         processor_deps,
         tally_processor::Config {

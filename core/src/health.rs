@@ -8,6 +8,7 @@ use axum::{Json, Router};
 use futures::future::BoxFuture;
 use serde_json::json;
 
+use crate::backend::{PollRegistry, VoteLog, Warehouse};
 use crate::Result;
 
 /// A named readiness check of one dependency.
@@ -15,6 +16,30 @@ pub type Probe = (
     &'static str,
     Arc<dyn Fn() -> BoxFuture<'static, Result<()>> + Send + Sync>,
 );
+
+/// The readiness check of a vote log.
+pub fn vote_log(log: Arc<dyn VoteLog>) -> Probe {
+    probe("vote_log", move || {
+        let log = log.clone();
+        async move { log.check().await }
+    })
+}
+
+/// The readiness check of a poll registry.
+pub fn poll_registry(registry: Arc<dyn PollRegistry>) -> Probe {
+    probe("poll_registry", move || {
+        let registry = registry.clone();
+        async move { registry.check().await }
+    })
+}
+
+/// The readiness check of a warehouse.
+pub fn warehouse(warehouse: Arc<dyn Warehouse>) -> Probe {
+    probe("warehouse", move || {
+        let warehouse = warehouse.clone();
+        async move { warehouse.check().await }
+    })
+}
 
 pub fn probe<F, Fut>(name: &'static str, check: F) -> Probe
 where

@@ -252,17 +252,9 @@ async fn limit_by_address(
 
 /// Readiness checks of what ingest depends on.
 pub fn probes(ingest: &Ingest) -> Vec<health::Probe> {
-    let log = ingest.log.clone();
-    let registry = ingest.polls.registry().clone();
     vec![
-        health::probe("vote_log", move || {
-            let log = log.clone();
-            async move { log.check().await }
-        }),
-        health::probe("poll_registry", move || {
-            let registry = registry.clone();
-            async move { registry.check().await }
-        }),
+        health::vote_log(ingest.log.clone()),
+        health::poll_registry(ingest.polls.registry().clone()),
     ]
 }
 

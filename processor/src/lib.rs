@@ -117,17 +117,9 @@ pub fn start(deps: Deps, config: Config) -> Result<Running> {
 
 /// Readiness checks of what the processor depends on.
 pub fn probes(deps: &Deps) -> Vec<health::Probe> {
-    let log = deps.log.clone();
-    let warehouse = deps.warehouse.clone();
     vec![
-        health::probe("vote_log", move || {
-            let log = log.clone();
-            async move { log.check().await }
-        }),
-        health::probe("warehouse", move || {
-            let warehouse = warehouse.clone();
-            async move { warehouse.check().await }
-        }),
+        health::vote_log(deps.log.clone()),
+        health::warehouse(deps.warehouse.clone()),
     ]
 }
 

@@ -158,17 +158,9 @@ pub fn api(app: Arc<App>) -> Router {
 
 /// Readiness checks of what the query service depends on.
 pub fn probes(app: &App) -> Vec<health::Probe> {
-    let warehouse = app.warehouse.clone();
-    let registry = app.registry.clone();
     vec![
-        health::probe("warehouse", move || {
-            let warehouse = warehouse.clone();
-            async move { warehouse.check().await }
-        }),
-        health::probe("poll_registry", move || {
-            let registry = registry.clone();
-            async move { registry.check().await }
-        }),
+        health::warehouse(app.warehouse.clone()),
+        health::poll_registry(app.registry.clone()),
     ]
 }
 
