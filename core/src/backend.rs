@@ -169,6 +169,33 @@ pub struct Breakdown {
     pub as_of: u64,
 }
 
+impl Breakdown {
+    /// Puts a breakdown together from its two reads: ballots per group (in the order to
+    /// show them) and answer counts per group and option.
+    pub fn assemble(
+        ballots: Vec<(Vec<String>, u64)>,
+        counts: impl IntoIterator<Item = (Vec<String>, String, u64)>,
+        as_of: u64,
+    ) -> Breakdown {
+        let mut per_group: BTreeMap<Vec<String>, BTreeMap<String, u64>> = BTreeMap::new();
+        for (group, option, count) in counts {
+            per_group.entry(group).or_default().insert(option, count);
+        }
+        let groups = ballots
+            .into_iter()
+            .map(|(values, ballots)| {
+                let counts = per_group.remove(&values).unwrap_or_default();
+                GroupCounts {
+                    values,
+                    ballots,
+                    counts,
+                }
+            })
+            .collect();
+        Breakdown { groups, as_of }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TimeseriesQuery {
     pub poll_id: String,
@@ -182,6 +209,25 @@ pub struct TimePoint {
     /// Start of the step, epoch seconds.
     pub t: i64,
     pub counts: BTreeMap<String, u64>,
+}
+
+impl TimePoint {
+    /// Groups `(step start, option, votes)` rows, ordered by step, into points.
+    pub fn from_rows(rows: impl IntoIterator<Item = (i64, String, u64)>) -> Vec<TimePoint> {
+        let mut points: Vec<TimePoint> = Vec::new();
+        for (t, option, votes) in rows {
+            match points.last_mut() {
+                Some(point) if point.t == t => {
+                    point.counts.insert(option, votes);
+                }
+                _ => points.push(TimePoint {
+                    t,
+                    counts: [(option, votes)].into(),
+                }),
+            }
+        }
+        points
+    }
 }
 
 /// The analytical store of deduplicated votes and window aggregates.

@@ -35,8 +35,8 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use tally_core::backend::{
-    too_many_groups, Breakdown, BreakdownQuery, Dimension, GroupCounts, StoredVote, TimePoint,
-    TimeseriesQuery, Warehouse, Watermarks, WindowRow, MAX_GROUPS,
+    too_many_groups, Breakdown, BreakdownQuery, Dimension, StoredVote, TimePoint, TimeseriesQuery,
+    Warehouse, Watermarks, WindowRow, MAX_GROUPS,
 };
 use tally_core::results::Tally;
 use tally_core::segment::STANDARD_KEYS;
@@ -716,44 +716,55 @@ fn text(value: &str) -> ScalarValue {
     ScalarValue::Utf8(Some(value.to_owned()))
 }
 
-/// Column `index` of every batch as u64 (nulls as 0).
-fn u64s(batches: &[RecordBatch], index: usize) -> Result<Vec<u64>> {
+/// Column `index` of every batch, cast to `as_type` and read with `value` (nulls as the
+/// default).
+fn column<A: Array + 'static, T: Default>(
+    batches: &[RecordBatch],
+    index: usize,
+    as_type: &DataType,
+    value: impl Fn(&A, usize) -> T,
+) -> Result<Vec<T>> {
     let mut out = Vec::new();
     for batch in batches {
-        let column = cast(batch.column(index), &DataType::UInt64).map_err(storage)?;
-        let column = column
+        let cast = cast(batch.column(index), as_type).map_err(storage)?;
+        let array = cast
             .as_any()
-            .downcast_ref::<UInt64Array>()
-            .ok_or_else(|| storage("expected an integer column"))?;
-        out.extend((0..column.len()).map(|i| {
-            if column.is_null(i) {
-                0
+            .downcast_ref::<A>()
+            .ok_or_else(|| storage(format!("expected a {as_type} column")))?;
+        out.extend((0..array.len()).map(|i| {
+            if array.is_null(i) {
+                T::default()
             } else {
-                column.value(i)
+                value(array, i)
             }
         }));
     }
     Ok(out)
 }
 
+/// Column `index` of every batch as u64 (nulls as 0).
+fn u64s(batches: &[RecordBatch], index: usize) -> Result<Vec<u64>> {
+    column(batches, index, &DataType::UInt64, |a: &UInt64Array, i| {
+        a.value(i)
+    })
+}
+
 /// Column `index` of every batch as strings (nulls as "").
 fn strings(batches: &[RecordBatch], index: usize) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    for batch in batches {
-        let column = cast(batch.column(index), &DataType::Utf8).map_err(storage)?;
-        let column = column
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .ok_or_else(|| storage("expected a text column"))?;
-        out.extend((0..column.len()).map(|i| {
-            if column.is_null(i) {
-                String::new()
-            } else {
-                column.value(i).to_owned()
-            }
-        }));
-    }
-    Ok(out)
+    column(batches, index, &DataType::Utf8, |a: &StringArray, i| {
+        a.value(i).to_owned()
+    })
+}
+
+/// Rows of the `columns` text columns, as one key per row.
+fn group_keys(batches: &[RecordBatch], columns: usize) -> Result<Vec<Vec<String>>> {
+    let columns: Vec<Vec<String>> = (0..columns)
+        .map(|i| strings(batches, i))
+        .collect::<Result<_>>()?;
+    let rows = batches.iter().map(RecordBatch::num_rows).sum();
+    Ok((0..rows)
+        .map(|row| columns.iter().map(|c| c[row].clone()).collect())
+        .collect())
 }
 
 /// The SQL expression of a dimension. Custom keys are validated segment keys; they are
@@ -935,38 +946,20 @@ impl Warehouse for ParquetWarehouse {
             )
         };
         let ballots = snapshot.query(&ballots_sql, params.clone()).await?;
-        let group_values: Vec<Vec<String>> = (0..dims)
-            .map(|i| strings(&ballots, i))
-            .collect::<Result<_>>()?;
-        let group_ballots = u64s(&ballots, dims)?;
-        if group_ballots.len() > MAX_GROUPS {
+        let ballots: Vec<(Vec<String>, u64)> = group_keys(&ballots, dims)?
+            .into_iter()
+            .zip(u64s(&ballots, dims)?)
+            .collect();
+        if ballots.len() > MAX_GROUPS {
             return Err(too_many_groups());
         }
         let counts = snapshot.query(&counts_sql, params).await?;
-        let count_groups: Vec<Vec<String>> = (0..dims)
-            .map(|i| strings(&counts, i))
-            .collect::<Result<_>>()?;
-        let options = strings(&counts, dims)?;
-        let numbers = u64s(&counts, dims + 1)?;
-        let mut per_group: HashMap<Vec<String>, BTreeMap<String, u64>> = HashMap::new();
-        for (row, (option, count)) in options.into_iter().zip(numbers).enumerate() {
-            let key: Vec<String> = count_groups.iter().map(|c| c[row].clone()).collect();
-            per_group.entry(key).or_default().insert(option, count);
-        }
-        let groups = group_ballots
+        let counts = group_keys(&counts, dims)?
             .into_iter()
-            .enumerate()
-            .map(|(row, ballots)| {
-                let values: Vec<String> = group_values.iter().map(|c| c[row].clone()).collect();
-                let counts = per_group.remove(&values).unwrap_or_default();
-                GroupCounts {
-                    values,
-                    ballots,
-                    counts,
-                }
-            })
-            .collect();
-        Ok(Breakdown { groups, as_of })
+            .zip(strings(&counts, dims)?)
+            .zip(u64s(&counts, dims + 1)?)
+            .map(|((group, option), count)| (group, option, count));
+        Ok(Breakdown::assemble(ballots, counts, as_of))
     }
 
     async fn timeseries(&self, query: &TimeseriesQuery) -> Result<Vec<TimePoint>> {
@@ -991,20 +984,13 @@ impl Warehouse for ParquetWarehouse {
         let times = u64s(&rows, 0)?;
         let options = strings(&rows, 1)?;
         let votes = u64s(&rows, 2)?;
-        let mut points: Vec<TimePoint> = Vec::new();
-        for ((t, option), votes) in times.into_iter().zip(options).zip(votes) {
-            let t = t as i64;
-            match points.last_mut() {
-                Some(point) if point.t == t => {
-                    point.counts.insert(option, votes);
-                }
-                _ => points.push(TimePoint {
-                    t,
-                    counts: [(option, votes)].into(),
-                }),
-            }
-        }
-        Ok(points)
+        Ok(TimePoint::from_rows(
+            times
+                .into_iter()
+                .zip(options)
+                .zip(votes)
+                .map(|((t, option), votes)| (t as i64, option, votes)),
+        ))
     }
 
     async fn check(&self) -> Result<()> {

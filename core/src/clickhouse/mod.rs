@@ -4,15 +4,13 @@
 
 pub mod sql;
 
-use std::collections::BTreeMap;
-
 use async_trait::async_trait;
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{
-    too_many_groups, Breakdown, BreakdownQuery, GroupCounts, StoredVote, TimePoint,
-    TimeseriesQuery, Warehouse, Watermarks, WindowRow, MAX_GROUPS,
+    too_many_groups, Breakdown, BreakdownQuery, StoredVote, TimePoint, TimeseriesQuery, Warehouse,
+    Watermarks, WindowRow, MAX_GROUPS,
 };
 use crate::results::Tally;
 use crate::{Error, Result};
@@ -261,22 +259,7 @@ impl Warehouse for ClickHouseWarehouse {
             .fetch_all()
             .await
             .map_err(Error::warehouse)?;
-        let mut per_group: BTreeMap<Vec<String>, BTreeMap<String, u64>> = BTreeMap::new();
-        for (group, option, count) in counts {
-            per_group.entry(group).or_default().insert(option, count);
-        }
-        let groups = ballots
-            .into_iter()
-            .map(|(values, ballots)| {
-                let counts = per_group.remove(&values).unwrap_or_default();
-                GroupCounts {
-                    values,
-                    ballots,
-                    counts,
-                }
-            })
-            .collect();
-        Ok(Breakdown { groups, as_of })
+        Ok(Breakdown::assemble(ballots, counts, as_of))
     }
 
     async fn timeseries(&self, query: &TimeseriesQuery) -> Result<Vec<TimePoint>> {
@@ -286,20 +269,10 @@ impl Warehouse for ClickHouseWarehouse {
             .fetch_all()
             .await
             .map_err(Error::warehouse)?;
-        let mut points: Vec<TimePoint> = Vec::new();
-        for (t, option, votes) in rows {
-            let t = t as i64;
-            match points.last_mut() {
-                Some(point) if point.t == t => {
-                    point.counts.insert(option, votes);
-                }
-                _ => points.push(TimePoint {
-                    t,
-                    counts: [(option, votes)].into(),
-                }),
-            }
-        }
-        Ok(points)
+        Ok(TimePoint::from_rows(
+            rows.into_iter()
+                .map(|(t, option, votes)| (i64::from(t), option, votes)),
+        ))
     }
 
     async fn check(&self) -> Result<()> {
