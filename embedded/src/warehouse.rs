@@ -651,47 +651,37 @@ impl Inner {
         Ok(())
     }
 
-    /// A query context over a consistent snapshot of both tables: their files (kept alive
-    /// until the context is dropped) and their in-memory tails.
-    async fn snapshot(&self) -> Result<Snapshot> {
-        let views: Vec<(Kind, Vec<Arc<DataFile>>, Vec<RecordBatch>)> = {
+    /// A query context over a consistent snapshot of one table: its files (kept alive until
+    /// the context is dropped) and its in-memory tail.
+    async fn snapshot(&self, kind: Kind) -> Result<Snapshot> {
+        let (files, batches): (Vec<Arc<DataFile>>, Vec<RecordBatch>) = {
             let tables = self.tables.read().expect("warehouse lock");
-            Kind::ALL
-                .iter()
-                .map(|kind| {
-                    let table = &tables[kind];
-                    let batches = table
-                        .tails
-                        .values()
-                        .flat_map(|t| t.batches.iter().cloned())
-                        .collect();
-                    (*kind, table.files.clone(), batches)
-                })
-                .collect()
+            let table = &tables[&kind];
+            let batches = table
+                .tails
+                .values()
+                .flat_map(|t| t.batches.iter().cloned())
+                .collect();
+            (table.files.clone(), batches)
         };
-        let config = SessionConfig::new().with_target_partitions(2);
-        let ctx = SessionContext::new_with_config(config);
-        let mut held = Vec::new();
-        for (kind, files, batches) in views {
-            let schema = self.schema(kind).clone();
-            let memory = MemTable::try_new(schema.clone(), vec![batches]).map_err(storage)?;
-            let mut frame = ctx.read_table(Arc::new(memory)).map_err(storage)?;
-            if !files.is_empty() {
-                let paths: Vec<String> = files
-                    .iter()
-                    .map(|f| f.path.to_string_lossy().into_owned())
-                    .collect();
-                let stored = ctx
-                    .read_parquet(paths, ParquetReadOptions::default().schema(&schema))
-                    .await
-                    .map_err(storage)?;
-                frame = stored.union(frame).map_err(storage)?;
-            }
-            ctx.register_table(kind.table(), frame.into_view())
+        let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(2));
+        let schema = self.schema(kind).clone();
+        let memory = MemTable::try_new(schema.clone(), vec![batches]).map_err(storage)?;
+        let mut frame = ctx.read_table(Arc::new(memory)).map_err(storage)?;
+        if !files.is_empty() {
+            let paths: Vec<String> = files
+                .iter()
+                .map(|f| f.path.to_string_lossy().into_owned())
+                .collect();
+            let stored = ctx
+                .read_parquet(paths, ParquetReadOptions::default().schema(&schema))
+                .await
                 .map_err(storage)?;
-            held.extend(files);
+            frame = stored.union(frame).map_err(storage)?;
         }
-        Ok(Snapshot { ctx, _files: held })
+        ctx.register_table(kind.table(), frame.into_view())
+            .map_err(storage)?;
+        Ok(Snapshot { ctx, _files: files })
     }
 }
 
@@ -866,7 +856,7 @@ impl Warehouse for ParquetWarehouse {
     }
 
     async fn tally(&self, poll_id: &str) -> Result<Tally> {
-        let snapshot = self.inner.snapshot().await?;
+        let snapshot = self.inner.snapshot(Kind::Votes).await?;
         let totals = snapshot
             .query(
                 "SELECT count(*), count(DISTINCT nullif(voter_key, '')), max(seq) FROM votes WHERE poll_id = $1",
@@ -893,7 +883,7 @@ impl Warehouse for ParquetWarehouse {
     }
 
     async fn voter_keys(&self, poll_id: &str) -> Result<Vec<String>> {
-        let snapshot = self.inner.snapshot().await?;
+        let snapshot = self.inner.snapshot(Kind::Votes).await?;
         let keys = snapshot
             .query(
                 "SELECT DISTINCT voter_key FROM votes WHERE poll_id = $1 AND voter_key <> ''",
@@ -904,7 +894,7 @@ impl Warehouse for ParquetWarehouse {
     }
 
     async fn breakdown(&self, query: &BreakdownQuery) -> Result<Breakdown> {
-        let snapshot = self.inner.snapshot().await?;
+        let snapshot = self.inner.snapshot(Kind::Votes).await?;
         let as_of = snapshot
             .query(
                 "SELECT max(seq) FROM votes WHERE poll_id = $1",
@@ -971,7 +961,7 @@ impl Warehouse for ParquetWarehouse {
         if let Some(to) = query.to_ms {
             filter.push_str(&format!(" AND window_start < {}", to.max(0) / 1000));
         }
-        let snapshot = self.inner.snapshot().await?;
+        let snapshot = self.inner.snapshot(Kind::Windows).await?;
         let rows = snapshot
             .query(
                 &format!(
