@@ -281,16 +281,40 @@ fn cookie_voter(headers: &HeaderMap) -> Option<String> {
         .filter(|id| (16..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
+/// What a request says about a voter who brings no `voter_id`.
+struct BrowserVoter {
+    /// The id in a `tally_voter` cookie ingest could have set.
+    known: Option<String>,
+    /// Browsers send Sec-Fetch-Mode or Origin; API clients usually send neither.
+    browser: bool,
+    /// The client reached us over TLS, as a trusted proxy reports it.
+    tls: bool,
+}
+
+impl BrowserVoter {
+    fn read(ingest: &Ingest, request: &Request) -> BrowserVoter {
+        let headers = request.headers();
+        let peer = request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|info| info.0.ip());
+        BrowserVoter {
+            known: cookie_voter(headers),
+            browser: headers.contains_key("sec-fetch-mode") || headers.contains_key(header::ORIGIN),
+            tls: peer.is_some_and(|peer| ingest.limits.trusts(peer))
+                && headers
+                    .get("x-forwarded-proto")
+                    .is_some_and(|proto| proto.as_bytes().eq_ignore_ascii_case(b"https")),
+        }
+    }
+}
+
 async fn vote(
     State(ingest): State<Arc<Ingest>>,
     Path(poll_id): Path<String>,
     request: Request,
 ) -> Response {
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|info| info.0.ip());
-    let headers = request.headers().clone();
+    let browser = BrowserVoter::read(&ingest, &request);
     let mut vote = match ApiJson::<VoteRequest>::from_request(request, &()).await {
         Ok(ApiJson(vote)) => vote,
         Err(problem) => return problem.into_response(),
@@ -303,35 +327,25 @@ async fn vote(
         .into_response();
     }
     // Without a voter_id a browser voter is its first-party cookie, set now if new. Only
-    // browsers get one (they send Sec-Fetch-Mode or Origin, or bring the cookie back): an
-    // API client that forgets voter_id is told so, not given a new identity per request.
+    // browsers get one (or whoever brings the cookie back): an API client that forgets
+    // voter_id is told so, not given a new identity per request.
     let mut new_cookie = None;
-    if vote.voter_id.is_none() {
-        let known = cookie_voter(&headers);
-        let browser =
-            headers.contains_key("sec-fetch-mode") || headers.contains_key(header::ORIGIN);
-        if known.is_some() || browser {
-            let id = known.unwrap_or_else(|| {
-                let id = uuid::Uuid::new_v4().simple().to_string();
-                new_cookie = Some(id.clone());
-                id
-            });
-            vote.voter_id = Some(id);
-        }
+    if vote.voter_id.is_none() && (browser.known.is_some() || browser.browser) {
+        let id = browser.known.unwrap_or_else(|| {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            new_cookie = Some(id.clone());
+            id
+        });
+        vote.voter_id = Some(id);
     }
     let mut response = match ingest.submit(&poll_id, vote).await {
         Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
         Err(problem) => problem.into_response(),
     };
     if let Some(id) = new_cookie {
-        // Secure when the client reached us over TLS, as a trusted proxy reports it.
-        let tls = peer.is_some_and(|peer| ingest.limits.trusts(peer))
-            && headers
-                .get("x-forwarded-proto")
-                .is_some_and(|proto| proto.as_bytes().eq_ignore_ascii_case(b"https"));
         let cookie = format!(
             "{VOTER_COOKIE}={id}; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax{}",
-            if tls { "; Secure" } else { "" }
+            if browser.tls { "; Secure" } else { "" }
         );
         if let Ok(value) = cookie.parse() {
             response.headers_mut().insert(header::SET_COOKIE, value);
