@@ -4,8 +4,9 @@
 //! validated against the poll (from a local cache kept fresh by the registry's watch), its
 //! voter id is hashed with the server secret, and it is appended to the vote log. Out: 202
 //! only after the log acknowledged the vote as durable; 409 when the log says the voter has
-//! already voted; 503 with `Retry-After` when the log cannot be reached, in which case
-//! nothing was accepted. A retry with the same `vote_id` gets the same answer and counts once.
+//! already voted; 503 with `Retry-After` when the log cannot be reached or did not confirm
+//! in time. A 503 is not a refusal: the vote may have been stored, so a client retries with
+//! the same `vote_id`, which gets the same answer as the first try and counts once.
 
 pub mod limits;
 

@@ -105,6 +105,12 @@ impl VoteLog for JetStreamLog {
     }
 
     async fn append(&self, vote: &Vote, unique_key: &str) -> Result<Appended> {
+        // While the connection is down the client would buffer the publish and the caller
+        // would wait out the ack timeout; answer at once instead (the vote is not sent).
+        let state = self.js.client().connection_state();
+        if state != async_nats::connection::State::Connected {
+            return Err(Error::Bus(format!("not connected to NATS ({state})")));
+        }
         let subject = self.subject(vote, unique_key);
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -166,6 +172,7 @@ impl VoteLog for JetStreamLog {
             messages,
             last: None,
             last_seq: after,
+            last_delivery: 0,
         }))
     }
 
@@ -188,15 +195,30 @@ struct JetStreamReader {
     /// The newest delivered message, kept so `commit` can ack it (ack policy "all").
     last: Option<jetstream::Message>,
     last_seq: u64,
+    /// The consumer's delivery number of the newest message taken (0: none yet).
+    last_delivery: u64,
 }
 
 impl JetStreamReader {
+    /// Takes one delivered message into `batch`, or fails when a delivery is missing.
+    ///
+    /// The consumer numbers its deliveries 1, 2, 3, … (redeliveries included). A number
+    /// that is not the next one means a delivery never arrived — typically it was in flight
+    /// when the connection dropped, and the consumer will only redeliver it after
+    /// `ack_wait` — or that an old one is being redelivered. Going on would pass over an
+    /// entry and the watermark would then skip it for good, so the reader fails instead and
+    /// the processor reopens it at its watermark, which delivers strictly in order again.
     fn accept(&mut self, message: jetstream::Message, batch: &mut Vec<LogEntry>) -> Result<()> {
-        let seq = message.info().map_err(Error::bus)?.stream_sequence;
-        if seq <= self.last_seq {
-            // A redelivery of something already handed out (its ack was lost).
-            return Ok(());
+        let info = message.info().map_err(Error::bus)?;
+        let (seq, delivery) = (info.stream_sequence, info.consumer_sequence);
+        if delivery != self.last_delivery + 1 || seq <= self.last_seq {
+            return Err(Error::Bus(format!(
+                "delivery {delivery} (entry {seq}) after delivery {} (entry {}): a delivery \
+                 was lost or repeated; reopening at the watermark",
+                self.last_delivery, self.last_seq
+            )));
         }
+        self.last_delivery = delivery;
         self.last_seq = seq;
         batch.push(LogEntry {
             seq,
