@@ -52,6 +52,45 @@ fn stored_secret(path: &Path, prefix: &str) -> anyhow::Result<(String, bool)> {
     Ok((value, true))
 }
 
+/// Waits until the processor holds in the warehouse every vote the log held at open.
+///
+/// The warehouse keeps its newest rows in memory and writes them to Parquet every few
+/// seconds; after a crash they are gone and its watermarks fall back to the last file, and
+/// the processor re-reads the rest from the log, which keeps every accepted vote. Serving
+/// only after that keeps results and live totals from showing less than before the crash.
+async fn catch_up(store: &tally_embedded::Embedded) -> anyhow::Result<()> {
+    use tally_core::backend::VoteLog;
+    let started = std::time::Instant::now();
+    let mut reported = started;
+    for partition in 0..store.log.partitions() {
+        let tip = store.log.tip(partition);
+        loop {
+            let marks = store.warehouse.watermarks(partition).await?;
+            let held = marks.votes.min(marks.windows);
+            if held >= tip {
+                break;
+            }
+            if reported.elapsed() >= Duration::from_secs(5) {
+                reported = std::time::Instant::now();
+                tracing::info!(
+                    partition,
+                    held,
+                    tip,
+                    "catching up with the vote log before serving"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    if started.elapsed() >= Duration::from_millis(100) {
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "caught up with the vote log"
+        );
+    }
+    Ok(())
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -135,6 +174,7 @@ pub async fn run(
             ..Default::default()
         },
     )?;
+    catch_up(&store).await?;
     let app = health::service(
         tally_ingest::api(ingest.clone()).merge(tally_query::api(query)),
         probes,

@@ -106,6 +106,16 @@ impl EmbeddedLog {
     }
 }
 
+impl EmbeddedLog {
+    /// The newest sequence appended to `partition` (0 when it is empty).
+    pub fn tip(&self, partition: u16) -> u64 {
+        self.tips
+            .get(usize::from(partition))
+            .map(|tip| *tip.borrow())
+            .unwrap_or(0)
+    }
+}
+
 struct Writer {
     db: Arc<Database>,
     tips: Arc<Vec<watch::Sender<u64>>>,

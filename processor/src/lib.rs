@@ -247,6 +247,7 @@ impl Partition {
                     return;
                 }
                 backoff.reset();
+                failpoint("before-ack");
                 if let Err(err) = reader.commit(last).await {
                     tracing::debug!(partition, error = %err, "ack failed; the watermark still holds");
                 }
