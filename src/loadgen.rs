@@ -1,8 +1,15 @@
-//! `tally loadgen`: drives vote traffic at any deployment over its public HTTP API and
-//! reports what it saw: accepted votes per second, errors by status, request latency, and
-//! how long until every accepted vote was counted in the results.
+//! `tally loadgen`: drives vote traffic at any deployment over its public HTTP API, the way
+//! careful clients do, and checks what the deployment made of it.
+//!
+//! Every vote has its own `vote_id`. A vote whose outcome is unknown (the connection died,
+//! a timeout, 408, 429 or a 5xx) is sent again, unchanged, until it gets an answer, so the
+//! run ends knowing exactly which votes were accepted (the ground truth, `--truth`). Then it
+//! waits until the results count exactly those, per poll and option. An SSE subscriber per
+//! poll, reconnecting whenever its stream drops, checks that live totals never go back and
+//! end at the truth, and measures how long an accepted vote takes to show.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,11 +22,12 @@ use serde_json::{json, Value};
 
 #[derive(Args, Clone)]
 pub struct LoadgenArgs {
-    /// Base URL votes go to (ingest, or a standalone process).
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
-    /// Base URL of the query service, for creating polls and reading results; `--url` when
-    /// not given.
+    /// Base URL votes go to (ingest, or a standalone process). Several, comma-separated:
+    /// requests rotate over them, and a retry goes to the next one.
+    #[arg(long, default_value = "http://127.0.0.1:8080", value_delimiter = ',')]
+    url: Vec<String>,
+    /// Base URL of the query service, for creating polls and reading results; the first
+    /// `--url` when not given.
     #[arg(long)]
     query_url: Option<String>,
     /// Admin API key, for creating the polls the load goes to.
@@ -34,6 +42,9 @@ pub struct LoadgenArgs {
     /// Polls the votes are spread over.
     #[arg(long, default_value_t = 4)]
     polls: usize,
+    /// Poll ids are `<prefix>-0`, `<prefix>-1`, …; a fresh random prefix by default.
+    #[arg(long)]
+    poll_prefix: Option<String>,
     /// Share of votes sent by a voter who already voted (expected to get 409).
     #[arg(long, default_value_t = 0.0)]
     repeat_ratio: f64,
@@ -43,9 +54,17 @@ pub struct LoadgenArgs {
     /// Votes per NDJSON batch request; 0 sends single votes.
     #[arg(long, default_value_t = 0)]
     batch: usize,
+    /// Seconds a vote with an unknown outcome keeps being retried with the same vote_id;
+    /// 0 never retries.
+    #[arg(long, default_value_t = 300)]
+    retry_for: u64,
     /// Seconds to wait, after the load, for every accepted vote to be counted.
     #[arg(long, default_value_t = 120)]
     settle: u64,
+    /// Writes the ground truth here as JSON: every accepted vote, and the counts per poll,
+    /// option and segment they add up to.
+    #[arg(long)]
+    truth: Option<PathBuf>,
     /// Print the summary as JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -56,10 +75,14 @@ struct Stats {
     /// When each vote to the watched poll (the first) was acknowledged with 202.
     watched_acks: Mutex<Vec<Instant>>,
     requests: AtomicU64,
+    retried: AtomicU64,
     sent: AtomicU64,
     accepted: AtomicU64,
+    unresolved: AtomicU64,
     statuses: Mutex<BTreeMap<String, u64>>,
     latencies_us: Mutex<Vec<u64>>,
+    /// Every accepted vote, as sent.
+    accepted_votes: Mutex<Vec<Value>>,
 }
 
 impl Stats {
@@ -73,6 +96,55 @@ impl Stats {
     }
 }
 
+/// What the accepted votes add up to.
+#[derive(Serialize, Default)]
+struct Truth {
+    polls: BTreeMap<String, PollTruth>,
+    /// Every accepted vote as it was sent (with `poll_id`), in no particular order.
+    votes: Vec<Value>,
+}
+
+#[derive(Serialize, Default)]
+struct PollTruth {
+    accepted: u64,
+    options: BTreeMap<String, u64>,
+    /// dimension → value → option → votes.
+    segments: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>,
+}
+
+impl Truth {
+    fn new(polls: &[String], votes: Vec<Value>) -> Truth {
+        let mut truth = Truth {
+            polls: polls
+                .iter()
+                .map(|p| (p.clone(), PollTruth::default()))
+                .collect(),
+            votes: Vec::new(),
+        };
+        for vote in &votes {
+            let poll = truth
+                .polls
+                .entry(vote["poll_id"].as_str().unwrap_or_default().to_owned())
+                .or_default();
+            let option = vote["choice"].as_str().unwrap_or_default();
+            poll.accepted += 1;
+            *poll.options.entry(option.to_owned()).or_default() += 1;
+            for (dimension, value) in vote["segment"].as_object().into_iter().flatten() {
+                *poll
+                    .segments
+                    .entry(dimension.clone())
+                    .or_default()
+                    .entry(value.as_str().unwrap_or_default().to_owned())
+                    .or_default()
+                    .entry(option.to_owned())
+                    .or_default() += 1;
+            }
+        }
+        truth.votes = votes;
+        truth
+    }
+}
+
 #[derive(Serialize)]
 struct Summary {
     target: String,
@@ -80,9 +152,14 @@ struct Summary {
     concurrency: usize,
     seconds: f64,
     requests: u64,
+    /// Requests sent again after an unknown outcome.
+    retried: u64,
     votes_sent: u64,
     accepted: u64,
     accepted_per_s: f64,
+    /// Votes still without a definite answer when `--retry-for` ran out.
+    unresolved: u64,
+    /// Answers per attempt: HTTP status, or `connection` / `timeout`.
     statuses: BTreeMap<String, u64>,
     latency_ms: BTreeMap<&'static str, f64>,
     /// From a vote's 202 until the SSE stream of its poll showed a total that includes it.
@@ -91,6 +168,33 @@ struct Summary {
     /// From the first vote until the results counted every accepted vote.
     all_counted_after_s: Option<f64>,
     counted_per_s: Option<f64>,
+    /// The results equal the accepted votes, per poll and option.
+    exact: bool,
+    mismatches: Vec<String>,
+    live: LiveSummary,
+}
+
+#[derive(Serialize, Clone, Default)]
+struct LiveSummary {
+    events: u64,
+    /// Streams that dropped and were opened again (each reconnect starts with a snapshot).
+    reconnects: u64,
+    /// Totals lower than one the same poll's stream showed before.
+    went_backwards: u64,
+    backwards_examples: Vec<String>,
+    /// Every poll's stream ended showing the accepted count.
+    ended_at_truth: bool,
+}
+
+/// What the SSE subscriber of one poll has seen.
+#[derive(Default)]
+struct Watched {
+    events: u64,
+    reconnects: u64,
+    went_backwards: u64,
+    examples: Vec<String>,
+    highest: u64,
+    last: u64,
 }
 
 const OPTIONS: [&str; 4] = ["red", "green", "blue", "yellow"];
@@ -99,10 +203,12 @@ const DEVICES: [&str; 3] = ["mobile", "desktop", "tablet"];
 const CHANNELS: [&str; 4] = ["email", "social", "search", "ads"];
 const PLANS: [&str; 3] = ["free", "pro", "enterprise"];
 
-/// One synthetic vote line; `voter` numbers are unique per run unless repeated on purpose.
-fn vote_body(poll: &str, run: &str, voter: u64, with_poll: bool) -> Value {
+/// One synthetic vote with `poll_id`; `voter` numbers are unique per run unless repeated on
+/// purpose.
+fn vote_body(poll: &str, run: &str, voter: u64) -> Value {
     let mut rng = rand::rng();
-    let mut body = json!({
+    json!({
+        "poll_id": poll,
         "voter_id": format!("lg-{run}-{voter}"),
         "vote_id": format!("lg-{run}-{voter}-{}", rng.random::<u32>()),
         "choice": OPTIONS[rng.random_range(0..OPTIONS.len())],
@@ -112,11 +218,24 @@ fn vote_body(poll: &str, run: &str, voter: u64, with_poll: bool) -> Value {
             "channel": CHANNELS[rng.random_range(0..CHANNELS.len())],
             "plan": PLANS[rng.random_range(0..PLANS.len())],
         },
-    });
-    if with_poll {
-        body["poll_id"] = json!(poll);
-    }
-    body
+    })
+}
+
+/// Whether an answer leaves the vote's fate open, so a careful client sends it again.
+fn unknown_outcome(status: u16) -> bool {
+    matches!(status, 408 | 429 | 500..=599)
+}
+
+fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    let seconds: u64 = response
+        .headers()
+        .get("retry-after")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds.min(30)))
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -127,16 +246,208 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[index] as f64 / 1000.0
 }
 
+/// Sends votes (one request, or one batch) until each has a definite answer or
+/// `retry_for` runs out; returns each vote's final status, `None` when still unknown.
+struct Sender {
+    http: reqwest::Client,
+    urls: Arc<Vec<String>>,
+    batch: bool,
+    retry_for: Duration,
+    stats: Arc<Stats>,
+    next_url: usize,
+    latencies: Vec<u64>,
+}
+
+impl Sender {
+    async fn send(&mut self, votes: &[Value]) -> Vec<Option<u16>> {
+        let mut outcome: Vec<Option<u16>> = vec![None; votes.len()];
+        let mut pending: Vec<usize> = (0..votes.len()).collect();
+        let first_try = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let base = &self.urls[self.next_url % self.urls.len()];
+            self.next_url = self.next_url.wrapping_add(1);
+            let sent_at = Instant::now();
+            let (answers, wait) = self.attempt(base, votes, &pending).await;
+            self.latencies.push(sent_at.elapsed().as_micros() as u64);
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let mut still = Vec::new();
+            for (index, answer) in pending.iter().zip(answers) {
+                match answer {
+                    Some(status) if !unknown_outcome(status) => outcome[*index] = Some(status),
+                    _ => still.push(*index),
+                }
+            }
+            pending = still;
+            if pending.is_empty() || first_try.elapsed() >= self.retry_for {
+                return outcome;
+            }
+            self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            // With several URLs the retry first goes straight to the next one; a pause
+            // comes once each has been tried.
+            if attempts % self.urls.len() == 0 {
+                tokio::time::sleep(wait.unwrap_or(backoff)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+
+    /// One request carrying the `pending` votes; the answer per vote (`None`: no answer) and
+    /// how long the deployment asked to wait before a retry.
+    async fn attempt(
+        &self,
+        base: &str,
+        votes: &[Value],
+        pending: &[usize],
+    ) -> (Vec<Option<u16>>, Option<Duration>) {
+        let request = if self.batch {
+            let mut body = String::new();
+            for index in pending {
+                body.push_str(&votes[*index].to_string());
+                body.push('\n');
+            }
+            self.http
+                .post(format!("{base}/v1/votes:batch"))
+                .header("content-type", "application/x-ndjson")
+                .body(body)
+        } else {
+            let vote = &votes[pending[0]];
+            let poll = vote["poll_id"].as_str().unwrap_or_default();
+            self.http
+                .post(format!("{base}/v1/polls/{poll}/votes"))
+                .json(vote)
+        };
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(err) => {
+                let kind = if err.is_timeout() {
+                    "timeout"
+                } else {
+                    "connection"
+                };
+                self.stats.status(kind.to_owned(), pending.len() as u64);
+                return (vec![None; pending.len()], None);
+            }
+        };
+        let status = response.status().as_u16();
+        let wait = retry_after(&response);
+        let body = response.bytes().await;
+        let answers: Vec<Option<u16>> = match (self.batch, status, body) {
+            (true, 200, Ok(body)) => {
+                let answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let lines = answer["results"].as_array().cloned().unwrap_or_default();
+                (0..pending.len())
+                    .map(|i| {
+                        lines
+                            .get(i)
+                            .and_then(|line| line["status"].as_u64())
+                            .map(|s| s as u16)
+                    })
+                    .collect()
+            }
+            (_, _, Ok(_)) => vec![Some(status); pending.len()],
+            // The answer broke off: its outcome is unknown.
+            (_, _, Err(_)) => vec![None; pending.len()],
+        };
+        let mut counted: BTreeMap<String, u64> = BTreeMap::new();
+        for answer in &answers {
+            let key = answer.map_or("connection".to_owned(), |s| s.to_string());
+            *counted.entry(key).or_default() += 1;
+        }
+        for (key, votes) in counted {
+            self.stats.status(key, votes);
+        }
+        (answers, wait)
+    }
+}
+
+/// Follows one poll's live stream for the whole run, opening it again whenever it drops.
+/// Each (re)connect starts with a snapshot, which must not be lower than what came before.
+fn watch_poll(
+    http: reqwest::Client,
+    url: String,
+    state: Arc<Mutex<Watched>>,
+    seen: Option<tokio::sync::mpsc::UnboundedSender<(Instant, u64)>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut connected_before = false;
+        loop {
+            if let Ok(response) = http
+                .get(&url)
+                .timeout(Duration::from_secs(86_400))
+                .send()
+                .await
+            {
+                if response.status() == 200 {
+                    if connected_before {
+                        state.lock().expect("watch").reconnects += 1;
+                    }
+                    connected_before = true;
+                    let mut body = response.bytes_stream();
+                    let mut buffer = String::new();
+                    while let Some(Ok(chunk)) = body.next().await {
+                        let arrived = Instant::now();
+                        buffer.push_str(&String::from_utf8_lossy(&chunk));
+                        while let Some(end) = buffer.find("\n\n") {
+                            let block: String = buffer.drain(..end + 2).collect();
+                            for line in block.lines() {
+                                let Some(data) = line.strip_prefix("data:") else {
+                                    continue;
+                                };
+                                let Ok(value) = serde_json::from_str::<Value>(data.trim()) else {
+                                    continue;
+                                };
+                                let Some(total) = value["total_votes"].as_u64() else {
+                                    continue;
+                                };
+                                let mut watched = state.lock().expect("watch");
+                                watched.events += 1;
+                                if total < watched.highest {
+                                    watched.went_backwards += 1;
+                                    if watched.examples.len() < 5 {
+                                        let example =
+                                            format!("{url}: {total} after {}", watched.highest);
+                                        watched.examples.push(example);
+                                    }
+                                }
+                                watched.highest = watched.highest.max(total);
+                                watched.last = total;
+                                if let Some(seen) = &seen {
+                                    let _ = seen.send((arrived, total));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+}
+
 pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
-    let query_url = args.query_url.clone().unwrap_or_else(|| args.url.clone());
+    if args.url.is_empty() {
+        bail!("--url needs at least one base URL");
+    }
+    let query_url = args
+        .query_url
+        .clone()
+        .unwrap_or_else(|| args.url[0].clone());
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency.max(1))
         .timeout(Duration::from_secs(30))
         .build()?;
     let run = uuid::Uuid::now_v7().simple().to_string()[20..].to_owned();
+    let prefix = args
+        .poll_prefix
+        .clone()
+        .unwrap_or_else(|| format!("lg-{run}"));
     let mut polls = Vec::new();
     for i in 0..args.polls.max(1) {
-        let id = format!("lg-{run}-{i}");
+        let id = format!("{prefix}-{i}");
         let response = http
             .post(format!("{query_url}/v1/polls"))
             .bearer_auth(&args.admin_key)
@@ -158,48 +469,34 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         polls.push(id);
     }
     let polls = Arc::new(polls);
+    let urls = Arc::new(args.url.clone());
     let stats = Arc::new(Stats::default());
     let next_voter = Arc::new(AtomicU64::new(0));
+
+    // Our own live subscribers: do totals only grow, and when does an accepted vote show?
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, u64)>();
+    let watched: Vec<Arc<Mutex<Watched>>> = polls
+        .iter()
+        .map(|_| Arc::new(Mutex::new(Watched::default())))
+        .collect();
+    let watchers: Vec<_> = polls
+        .iter()
+        .zip(&watched)
+        .enumerate()
+        .map(|(i, (poll, state))| {
+            watch_poll(
+                http.clone(),
+                format!("{query_url}/v1/polls/{poll}/live"),
+                state.clone(),
+                (i == 0).then(|| seen_tx.clone()),
+            )
+        })
+        .collect();
+    drop(seen_tx);
+
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration);
     let per_request = args.batch.max(1) as u64;
-
-    // Our own live subscriber on the first poll: when does an accepted vote show up?
-    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, u64)>();
-    let watcher = {
-        let url = format!("{query_url}/v1/polls/{}/live", polls[0]);
-        let http = http.clone();
-        tokio::spawn(async move {
-            use futures::StreamExt;
-            let Ok(response) = http
-                .get(url)
-                .timeout(Duration::from_secs(86_400))
-                .send()
-                .await
-            else {
-                return;
-            };
-            let mut body = response.bytes_stream();
-            let mut buffer = String::new();
-            while let Some(Ok(chunk)) = body.next().await {
-                let arrived = Instant::now();
-                buffer.push_str(&String::from_utf8_lossy(&chunk));
-                while let Some(end) = buffer.find("\n\n") {
-                    let block: String = buffer.drain(..end + 2).collect();
-                    for line in block.lines() {
-                        if let Some(data) = line.strip_prefix("data:") {
-                            if let Ok(value) = serde_json::from_str::<Value>(data.trim()) {
-                                if let Some(total) = value["total_votes"].as_u64() {
-                                    let _ = seen_tx.send((arrived, total));
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        })
-    };
-
     let progress = {
         let stats = stats.clone();
         tokio::spawn(async move {
@@ -210,11 +507,12 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
                 tick.tick().await;
                 let accepted = stats.accepted.load(Ordering::Relaxed);
                 eprint!(
-                    "\r[{:>4.0}s] sent {:>9}  accepted {:>9}  {:>7}/s   ",
+                    "\r[{:>4.0}s] sent {:>9}  accepted {:>9}  {:>7}/s  retried {:>7}   ",
                     started.elapsed().as_secs_f64(),
                     stats.sent.load(Ordering::Relaxed),
                     accepted,
-                    accepted - last
+                    accepted - last,
+                    stats.retried.load(Ordering::Relaxed),
                 );
                 last = accepted;
             }
@@ -223,16 +521,24 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
 
     let mut workers = Vec::new();
     for _ in 0..args.concurrency.max(1) {
-        let (http, stats, polls, next_voter, args, run) = (
-            http.clone(),
+        let (stats, polls, next_voter, args, run) = (
             stats.clone(),
             polls.clone(),
             next_voter.clone(),
             args.clone(),
             run.clone(),
         );
+        let mut sender = Sender {
+            http: http.clone(),
+            urls: urls.clone(),
+            batch: args.batch > 0,
+            retry_for: Duration::from_secs(args.retry_for),
+            stats: stats.clone(),
+            next_url: rand::rng().random_range(0..urls.len()),
+            latencies: Vec::new(),
+        };
         workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
+            let mut accepted_votes = Vec::new();
             loop {
                 let first = next_voter.fetch_add(per_request, Ordering::Relaxed);
                 if args.rate > 0 {
@@ -242,96 +548,56 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
                 if Instant::now() >= deadline {
                     break;
                 }
-                let voters: Vec<u64> = (first..first + per_request)
+                let votes: Vec<Value> = (first..first + per_request)
                     .map(|voter| {
                         let mut rng = rand::rng();
-                        if voter > 0 && rng.random_bool(args.repeat_ratio.clamp(0.0, 1.0)) {
-                            rng.random_range(0..voter)
-                        } else {
-                            voter
-                        }
+                        let voter =
+                            if voter > 0 && rng.random_bool(args.repeat_ratio.clamp(0.0, 1.0)) {
+                                rng.random_range(0..voter)
+                            } else {
+                                voter
+                            };
+                        let poll = &polls[(voter % polls.len() as u64) as usize];
+                        vote_body(poll, &run, voter)
                     })
                     .collect();
-                let poll_of = |voter: u64| polls[(voter % polls.len() as u64) as usize].as_str();
-                let sent_at = Instant::now();
-                let outcome = if args.batch == 0 {
-                    let voter = voters[0];
-                    let poll = poll_of(voter);
-                    http.post(format!("{}/v1/polls/{poll}/votes", args.url))
-                        .json(&vote_body(poll, &run, voter, false))
-                        .send()
-                        .await
-                        .map(|response| vec![response.status().as_u16()])
-                } else {
-                    let mut body = String::new();
-                    for voter in &voters {
-                        body.push_str(&vote_body(poll_of(*voter), &run, *voter, true).to_string());
-                        body.push('\n');
-                    }
-                    match http
-                        .post(format!("{}/v1/votes:batch", args.url))
-                        .header("content-type", "application/x-ndjson")
-                        .body(body)
-                        .send()
-                        .await
-                    {
-                        Ok(response) if response.status() == 200 => {
-                            let answer: Value = response.json().await.unwrap_or(Value::Null);
-                            Ok(answer["results"]
-                                .as_array()
-                                .map(|lines| {
-                                    lines
-                                        .iter()
-                                        .map(|line| line["status"].as_u64().unwrap_or(0) as u16)
-                                        .collect()
-                                })
-                                .unwrap_or_default())
-                        }
-                        Ok(response) => Ok(vec![response.status().as_u16(); voters.len()]),
-                        Err(err) => Err(err),
-                    }
-                };
-                latencies.push(sent_at.elapsed().as_micros() as u64);
-                stats.requests.fetch_add(1, Ordering::Relaxed);
-                stats.sent.fetch_add(voters.len() as u64, Ordering::Relaxed);
+                stats.sent.fetch_add(votes.len() as u64, Ordering::Relaxed);
+                let outcome = sender.send(&votes).await;
                 let acked_at = Instant::now();
-                match outcome {
-                    Ok(statuses) => {
-                        let watched = statuses
-                            .iter()
-                            .zip(&voters)
-                            .filter(|(status, voter)| {
-                                **status == 202 && poll_of(**voter) == polls[0].as_str()
-                            })
-                            .count();
-                        if watched > 0 {
-                            stats
-                                .watched_acks
-                                .lock()
-                                .expect("stats")
-                                .extend(std::iter::repeat_n(acked_at, watched));
+                let mut watched = 0;
+                for (vote, status) in votes.into_iter().zip(outcome) {
+                    match status {
+                        Some(202) => {
+                            stats.accepted.fetch_add(1, Ordering::Relaxed);
+                            if vote["poll_id"] == polls[0].as_str() {
+                                watched += 1;
+                            }
+                            accepted_votes.push(vote);
                         }
-                        let accepted = statuses.iter().filter(|s| **s == 202).count() as u64;
-                        stats.accepted.fetch_add(accepted, Ordering::Relaxed);
-                        let mut counted: BTreeMap<u16, u64> = BTreeMap::new();
-                        for status in statuses {
-                            *counted.entry(status).or_default() += 1;
+                        Some(_) => {}
+                        None => {
+                            stats.unresolved.fetch_add(1, Ordering::Relaxed);
                         }
-                        for (status, votes) in counted {
-                            stats.status(status.to_string(), votes);
-                        }
-                    }
-                    Err(err) => {
-                        let kind = if err.is_timeout() {
-                            "timeout"
-                        } else {
-                            "connection"
-                        };
-                        stats.status(kind.to_owned(), voters.len() as u64);
                     }
                 }
+                if watched > 0 {
+                    stats
+                        .watched_acks
+                        .lock()
+                        .expect("stats")
+                        .extend(std::iter::repeat_n(acked_at, watched));
+                }
             }
-            stats.latencies_us.lock().expect("stats").extend(latencies);
+            stats
+                .latencies_us
+                .lock()
+                .expect("stats")
+                .extend(sender.latencies);
+            stats
+                .accepted_votes
+                .lock()
+                .expect("stats")
+                .extend(accepted_votes);
         }));
     }
     for worker in workers {
@@ -341,39 +607,109 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     progress.abort();
     eprintln!();
 
-    // Wait for the results to count everything that was accepted.
+    let truth = Truth::new(
+        &polls,
+        std::mem::take(&mut *stats.accepted_votes.lock().expect("stats")),
+    );
+    if let Some(path) = &args.truth {
+        let file =
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        serde_json::to_writer(std::io::BufWriter::new(file), &truth)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+
+    // Wait until the results count exactly the accepted votes of each poll.
     let accepted = stats.accepted.load(Ordering::Relaxed);
     let settle_until = Instant::now() + Duration::from_secs(args.settle);
     let mut all_counted_after = None;
+    let mut mismatches = Vec::new();
     let counted = loop {
         let mut total = 0;
+        let mut all_there = true;
+        mismatches.clear();
         for poll in polls.iter() {
-            let results: Value = http
+            // A deployment that is still coming back counts as "not yet".
+            let results: Value = match http
                 .get(format!("{query_url}/v1/polls/{poll}/results"))
                 .send()
-                .await?
-                .json()
-                .await?;
-            total += results["total_votes"].as_u64().unwrap_or(0);
+                .await
+            {
+                Ok(response) => response.json().await.unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            };
+            let counted = results["total_votes"].as_u64().unwrap_or(0);
+            total += counted;
+            let expected = &truth.polls[poll];
+            if counted < expected.accepted {
+                all_there = false;
+                continue;
+            }
+            for option in results["options"].as_array().into_iter().flatten() {
+                let id = option["id"].as_str().unwrap_or_default();
+                let count = option["count"].as_u64().unwrap_or(0);
+                let want = expected.options.get(id).copied().unwrap_or(0);
+                if count != want {
+                    mismatches.push(format!(
+                        "{poll} option {id}: counted {count}, accepted {want}"
+                    ));
+                }
+            }
+            if counted != expected.accepted {
+                mismatches.push(format!(
+                    "{poll}: counted {counted} votes, accepted {}",
+                    expected.accepted
+                ));
+            }
         }
-        if total >= accepted {
+        if all_there {
             all_counted_after = Some(started.elapsed().as_secs_f64());
             break total;
         }
         if Instant::now() > settle_until {
+            mismatches.push(format!(
+                "only {total} of {accepted} accepted votes counted within {}s",
+                args.settle
+            ));
             break total;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
 
-    // Give the stream a moment past the final count, then match acks to totals: the i-th
-    // acknowledged vote became visible with the first total of at least i.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    watcher.abort();
+    // The live streams end at the truth too (they may trail the results briefly).
+    let live_until = Instant::now() + Duration::from_secs(args.settle.max(10));
+    let ended_at_truth = loop {
+        let at_truth = polls
+            .iter()
+            .zip(&watched)
+            .all(|(poll, state)| state.lock().expect("watch").last == truth.polls[poll].accepted);
+        if at_truth || Instant::now() > live_until || !mismatches.is_empty() {
+            break at_truth;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Give the first stream a moment past the final count, then match acks to totals: the
+    // i-th acknowledged vote became visible with the first total of at least i.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for watcher in watchers {
+        watcher.abort();
+    }
+    let mut live = LiveSummary {
+        ended_at_truth,
+        ..Default::default()
+    };
+    for state in &watched {
+        let state = state.lock().expect("watch");
+        live.events += state.events;
+        live.reconnects += state.reconnects;
+        live.went_backwards += state.went_backwards;
+        live.backwards_examples.extend(state.examples.clone());
+    }
     let mut seen = Vec::new();
     while let Ok(event) = seen_rx.try_recv() {
         seen.push(event);
     }
+    // A reconnect replays a snapshot: keep each total's first sighting only.
+    seen.dedup_by_key(|event| event.1);
     let mut acks = std::mem::take(&mut *stats.watched_acks.lock().expect("stats"));
     acks.sort_unstable();
     let mut visible_us = Vec::new();
@@ -391,8 +727,9 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
 
     let mut latencies = std::mem::take(&mut *stats.latencies_us.lock().expect("stats"));
     latencies.sort_unstable();
+    let unresolved = stats.unresolved.load(Ordering::Relaxed);
     let summary = Summary {
-        target: args.url.clone(),
+        target: args.url.join(","),
         mode: if args.batch == 0 {
             "single votes".into()
         } else {
@@ -401,9 +738,11 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency,
         seconds,
         requests: stats.requests.load(Ordering::Relaxed),
+        retried: stats.retried.load(Ordering::Relaxed),
         votes_sent: stats.sent.load(Ordering::Relaxed),
         accepted,
         accepted_per_s: accepted as f64 / seconds,
+        unresolved,
         statuses: stats.statuses.lock().expect("stats").clone(),
         latency_ms: [
             ("p50", percentile(&latencies, 0.50)),
@@ -420,44 +759,78 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         counted,
         all_counted_after_s: all_counted_after,
         counted_per_s: all_counted_after.map(|after| accepted as f64 / after),
+        exact: mismatches.is_empty() && unresolved == 0,
+        mismatches,
+        live,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        println!("target           {} ({})", summary.target, summary.mode);
-        println!(
-            "sent             {} votes in {} requests over {:.1}s, {} in flight",
-            summary.votes_sent, summary.requests, summary.seconds, summary.concurrency
-        );
-        println!(
-            "accepted         {} ({:.0}/s)",
-            summary.accepted, summary.accepted_per_s
-        );
-        println!("by status        {:?}", summary.statuses);
-        println!(
-            "request latency  p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms",
-            summary.latency_ms["p50"], summary.latency_ms["p95"], summary.latency_ms["p99"]
-        );
-        println!(
-            "vote→live        p50 {:.1} ms, p99 {:.1} ms ({} votes seen on the SSE stream of {})",
-            summary.visible_ms["p50"],
-            summary.visible_ms["p99"],
-            summary.visible_ms["samples"],
-            polls[0]
-        );
-        match (summary.all_counted_after_s, summary.counted_per_s) {
-            (Some(after), Some(rate)) => println!(
-                "counted          all {} after {after:.2}s from the first vote: {rate:.0} counted votes/s",
-                summary.counted
-            ),
-            _ => println!(
-                "counted          only {} of {} within {}s of the end",
-                summary.counted, summary.accepted, args.settle
-            ),
-        }
+        print_summary(&summary, &polls[0]);
     }
-    if all_counted_after.is_none() {
-        bail!("not every accepted vote was counted");
+    let mut failures = Vec::new();
+    if unresolved > 0 {
+        failures.push(format!(
+            "{unresolved} votes never got a definite answer within {}s",
+            args.retry_for
+        ));
+    }
+    if !summary.mismatches.is_empty() {
+        failures.push("the results differ from the accepted votes".to_owned());
+    }
+    if summary.live.went_backwards > 0 {
+        failures.push("live totals went backwards".to_owned());
+    }
+    if !summary.live.ended_at_truth {
+        failures.push("the live streams did not end at the accepted counts".to_owned());
+    }
+    if !failures.is_empty() {
+        bail!("{}", failures.join("; "));
     }
     Ok(())
+}
+
+fn print_summary(summary: &Summary, watched_poll: &str) {
+    println!("target           {} ({})", summary.target, summary.mode);
+    println!(
+        "sent             {} votes in {} requests ({} retries) over {:.1}s, {} in flight",
+        summary.votes_sent, summary.requests, summary.retried, summary.seconds, summary.concurrency
+    );
+    println!(
+        "accepted         {} ({:.0}/s), {} without a definite answer",
+        summary.accepted, summary.accepted_per_s, summary.unresolved
+    );
+    println!("by status        {:?}", summary.statuses);
+    println!(
+        "request latency  p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms",
+        summary.latency_ms["p50"], summary.latency_ms["p95"], summary.latency_ms["p99"]
+    );
+    println!(
+        "vote→live        p50 {:.1} ms, p99 {:.1} ms ({} votes seen on the SSE stream of {watched_poll})",
+        summary.visible_ms["p50"], summary.visible_ms["p99"], summary.visible_ms["samples"],
+    );
+    println!(
+        "live streams     {} events, {} reconnects, {} times backwards, ended at the truth: {}",
+        summary.live.events,
+        summary.live.reconnects,
+        summary.live.went_backwards,
+        summary.live.ended_at_truth
+    );
+    match (summary.all_counted_after_s, summary.counted_per_s) {
+        (Some(after), Some(rate)) => println!(
+            "counted          all {} after {after:.2}s from the first vote: {rate:.0} counted votes/s",
+            summary.counted
+        ),
+        _ => println!(
+            "counted          {} of {} accepted",
+            summary.counted, summary.accepted
+        ),
+    }
+    if summary.mismatches.is_empty() {
+        println!("exact            {}", summary.exact);
+    } else {
+        for mismatch in &summary.mismatches {
+            println!("MISMATCH         {mismatch}");
+        }
+    }
 }
