@@ -545,6 +545,155 @@ impl PrivateClickHouse {
     }
 }
 
+/// A `clickhouse-server` owned by one test, which can stop it (SIGKILL, like a crash) and
+/// start it again on the same ports and data, e.g. to cut the warehouse off mid-load.
+///
+/// It runs in the test process's process group and dies with the handle (kill on drop);
+/// its temporary directory goes with it.
+pub struct ClickHouseServer {
+    // Declared before `dir` so the process is gone before its files are removed.
+    child: Option<tokio::process::Child>,
+    binary: OsString,
+    config: PathBuf,
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl ClickHouseServer {
+    /// Starts a server on free ports and waits until it answers `/ping`.
+    pub async fn start() -> anyhow::Result<ClickHouseServer> {
+        let binary = std::env::var_os(CLICKHOUSE_SERVER_ENV)
+            .filter(|value| !value.is_empty())
+            .unwrap_or_else(|| "clickhouse-server".into());
+        let dir = tempfile::Builder::new()
+            .prefix("tally-clickhouse-")
+            .tempdir()
+            .context("creating a temporary directory for clickhouse-server")?;
+        let http_port = free_port();
+        let tcp_port = loop {
+            let port = free_port();
+            if port != http_port {
+                break port;
+            }
+        };
+        let dir_text = dir
+            .path()
+            .to_str()
+            .ok_or_else(|| anyhow!("temporary directory {} is not UTF-8", dir.path().display()))?
+            .to_owned();
+        let render = |template: &str| {
+            template
+                .replace("@HTTP_PORT@", &http_port.to_string())
+                .replace("@TCP_PORT@", &tcp_port.to_string())
+                .replace("@DATA_DIR@", &dir_text)
+        };
+        let config = dir.path().join("config.xml");
+        std::fs::write(&config, render(CLICKHOUSE_CONFIG))
+            .with_context(|| format!("writing {}", config.display()))?;
+        std::fs::write(dir.path().join("users.xml"), render(CLICKHOUSE_USERS))
+            .with_context(|| format!("writing users.xml in {}", dir.path().display()))?;
+        let mut server = ClickHouseServer {
+            child: None,
+            binary,
+            config,
+            url: format!("http://127.0.0.1:{http_port}"),
+            dir,
+        };
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    /// Base URL of the HTTP interface; it stays the same across restarts.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Kills the server with SIGKILL and waits for it to exit; does nothing if it is down.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
+
+    /// Starts the server again (killing it first if it runs) on the same ports and data,
+    /// and waits until it answers `/ping`.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill().await;
+        self.spawn().await
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let log_path = self.dir.path().join("stdout.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        let stderr = log.try_clone().context("duplicating the log file handle")?;
+        let mut command = tokio::process::Command::new(&self.binary);
+        command
+            .arg(format!("--config-file={}", self.config.display()))
+            .env(
+                "PATH",
+                format!(
+                    "{}:/usr/local/sbin:/usr/sbin:/sbin",
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(stderr)
+            .kill_on_drop(true);
+        let child = command.spawn().with_context(|| {
+            format!(
+                "starting clickhouse-server `{}` (set {CLICKHOUSE_SERVER_ENV} to its path)",
+                self.binary.to_string_lossy()
+            )
+        })?;
+        self.child = Some(child);
+        let started = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    bail!(
+                        "clickhouse-server exited with {status} before answering; end of its log:\n{}",
+                        tail(&log_path, 30)
+                    );
+                }
+            }
+            if ping(&self.url).await.is_ok() {
+                return Ok(());
+            }
+            if started.elapsed() >= CLICKHOUSE_READY_DEADLINE {
+                self.kill().await;
+                bail!(
+                    "clickhouse-server did not answer {}/ping within {CLICKHOUSE_READY_DEADLINE:?}; \
+                     end of its log:\n{}",
+                    self.url,
+                    tail(&log_path, 30)
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+}
+
+impl Drop for ClickHouseServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            for _ in 0..100 {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
 /// The last `lines` lines of a text file, or a note why it could not be read.
 fn tail(path: &Path, lines: usize) -> String {
     match std::fs::read(path) {

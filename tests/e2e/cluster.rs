@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use tally_testkit::{ClickHouse, NatsServer};
+use tally_testkit::{ClickHouseServer, NatsOptions, NatsServer};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -140,6 +140,11 @@ impl Service {
     pub fn log_tail(&self) -> String {
         format!("--- {} ---\n{}", self.name, tail(&self.log))
     }
+
+    /// Everything this process logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
 }
 
 fn tail(path: &std::path::Path) -> String {
@@ -148,12 +153,26 @@ fn tail(path: &std::path::Path) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
+/// How a test wants its deployment beyond the defaults.
+#[derive(Default)]
+pub struct Options<'a> {
+    /// Added to every process's environment.
+    pub settings: &'a [(&'a str, &'a str)],
+    /// Distributed: a clickhouse-server of this cluster's own, which the test may stop,
+    /// instead of a database on the suite's shared server.
+    pub own_clickhouse: bool,
+    /// Distributed: JetStream fsyncs every write before acknowledging it, the production
+    /// setting (`sync_interval: always`); the default syncs every two minutes.
+    pub nats_sync_always: bool,
+}
+
 pub struct Cluster {
     pub deployment: Deployment,
-    /// Held so the server lives as long as the cluster (distributed only).
-    #[allow(dead_code)]
-    pub nats: Option<NatsServer>,
-    pub clickhouse: Option<&'static ClickHouse>,
+    /// The cluster's nats-server (distributed only), which a test may kill and restart.
+    nats: tokio::sync::Mutex<Option<NatsServer>>,
+    /// The cluster's own clickhouse-server, with [`Options::own_clickhouse`].
+    own_clickhouse: Option<tokio::sync::Mutex<ClickHouseServer>>,
+    clickhouse_url: Option<String>,
     pub database: String,
     env: HashMap<String, String>,
     dir: tempfile::TempDir,
@@ -174,6 +193,18 @@ impl Cluster {
 
     /// A deployment with `settings` added to every process's environment.
     pub async fn start_with(deployment: Deployment, settings: &[(&str, &str)]) -> Result<Cluster> {
+        Self::launch(
+            deployment,
+            Options {
+                settings,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn launch(deployment: Deployment, options: Options<'_>) -> Result<Cluster> {
+        let settings = options.settings;
         let dir = tempfile::tempdir()?;
         let mut env: HashMap<String, String> = [
             ("TALLY_SECRET", SECRET.to_owned()),
@@ -196,11 +227,22 @@ impl Cluster {
             .build()?;
         match deployment {
             Deployment::Distributed => {
-                let nats = NatsServer::start().await?;
-                let clickhouse = tally_testkit::clickhouse().await?;
+                let nats = NatsServer::start_with(NatsOptions {
+                    sync_interval: options.nats_sync_always.then(|| "always".to_owned()),
+                })
+                .await?;
+                let own_clickhouse = if options.own_clickhouse {
+                    Some(ClickHouseServer::start().await?)
+                } else {
+                    None
+                };
+                let clickhouse_url = match &own_clickhouse {
+                    Some(server) => server.url().to_owned(),
+                    None => tally_testkit::clickhouse().await?.url.clone(),
+                };
                 let database = tally_testkit::unique_name("e2e");
                 env.insert("TALLY_NATS_URL".into(), nats.url());
-                env.insert("TALLY_CLICKHOUSE_URL".into(), clickhouse.url.clone());
+                env.insert("TALLY_CLICKHOUSE_URL".into(), clickhouse_url.clone());
                 env.insert("TALLY_CLICKHOUSE_DATABASE".into(), database.clone());
                 // The processor first: it applies migrations and creates the stream others use.
                 let processor = Service::spawn("processor", &env, &[], dir.path()).await?;
@@ -208,8 +250,9 @@ impl Cluster {
                 let query = Service::spawn("query", &env, &[], dir.path()).await?;
                 Ok(Cluster {
                     deployment,
-                    nats: Some(nats),
-                    clickhouse: Some(clickhouse),
+                    nats: tokio::sync::Mutex::new(Some(nats)),
+                    own_clickhouse: own_clickhouse.map(tokio::sync::Mutex::new),
+                    clickhouse_url: Some(clickhouse_url),
                     database,
                     env,
                     dir,
@@ -230,8 +273,9 @@ impl Cluster {
                     Service::spawn_on("standalone", &listen, &env, &[], dir.path()).await?;
                 Ok(Cluster {
                     deployment,
-                    nats: None,
-                    clickhouse: None,
+                    nats: tokio::sync::Mutex::new(None),
+                    own_clickhouse: None,
+                    clickhouse_url: None,
                     database: String::new(),
                     env,
                     dir,
@@ -267,6 +311,49 @@ impl Cluster {
             }
             Deployment::Standalone => Ok(self.ingest.alias()),
         }
+    }
+
+    /// Kills the nats-server (SIGKILL); distributed only.
+    pub async fn kill_nats(&self) -> Result<()> {
+        let mut nats = self.nats.lock().await;
+        nats.as_mut()
+            .context("this deployment has no NATS")?
+            .kill()
+            .await;
+        Ok(())
+    }
+
+    /// Starts the nats-server again on its port and store directory.
+    pub async fn restart_nats(&self) -> Result<()> {
+        let mut nats = self.nats.lock().await;
+        nats.as_mut()
+            .context("this deployment has no NATS")?
+            .restart()
+            .await
+    }
+
+    /// Kills the cluster's own clickhouse-server (SIGKILL); see [`Options::own_clickhouse`].
+    pub async fn kill_clickhouse(&self) -> Result<()> {
+        let server = self
+            .own_clickhouse
+            .as_ref()
+            .context("this cluster has no clickhouse-server of its own")?;
+        server.lock().await.kill().await;
+        Ok(())
+    }
+
+    /// Starts the cluster's own clickhouse-server again on its ports and data.
+    pub async fn restart_clickhouse(&self) -> Result<()> {
+        let server = self
+            .own_clickhouse
+            .as_ref()
+            .context("this cluster has no clickhouse-server of its own")?;
+        server.lock().await.restart().await
+    }
+
+    /// Everything the running processor logged.
+    pub async fn processor_log(&self) -> String {
+        self.processor.lock().await.log_text()
     }
 
     pub async fn processor_exited(&self) -> bool {
@@ -396,12 +483,12 @@ impl Cluster {
     /// Runs a statement on this cluster's ClickHouse database and returns its TSV output;
     /// `None` in standalone, which has no ClickHouse.
     pub async fn clickhouse_query(&self, sql: &str) -> Result<Option<String>> {
-        let Some(clickhouse) = self.clickhouse else {
+        let Some(url) = &self.clickhouse_url else {
             return Ok(None);
         };
         let response = self
             .http
-            .post(format!("{}/?database={}", clickhouse.url, self.database))
+            .post(format!("{url}/?database={}", self.database))
             .body(sql.to_owned())
             .send()
             .await?;

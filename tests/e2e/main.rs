@@ -10,6 +10,7 @@ mod limits;
 mod loadgen;
 mod management;
 mod pipeline;
+mod reliability;
 mod roles;
 mod tokens;
 mod visibility;

@@ -1,0 +1,495 @@
+//! The fault suite: votes flow from `tally loadgen` (careful clients that retry a vote whose
+//! outcome is unknown with the same vote_id, and record every 202 as the ground truth) while
+//! the test breaks one part of the deployment after another. Afterwards the results,
+//! breakdowns, time series and the warehouse's vote rows must equal the ground truth
+//! exactly, and loadgen's SSE subscribers (connected throughout, reconnecting when a stream
+//! drops) must never have seen a total go back and must end at the truth.
+//!
+//! Counts are scaled for CI; `TALLY_FAULTS_LONG=1` (`scripts/faults --long`) runs the soak
+//! variant with ≥ 100,000 votes per scenario. docs/RELIABILITY.md describes each fault.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use rand::Rng;
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+
+use crate::cluster::{Cluster, Deployment, Options, ADMIN_KEY};
+
+fn long() -> bool {
+    std::env::var("TALLY_FAULTS_LONG").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Votes per second and seconds of load: (CI, long).
+fn scale(ci: (u64, u64), soak: (u64, u64)) -> (u64, u64) {
+    if long() {
+        soak
+    } else {
+        ci
+    }
+}
+
+/// A `tally loadgen` run against a cluster.
+struct Load {
+    child: Child,
+    dir: tempfile::TempDir,
+    prefix: String,
+    polls: usize,
+}
+
+impl Load {
+    /// Starts loadgen sending single votes at `rate` per second for `seconds` to `urls`
+    /// (rotating; a retry goes to the next one), over `polls` polls.
+    async fn start(
+        cluster: &Cluster,
+        urls: &[&str],
+        rate: u64,
+        seconds: u64,
+        polls: usize,
+    ) -> Result<Load> {
+        let dir = tempfile::tempdir()?;
+        let prefix = tally_testkit::unique_name("load").replace('_', "-");
+        let stdout = std::fs::File::create(dir.path().join("summary.json"))?;
+        let stderr = std::fs::File::create(dir.path().join("progress.log"))?;
+        let child = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .arg("loadgen")
+            .args(["--url", &urls.join(",")])
+            .args(["--query-url", &cluster.query.url])
+            .args(["--admin-key", ADMIN_KEY])
+            .args(["--rate", &rate.to_string()])
+            .args(["--duration", &seconds.to_string()])
+            .args(["--polls", &polls.to_string()])
+            .args(["--poll-prefix", &prefix])
+            .args(["--concurrency", "48"])
+            .args(["--retry-for", "300", "--settle", "300", "--json"])
+            .arg("--truth")
+            .arg(dir.path().join("truth.json"))
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting tally loadgen")?;
+        let load = Load {
+            child,
+            dir,
+            prefix,
+            polls,
+        };
+        // Wait until the polls exist and votes are being counted.
+        let first = load.poll(0);
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(results) = cluster.results(&first).await {
+                if results["total_votes"].as_u64().unwrap_or(0) > 0 {
+                    return Ok(load);
+                }
+            }
+            ensure!(
+                tokio::time::Instant::now() < end,
+                "loadgen's votes are not being counted\n{}\n{}",
+                load.progress(),
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn poll(&self, index: usize) -> String {
+        format!("{}-{index}", self.prefix)
+    }
+
+    fn progress(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("progress.log"))
+            .unwrap_or_default()
+            .rsplit('\r')
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Waits for loadgen to finish (it retries until every vote has a definite answer and
+    /// then waits until the results count them) and returns its summary and ground truth.
+    async fn finish(mut self, cluster: &Cluster) -> Result<(Value, Value)> {
+        let status = tokio::time::timeout(Duration::from_secs(900), self.child.wait())
+            .await
+            .context("loadgen did not finish in 15 minutes")??;
+        let summary = std::fs::read_to_string(self.dir.path().join("summary.json"))?;
+        if !status.success() {
+            bail!(
+                "loadgen failed ({status}): {summary}\n{}\n{}",
+                self.progress(),
+                cluster.logs()
+            );
+        }
+        let summary: Value = serde_json::from_str(&summary).context("loadgen's summary")?;
+        let truth: Value =
+            serde_json::from_slice(&std::fs::read(self.dir.path().join("truth.json"))?)?;
+        ensure!(
+            summary["unresolved"] == 0 && summary["exact"] == true,
+            "loadgen: {summary}"
+        );
+        ensure!(
+            summary["live"]["went_backwards"] == 0 && summary["live"]["ended_at_truth"] == true,
+            "live totals: {}",
+            summary["live"]
+        );
+        ensure!(truth["polls"].as_object().map(|p| p.len()) == Some(self.polls));
+        Ok((summary, truth))
+    }
+}
+
+/// Per-option counts of a results document or a breakdown group, zeros left out.
+fn option_counts(doc: &Value) -> BTreeMap<String, u64> {
+    doc["options"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| Some((o["id"].as_str()?.to_owned(), o["count"].as_u64()?)))
+        .filter(|(_, count)| *count > 0)
+        .collect()
+}
+
+fn truth_counts(doc: &Value) -> BTreeMap<String, u64> {
+    doc.as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+        .filter(|(_, count)| *count > 0)
+        .collect()
+}
+
+/// Results, breakdowns by country and by plan, time-series sums and (on ClickHouse) the
+/// raw vote rows of every poll equal the ground truth.
+async fn verify(cluster: &Cluster, truth: &Value) -> Result<()> {
+    let mut accepted_ids: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for vote in truth["votes"].as_array().context("truth votes")? {
+        accepted_ids
+            .entry(vote["poll_id"].as_str().unwrap_or_default())
+            .or_default()
+            .push(vote["vote_id"].as_str().unwrap_or_default());
+    }
+    for (poll, expected) in truth["polls"].as_object().context("truth polls")? {
+        let results = cluster.results(poll).await?;
+        ensure!(
+            results["total_votes"] == expected["accepted"]
+                && option_counts(&results) == truth_counts(&expected["options"]),
+            "results of {poll}: {results}\nexpected {expected}"
+        );
+        for dimension in ["country", "plan"] {
+            let breakdown = cluster
+                .analyst_get(&format!("/v1/polls/{poll}/breakdown?by={dimension}"))
+                .await?;
+            let groups = breakdown["groups"].as_array().cloned().unwrap_or_default();
+            let want = expected["segments"][dimension]
+                .as_object()
+                .context("truth segments")?;
+            ensure!(
+                groups.len() == want.len(),
+                "{poll} by {dimension}: {} groups, expected {}",
+                groups.len(),
+                want.len()
+            );
+            for group in &groups {
+                let value = group["segment"][dimension].as_str().unwrap_or_default();
+                let want = truth_counts(&want[value]);
+                ensure!(
+                    option_counts(group) == want
+                        && group["total_votes"] == want.values().sum::<u64>(),
+                    "{poll} {dimension}={value}: {group}\nexpected {want:?}"
+                );
+            }
+        }
+        // Window rows are written before totals are published; they must add up as well.
+        let series = cluster
+            .analyst_get(&format!("/v1/polls/{poll}/timeseries?step=1m"))
+            .await?;
+        let mut sums: BTreeMap<String, u64> = BTreeMap::new();
+        for point in series["points"].as_array().into_iter().flatten() {
+            for (option, count) in point["options"].as_object().into_iter().flatten() {
+                *sums.entry(option.clone()).or_default() += count.as_u64().unwrap_or(0);
+            }
+        }
+        sums.retain(|_, count| *count > 0);
+        ensure!(
+            sums == truth_counts(&expected["options"]),
+            "time series of {poll} sums to {sums:?}, expected {}",
+            expected["options"]
+        );
+        if let Some(rows) = cluster
+            .clickhouse_query(&format!(
+                "SELECT vote_id FROM votes WHERE poll_id = '{poll}' ORDER BY vote_id"
+            ))
+            .await?
+        {
+            let rows: Vec<&str> = rows.lines().filter(|l| !l.is_empty()).collect();
+            let mut want = accepted_ids.remove(poll.as_str()).unwrap_or_default();
+            want.sort_unstable();
+            ensure!(
+                rows == want,
+                "{poll}: the warehouse holds {} vote rows ({} distinct), the truth {}",
+                rows.len(),
+                rows.iter().collect::<BTreeSet<_>>().len(),
+                want.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn random_pause(from: Duration, to: Duration) {
+    let ms = rand::rng().random_range(from.as_millis() as u64..=to.as_millis() as u64);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+fn report(what: &str, summary: &Value) {
+    eprintln!(
+        "{what}: {} accepted, {} requests retried, statuses {}, live {}",
+        summary["accepted"], summary["retried"], summary["statuses"], summary["live"]
+    );
+}
+
+/// 1. kill -9 the processor five times at random points of the load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn processor_killed_five_times() -> Result<()> {
+    let cluster = Cluster::start(Deployment::Distributed).await?;
+    let (rate, seconds) = scale((600, 25), (4_000, 35));
+    let load = Load::start(&cluster, &[&cluster.ingest.url], rate, seconds, 3).await?;
+    let step = Duration::from_millis(seconds * 1000 / 7);
+    for _ in 0..5 {
+        random_pause(step / 2, step).await;
+        cluster.restart_processor(&[]).await?;
+    }
+    let (summary, truth) = load.finish(&cluster).await?;
+    report("processor killed 5 times", &summary);
+    verify(&cluster, &truth).await
+}
+
+/// 2. The processor crashes again and again at its failpoints: after the raw-vote insert
+///    (before the windows) and after both inserts, before the log ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn processor_crash_points_hit_repeatedly() -> Result<()> {
+    let cluster = Cluster::start(Deployment::Distributed).await?;
+    let (rate, seconds) = scale((500, 25), (3_000, 40));
+    let load = Load::start(&cluster, &[&cluster.ingest.url], rate, seconds, 2).await?;
+    let mut crashes = 0;
+    for point in [
+        "after-votes-insert",
+        "before-ack",
+        "after-votes-insert",
+        "before-ack",
+        "after-votes-insert",
+        "before-ack",
+    ] {
+        cluster
+            .restart_processor(&[("TALLY_FAILPOINT", point)])
+            .await?;
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !cluster.processor_exited().await {
+            ensure!(
+                tokio::time::Instant::now() < end,
+                "the processor never reached {point}\n{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        crashes += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    cluster.restart_processor(&[]).await?;
+    let (summary, truth) = load.finish(&cluster).await?;
+    report(&format!("{crashes} failpoint crashes"), &summary);
+    verify(&cluster, &truth).await
+}
+
+/// 3. kill -9 one of two ingest replicas mid-load; the clients' retries go to the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ingest_replica_killed() -> Result<()> {
+    let cluster = Cluster::start(Deployment::Distributed).await?;
+    let mut doomed = cluster.spawn_ingest().await?;
+    let (rate, seconds) = scale((600, 20), (4_000, 30));
+    let load = Load::start(
+        &cluster,
+        &[&cluster.ingest.url, &doomed.url],
+        rate,
+        seconds,
+        2,
+    )
+    .await?;
+    random_pause(
+        Duration::from_secs(seconds / 4),
+        Duration::from_secs(seconds / 2),
+    )
+    .await;
+    doomed.kill().await;
+    let (summary, truth) = load.finish(&cluster).await?;
+    report("ingest replica killed", &summary);
+    ensure!(
+        summary["retried"].as_u64() > Some(0),
+        "the kill left requests to retry: {summary}"
+    );
+    verify(&cluster, &truth).await
+}
+
+/// 4. nats-server is killed and restarted three times under load. While it is down, ingest
+///    answers 503 with Retry-After (never 202); no acknowledged vote is lost. JetStream runs
+///    with `sync_interval: always`, so an acknowledged vote is on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_restarted_three_times() -> Result<()> {
+    let cluster = Cluster::launch(
+        Deployment::Distributed,
+        Options {
+            nats_sync_always: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    cluster
+        .create_poll(
+            json!({"id": "probe", "title": "Probe", "question": "Q", "kind": "single",
+            "dedupe": "none", "options": [{"id": "a", "label": "A"}, {"id": "b", "label": "B"}]}),
+        )
+        .await?;
+    let (rate, seconds) = scale((500, 30), (3_500, 40));
+    let load = Load::start(&cluster, &[&cluster.ingest.url], rate, seconds, 2).await?;
+    let mut probes = 0;
+    for round in 0..3 {
+        random_pause(Duration::from_secs(3), Duration::from_secs(5)).await;
+        cluster.kill_nats().await?;
+        let down_until = tokio::time::Instant::now() + Duration::from_secs(2);
+        while tokio::time::Instant::now() < down_until {
+            let response = cluster
+                .http
+                .post(format!("{}/v1/polls/probe/votes", cluster.ingest.url))
+                .json(&json!({"choice": "a", "vote_id": format!("probe-{round}-{probes}")}))
+                .send()
+                .await?;
+            let status = response.status();
+            let retry_after = response.headers().get("retry-after").cloned();
+            ensure!(
+                status == 503 && retry_after.is_some(),
+                "with NATS down ingest answered {status} (Retry-After {retry_after:?})"
+            );
+            probes += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        cluster.restart_nats().await?;
+    }
+    let (summary, truth) = load.finish(&cluster).await?;
+    report(
+        &format!("NATS restarted 3 times ({probes} probes answered 503)"),
+        &summary,
+    );
+    ensure!(
+        summary["statuses"]["503"].as_u64() > Some(0),
+        "the load saw the outages: {summary}"
+    );
+    verify(&cluster, &truth).await
+}
+
+/// 5. ClickHouse is down for 60 s under load: ingest keeps accepting, the processor backs
+///    off and catches up, nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clickhouse_down_for_a_minute() -> Result<()> {
+    let cluster = Cluster::launch(
+        Deployment::Distributed,
+        Options {
+            own_clickhouse: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let outage = Duration::from_secs(60);
+    let (rate, seconds) = scale((300, 75), (2_000, 80));
+    let load = Load::start(&cluster, &[&cluster.ingest.url], rate, seconds, 2).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cluster.kill_clickhouse().await?;
+    let counted_at_outage = cluster.results(&load.poll(0)).await.ok();
+    tokio::time::sleep(outage).await;
+    cluster.restart_clickhouse().await?;
+    let (summary, truth) = load.finish(&cluster).await?;
+    report("ClickHouse down for 60 s", &summary);
+    ensure!(
+        summary["statuses"]
+            .as_object()
+            .map(|s| s.keys().cloned().collect::<Vec<_>>())
+            == Some(vec!["202".to_owned()]),
+        "ingest answered every vote with 202 throughout: {}",
+        summary["statuses"]
+    );
+    // Backing off: attempts grow to one per 5 s, not a hot loop.
+    let log = cluster.processor_log().await;
+    let failed_inserts = log
+        .lines()
+        .filter(|l| l.contains("insert votes failed") || l.contains("insert windows failed"))
+        .count();
+    ensure!(
+        (1..=60).contains(&failed_inserts),
+        "{failed_inserts} failed insert attempts during a 60 s outage (counted before it: {counted_at_outage:?})"
+    );
+    verify(&cluster, &truth).await
+}
+
+// 6. The same votes sent again after JetStream's duplicate window has passed (and, in
+//    standalone, again at all) change nothing: each answers 202 as a duplicate.
+crate::for_each_deployment!(replay_after_duplicate_window);
+
+async fn replay_after_duplicate_window(deployment: Deployment) -> Result<()> {
+    let cluster =
+        Cluster::start_with(deployment, &[("TALLY_DUPLICATE_WINDOW_SECONDS", "2")]).await?;
+    let (rate, seconds) = scale((400, 8), (3_000, 40));
+    let load = Load::start(&cluster, &[&cluster.ingest.url], rate, seconds, 2).await?;
+    let (summary, truth) = load.finish(&cluster).await?;
+    report("before the replay", &summary);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let votes = truth["votes"].as_array().cloned().unwrap_or_default();
+    let mut lines = String::new();
+    for vote in &votes {
+        lines.push_str(&vote.to_string());
+        lines.push('\n');
+    }
+    let mut replayed = 0;
+    for chunk in lines.lines().collect::<Vec<_>>().chunks(1_000) {
+        let response = cluster
+            .http
+            .post(format!("{}/v1/votes:batch", cluster.ingest.url))
+            .header("content-type", "application/x-ndjson")
+            .body(chunk.join("\n"))
+            .send()
+            .await?;
+        ensure!(response.status() == 200);
+        let answer: Value = response.json().await?;
+        for line in answer["results"].as_array().into_iter().flatten() {
+            ensure!(line["status"] == 202, "a replayed vote answered {line}");
+            replayed += 1;
+        }
+    }
+    ensure!(replayed == votes.len());
+    // Give the processor time to count anything it wrongly accepted, then compare.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    verify(&cluster, &truth).await
+}
+
+/// 7. Standalone: kill -9 the whole process three times under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn standalone_killed_three_times() -> Result<()> {
+    let cluster = Cluster::start(Deployment::Standalone).await?;
+    let (rate, seconds) = scale((800, 25), (4_000, 35));
+    let load = Load::start(&cluster, &[&cluster.ingest.url], rate, seconds, 3).await?;
+    let step = Duration::from_millis(seconds * 1000 / 5);
+    for _ in 0..3 {
+        random_pause(step / 2, step).await;
+        cluster.restart_processor(&[]).await?;
+    }
+    let (summary, truth) = load.finish(&cluster).await?;
+    report("standalone killed 3 times", &summary);
+    ensure!(
+        summary["live"]["reconnects"].as_u64() >= Some(3),
+        "the live streams were cut and reopened: {}",
+        summary["live"]
+    );
+    verify(&cluster, &truth).await
+}
