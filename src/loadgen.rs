@@ -39,15 +39,23 @@ pub struct LoadgenArgs {
     /// Seconds of load.
     #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// Stop after sending this many votes, if that comes before `--duration` ends.
+    #[arg(long)]
+    votes: Option<u64>,
     /// Polls the votes are spread over.
     #[arg(long, default_value_t = 4)]
     polls: usize,
     /// Poll ids are `<prefix>-0`, `<prefix>-1`, …; a fresh random prefix by default.
     #[arg(long)]
     poll_prefix: Option<String>,
-    /// Share of votes sent by a voter who already voted (expected to get 409).
+    /// Share of votes sent by a voter who already voted (expected to get 409 unless
+    /// `--dedupe none`).
     #[arg(long, default_value_t = 0.0)]
     repeat_ratio: f64,
+    /// The polls' dedupe rule: `per_voter` (one vote per voter) or `none` (every vote
+    /// counts; unique voters are counted apart).
+    #[arg(long, default_value = "per_voter")]
+    dedupe: String,
     /// Requests in flight.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
@@ -65,6 +73,10 @@ pub struct LoadgenArgs {
     /// option and segment they add up to.
     #[arg(long)]
     truth: Option<PathBuf>,
+    /// After the load, time this many breakdown requests of the first poll per shape
+    /// (`by=country`, `by=country,device`), one at a time.
+    #[arg(long, default_value_t = 0)]
+    breakdown_requests: usize,
     /// Print the summary as JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -81,8 +93,8 @@ struct Stats {
     unresolved: AtomicU64,
     statuses: Mutex<BTreeMap<String, u64>>,
     latencies_us: Mutex<Vec<u64>>,
-    /// Every accepted vote, as sent.
-    accepted_votes: Mutex<Vec<Value>>,
+    /// What the accepted votes add up to (each worker's share, merged at the end).
+    truth: Mutex<Truth>,
 }
 
 impl Stats {
@@ -113,35 +125,58 @@ struct PollTruth {
 }
 
 impl Truth {
-    fn new(polls: &[String], votes: Vec<Value>) -> Truth {
-        let mut truth = Truth {
+    fn new(polls: &[String]) -> Truth {
+        Truth {
             polls: polls
                 .iter()
                 .map(|p| (p.clone(), PollTruth::default()))
                 .collect(),
             votes: Vec::new(),
-        };
-        for vote in &votes {
-            let poll = truth
-                .polls
-                .entry(vote["poll_id"].as_str().unwrap_or_default().to_owned())
-                .or_default();
-            let option = vote["choice"].as_str().unwrap_or_default();
-            poll.accepted += 1;
-            *poll.options.entry(option.to_owned()).or_default() += 1;
-            for (dimension, value) in vote["segment"].as_object().into_iter().flatten() {
-                *poll
-                    .segments
-                    .entry(dimension.clone())
-                    .or_default()
-                    .entry(value.as_str().unwrap_or_default().to_owned())
-                    .or_default()
-                    .entry(option.to_owned())
-                    .or_default() += 1;
+        }
+    }
+
+    /// Counts an accepted vote, and keeps it when `keep`.
+    fn add(&mut self, vote: Value, keep: bool) {
+        let poll = self
+            .polls
+            .entry(vote["poll_id"].as_str().unwrap_or_default().to_owned())
+            .or_default();
+        let option = vote["choice"].as_str().unwrap_or_default();
+        poll.accepted += 1;
+        *poll.options.entry(option.to_owned()).or_default() += 1;
+        for (dimension, value) in vote["segment"].as_object().into_iter().flatten() {
+            *poll
+                .segments
+                .entry(dimension.clone())
+                .or_default()
+                .entry(value.as_str().unwrap_or_default().to_owned())
+                .or_default()
+                .entry(option.to_owned())
+                .or_default() += 1;
+        }
+        if keep {
+            self.votes.push(vote);
+        }
+    }
+
+    fn merge(&mut self, other: Truth) {
+        for (id, theirs) in other.polls {
+            let poll = self.polls.entry(id).or_default();
+            poll.accepted += theirs.accepted;
+            for (option, count) in theirs.options {
+                *poll.options.entry(option).or_default() += count;
+            }
+            for (dimension, values) in theirs.segments {
+                let ours = poll.segments.entry(dimension).or_default();
+                for (value, options) in values {
+                    let ours = ours.entry(value).or_default();
+                    for (option, count) in options {
+                        *ours.entry(option).or_default() += count;
+                    }
+                }
             }
         }
-        truth.votes = votes;
-        truth
+        self.votes.extend(other.votes);
     }
 }
 
@@ -172,6 +207,9 @@ struct Summary {
     exact: bool,
     mismatches: Vec<String>,
     live: LiveSummary,
+    /// Breakdown request latency of the first poll after the load, per `by`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    breakdown_ms: BTreeMap<&'static str, BTreeMap<&'static str, f64>>,
 }
 
 #[derive(Serialize, Clone, Default)]
@@ -454,7 +492,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             .json(&json!({
                 "id": id, "title": "Load test", "question": "Which colour?", "kind": "single",
                 "options": OPTIONS.iter().map(|o| json!({"id": o, "label": o})).collect::<Vec<_>>(),
-                "dimensions": ["plan"],
+                "dimensions": ["plan"], "dedupe": args.dedupe,
             }))
             .send()
             .await
@@ -499,6 +537,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     let per_request = args.batch.max(1) as u64;
     let progress = {
         let stats = stats.clone();
+        let (duration, votes) = (args.duration, args.votes);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
@@ -506,10 +545,20 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             loop {
                 tick.tick().await;
                 let accepted = stats.accepted.load(Ordering::Relaxed);
+                let sent = stats.sent.load(Ordering::Relaxed);
+                let elapsed = started.elapsed().as_secs_f64();
+                let mut done = elapsed / duration.max(1) as f64;
+                if let Some(votes) = votes {
+                    done = done.max(sent as f64 / votes.max(1) as f64);
+                }
+                let filled = ((done.min(1.0)) * 24.0).round() as usize;
                 eprint!(
-                    "\r[{:>4.0}s] sent {:>9}  accepted {:>9}  {:>7}/s  retried {:>7}   ",
-                    started.elapsed().as_secs_f64(),
-                    stats.sent.load(Ordering::Relaxed),
+                    "\r[{}{}] {:>3.0}% {:>4.0}s  sent {:>9}  accepted {:>9}  {:>7}/s  retried {:>6}  ",
+                    "#".repeat(filled),
+                    "-".repeat(24 - filled),
+                    done.min(1.0) * 100.0,
+                    elapsed,
+                    sent,
                     accepted,
                     accepted - last,
                     stats.retried.load(Ordering::Relaxed),
@@ -538,9 +587,13 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             latencies: Vec::new(),
         };
         workers.push(tokio::spawn(async move {
-            let mut accepted_votes = Vec::new();
+            let mut truth = Truth::new(&polls);
+            let keep = args.truth.is_some();
             loop {
                 let first = next_voter.fetch_add(per_request, Ordering::Relaxed);
+                if args.votes.is_some_and(|votes| first >= votes) {
+                    break;
+                }
                 if args.rate > 0 {
                     let due = started + Duration::from_secs_f64(first as f64 / args.rate as f64);
                     tokio::time::sleep_until(due.into()).await;
@@ -548,7 +601,10 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
                 if Instant::now() >= deadline {
                     break;
                 }
-                let votes: Vec<Value> = (first..first + per_request)
+                let last = args
+                    .votes
+                    .map_or(first + per_request, |votes| votes.min(first + per_request));
+                let votes: Vec<Value> = (first..last)
                     .map(|voter| {
                         let mut rng = rand::rng();
                         let voter =
@@ -572,7 +628,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
                             if vote["poll_id"] == polls[0].as_str() {
                                 watched += 1;
                             }
-                            accepted_votes.push(vote);
+                            truth.add(vote, keep);
                         }
                         Some(_) => {}
                         None => {
@@ -593,11 +649,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
                 .lock()
                 .expect("stats")
                 .extend(sender.latencies);
-            stats
-                .accepted_votes
-                .lock()
-                .expect("stats")
-                .extend(accepted_votes);
+            stats.truth.lock().expect("stats").merge(truth);
         }));
     }
     for worker in workers {
@@ -607,10 +659,8 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     progress.abort();
     eprintln!();
 
-    let truth = Truth::new(
-        &polls,
-        std::mem::take(&mut *stats.accepted_votes.lock().expect("stats")),
-    );
+    let mut truth = Truth::new(&polls);
+    truth.merge(std::mem::take(&mut *stats.truth.lock().expect("stats")));
     if let Some(path) = &args.truth {
         let file =
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
@@ -725,6 +775,43 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     }
     visible_us.sort_unstable();
 
+    let mut breakdown_ms = BTreeMap::new();
+    if args.breakdown_requests > 0 {
+        for by in ["country", "country,device"] {
+            let mut took = Vec::with_capacity(args.breakdown_requests);
+            for _ in 0..args.breakdown_requests {
+                let started = Instant::now();
+                let response = http
+                    .get(format!(
+                        "{query_url}/v1/polls/{}/breakdown?by={by}",
+                        polls[0]
+                    ))
+                    .bearer_auth(&args.admin_key)
+                    .send()
+                    .await?;
+                let status = response.status();
+                let body = response.bytes().await?;
+                if !status.is_success() {
+                    bail!(
+                        "breakdown by {by} answered {status}: {}",
+                        String::from_utf8_lossy(&body)
+                    );
+                }
+                took.push(started.elapsed().as_micros() as u64);
+            }
+            took.sort_unstable();
+            breakdown_ms.insert(
+                by,
+                [
+                    ("p50", percentile(&took, 0.50)),
+                    ("p99", percentile(&took, 0.99)),
+                    ("votes", truth.polls[&polls[0]].accepted as f64),
+                ]
+                .into(),
+            );
+        }
+    }
+
     let mut latencies = std::mem::take(&mut *stats.latencies_us.lock().expect("stats"));
     latencies.sort_unstable();
     let unresolved = stats.unresolved.load(Ordering::Relaxed);
@@ -762,6 +849,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         exact: mismatches.is_empty() && unresolved == 0,
         mismatches,
         live,
+        breakdown_ms,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -825,6 +913,12 @@ fn print_summary(summary: &Summary, watched_poll: &str) {
             "counted          {} of {} accepted",
             summary.counted, summary.accepted
         ),
+    }
+    for (by, took) in &summary.breakdown_ms {
+        println!(
+            "breakdown        by={by}: p50 {:.1} ms, p99 {:.1} ms over {} votes",
+            took["p50"], took["p99"], took["votes"]
+        );
     }
     if summary.mismatches.is_empty() {
         println!("exact            {}", summary.exact);

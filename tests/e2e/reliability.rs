@@ -32,6 +32,16 @@ fn scale(ci: (u64, u64), soak: (u64, u64)) -> (u64, u64) {
     }
 }
 
+/// How loadgen's polls count.
+#[derive(Clone, Copy)]
+enum Dedupe {
+    /// One vote per voter: fresh voters only.
+    PerVoter,
+    /// Every vote counts, and a fifth of the votes come from voters who voted before, so
+    /// unique voters differ from votes (and are rebuilt from the warehouse after a crash).
+    NoneWithRepeats,
+}
+
 /// A `tally loadgen` run against a cluster.
 struct Load {
     child: Child,
@@ -50,6 +60,21 @@ impl Load {
         seconds: u64,
         polls: usize,
     ) -> Result<Load> {
+        Self::start_counting(cluster, urls, rate, seconds, polls, Dedupe::PerVoter).await
+    }
+
+    async fn start_counting(
+        cluster: &Cluster,
+        urls: &[&str],
+        rate: u64,
+        seconds: u64,
+        polls: usize,
+        dedupe: Dedupe,
+    ) -> Result<Load> {
+        let dedupe_args: &[&str] = match dedupe {
+            Dedupe::PerVoter => &[],
+            Dedupe::NoneWithRepeats => &["--dedupe", "none", "--repeat-ratio", "0.2"],
+        };
         let dir = tempfile::tempdir()?;
         let prefix = tally_testkit::unique_name("load").replace('_', "-");
         let stdout = std::fs::File::create(dir.path().join("summary.json"))?;
@@ -64,6 +89,7 @@ impl Load {
             .args(["--polls", &polls.to_string()])
             .args(["--poll-prefix", &prefix])
             .args(["--concurrency", "48"])
+            .args(dedupe_args)
             .args(["--retry-for", "300", "--settle", "300", "--json"])
             .arg("--truth")
             .arg(dir.path().join("truth.json"))
@@ -166,11 +192,17 @@ fn truth_counts(doc: &Value) -> BTreeMap<String, u64> {
 /// raw vote rows of every poll equal the ground truth.
 async fn verify(cluster: &Cluster, truth: &Value) -> Result<()> {
     let mut accepted_ids: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut voters: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for vote in truth["votes"].as_array().context("truth votes")? {
+        let poll = vote["poll_id"].as_str().unwrap_or_default();
         accepted_ids
-            .entry(vote["poll_id"].as_str().unwrap_or_default())
+            .entry(poll)
             .or_default()
             .push(vote["vote_id"].as_str().unwrap_or_default());
+        voters
+            .entry(poll)
+            .or_default()
+            .insert(vote["voter_id"].as_str().unwrap_or_default());
     }
     for (poll, expected) in truth["polls"].as_object().context("truth polls")? {
         let results = cluster.results(poll).await?;
@@ -178,6 +210,12 @@ async fn verify(cluster: &Cluster, truth: &Value) -> Result<()> {
             results["total_votes"] == expected["accepted"]
                 && option_counts(&results) == truth_counts(&expected["options"]),
             "results of {poll}: {results}\nexpected {expected}"
+        );
+        let unique = voters.get(poll.as_str()).map_or(0, |v| v.len());
+        ensure!(
+            results["unique_voters"] == unique,
+            "{poll}: {} unique voters counted, {unique} voted",
+            results["unique_voters"]
         );
         for dimension in ["country", "plan"] {
             let breakdown = cluster
@@ -257,7 +295,15 @@ fn report(what: &str, summary: &Value) {
 async fn processor_killed_five_times() -> Result<()> {
     let cluster = Cluster::start(Deployment::Distributed).await?;
     let (rate, seconds) = scale((600, 25), (4_000, 35));
-    let load = Load::start(&cluster, &[&cluster.ingest.url], rate, seconds, 3).await?;
+    let load = Load::start_counting(
+        &cluster,
+        &[&cluster.ingest.url],
+        rate,
+        seconds,
+        3,
+        Dedupe::NoneWithRepeats,
+    )
+    .await?;
     let step = Duration::from_millis(seconds * 1000 / 7);
     for _ in 0..5 {
         random_pause(step / 2, step).await;
@@ -478,7 +524,15 @@ async fn replay_after_duplicate_window(deployment: Deployment) -> Result<()> {
 async fn standalone_killed_three_times() -> Result<()> {
     let cluster = Cluster::start(Deployment::Standalone).await?;
     let (rate, seconds) = scale((800, 25), (4_000, 35));
-    let load = Load::start(&cluster, &[&cluster.ingest.url], rate, seconds, 3).await?;
+    let load = Load::start_counting(
+        &cluster,
+        &[&cluster.ingest.url],
+        rate,
+        seconds,
+        3,
+        Dedupe::NoneWithRepeats,
+    )
+    .await?;
     let step = Duration::from_millis(seconds * 1000 / 5);
     for _ in 0..3 {
         random_pause(step / 2, step).await;
