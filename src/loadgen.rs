@@ -137,22 +137,32 @@ impl Truth {
 
     /// Counts an accepted vote, and keeps it when `keep`.
     fn add(&mut self, vote: Value, keep: bool) {
-        let poll = self
-            .polls
-            .entry(vote["poll_id"].as_str().unwrap_or_default().to_owned())
-            .or_default();
+        /// `map[key] += 1`, allocating the key only the first time it is seen.
+        fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
+            match map.get_mut(key) {
+                Some(count) => *count += 1,
+                None => {
+                    map.insert(key.to_owned(), 1);
+                }
+            }
+        }
+        fn slot<'a, T: Default>(map: &'a mut BTreeMap<String, T>, key: &str) -> &'a mut T {
+            if !map.contains_key(key) {
+                map.insert(key.to_owned(), T::default());
+            }
+            map.get_mut(key).expect("inserted above")
+        }
+        let poll = slot(
+            &mut self.polls,
+            vote["poll_id"].as_str().unwrap_or_default(),
+        );
         let option = vote["choice"].as_str().unwrap_or_default();
         poll.accepted += 1;
-        *poll.options.entry(option.to_owned()).or_default() += 1;
+        bump(&mut poll.options, option);
         for (dimension, value) in vote["segment"].as_object().into_iter().flatten() {
-            *poll
-                .segments
-                .entry(dimension.clone())
-                .or_default()
-                .entry(value.as_str().unwrap_or_default().to_owned())
-                .or_default()
-                .entry(option.to_owned())
-                .or_default() += 1;
+            let values = slot(&mut poll.segments, dimension);
+            let options = slot(values, value.as_str().unwrap_or_default());
+            bump(options, option);
         }
         if keep {
             self.votes.push(vote);
