@@ -6,7 +6,7 @@
 //! drops) must never have seen a total go back and must end at the truth.
 //!
 //! Counts are scaled for CI; `TALLY_FAULTS_LONG=1` (`scripts/faults --long`) runs the soak
-//! variant with ≥ 100,000 votes per scenario. docs/RELIABILITY.md describes each fault.
+//! variant (≥ 100,000 votes in most scenarios). docs/RELIABILITY.md describes each fault.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
