@@ -401,6 +401,33 @@ async fn ping(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `config.xml` and `users.xml` for a clickhouse-server with its data in `dir`,
+/// listening on two free ports; returns the HTTP base URL and the config file.
+fn write_clickhouse_config(dir: &Path) -> anyhow::Result<(String, PathBuf)> {
+    let http_port = free_port();
+    let tcp_port = loop {
+        let port = free_port();
+        if port != http_port {
+            break port;
+        }
+    };
+    let dir_text = dir
+        .to_str()
+        .ok_or_else(|| anyhow!("temporary directory {} is not UTF-8", dir.display()))?;
+    let render = |template: &str| {
+        template
+            .replace("@HTTP_PORT@", &http_port.to_string())
+            .replace("@TCP_PORT@", &tcp_port.to_string())
+            .replace("@DATA_DIR@", dir_text)
+    };
+    let config = dir.join("config.xml");
+    std::fs::write(&config, render(CLICKHOUSE_CONFIG))
+        .with_context(|| format!("writing {}", config.display()))?;
+    std::fs::write(dir.join("users.xml"), render(CLICKHOUSE_USERS))
+        .with_context(|| format!("writing users.xml in {}", dir.display()))?;
+    Ok((format!("http://127.0.0.1:{http_port}"), config))
+}
+
 /// Runs `clickhouse-server` in the background and watches the pipe on its
 /// stdin: the write end is held only by the test process, so end-of-file
 /// means that process is gone (or dropped the handle), and the server is
@@ -438,27 +465,13 @@ impl PrivateClickHouse {
             .tempdir()
             .context("creating a temporary directory for clickhouse-server")?
             .keep();
-        let http_port = free_port();
-        let tcp_port = loop {
-            let port = free_port();
-            if port != http_port {
-                break port;
+        let (url, config) = match write_clickhouse_config(&dir) {
+            Ok(written) => written,
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(err);
             }
         };
-        let dir_text = dir
-            .to_str()
-            .ok_or_else(|| anyhow!("temporary directory {} is not UTF-8", dir.display()))?;
-        let render = |template: &str| {
-            template
-                .replace("@HTTP_PORT@", &http_port.to_string())
-                .replace("@TCP_PORT@", &tcp_port.to_string())
-                .replace("@DATA_DIR@", dir_text)
-        };
-        let config = dir.join("config.xml");
-        std::fs::write(&config, render(CLICKHOUSE_CONFIG))
-            .with_context(|| format!("writing {}", config.display()))?;
-        std::fs::write(dir.join("users.xml"), render(CLICKHOUSE_USERS))
-            .with_context(|| format!("writing users.xml in {}", dir.display()))?;
 
         let stdout_path = dir.join("stdout.log");
         let stdout = std::fs::File::create(&stdout_path)
@@ -484,11 +497,7 @@ impl PrivateClickHouse {
                 return Err(err).context("starting sh to run clickhouse-server");
             }
         };
-        let mut server = PrivateClickHouse {
-            url: format!("http://127.0.0.1:{http_port}"),
-            dir,
-            watchdog,
-        };
+        let mut server = PrivateClickHouse { url, dir, watchdog };
 
         let started = Instant::now();
         loop {
@@ -569,34 +578,12 @@ impl ClickHouseServer {
             .prefix("tally-clickhouse-")
             .tempdir()
             .context("creating a temporary directory for clickhouse-server")?;
-        let http_port = free_port();
-        let tcp_port = loop {
-            let port = free_port();
-            if port != http_port {
-                break port;
-            }
-        };
-        let dir_text = dir
-            .path()
-            .to_str()
-            .ok_or_else(|| anyhow!("temporary directory {} is not UTF-8", dir.path().display()))?
-            .to_owned();
-        let render = |template: &str| {
-            template
-                .replace("@HTTP_PORT@", &http_port.to_string())
-                .replace("@TCP_PORT@", &tcp_port.to_string())
-                .replace("@DATA_DIR@", &dir_text)
-        };
-        let config = dir.path().join("config.xml");
-        std::fs::write(&config, render(CLICKHOUSE_CONFIG))
-            .with_context(|| format!("writing {}", config.display()))?;
-        std::fs::write(dir.path().join("users.xml"), render(CLICKHOUSE_USERS))
-            .with_context(|| format!("writing users.xml in {}", dir.path().display()))?;
+        let (url, config) = write_clickhouse_config(dir.path())?;
         let mut server = ClickHouseServer {
             child: None,
             binary,
             config,
-            url: format!("http://127.0.0.1:{http_port}"),
+            url,
             dir,
         };
         server.spawn().await?;

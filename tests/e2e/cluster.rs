@@ -5,7 +5,7 @@
 //!
 //! Either way the test can kill (SIGKILL) and restart what does the processing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -480,6 +480,21 @@ impl Cluster {
         }
     }
 
+    /// A poll's time-series points summed per option (options with no votes left out).
+    pub async fn timeseries_sums(&self, poll: &str) -> Result<BTreeMap<String, u64>> {
+        let series = self
+            .analyst_get(&format!("/v1/polls/{poll}/timeseries?step=1m"))
+            .await?;
+        let mut sums: BTreeMap<String, u64> = BTreeMap::new();
+        for point in series["points"].as_array().into_iter().flatten() {
+            for (option, count) in point["options"].as_object().into_iter().flatten() {
+                *sums.entry(option.clone()).or_default() += count.as_u64().unwrap_or(0);
+            }
+        }
+        sums.retain(|_, count| *count > 0);
+        Ok(sums)
+    }
+
     /// Runs a statement on this cluster's ClickHouse database and returns its TSV output;
     /// `None` in standalone, which has no ClickHouse.
     pub async fn clickhouse_query(&self, sql: &str) -> Result<Option<String>> {
@@ -499,6 +514,18 @@ impl Cluster {
         }
         Ok(Some(text.trim().to_owned()))
     }
+}
+
+/// Per-option counts of a results document or a breakdown group, options with no votes
+/// left out.
+pub fn option_counts(doc: &Value) -> BTreeMap<String, u64> {
+    doc["options"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| Some((o["id"].as_str()?.to_owned(), o["count"].as_u64()?)))
+        .filter(|(_, count)| *count > 0)
+        .collect()
 }
 
 /// A Server-Sent Events client that records every event it receives.

@@ -62,21 +62,6 @@ async fn send_votes(
     Ok(retried)
 }
 
-/// Sums the time-series points of a poll per option.
-async fn timeseries_sums(cluster: &Cluster, poll: &str) -> Result<BTreeMap<String, u64>> {
-    let series = cluster
-        .analyst_get(&format!("/v1/polls/{poll}/timeseries?step=1m"))
-        .await?;
-    let mut sums = BTreeMap::new();
-    for point in series["points"].as_array().cloned().unwrap_or_default() {
-        for (option, count) in point["options"].as_object().cloned().unwrap_or_default() {
-            *sums.entry(option).or_default() += count.as_u64().unwrap_or(0);
-        }
-    }
-    sums.retain(|_, count| *count > 0);
-    Ok(sums)
-}
-
 crate::for_each_deployment!(processor_crashes_mid_stream_count_once);
 
 async fn processor_crashes_mid_stream_count_once(deployment: Deployment) -> Result<()> {
@@ -178,7 +163,7 @@ async fn processor_crashes_mid_stream_count_once(deployment: Deployment) -> Resu
     let truth: BTreeMap<String, u64> = truth.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
     let end = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let sums = timeseries_sums(&cluster, "crash").await?;
+        let sums = cluster.timeseries_sums("crash").await?;
         if sums == truth {
             break;
         }

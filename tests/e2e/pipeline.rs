@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::cluster::{Cluster, Deployment, SseClient};
+use crate::cluster::{option_counts, Cluster, Deployment, SseClient};
 
 const VOTERS: usize = 5_000;
 const CLIENTS: usize = 32;
@@ -282,21 +282,6 @@ pub async fn drive_load(cluster: &Arc<Cluster>) -> Result<Truth> {
     Ok(truth)
 }
 
-fn option_counts(results: &Value) -> BTreeMap<String, u64> {
-    results["options"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|o| o["count"].as_u64().unwrap_or(0) > 0)
-        .map(|o| {
-            (
-                o["id"].as_str().unwrap_or_default().to_owned(),
-                o["count"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect()
-}
-
 pub async fn check_results(cluster: &Cluster, truth: &Truth) -> Result<()> {
     for (poll, ballots) in &truth.ballots {
         let results = cluster
@@ -321,18 +306,7 @@ pub async fn check_timeseries(cluster: &Cluster, truth: &Truth) -> Result<()> {
     for (poll, counts) in &truth.counts {
         let end = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let series = cluster
-                .analyst_get(&format!("/v1/polls/{poll}/timeseries?step=1m"))
-                .await?;
-            let mut sums: BTreeMap<String, u64> = BTreeMap::new();
-            for point in series["points"].as_array().into_iter().flatten() {
-                for (option, count) in point["options"].as_object().into_iter().flatten() {
-                    let count = count.as_u64().unwrap_or(0);
-                    if count > 0 {
-                        *sums.entry(option.clone()).or_default() += count;
-                    }
-                }
-            }
+            let sums = cluster.timeseries_sums(poll).await?;
             if &sums == counts {
                 break;
             }

@@ -17,7 +17,7 @@ use rand::Rng;
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
-use crate::cluster::{Cluster, Deployment, Options, ADMIN_KEY};
+use crate::cluster::{option_counts, Cluster, Deployment, Options, ADMIN_KEY};
 
 fn long() -> bool {
     std::env::var("TALLY_FAULTS_LONG").is_ok_and(|v| !v.is_empty() && v != "0")
@@ -168,17 +168,6 @@ impl Load {
     }
 }
 
-/// Per-option counts of a results document or a breakdown group, zeros left out.
-fn option_counts(doc: &Value) -> BTreeMap<String, u64> {
-    doc["options"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|o| Some((o["id"].as_str()?.to_owned(), o["count"].as_u64()?)))
-        .filter(|(_, count)| *count > 0)
-        .collect()
-}
-
 fn truth_counts(doc: &Value) -> BTreeMap<String, u64> {
     doc.as_object()
         .into_iter()
@@ -242,16 +231,7 @@ async fn verify(cluster: &Cluster, truth: &Value) -> Result<()> {
             }
         }
         // Window rows are written before totals are published; they must add up as well.
-        let series = cluster
-            .analyst_get(&format!("/v1/polls/{poll}/timeseries?step=1m"))
-            .await?;
-        let mut sums: BTreeMap<String, u64> = BTreeMap::new();
-        for point in series["points"].as_array().into_iter().flatten() {
-            for (option, count) in point["options"].as_object().into_iter().flatten() {
-                *sums.entry(option.clone()).or_default() += count.as_u64().unwrap_or(0);
-            }
-        }
-        sums.retain(|_, count| *count > 0);
+        let sums = cluster.timeseries_sums(poll).await?;
         ensure!(
             sums == truth_counts(&expected["options"]),
             "time series of {poll} sums to {sums:?}, expected {}",
@@ -283,6 +263,17 @@ async fn random_pause(from: Duration, to: Duration) {
     tokio::time::sleep(Duration::from_millis(ms)).await;
 }
 
+/// SIGKILLs and restarts what processes votes `times` times at random points spread over
+/// the first part of a `seconds`-long load.
+async fn kill_processor_during(cluster: &Cluster, times: u64, seconds: u64) -> Result<()> {
+    let step = Duration::from_millis(seconds * 1000 / (times + 2));
+    for _ in 0..times {
+        random_pause(step / 2, step).await;
+        cluster.restart_processor(&[]).await?;
+    }
+    Ok(())
+}
+
 fn report(what: &str, summary: &Value) {
     eprintln!(
         "{what}: {} accepted, {} requests retried, statuses {}, live {}",
@@ -304,11 +295,7 @@ async fn processor_killed_five_times() -> Result<()> {
         Dedupe::NoneWithRepeats,
     )
     .await?;
-    let step = Duration::from_millis(seconds * 1000 / 7);
-    for _ in 0..5 {
-        random_pause(step / 2, step).await;
-        cluster.restart_processor(&[]).await?;
-    }
+    kill_processor_during(&cluster, 5, seconds).await?;
     let (summary, truth) = load.finish(&cluster).await?;
     report("processor killed 5 times", &summary);
     verify(&cluster, &truth).await
@@ -533,11 +520,7 @@ async fn standalone_killed_three_times() -> Result<()> {
         Dedupe::NoneWithRepeats,
     )
     .await?;
-    let step = Duration::from_millis(seconds * 1000 / 5);
-    for _ in 0..3 {
-        random_pause(step / 2, step).await;
-        cluster.restart_processor(&[]).await?;
-    }
+    kill_processor_during(&cluster, 3, seconds).await?;
     let (summary, truth) = load.finish(&cluster).await?;
     report("standalone killed 3 times", &summary);
     ensure!(
