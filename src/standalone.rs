@@ -66,7 +66,7 @@ async fn catch_up(store: &tally_embedded::Embedded) -> anyhow::Result<()> {
         let tip = store.log.tip(partition);
         loop {
             let marks = store.warehouse.watermarks(partition).await?;
-            let held = marks.votes.min(marks.windows);
+            let held = marks.lowest();
             if held >= tip {
                 break;
             }

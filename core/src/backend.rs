@@ -13,6 +13,7 @@ use futures::Stream;
 
 use crate::poll::Poll;
 use crate::results::{Results, Tally};
+use crate::rollup::RollupRow;
 use crate::vote::Vote;
 use crate::Result;
 
@@ -128,6 +129,14 @@ pub struct WindowRow {
 pub struct Watermarks {
     pub votes: u64,
     pub windows: u64,
+    pub rollups: u64,
+}
+
+impl Watermarks {
+    /// Where processing resumes: after the position every table holds.
+    pub fn lowest(&self) -> u64 {
+        self.votes.min(self.windows).min(self.rollups)
+    }
 }
 
 /// A segment dimension: a standard key or one of the poll's own.
@@ -167,33 +176,6 @@ pub struct GroupCounts {
 pub struct Breakdown {
     pub groups: Vec<GroupCounts>,
     pub as_of: u64,
-}
-
-impl Breakdown {
-    /// Puts a breakdown together from its two reads: ballots per group (in the order to
-    /// show them) and answer counts per group and option.
-    pub fn assemble(
-        ballots: Vec<(Vec<String>, u64)>,
-        counts: impl IntoIterator<Item = (Vec<String>, String, u64)>,
-        as_of: u64,
-    ) -> Breakdown {
-        let mut per_group: BTreeMap<Vec<String>, BTreeMap<String, u64>> = BTreeMap::new();
-        for (group, option, count) in counts {
-            per_group.entry(group).or_default().insert(option, count);
-        }
-        let groups = ballots
-            .into_iter()
-            .map(|(values, ballots)| {
-                let counts = per_group.remove(&values).unwrap_or_default();
-                GroupCounts {
-                    values,
-                    ballots,
-                    counts,
-                }
-            })
-            .collect();
-        Breakdown { groups, as_of }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -242,10 +224,14 @@ pub trait Warehouse: Send + Sync + 'static {
     async fn watermarks(&self, partition: u16) -> Result<Watermarks>;
     async fn insert_votes(&self, partition: u16, votes: &[StoredVote]) -> Result<()>;
     async fn insert_windows(&self, partition: u16, rows: &[WindowRow]) -> Result<()>;
+    async fn insert_rollups(&self, partition: u16, rows: &[RollupRow]) -> Result<()>;
     /// The exact tally of a poll over every stored vote.
     async fn tally(&self, poll_id: &str) -> Result<Tally>;
     /// The distinct non-empty voter keys of a poll.
     async fn voter_keys(&self, poll_id: &str) -> Result<Vec<String>>;
+    /// Ballots and answer counts per group, exact as of the poll's newest rollup row
+    /// (`as_of`): read from [`RollupRow`]s, with cut buckets of a time range completed from
+    /// the raw votes (see [`crate::rollup`]).
     async fn breakdown(&self, query: &BreakdownQuery) -> Result<Breakdown>;
     async fn timeseries(&self, query: &TimeseriesQuery) -> Result<Vec<TimePoint>>;
     async fn check(&self) -> Result<()>;

@@ -11,6 +11,7 @@ use futures::StreamExt;
 use crate::backend::*;
 use crate::poll::{Dedupe, NewPoll, Poll};
 use crate::results::Tally;
+use crate::rollup::Rollups;
 use crate::segment::Segment;
 use crate::vote::Vote;
 use crate::{wire, Error};
@@ -263,7 +264,7 @@ pub async fn warehouse(warehouse: Arc<dyn Warehouse>) {
             &format!("w-{i}"),
             &format!("k{}", i % 20),
             if i % 3 == 0 { "a" } else { "b" },
-            1_700_000_000_000 + i as i64 * 1000,
+            1_700_000_000_000 + i as i64 * 10_000,
         );
         v.segment.country = if i % 2 == 0 { "DE".into() } else { "FR".into() };
         v.segment.custom.insert(
@@ -295,7 +296,8 @@ pub async fn warehouse(warehouse: Arc<dyn Warehouse>) {
         warehouse.watermarks(0).await.expect("watermarks"),
         Watermarks {
             votes: 39,
-            windows: 0
+            windows: 0,
+            rollups: 0
         }
     );
     assert_eq!(
@@ -320,13 +322,92 @@ pub async fn warehouse(warehouse: Arc<dyn Warehouse>) {
     keys.sort();
     assert_eq!(keys.len(), 20);
 
+    // Breakdowns read the rollups: none yet, so nothing to show.
+    let by_country = |from_ms: Option<i64>, to_ms: Option<i64>| BreakdownQuery {
+        poll_id: "conf-wh".into(),
+        by: vec![Dimension("country".into())],
+        filters: vec![],
+        from_ms,
+        to_ms,
+    };
+    let empty = warehouse
+        .breakdown(&by_country(None, None))
+        .await
+        .expect("breakdown");
+    assert_eq!((empty.groups.len(), empty.as_of), (0, 0));
+    // Two flushes; the second adds to segments and buckets of the first.
+    let mut rollups = Rollups::default();
+    for stored in &votes[..20] {
+        rollups.add(&stored.vote, 29);
+    }
+    warehouse
+        .insert_rollups(0, &rollups.rows())
+        .await
+        .expect("insert rollups");
+    let first = warehouse
+        .breakdown(&by_country(None, Some(1_700_000_235_000)))
+        .await
+        .expect("breakdown");
+    assert_eq!(first.as_of, 29, "exact as of the rollups");
+    assert_eq!(
+        first.groups.iter().map(|g| g.ballots).sum::<u64>(),
+        20,
+        "raw votes of a cut bucket count up to the rollups' position only"
+    );
+    rollups.clear();
+    for stored in &votes[20..] {
+        rollups.add(&stored.vote, 39);
+    }
+    warehouse
+        .insert_rollups(0, &rollups.rows())
+        .await
+        .expect("insert rollups");
+    assert_eq!(
+        warehouse.watermarks(0).await.expect("watermarks").rollups,
+        39
+    );
+
+    // Votes are 10 s apart from a time 20 s into a minute: minute buckets start at +40 s,
+    // +100 s, ...
+    for (from, to, ballots, what) in [
+        (None, None, 30, "all buckets"),
+        (
+            Some(0),
+            Some(300_000),
+            30,
+            "the whole range, cut buckets at both ends",
+        ),
+        (Some(5_000), Some(25_000), 2, "inside one bucket"),
+        (Some(5_000), Some(300_000), 29, "whole buckets and cut ones"),
+        (Some(40_000), Some(160_000), 12, "whole buckets only"),
+        (Some(40_000), Some(40_000), 0, "an empty range"),
+    ] {
+        let t0 = 1_700_000_000_000;
+        let breakdown = warehouse
+            .breakdown(&by_country(from.map(|f| t0 + f), to.map(|t| t0 + t)))
+            .await
+            .expect("breakdown");
+        assert_eq!(breakdown.as_of, 39);
+        assert_eq!(
+            breakdown.groups.iter().map(|g| g.ballots).sum::<u64>(),
+            ballots,
+            "{what}"
+        );
+        let answers: u64 = breakdown
+            .groups
+            .iter()
+            .flat_map(|g| g.counts.values())
+            .sum();
+        assert_eq!(answers, ballots, "{what}: one answer per ballot");
+    }
+
     let breakdown = warehouse
         .breakdown(&BreakdownQuery {
             poll_id: "conf-wh".into(),
             by: vec![Dimension("country".into()), Dimension("plan".into())],
             filters: vec![(Dimension("plan".into()), vec!["pro".into(), "free".into()])],
             from_ms: Some(1_700_000_000_000),
-            to_ms: Some(1_700_000_030_000),
+            to_ms: Some(1_700_000_300_000),
         })
         .await
         .expect("breakdown");
@@ -340,12 +421,19 @@ pub async fn warehouse(warehouse: Arc<dyn Warehouse>) {
         .expect("DE/pro group");
     assert_eq!(de_pro.ballots, 5);
     assert_eq!(de_pro.counts.values().sum::<u64>(), 5);
+    assert!(
+        breakdown
+            .groups
+            .windows(2)
+            .all(|w| w[0].ballots >= w[1].ballots),
+        "largest groups first"
+    );
     let filtered = warehouse
         .breakdown(&BreakdownQuery {
             poll_id: "conf-wh".into(),
             by: vec![Dimension("country".into())],
             filters: vec![(Dimension("country".into()), vec!["DE".into()])],
-            from_ms: Some(1_700_000_010_000),
+            from_ms: Some(1_700_000_100_000),
             to_ms: None,
         })
         .await

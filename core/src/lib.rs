@@ -20,6 +20,7 @@ pub mod poll;
 pub mod polls;
 pub mod problem;
 pub mod results;
+pub mod rollup;
 pub mod segment;
 pub mod time;
 pub mod token;

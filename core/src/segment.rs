@@ -13,7 +13,7 @@ pub const MAX_VALUE_CHARS: usize = 128;
 
 /// A vote's segment. Absent standard keys are empty strings so the warehouse can group
 /// on plain columns; custom keys are only those the poll declares.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Segment {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub campaign: String,

@@ -36,9 +36,10 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use tally_core::backend::{
     too_many_groups, Breakdown, BreakdownQuery, Dimension, StoredVote, TimePoint, TimeseriesQuery,
-    Warehouse, Watermarks, WindowRow, MAX_GROUPS,
+    Warehouse, Watermarks, WindowRow,
 };
 use tally_core::results::Tally;
+use tally_core::rollup::{self, BreakdownPlan, RollupRow, BREAKDOWN_ROW_LIMIT};
 use tally_core::segment::STANDARD_KEYS;
 use tally_core::{Error, Result};
 
@@ -73,15 +74,17 @@ impl Default for WarehouseOptions {
 enum Kind {
     Votes,
     Windows,
+    Rollups,
 }
 
 impl Kind {
-    const ALL: [Kind; 2] = [Kind::Votes, Kind::Windows];
+    const ALL: [Kind; 3] = [Kind::Votes, Kind::Windows, Kind::Rollups];
 
     fn table(self) -> &'static str {
         match self {
             Kind::Votes => "votes",
             Kind::Windows => "vote_windows",
+            Kind::Rollups => "segment_rollups",
         }
     }
 
@@ -90,6 +93,15 @@ impl Kind {
         match self {
             Kind::Votes => 1,
             Kind::Windows => 6,
+            Kind::Rollups => 15,
+        }
+    }
+
+    /// The column holding the poll id.
+    fn poll_column(self) -> usize {
+        match self {
+            Kind::Votes => 3,
+            Kind::Windows | Kind::Rollups => 1,
         }
     }
 }
@@ -130,6 +142,99 @@ fn windows_schema() -> SchemaRef {
         Field::new("votes", DataType::UInt64, false),
         Field::new("last_seq", DataType::UInt64, false),
     ]))
+}
+
+fn rollups_schema() -> SchemaRef {
+    let text = |name: &str| Field::new(name, DataType::Utf8, false);
+    Arc::new(Schema::new(vec![
+        Field::new("log_partition", DataType::UInt16, false),
+        text("poll_id"),
+        Field::new("bucket_start", DataType::Int64, false),
+        Field::new("bucket_seconds", DataType::UInt32, false),
+        text("campaign"),
+        text("channel"),
+        text("source"),
+        text("medium"),
+        text("country"),
+        text("device"),
+        Field::new("dim_keys", DataType::List(list_field()), false),
+        Field::new("dim_values", DataType::List(list_field()), false),
+        Field::new("ballots", DataType::UInt64, false),
+        Field::new("answers", DataType::List(list_field()), false),
+        Field::new(
+            "answer_votes",
+            DataType::List(Arc::new(Field::new_list_field(DataType::UInt64, true))),
+            false,
+        ),
+        Field::new("last_seq", DataType::UInt64, false),
+    ]))
+}
+
+fn rollups_batch(schema: &SchemaRef, partition: u16, rows: &[RollupRow]) -> Result<RecordBatch> {
+    let mut log_partition = UInt16Builder::with_capacity(rows.len());
+    let mut poll_id = StringBuilder::new();
+    let mut bucket_start = Int64Builder::with_capacity(rows.len());
+    let mut bucket_seconds = UInt32Builder::with_capacity(rows.len());
+    let mut text: Vec<StringBuilder> = (0..6).map(|_| StringBuilder::new()).collect();
+    let mut dim_keys = ListBuilder::new(StringBuilder::new()).with_field(list_field());
+    let mut dim_values = ListBuilder::new(StringBuilder::new()).with_field(list_field());
+    let mut ballots = UInt64Builder::with_capacity(rows.len());
+    let mut answers = ListBuilder::new(StringBuilder::new()).with_field(list_field());
+    let mut answer_votes = ListBuilder::new(UInt64Builder::new())
+        .with_field(Arc::new(Field::new_list_field(DataType::UInt64, true)));
+    let mut last_seq = UInt64Builder::with_capacity(rows.len());
+    for row in rows {
+        let segment = &row.segment;
+        log_partition.append_value(partition);
+        poll_id.append_value(&row.poll_id);
+        bucket_start.append_value(row.bucket_start);
+        bucket_seconds.append_value(row.bucket_seconds);
+        for (builder, value) in text.iter_mut().zip([
+            &segment.campaign,
+            &segment.channel,
+            &segment.source,
+            &segment.medium,
+            &segment.country,
+            &segment.device,
+        ]) {
+            builder.append_value(value);
+        }
+        for (key, val) in &segment.custom {
+            dim_keys.values().append_value(key);
+            dim_values.values().append_value(val);
+        }
+        dim_keys.append(true);
+        dim_values.append(true);
+        ballots.append_value(row.ballots);
+        for answer in &row.answers {
+            answers.values().append_value(answer);
+        }
+        answers.append(true);
+        for votes in &row.answer_votes {
+            answer_votes.values().append_value(*votes);
+        }
+        answer_votes.append(true);
+        last_seq.append_value(row.last_seq);
+    }
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(log_partition.finish()),
+        Arc::new(poll_id.finish()),
+        Arc::new(bucket_start.finish()),
+        Arc::new(bucket_seconds.finish()),
+    ];
+    columns.extend(
+        text.into_iter()
+            .map(|mut b| Arc::new(b.finish()) as ArrayRef),
+    );
+    columns.extend([
+        Arc::new(dim_keys.finish()) as ArrayRef,
+        Arc::new(dim_values.finish()),
+        Arc::new(ballots.finish()),
+        Arc::new(answers.finish()),
+        Arc::new(answer_votes.finish()),
+        Arc::new(last_seq.finish()),
+    ]);
+    RecordBatch::try_new(schema.clone(), columns).map_err(storage)
 }
 
 fn votes_batch(schema: &SchemaRef, partition: u16, votes: &[StoredVote]) -> Result<RecordBatch> {
@@ -293,6 +398,7 @@ struct Inner {
     options: WarehouseOptions,
     votes_schema: SchemaRef,
     windows_schema: SchemaRef,
+    rollups_schema: SchemaRef,
     tables: RwLock<HashMap<Kind, Table>>,
     /// Serialises flushes and merges of one table and partition.
     maintenance: std::sync::Mutex<HashMap<(Kind, u16), MaintenanceLock>>,
@@ -319,6 +425,7 @@ impl ParquetWarehouse {
             options,
             votes_schema: votes_schema(),
             windows_schema: windows_schema(),
+            rollups_schema: rollups_schema(),
             tables: RwLock::new(tables),
             maintenance: Default::default(),
         });
@@ -402,13 +509,9 @@ async fn flush_old_tails(inner: Weak<Inner>) {
 
 /// Sorts rows by poll and position, so Parquet row-group statistics prune other polls.
 fn sort_for_storage(kind: Kind, batch: &RecordBatch) -> Result<RecordBatch> {
-    let poll = match kind {
-        Kind::Votes => 3,
-        Kind::Windows => 1,
-    };
     let columns = [
         SortColumn {
-            values: batch.column(poll).clone(),
+            values: batch.column(kind.poll_column()).clone(),
             options: None,
         },
         SortColumn {
@@ -475,6 +578,7 @@ impl Inner {
         match kind {
             Kind::Votes => &self.votes_schema,
             Kind::Windows => &self.windows_schema,
+            Kind::Rollups => &self.rollups_schema,
         }
     }
 
@@ -651,37 +755,41 @@ impl Inner {
         Ok(())
     }
 
-    /// A query context over a consistent snapshot of one table: its files (kept alive until
-    /// the context is dropped) and its in-memory tail.
-    async fn snapshot(&self, kind: Kind) -> Result<Snapshot> {
-        let (files, batches): (Vec<Arc<DataFile>>, Vec<RecordBatch>) = {
-            let tables = self.tables.read().expect("warehouse lock");
-            let table = &tables[&kind];
-            let batches = table
-                .tails
-                .values()
-                .flat_map(|t| t.batches.iter().cloned())
-                .collect();
-            (table.files.clone(), batches)
-        };
+    /// A query context over a consistent snapshot of some tables: their files (kept alive
+    /// until the context is dropped) and their in-memory tails.
+    async fn snapshot(&self, kinds: &[Kind]) -> Result<Snapshot> {
         let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(2));
-        let schema = self.schema(kind).clone();
-        let memory = MemTable::try_new(schema.clone(), vec![batches]).map_err(storage)?;
-        let mut frame = ctx.read_table(Arc::new(memory)).map_err(storage)?;
-        if !files.is_empty() {
-            let paths: Vec<String> = files
-                .iter()
-                .map(|f| f.path.to_string_lossy().into_owned())
-                .collect();
-            let stored = ctx
-                .read_parquet(paths, ParquetReadOptions::default().schema(&schema))
-                .await
+        let mut kept = Vec::new();
+        for &kind in kinds {
+            let (files, batches): (Vec<Arc<DataFile>>, Vec<RecordBatch>) = {
+                let tables = self.tables.read().expect("warehouse lock");
+                let table = &tables[&kind];
+                let batches = table
+                    .tails
+                    .values()
+                    .flat_map(|t| t.batches.iter().cloned())
+                    .collect();
+                (table.files.clone(), batches)
+            };
+            let schema = self.schema(kind).clone();
+            let memory = MemTable::try_new(schema.clone(), vec![batches]).map_err(storage)?;
+            let mut frame = ctx.read_table(Arc::new(memory)).map_err(storage)?;
+            if !files.is_empty() {
+                let paths: Vec<String> = files
+                    .iter()
+                    .map(|f| f.path.to_string_lossy().into_owned())
+                    .collect();
+                let stored = ctx
+                    .read_parquet(paths, ParquetReadOptions::default().schema(&schema))
+                    .await
+                    .map_err(storage)?;
+                frame = stored.union(frame).map_err(storage)?;
+            }
+            ctx.register_table(kind.table(), frame.into_view())
                 .map_err(storage)?;
-            frame = stored.union(frame).map_err(storage)?;
+            kept.extend(files);
         }
-        ctx.register_table(kind.table(), frame.into_view())
-            .map_err(storage)?;
-        Ok(Snapshot { ctx, _files: files })
+        Ok(Snapshot { ctx, _files: kept })
     }
 }
 
@@ -780,10 +888,11 @@ fn dimension_expr(dimension: &Dimension) -> Result<String> {
     ))
 }
 
-/// The WHERE clause of a breakdown, with its parameters (`$1` is the poll id).
-fn breakdown_filter(query: &BreakdownQuery) -> Result<(String, Vec<ScalarValue>)> {
+/// The segment filters of a breakdown as ` AND` clauses, with their parameters (`$1` is
+/// the poll id).
+fn segment_filter(query: &BreakdownQuery) -> Result<(String, Vec<ScalarValue>)> {
     let mut params = vec![text(&query.poll_id)];
-    let mut filter = "poll_id = $1".to_owned();
+    let mut filter = String::new();
     for (dimension, values) in &query.filters {
         let expr = dimension_expr(dimension)?;
         let mut alternatives = Vec::new();
@@ -796,13 +905,19 @@ fn breakdown_filter(query: &BreakdownQuery) -> Result<(String, Vec<ScalarValue>)
         }
         filter.push_str(&format!(" AND ({})", alternatives.join(" OR ")));
     }
-    if let Some(from) = query.from_ms {
-        filter.push_str(&format!(" AND received_ms >= {}", from.max(0)));
-    }
-    if let Some(to) = query.to_ms {
-        filter.push_str(&format!(" AND received_ms < {}", to.max(0)));
-    }
     Ok((filter, params))
+}
+
+/// `[from, to)` as a condition on `column`; `None` is open.
+fn range_clause(column: &str, (from, to): (Option<i64>, Option<i64>)) -> String {
+    let mut range = vec!["true".to_owned()];
+    if let Some(from) = from {
+        range.push(format!("{column} >= {from}"));
+    }
+    if let Some(to) = to {
+        range.push(format!("{column} < {to}"));
+    }
+    format!("({})", range.join(" AND "))
 }
 
 #[async_trait]
@@ -828,6 +943,7 @@ impl Warehouse for ParquetWarehouse {
         Ok(Watermarks {
             votes: mark(Kind::Votes),
             windows: mark(Kind::Windows),
+            rollups: mark(Kind::Rollups),
         })
     }
 
@@ -855,8 +971,21 @@ impl Warehouse for ParquetWarehouse {
         Ok(())
     }
 
+    async fn insert_rollups(&self, partition: u16, rows: &[RollupRow]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let batch = rollups_batch(&self.inner.rollups_schema, partition, rows)?;
+        if self.inner.append(Kind::Rollups, partition, batch) {
+            self.inner
+                .flush_after_insert(Kind::Rollups, partition)
+                .await;
+        }
+        Ok(())
+    }
+
     async fn tally(&self, poll_id: &str) -> Result<Tally> {
-        let snapshot = self.inner.snapshot(Kind::Votes).await?;
+        let snapshot = self.inner.snapshot(&[Kind::Votes]).await?;
         let totals = snapshot
             .query(
                 "SELECT count(*), count(DISTINCT nullif(voter_key, '')), max(seq) FROM votes WHERE poll_id = $1",
@@ -883,7 +1012,7 @@ impl Warehouse for ParquetWarehouse {
     }
 
     async fn voter_keys(&self, poll_id: &str) -> Result<Vec<String>> {
-        let snapshot = self.inner.snapshot(Kind::Votes).await?;
+        let snapshot = self.inner.snapshot(&[Kind::Votes]).await?;
         let keys = snapshot
             .query(
                 "SELECT DISTINCT voter_key FROM votes WHERE poll_id = $1 AND voter_key <> ''",
@@ -894,62 +1023,82 @@ impl Warehouse for ParquetWarehouse {
     }
 
     async fn breakdown(&self, query: &BreakdownQuery) -> Result<Breakdown> {
-        let snapshot = self.inner.snapshot(Kind::Votes).await?;
+        let plan = BreakdownPlan::new(query.from_ms, query.to_ms);
+        let kinds: &[Kind] = if plan.raw.is_empty() {
+            &[Kind::Rollups]
+        } else {
+            &[Kind::Rollups, Kind::Votes]
+        };
+        let snapshot = self.inner.snapshot(kinds).await?;
         let as_of = snapshot
             .query(
-                "SELECT max(seq) FROM votes WHERE poll_id = $1",
+                "SELECT max(last_seq) FROM segment_rollups WHERE poll_id = $1",
                 vec![text(&query.poll_id)],
             )
             .await?;
         let as_of = u64s(&as_of, 0)?.first().copied().unwrap_or_default();
-        let (filter, params) = breakdown_filter(query)?;
+        let (filter, params) = segment_filter(query)?;
         let exprs = query
             .by
             .iter()
             .map(dimension_expr)
             .collect::<Result<Vec<_>>>()?;
-        let groups: Vec<String> = (0..exprs.len()).map(|i| format!("g{i}")).collect();
-        let select: Vec<String> = exprs
-            .iter()
-            .zip(&groups)
-            .map(|(expr, name)| format!("{expr} AS {name}"))
-            .collect();
         let dims = exprs.len();
-
-        let (ballots_sql, counts_sql) = if dims == 0 {
-            (
-                format!("SELECT count(*) AS n FROM votes WHERE {filter} HAVING count(*) > 0"),
-                format!("SELECT opt, count(*) FROM (SELECT unnest(choice) AS opt FROM votes WHERE {filter}) GROUP BY opt"),
-            )
-        } else {
-            let names = groups.join(", ");
-            (
-                format!(
-                    "SELECT {}, count(*) AS n FROM votes WHERE {filter} GROUP BY {names} ORDER BY n DESC, {names} LIMIT {}",
-                    select.join(", "),
-                    MAX_GROUPS + 1
-                ),
-                format!(
-                    "SELECT {names}, opt, count(*) FROM (SELECT {}, unnest(choice) AS opt FROM votes WHERE {filter}) GROUP BY {names}, opt",
-                    select.join(", ")
-                ),
-            )
-        };
-        let ballots = snapshot.query(&ballots_sql, params.clone()).await?;
-        let ballots: Vec<(Vec<String>, u64)> = group_keys(&ballots, dims)?
-            .into_iter()
-            .zip(u64s(&ballots, dims)?)
+        let mut select: Vec<String> = exprs
+            .iter()
+            .enumerate()
+            .map(|(i, expr)| format!("{expr} AS g{i}"))
             .collect();
-        if ballots.len() > MAX_GROUPS {
-            return Err(too_many_groups());
+        let mut groups: Vec<String> = (0..dims).map(|i| format!("g{i}")).collect();
+        groups.push("opt".into());
+        let groups = groups.join(", ");
+
+        // Rows of (group values…, answer, count); answer '' holds the ballots.
+        let mut parts = Vec::new();
+        if let Some(buckets) = plan.buckets {
+            let mut inner = select.clone();
+            inner.push("unnest(array_prepend('', answers)) AS opt".into());
+            inner.push("unnest(array_prepend(ballots, answer_votes)) AS n".into());
+            parts.push(format!(
+                "SELECT {groups}, sum(n) FROM (SELECT {} FROM segment_rollups \
+                 WHERE poll_id = $1 AND last_seq <= {as_of} AND {}{filter}) \
+                 GROUP BY {groups} LIMIT {BREAKDOWN_ROW_LIMIT}",
+                inner.join(", "),
+                range_clause("bucket_start", buckets),
+            ));
         }
-        let counts = snapshot.query(&counts_sql, params).await?;
-        let counts = group_keys(&counts, dims)?
-            .into_iter()
-            .zip(strings(&counts, dims)?)
-            .zip(u64s(&counts, dims + 1)?)
-            .map(|((group, option), count)| (group, option, count));
-        Ok(Breakdown::assemble(ballots, counts, as_of))
+        if !plan.raw.is_empty() {
+            let ranges: Vec<String> = plan
+                .raw
+                .iter()
+                .map(|range| range_clause("received_ms", *range))
+                .collect();
+            select.push("unnest(array_prepend('', choice)) AS opt".into());
+            parts.push(format!(
+                "SELECT {groups}, count(*) FROM (SELECT {} FROM votes \
+                 WHERE poll_id = $1 AND seq <= {as_of} AND ({}){filter}) \
+                 GROUP BY {groups} LIMIT {BREAKDOWN_ROW_LIMIT}",
+                select.join(", "),
+                ranges.join(" OR "),
+            ));
+        }
+        let mut rows = Vec::new();
+        for sql in parts {
+            let part = snapshot.query(&sql, params.clone()).await?;
+            let keys = group_keys(&part, dims)?;
+            if keys.len() >= BREAKDOWN_ROW_LIMIT {
+                return Err(too_many_groups());
+            }
+            let answers = strings(&part, dims)?;
+            let counts = u64s(&part, dims + 1)?;
+            rows.extend(
+                keys.into_iter()
+                    .zip(answers)
+                    .zip(counts)
+                    .map(|((group, answer), count)| (group, answer, count)),
+            );
+        }
+        rollup::assemble(rows, as_of)
     }
 
     async fn timeseries(&self, query: &TimeseriesQuery) -> Result<Vec<TimePoint>> {
@@ -961,7 +1110,7 @@ impl Warehouse for ParquetWarehouse {
         if let Some(to) = query.to_ms {
             filter.push_str(&format!(" AND window_start < {}", to.max(0) / 1000));
         }
-        let snapshot = self.inner.snapshot(Kind::Windows).await?;
+        let snapshot = self.inner.snapshot(&[Kind::Windows]).await?;
         let rows = snapshot
             .query(
                 &format!(

@@ -174,7 +174,8 @@ async fn only_flushed_rows_survive_a_crash_and_the_watermark_says_so() {
         warehouse.watermarks(0).await.unwrap(),
         Watermarks {
             votes: 60,
-            windows: 0
+            windows: 0,
+            rollups: 0
         },
         "the watermark falls back to the last flushed file"
     );

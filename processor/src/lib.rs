@@ -2,8 +2,10 @@
 //! deduplicated votes and their tumbling-window aggregates to the warehouse, and publishes
 //! full live totals per poll.
 //!
-//! In: log entries (versioned vote events). Out: `votes` and `vote_windows` rows, each
-//! stamped with the log sequence it covers, and [`Results`] on the live feed.
+//! In: log entries (versioned vote events). Out: `votes`, `vote_windows` and
+//! `segment_rollups` rows, each stamped with the log sequence it covers, and [`Results`] on
+//! the live feed. Rollups are collected over about a second of batches and written together
+//! (see [`tally_core::rollup`]); the others are written per batch.
 //!
 //! Exactly-once: every warehouse table knows how far it holds the log (its watermark). On
 //! start the processor reads the watermarks and resumes after the lower one; an entry at or
@@ -25,6 +27,7 @@ use tally_core::backend::{
 use tally_core::poll::Dedupe;
 use tally_core::polls::PollCache;
 use tally_core::results::{Results, Tally};
+use tally_core::rollup::Rollups;
 use tally_core::{health, wire};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -59,6 +62,10 @@ pub struct Config {
     /// How long a read waits for the first entry of a batch.
     pub batch_wait: Duration,
     pub window_seconds: u32,
+    /// Segment rollups are written once their oldest vote has waited this long, when this
+    /// many votes are pending, or when the log falls quiet — whichever comes first.
+    pub rollup_interval: Duration,
+    pub rollup_votes: usize,
 }
 
 impl Default for Config {
@@ -68,6 +75,8 @@ impl Default for Config {
             batch_max: 5_000,
             batch_wait: Duration::from_millis(500),
             window_seconds: 10,
+            rollup_interval: Duration::from_secs(1),
+            rollup_votes: 100_000,
         }
     }
 }
@@ -162,6 +171,8 @@ struct Partition {
     stop: watch::Receiver<bool>,
     watermarks: Watermarks,
     states: HashMap<String, PollState>,
+    /// Votes after the rollups watermark not yet written as rollup rows.
+    rollups: Rollups,
 }
 
 impl Partition {
@@ -182,6 +193,7 @@ impl Partition {
             stop,
             watermarks: Watermarks::default(),
             states: HashMap::new(),
+            rollups: Rollups::default(),
         }
     }
 
@@ -213,7 +225,7 @@ impl Partition {
             else {
                 return;
             };
-            let start = watermarks.votes.min(watermarks.windows);
+            let start = watermarks.lowest();
             let Some(mut reader) = self
                 .retry("open the vote log", || log.reader(partition, start))
                 .await
@@ -222,20 +234,32 @@ impl Partition {
             };
             self.watermarks = watermarks;
             self.states.clear();
+            self.rollups.clear();
             tracing::info!(
                 partition,
                 votes = watermarks.votes,
                 windows = watermarks.windows,
+                rollups = watermarks.rollups,
                 "processing from watermarks"
             );
             loop {
                 let mut stop = self.stop.clone();
                 let batch = tokio::select! {
-                    batch = reader.next_batch(self.config.batch_max, self.config.batch_wait) => batch,
-                    _ = stop.wait_for(|stop| *stop) => return,
+                    batch = reader.next_batch(self.config.batch_max, self.config.batch_wait) => Some(batch),
+                    _ = stop.wait_for(|stop| *stop) => None,
+                };
+                let Some(batch) = batch else {
+                    self.write_rollups().await;
+                    return;
                 };
                 let batch = match batch {
-                    Ok(batch) if batch.is_empty() => continue,
+                    Ok(batch) if batch.is_empty() => {
+                        // The log is quiet: bring the rollups up to date.
+                        if !self.write_rollups().await {
+                            return;
+                        }
+                        continue;
+                    }
                     Ok(batch) => batch,
                     Err(err) => {
                         tracing::warn!(partition, error = %err, "reading the vote log failed, reopening");
@@ -348,6 +372,17 @@ impl Partition {
         }
         stages[2] = started.elapsed();
 
+        let rollup_votes = &votes[votes.partition_point(|v| v.seq <= self.watermarks.rollups)..];
+        for stored in rollup_votes {
+            self.rollups.add(&stored.vote, last_seq);
+        }
+        if (self.rollups.votes() >= self.config.rollup_votes
+            || self.rollups.age() >= self.config.rollup_interval)
+            && !self.write_rollups().await
+        {
+            return false;
+        }
+
         self.count_and_publish(new_votes).await;
         stages[3] = started.elapsed();
         // Where a batch's time goes, cumulative ms after: decode, raw-vote insert, windows
@@ -361,6 +396,37 @@ impl Partition {
             published_ms = stages[3].as_millis() as u64,
             "batch processed"
         );
+        true
+    }
+
+    /// Writes the pending segment rollups, retrying until they are written; false only when
+    /// stopping first.
+    async fn write_rollups(&mut self) -> bool {
+        if self.rollups.votes() == 0 {
+            return true;
+        }
+        let rows = self.rollups.rows();
+        let covered = self.rollups.last_seq();
+        let warehouse = self.deps.warehouse.clone();
+        let partition = self.partition;
+        if self
+            .retry("insert rollups", || {
+                warehouse.insert_rollups(partition, &rows)
+            })
+            .await
+            .is_none()
+        {
+            return false;
+        }
+        tracing::debug!(
+            partition,
+            votes = self.rollups.votes(),
+            rows = rows.len(),
+            covered,
+            "rollups written"
+        );
+        self.watermarks.rollups = covered;
+        self.rollups.clear();
         true
     }
 

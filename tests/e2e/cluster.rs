@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use tally_testkit::{ClickHouseServer, NatsOptions, NatsServer};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -476,6 +476,34 @@ impl Cluster {
                     self.logs()
                 );
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A breakdown (`path` from `/v1/polls/…`) once it covers `ballots` votes. Breakdowns
+    /// are exact as of the processor's latest segment rollups, which trail the live totals
+    /// by about a second; a breakdown never covers more than was voted.
+    pub async fn breakdown(&self, path: &str, ballots: u64) -> Result<Value> {
+        let end = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let breakdown = self.analyst_get(path).await?;
+            let covered: u64 = breakdown["groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|g| g["total_votes"].as_u64().unwrap_or(0))
+                .sum();
+            ensure!(
+                covered <= ballots,
+                "{path} covers {covered} votes, more than the {ballots} voted: {breakdown}"
+            );
+            if covered == ballots {
+                return Ok(breakdown);
+            }
+            ensure!(
+                tokio::time::Instant::now() < end,
+                "{path} still covers {covered} of {ballots} votes: {breakdown}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

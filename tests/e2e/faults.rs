@@ -152,7 +152,7 @@ async fn processor_crashes_mid_stream_count_once(deployment: Deployment) -> Resu
         );
     }
     let by_country = cluster
-        .analyst_get("/v1/polls/crash/breakdown?by=country")
+        .breakdown("/v1/polls/crash/breakdown?by=country", 6_000)
         .await?;
     for group in by_country["groups"].as_array().cloned().unwrap_or_default() {
         ensure!(

@@ -380,8 +380,16 @@ async fn pipeline_counts_every_vote_exactly_once(deployment: Deployment) -> Resu
     ensure!(nps["nps"]["promoters"] == promoters, "{}", nps["nps"]);
 
     // Breakdown by two dimensions: every group's counts equal the truth.
+    let colour_ballots: u64 = truth
+        .colour_groups
+        .values()
+        .map(|m| m.values().sum::<u64>())
+        .sum();
     let breakdown = cluster
-        .analyst_get("/v1/polls/colours/breakdown?by=country,device")
+        .breakdown(
+            "/v1/polls/colours/breakdown?by=country,device",
+            colour_ballots,
+        )
         .await?;
     let groups = breakdown["groups"].as_array().cloned().unwrap_or_default();
     ensure!(
@@ -407,15 +415,15 @@ async fn pipeline_counts_every_vote_exactly_once(deployment: Deployment) -> Resu
         );
     }
     // Filters narrow it down.
-    let filtered = cluster
-        .analyst_get("/v1/polls/colours/breakdown?by=plan&where=country:DE")
-        .await?;
     let de_total: u64 = truth
         .colour_groups
         .iter()
         .filter(|((c, _), _)| c == "DE")
         .map(|(_, m)| m.values().sum::<u64>())
         .sum();
+    let filtered = cluster
+        .analyst_get("/v1/polls/colours/breakdown?by=plan&where=country:DE")
+        .await?;
     let filtered_total: u64 = filtered["groups"]
         .as_array()
         .unwrap()

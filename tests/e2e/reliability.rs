@@ -208,7 +208,10 @@ async fn verify(cluster: &Cluster, truth: &Value) -> Result<()> {
         );
         for dimension in ["country", "plan"] {
             let breakdown = cluster
-                .analyst_get(&format!("/v1/polls/{poll}/breakdown?by={dimension}"))
+                .breakdown(
+                    &format!("/v1/polls/{poll}/breakdown?by={dimension}"),
+                    expected["accepted"].as_u64().context("accepted")?,
+                )
                 .await?;
             let groups = breakdown["groups"].as_array().cloned().unwrap_or_default();
             let want = expected["segments"][dimension]

@@ -10,9 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{
     too_many_groups, Breakdown, BreakdownQuery, StoredVote, TimePoint, TimeseriesQuery, Warehouse,
-    Watermarks, WindowRow, MAX_GROUPS,
+    Watermarks, WindowRow,
 };
 use crate::results::Tally;
+use crate::rollup::{self, BreakdownPlan, RollupRow, BREAKDOWN_ROW_LIMIT};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -59,6 +60,26 @@ struct WindowRowCh {
     window_seconds: u32,
     option: String,
     votes: u64,
+    last_seq: u64,
+}
+
+#[derive(Row, Serialize, Deserialize)]
+struct RollupRowCh {
+    log_partition: u16,
+    poll_id: String,
+    bucket_start: u32,
+    bucket_seconds: u32,
+    campaign: String,
+    channel: String,
+    source: String,
+    medium: String,
+    country: String,
+    device: String,
+    dim_keys: Vec<String>,
+    dim_values: Vec<String>,
+    ballots: u64,
+    answers: Vec<String>,
+    answer_votes: Vec<u64>,
     last_seq: u64,
 }
 
@@ -145,6 +166,7 @@ impl Warehouse for ClickHouseWarehouse {
         Ok(Watermarks {
             votes: self.fetch_u64(&sql::votes_watermark(partition)).await?,
             windows: self.fetch_u64(&sql::windows_watermark(partition)).await?,
+            rollups: self.fetch_u64(&sql::rollups_watermark(partition)).await?,
         })
     }
 
@@ -213,6 +235,40 @@ impl Warehouse for ClickHouseWarehouse {
         insert.end().await.map_err(Error::warehouse)
     }
 
+    async fn insert_rollups(&self, partition: u16, rows: &[RollupRow]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut insert = self
+            .client
+            .insert::<RollupRowCh>("segment_rollups")
+            .await
+            .map_err(Error::warehouse)?;
+        for row in rows {
+            let segment = &row.segment;
+            let row = RollupRowCh {
+                log_partition: partition,
+                poll_id: row.poll_id.clone(),
+                bucket_start: row.bucket_start.max(0) as u32,
+                bucket_seconds: row.bucket_seconds,
+                campaign: segment.campaign.clone(),
+                channel: segment.channel.clone(),
+                source: segment.source.clone(),
+                medium: segment.medium.clone(),
+                country: segment.country.clone(),
+                device: segment.device.clone(),
+                dim_keys: segment.custom.keys().cloned().collect(),
+                dim_values: segment.custom.values().cloned().collect(),
+                ballots: row.ballots,
+                answers: row.answers.clone(),
+                answer_votes: row.answer_votes.clone(),
+                last_seq: row.last_seq,
+            };
+            insert.write(&row).await.map_err(Error::warehouse)?;
+        }
+        insert.end().await.map_err(Error::warehouse)
+    }
+
     async fn tally(&self, poll_id: &str) -> Result<Tally> {
         let (ballots, unique_voters, as_of) = self
             .client
@@ -243,23 +299,31 @@ impl Warehouse for ClickHouseWarehouse {
     }
 
     async fn breakdown(&self, query: &BreakdownQuery) -> Result<Breakdown> {
-        let as_of = self.fetch_u64(&sql::poll_watermark(&query.poll_id)).await?;
-        let ballots: Vec<(Vec<String>, u64)> = self
-            .client
-            .query_raw(&sql::breakdown_ballots(query, as_of, MAX_GROUPS + 1))
-            .fetch_all()
-            .await
-            .map_err(Error::warehouse)?;
-        if ballots.len() > MAX_GROUPS {
-            return Err(too_many_groups());
+        let as_of = self
+            .fetch_u64(&sql::rollup_position(&query.poll_id))
+            .await?;
+        let plan = BreakdownPlan::new(query.from_ms, query.to_ms);
+        let mut rows: Vec<(Vec<String>, String, u64)> = Vec::new();
+        let mut parts = Vec::new();
+        if let Some(buckets) = plan.buckets {
+            parts.push(sql::breakdown_rollups(query, as_of, buckets));
         }
-        let counts: Vec<(Vec<String>, String, u64)> = self
-            .client
-            .query_raw(&sql::breakdown_counts(query, as_of))
-            .fetch_all()
-            .await
-            .map_err(Error::warehouse)?;
-        Ok(Breakdown::assemble(ballots, counts, as_of))
+        if !plan.raw.is_empty() {
+            parts.push(sql::breakdown_votes(query, as_of, &plan.raw));
+        }
+        for part in parts {
+            let part: Vec<(Vec<String>, String, u64)> = self
+                .client
+                .query_raw(&part)
+                .fetch_all()
+                .await
+                .map_err(Error::warehouse)?;
+            if part.len() >= BREAKDOWN_ROW_LIMIT {
+                return Err(too_many_groups());
+            }
+            rows.extend(part);
+        }
+        rollup::assemble(rows, as_of)
     }
 
     async fn timeseries(&self, query: &TimeseriesQuery) -> Result<Vec<TimePoint>> {
@@ -293,5 +357,6 @@ mod tests {
     fn row_types_match_the_column_lists() {
         assert_eq!(VoteRow::COLUMN_NAMES, sql::VOTE_COLUMNS);
         assert_eq!(WindowRowCh::COLUMN_NAMES, sql::WINDOW_COLUMNS);
+        assert_eq!(RollupRowCh::COLUMN_NAMES, sql::ROLLUP_COLUMNS);
     }
 }

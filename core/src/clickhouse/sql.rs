@@ -4,6 +4,7 @@
 //! fixed column list or from validated dimension names.
 
 use crate::backend::{BreakdownQuery, Dimension, TimeseriesQuery};
+use crate::rollup::{MsRange, BREAKDOWN_ROW_LIMIT};
 use crate::segment::STANDARD_KEYS;
 
 /// A ClickHouse string literal.
@@ -68,6 +69,19 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
             option String, votes UInt64, last_seq UInt64\
         ) ENGINE = MergeTree ORDER BY (poll_id, window_start, option)",
     ),
+    (
+        3,
+        "segment_rollups",
+        // One row per poll, minute and whole segment per processor flush (about a second of
+        // votes); breakdowns add the partial rows up. Plain MergeTree for the same reason as
+        // vote_windows: `last_seq` is the table's watermark.
+        "CREATE TABLE IF NOT EXISTS segment_rollups (\
+            log_partition UInt16, poll_id String, bucket_start DateTime('UTC'), bucket_seconds UInt32, \
+            campaign String, channel String, source String, medium String, country String, device String, \
+            dim_keys Array(String), dim_values Array(String), \
+            ballots UInt64, answers Array(String), answer_votes Array(UInt64), last_seq UInt64\
+        ) ENGINE = MergeTree ORDER BY (poll_id, bucket_start, last_seq)",
+    ),
 ];
 
 pub const VOTE_COLUMNS: &[&str] = &[
@@ -100,6 +114,25 @@ pub const WINDOW_COLUMNS: &[&str] = &[
     "last_seq",
 ];
 
+pub const ROLLUP_COLUMNS: &[&str] = &[
+    "log_partition",
+    "poll_id",
+    "bucket_start",
+    "bucket_seconds",
+    "campaign",
+    "channel",
+    "source",
+    "medium",
+    "country",
+    "device",
+    "dim_keys",
+    "dim_values",
+    "ballots",
+    "answers",
+    "answer_votes",
+    "last_seq",
+];
+
 pub fn applied_migrations() -> String {
     "SELECT version FROM schema_migrations GROUP BY version ORDER BY version".to_owned()
 }
@@ -117,6 +150,10 @@ pub fn votes_watermark(partition: u16) -> String {
 
 pub fn windows_watermark(partition: u16) -> String {
     format!("SELECT max(last_seq) FROM vote_windows WHERE log_partition = {partition}")
+}
+
+pub fn rollups_watermark(partition: u16) -> String {
+    format!("SELECT max(last_seq) FROM segment_rollups WHERE log_partition = {partition}")
 }
 
 /// Ballots, distinct voters and the newest sequence of a poll, from one consistent read.
@@ -139,15 +176,17 @@ pub fn voter_keys(poll_id: &str) -> String {
     )
 }
 
-pub fn poll_watermark(poll_id: &str) -> String {
+/// How far a poll's rollup rows cover the log: the position its breakdowns are exact at.
+pub fn rollup_position(poll_id: &str) -> String {
     format!(
-        "SELECT max(seq) FROM votes WHERE poll_id = {}",
+        "SELECT max(last_seq) FROM segment_rollups WHERE poll_id = {}",
         lit(poll_id)
     )
 }
 
-fn breakdown_filter(query: &BreakdownQuery, as_of: u64) -> String {
-    let mut filter = format!("poll_id = {} AND seq <= {as_of}", lit(&query.poll_id));
+/// ` AND` the segment filters of a breakdown (columns common to votes and rollups).
+fn segment_filter(query: &BreakdownQuery) -> String {
+    let mut filter = String::new();
     for (dimension, values) in &query.filters {
         let values: Vec<String> = values.iter().map(|v| lit(v)).collect();
         filter.push_str(&format!(
@@ -155,12 +194,6 @@ fn breakdown_filter(query: &BreakdownQuery, as_of: u64) -> String {
             dimension_expr(dimension),
             values.join(", ")
         ));
-    }
-    if let Some(from) = query.from_ms {
-        filter.push_str(&format!(" AND received_ms >= {}", from.max(0)));
-    }
-    if let Some(to) = query.to_ms {
-        filter.push_str(&format!(" AND received_ms < {}", to.max(0)));
     }
     filter
 }
@@ -170,21 +203,63 @@ fn group_key(query: &BreakdownQuery) -> String {
     format!("[{}]", exprs.join(", "))
 }
 
-/// Ballots per group. `limit` bounds the groups read.
-pub fn breakdown_ballots(query: &BreakdownQuery, as_of: u64, limit: usize) -> String {
+/// `(group, answer, count)` rows of a breakdown from the rollup rows up to `as_of` whose
+/// bucket starts in `[from, to)` (epoch seconds); answer `''` holds the group's ballots.
+pub fn breakdown_rollups(
+    query: &BreakdownQuery,
+    as_of: u64,
+    (from, to): (Option<i64>, Option<i64>),
+) -> String {
+    let mut filter = format!("poll_id = {} AND last_seq <= {as_of}", lit(&query.poll_id));
+    if let Some(from) = from {
+        filter.push_str(&format!(" AND toUInt32(bucket_start) >= {}", from.max(0)));
+    }
+    if let Some(to) = to {
+        filter.push_str(&format!(" AND toUInt32(bucket_start) < {}", to.max(0)));
+    }
+    filter.push_str(&segment_filter(query));
     format!(
-        "SELECT {} AS g, count() AS n FROM votes WHERE {} GROUP BY g ORDER BY n DESC, g LIMIT {limit}",
-        group_key(query),
-        breakdown_filter(query, as_of)
+        "SELECT {} AS g, opt, sum(n) FROM segment_rollups \
+         ARRAY JOIN arrayConcat([''], answers) AS opt, arrayConcat([ballots], answer_votes) AS n \
+         WHERE {filter} GROUP BY g, opt LIMIT {BREAKDOWN_ROW_LIMIT}",
+        group_key(query)
     )
 }
 
-/// Answer counts per group.
-pub fn breakdown_counts(query: &BreakdownQuery, as_of: u64) -> String {
+/// The same rows from the raw votes up to `as_of` received in any of `ranges`.
+pub fn breakdown_votes(query: &BreakdownQuery, as_of: u64, ranges: &[MsRange]) -> String {
+    let ranges: Vec<String> = ranges
+        .iter()
+        .map(|(from, to)| {
+            let mut range = vec!["1".to_owned()];
+            if let Some(from) = from {
+                let from = from.max(&0);
+                range.push(format!(
+                    "received_ms >= {from} AND received_at >= toDateTime({})",
+                    from / 1000
+                ));
+            }
+            if let Some(to) = to {
+                let to = to.max(&0);
+                range.push(format!(
+                    "received_ms < {to} AND received_at <= toDateTime({})",
+                    to / 1000
+                ));
+            }
+            format!("({})", range.join(" AND "))
+        })
+        .collect();
+    let ranges = if ranges.is_empty() {
+        "0".to_owned()
+    } else {
+        ranges.join(" OR ")
+    };
     format!(
-        "SELECT {} AS g, opt, count() FROM votes ARRAY JOIN choice AS opt WHERE {} GROUP BY g, opt",
+        "SELECT {} AS g, opt, count() FROM votes ARRAY JOIN arrayConcat([''], choice) AS opt \
+         WHERE poll_id = {} AND seq <= {as_of} AND ({ranges}){} GROUP BY g, opt LIMIT {BREAKDOWN_ROW_LIMIT}",
         group_key(query),
-        breakdown_filter(query, as_of)
+        lit(&query.poll_id),
+        segment_filter(query)
     )
 }
 
@@ -235,12 +310,20 @@ pub fn all_for_check() -> Vec<(String, String)> {
             WINDOW_COLUMNS.join(", ")
         ),
     ));
+    statements.push((
+        "insert rollups".into(),
+        format!(
+            "INSERT INTO segment_rollups ({}) VALUES (0, 'p', 1700000040, 60, 'c', 'email', 's', 'm', 'DE', 'mobile', ['plan'], ['pro'], 2, ['blue', 'red'], [1, 2], 7)",
+            ROLLUP_COLUMNS.join(", ")
+        ),
+    ));
     statements.push(("votes watermark".into(), votes_watermark(0)));
+    statements.push(("rollups watermark".into(), rollups_watermark(0)));
     statements.push(("windows watermark".into(), windows_watermark(0)));
     statements.push(("tally totals".into(), tally_totals("p")));
     statements.push(("tally counts".into(), tally_counts("p", 7)));
     statements.push(("voter keys".into(), voter_keys("p")));
-    statements.push(("poll watermark".into(), poll_watermark("p")));
+    statements.push(("rollup position".into(), rollup_position("p")));
     let query = BreakdownQuery {
         poll_id: "p".into(),
         by: vec![Dimension("country".into()), Dimension("plan".into())],
@@ -252,10 +335,24 @@ pub fn all_for_check() -> Vec<(String, String)> {
         to_ms: Some(1_800_000_000_000),
     };
     statements.push((
-        "breakdown ballots".into(),
-        breakdown_ballots(&query, 7, 1001),
+        "breakdown rollups".into(),
+        breakdown_rollups(&query, 7, (Some(1_699_999_980), Some(1_800_000_000))),
     ));
-    statements.push(("breakdown counts".into(), breakdown_counts(&query, 7)));
+    statements.push((
+        "breakdown rollups, all buckets".into(),
+        breakdown_rollups(&query, 7, (None, None)),
+    ));
+    statements.push((
+        "breakdown votes".into(),
+        breakdown_votes(
+            &query,
+            7,
+            &[
+                (Some(1_699_999_999_000), Some(1_700_000_040_000)),
+                (Some(1_800_000_000_000), None),
+            ],
+        ),
+    ));
     let series = TimeseriesQuery {
         poll_id: "p".into(),
         step_seconds: 60,

@@ -1,0 +1,340 @@
+//! Segment rollups: ballots and answer counts per poll, time bucket and whole segment (every
+//! standard key and the poll's own keys). The processor writes them beside the raw votes, so
+//! a breakdown reads one row per segment and bucket instead of one row per vote.
+//!
+//! A rollup row covers the log up to its `last_seq`, like a window row: the processor
+//! collects a second or so of votes, then writes one row per (poll, bucket, segment) seen,
+//! all stamped with the last log position they cover. A breakdown reads the rows up to the
+//! poll's newest `last_seq` and answers as of that position; time ranges that cut through a
+//! bucket are completed from the raw votes of the bucket's cut part, up to the same
+//! position, so the answer is exact at millisecond resolution.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use crate::backend::{too_many_groups, Breakdown, GroupCounts, MAX_GROUPS};
+use crate::segment::Segment;
+use crate::vote::Vote;
+
+/// Width of a rollup bucket.
+pub const ROLLUP_SECONDS: u32 = 60;
+
+/// The most answer keys a poll has: 50 options, or a rating scale of 101 values.
+const MAX_ANSWERS: usize = 101;
+
+/// Rows a part of a breakdown may return: a group has at most one row per answer key plus
+/// one for its ballots, so more rows than this means more than [`MAX_GROUPS`] groups.
+pub const BREAKDOWN_ROW_LIMIT: usize = (MAX_GROUPS + 1) * (MAX_ANSWERS + 1);
+
+/// Ballots and answer counts of one segment of one poll in one bucket, covering the log up
+/// to `last_seq`. The warehouse adds partial rows up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollupRow {
+    pub poll_id: String,
+    /// Bucket start, epoch seconds, a multiple of `bucket_seconds`.
+    pub bucket_start: i64,
+    pub bucket_seconds: u32,
+    pub segment: Segment,
+    pub ballots: u64,
+    /// Answer keys (option ids or scale values) and their counts, in key order.
+    pub answers: Vec<String>,
+    pub answer_votes: Vec<u64>,
+    pub last_seq: u64,
+}
+
+#[derive(Default)]
+struct Counts {
+    ballots: u64,
+    answers: BTreeMap<String, u64>,
+}
+
+/// Votes not yet written as rollup rows, aggregated as they come.
+#[derive(Default)]
+pub struct Rollups {
+    groups: HashMap<(String, i64), HashMap<Segment, Counts>>,
+    votes: usize,
+    last_seq: u64,
+    since: Option<Instant>,
+}
+
+impl Rollups {
+    /// Adds a vote; `covered` is the log position the pending rows cover once it is in
+    /// (the last entry of its batch).
+    pub fn add(&mut self, vote: &Vote, covered: u64) {
+        let width = i64::from(ROLLUP_SECONDS) * 1000;
+        let bucket = vote.received_at.div_euclid(width) * i64::from(ROLLUP_SECONDS);
+        let segments = match self.groups.get_mut(&(vote.poll_id.clone(), bucket)) {
+            Some(segments) => segments,
+            None => self
+                .groups
+                .entry((vote.poll_id.clone(), bucket))
+                .or_default(),
+        };
+        let counts = match segments.get_mut(&vote.segment) {
+            Some(counts) => counts,
+            None => segments.entry(vote.segment.clone()).or_default(),
+        };
+        counts.ballots += 1;
+        for answer in &vote.choice {
+            match counts.answers.get_mut(answer) {
+                Some(n) => *n += 1,
+                None => {
+                    counts.answers.insert(answer.clone(), 1);
+                }
+            }
+        }
+        self.votes += 1;
+        self.last_seq = self.last_seq.max(covered);
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Votes pending.
+    pub fn votes(&self) -> usize {
+        self.votes
+    }
+
+    /// How long the oldest pending vote has waited.
+    pub fn age(&self) -> Duration {
+        self.since.map(|t| t.elapsed()).unwrap_or_default()
+    }
+
+    /// The log position the pending rows cover.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// The pending rows, in (poll, bucket) order.
+    pub fn rows(&self) -> Vec<RollupRow> {
+        let mut keys: Vec<&(String, i64)> = self.groups.keys().collect();
+        keys.sort();
+        let mut rows = Vec::new();
+        for key in keys {
+            for (segment, counts) in &self.groups[key] {
+                rows.push(RollupRow {
+                    poll_id: key.0.clone(),
+                    bucket_start: key.1,
+                    bucket_seconds: ROLLUP_SECONDS,
+                    segment: segment.clone(),
+                    ballots: counts.ballots,
+                    answers: counts.answers.keys().cloned().collect(),
+                    answer_votes: counts.answers.values().copied().collect(),
+                    last_seq: self.last_seq,
+                });
+            }
+        }
+        rows
+    }
+
+    /// Forgets the pending votes (after they are written, or when processing restarts).
+    pub fn clear(&mut self) {
+        *self = Rollups::default();
+    }
+}
+
+/// A time range `[from, to)` in epoch ms; `None` is open.
+pub type MsRange = (Option<i64>, Option<i64>);
+
+/// Where each part of a breakdown over a time range is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BreakdownPlan {
+    /// Rollup buckets whose start lies in `[from, to)` (epoch seconds), if any are whole
+    /// inside the range.
+    pub buckets: Option<(Option<i64>, Option<i64>)>,
+    /// Ranges read from the raw votes: the parts of cut buckets.
+    pub raw: Vec<MsRange>,
+}
+
+impl BreakdownPlan {
+    pub fn new(from_ms: Option<i64>, to_ms: Option<i64>) -> BreakdownPlan {
+        if let (Some(from), Some(to)) = (from_ms, to_ms) {
+            if from >= to {
+                return BreakdownPlan {
+                    buckets: None,
+                    raw: Vec::new(),
+                };
+            }
+        }
+        let width = i64::from(ROLLUP_SECONDS) * 1000;
+        // The whole buckets: from `from` rounded up to `to` rounded down.
+        let inner_from = from_ms.map(|f| -(-f).div_euclid(width) * width);
+        let inner_to = to_ms.map(|t| t.div_euclid(width) * width);
+        let whole = match (inner_from, inner_to) {
+            (Some(a), Some(b)) => a < b,
+            _ => true,
+        };
+        if !whole {
+            return BreakdownPlan {
+                buckets: None,
+                raw: vec![(from_ms, to_ms)],
+            };
+        }
+        let mut raw = Vec::new();
+        if let (Some(from), Some(a)) = (from_ms, inner_from) {
+            if from < a {
+                raw.push((Some(from), Some(a)));
+            }
+        }
+        if let (Some(b), Some(to)) = (inner_to, to_ms) {
+            if b < to {
+                raw.push((Some(b), Some(to)));
+            }
+        }
+        BreakdownPlan {
+            buckets: Some((inner_from.map(|a| a / 1000), inner_to.map(|b| b / 1000))),
+            raw,
+        }
+    }
+}
+
+/// Puts a breakdown together from `(group values, answer, count)` rows of its parts, where
+/// the answer `""` carries the group's ballots. Groups come largest first.
+pub fn assemble(
+    rows: impl IntoIterator<Item = (Vec<String>, String, u64)>,
+    as_of: u64,
+) -> crate::Result<Breakdown> {
+    let mut groups: BTreeMap<Vec<String>, Counts> = BTreeMap::new();
+    for (values, answer, count) in rows {
+        let counts = groups.entry(values).or_default();
+        if answer.is_empty() {
+            counts.ballots += count;
+        } else {
+            *counts.answers.entry(answer).or_default() += count;
+        }
+        if groups.len() > MAX_GROUPS {
+            return Err(too_many_groups());
+        }
+    }
+    let mut groups: Vec<GroupCounts> = groups
+        .into_iter()
+        .filter(|(_, c)| c.ballots > 0)
+        .map(|(values, c)| GroupCounts {
+            values,
+            ballots: c.ballots,
+            counts: c.answers,
+        })
+        .collect();
+    groups.sort_by(|a, b| {
+        b.ballots
+            .cmp(&a.ballots)
+            .then_with(|| a.values.cmp(&b.values))
+    });
+    Ok(Breakdown { groups, as_of })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vote(poll: &str, at: i64, country: &str, choice: &[&str]) -> Vote {
+        Vote {
+            vote_id: format!("{poll}-{at}"),
+            poll_id: poll.into(),
+            voter_key: String::new(),
+            choice: choice.iter().map(|c| (*c).to_owned()).collect(),
+            value: None,
+            segment: Segment {
+                country: country.into(),
+                ..Default::default()
+            },
+            received_at: at,
+        }
+    }
+
+    #[test]
+    fn rollups_count_ballots_and_answers_per_bucket_and_segment() {
+        let mut rollups = Rollups::default();
+        let t = 1_700_000_040_000; // a multiple of 60 s
+        rollups.add(&vote("p", t, "DE", &["a"]), 5);
+        rollups.add(&vote("p", t + 59_999, "DE", &["a", "b"]), 5);
+        rollups.add(&vote("p", t + 60_000, "DE", &["b"]), 9);
+        rollups.add(&vote("p", t, "FR", &["b"]), 9);
+        assert_eq!(rollups.votes(), 4);
+        let rows = rollups.rows();
+        assert_eq!(rows.len(), 3);
+        assert!(rows.iter().all(|r| r.last_seq == 9));
+        let de_first = rows
+            .iter()
+            .find(|r| r.bucket_start == t / 1000 && r.segment.country == "DE")
+            .unwrap();
+        assert_eq!(de_first.ballots, 2);
+        assert_eq!(de_first.answers, ["a", "b"]);
+        assert_eq!(de_first.answer_votes, [2, 1]);
+        rollups.clear();
+        assert!(rollups.rows().is_empty());
+    }
+
+    #[test]
+    fn plans_read_whole_buckets_from_rollups_and_cut_ones_from_votes() {
+        let m = 60_000;
+        assert_eq!(
+            BreakdownPlan::new(None, None),
+            BreakdownPlan {
+                buckets: Some((None, None)),
+                raw: vec![]
+            }
+        );
+        assert_eq!(
+            BreakdownPlan::new(Some(10 * m), Some(20 * m)),
+            BreakdownPlan {
+                buckets: Some((Some(600), Some(1200))),
+                raw: vec![]
+            }
+        );
+        assert_eq!(
+            BreakdownPlan::new(Some(10 * m + 5), Some(20 * m + 7)),
+            BreakdownPlan {
+                buckets: Some((Some(660), Some(1200))),
+                raw: vec![
+                    (Some(10 * m + 5), Some(11 * m)),
+                    (Some(20 * m), Some(20 * m + 7))
+                ]
+            }
+        );
+        assert_eq!(
+            BreakdownPlan::new(Some(10 * m + 5), None),
+            BreakdownPlan {
+                buckets: Some((Some(660), None)),
+                raw: vec![(Some(10 * m + 5), Some(11 * m))]
+            }
+        );
+        // Inside one bucket, or across one boundary without a whole bucket: all raw.
+        assert_eq!(
+            BreakdownPlan::new(Some(10 * m + 5), Some(11 * m + 5)),
+            BreakdownPlan {
+                buckets: None,
+                raw: vec![(Some(10 * m + 5), Some(11 * m + 5))]
+            }
+        );
+        assert_eq!(
+            BreakdownPlan::new(Some(5), Some(5)),
+            BreakdownPlan {
+                buckets: None,
+                raw: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn assembly_sums_parts_and_orders_groups() {
+        let g = |v: &str| vec![v.to_owned()];
+        let rows = vec![
+            (g("FR"), String::new(), 2),
+            (g("FR"), "a".to_owned(), 2),
+            (g("DE"), String::new(), 2),
+            (g("DE"), "b".to_owned(), 2),
+            (g("DE"), String::new(), 1),
+            (g("DE"), "a".to_owned(), 1),
+        ];
+        let breakdown = assemble(rows, 7).unwrap();
+        assert_eq!(breakdown.as_of, 7);
+        assert_eq!(breakdown.groups[0].values, ["DE"]);
+        assert_eq!(breakdown.groups[0].ballots, 3);
+        assert_eq!(
+            breakdown.groups[0].counts,
+            [("a".to_owned(), 1), ("b".to_owned(), 2)].into()
+        );
+        assert_eq!(breakdown.groups[1].values, ["FR"]);
+        let many = (0..=MAX_GROUPS).map(|i| (vec![i.to_string()], String::new(), 1));
+        assert!(assemble(many, 0).is_err());
+    }
+}
