@@ -1,8 +1,9 @@
 //! The baselines `scripts/bench` measures every figure against, as hidden subcommands:
 //! `tally bench-log-append` (standalone: durable appends to the embedded vote log, in
-//! process) and `tally bench-publish` (distributed: JetStream publishes). Both send the same
-//! vote payloads with many in flight — no HTTP, no JSON parsing, no processing — and print
-//! one line of JSON: `{"votes": N, "seconds": S, "per_s": R}`.
+//! process) and `tally bench-publish` (distributed: JetStream publishes; with `--through-log`
+//! through the vote log ingest uses, so with its per-voter uniqueness and duplicate window).
+//! Both send the same vote payloads with many in flight — no HTTP, no JSON parsing, no
+//! processing — and print one line of JSON: `{"votes": N, "seconds": S, "per_s": R}`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -63,12 +64,55 @@ pub async fn run(votes: u64, in_flight: usize, dir: &std::path::Path) -> anyhow:
     Ok(())
 }
 
+/// The same votes appended through [`tally_core::nats::JetStreamLog`], as ingest appends
+/// them: the `VOTES` stream with one message per voter, discard-new per subject and
+/// `Nats-Msg-Id` deduplication. Deletes the stream afterwards, so run it before the services.
+async fn publish_through_log(
+    client: async_nats::Client,
+    votes: u64,
+    in_flight: usize,
+) -> anyhow::Result<()> {
+    let log: Arc<dyn VoteLog> =
+        Arc::new(tally_core::nats::JetStreamLog::open(client.clone(), Default::default()).await?);
+    let started = Instant::now();
+    futures::stream::iter(0..votes)
+        .map(|i| {
+            let log = log.clone();
+            async move {
+                let vote = sample_vote(i);
+                log.append(&vote, &vote.unique_key(Dedupe::PerVoter)).await
+            }
+        })
+        .buffer_unordered(in_flight)
+        .for_each(|outcome| async move {
+            outcome.expect("append");
+        })
+        .await;
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = async_nats::jetstream::new(client)
+        .delete_stream(tally_core::nats::VOTES_STREAM)
+        .await;
+    println!(
+        "{{\"votes\": {votes}, \"seconds\": {seconds:.3}, \"per_s\": {:.0}}}",
+        votes as f64 / seconds
+    );
+    Ok(())
+}
+
 /// `tally bench-publish` (hidden; `scripts/bench` runs it): the broker's ceiling for the
 /// distributed deployment — JetStream publishes of the same vote payloads to a file-storage
 /// stream of its own, from one connection with many acks awaited at once.
-pub async fn publish(nats_url: &str, votes: u64, in_flight: usize) -> anyhow::Result<()> {
+pub async fn publish(
+    nats_url: &str,
+    votes: u64,
+    in_flight: usize,
+    through_log: bool,
+) -> anyhow::Result<()> {
     use async_nats::jetstream::{self, stream};
     let client = tally_core::nats::connect(nats_url, std::time::Duration::from_secs(10)).await?;
+    if through_log {
+        return publish_through_log(client, votes, in_flight).await;
+    }
     let js = jetstream::new(client);
     let _ = js.delete_stream("BENCH_PUBLISH").await;
     js.create_stream(stream::Config {

@@ -72,6 +72,9 @@ enum Command {
         /// Largest batch read from the log and written at once.
         #[arg(long, env = "TALLY_BATCH_MAX", default_value_t = 5000)]
         batch_max: usize,
+        /// Seconds between writes of settled segment rollups.
+        #[arg(long, env = "TALLY_SETTLE_SECONDS", default_value_t = 30)]
+        settle_seconds: u64,
     },
     /// Poll management, results, breakdowns, time series and live totals.
     Query {
@@ -135,6 +138,9 @@ enum Command {
         votes: u64,
         #[arg(long, default_value_t = 1024)]
         in_flight: usize,
+        /// Append through the vote log, with its uniqueness and deduplication.
+        #[arg(long)]
+        through_log: bool,
     },
     /// Applies warehouse migrations and exits.
     Migrate {
@@ -225,6 +231,9 @@ struct StandaloneArgs {
     /// Largest batch read from the log and written at once.
     #[arg(long, env = "TALLY_BATCH_MAX", default_value_t = 5000)]
     batch_max: usize,
+    /// Seconds between writes of settled segment rollups.
+    #[arg(long, env = "TALLY_SETTLE_SECONDS", default_value_t = 30)]
+    settle_seconds: u64,
     /// Seconds between SSE heartbeats.
     #[arg(long, env = "TALLY_SSE_HEARTBEAT_SECONDS", default_value_t = 15)]
     sse_heartbeat_seconds: u64,
@@ -249,6 +258,7 @@ impl StandaloneArgs {
             secret: self.secret,
             window_seconds: self.window_seconds,
             batch_max: self.batch_max,
+            settle_interval: Duration::from_secs(self.settle_seconds.max(1)),
             sse_heartbeat: Duration::from_secs(self.sse_heartbeat_seconds.max(1)),
             demo: self.demo,
             limits: self.limits.config(),
@@ -416,7 +426,8 @@ async fn main() -> anyhow::Result<()> {
             nats_url,
             votes,
             in_flight,
-        } => log_baseline::publish(&nats_url, votes, in_flight).await?,
+            through_log,
+        } => log_baseline::publish(&nats_url, votes, in_flight, through_log).await?,
         Command::Migrate { warehouse } => {
             let (_, applied) = warehouse.open().await?;
             println!("warehouse schema is current (applied now: {applied:?})");
@@ -457,6 +468,7 @@ async fn main() -> anyhow::Result<()> {
             own_partitions,
             window_seconds,
             batch_max,
+            settle_seconds,
         } => {
             let (warehouse, _) = warehouse.open().await?;
             let client = bus.connect().await?;
@@ -471,6 +483,7 @@ async fn main() -> anyhow::Result<()> {
                 partitions: own_partitions,
                 window_seconds,
                 batch_max,
+                settle_interval: Duration::from_secs(settle_seconds.max(1)),
                 ..Default::default()
             };
             let listener = bind(&listen.addr, "processor").await?;

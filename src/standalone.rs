@@ -21,6 +21,7 @@ pub struct Settings {
     pub secret: Option<String>,
     pub window_seconds: u32,
     pub batch_max: usize,
+    pub settle_interval: Duration,
     pub sse_heartbeat: Duration,
     pub demo: bool,
     pub limits: tally_ingest::limits::LimitConfig,
@@ -66,7 +67,8 @@ async fn catch_up(store: &tally_embedded::Embedded) -> anyhow::Result<()> {
         let tip = store.log.tip(partition);
         loop {
             let marks = store.warehouse.watermarks(partition).await?;
-            let held = marks.lowest();
+            // Settled rollups may trail by half a minute; breakdowns are exact without them.
+            let held = marks.votes.min(marks.windows).min(marks.rollups);
             if held >= tip {
                 break;
             }
@@ -171,6 +173,7 @@ pub async fn run(
         tally_processor::Config {
             window_seconds: settings.window_seconds,
             batch_max: settings.batch_max,
+            settle_interval: settings.settle_interval,
             ..Default::default()
         },
     )?;

@@ -13,7 +13,7 @@ use futures::Stream;
 
 use crate::poll::Poll;
 use crate::results::{Results, Tally};
-use crate::rollup::RollupRow;
+use crate::rollup::{RollupLevel, RollupRow};
 use crate::vote::Vote;
 use crate::Result;
 
@@ -129,13 +129,26 @@ pub struct WindowRow {
 pub struct Watermarks {
     pub votes: u64,
     pub windows: u64,
+    /// Fresh segment rollups (written about every second).
     pub rollups: u64,
+    /// Settled segment rollups (written about every half minute).
+    pub settled: u64,
 }
 
 impl Watermarks {
     /// Where processing resumes: after the position every table holds.
     pub fn lowest(&self) -> u64 {
-        self.votes.min(self.windows).min(self.rollups)
+        self.votes
+            .min(self.windows)
+            .min(self.rollups)
+            .min(self.settled)
+    }
+
+    pub fn rollups(&self, level: RollupLevel) -> u64 {
+        match level {
+            RollupLevel::Fresh => self.rollups,
+            RollupLevel::Settled => self.settled,
+        }
     }
 }
 
@@ -224,7 +237,12 @@ pub trait Warehouse: Send + Sync + 'static {
     async fn watermarks(&self, partition: u16) -> Result<Watermarks>;
     async fn insert_votes(&self, partition: u16, votes: &[StoredVote]) -> Result<()>;
     async fn insert_windows(&self, partition: u16, rows: &[WindowRow]) -> Result<()>;
-    async fn insert_rollups(&self, partition: u16, rows: &[RollupRow]) -> Result<()>;
+    async fn insert_rollups(
+        &self,
+        partition: u16,
+        level: RollupLevel,
+        rows: &[RollupRow],
+    ) -> Result<()>;
     /// The exact tally of a poll over every stored vote.
     async fn tally(&self, poll_id: &str) -> Result<Tally>;
     /// The distinct non-empty voter keys of a poll.

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use crate::backend::*;
 use crate::poll::{Dedupe, NewPoll, Poll};
 use crate::results::Tally;
-use crate::rollup::Rollups;
+use crate::rollup::{RollupLevel, Rollups};
 use crate::segment::Segment;
 use crate::vote::Vote;
 use crate::{wire, Error};
@@ -297,7 +297,8 @@ pub async fn warehouse(warehouse: Arc<dyn Warehouse>) {
         Watermarks {
             votes: 39,
             windows: 0,
-            rollups: 0
+            rollups: 0,
+            settled: 0
         }
     );
     assert_eq!(
@@ -335,37 +336,42 @@ pub async fn warehouse(warehouse: Arc<dyn Warehouse>) {
         .await
         .expect("breakdown");
     assert_eq!((empty.groups.len(), empty.as_of), (0, 0));
-    // Two flushes; the second adds to segments and buckets of the first.
+    // A fresh write, the same votes settled, then a second fresh write.
     let mut rollups = Rollups::default();
     for stored in &votes[..20] {
         rollups.add(&stored.vote, 29);
     }
     warehouse
-        .insert_rollups(0, &rollups.rows())
+        .insert_rollups(0, RollupLevel::Fresh, &rollups.rows())
         .await
         .expect("insert rollups");
-    let first = warehouse
-        .breakdown(&by_country(None, Some(1_700_000_235_000)))
-        .await
-        .expect("breakdown");
+    let first_part = || by_country(None, Some(1_700_000_235_000));
+    let first = warehouse.breakdown(&first_part()).await.expect("breakdown");
     assert_eq!(first.as_of, 29, "exact as of the rollups");
     assert_eq!(
         first.groups.iter().map(|g| g.ballots).sum::<u64>(),
         20,
         "raw votes of a cut bucket count up to the rollups' position only"
     );
+    warehouse
+        .insert_rollups(0, RollupLevel::Settled, &rollups.rows())
+        .await
+        .expect("insert settled rollups");
+    let settled = warehouse.breakdown(&first_part()).await.expect("breakdown");
+    assert_eq!(
+        settled, first,
+        "settled rows replace the fresh rows they cover, not add to them"
+    );
     rollups.clear();
     for stored in &votes[20..] {
         rollups.add(&stored.vote, 39);
     }
     warehouse
-        .insert_rollups(0, &rollups.rows())
+        .insert_rollups(0, RollupLevel::Fresh, &rollups.rows())
         .await
         .expect("insert rollups");
-    assert_eq!(
-        warehouse.watermarks(0).await.expect("watermarks").rollups,
-        39
-    );
+    let marks = warehouse.watermarks(0).await.expect("watermarks");
+    assert_eq!((marks.rollups, marks.settled), (39, 29));
 
     // Votes are 10 s apart from a time 20 s into a minute: minute buckets start at +40 s,
     // +100 s, ...

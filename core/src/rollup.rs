@@ -2,12 +2,19 @@
 //! standard key and the poll's own keys). The processor writes them beside the raw votes, so
 //! a breakdown reads one row per segment and bucket instead of one row per vote.
 //!
-//! A rollup row covers the log up to its `last_seq`, like a window row: the processor
-//! collects a second or so of votes, then writes one row per (poll, bucket, segment) seen,
-//! all stamped with the last log position they cover. A breakdown reads the rows up to the
-//! poll's newest `last_seq` and answers as of that position; time ranges that cut through a
-//! bucket are completed from the raw votes of the bucket's cut part, up to the same
-//! position, so the answer is exact at millisecond resolution.
+//! Rows come at two levels, each a table with its own watermark, like an LSM tree of two
+//! layers:
+//! - **fresh** rows are written about once a second: one row per (poll, bucket, segment)
+//!   seen in that second, stamped with the last log position the write covers;
+//! - **settled** rows are written about every half minute, always at the position of a
+//!   fresh write, and cover the same votes again in far fewer rows.
+//!
+//! A breakdown of a poll reads its settled rows up to `S` (the poll's newest settled
+//! `last_seq`) and its fresh rows after `S` up to `F` (the newest fresh one): because every
+//! settled write ends where a fresh write ends, the fresh rows after `S` hold exactly the
+//! poll's votes after `S`. The answer is exact as of `max(S, F)`. Time ranges that cut
+//! through a bucket are completed from the raw votes of the bucket's cut part, up to the
+//! same position, so the answer is exact at millisecond resolution.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -18,6 +25,25 @@ use crate::vote::Vote;
 
 /// Width of a rollup bucket.
 pub const ROLLUP_SECONDS: u32 = 60;
+
+/// The two layers of rollup rows (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RollupLevel {
+    Fresh,
+    Settled,
+}
+
+impl RollupLevel {
+    pub const ALL: [RollupLevel; 2] = [RollupLevel::Fresh, RollupLevel::Settled];
+
+    /// The warehouse table holding the level's rows.
+    pub fn table(self) -> &'static str {
+        match self {
+            RollupLevel::Fresh => "segment_rollups_fresh",
+            RollupLevel::Settled => "segment_rollups",
+        }
+    }
+}
 
 /// The most answer keys a poll has: 50 options, or a rating scale of 101 values.
 const MAX_ANSWERS: usize = 101;

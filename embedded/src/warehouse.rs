@@ -20,8 +20,9 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use arrow::array::{
-    Array, ArrayRef, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringArray,
-    StringBuilder, UInt16Builder, UInt32Builder, UInt64Array, UInt64Builder,
+    Array, ArrayRef, Int32Builder, Int64Array, Int64Builder, ListArray, ListBuilder, RecordBatch,
+    StringArray, StringBuilder, UInt16Array, UInt16Builder, UInt32Array, UInt32Builder,
+    UInt64Array, UInt64Builder,
 };
 use arrow::compute::{cast, concat_batches, lexsort_to_indices, take_record_batch, SortColumn};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -39,8 +40,8 @@ use tally_core::backend::{
     Warehouse, Watermarks, WindowRow,
 };
 use tally_core::results::Tally;
-use tally_core::rollup::{self, BreakdownPlan, RollupRow, BREAKDOWN_ROW_LIMIT};
-use tally_core::segment::STANDARD_KEYS;
+use tally_core::rollup::{self, BreakdownPlan, RollupLevel, RollupRow, BREAKDOWN_ROW_LIMIT};
+use tally_core::segment::{Segment, STANDARD_KEYS};
 use tally_core::{Error, Result};
 
 fn storage(err: impl std::fmt::Display) -> Error {
@@ -74,17 +75,22 @@ impl Default for WarehouseOptions {
 enum Kind {
     Votes,
     Windows,
-    Rollups,
+    Rollups(RollupLevel),
 }
 
 impl Kind {
-    const ALL: [Kind; 3] = [Kind::Votes, Kind::Windows, Kind::Rollups];
+    const ALL: [Kind; 4] = [
+        Kind::Votes,
+        Kind::Windows,
+        Kind::Rollups(RollupLevel::Fresh),
+        Kind::Rollups(RollupLevel::Settled),
+    ];
 
     fn table(self) -> &'static str {
         match self {
             Kind::Votes => "votes",
             Kind::Windows => "vote_windows",
-            Kind::Rollups => "segment_rollups",
+            Kind::Rollups(level) => level.table(),
         }
     }
 
@@ -93,7 +99,7 @@ impl Kind {
         match self {
             Kind::Votes => 1,
             Kind::Windows => 6,
-            Kind::Rollups => 15,
+            Kind::Rollups(_) => 15,
         }
     }
 
@@ -101,7 +107,7 @@ impl Kind {
     fn poll_column(self) -> usize {
         match self {
             Kind::Votes => 3,
-            Kind::Windows | Kind::Rollups => 1,
+            Kind::Windows | Kind::Rollups(_) => 1,
         }
     }
 }
@@ -523,16 +529,134 @@ fn sort_for_storage(kind: Kind, batch: &RecordBatch) -> Result<RecordBatch> {
     take_record_batch(batch, &indices).map_err(storage)
 }
 
+/// Adds up the rollup rows of one poll, bucket and segment, so a file holds one row per
+/// segment and bucket however many flushes it covers. A row keeps the highest `last_seq` of
+/// its inputs: breakdowns read every row of a poll up to its newest `last_seq`, and the
+/// file's name, not its rows, records the log range it covers.
+fn compact_rollups(schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatch> {
+    if batch.num_rows() == 0 {
+        return Ok(batch.clone());
+    }
+    let batches = std::slice::from_ref(batch);
+    let partitions = column(batches, 0, &DataType::UInt16, |a: &UInt16Array, i| {
+        a.value(i)
+    })?;
+    let polls = strings(batches, 1)?;
+    let starts = column(batches, 2, &DataType::Int64, |a: &Int64Array, i| a.value(i))?;
+    let widths = column(batches, 3, &DataType::UInt32, |a: &UInt32Array, i| {
+        a.value(i)
+    })?;
+    let text: Vec<Vec<String>> = (4..10)
+        .map(|i| strings(batches, i))
+        .collect::<Result<_>>()?;
+    let dim_keys = string_lists(batch, 10)?;
+    let dim_values = string_lists(batch, 11)?;
+    let ballots = u64s(batches, 12)?;
+    let answers = string_lists(batch, 13)?;
+    let answer_votes = u64_lists(batch, 14)?;
+    let last_seqs = u64s(batches, 15)?;
+
+    type Key = (String, i64, u32, Segment);
+    let mut merged: HashMap<Key, (u64, BTreeMap<String, u64>, u64)> = HashMap::new();
+    for row in 0..batch.num_rows() {
+        let segment = Segment {
+            campaign: text[0][row].clone(),
+            channel: text[1][row].clone(),
+            source: text[2][row].clone(),
+            medium: text[3][row].clone(),
+            country: text[4][row].clone(),
+            device: text[5][row].clone(),
+            custom: dim_keys[row]
+                .iter()
+                .cloned()
+                .zip(dim_values[row].iter().cloned())
+                .collect(),
+        };
+        let key = (polls[row].clone(), starts[row], widths[row], segment);
+        let entry = merged.entry(key).or_default();
+        entry.0 += ballots[row];
+        for (answer, votes) in answers[row].iter().zip(&answer_votes[row]) {
+            *entry.1.entry(answer.clone()).or_default() += votes;
+        }
+        entry.2 = entry.2.max(last_seqs[row]);
+    }
+    let rows: Vec<RollupRow> = merged
+        .into_iter()
+        .map(
+            |((poll_id, bucket_start, bucket_seconds, segment), (ballots, answers, last_seq))| {
+                RollupRow {
+                    poll_id,
+                    bucket_start,
+                    bucket_seconds,
+                    segment,
+                    ballots,
+                    answers: answers.keys().cloned().collect(),
+                    answer_votes: answers.into_values().collect(),
+                    last_seq,
+                }
+            },
+        )
+        .collect();
+    rollups_batch(schema, partitions[0], &rows)
+}
+
+/// A list-of-strings column, row by row.
+fn string_lists(batch: &RecordBatch, index: usize) -> Result<Vec<Vec<String>>> {
+    let list = batch
+        .column(index)
+        .as_any()
+        .downcast_ref::<ListArray>()
+        .ok_or_else(|| storage("expected a list column"))?;
+    (0..list.len())
+        .map(|row| {
+            let values = cast(&list.value(row), &DataType::Utf8).map_err(storage)?;
+            let values = values
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .ok_or_else(|| storage("expected a list of strings"))?;
+            Ok((0..values.len())
+                .map(|i| values.value(i).to_owned())
+                .collect())
+        })
+        .collect()
+}
+
+/// A list-of-integers column, row by row.
+fn u64_lists(batch: &RecordBatch, index: usize) -> Result<Vec<Vec<u64>>> {
+    let list = batch
+        .column(index)
+        .as_any()
+        .downcast_ref::<ListArray>()
+        .ok_or_else(|| storage("expected a list column"))?;
+    (0..list.len())
+        .map(|row| {
+            let values = cast(&list.value(row), &DataType::UInt64).map_err(storage)?;
+            let values = values
+                .as_any()
+                .downcast_ref::<UInt64Array>()
+                .ok_or_else(|| storage("expected a list of integers"))?;
+            Ok(values.values().to_vec())
+        })
+        .collect()
+}
+
 /// Writes `batches` to `dir/name` atomically: a temp file, fsync, rename, fsync of the dir.
+/// Returns the file and the rows written (fewer than given for rollups, which are added up).
 fn write_file(
     kind: Kind,
     schema: &SchemaRef,
     dir: &Path,
     name: &str,
     batches: &[RecordBatch],
-) -> Result<PathBuf> {
+) -> Result<(PathBuf, usize)> {
     let batch = concat_batches(schema, batches).map_err(storage)?;
+    // Fresh rollups keep their rows: a breakdown tells them apart by `last_seq`.
+    let batch = match kind {
+        Kind::Rollups(RollupLevel::Settled) => compact_rollups(schema, &batch)?,
+        _ => batch,
+    };
     let batch = sort_for_storage(kind, &batch)?;
+    let rows = batch.num_rows();
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
     let file = File::create(&tmp).map_err(storage)?;
@@ -549,7 +673,7 @@ fn write_file(
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(storage)?;
-    Ok(path)
+    Ok((path, rows))
 }
 
 fn read_file(path: &Path) -> Result<Vec<RecordBatch>> {
@@ -578,7 +702,7 @@ impl Inner {
         match kind {
             Kind::Votes => &self.votes_schema,
             Kind::Windows => &self.windows_schema,
-            Kind::Rollups => &self.rollups_schema,
+            Kind::Rollups(_) => &self.rollups_schema,
         }
     }
 
@@ -659,7 +783,7 @@ impl Inner {
         let name = DataFile::name(partition, first, last);
         let schema = self.schema(kind).clone();
         let written = batches.clone();
-        let path =
+        let (path, file_rows) =
             tokio::task::spawn_blocking(move || write_file(kind, &schema, &dir, &name, &written))
                 .await
                 .map_err(storage)??;
@@ -671,7 +795,7 @@ impl Inner {
                 partition,
                 first,
                 last,
-                rows,
+                rows: file_rows,
                 obsolete: AtomicBool::new(false),
             }));
             let tail = table.tails.entry(partition).or_default();
@@ -710,13 +834,12 @@ impl Inner {
         };
         let first = run.first().map(|f| f.first).unwrap_or_default();
         let last = run.last().map(|f| f.last).unwrap_or_default();
-        let rows: usize = run.iter().map(|f| f.rows).sum();
         let dir = self.root.join(kind.table());
         let name = DataFile::name(partition, first, last);
         let schema = self.schema(kind).clone();
         let inputs: Vec<PathBuf> = run.iter().map(|f| f.path.clone()).collect();
         let started = Instant::now();
-        let path = tokio::task::spawn_blocking(move || -> Result<PathBuf> {
+        let (path, rows) = tokio::task::spawn_blocking(move || -> Result<(PathBuf, usize)> {
             let mut batches = Vec::new();
             for input in &inputs {
                 batches.extend(read_file(input)?);
@@ -943,7 +1066,8 @@ impl Warehouse for ParquetWarehouse {
         Ok(Watermarks {
             votes: mark(Kind::Votes),
             windows: mark(Kind::Windows),
-            rollups: mark(Kind::Rollups),
+            rollups: mark(Kind::Rollups(RollupLevel::Fresh)),
+            settled: mark(Kind::Rollups(RollupLevel::Settled)),
         })
     }
 
@@ -971,15 +1095,19 @@ impl Warehouse for ParquetWarehouse {
         Ok(())
     }
 
-    async fn insert_rollups(&self, partition: u16, rows: &[RollupRow]) -> Result<()> {
+    async fn insert_rollups(
+        &self,
+        partition: u16,
+        level: RollupLevel,
+        rows: &[RollupRow],
+    ) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
         let batch = rollups_batch(&self.inner.rollups_schema, partition, rows)?;
-        if self.inner.append(Kind::Rollups, partition, batch) {
-            self.inner
-                .flush_after_insert(Kind::Rollups, partition)
-                .await;
+        let kind = Kind::Rollups(level);
+        if self.inner.append(kind, partition, batch) {
+            self.inner.flush_after_insert(kind, partition).await;
         }
         Ok(())
     }
@@ -1024,19 +1152,30 @@ impl Warehouse for ParquetWarehouse {
 
     async fn breakdown(&self, query: &BreakdownQuery) -> Result<Breakdown> {
         let plan = BreakdownPlan::new(query.from_ms, query.to_ms);
+        let (fresh_kind, settled_kind) = (
+            Kind::Rollups(RollupLevel::Fresh),
+            Kind::Rollups(RollupLevel::Settled),
+        );
         let kinds: &[Kind] = if plan.raw.is_empty() {
-            &[Kind::Rollups]
+            &[fresh_kind, settled_kind]
         } else {
-            &[Kind::Rollups, Kind::Votes]
+            &[fresh_kind, settled_kind, Kind::Votes]
         };
         let snapshot = self.inner.snapshot(kinds).await?;
-        let as_of = snapshot
+        let positions = snapshot
             .query(
-                "SELECT max(last_seq) FROM segment_rollups WHERE poll_id = $1",
+                &format!(
+                    "SELECT (SELECT max(last_seq) FROM {} WHERE poll_id = $1), \
+                     (SELECT max(last_seq) FROM {} WHERE poll_id = $1)",
+                    settled_kind.table(),
+                    fresh_kind.table()
+                ),
                 vec![text(&query.poll_id)],
             )
             .await?;
-        let as_of = u64s(&as_of, 0)?.first().copied().unwrap_or_default();
+        let settled = u64s(&positions, 0)?.first().copied().unwrap_or_default();
+        let fresh = u64s(&positions, 1)?.first().copied().unwrap_or_default();
+        let as_of = settled.max(fresh);
         let (filter, params) = segment_filter(query)?;
         let exprs = query
             .by
@@ -1059,12 +1198,16 @@ impl Warehouse for ParquetWarehouse {
             let mut inner = select.clone();
             inner.push("unnest(array_prepend('', answers)) AS opt".into());
             inner.push("unnest(array_prepend(ballots, answer_votes)) AS n".into());
+            let inner = inner.join(", ");
+            let buckets = range_clause("bucket_start", buckets);
             parts.push(format!(
-                "SELECT {groups}, sum(n) FROM (SELECT {} FROM segment_rollups \
-                 WHERE poll_id = $1 AND last_seq <= {as_of} AND {}{filter}) \
-                 GROUP BY {groups} LIMIT {BREAKDOWN_ROW_LIMIT}",
-                inner.join(", "),
-                range_clause("bucket_start", buckets),
+                "SELECT {groups}, sum(n) FROM (\
+                 SELECT {inner} FROM {} WHERE poll_id = $1 AND last_seq <= {settled} AND {buckets}{filter} \
+                 UNION ALL \
+                 SELECT {inner} FROM {} WHERE poll_id = $1 AND last_seq > {settled} AND last_seq <= {fresh} AND {buckets}{filter}\
+                 ) GROUP BY {groups} LIMIT {BREAKDOWN_ROW_LIMIT}",
+                settled_kind.table(),
+                fresh_kind.table(),
             ));
         }
         if !plan.raw.is_empty() {

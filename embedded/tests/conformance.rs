@@ -175,7 +175,8 @@ async fn only_flushed_rows_survive_a_crash_and_the_watermark_says_so() {
         Watermarks {
             votes: 60,
             windows: 0,
-            rollups: 0
+            rollups: 0,
+            settled: 0
         },
         "the watermark falls back to the last flushed file"
     );
@@ -297,4 +298,72 @@ async fn a_failed_flush_neither_loses_nor_repeats_rows() {
         tally_embedded::ParquetWarehouse::open(dir.path(), WarehouseOptions::default()).unwrap();
     let tally = warehouse.tally("durable").await.unwrap();
     assert_eq!((tally.ballots, tally.as_of), (20, 20));
+}
+
+/// Settled rollup files add up the rows of one segment and bucket: however many writes a
+/// file covers, it holds one row per poll, bucket and segment, and breakdowns stay exact.
+#[tokio::test]
+async fn rollup_files_hold_one_row_per_segment_and_bucket() {
+    use tally_core::backend::{BreakdownQuery, Dimension};
+    use tally_core::rollup::{RollupLevel, Rollups};
+
+    let dir = tempfile::tempdir().unwrap();
+    let warehouse = tally_embedded::ParquetWarehouse::open(
+        dir.path(),
+        WarehouseOptions {
+            compact_at: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // 12 flushes of 10 votes each, all in one minute and two countries.
+    let mut seq = 0;
+    for flush in 0..12 {
+        let mut rollups = Rollups::default();
+        for _ in 0..10 {
+            seq += 1;
+            let mut v = vote(seq);
+            v.segment.country = if seq % 2 == 0 { "DE" } else { "FR" }.into();
+            rollups.add(&v, seq);
+        }
+        assert_eq!(rollups.rows().len(), 2);
+        warehouse
+            .insert_rollups(0, RollupLevel::Settled, &rollups.rows())
+            .await
+            .unwrap();
+        if flush % 2 == 1 {
+            warehouse.flush_all().await.unwrap();
+        }
+    }
+    warehouse.flush_all().await.unwrap();
+    let mut on_disk = 0;
+    for entry in std::fs::read_dir(dir.path().join(RollupLevel::Settled.table())).unwrap() {
+        let file = std::fs::File::open(entry.unwrap().path()).unwrap();
+        on_disk += parquet::file::reader::SerializedFileReader::new(file)
+            .map(|r| {
+                use parquet::file::reader::FileReader;
+                r.metadata().file_metadata().num_rows()
+            })
+            .unwrap();
+    }
+    // Six files of two flushes each; four of them merged into one: 2 + 2 + 2 rows.
+    assert_eq!(on_disk, 6, "each file holds one row per segment");
+    assert_eq!(warehouse.watermarks(0).await.unwrap().settled, 120);
+    let breakdown = warehouse
+        .breakdown(&BreakdownQuery {
+            poll_id: "durable".into(),
+            by: vec![Dimension("country".into())],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(breakdown.as_of, 120);
+    let ballots: Vec<(String, u64)> = breakdown
+        .groups
+        .iter()
+        .map(|g| (g.values[0].clone(), g.ballots))
+        .collect();
+    assert_eq!(ballots, [("DE".to_owned(), 60), ("FR".to_owned(), 60)]);
+    let de = &breakdown.groups[0].counts;
+    assert_eq!(de.values().sum::<u64>(), 60);
 }

@@ -4,8 +4,9 @@
 //!
 //! In: log entries (versioned vote events). Out: `votes`, `vote_windows` and
 //! `segment_rollups` rows, each stamped with the log sequence it covers, and [`Results`] on
-//! the live feed. Rollups are collected over about a second of batches and written together
-//! (see [`tally_core::rollup`]); the others are written per batch.
+//! the live feed. Rollups are collected over about a second (fresh) and about half a minute
+//! (settled) of batches and written together (see [`tally_core::rollup`]); the others are
+//! written per batch.
 //!
 //! Exactly-once: every warehouse table knows how far it holds the log (its watermark). On
 //! start the processor reads the watermarks and resumes after the lower one; an entry at or
@@ -27,7 +28,7 @@ use tally_core::backend::{
 use tally_core::poll::Dedupe;
 use tally_core::polls::PollCache;
 use tally_core::results::{Results, Tally};
-use tally_core::rollup::Rollups;
+use tally_core::rollup::{RollupLevel, Rollups};
 use tally_core::{health, wire};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -62,10 +63,13 @@ pub struct Config {
     /// How long a read waits for the first entry of a batch.
     pub batch_wait: Duration,
     pub window_seconds: u32,
-    /// Segment rollups are written once their oldest vote has waited this long, when this
-    /// many votes are pending, or when the log falls quiet — whichever comes first.
+    /// Fresh segment rollups are written once their oldest vote has waited this long, when
+    /// this many votes are pending, or when the log falls quiet — whichever comes first.
     pub rollup_interval: Duration,
     pub rollup_votes: usize,
+    /// Settled segment rollups are written with the first fresh write after their oldest
+    /// vote has waited this long.
+    pub settle_interval: Duration,
 }
 
 impl Default for Config {
@@ -77,6 +81,7 @@ impl Default for Config {
             window_seconds: 10,
             rollup_interval: Duration::from_secs(1),
             rollup_votes: 100_000,
+            settle_interval: Duration::from_secs(30),
         }
     }
 }
@@ -171,8 +176,9 @@ struct Partition {
     stop: watch::Receiver<bool>,
     watermarks: Watermarks,
     states: HashMap<String, PollState>,
-    /// Votes after the rollups watermark not yet written as rollup rows.
-    rollups: Rollups,
+    /// Votes after each rollup watermark not yet written as rollup rows.
+    fresh: Rollups,
+    settled: Rollups,
 }
 
 impl Partition {
@@ -193,7 +199,8 @@ impl Partition {
             stop,
             watermarks: Watermarks::default(),
             states: HashMap::new(),
-            rollups: Rollups::default(),
+            fresh: Rollups::default(),
+            settled: Rollups::default(),
         }
     }
 
@@ -234,12 +241,14 @@ impl Partition {
             };
             self.watermarks = watermarks;
             self.states.clear();
-            self.rollups.clear();
+            self.fresh.clear();
+            self.settled.clear();
             tracing::info!(
                 partition,
                 votes = watermarks.votes,
                 windows = watermarks.windows,
                 rollups = watermarks.rollups,
+                settled = watermarks.settled,
                 "processing from watermarks"
             );
             loop {
@@ -249,13 +258,13 @@ impl Partition {
                     _ = stop.wait_for(|stop| *stop) => None,
                 };
                 let Some(batch) = batch else {
-                    self.write_rollups().await;
+                    self.write_rollups(true).await;
                     return;
                 };
                 let batch = match batch {
                     Ok(batch) if batch.is_empty() => {
                         // The log is quiet: bring the rollups up to date.
-                        if !self.write_rollups().await {
+                        if !self.write_rollups(false).await {
                             return;
                         }
                         continue;
@@ -372,19 +381,24 @@ impl Partition {
         }
         stages[2] = started.elapsed();
 
-        let rollup_votes = &votes[votes.partition_point(|v| v.seq <= self.watermarks.rollups)..];
-        for stored in rollup_votes {
-            self.rollups.add(&stored.vote, last_seq);
+        self.count_and_publish(new_votes).await;
+        stages[3] = started.elapsed();
+
+        // Rollups after the totals are out, so their write never delays live results.
+        for (pending, mark) in [
+            (&mut self.fresh, self.watermarks.rollups),
+            (&mut self.settled, self.watermarks.settled),
+        ] {
+            for stored in &votes[votes.partition_point(|v| v.seq <= mark)..] {
+                pending.add(&stored.vote, last_seq);
+            }
         }
-        if (self.rollups.votes() >= self.config.rollup_votes
-            || self.rollups.age() >= self.config.rollup_interval)
-            && !self.write_rollups().await
+        if (self.fresh.votes() >= self.config.rollup_votes
+            || self.fresh.age() >= self.config.rollup_interval)
+            && !self.write_rollups(false).await
         {
             return false;
         }
-
-        self.count_and_publish(new_votes).await;
-        stages[3] = started.elapsed();
         // Where a batch's time goes, cumulative ms after: decode, raw-vote insert, windows
         // and their insert, counting and publishing.
         tracing::debug!(
@@ -399,19 +413,37 @@ impl Partition {
         true
     }
 
-    /// Writes the pending segment rollups, retrying until they are written; false only when
+    /// Writes the pending fresh rollups, then the settled ones when they are due (or
+    /// `settle_now`) and end where the fresh rows end — a breakdown relies on every settled
+    /// write ending at a fresh write's position. Retries until written; false only when
     /// stopping first.
-    async fn write_rollups(&mut self) -> bool {
-        if self.rollups.votes() == 0 {
-            return true;
+    async fn write_rollups(&mut self, settle_now: bool) -> bool {
+        if self.fresh.votes() > 0 {
+            if !self.write_level(RollupLevel::Fresh).await {
+                return false;
+            }
+            failpoint("after-rollups-insert");
         }
-        let rows = self.rollups.rows();
-        let covered = self.rollups.last_seq();
+        let due = settle_now || self.settled.age() >= self.config.settle_interval;
+        if self.settled.votes() > 0 && due && self.settled.last_seq() == self.watermarks.rollups {
+            return self.write_level(RollupLevel::Settled).await;
+        }
+        true
+    }
+
+    async fn write_level(&mut self, level: RollupLevel) -> bool {
+        let pending = match level {
+            RollupLevel::Fresh => &self.fresh,
+            RollupLevel::Settled => &self.settled,
+        };
+        let rows = pending.rows();
+        let covered = pending.last_seq();
+        let votes = pending.votes();
         let warehouse = self.deps.warehouse.clone();
         let partition = self.partition;
         if self
             .retry("insert rollups", || {
-                warehouse.insert_rollups(partition, &rows)
+                warehouse.insert_rollups(partition, level, &rows)
             })
             .await
             .is_none()
@@ -420,13 +452,22 @@ impl Partition {
         }
         tracing::debug!(
             partition,
-            votes = self.rollups.votes(),
+            ?level,
+            votes,
             rows = rows.len(),
             covered,
             "rollups written"
         );
-        self.watermarks.rollups = covered;
-        self.rollups.clear();
+        match level {
+            RollupLevel::Fresh => {
+                self.watermarks.rollups = covered;
+                self.fresh.clear();
+            }
+            RollupLevel::Settled => {
+                self.watermarks.settled = covered;
+                self.settled.clear();
+            }
+        }
         true
     }
 

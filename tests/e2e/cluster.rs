@@ -211,6 +211,8 @@ impl Cluster {
             ("TALLY_ADMIN_KEYS", ADMIN_KEY.to_owned()),
             ("TALLY_ANALYST_KEYS", ANALYST_KEY.to_owned()),
             ("TALLY_SSE_HEARTBEAT_SECONDS", "1".to_owned()),
+            // Settled rollups every few seconds, so every scenario reads both levels.
+            ("TALLY_SETTLE_SECONDS", "3".to_owned()),
             ("RUST_LOG", "info".to_owned()),
             ("TALLY_RATE_PER_IP", "off".to_owned()),
             ("TALLY_RATE_PER_VOTER", "off".to_owned()),

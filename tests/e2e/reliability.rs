@@ -305,7 +305,8 @@ async fn processor_killed_five_times() -> Result<()> {
 }
 
 /// 2. The processor crashes again and again at its failpoints: after the raw-vote insert
-///    (before the windows) and after both inserts, before the log ack.
+///    (before the windows), after a rollup insert (before its watermark moves on), and after
+///    the inserts, before the log ack.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn processor_crash_points_hit_repeatedly() -> Result<()> {
     let cluster = Cluster::start(Deployment::Distributed).await?;
@@ -314,10 +315,10 @@ async fn processor_crash_points_hit_repeatedly() -> Result<()> {
     let mut crashes = 0;
     for point in [
         "after-votes-insert",
+        "after-rollups-insert",
         "before-ack",
         "after-votes-insert",
-        "before-ack",
-        "after-votes-insert",
+        "after-rollups-insert",
         "before-ack",
     ] {
         cluster

@@ -13,7 +13,7 @@ use crate::backend::{
     Watermarks, WindowRow,
 };
 use crate::results::Tally;
-use crate::rollup::{self, BreakdownPlan, RollupRow, BREAKDOWN_ROW_LIMIT};
+use crate::rollup::{self, BreakdownPlan, RollupLevel, RollupRow, BREAKDOWN_ROW_LIMIT};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -166,7 +166,12 @@ impl Warehouse for ClickHouseWarehouse {
         Ok(Watermarks {
             votes: self.fetch_u64(&sql::votes_watermark(partition)).await?,
             windows: self.fetch_u64(&sql::windows_watermark(partition)).await?,
-            rollups: self.fetch_u64(&sql::rollups_watermark(partition)).await?,
+            rollups: self
+                .fetch_u64(&sql::rollups_watermark(partition, RollupLevel::Fresh))
+                .await?,
+            settled: self
+                .fetch_u64(&sql::rollups_watermark(partition, RollupLevel::Settled))
+                .await?,
         })
     }
 
@@ -235,13 +240,18 @@ impl Warehouse for ClickHouseWarehouse {
         insert.end().await.map_err(Error::warehouse)
     }
 
-    async fn insert_rollups(&self, partition: u16, rows: &[RollupRow]) -> Result<()> {
+    async fn insert_rollups(
+        &self,
+        partition: u16,
+        level: RollupLevel,
+        rows: &[RollupRow],
+    ) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
         let mut insert = self
             .client
-            .insert::<RollupRowCh>("segment_rollups")
+            .insert::<RollupRowCh>(level.table())
             .await
             .map_err(Error::warehouse)?;
         for row in rows {
@@ -299,14 +309,18 @@ impl Warehouse for ClickHouseWarehouse {
     }
 
     async fn breakdown(&self, query: &BreakdownQuery) -> Result<Breakdown> {
-        let as_of = self
-            .fetch_u64(&sql::rollup_position(&query.poll_id))
-            .await?;
+        let (settled, fresh) = self
+            .client
+            .query_raw(&sql::rollup_positions(&query.poll_id))
+            .fetch_one::<(u64, u64)>()
+            .await
+            .map_err(Error::warehouse)?;
+        let as_of = settled.max(fresh);
         let plan = BreakdownPlan::new(query.from_ms, query.to_ms);
         let mut rows: Vec<(Vec<String>, String, u64)> = Vec::new();
         let mut parts = Vec::new();
         if let Some(buckets) = plan.buckets {
-            parts.push(sql::breakdown_rollups(query, as_of, buckets));
+            parts.push(sql::breakdown_rollups(query, settled, fresh, buckets));
         }
         if !plan.raw.is_empty() {
             parts.push(sql::breakdown_votes(query, as_of, &plan.raw));

@@ -4,7 +4,7 @@
 //! fixed column list or from validated dimension names.
 
 use crate::backend::{BreakdownQuery, Dimension, TimeseriesQuery};
-use crate::rollup::{MsRange, BREAKDOWN_ROW_LIMIT};
+use crate::rollup::{MsRange, RollupLevel, BREAKDOWN_ROW_LIMIT};
 use crate::segment::STANDARD_KEYS;
 
 /// A ClickHouse string literal.
@@ -72,15 +72,27 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (
         3,
         "segment_rollups",
-        // One row per poll, minute and whole segment per processor flush (about a second of
-        // votes); breakdowns add the partial rows up. Plain MergeTree for the same reason as
-        // vote_windows: `last_seq` is the table's watermark.
+        // Settled rollups: one row per poll, minute and whole segment per processor write
+        // (about every half minute); breakdowns add the partial rows up. Plain MergeTree for
+        // the same reason as vote_windows: `last_seq` is the table's watermark.
         "CREATE TABLE IF NOT EXISTS segment_rollups (\
             log_partition UInt16, poll_id String, bucket_start DateTime('UTC'), bucket_seconds UInt32, \
             campaign String, channel String, source String, medium String, country String, device String, \
             dim_keys Array(String), dim_values Array(String), \
             ballots UInt64, answers Array(String), answer_votes Array(UInt64), last_seq UInt64\
         ) ENGINE = MergeTree ORDER BY (poll_id, bucket_start, last_seq)",
+    ),
+    (
+        4,
+        "segment_rollups_fresh",
+        // Fresh rollups, written about every second; a breakdown reads only those after the
+        // poll's newest settled row, so they are ordered by position.
+        "CREATE TABLE IF NOT EXISTS segment_rollups_fresh (\
+            log_partition UInt16, poll_id String, bucket_start DateTime('UTC'), bucket_seconds UInt32, \
+            campaign String, channel String, source String, medium String, country String, device String, \
+            dim_keys Array(String), dim_values Array(String), \
+            ballots UInt64, answers Array(String), answer_votes Array(UInt64), last_seq UInt64\
+        ) ENGINE = MergeTree ORDER BY (poll_id, last_seq)",
     ),
 ];
 
@@ -152,8 +164,11 @@ pub fn windows_watermark(partition: u16) -> String {
     format!("SELECT max(last_seq) FROM vote_windows WHERE log_partition = {partition}")
 }
 
-pub fn rollups_watermark(partition: u16) -> String {
-    format!("SELECT max(last_seq) FROM segment_rollups WHERE log_partition = {partition}")
+pub fn rollups_watermark(partition: u16, level: RollupLevel) -> String {
+    format!(
+        "SELECT max(last_seq) FROM {} WHERE log_partition = {partition}",
+        level.table()
+    )
 }
 
 /// Ballots, distinct voters and the newest sequence of a poll, from one consistent read.
@@ -176,11 +191,14 @@ pub fn voter_keys(poll_id: &str) -> String {
     )
 }
 
-/// How far a poll's rollup rows cover the log: the position its breakdowns are exact at.
-pub fn rollup_position(poll_id: &str) -> String {
+/// How far a poll's settled and fresh rollup rows cover the log.
+pub fn rollup_positions(poll_id: &str) -> String {
+    let poll = lit(poll_id);
     format!(
-        "SELECT max(last_seq) FROM segment_rollups WHERE poll_id = {}",
-        lit(poll_id)
+        "SELECT (SELECT max(last_seq) FROM {} WHERE poll_id = {poll}), \
+         (SELECT max(last_seq) FROM {} WHERE poll_id = {poll})",
+        RollupLevel::Settled.table(),
+        RollupLevel::Fresh.table()
     )
 }
 
@@ -203,26 +221,40 @@ fn group_key(query: &BreakdownQuery) -> String {
     format!("[{}]", exprs.join(", "))
 }
 
-/// `(group, answer, count)` rows of a breakdown from the rollup rows up to `as_of` whose
-/// bucket starts in `[from, to)` (epoch seconds); answer `''` holds the group's ballots.
+/// `(group, answer, count)` rows of a breakdown from the rollups whose bucket starts in
+/// `[from, to)` (epoch seconds): settled rows up to `settled`, fresh rows after it up to
+/// `fresh`. Answer `''` holds the group's ballots.
 pub fn breakdown_rollups(
     query: &BreakdownQuery,
-    as_of: u64,
+    settled: u64,
+    fresh: u64,
     (from, to): (Option<i64>, Option<i64>),
 ) -> String {
-    let mut filter = format!("poll_id = {} AND last_seq <= {as_of}", lit(&query.poll_id));
+    let mut common = String::new();
     if let Some(from) = from {
-        filter.push_str(&format!(" AND toUInt32(bucket_start) >= {}", from.max(0)));
+        common.push_str(&format!(" AND toUInt32(bucket_start) >= {}", from.max(0)));
     }
     if let Some(to) = to {
-        filter.push_str(&format!(" AND toUInt32(bucket_start) < {}", to.max(0)));
+        common.push_str(&format!(" AND toUInt32(bucket_start) < {}", to.max(0)));
     }
-    filter.push_str(&segment_filter(query));
+    common.push_str(&segment_filter(query));
+    let part = |level: RollupLevel, positions: String| {
+        format!(
+            "SELECT {} AS g, opt, sum(c) AS n FROM {} \
+             ARRAY JOIN arrayConcat([''], answers) AS opt, arrayConcat([ballots], answer_votes) AS c \
+             WHERE poll_id = {} AND {positions}{common} GROUP BY g, opt",
+            group_key(query),
+            level.table(),
+            lit(&query.poll_id)
+        )
+    };
     format!(
-        "SELECT {} AS g, opt, sum(n) FROM segment_rollups \
-         ARRAY JOIN arrayConcat([''], answers) AS opt, arrayConcat([ballots], answer_votes) AS n \
-         WHERE {filter} GROUP BY g, opt LIMIT {BREAKDOWN_ROW_LIMIT}",
-        group_key(query)
+        "SELECT g, opt, sum(n) FROM ({} UNION ALL {}) GROUP BY g, opt LIMIT {BREAKDOWN_ROW_LIMIT}",
+        part(RollupLevel::Settled, format!("last_seq <= {settled}")),
+        part(
+            RollupLevel::Fresh,
+            format!("last_seq > {settled} AND last_seq <= {fresh}")
+        ),
     )
 }
 
@@ -310,20 +342,26 @@ pub fn all_for_check() -> Vec<(String, String)> {
             WINDOW_COLUMNS.join(", ")
         ),
     ));
-    statements.push((
-        "insert rollups".into(),
-        format!(
-            "INSERT INTO segment_rollups ({}) VALUES (0, 'p', 1700000040, 60, 'c', 'email', 's', 'm', 'DE', 'mobile', ['plan'], ['pro'], 2, ['blue', 'red'], [1, 2], 7)",
-            ROLLUP_COLUMNS.join(", ")
-        ),
-    ));
+    for level in RollupLevel::ALL {
+        statements.push((
+            format!("insert {}", level.table()),
+            format!(
+                "INSERT INTO {} ({}) VALUES (0, 'p', 1700000040, 60, 'c', 'email', 's', 'm', 'DE', 'mobile', ['plan'], ['pro'], 2, ['blue', 'red'], [1, 2], 7)",
+                level.table(),
+                ROLLUP_COLUMNS.join(", ")
+            ),
+        ));
+        statements.push((
+            format!("{} watermark", level.table()),
+            rollups_watermark(0, level),
+        ));
+    }
     statements.push(("votes watermark".into(), votes_watermark(0)));
-    statements.push(("rollups watermark".into(), rollups_watermark(0)));
     statements.push(("windows watermark".into(), windows_watermark(0)));
     statements.push(("tally totals".into(), tally_totals("p")));
     statements.push(("tally counts".into(), tally_counts("p", 7)));
     statements.push(("voter keys".into(), voter_keys("p")));
-    statements.push(("rollup position".into(), rollup_position("p")));
+    statements.push(("rollup positions".into(), rollup_positions("p")));
     let query = BreakdownQuery {
         poll_id: "p".into(),
         by: vec![Dimension("country".into()), Dimension("plan".into())],
@@ -336,11 +374,11 @@ pub fn all_for_check() -> Vec<(String, String)> {
     };
     statements.push((
         "breakdown rollups".into(),
-        breakdown_rollups(&query, 7, (Some(1_699_999_980), Some(1_800_000_000))),
+        breakdown_rollups(&query, 5, 7, (Some(1_699_999_980), Some(1_800_000_000))),
     ));
     statements.push((
         "breakdown rollups, all buckets".into(),
-        breakdown_rollups(&query, 7, (None, None)),
+        breakdown_rollups(&query, 0, 7, (None, None)),
     ));
     statements.push((
         "breakdown votes".into(),
