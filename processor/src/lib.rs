@@ -68,8 +68,10 @@ pub struct Config {
     pub rollup_interval: Duration,
     pub rollup_votes: usize,
     /// Settled segment rollups are written with the first fresh write after their oldest
-    /// vote has waited this long.
+    /// vote has waited this long, or once this many votes are pending (which bounds the
+    /// memory of segments that take many values).
     pub settle_interval: Duration,
+    pub settle_votes: usize,
 }
 
 impl Default for Config {
@@ -82,6 +84,7 @@ impl Default for Config {
             rollup_interval: Duration::from_secs(1),
             rollup_votes: 100_000,
             settle_interval: Duration::from_secs(30),
+            settle_votes: 500_000,
         }
     }
 }
@@ -424,7 +427,9 @@ impl Partition {
             }
             failpoint("after-rollups-insert");
         }
-        let due = settle_now || self.settled.age() >= self.config.settle_interval;
+        let due = settle_now
+            || self.settled.age() >= self.config.settle_interval
+            || self.settled.votes() >= self.config.settle_votes;
         if self.settled.votes() > 0 && due && self.settled.last_seq() == self.watermarks.rollups {
             return self.write_level(RollupLevel::Settled).await;
         }
