@@ -305,6 +305,35 @@ impl Cluster {
         Ok(())
     }
 
+    /// Kills the processor, deletes every segment rollup (both levels) and starts it again,
+    /// as after an upgrade from a version that wrote none.
+    pub async fn drop_rollups_and_restart(&self) -> Result<()> {
+        let mut processor = self.processor.lock().await;
+        processor.kill().await;
+        match self.deployment {
+            Deployment::Distributed => {
+                for table in ["segment_rollups", "segment_rollups_fresh"] {
+                    self.clickhouse_query(&format!("TRUNCATE TABLE {table}"))
+                        .await?;
+                }
+            }
+            Deployment::Standalone => {
+                for table in ["segment_rollups", "segment_rollups_fresh"] {
+                    let dir = self.dir.path().join("data").join("warehouse").join(table);
+                    ensure!(dir.is_dir(), "no {} in the data directory", dir.display());
+                    std::fs::remove_dir_all(&dir)?;
+                }
+            }
+        }
+        let name = processor.name;
+        let listen = match self.deployment {
+            Deployment::Distributed => "127.0.0.1:0".to_owned(),
+            Deployment::Standalone => processor.listen.clone(),
+        };
+        *processor = Service::spawn_on(name, &listen, &self.env, &[], self.dir.path()).await?;
+        Ok(())
+    }
+
     /// One more ingest replica against the same log; in standalone, the same process again.
     pub async fn spawn_ingest(&self) -> Result<Service> {
         match self.deployment {

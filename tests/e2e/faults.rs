@@ -1,6 +1,7 @@
 //! The processor dies mid-stream — once at a crash point between the raw-vote insert and
 //! the window insert, once by SIGKILL at a random moment — and every accepted vote is still
-//! counted exactly once in results, the raw vote table and the window aggregates.
+//! counted exactly once in results, the raw vote table, the window aggregates and the
+//! segment rollups; then the rollups are deleted and rebuilt from the log.
 //!
 //! In standalone the processor is the whole process: the kill takes ingest down too, so the
 //! clients behave as careful clients do and retry a vote whose request failed with the same
@@ -173,5 +174,17 @@ async fn processor_crashes_mid_stream_count_once(deployment: Deployment) -> Resu
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // 3. The segment rollups are lost, as in an upgrade from a version without them: the
+    //    processor rebuilds them from the log, every vote once, and breakdowns come back
+    //    exact (with the same answer counts as before).
+    cluster.drop_rollups_and_restart().await?;
+    let rebuilt = cluster
+        .breakdown("/v1/polls/crash/breakdown?by=country", 6_000)
+        .await?;
+    ensure!(
+        rebuilt["groups"] == by_country["groups"],
+        "rebuilt rollups answer {rebuilt}\nbefore: {by_country}"
+    );
     Ok(())
 }
