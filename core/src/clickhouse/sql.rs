@@ -258,6 +258,12 @@ pub fn breakdown_rollups(
     )
 }
 
+/// Epoch ms as DateTime seconds, within what a DateTime holds. The `received_at`
+/// conditions only let ClickHouse skip granules; `received_ms` decides.
+fn seconds(ms: &i64) -> i64 {
+    (ms / 1000).min(i64::from(u32::MAX))
+}
+
 /// The same rows from the raw votes up to `as_of` received in any of `ranges`.
 pub fn breakdown_votes(query: &BreakdownQuery, as_of: u64, ranges: &[MsRange]) -> String {
     let ranges: Vec<String> = ranges
@@ -268,14 +274,14 @@ pub fn breakdown_votes(query: &BreakdownQuery, as_of: u64, ranges: &[MsRange]) -
                 let from = from.max(&0);
                 range.push(format!(
                     "received_ms >= {from} AND received_at >= toDateTime({})",
-                    from / 1000
+                    seconds(from)
                 ));
             }
             if let Some(to) = to {
                 let to = to.max(&0);
                 range.push(format!(
                     "received_ms < {to} AND received_at <= toDateTime({})",
-                    to / 1000
+                    seconds(to)
                 ));
             }
             format!("({})", range.join(" AND "))
@@ -388,6 +394,7 @@ pub fn all_for_check() -> Vec<(String, String)> {
             &[
                 (Some(1_699_999_999_000), Some(1_700_000_040_000)),
                 (Some(1_800_000_000_000), None),
+                (Some(253_402_300_700_000), Some(253_402_300_799_000)),
             ],
         ),
     ));
