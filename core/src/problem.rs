@@ -137,6 +137,11 @@ pub fn utf8(body: &[u8]) -> Result<&str, Problem> {
 /// Parses a JSON body that must be valid UTF-8 and match `T` exactly; every failure is a
 /// [`Problem`] naming the field at fault. Types meant for it use `deny_unknown_fields`.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+    // The common case parses without tracking where it is; only a body that fails is
+    // parsed again with the path, to name the field in the problem.
+    if let Ok(value) = serde_json::from_slice(body) {
+        return Ok(value);
+    }
     utf8(body)?;
     let deserializer = &mut serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(deserializer).map_err(|err| {

@@ -40,22 +40,23 @@ impl Segment {
     ) -> Result<Segment, Problem> {
         let mut segment = Segment::default();
         for (key, value) in raw {
-            let field = format!("segment.{key}");
+            // Named only in errors: built when one is returned, not for every value.
+            let field = || format!("segment.{key}");
             let serde_json::Value::String(value) = value else {
                 return Err(Problem::invalid(
-                    field,
+                    field(),
                     format!("segment value `{key}` must be a string"),
                 ));
             };
             if value.chars().count() > MAX_VALUE_CHARS {
                 return Err(Problem::invalid(
-                    field,
+                    field(),
                     format!("segment value `{key}` is longer than {MAX_VALUE_CHARS} characters"),
                 ));
             }
             if value.chars().any(char::is_control) {
                 return Err(Problem::invalid(
-                    field,
+                    field(),
                     format!("segment value `{key}` contains control characters"),
                 ));
             }
@@ -70,7 +71,7 @@ impl Segment {
                     let code = value.to_ascii_uppercase();
                     if !(code.len() == 2 && code.bytes().all(|b| b.is_ascii_uppercase())) {
                         return Err(Problem::invalid(
-                            field,
+                            field(),
                             format!(
                                 "country `{value}` is not an ISO 3166-1 alpha-2 code such as DE"
                             ),
@@ -85,7 +86,7 @@ impl Segment {
                     let mut accepted: Vec<&str> = STANDARD_KEYS.to_vec();
                     accepted.extend(dimensions.iter().map(String::as_str));
                     return Err(Problem::invalid(
-                        field,
+                        field(),
                         format!(
                             "segment key `{unknown}` is not accepted by this poll; use one of {}",
                             accepted.join(", ")

@@ -51,7 +51,12 @@ impl Vote {
     /// vote id otherwise (so retries stay idempotent even past the broker's duplicate window).
     pub fn unique_key(&self, dedupe: Dedupe) -> String {
         match dedupe {
-            Dedupe::PerVoter => format!("v{}", self.voter_key),
+            Dedupe::PerVoter => {
+                let mut key = String::with_capacity(1 + self.voter_key.len());
+                key.push('v');
+                key.push_str(&self.voter_key);
+                key
+            }
             Dedupe::None => {
                 let digest = Sha256::digest(self.vote_id.as_bytes());
                 format!("i{}", hex::encode(&digest[..16]))

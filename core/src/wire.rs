@@ -23,7 +23,11 @@ struct Envelope {
 }
 
 pub fn encode(vote: &Vote) -> Vec<u8> {
-    serde_json::to_vec(&EnvelopeRef { v: VERSION, vote }).expect("votes always serialize")
+    // Sized for a typical vote, so the buffer is not regrown as it fills.
+    let mut out = Vec::with_capacity(256);
+    serde_json::to_writer(&mut out, &EnvelopeRef { v: VERSION, vote })
+        .expect("votes always serialize");
+    out
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Vote> {

@@ -67,12 +67,13 @@ impl JetStreamLog {
     }
 
     fn subject(&self, vote: &Vote, unique_key: &str) -> String {
-        format!(
-            "votes.{}.{}.{}",
-            self.partition_of(&vote.poll_id),
-            vote.poll_id,
-            unique_key
-        )
+        use std::fmt::Write;
+        let mut subject = String::with_capacity(13 + vote.poll_id.len() + unique_key.len());
+        let _ = write!(subject, "votes.{}.", self.partition_of(&vote.poll_id));
+        subject.push_str(&vote.poll_id);
+        subject.push('.');
+        subject.push_str(unique_key);
+        subject
     }
 
     /// After a per-subject refusal: the same vote (a late retry) or another voter's vote?
@@ -111,18 +112,18 @@ impl VoteLog for JetStreamLog {
         if state != async_nats::connection::State::Connected {
             return Err(Error::Bus(format!("not connected to NATS ({state})")));
         }
-        let subject = self.subject(vote, unique_key);
+        let mut msg_id = String::with_capacity(vote.poll_id.len() + 1 + vote.vote_id.len());
+        msg_id.push_str(&vote.poll_id);
+        msg_id.push('/');
+        msg_id.push_str(&vote.vote_id);
         let mut headers = HeaderMap::new();
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("{}/{}", vote.poll_id, vote.vote_id).as_str(),
-        );
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
         let payload = wire::encode(vote).into();
         // The first await hands the message to the connection; the second waits for the
         // stream's ack, which JetStream sends once the message is stored.
         let ack = self
             .js
-            .publish_with_headers(subject.clone(), headers, payload)
+            .publish_with_headers(self.subject(vote, unique_key), headers, payload)
             .await
             .map_err(Error::bus)?
             .await;
@@ -132,7 +133,8 @@ impl VoteLog for JetStreamLog {
                 duplicate: ack.duplicate,
             }),
             Err(err) if jetstream_code(&err) == Some(ERR_PER_SUBJECT_LIMIT) => {
-                self.resolve_conflict(&subject, vote).await
+                self.resolve_conflict(&self.subject(vote, unique_key), vote)
+                    .await
             }
             Err(err) => Err(Error::Bus(format!("publish not acknowledged: {err}"))),
         }
