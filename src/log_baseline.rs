@@ -33,15 +33,8 @@ fn sample_vote(i: u64) -> Vote {
     }
 }
 
-pub async fn run(votes: u64, in_flight: usize, dir: &std::path::Path) -> anyhow::Result<()> {
-    let store = tally_embedded::open(
-        dir,
-        tally_embedded::Options {
-            partitions: 2,
-            ..Default::default()
-        },
-    )?;
-    let log: Arc<dyn VoteLog> = store.log;
+/// Appends `votes` sample votes with `in_flight` at once; returns the seconds it took.
+async fn append_all(log: Arc<dyn VoteLog>, votes: u64, in_flight: usize) -> f64 {
     let started = Instant::now();
     futures::stream::iter(0..votes)
         .map(|i| {
@@ -56,11 +49,28 @@ pub async fn run(votes: u64, in_flight: usize, dir: &std::path::Path) -> anyhow:
             outcome.expect("append");
         })
         .await;
-    let seconds = started.elapsed().as_secs_f64();
+    started.elapsed().as_secs_f64()
+}
+
+/// The one line of JSON every baseline prints.
+fn report(votes: u64, seconds: f64) {
     println!(
         "{{\"votes\": {votes}, \"seconds\": {seconds:.3}, \"per_s\": {:.0}}}",
         votes as f64 / seconds
     );
+}
+
+pub async fn run(votes: u64, in_flight: usize, dir: &std::path::Path) -> anyhow::Result<()> {
+    let store = tally_embedded::open(
+        dir,
+        tally_embedded::Options {
+            partitions: 2,
+            ..Default::default()
+        },
+    )?;
+    let log: Arc<dyn VoteLog> = store.log;
+    let seconds = append_all(log, votes, in_flight).await;
+    report(votes, seconds);
     Ok(())
 }
 
@@ -74,28 +84,11 @@ async fn publish_through_log(
 ) -> anyhow::Result<()> {
     let log: Arc<dyn VoteLog> =
         Arc::new(tally_core::nats::JetStreamLog::open(client.clone(), Default::default()).await?);
-    let started = Instant::now();
-    futures::stream::iter(0..votes)
-        .map(|i| {
-            let log = log.clone();
-            async move {
-                let vote = sample_vote(i);
-                log.append(&vote, &vote.unique_key(Dedupe::PerVoter)).await
-            }
-        })
-        .buffer_unordered(in_flight)
-        .for_each(|outcome| async move {
-            outcome.expect("append");
-        })
-        .await;
-    let seconds = started.elapsed().as_secs_f64();
+    let seconds = append_all(log, votes, in_flight).await;
     let _ = async_nats::jetstream::new(client)
         .delete_stream(tally_core::nats::VOTES_STREAM)
         .await;
-    println!(
-        "{{\"votes\": {votes}, \"seconds\": {seconds:.3}, \"per_s\": {:.0}}}",
-        votes as f64 / seconds
-    );
+    report(votes, seconds);
     Ok(())
 }
 
@@ -143,9 +136,6 @@ pub async fn publish(
         .await;
     let seconds = started.elapsed().as_secs_f64();
     let _ = js.delete_stream("BENCH_PUBLISH").await;
-    println!(
-        "{{\"votes\": {votes}, \"seconds\": {seconds:.3}, \"per_s\": {:.0}}}",
-        votes as f64 / seconds
-    );
+    report(votes, seconds);
     Ok(())
 }

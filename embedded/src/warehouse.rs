@@ -553,7 +553,9 @@ fn compact_rollups(schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatc
     let dim_values = string_lists(batch, 11)?;
     let ballots = u64s(batches, 12)?;
     let answers = string_lists(batch, 13)?;
-    let answer_votes = u64_lists(batch, 14)?;
+    let answer_votes = lists(batch, 14, &DataType::UInt64, |a: &UInt64Array| {
+        a.values().to_vec()
+    })?;
     let last_seqs = u64s(batches, 15)?;
 
     type Key = (String, i64, u32, Segment);
@@ -600,8 +602,13 @@ fn compact_rollups(schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatc
     rollups_batch(schema, partitions[0], &rows)
 }
 
-/// A list-of-strings column, row by row.
-fn string_lists(batch: &RecordBatch, index: usize) -> Result<Vec<Vec<String>>> {
+/// A list column, row by row: each row's values cast to `as_type` and read with `values`.
+fn lists<A: Array + 'static, T>(
+    batch: &RecordBatch,
+    index: usize,
+    as_type: &DataType,
+    values: impl Fn(&A) -> Vec<T>,
+) -> Result<Vec<Vec<T>>> {
     let list = batch
         .column(index)
         .as_any()
@@ -609,35 +616,20 @@ fn string_lists(batch: &RecordBatch, index: usize) -> Result<Vec<Vec<String>>> {
         .ok_or_else(|| storage("expected a list column"))?;
     (0..list.len())
         .map(|row| {
-            let values = cast(&list.value(row), &DataType::Utf8).map_err(storage)?;
-            let values = values
+            let cast = cast(&list.value(row), as_type).map_err(storage)?;
+            let array = cast
                 .as_any()
-                .downcast_ref::<StringArray>()
-                .ok_or_else(|| storage("expected a list of strings"))?;
-            Ok((0..values.len())
-                .map(|i| values.value(i).to_owned())
-                .collect())
+                .downcast_ref::<A>()
+                .ok_or_else(|| storage(format!("expected a list of {as_type}")))?;
+            Ok(values(array))
         })
         .collect()
 }
 
-/// A list-of-integers column, row by row.
-fn u64_lists(batch: &RecordBatch, index: usize) -> Result<Vec<Vec<u64>>> {
-    let list = batch
-        .column(index)
-        .as_any()
-        .downcast_ref::<ListArray>()
-        .ok_or_else(|| storage("expected a list column"))?;
-    (0..list.len())
-        .map(|row| {
-            let values = cast(&list.value(row), &DataType::UInt64).map_err(storage)?;
-            let values = values
-                .as_any()
-                .downcast_ref::<UInt64Array>()
-                .ok_or_else(|| storage("expected a list of integers"))?;
-            Ok(values.values().to_vec())
-        })
-        .collect()
+fn string_lists(batch: &RecordBatch, index: usize) -> Result<Vec<Vec<String>>> {
+    lists(batch, index, &DataType::Utf8, |a: &StringArray| {
+        (0..a.len()).map(|i| a.value(i).to_owned()).collect()
+    })
 }
 
 /// Writes `batches` to `dir/name` atomically: a temp file, fsync, rename, fsync of the dir.

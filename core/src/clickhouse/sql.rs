@@ -42,6 +42,16 @@ pub fn dimension_expr(dimension: &Dimension) -> String {
 
 pub const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, applied_at DateTime('UTC')) ENGINE = MergeTree ORDER BY version";
 
+/// The columns of both rollup tables (settled and fresh), as a literal for `concat!`.
+macro_rules! rollup_columns {
+    () => {
+        "log_partition UInt16, poll_id String, bucket_start DateTime('UTC'), bucket_seconds UInt32, \
+         campaign String, channel String, source String, medium String, country String, device String, \
+         dim_keys Array(String), dim_values Array(String), \
+         ballots UInt64, answers Array(String), answer_votes Array(UInt64), last_seq UInt64"
+    };
+}
+
 /// Versioned schema migrations, applied in order. Each is idempotent so services starting
 /// together may race through them safely.
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[
@@ -75,24 +85,22 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         // Settled rollups: one row per poll, minute and whole segment per processor write
         // (about every half minute); breakdowns add the partial rows up. Plain MergeTree for
         // the same reason as vote_windows: `last_seq` is the table's watermark.
-        "CREATE TABLE IF NOT EXISTS segment_rollups (\
-            log_partition UInt16, poll_id String, bucket_start DateTime('UTC'), bucket_seconds UInt32, \
-            campaign String, channel String, source String, medium String, country String, device String, \
-            dim_keys Array(String), dim_values Array(String), \
-            ballots UInt64, answers Array(String), answer_votes Array(UInt64), last_seq UInt64\
-        ) ENGINE = MergeTree ORDER BY (poll_id, bucket_start, last_seq)",
+        concat!(
+            "CREATE TABLE IF NOT EXISTS segment_rollups (",
+            rollup_columns!(),
+            ") ENGINE = MergeTree ORDER BY (poll_id, bucket_start, last_seq)"
+        ),
     ),
     (
         4,
         "segment_rollups_fresh",
         // Fresh rollups, written about every second; a breakdown reads only those after the
         // poll's newest settled row, so they are ordered by position.
-        "CREATE TABLE IF NOT EXISTS segment_rollups_fresh (\
-            log_partition UInt16, poll_id String, bucket_start DateTime('UTC'), bucket_seconds UInt32, \
-            campaign String, channel String, source String, medium String, country String, device String, \
-            dim_keys Array(String), dim_values Array(String), \
-            ballots UInt64, answers Array(String), answer_votes Array(UInt64), last_seq UInt64\
-        ) ENGINE = MergeTree ORDER BY (poll_id, last_seq)",
+        concat!(
+            "CREATE TABLE IF NOT EXISTS segment_rollups_fresh (",
+            rollup_columns!(),
+            ") ENGINE = MergeTree ORDER BY (poll_id, last_seq)"
+        ),
     ),
 ];
 
