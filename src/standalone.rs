@@ -68,7 +68,7 @@ async fn catch_up(store: &tally_embedded::Embedded) -> anyhow::Result<()> {
         loop {
             let marks = store.warehouse.watermarks(partition).await?;
             // Settled rollups may trail by half a minute; breakdowns are exact without them.
-            let held = marks.votes.min(marks.windows).min(marks.rollups);
+            let held = marks.votes.min(marks.windows).min(marks.rollups_covered());
             if held >= tip {
                 break;
             }

@@ -136,19 +136,17 @@ pub struct Watermarks {
 }
 
 impl Watermarks {
-    /// Where processing resumes: after the position every table holds.
-    pub fn lowest(&self) -> u64 {
-        self.votes
-            .min(self.windows)
-            .min(self.rollups)
-            .min(self.settled)
+    /// How far breakdowns are exact: a breakdown reads fresh rollups only after the settled
+    /// ones, so settled rows cover for fresh rows that were lost (a standalone crash can
+    /// keep a settled file and lose the fresh tail before it).
+    pub fn rollups_covered(&self) -> u64 {
+        self.rollups.max(self.settled)
     }
 
-    pub fn rollups(&self, level: RollupLevel) -> u64 {
-        match level {
-            RollupLevel::Fresh => self.rollups,
-            RollupLevel::Settled => self.settled,
-        }
+    /// Where processing resumes: after the position every table holds. Fresh rollups are
+    /// never needed at or below the settled ones, so they do not pull it back.
+    pub fn lowest(&self) -> u64 {
+        self.votes.min(self.windows).min(self.settled)
     }
 }
 

@@ -74,32 +74,57 @@ struct Counts {
     answers: BTreeMap<String, u64>,
 }
 
+impl Counts {
+    fn add(&mut self, other: &Counts) {
+        self.ballots += other.ballots;
+        for (answer, n) in &other.answers {
+            match self.answers.get_mut(answer) {
+                Some(total) => *total += n,
+                None => {
+                    self.answers.insert(answer.clone(), *n);
+                }
+            }
+        }
+    }
+}
+
+/// Counts per poll, bucket start and segment.
+type Groups = HashMap<String, HashMap<i64, HashMap<Segment, Counts>>>;
+
 /// Votes not yet written as rollup rows, aggregated as they come.
 #[derive(Default)]
 pub struct Rollups {
-    groups: HashMap<(String, i64), HashMap<Segment, Counts>>,
+    groups: Groups,
     votes: usize,
     last_seq: u64,
     since: Option<Instant>,
 }
 
 impl Rollups {
+    /// The counts of one poll, bucket and segment, created empty when missing. Keys are
+    /// cloned only the first time they are seen.
+    fn counts(&mut self, poll_id: &str, bucket: i64, segment: &Segment) -> &mut Counts {
+        if !self.groups.contains_key(poll_id) {
+            self.groups.insert(poll_id.to_owned(), HashMap::new());
+        }
+        let segments = self
+            .groups
+            .get_mut(poll_id)
+            .expect("inserted above")
+            .entry(bucket)
+            .or_default();
+        if !segments.contains_key(segment) {
+            segments.insert(segment.clone(), Counts::default());
+        }
+        segments.get_mut(segment).expect("inserted above")
+    }
+
     /// Adds a vote; `covered` is the log position the pending rows cover once it is in
     /// (the last entry of its batch).
     pub fn add(&mut self, vote: &Vote, covered: u64) {
         let width = i64::from(ROLLUP_SECONDS) * 1000;
         let bucket = vote.received_at.div_euclid(width) * i64::from(ROLLUP_SECONDS);
-        let segments = match self.groups.get_mut(&(vote.poll_id.clone(), bucket)) {
-            Some(segments) => segments,
-            None => self
-                .groups
-                .entry((vote.poll_id.clone(), bucket))
-                .or_default(),
-        };
-        let counts = match segments.get_mut(&vote.segment) {
-            Some(counts) => counts,
-            None => segments.entry(vote.segment.clone()).or_default(),
-        };
+        let counts = self.counts(&vote.poll_id, bucket, &vote.segment);
         counts.ballots += 1;
         for answer in &vote.choice {
             match counts.answers.get_mut(answer) {
@@ -112,6 +137,23 @@ impl Rollups {
         self.votes += 1;
         self.last_seq = self.last_seq.max(covered);
         self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Adds everything `other` holds, as if its votes had been added here.
+    pub fn merge(&mut self, other: &Rollups) {
+        for (poll_id, buckets) in &other.groups {
+            for (bucket, segments) in buckets {
+                for (segment, counts) in segments {
+                    self.counts(poll_id, *bucket, segment).add(counts);
+                }
+            }
+        }
+        self.votes += other.votes;
+        self.last_seq = self.last_seq.max(other.last_seq);
+        self.since = match (self.since, other.since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
     }
 
     /// Votes pending.
@@ -131,14 +173,18 @@ impl Rollups {
 
     /// The pending rows, in (poll, bucket) order.
     pub fn rows(&self) -> Vec<RollupRow> {
-        let mut keys: Vec<&(String, i64)> = self.groups.keys().collect();
+        let mut keys: Vec<(&String, i64)> = self
+            .groups
+            .iter()
+            .flat_map(|(poll, buckets)| buckets.keys().map(move |b| (poll, *b)))
+            .collect();
         keys.sort();
         let mut rows = Vec::new();
-        for key in keys {
-            for (segment, counts) in &self.groups[key] {
+        for (poll_id, bucket) in keys {
+            for (segment, counts) in &self.groups[poll_id][&bucket] {
                 rows.push(RollupRow {
-                    poll_id: key.0.clone(),
-                    bucket_start: key.1,
+                    poll_id: poll_id.clone(),
+                    bucket_start: bucket,
                     bucket_seconds: ROLLUP_SECONDS,
                     segment: segment.clone(),
                     ballots: counts.ballots,
@@ -212,14 +258,19 @@ impl BreakdownPlan {
     }
 }
 
-/// Puts a breakdown together from `(group values, answer, count)` rows of its parts, where
-/// the answer `""` carries the group's ballots. Groups come largest first.
-pub fn assemble(
-    rows: impl IntoIterator<Item = (Vec<String>, String, u64)>,
-    as_of: u64,
-) -> crate::Result<Breakdown> {
+/// One `(group values, answer, count)` row of a part of a breakdown; the answer `""`
+/// carries the group's ballots.
+pub type BreakdownRow = (Vec<String>, String, u64);
+
+/// Puts a breakdown together from the rows of its parts (rollups, cut buckets). A part
+/// read with the limit [`BREAKDOWN_ROW_LIMIT`] that comes back full has more than
+/// [`MAX_GROUPS`] groups. Groups come largest first.
+pub fn assemble(parts: Vec<Vec<BreakdownRow>>, as_of: u64) -> crate::Result<Breakdown> {
+    if parts.iter().any(|part| part.len() >= BREAKDOWN_ROW_LIMIT) {
+        return Err(too_many_groups());
+    }
     let mut groups: BTreeMap<Vec<String>, Counts> = BTreeMap::new();
-    for (values, answer, count) in rows {
+    for (values, answer, count) in parts.into_iter().flatten() {
         let counts = groups.entry(values).or_default();
         if answer.is_empty() {
             counts.ballots += count;
@@ -290,6 +341,40 @@ mod tests {
     }
 
     #[test]
+    fn merging_equals_adding_the_votes_in_one_place() {
+        let t = 1_700_000_040_000;
+        let votes = [
+            vote("p", t, "DE", &["a"]),
+            vote("p", t + 1, "DE", &["a", "b"]),
+            vote("p", t + 60_000, "FR", &["b"]),
+            vote("q", t, "DE", &["a"]),
+        ];
+        let mut all = Rollups::default();
+        for (i, v) in votes.iter().enumerate() {
+            all.add(v, i as u64 + 1);
+        }
+        let (mut first, mut second) = (Rollups::default(), Rollups::default());
+        first.add(&votes[0], 1);
+        first.add(&votes[2], 3);
+        second.add(&votes[1], 2);
+        second.add(&votes[3], 4);
+        first.merge(&second);
+        let sorted = |r: &Rollups| {
+            let mut rows = r.rows();
+            rows.sort_by_key(|row| {
+                (
+                    row.poll_id.clone(),
+                    row.bucket_start,
+                    row.segment.country.clone(),
+                )
+            });
+            rows
+        };
+        assert_eq!(sorted(&first), sorted(&all));
+        assert_eq!((first.votes(), first.last_seq()), (4, 4));
+    }
+
+    #[test]
     fn plans_read_whole_buckets_from_rollups_and_cut_ones_from_votes() {
         let m = 60_000;
         assert_eq!(
@@ -343,7 +428,7 @@ mod tests {
     #[test]
     fn assembly_sums_parts_and_orders_groups() {
         let g = |v: &str| vec![v.to_owned()];
-        let rows = vec![
+        let rows = [
             (g("FR"), String::new(), 2),
             (g("FR"), "a".to_owned(), 2),
             (g("DE"), String::new(), 2),
@@ -351,7 +436,8 @@ mod tests {
             (g("DE"), String::new(), 1),
             (g("DE"), "a".to_owned(), 1),
         ];
-        let breakdown = assemble(rows, 7).unwrap();
+        let (first, second) = rows.split_at(4);
+        let breakdown = assemble(vec![first.to_vec(), second.to_vec()], 7).unwrap();
         assert_eq!(breakdown.as_of, 7);
         assert_eq!(breakdown.groups[0].values, ["DE"]);
         assert_eq!(breakdown.groups[0].ballots, 3);
@@ -360,7 +446,14 @@ mod tests {
             [("a".to_owned(), 1), ("b".to_owned(), 2)].into()
         );
         assert_eq!(breakdown.groups[1].values, ["FR"]);
-        let many = (0..=MAX_GROUPS).map(|i| (vec![i.to_string()], String::new(), 1));
-        assert!(assemble(many, 0).is_err());
+        let many: Vec<BreakdownRow> = (0..=MAX_GROUPS)
+            .map(|i| (vec![i.to_string()], String::new(), 1))
+            .collect();
+        assert!(assemble(vec![many], 0).is_err(), "too many groups");
+        let full = vec![(vec!["DE".to_owned()], String::new(), 1); BREAKDOWN_ROW_LIMIT];
+        assert!(
+            assemble(vec![full], 0).is_err(),
+            "a part that hit its limit"
+        );
     }
 }

@@ -36,11 +36,13 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use tally_core::backend::{
-    too_many_groups, Breakdown, BreakdownQuery, Dimension, StoredVote, TimePoint, TimeseriesQuery,
-    Warehouse, Watermarks, WindowRow,
+    Breakdown, BreakdownQuery, Dimension, StoredVote, TimePoint, TimeseriesQuery, Warehouse,
+    Watermarks, WindowRow,
 };
 use tally_core::results::Tally;
-use tally_core::rollup::{self, BreakdownPlan, RollupLevel, RollupRow, BREAKDOWN_ROW_LIMIT};
+use tally_core::rollup::{
+    self, BreakdownPlan, BreakdownRow, RollupLevel, RollupRow, BREAKDOWN_ROW_LIMIT,
+};
 use tally_core::segment::{Segment, STANDARD_KEYS};
 use tally_core::{Error, Result};
 
@@ -1217,20 +1219,16 @@ impl Warehouse for ParquetWarehouse {
                 ranges.join(" OR "),
             ));
         }
-        let mut rows = Vec::new();
+        let mut rows: Vec<Vec<BreakdownRow>> = Vec::new();
         for sql in parts {
             let part = snapshot.query(&sql, params.clone()).await?;
-            let keys = group_keys(&part, dims)?;
-            if keys.len() >= BREAKDOWN_ROW_LIMIT {
-                return Err(too_many_groups());
-            }
-            let answers = strings(&part, dims)?;
-            let counts = u64s(&part, dims + 1)?;
-            rows.extend(
-                keys.into_iter()
-                    .zip(answers)
-                    .zip(counts)
-                    .map(|((group, answer), count)| (group, answer, count)),
+            rows.push(
+                group_keys(&part, dims)?
+                    .into_iter()
+                    .zip(strings(&part, dims)?)
+                    .zip(u64s(&part, dims + 1)?)
+                    .map(|((group, answer), count)| (group, answer, count))
+                    .collect(),
             );
         }
         rollup::assemble(rows, as_of)

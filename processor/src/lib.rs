@@ -387,13 +387,17 @@ impl Partition {
         self.count_and_publish(new_votes).await;
         stages[3] = started.elapsed();
 
-        // Rollups after the totals are out, so their write never delays live results.
-        for (pending, mark) in [
-            (&mut self.fresh, self.watermarks.rollups),
-            (&mut self.settled, self.watermarks.settled),
-        ] {
-            for stored in &votes[votes.partition_point(|v| v.seq <= mark)..] {
-                pending.add(&stored.vote, last_seq);
+        // Rollups after the totals are out, so their write never delays live results. Votes
+        // the settled rows hold go nowhere; votes the fresh rows already hold (a replay after
+        // a restart) go to the settled ones directly; the rest go to the fresh ones and reach
+        // the settled ones when they are written. So a fresh write never reaches back over
+        // the settled position, even when fresh rows were lost and their watermark is lower.
+        let (settled_mark, fresh_mark) = (self.watermarks.settled, self.watermarks.rollups);
+        for stored in &votes[votes.partition_point(|v| v.seq <= settled_mark)..] {
+            if stored.seq <= fresh_mark {
+                self.settled.add(&stored.vote, last_seq.min(fresh_mark));
+            } else {
+                self.fresh.add(&stored.vote, last_seq);
             }
         }
         if (self.fresh.votes() >= self.config.rollup_votes
@@ -466,6 +470,7 @@ impl Partition {
         match level {
             RollupLevel::Fresh => {
                 self.watermarks.rollups = covered;
+                self.settled.merge(&self.fresh);
                 self.fresh.clear();
             }
             RollupLevel::Settled => {

@@ -305,20 +305,21 @@ impl Cluster {
         Ok(())
     }
 
-    /// Kills the processor, deletes every segment rollup (both levels) and starts it again,
-    /// as after an upgrade from a version that wrote none.
-    pub async fn drop_rollups_and_restart(&self) -> Result<()> {
+    /// Kills the processor, deletes every row of the rollup `tables` (`segment_rollups`,
+    /// `segment_rollups_fresh`) and starts it again: both, as after an upgrade from a version
+    /// that wrote none; the fresh ones alone, as after a crash that lost only those.
+    pub async fn drop_rollups_and_restart(&self, tables: &[&str]) -> Result<()> {
         let mut processor = self.processor.lock().await;
         processor.kill().await;
         match self.deployment {
             Deployment::Distributed => {
-                for table in ["segment_rollups", "segment_rollups_fresh"] {
+                for table in tables {
                     self.clickhouse_query(&format!("TRUNCATE TABLE {table}"))
                         .await?;
                 }
             }
             Deployment::Standalone => {
-                for table in ["segment_rollups", "segment_rollups_fresh"] {
+                for table in tables {
                     let dir = self.dir.path().join("data").join("warehouse").join(table);
                     ensure!(dir.is_dir(), "no {} in the data directory", dir.display());
                     std::fs::remove_dir_all(&dir)?;

@@ -9,11 +9,11 @@ use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{
-    too_many_groups, Breakdown, BreakdownQuery, StoredVote, TimePoint, TimeseriesQuery, Warehouse,
-    Watermarks, WindowRow,
+    Breakdown, BreakdownQuery, StoredVote, TimePoint, TimeseriesQuery, Warehouse, Watermarks,
+    WindowRow,
 };
 use crate::results::Tally;
-use crate::rollup::{self, BreakdownPlan, RollupLevel, RollupRow, BREAKDOWN_ROW_LIMIT};
+use crate::rollup::{self, BreakdownPlan, BreakdownRow, RollupLevel, RollupRow};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -317,27 +317,24 @@ impl Warehouse for ClickHouseWarehouse {
             .map_err(Error::warehouse)?;
         let as_of = settled.max(fresh);
         let plan = BreakdownPlan::new(query.from_ms, query.to_ms);
-        let mut rows: Vec<(Vec<String>, String, u64)> = Vec::new();
-        let mut parts = Vec::new();
+        let mut statements = Vec::new();
         if let Some(buckets) = plan.buckets {
-            parts.push(sql::breakdown_rollups(query, settled, fresh, buckets));
+            statements.push(sql::breakdown_rollups(query, settled, fresh, buckets));
         }
         if !plan.raw.is_empty() {
-            parts.push(sql::breakdown_votes(query, as_of, &plan.raw));
+            statements.push(sql::breakdown_votes(query, as_of, &plan.raw));
         }
-        for part in parts {
-            let part: Vec<(Vec<String>, String, u64)> = self
-                .client
-                .query_raw(&part)
-                .fetch_all()
-                .await
-                .map_err(Error::warehouse)?;
-            if part.len() >= BREAKDOWN_ROW_LIMIT {
-                return Err(too_many_groups());
-            }
-            rows.extend(part);
+        let mut parts: Vec<Vec<BreakdownRow>> = Vec::new();
+        for statement in statements {
+            parts.push(
+                self.client
+                    .query_raw(&statement)
+                    .fetch_all()
+                    .await
+                    .map_err(Error::warehouse)?,
+            );
         }
-        rollup::assemble(rows, as_of)
+        rollup::assemble(parts, as_of)
     }
 
     async fn timeseries(&self, query: &TimeseriesQuery) -> Result<Vec<TimePoint>> {
