@@ -118,9 +118,25 @@ fn list_field() -> Arc<Field> {
     Arc::new(Field::new_list_field(DataType::Utf8, true))
 }
 
+/// The segment columns votes and rollups both store: the standard keys, then the poll's
+/// own keys and values, in the order [`SegmentColumns`] builds and reads them.
+fn segment_fields() -> Vec<Field> {
+    let mut fields: Vec<Field> = STANDARD_KEYS
+        .iter()
+        .map(|name| Field::new(*name, DataType::Utf8, false))
+        .collect();
+    fields.push(Field::new("dim_keys", DataType::List(list_field()), false));
+    fields.push(Field::new(
+        "dim_values",
+        DataType::List(list_field()),
+        false,
+    ));
+    fields
+}
+
 fn votes_schema() -> SchemaRef {
     let text = |name: &str| Field::new(name, DataType::Utf8, false);
-    Arc::new(Schema::new(vec![
+    let mut fields = vec![
         Field::new("log_partition", DataType::UInt16, false),
         Field::new("seq", DataType::UInt64, false),
         text("vote_id"),
@@ -128,16 +144,10 @@ fn votes_schema() -> SchemaRef {
         text("voter_key"),
         Field::new("choice", DataType::List(list_field()), false),
         Field::new("value", DataType::Int32, true),
-        text("campaign"),
-        text("channel"),
-        text("source"),
-        text("medium"),
-        text("country"),
-        text("device"),
-        Field::new("dim_keys", DataType::List(list_field()), false),
-        Field::new("dim_values", DataType::List(list_field()), false),
-        Field::new("received_ms", DataType::Int64, false),
-    ]))
+    ];
+    fields.extend(segment_fields());
+    fields.push(Field::new("received_ms", DataType::Int64, false));
+    Arc::new(Schema::new(fields))
 }
 
 fn windows_schema() -> SchemaRef {
@@ -153,20 +163,14 @@ fn windows_schema() -> SchemaRef {
 }
 
 fn rollups_schema() -> SchemaRef {
-    let text = |name: &str| Field::new(name, DataType::Utf8, false);
-    Arc::new(Schema::new(vec![
+    let mut fields = vec![
         Field::new("log_partition", DataType::UInt16, false),
-        text("poll_id"),
+        Field::new("poll_id", DataType::Utf8, false),
         Field::new("bucket_start", DataType::Int64, false),
         Field::new("bucket_seconds", DataType::UInt32, false),
-        text("campaign"),
-        text("channel"),
-        text("source"),
-        text("medium"),
-        text("country"),
-        text("device"),
-        Field::new("dim_keys", DataType::List(list_field()), false),
-        Field::new("dim_values", DataType::List(list_field()), false),
+    ];
+    fields.extend(segment_fields());
+    fields.extend([
         Field::new("ballots", DataType::UInt64, false),
         Field::new("answers", DataType::List(list_field()), false),
         Field::new(
@@ -175,7 +179,76 @@ fn rollups_schema() -> SchemaRef {
             false,
         ),
         Field::new("last_seq", DataType::UInt64, false),
-    ]))
+    ]);
+    Arc::new(Schema::new(fields))
+}
+
+/// Builds the segment columns ([`segment_fields`]) row by row, and reads them back.
+struct SegmentColumns {
+    text: Vec<StringBuilder>,
+    dim_keys: ListBuilder<StringBuilder>,
+    dim_values: ListBuilder<StringBuilder>,
+}
+
+impl SegmentColumns {
+    fn new() -> Self {
+        SegmentColumns {
+            text: STANDARD_KEYS.iter().map(|_| StringBuilder::new()).collect(),
+            dim_keys: ListBuilder::new(StringBuilder::new()).with_field(list_field()),
+            dim_values: ListBuilder::new(StringBuilder::new()).with_field(list_field()),
+        }
+    }
+
+    fn append(&mut self, segment: &Segment) {
+        for (builder, key) in self.text.iter_mut().zip(STANDARD_KEYS) {
+            builder.append_value(segment.get(key));
+        }
+        for (key, value) in &segment.custom {
+            self.dim_keys.values().append_value(key);
+            self.dim_values.values().append_value(value);
+        }
+        self.dim_keys.append(true);
+        self.dim_values.append(true);
+    }
+
+    fn finish(mut self) -> Vec<ArrayRef> {
+        let mut columns: Vec<ArrayRef> = self
+            .text
+            .iter_mut()
+            .map(|b| Arc::new(b.finish()) as ArrayRef)
+            .collect();
+        columns.push(Arc::new(self.dim_keys.finish()));
+        columns.push(Arc::new(self.dim_values.finish()));
+        columns
+    }
+
+    /// The segments of `batch`, whose segment columns start at column `first`.
+    fn read(batch: &RecordBatch, first: usize) -> Result<Vec<Segment>> {
+        let batches = std::slice::from_ref(batch);
+        let text: Vec<Vec<String>> = (first..first + STANDARD_KEYS.len())
+            .map(|i| strings(batches, i))
+            .collect::<Result<_>>()?;
+        let keys = string_lists(batch, first + STANDARD_KEYS.len())?;
+        let values = string_lists(batch, first + STANDARD_KEYS.len() + 1)?;
+        Ok(keys
+            .into_iter()
+            .zip(values)
+            .enumerate()
+            .map(|(row, (keys, values))| {
+                let mut text = text.iter().map(|column| column[row].clone());
+                let mut next = || text.next().expect("six text columns");
+                Segment {
+                    campaign: next(),
+                    channel: next(),
+                    source: next(),
+                    medium: next(),
+                    country: next(),
+                    device: next(),
+                    custom: keys.into_iter().zip(values).collect(),
+                }
+            })
+            .collect())
+    }
 }
 
 fn rollups_batch(schema: &SchemaRef, partition: u16, rows: &[RollupRow]) -> Result<RecordBatch> {
@@ -183,36 +256,18 @@ fn rollups_batch(schema: &SchemaRef, partition: u16, rows: &[RollupRow]) -> Resu
     let mut poll_id = StringBuilder::new();
     let mut bucket_start = Int64Builder::with_capacity(rows.len());
     let mut bucket_seconds = UInt32Builder::with_capacity(rows.len());
-    let mut text: Vec<StringBuilder> = (0..6).map(|_| StringBuilder::new()).collect();
-    let mut dim_keys = ListBuilder::new(StringBuilder::new()).with_field(list_field());
-    let mut dim_values = ListBuilder::new(StringBuilder::new()).with_field(list_field());
+    let mut segments = SegmentColumns::new();
     let mut ballots = UInt64Builder::with_capacity(rows.len());
     let mut answers = ListBuilder::new(StringBuilder::new()).with_field(list_field());
     let mut answer_votes = ListBuilder::new(UInt64Builder::new())
         .with_field(Arc::new(Field::new_list_field(DataType::UInt64, true)));
     let mut last_seq = UInt64Builder::with_capacity(rows.len());
     for row in rows {
-        let segment = &row.segment;
         log_partition.append_value(partition);
         poll_id.append_value(&row.poll_id);
         bucket_start.append_value(row.bucket_start);
         bucket_seconds.append_value(row.bucket_seconds);
-        for (builder, value) in text.iter_mut().zip([
-            &segment.campaign,
-            &segment.channel,
-            &segment.source,
-            &segment.medium,
-            &segment.country,
-            &segment.device,
-        ]) {
-            builder.append_value(value);
-        }
-        for (key, val) in &segment.custom {
-            dim_keys.values().append_value(key);
-            dim_values.values().append_value(val);
-        }
-        dim_keys.append(true);
-        dim_values.append(true);
+        segments.append(&row.segment);
         ballots.append_value(row.ballots);
         for answer in &row.answers {
             answers.values().append_value(answer);
@@ -230,14 +285,9 @@ fn rollups_batch(schema: &SchemaRef, partition: u16, rows: &[RollupRow]) -> Resu
         Arc::new(bucket_start.finish()),
         Arc::new(bucket_seconds.finish()),
     ];
-    columns.extend(
-        text.into_iter()
-            .map(|mut b| Arc::new(b.finish()) as ArrayRef),
-    );
+    columns.extend(segments.finish());
     columns.extend([
-        Arc::new(dim_keys.finish()) as ArrayRef,
-        Arc::new(dim_values.finish()),
-        Arc::new(ballots.finish()),
+        Arc::new(ballots.finish()) as ArrayRef,
         Arc::new(answers.finish()),
         Arc::new(answer_votes.finish()),
         Arc::new(last_seq.finish()),
@@ -248,28 +298,19 @@ fn rollups_batch(schema: &SchemaRef, partition: u16, rows: &[RollupRow]) -> Resu
 fn votes_batch(schema: &SchemaRef, partition: u16, votes: &[StoredVote]) -> Result<RecordBatch> {
     let mut log_partition = UInt16Builder::with_capacity(votes.len());
     let mut seq = UInt64Builder::with_capacity(votes.len());
-    let mut text: Vec<StringBuilder> = (0..9).map(|_| StringBuilder::new()).collect();
+    let mut text: Vec<StringBuilder> = (0..3).map(|_| StringBuilder::new()).collect();
     let mut choice = ListBuilder::new(StringBuilder::new()).with_field(list_field());
     let mut value = Int32Builder::with_capacity(votes.len());
-    let mut dim_keys = ListBuilder::new(StringBuilder::new()).with_field(list_field());
-    let mut dim_values = ListBuilder::new(StringBuilder::new()).with_field(list_field());
+    let mut segments = SegmentColumns::new();
     let mut received = Int64Builder::with_capacity(votes.len());
     for stored in votes {
         let vote = &stored.vote;
-        let segment = &vote.segment;
         log_partition.append_value(partition);
         seq.append_value(stored.seq);
-        for (builder, value) in text.iter_mut().zip([
-            &vote.vote_id,
-            &vote.poll_id,
-            &vote.voter_key,
-            &segment.campaign,
-            &segment.channel,
-            &segment.source,
-            &segment.medium,
-            &segment.country,
-            &segment.device,
-        ]) {
+        for (builder, value) in text
+            .iter_mut()
+            .zip([&vote.vote_id, &vote.poll_id, &vote.voter_key])
+        {
             builder.append_value(value);
         }
         for option in &vote.choice {
@@ -277,36 +318,15 @@ fn votes_batch(schema: &SchemaRef, partition: u16, votes: &[StoredVote]) -> Resu
         }
         choice.append(true);
         value.append_option(vote.value);
-        for (key, val) in &segment.custom {
-            dim_keys.values().append_value(key);
-            dim_values.values().append_value(val);
-        }
-        dim_keys.append(true);
-        dim_values.append(true);
+        segments.append(&vote.segment);
         received.append_value(vote.received_at);
     }
-    let mut text = text
-        .into_iter()
-        .map(|mut b| Arc::new(b.finish()) as ArrayRef);
-    let mut next = || text.next().expect("nine text columns");
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(log_partition.finish()),
-        Arc::new(seq.finish()),
-        next(),
-        next(),
-        next(),
-        Arc::new(choice.finish()),
-        Arc::new(value.finish()),
-        next(),
-        next(),
-        next(),
-        next(),
-        next(),
-        next(),
-        Arc::new(dim_keys.finish()),
-        Arc::new(dim_values.finish()),
-        Arc::new(received.finish()),
-    ];
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(log_partition.finish()), Arc::new(seq.finish())];
+    columns.extend(text.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    columns.push(Arc::new(choice.finish()));
+    columns.push(Arc::new(value.finish()));
+    columns.extend(segments.finish());
+    columns.push(Arc::new(received.finish()));
     RecordBatch::try_new(schema.clone(), columns).map_err(storage)
 }
 
@@ -548,11 +568,7 @@ fn compact_rollups(schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatc
     let widths = column(batches, 3, &DataType::UInt32, |a: &UInt32Array, i| {
         a.value(i)
     })?;
-    let text: Vec<Vec<String>> = (4..10)
-        .map(|i| strings(batches, i))
-        .collect::<Result<_>>()?;
-    let dim_keys = string_lists(batch, 10)?;
-    let dim_values = string_lists(batch, 11)?;
+    let segments = SegmentColumns::read(batch, 4)?;
     let ballots = u64s(batches, 12)?;
     let answers = string_lists(batch, 13)?;
     let answer_votes = lists(batch, 14, &DataType::UInt64, |a: &UInt64Array| {
@@ -562,20 +578,7 @@ fn compact_rollups(schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatc
 
     type Key = (String, i64, u32, Segment);
     let mut merged: HashMap<Key, (u64, BTreeMap<String, u64>, u64)> = HashMap::new();
-    for row in 0..batch.num_rows() {
-        let segment = Segment {
-            campaign: text[0][row].clone(),
-            channel: text[1][row].clone(),
-            source: text[2][row].clone(),
-            medium: text[3][row].clone(),
-            country: text[4][row].clone(),
-            device: text[5][row].clone(),
-            custom: dim_keys[row]
-                .iter()
-                .cloned()
-                .zip(dim_values[row].iter().cloned())
-                .collect(),
-        };
+    for (row, segment) in segments.into_iter().enumerate() {
         let key = (polls[row].clone(), starts[row], widths[row], segment);
         let entry = merged.entry(key).or_default();
         entry.0 += ballots[row];
@@ -875,19 +878,25 @@ impl Inner {
     /// A query context over a consistent snapshot of some tables: their files (kept alive
     /// until the context is dropped) and their in-memory tails.
     async fn snapshot(&self, kinds: &[Kind]) -> Result<Snapshot> {
+        // Every table's files and tail under one lock, so the tables agree with each other.
+        let tables: Vec<(Kind, Vec<Arc<DataFile>>, Vec<RecordBatch>)> = {
+            let tables = self.tables.read().expect("warehouse lock");
+            kinds
+                .iter()
+                .map(|&kind| {
+                    let table = &tables[&kind];
+                    let batches = table
+                        .tails
+                        .values()
+                        .flat_map(|t| t.batches.iter().cloned())
+                        .collect();
+                    (kind, table.files.clone(), batches)
+                })
+                .collect()
+        };
         let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(2));
         let mut kept = Vec::new();
-        for &kind in kinds {
-            let (files, batches): (Vec<Arc<DataFile>>, Vec<RecordBatch>) = {
-                let tables = self.tables.read().expect("warehouse lock");
-                let table = &tables[&kind];
-                let batches = table
-                    .tails
-                    .values()
-                    .flat_map(|t| t.batches.iter().cloned())
-                    .collect();
-                (table.files.clone(), batches)
-            };
+        for (kind, files, batches) in tables {
             let schema = self.schema(kind).clone();
             let memory = MemTable::try_new(schema.clone(), vec![batches]).map_err(storage)?;
             let mut frame = ctx.read_table(Arc::new(memory)).map_err(storage)?;
