@@ -3,30 +3,56 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::segment::Segment;
 use crate::vote::Vote;
 use crate::{Error, Result};
 
 pub const VERSION: u32 = 1;
 
+/// The event as written: `v`, then the vote's own fields. Spelled out rather than
+/// `#[serde(flatten)]`ed, which would serialize through a map and, when reading, buffer
+/// every field before handing it over.
 #[derive(Serialize)]
 struct EnvelopeRef<'a> {
     v: u32,
-    #[serde(flatten)]
-    vote: &'a Vote,
+    vote_id: &'a str,
+    poll_id: &'a str,
+    voter_key: &'a str,
+    choice: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<i32>,
+    segment: &'a Segment,
+    received_at: i64,
 }
 
 #[derive(Deserialize)]
 struct Envelope {
     v: u32,
-    #[serde(flatten)]
-    vote: Vote,
+    vote_id: String,
+    poll_id: String,
+    voter_key: String,
+    choice: Vec<String>,
+    #[serde(default)]
+    value: Option<i32>,
+    #[serde(default)]
+    segment: Segment,
+    received_at: i64,
 }
 
 pub fn encode(vote: &Vote) -> Vec<u8> {
     // Sized for a typical vote, so the buffer is not regrown as it fills.
     let mut out = Vec::with_capacity(256);
-    serde_json::to_writer(&mut out, &EnvelopeRef { v: VERSION, vote })
-        .expect("votes always serialize");
+    let envelope = EnvelopeRef {
+        v: VERSION,
+        vote_id: &vote.vote_id,
+        poll_id: &vote.poll_id,
+        voter_key: &vote.voter_key,
+        choice: &vote.choice,
+        value: vote.value,
+        segment: &vote.segment,
+        received_at: vote.received_at,
+    };
+    serde_json::to_writer(&mut out, &envelope).expect("votes always serialize");
     out
 }
 
@@ -39,13 +65,20 @@ pub fn decode(bytes: &[u8]) -> Result<Vote> {
             envelope.v
         )));
     }
-    Ok(envelope.vote)
+    Ok(Vote {
+        vote_id: envelope.vote_id,
+        poll_id: envelope.poll_id,
+        voter_key: envelope.voter_key,
+        choice: envelope.choice,
+        value: envelope.value,
+        segment: envelope.segment,
+        received_at: envelope.received_at,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::segment::Segment;
     use proptest::prelude::*;
 
     proptest! {
@@ -63,6 +96,35 @@ mod tests {
         fn never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode(&bytes);
         }
+    }
+
+    /// The format on the bus: events written by earlier builds must stay readable, so
+    /// this pins the exact bytes.
+    #[test]
+    fn writes_the_pinned_format() {
+        let vote = Vote {
+            vote_id: "v1".into(),
+            poll_id: "p".into(),
+            voter_key: "ab".into(),
+            choice: vec!["red".into()],
+            value: Some(7),
+            segment: Segment {
+                country: "DE".into(),
+                custom: [("plan".to_owned(), "pro".to_owned())].into(),
+                ..Segment::default()
+            },
+            received_at: 5,
+        };
+        let expected = r#"{"v":1,"vote_id":"v1","poll_id":"p","voter_key":"ab","choice":["red"],"value":7,"segment":{"country":"DE","custom":{"plan":"pro"}},"received_at":5}"#;
+        assert_eq!(String::from_utf8(encode(&vote)).unwrap(), expected);
+        assert_eq!(decode(expected.as_bytes()).unwrap(), vote);
+        // Fields in another order, unknown fields and a missing segment are read as before.
+        let other = decode(
+            br#"{"received_at":5,"choice":["red"],"later":true,"voter_key":"","poll_id":"p","vote_id":"v2","v":1}"#,
+        )
+        .unwrap();
+        assert_eq!(other.segment, Segment::default());
+        assert_eq!(other.value, None);
     }
 
     #[test]
