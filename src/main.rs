@@ -284,10 +284,6 @@ struct Bus {
     /// Number of vote log partitions (must agree across all services).
     #[arg(long, env = "TALLY_PARTITIONS", default_value_t = 1)]
     partitions: u16,
-    /// How long JetStream remembers vote ids to answer a quick retry as a duplicate, when
-    /// the vote stream is created. Later retries are caught by the per-voter subject limit.
-    #[arg(long, env = "TALLY_DUPLICATE_WINDOW_SECONDS", default_value_t = 120)]
-    duplicate_window_seconds: u64,
 }
 
 #[derive(Args)]
@@ -360,7 +356,6 @@ impl Bus {
     async fn log(&self, client: nats::Client) -> anyhow::Result<Arc<JetStreamLog>> {
         let options = nats::LogOptions {
             partitions: self.partitions,
-            duplicate_window: Duration::from_secs(self.duplicate_window_seconds.max(1)),
         };
         Ok(Arc::new(
             JetStreamLog::open(client, options)

@@ -54,12 +54,35 @@ pub trait VoteLog: Send + Sync + 'static {
 
     async fn append(&self, vote: &Vote, unique_key: &str) -> Result<Appended>;
 
+    /// Appends many votes, each `(vote, unique_key)` on its own terms: the answers are
+    /// [`VoteLog::append`]'s, in the order of `votes`, and one vote's failure does not stop
+    /// the others. A log may send them together; by default they are appended
+    /// [`APPEND_MANY_IN_FLIGHT`] at a time.
+    async fn append_many(&self, votes: &[(Vote, String)]) -> Vec<Result<Appended>> {
+        use futures::StreamExt;
+        let mut answers = Vec::with_capacity(votes.len());
+        let mut in_flight = futures::stream::FuturesOrdered::new();
+        for (vote, unique_key) in votes {
+            if in_flight.len() >= APPEND_MANY_IN_FLIGHT {
+                answers.extend(in_flight.next().await);
+            }
+            in_flight.push_back(self.append(vote, unique_key));
+        }
+        while let Some(answer) = in_flight.next().await {
+            answers.push(answer);
+        }
+        answers
+    }
+
     /// Reads a partition from the entry after `after` (0 = from the start).
     async fn reader(&self, partition: u16, after: u64) -> Result<Box<dyn LogReader>>;
 
     /// Ok when the log is reachable.
     async fn check(&self) -> Result<()>;
 }
+
+/// How many appends the default [`VoteLog::append_many`] keeps in flight.
+pub const APPEND_MANY_IN_FLIGHT: usize = 512;
 
 /// Stable FNV-1a hash of the poll id, so every process maps a poll to the same partition.
 pub fn partition_of(poll_id: &str, partitions: u16) -> u16 {

@@ -146,6 +146,101 @@ pub async fn vote_log(log: Arc<dyn VoteLog>) {
         .await
         .expect("commit");
     log.check().await.expect("a reachable log checks ok");
+
+    // Many at once: each vote on its own terms, the answers in order. More votes than one
+    // reply subscription of the JetStream log takes, so its parts are covered too.
+    assert!(log.append_many(&[]).await.is_empty());
+    let many_poll = "conf-log-many";
+    let mut many: Vec<(Vote, String)> = (0..4_500)
+        .map(|i| {
+            let v = vote(
+                many_poll,
+                &format!("m-{i}"),
+                &format!("mk{i}"),
+                "a",
+                3_000 + i,
+            );
+            let key = v.unique_key(Dedupe::PerVoter);
+            (v, key)
+        })
+        .collect();
+    many.push((first.clone(), key.clone()));
+    many.push((other.clone(), key.clone()));
+    many.push(many[0].clone());
+    let answers = log.append_many(&many).await;
+    assert_eq!(answers.len(), many.len(), "one answer per vote");
+    let answers: Vec<Appended> = answers
+        .into_iter()
+        .map(|a| a.expect("append many"))
+        .collect();
+    assert_eq!(
+        answers[4_500],
+        Appended::Accepted {
+            seq: seq1,
+            duplicate: true
+        },
+        "a retry among many returns the original"
+    );
+    assert_eq!(
+        answers[4_501],
+        Appended::AlreadyVoted,
+        "a voter's second vote among many is refused"
+    );
+    let twice = [answers[0], answers[4_502]];
+    let Some(Appended::Accepted { seq: twice_seq, .. }) = twice
+        .iter()
+        .find(|a| {
+            matches!(
+                a,
+                Appended::Accepted {
+                    duplicate: false,
+                    ..
+                }
+            )
+        })
+        .copied()
+    else {
+        panic!("a vote sent twice in one call is stored once: {twice:?}");
+    };
+    assert!(
+        twice.contains(&Appended::Accepted {
+            seq: twice_seq,
+            duplicate: true
+        }),
+        "the same vote twice in one call: one new, one duplicate of it, got {twice:?}"
+    );
+    let mut new_seqs: Vec<u64> = answers[1..4_500]
+        .iter()
+        .map(|a| match a {
+            Appended::Accepted {
+                seq,
+                duplicate: false,
+            } => *seq,
+            other => panic!("distinct new votes among many must be accepted, got {other:?}"),
+        })
+        .chain([twice_seq])
+        .collect();
+    new_seqs.sort_unstable();
+    new_seqs.dedup();
+    assert_eq!(new_seqs.len(), 4_500, "each new vote has its own sequence");
+    let many_partition = log.partition_of(many_poll);
+    let after = if many_partition == partition {
+        entries.last().expect("entries").seq
+    } else {
+        0
+    };
+    let stored = read_all(log.as_ref(), many_partition, after, 4_500).await;
+    let mut stored_ids: Vec<String> = stored
+        .iter()
+        .map(|e| wire::decode(&e.payload).expect("decode").vote_id)
+        .collect();
+    stored_ids.sort();
+    let mut sent_ids: Vec<String> = many[..4_500]
+        .iter()
+        .map(|(v, _)| v.vote_id.clone())
+        .collect();
+    sent_ids.sort();
+    assert_eq!(stored_ids, sent_ids, "the log holds each new vote once");
 }
 
 fn sample_poll(id: &str) -> Poll {

@@ -48,7 +48,7 @@ pub struct Vote {
 
 impl Vote {
     /// The key the vote log keeps at most one entry for: the voter on `per_voter` polls, the
-    /// vote id otherwise (so retries stay idempotent even past the broker's duplicate window).
+    /// vote id otherwise (so a retry of the same vote finds the original at any age).
     pub fn unique_key(&self, dedupe: Dedupe) -> String {
         match dedupe {
             Dedupe::PerVoter => {

@@ -28,15 +28,9 @@ async fn jetstream_vote_log_conforms() {
 #[tokio::test]
 async fn partitioned_jetstream_vote_log_conforms() {
     let server = NatsServer::start().await.expect("nats-server");
-    let log = JetStreamLog::open(
-        nats_client(&server).await,
-        LogOptions {
-            partitions: 4,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("open log");
+    let log = JetStreamLog::open(nats_client(&server).await, LogOptions { partitions: 4 })
+        .await
+        .expect("open log");
     conformance::vote_log(Arc::new(log)).await;
 }
 
@@ -72,54 +66,96 @@ async fn clickhouse_warehouse_conforms() {
     .await;
 }
 
-/// Past the broker's duplicate window a retry is caught by the one-message-per-subject
-/// limit instead; it must still resolve to the original entry, not to `AlreadyVoted`.
+/// Votes sent together while the broker is down fail at once rather than wait for acks;
+/// once it is back they are stored, and the votes stored before it went down answer as the
+/// originals when sent again (the per-subject limit, then the stored message).
 #[tokio::test]
-async fn jetstream_retry_after_the_duplicate_window_gets_the_original() {
+async fn jetstream_appends_many_across_a_broker_restart() {
     use tally_core::backend::{Appended, VoteLog};
     use tally_core::poll::Dedupe;
     use tally_core::vote::Vote;
 
-    let server = NatsServer::start().await.expect("nats-server");
-    let options = LogOptions {
-        duplicate_window: Duration::from_secs(1),
-        ..Default::default()
-    };
-    let log = JetStreamLog::open(nats_client(&server).await, options)
+    let mut server = NatsServer::start().await.expect("nats-server");
+    let client = nats_client(&server).await;
+    let log = JetStreamLog::open(client.clone(), LogOptions::default())
         .await
         .expect("open log");
-    let vote = Vote {
-        vote_id: "late-retry".into(),
-        poll_id: "window".into(),
-        voter_key: "k".into(),
-        choice: vec!["a".into()],
-        value: None,
-        segment: Default::default(),
-        received_at: 1,
+    let votes = |from: usize| -> Vec<(Vote, String)> {
+        (from..from + 20)
+            .map(|i| {
+                let vote = Vote {
+                    vote_id: format!("restart-{i}"),
+                    poll_id: "restart".into(),
+                    voter_key: format!("k{i}"),
+                    choice: vec!["a".into()],
+                    value: None,
+                    segment: Default::default(),
+                    received_at: 1,
+                };
+                let key = vote.unique_key(Dedupe::PerVoter);
+                (vote, key)
+            })
+            .collect()
     };
-    let key = vote.unique_key(Dedupe::PerVoter);
-    let Ok(Appended::Accepted {
-        seq,
-        duplicate: false,
-    }) = log.append(&vote, &key).await
-    else {
-        panic!("the first append is accepted");
-    };
-    // The broker forgets message ids once the window has passed (it sweeps once per window).
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        log.append(&vote, &key).await.expect("append"),
-        Appended::Accepted {
-            seq,
-            duplicate: true
-        }
-    );
-    let other = Vote {
-        vote_id: "another".into(),
-        ..vote.clone()
-    };
-    assert_eq!(
-        log.append(&other, &key).await.expect("append"),
-        Appended::AlreadyVoted
-    );
+    let before = votes(0);
+    let stored: Vec<u64> = log
+        .append_many(&before)
+        .await
+        .into_iter()
+        .map(|answer| match answer {
+            Ok(Appended::Accepted {
+                seq,
+                duplicate: false,
+            }) => seq,
+            other => panic!("a new vote is accepted, got {other:?}"),
+        })
+        .collect();
+
+    server.kill().await;
+    tally_testkit::wait_until(
+        "the client sees the broker gone",
+        Duration::from_secs(10),
+        || {
+            let state = client.connection_state();
+            async move { anyhow::Ok(state != async_nats::connection::State::Connected) }
+        },
+    )
+    .await
+    .expect("disconnected");
+    let during = votes(100);
+    for answer in log.append_many(&during).await {
+        let err = answer.expect_err("no vote is accepted while the broker is down");
+        assert!(err.to_string().contains("not connected"), "{err}");
+    }
+
+    server.restart().await.expect("restart nats-server");
+    tally_testkit::wait_until("the client reconnects", Duration::from_secs(20), || {
+        let state = client.connection_state();
+        async move { anyhow::Ok(state == async_nats::connection::State::Connected) }
+    })
+    .await
+    .expect("reconnected");
+    for answer in log.append_many(&during).await {
+        assert!(
+            matches!(
+                answer,
+                Ok(Appended::Accepted {
+                    duplicate: false,
+                    ..
+                })
+            ),
+            "a vote refused while the broker was down is stored after, got {answer:?}"
+        );
+    }
+    let again = log.append_many(&before).await;
+    for (answer, seq) in again.into_iter().zip(stored) {
+        assert_eq!(
+            answer.expect("append"),
+            Appended::Accepted {
+                seq,
+                duplicate: true
+            },
+            "a vote stored before the restart answers as the original"
+        );
+    }
 }

@@ -10,6 +10,7 @@
 
 pub mod limits;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +22,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use futures::StreamExt;
 use serde::Serialize;
 use tally_core::backend::{Appended, PollRegistry, VoteLog};
 use tally_core::poll::{Poll, PollStatus, ResultsVisibility};
@@ -54,8 +54,6 @@ pub struct Config {
     pub max_vote_bytes: usize,
     pub max_batch_bytes: usize,
     pub max_batch_lines: usize,
-    /// Appends of one batch in flight at once.
-    pub batch_concurrency: usize,
     pub limits: limits::LimitConfig,
     pub request_timeout: std::time::Duration,
 }
@@ -67,7 +65,6 @@ impl Default for Config {
             max_vote_bytes: 16 * 1024,
             max_batch_bytes: 8 * 1024 * 1024,
             max_batch_lines: 10_000,
-            batch_concurrency: 512,
             limits: limits::LimitConfig::default(),
             request_timeout: health::REQUEST_TIMEOUT,
         }
@@ -136,6 +133,80 @@ impl Ingest {
     pub async fn submit(&self, poll_id: &str, request: VoteRequest) -> Result<Accepted, Problem> {
         let now = time::now_ms();
         let poll = self.poll(poll_id).await?;
+        let (vote, unique_key) = self.prepare(&poll, &request, now)?;
+        let appended = self.log.append(&vote, &unique_key).await;
+        if let Err(err) = &appended {
+            tracing::warn!(poll_id, error = %err, "vote not accepted: log unavailable");
+        }
+        self.answer(&poll, vote.vote_id, appended, now)
+    }
+
+    /// Validates, hashes and appends many votes, each `(poll_id, request)` on its own terms;
+    /// the answers are in the order of `requests`. The votes that pass go to the log
+    /// together ([`VoteLog::append_many`]).
+    pub async fn submit_many(
+        &self,
+        requests: Vec<Result<(String, VoteRequest), Problem>>,
+    ) -> Vec<Result<Accepted, Problem>> {
+        let now = time::now_ms();
+        // A batch usually names a handful of polls: look each up once.
+        let mut polls: HashMap<String, Result<Arc<Poll>, Problem>> = HashMap::new();
+        let mut answers: Vec<Option<Result<Accepted, Problem>>> = Vec::new();
+        let mut ready = Vec::new();
+        let mut ready_polls = Vec::new();
+        for request in requests {
+            let prepared = match request {
+                Err(problem) => Err(problem),
+                Ok((poll_id, request)) => {
+                    let poll = match polls.get(&poll_id) {
+                        Some(poll) => poll.clone(),
+                        None => {
+                            let poll = self.poll(&poll_id).await;
+                            polls.insert(poll_id, poll.clone());
+                            poll
+                        }
+                    };
+                    poll.and_then(|poll| {
+                        let prepared = self.prepare(&poll, &request, now)?;
+                        Ok((poll, prepared))
+                    })
+                }
+            };
+            match prepared {
+                Ok((poll, vote)) => {
+                    ready.push(vote);
+                    ready_polls.push((answers.len(), poll));
+                    answers.push(None);
+                }
+                Err(problem) => answers.push(Some(Err(problem))),
+            }
+        }
+        let appended = self.log.append_many(&ready).await;
+        let unavailable = appended.iter().filter(|a| a.is_err()).count();
+        if let Some(Err(err)) = appended.iter().find(|a| a.is_err()) {
+            tracing::warn!(votes = unavailable, error = %err, "votes of a batch not accepted: log unavailable");
+        }
+        for (((slot, poll), (vote, _)), appended) in
+            ready_polls.into_iter().zip(ready).zip(appended)
+        {
+            answers[slot] = Some(self.answer(&poll, vote.vote_id, appended, now));
+        }
+        answers
+            .into_iter()
+            .map(|answer| answer.expect("every vote is answered"))
+            .collect()
+    }
+
+    /// What must hold before a vote goes to the log: the poll takes votes, the voter's
+    /// token (if the poll wants one), a valid vote, the rate limits. Returns the vote and
+    /// its uniqueness key.
+    fn prepare(
+        &self,
+        poll: &Poll,
+        request: &VoteRequest,
+        now: i64,
+    ) -> Result<(tally_core::vote::Vote, String), Problem> {
+        let poll_id = &poll.id;
         match poll.status(now) {
             PollStatus::Open => {}
             PollStatus::Closed => {
@@ -172,11 +243,23 @@ impl Ingest {
                 now / 1000,
             )?;
         }
-        let vote = build_vote(&poll, &request, &self.hasher, now)?;
+        let vote = build_vote(poll, request, &self.hasher, now)?;
         self.limits.check_vote(&poll.id, &vote.voter_key)?;
-        match self.log.append(&vote, &vote.unique_key(poll.dedupe)).await {
+        let unique_key = vote.unique_key(poll.dedupe);
+        Ok((vote, unique_key))
+    }
+
+    /// The answer to a vote the log has had its say on.
+    fn answer(
+        &self,
+        poll: &Poll,
+        vote_id: String,
+        appended: tally_core::Result<Appended>,
+        now: i64,
+    ) -> Result<Accepted, Problem> {
+        match appended {
             Ok(Appended::Accepted { .. }) => Ok(Accepted {
-                vote_id: vote.vote_id,
+                vote_id,
                 status: "accepted",
                 results_token: (poll.results_visibility == ResultsVisibility::AfterVote).then(
                     || {
@@ -192,12 +275,12 @@ impl Ingest {
                 409,
                 "already-voted",
                 "Already voted",
-                format!("this voter has already voted in poll `{poll_id}`; the first vote counts"),
+                format!(
+                    "this voter has already voted in poll `{}`; the first vote counts",
+                    poll.id
+                ),
             )),
-            Err(err) => {
-                tracing::warn!(poll_id, error = %err, "vote not accepted: log unavailable");
-                Err(Problem::unavailable("the vote was not accepted because the vote log is unreachable; retry with the same vote_id"))
-            }
+            Err(_) => Err(Problem::unavailable("the vote was not accepted because the vote log is unreachable; retry with the same vote_id")),
         }
     }
 }
@@ -425,8 +508,9 @@ pub fn parse_batch(body: &[u8], max_lines: usize) -> Result<Vec<BatchLine>, Prob
         .collect())
 }
 
-/// NDJSON batch: one vote per line, each with `poll_id`. Lines are validated and appended
-/// independently (many in flight at once); the answer lists each line's outcome in order.
+/// NDJSON batch: one vote per line, each with `poll_id`. Lines are validated and answered
+/// independently, and the valid ones go to the log together; the answer lists each line's
+/// outcome in order.
 async fn batch(State(ingest): State<Arc<Ingest>>, request: Request) -> Response {
     let body = match problem::read_body(request, &()).await {
         Ok(body) => body,
@@ -436,38 +520,31 @@ async fn batch(State(ingest): State<Arc<Ingest>>, request: Request) -> Response 
         Ok(lines) => lines,
         Err(problem) => return problem.into_response(),
     };
-    let outcomes: Vec<LineResult> = futures::stream::iter(lines)
-        .map(|(line, parsed)| {
-            let ingest = ingest.clone();
-            async move {
-                let outcome = match parsed {
-                    Ok((poll_id, request)) => ingest.submit(&poll_id, request).await,
-                    Err(problem) => Err(problem),
-                };
-                match outcome {
-                    Ok(accepted) => LineResult {
-                        line,
-                        status: 202,
-                        vote_id: Some(accepted.vote_id),
-                        problem: None,
-                    },
-                    Err(problem) => LineResult {
-                        line,
-                        status: problem.status,
-                        vote_id: None,
-                        problem: Some(ProblemFields {
-                            kind: problem.kind,
-                            title: problem.title,
-                            detail: problem.detail,
-                            field: problem.field,
-                        }),
-                    },
-                }
-            }
+    let (numbers, requests): (Vec<usize>, Vec<_>) = lines.into_iter().unzip();
+    let answers = ingest.submit_many(requests).await;
+    let outcomes: Vec<LineResult> = numbers
+        .into_iter()
+        .zip(answers)
+        .map(|(line, answer)| match answer {
+            Ok(accepted) => LineResult {
+                line,
+                status: 202,
+                vote_id: Some(accepted.vote_id),
+                problem: None,
+            },
+            Err(problem) => LineResult {
+                line,
+                status: problem.status,
+                vote_id: None,
+                problem: Some(ProblemFields {
+                    kind: problem.kind,
+                    title: problem.title,
+                    detail: problem.detail,
+                    field: problem.field,
+                }),
+            },
         })
-        .buffered(ingest.config.batch_concurrency.max(1))
-        .collect()
-        .await;
+        .collect();
     let accepted = outcomes.iter().filter(|o| o.status == 202).count();
     let result = BatchResult {
         accepted,

@@ -252,6 +252,46 @@ async fn send_nps_batches(cluster: &Cluster, lines: Vec<(String, Value)>) -> Res
         ensure!(last["status"] == 422 && last["field"] == "choice", "{last}");
         sent += chunk.len() as u64 + 1;
     }
+    // A batch that repeats and contradicts what was sent, each line answered on its own: a
+    // retry of a stored vote gets the original 202 (also twice in one batch), the voter's
+    // second vote 409, an unknown poll 404, a line without poll_id 422. Nothing counts.
+    if let Some((_, first)) = lines.first() {
+        let mut second = first.clone();
+        second["vote_id"] = json!("n-second-try");
+        second["choice"] = json!((first["choice"].as_i64().unwrap_or(0) + 1) % 11);
+        let body: String = [
+            first.clone(),
+            json!({"poll_id": "nope", "voter_id": "y", "choice": 1}),
+            second,
+            first.clone(),
+            json!({"voter_id": "z", "choice": 1}),
+        ]
+        .iter()
+        .map(|line| format!("{line}\n"))
+        .collect();
+        let result: Value = cluster
+            .http
+            .post(format!("{}/v1/votes:batch", cluster.ingest.url))
+            .body(body)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let lines = result["results"].as_array().cloned().unwrap_or_default();
+        let statuses: Vec<u64> = lines.iter().filter_map(|l| l["status"].as_u64()).collect();
+        ensure!(
+            statuses == [202, 404, 409, 202, 422]
+                && lines[0]["vote_id"] == first["vote_id"]
+                && lines[3]["vote_id"] == first["vote_id"]
+                && lines[2]["type"]
+                    .as_str()
+                    .is_some_and(|t| t.ends_with("already-voted"))
+                && lines[4]["field"] == "poll_id"
+                && result["accepted"] == 2,
+            "mixed batch answered {result}"
+        );
+        sent += 5;
+    }
     Ok(sent)
 }
 

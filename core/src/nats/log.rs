@@ -3,14 +3,15 @@
 //! Subjects are `votes.<partition>.<poll>.<unique_key>`. The stream keeps at most one
 //! message per subject and discards new ones per subject, so the broker itself enforces one
 //! vote per voter (and one entry per vote id on `dedupe: none` polls) across every ingest
-//! replica. `Nats-Msg-Id` = `<poll>/<vote_id>` makes a retry inside the duplicate window an
-//! acknowledged duplicate; after the window the per-subject limit still refuses it, and the
-//! stored message tells whether it was the same vote.
+//! replica. A retry is refused by the same limit, and the stored message tells whether it
+//! was the same vote (the original's answer) or another one (already voted). Publishes
+//! carry no `Nats-Msg-Id`: the per-subject limit already makes retries idempotent at any
+//! age, and a duplicate window would cost the broker a remembered id per vote (at 100k
+//! votes/s and the default 2 minutes, 12M of them) and a fifth of its CPU per publish.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
-use async_nats::HeaderMap;
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 
@@ -22,8 +23,15 @@ use crate::{wire, Error, Result};
 /// "maximum messages per subject exceeded": the key already holds a vote.
 const ERR_PER_SUBJECT_LIMIT: u64 = 10077;
 
+/// How long a publish may wait for the stream's ack (JetStream's own default).
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Publishes of one [`VoteLog::append_many`] that share one reply subscription; far below
+/// the client's per-subscription buffer, so no ack is dropped as a slow consumer's.
+const ACKS_PER_SUBSCRIPTION: usize = 4096;
+
 #[derive(Clone)]
 pub struct JetStreamLog {
+    client: async_nats::Client,
     js: jetstream::Context,
     partitions: u16,
 }
@@ -31,16 +39,11 @@ pub struct JetStreamLog {
 #[derive(Debug, Clone)]
 pub struct LogOptions {
     pub partitions: u16,
-    /// How long the broker remembers Msg-Ids for duplicate detection.
-    pub duplicate_window: Duration,
 }
 
 impl Default for LogOptions {
     fn default() -> Self {
-        LogOptions {
-            partitions: 1,
-            duplicate_window: Duration::from_secs(120),
-        }
+        LogOptions { partitions: 1 }
     }
 }
 
@@ -56,11 +59,11 @@ impl JetStreamLog {
             max_messages_per_subject: 1,
             discard: stream::DiscardPolicy::New,
             discard_new_per_subject: true,
-            duplicate_window: options.duplicate_window,
             ..Default::default()
         };
         js.get_or_create_stream(config).await.map_err(Error::bus)?;
         Ok(JetStreamLog {
+            client: js.client(),
             js,
             partitions: options.partitions.max(1),
         })
@@ -74,6 +77,105 @@ impl JetStreamLog {
         subject.push('.');
         subject.push_str(unique_key);
         subject
+    }
+
+    /// Fails at once while the connection is down: the client would buffer a publish and
+    /// the caller would wait out the ack timeout for a vote that was never sent.
+    fn connected(&self) -> Result<()> {
+        let state = self.client.connection_state();
+        if state != async_nats::connection::State::Connected {
+            return Err(Error::Bus(format!("not connected to NATS ({state})")));
+        }
+        Ok(())
+    }
+
+    /// Publishes `votes` with one reply subscription for all their acks: reply subjects
+    /// `<inbox>.<index>`, one deadline for the lot. The client's request path would create
+    /// a response channel, two timers and a boxed future per vote; here the acks arrive on
+    /// one stream and are read in place.
+    async fn publish_together(&self, votes: &[(Vote, String)]) -> Vec<Result<Appended>> {
+        use std::fmt::Write;
+        let mut answers: Vec<Option<Result<Appended>>> = votes.iter().map(|_| None).collect();
+        let inbox = self.client.new_inbox();
+        let mut acks = match self.client.subscribe(format!("{inbox}.*")).await {
+            Ok(acks) => acks,
+            Err(err) => {
+                return votes
+                    .iter()
+                    .map(|_| Err(Error::Bus(format!("subscribe to acks: {err}"))))
+                    .collect()
+            }
+        };
+        let mut waiting = 0;
+        for (i, (vote, unique_key)) in votes.iter().enumerate() {
+            let mut reply = String::with_capacity(inbox.len() + 6);
+            reply.push_str(&inbox);
+            let _ = write!(reply, ".{i}");
+            let sent = self
+                .client
+                .publish_with_reply(
+                    self.subject(vote, unique_key),
+                    reply,
+                    wire::encode(vote).into(),
+                )
+                .await;
+            match sent {
+                Ok(()) => waiting += 1,
+                Err(err) => answers[i] = Some(Err(Error::Bus(format!("publish: {err}")))),
+            }
+        }
+        let deadline = tokio::time::sleep(ACK_TIMEOUT);
+        tokio::pin!(deadline);
+        let mut taken = Vec::new();
+        while waiting > 0 {
+            let ack = tokio::select! {
+                biased;
+                ack = acks.next() => match ack {
+                    Some(ack) => ack,
+                    None => break,
+                },
+                () = &mut deadline => break,
+            };
+            let index = ack.subject.rsplit('.').next().and_then(|i| i.parse().ok());
+            let Some(i) = index.filter(|&i: &usize| answers.get(i).is_some_and(Option::is_none))
+            else {
+                continue;
+            };
+            waiting -= 1;
+            answers[i] = Some(match read_ack(ack.status, &ack.payload) {
+                Ack::Stored(appended) => Ok(appended),
+                Ack::SubjectTaken => {
+                    taken.push(i);
+                    Ok(Appended::AlreadyVoted)
+                }
+                Ack::Failed(why) => Err(Error::Bus(format!("publish not acknowledged: {why}"))),
+            });
+        }
+        drop(acks);
+        let resolved: Vec<(usize, Result<Appended>)> = futures::stream::iter(taken)
+            .map(|i| {
+                let (vote, unique_key) = &votes[i];
+                async move {
+                    let subject = self.subject(vote, unique_key);
+                    (i, self.resolve_conflict(&subject, vote).await)
+                }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        for (i, answer) in resolved {
+            answers[i] = Some(answer);
+        }
+        answers
+            .into_iter()
+            .map(|answer| {
+                answer.unwrap_or_else(|| {
+                    Err(Error::Bus(format!(
+                        "publish not acknowledged within {ACK_TIMEOUT:?}"
+                    )))
+                })
+            })
+            .collect()
     }
 
     /// After a per-subject refusal: the same vote (a late retry) or another voter's vote?
@@ -106,24 +208,13 @@ impl VoteLog for JetStreamLog {
     }
 
     async fn append(&self, vote: &Vote, unique_key: &str) -> Result<Appended> {
-        // While the connection is down the client would buffer the publish and the caller
-        // would wait out the ack timeout; answer at once instead (the vote is not sent).
-        let state = self.js.client().connection_state();
-        if state != async_nats::connection::State::Connected {
-            return Err(Error::Bus(format!("not connected to NATS ({state})")));
-        }
-        let mut msg_id = String::with_capacity(vote.poll_id.len() + 1 + vote.vote_id.len());
-        msg_id.push_str(&vote.poll_id);
-        msg_id.push('/');
-        msg_id.push_str(&vote.vote_id);
-        let mut headers = HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+        self.connected()?;
         let payload = wire::encode(vote).into();
         // The first await hands the message to the connection; the second waits for the
         // stream's ack, which JetStream sends once the message is stored.
         let ack = self
             .js
-            .publish_with_headers(self.subject(vote, unique_key), headers, payload)
+            .publish(self.subject(vote, unique_key), payload)
             .await
             .map_err(Error::bus)?
             .await;
@@ -138,6 +229,24 @@ impl VoteLog for JetStreamLog {
             }
             Err(err) => Err(Error::Bus(format!("publish not acknowledged: {err}"))),
         }
+    }
+
+    async fn append_many(&self, votes: &[(Vote, String)]) -> Vec<Result<Appended>> {
+        if votes.len() == 1 {
+            return vec![self.append(&votes[0].0, &votes[0].1).await];
+        }
+        if let Err(err) = self.connected() {
+            let why = err.to_string();
+            return votes.iter().map(|_| Err(Error::Bus(why.clone()))).collect();
+        }
+        let parts = votes
+            .chunks(ACKS_PER_SUBSCRIPTION)
+            .map(|part| self.publish_together(part));
+        futures::future::join_all(parts)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     async fn reader(&self, partition: u16, after: u64) -> Result<Box<dyn LogReader>> {
@@ -184,6 +293,53 @@ impl VoteLog for JetStreamLog {
             .await
             .map_err(Error::bus)?;
         Ok(())
+    }
+}
+
+/// What the stream answered to one publish.
+#[derive(Debug, PartialEq)]
+enum Ack {
+    Stored(Appended),
+    /// The per-subject limit refused it: the uniqueness key already holds a vote.
+    SubjectTaken,
+    Failed(String),
+}
+
+/// Reads a JetStream publish ack: `{"stream":…,"seq":N[,"duplicate":true]}` or
+/// `{"error":{"code":…,"err_code":…,"description":…}}`.
+fn read_ack(status: Option<async_nats::StatusCode>, payload: &[u8]) -> Ack {
+    #[derive(serde::Deserialize)]
+    struct Reply<'a> {
+        seq: Option<u64>,
+        #[serde(default)]
+        duplicate: bool,
+        #[serde(borrow)]
+        error: Option<ReplyError<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ReplyError<'a> {
+        #[serde(default)]
+        err_code: u64,
+        #[serde(borrow, default)]
+        description: std::borrow::Cow<'a, str>,
+    }
+    if status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+        return Ack::Failed(format!("no stream takes `{VOTES_STREAM}` subjects"));
+    }
+    match serde_json::from_slice::<Reply>(payload) {
+        Ok(Reply {
+            error: Some(error), ..
+        }) if error.err_code == ERR_PER_SUBJECT_LIMIT => Ack::SubjectTaken,
+        Ok(Reply {
+            error: Some(error), ..
+        }) => Ack::Failed(format!("{} ({})", error.description, error.err_code)),
+        Ok(Reply {
+            seq: Some(seq),
+            duplicate,
+            ..
+        }) => Ack::Stored(Appended::Accepted { seq, duplicate }),
+        Ok(_) => Ack::Failed("an ack without a sequence".into()),
+        Err(err) => Ack::Failed(format!("unreadable ack: {err}")),
     }
 }
 
@@ -284,5 +440,51 @@ impl LogReader for JetStreamReader {
             .ack()
             .await
             .map_err(|e| Error::Bus(format!("ack: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_publish_acks() {
+        assert_eq!(
+            read_ack(None, br#"{"stream":"VOTES","seq":42}"#),
+            Ack::Stored(Appended::Accepted {
+                seq: 42,
+                duplicate: false
+            })
+        );
+        assert_eq!(
+            read_ack(
+                None,
+                br#"{"stream":"VOTES","domain":"hub","seq":7,"duplicate":true}"#
+            ),
+            Ack::Stored(Appended::Accepted {
+                seq: 7,
+                duplicate: true
+            })
+        );
+        assert_eq!(
+            read_ack(
+                None,
+                br#"{"error":{"code":503,"err_code":10077,"description":"maximum messages per subject exceeded"},"stream":"VOTES","seq":0}"#
+            ),
+            Ack::SubjectTaken
+        );
+        assert_eq!(
+            read_ack(
+                None,
+                br#"{"error":{"code":503,"err_code":10039,"description":"insufficient resources"}}"#
+            ),
+            Ack::Failed("insufficient resources (10039)".into())
+        );
+        assert!(matches!(
+            read_ack(Some(async_nats::StatusCode::NO_RESPONDERS), b""),
+            Ack::Failed(_)
+        ));
+        assert!(matches!(read_ack(None, b"{}"), Ack::Failed(_)));
+        assert!(matches!(read_ack(None, b"not json"), Ack::Failed(_)));
     }
 }
