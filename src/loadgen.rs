@@ -135,8 +135,8 @@ impl Truth {
         }
     }
 
-    /// Counts an accepted vote, and keeps it when `keep`.
-    fn add(&mut self, vote: Value, keep: bool) {
+    /// Counts an accepted vote of the poll `poll_id`, and keeps it when `keep`.
+    fn add(&mut self, vote: &SyntheticVote, poll_id: &str, run: &str, keep: bool) {
         /// `map[key] += 1`, allocating the key only the first time it is seen.
         fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
             match map.get_mut(key) {
@@ -152,20 +152,17 @@ impl Truth {
             }
             map.get_mut(key).expect("inserted above")
         }
-        let poll = slot(
-            &mut self.polls,
-            vote["poll_id"].as_str().unwrap_or_default(),
-        );
-        let option = vote["choice"].as_str().unwrap_or_default();
+        let poll = slot(&mut self.polls, poll_id);
+        let option = vote.option();
         poll.accepted += 1;
         bump(&mut poll.options, option);
-        for (dimension, value) in vote["segment"].as_object().into_iter().flatten() {
+        for (dimension, value) in vote.segment() {
             let values = slot(&mut poll.segments, dimension);
-            let options = slot(values, value.as_str().unwrap_or_default());
+            let options = slot(values, value);
             bump(options, option);
         }
         if keep {
-            self.votes.push(vote);
+            self.votes.push(vote.to_value(poll_id, run));
         }
     }
 
@@ -202,6 +199,10 @@ struct Summary {
     votes_sent: u64,
     accepted: u64,
     accepted_per_s: f64,
+    /// The load generator's own CPU time (user + system) while it sent votes: how much of
+    /// the machine the client took, where it shares one with the deployment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_seconds: Option<f64>,
     /// Votes still without a definite answer when `--retry-for` ran out.
     unresolved: u64,
     /// Answers per attempt: HTTP status, or `connection` / `timeout`.
@@ -251,22 +252,72 @@ const DEVICES: [&str; 3] = ["mobile", "desktop", "tablet"];
 const CHANNELS: [&str; 4] = ["email", "social", "search", "ads"];
 const PLANS: [&str; 3] = ["free", "pro", "enterprise"];
 
-/// One synthetic vote with `poll_id`; `voter` numbers are unique per run unless repeated on
-/// purpose.
-fn vote_body(poll: &str, run: &str, voter: u64) -> Value {
-    let mut rng = rand::rng();
-    json!({
-        "poll_id": poll,
-        "voter_id": format!("lg-{run}-{voter}"),
-        "vote_id": format!("lg-{run}-{voter}-{}", rng.random::<u32>()),
-        "choice": OPTIONS[rng.random_range(0..OPTIONS.len())],
-        "segment": {
-            "country": COUNTRIES[rng.random_range(0..COUNTRIES.len())],
-            "device": DEVICES[rng.random_range(0..DEVICES.len())],
-            "channel": CHANNELS[rng.random_range(0..CHANNELS.len())],
-            "plan": PLANS[rng.random_range(0..PLANS.len())],
-        },
-    })
+/// One synthetic vote: its poll (an index into the run's polls), voter and picks from the
+/// fixed lists above. `voter` numbers are unique per run unless repeated on purpose. It
+/// becomes JSON only when written into a request body (or kept for `--truth`), so the load
+/// generator spends little of a shared machine on making votes.
+#[derive(Debug, Clone, Copy)]
+struct SyntheticVote {
+    poll: usize,
+    voter: u64,
+    nonce: u32,
+    choice: usize,
+    country: usize,
+    device: usize,
+    channel: usize,
+    plan: usize,
+}
+
+impl SyntheticVote {
+    fn random(poll: usize, voter: u64) -> SyntheticVote {
+        let mut rng = rand::rng();
+        SyntheticVote {
+            poll,
+            voter,
+            nonce: rng.random(),
+            choice: rng.random_range(0..OPTIONS.len()),
+            country: rng.random_range(0..COUNTRIES.len()),
+            device: rng.random_range(0..DEVICES.len()),
+            channel: rng.random_range(0..CHANNELS.len()),
+            plan: rng.random_range(0..PLANS.len()),
+        }
+    }
+
+    fn option(&self) -> &'static str {
+        OPTIONS[self.choice]
+    }
+
+    fn segment(&self) -> [(&'static str, &'static str); 4] {
+        [
+            ("country", COUNTRIES[self.country]),
+            ("device", DEVICES[self.device]),
+            ("channel", CHANNELS[self.channel]),
+            ("plan", PLANS[self.plan]),
+        ]
+    }
+
+    /// Appends the vote as one JSON object with `poll_id`.
+    fn write_json(&self, out: &mut Vec<u8>, poll_id: &str, run: &str) {
+        use std::io::Write;
+        out.extend_from_slice(br#"{"poll_id":"#);
+        serde_json::to_writer(&mut *out, poll_id).expect("a string serializes");
+        let (voter, nonce, choice) = (self.voter, self.nonce, self.option());
+        let _ = write!(
+            out,
+            r#","voter_id":"lg-{run}-{voter}","vote_id":"lg-{run}-{voter}-{nonce}","choice":"{choice}","segment":{{"#
+        );
+        for (i, (key, value)) in self.segment().into_iter().enumerate() {
+            let comma = if i == 0 { "" } else { "," };
+            let _ = write!(out, r#"{comma}"{key}":"{value}""#);
+        }
+        out.extend_from_slice(b"}}");
+    }
+
+    fn to_value(self, poll_id: &str, run: &str) -> Value {
+        let mut json = Vec::new();
+        self.write_json(&mut json, poll_id, run);
+        serde_json::from_slice(&json).expect("the vote is JSON")
+    }
 }
 
 /// Whether an answer leaves the vote's fate open, so a careful client sends it again.
@@ -299,6 +350,8 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 struct Sender {
     http: reqwest::Client,
     urls: Arc<Vec<String>>,
+    polls: Arc<Vec<String>>,
+    run: String,
     batch: bool,
     retry_for: Duration,
     stats: Arc<Stats>,
@@ -307,7 +360,7 @@ struct Sender {
 }
 
 impl Sender {
-    async fn send(&mut self, votes: &[Value]) -> Vec<Option<u16>> {
+    async fn send(&mut self, votes: &[SyntheticVote]) -> Vec<Option<u16>> {
         let mut outcome: Vec<Option<u16>> = vec![None; votes.len()];
         let mut pending: Vec<usize> = (0..votes.len()).collect();
         let first_try = Instant::now();
@@ -347,14 +400,15 @@ impl Sender {
     async fn attempt(
         &self,
         base: &str,
-        votes: &[Value],
+        votes: &[SyntheticVote],
         pending: &[usize],
     ) -> (Vec<Option<u16>>, Option<Duration>) {
         let request = if self.batch {
-            let mut body = String::new();
+            let mut body = Vec::with_capacity(pending.len() * 200);
             for index in pending {
-                body.push_str(&votes[*index].to_string());
-                body.push('\n');
+                let vote = &votes[*index];
+                vote.write_json(&mut body, &self.polls[vote.poll], &self.run);
+                body.push(b'\n');
             }
             self.http
                 .post(format!("{base}/v1/votes:batch"))
@@ -362,10 +416,13 @@ impl Sender {
                 .body(body)
         } else {
             let vote = &votes[pending[0]];
-            let poll = vote["poll_id"].as_str().unwrap_or_default();
+            let poll = &self.polls[vote.poll];
+            let mut body = Vec::with_capacity(200);
+            vote.write_json(&mut body, poll, &self.run);
             self.http
                 .post(format!("{base}/v1/polls/{poll}/votes"))
-                .json(vote)
+                .header("content-type", "application/json")
+                .body(body)
         };
         let response = match request.send().await {
             Ok(response) => response,
@@ -384,15 +441,20 @@ impl Sender {
         let body = response.bytes().await;
         let answers: Vec<Option<u16>> = match (self.batch, status, body) {
             (true, 200, Ok(body)) => {
-                let answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                let lines = answer["results"].as_array().cloned().unwrap_or_default();
+                // Only each line's status is read; the rest of the answer is skipped.
+                #[derive(serde::Deserialize)]
+                struct Answer {
+                    results: Vec<Line>,
+                }
+                #[derive(serde::Deserialize)]
+                struct Line {
+                    status: u16,
+                }
+                let lines = serde_json::from_slice::<Answer>(&body)
+                    .map(|answer| answer.results)
+                    .unwrap_or_default();
                 (0..pending.len())
-                    .map(|i| {
-                        lines
-                            .get(i)
-                            .and_then(|line| line["status"].as_u64())
-                            .map(|s| s as u16)
-                    })
+                    .map(|i| lines.get(i).map(|line| line.status))
                     .collect()
             }
             (_, _, Ok(_)) => vec![Some(status); pending.len()],
@@ -542,6 +604,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         .collect();
     drop(seen_tx);
 
+    let cpu_before = own_cpu_seconds();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration);
     let per_request = args.batch.max(1) as u64;
@@ -595,6 +658,8 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             stats: stats.clone(),
             next_url: rand::rng().random_range(0..urls.len()),
             latencies: Vec::new(),
+            polls: polls.clone(),
+            run: run.clone(),
         };
         workers.push(tokio::spawn(async move {
             let mut truth = Truth::new(&polls);
@@ -614,7 +679,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
                 let last = args
                     .votes
                     .map_or(first + per_request, |votes| votes.min(first + per_request));
-                let votes: Vec<Value> = (first..last)
+                let votes: Vec<SyntheticVote> = (first..last)
                     .map(|voter| {
                         let mut rng = rand::rng();
                         let voter =
@@ -623,22 +688,21 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
                             } else {
                                 voter
                             };
-                        let poll = &polls[(voter % polls.len() as u64) as usize];
-                        vote_body(poll, &run, voter)
+                        SyntheticVote::random((voter % polls.len() as u64) as usize, voter)
                     })
                     .collect();
                 stats.sent.fetch_add(votes.len() as u64, Ordering::Relaxed);
                 let outcome = sender.send(&votes).await;
                 let acked_at = Instant::now();
                 let mut watched = 0;
-                for (vote, status) in votes.into_iter().zip(outcome) {
+                for (vote, status) in votes.iter().zip(outcome) {
                     match status {
                         Some(202) => {
                             stats.accepted.fetch_add(1, Ordering::Relaxed);
-                            if vote["poll_id"] == polls[0].as_str() {
+                            if vote.poll == 0 {
                                 watched += 1;
                             }
-                            truth.add(vote, keep);
+                            truth.add(vote, &polls[vote.poll], &run, keep);
                         }
                         Some(_) => {}
                         None => {
@@ -666,6 +730,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         worker.await?;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_after = own_cpu_seconds();
     progress.abort();
     eprintln!();
 
@@ -839,6 +904,9 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         votes_sent: stats.sent.load(Ordering::Relaxed),
         accepted,
         accepted_per_s: accepted as f64 / seconds,
+        cpu_seconds: cpu_before
+            .zip(cpu_after)
+            .map(|(before, after)| after - before),
         unresolved,
         statuses: stats.statuses.lock().expect("stats").clone(),
         latency_ms: [
@@ -888,6 +956,18 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// CPU time (user + system) this process has used so far, from `/proc/self/stat`; `None`
+/// where there is no such file.
+pub fn own_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command name (which may hold spaces) start with the state (3rd
+    // field); utime and stime are the 14th and 15th, in clock ticks of 1/100 s on Linux.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
 fn print_summary(summary: &Summary, watched_poll: &str) {
     println!("target           {} ({})", summary.target, summary.mode);
     println!(
@@ -899,6 +979,12 @@ fn print_summary(summary: &Summary, watched_poll: &str) {
         summary.accepted, summary.accepted_per_s, summary.unresolved
     );
     println!("by status        {:?}", summary.statuses);
+    if let Some(cpu) = summary.cpu_seconds {
+        println!(
+            "client CPU       {cpu:.1} s ({:.1} µs per accepted vote)",
+            cpu * 1e6 / summary.accepted.max(1) as f64
+        );
+    }
     println!(
         "request latency  p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms",
         summary.latency_ms["p50"], summary.latency_ms["p95"], summary.latency_ms["p99"]

@@ -1,7 +1,7 @@
 //! The baselines `scripts/bench` measures every figure against, as hidden subcommands:
 //! `tally bench-log-append` (standalone: durable appends to the embedded vote log, in
 //! process) and `tally bench-publish` (distributed: JetStream publishes; with `--through-log`
-//! through the vote log ingest uses, so with its per-voter uniqueness and duplicate window).
+//! through the vote log ingest uses, so with its one message per voter).
 //! Both send the same vote payloads with many in flight — no HTTP, no JSON parsing, no
 //! processing — and print one line of JSON: `{"votes": N, "seconds": S, "per_s": R}`.
 
@@ -33,29 +33,44 @@ fn sample_vote(i: u64) -> Vote {
     }
 }
 
-/// Appends `votes` sample votes with `in_flight` at once; returns the seconds it took.
-async fn append_all(log: Arc<dyn VoteLog>, votes: u64, in_flight: usize) -> f64 {
+/// Appends `votes` sample votes with `in_flight` at once, `together` per
+/// [`VoteLog::append_many`] call; returns the seconds it took.
+async fn append_all(log: Arc<dyn VoteLog>, votes: u64, in_flight: usize, together: u64) -> f64 {
+    let together = together.max(1);
     let started = Instant::now();
-    futures::stream::iter(0..votes)
-        .map(|i| {
+    futures::stream::iter((0..votes).step_by(together as usize))
+        .map(|first| {
             let log = log.clone();
             async move {
-                let vote = sample_vote(i);
-                log.append(&vote, &vote.unique_key(Dedupe::PerVoter)).await
+                let group: Vec<(Vote, String)> = (first..votes.min(first + together))
+                    .map(|i| {
+                        let vote = sample_vote(i);
+                        let key = vote.unique_key(Dedupe::PerVoter);
+                        (vote, key)
+                    })
+                    .collect();
+                log.append_many(&group).await
             }
         })
-        .buffer_unordered(in_flight)
-        .for_each(|outcome| async move {
-            outcome.expect("append");
+        .buffer_unordered(in_flight.div_ceil(together as usize).max(1))
+        .for_each(|outcomes| async move {
+            for outcome in outcomes {
+                outcome.expect("append");
+            }
         })
         .await;
     started.elapsed().as_secs_f64()
 }
 
 /// The one line of JSON every baseline prints.
-fn report(votes: u64, seconds: f64) {
+fn report(votes: u64, seconds: f64, cpu_before: Option<f64>) {
+    let cpu = cpu_before
+        .zip(crate::loadgen::own_cpu_seconds())
+        .map_or(String::new(), |(before, after)| {
+            format!(", \"cpu_seconds\": {:.2}", after - before)
+        });
     println!(
-        "{{\"votes\": {votes}, \"seconds\": {seconds:.3}, \"per_s\": {:.0}}}",
+        "{{\"votes\": {votes}, \"seconds\": {seconds:.3}, \"per_s\": {:.0}{cpu}}}",
         votes as f64 / seconds
     );
 }
@@ -69,14 +84,19 @@ pub async fn run(votes: u64, in_flight: usize, dir: &std::path::Path) -> anyhow:
         },
     )?;
     let log: Arc<dyn VoteLog> = store.log;
-    let seconds = append_all(log, votes, in_flight).await;
-    report(votes, seconds);
+    let cpu = crate::loadgen::own_cpu_seconds();
+    let seconds = append_all(log, votes, in_flight, 1).await;
+    report(votes, seconds, cpu);
     Ok(())
 }
 
+/// Votes per group of the distributed baselines (per `append_many` call through the log):
+/// as ingest appends the votes of an NDJSON batch of 1,000.
+const PUBLISH_GROUP: u64 = 1_000;
+
 /// The same votes appended through [`tally_core::nats::JetStreamLog`], as ingest appends
-/// them: the `VOTES` stream with one message per voter, discard-new per subject and
-/// `Nats-Msg-Id` deduplication. Deletes the stream afterwards, so run it before the services.
+/// a batch's votes: the `VOTES` stream with one message per voter (discard new per
+/// subject). Deletes the stream afterwards, so run it before the services.
 async fn publish_through_log(
     client: async_nats::Client,
     votes: u64,
@@ -84,17 +104,60 @@ async fn publish_through_log(
 ) -> anyhow::Result<()> {
     let log: Arc<dyn VoteLog> =
         Arc::new(tally_core::nats::JetStreamLog::open(client.clone(), Default::default()).await?);
-    let seconds = append_all(log, votes, in_flight).await;
+    let cpu = crate::loadgen::own_cpu_seconds();
+    let seconds = append_all(log, votes, in_flight, PUBLISH_GROUP).await;
     let _ = async_nats::jetstream::new(client)
         .delete_stream(tally_core::nats::VOTES_STREAM)
         .await;
-    report(votes, seconds);
+    report(votes, seconds, cpu);
+    Ok(())
+}
+
+/// Publishes the sample votes `range` to the baseline's stream and waits for every ack, the
+/// lightest way a client can: one reply subscription for the group (`<inbox>.<index>`), so
+/// no per-message response channel or timer — as the vote log publishes a batch.
+async fn publish_group(
+    client: &async_nats::Client,
+    range: std::ops::Range<u64>,
+) -> anyhow::Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Ack {
+        seq: Option<u64>,
+        error: Option<serde_json::Value>,
+    }
+    let inbox = client.new_inbox();
+    let mut acks = client.subscribe(format!("{inbox}.*")).await?;
+    let count = range.end - range.start;
+    for i in range {
+        let vote = sample_vote(i);
+        let subject = format!("bench.{}.{}", vote.poll_id, vote.voter_key);
+        client
+            .publish_with_reply(
+                subject,
+                format!("{inbox}.{i}"),
+                tally_core::wire::encode(&vote).into(),
+            )
+            .await?;
+    }
+    for _ in 0..count {
+        let ack = tokio::time::timeout(std::time::Duration::from_secs(10), acks.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the ack subscription ended"))?;
+        match serde_json::from_slice::<Ack>(&ack.payload)? {
+            Ack {
+                seq: Some(_),
+                error: None,
+            } => {}
+            Ack { error, .. } => anyhow::bail!("publish refused: {error:?}"),
+        }
+    }
     Ok(())
 }
 
 /// `tally bench-publish` (hidden; `scripts/bench` runs it): the broker's ceiling for the
 /// distributed deployment — JetStream publishes of the same vote payloads to a file-storage
-/// stream of its own, from one connection with many acks awaited at once.
+/// stream of its own (no per-subject limit), from one connection with about as many acks
+/// awaited at once as `in_flight`.
 pub async fn publish(
     nats_url: &str,
     votes: u64,
@@ -115,27 +178,18 @@ pub async fn publish(
         ..Default::default()
     })
     .await?;
+    let client = js.client();
+    let cpu = crate::loadgen::own_cpu_seconds();
     let started = Instant::now();
-    futures::stream::iter(0..votes)
-        .map(|i| {
-            let js = js.clone();
-            async move {
-                let vote = sample_vote(i);
-                let subject = format!("bench.{}.{}", vote.poll_id, vote.voter_key);
-                let ack = js
-                    .publish(subject, tally_core::wire::encode(&vote).into())
-                    .await?;
-                ack.await?;
-                anyhow::Ok(())
-            }
-        })
-        .buffer_unordered(in_flight)
+    futures::stream::iter((0..votes).step_by(PUBLISH_GROUP as usize))
+        .map(|first| publish_group(&client, first..votes.min(first + PUBLISH_GROUP)))
+        .buffer_unordered(in_flight.div_ceil(PUBLISH_GROUP as usize).max(1))
         .for_each(|outcome| async move {
             outcome.expect("publish");
         })
         .await;
     let seconds = started.elapsed().as_secs_f64();
     let _ = js.delete_stream("BENCH_PUBLISH").await;
-    report(votes, seconds);
+    report(votes, seconds, cpu);
     Ok(())
 }
