@@ -52,6 +52,15 @@ pub struct LoadgenArgs {
     /// `--dedupe none`).
     #[arg(long, default_value_t = 0.0)]
     repeat_ratio: f64,
+    /// The electorate: voters are numbered below this, so once each has voted every
+    /// further vote comes from someone who already did. Unbounded when not given.
+    #[arg(long)]
+    voters: Option<u64>,
+    /// The segment values votes carry, with weights: `key=value[:weight],…;key=…`, e.g.
+    /// `country=US:5,DE:3,FR:2;device=mobile:7,desktop:3;plan=free,pro`. Keys that are not
+    /// standard segment keys become the load polls' own dimensions.
+    #[arg(long, default_value = DEFAULT_SEGMENT_MIX)]
+    segment_mix: SegmentMix,
     /// The polls' dedupe rule: `per_voter` (one vote per voter) or `none` (every vote
     /// counts; unique voters are counted apart).
     #[arg(long, default_value = "per_voter")]
@@ -136,7 +145,13 @@ impl Truth {
     }
 
     /// Counts an accepted vote of the poll `poll_id`, and keeps it when `keep`.
-    fn add(&mut self, vote: &SyntheticVote, poll_id: &str, run: &str, keep: bool) {
+    fn add(
+        &mut self,
+        vote: &SyntheticVote,
+        poll_id: &str,
+        (run, mix): (&str, &SegmentMix),
+        keep: bool,
+    ) {
         /// `map[key] += 1`, allocating the key only the first time it is seen.
         fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
             match map.get_mut(key) {
@@ -156,13 +171,13 @@ impl Truth {
         let option = vote.option();
         poll.accepted += 1;
         bump(&mut poll.options, option);
-        for (dimension, value) in vote.segment() {
+        for (dimension, value) in mix.values(&vote.segment) {
             let values = slot(&mut poll.segments, dimension);
             let options = slot(values, value);
             bump(options, option);
         }
         if keep {
-            self.votes.push(vote.to_value(poll_id, run));
+            self.votes.push(vote.to_value(poll_id, run, mix));
         }
     }
 
@@ -247,39 +262,135 @@ struct Watched {
 }
 
 const OPTIONS: [&str; 4] = ["red", "green", "blue", "yellow"];
-const COUNTRIES: [&str; 8] = ["US", "DE", "GB", "FR", "BR", "IN", "JP", "ES"];
-const DEVICES: [&str; 3] = ["mobile", "desktop", "tablet"];
-const CHANNELS: [&str; 4] = ["email", "social", "search", "ads"];
-const PLANS: [&str; 3] = ["free", "pro", "enterprise"];
+/// The segment values votes carry when `--segment-mix` is not given: four keys, every
+/// value equally likely.
+const DEFAULT_SEGMENT_MIX: &str = "country=US,DE,GB,FR,BR,IN,JP,ES;device=mobile,desktop,tablet;\
+                                   channel=email,social,search,ads;plan=free,pro,enterprise";
+/// At most this many segment keys per vote (the mix is parsed into a fixed-size pick).
+const MAX_MIX_KEYS: usize = 8;
 
-/// One synthetic vote: its poll (an index into the run's polls), voter and picks from the
-/// fixed lists above. `voter` numbers are unique per run unless repeated on purpose. It
-/// becomes JSON only when written into a request body (or kept for `--truth`), so the load
-/// generator spends little of a shared machine on making votes.
+/// `--segment-mix`: which segment keys votes carry and how often each value comes up.
+/// `key=value[:weight],value[:weight],…;key=…` — weights are whole numbers (default 1).
+/// Keys that are not standard segment keys become the load polls' own dimensions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentMix {
+    keys: Vec<MixKey>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct MixKey {
+    key: String,
+    values: Vec<String>,
+    /// Running sums of the weights, for drawing a value.
+    cumulative: Vec<u64>,
+}
+
+impl std::str::FromStr for SegmentMix {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<SegmentMix, String> {
+        let mut keys: Vec<MixKey> = Vec::new();
+        for part in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            let Some((key, values)) = part.split_once('=') else {
+                return Err(format!("`{part}`: expected key=value,value,…"));
+            };
+            let key = key.trim();
+            if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(format!("`{key}`: a segment key is letters, digits and `_`"));
+            }
+            if keys.iter().any(|k| k.key == key) {
+                return Err(format!("`{key}` is given twice"));
+            }
+            let mut mix = MixKey {
+                key: key.to_owned(),
+                values: Vec::new(),
+                cumulative: Vec::new(),
+            };
+            for value in values.split(',').map(str::trim) {
+                let (value, weight) = match value.rsplit_once(':') {
+                    Some((value, weight)) => match weight.parse::<u64>() {
+                        Ok(weight) if weight > 0 => (value, weight),
+                        _ => {
+                            return Err(format!(
+                                "`{key}={value}:{weight}`: a weight is a whole number above 0"
+                            ))
+                        }
+                    },
+                    None => (value, 1),
+                };
+                if value.is_empty() {
+                    return Err(format!("`{key}` has an empty value"));
+                }
+                let total = mix.cumulative.last().copied().unwrap_or(0) + weight;
+                mix.values.push(value.to_owned());
+                mix.cumulative.push(total);
+            }
+            if mix.values.len() > usize::from(u8::MAX) {
+                return Err(format!("`{key}` has more than 255 values"));
+            }
+            keys.push(mix);
+        }
+        if keys.len() > MAX_MIX_KEYS {
+            return Err(format!("at most {MAX_MIX_KEYS} segment keys"));
+        }
+        Ok(SegmentMix { keys })
+    }
+}
+
+impl SegmentMix {
+    /// The keys the load polls must declare: those that are not standard segment keys.
+    fn dimensions(&self) -> Vec<&str> {
+        self.keys
+            .iter()
+            .map(|k| k.key.as_str())
+            .filter(|key| !tally_core::segment::STANDARD_KEYS.contains(key))
+            .collect()
+    }
+
+    fn pick(&self, rng: &mut impl Rng) -> [u8; MAX_MIX_KEYS] {
+        let mut picked = [0; MAX_MIX_KEYS];
+        for (slot, key) in picked.iter_mut().zip(&self.keys) {
+            let total = key.cumulative.last().copied().unwrap_or(1);
+            let draw = rng.random_range(0..total);
+            *slot = key.cumulative.partition_point(|&sum| sum <= draw) as u8;
+        }
+        picked
+    }
+
+    /// The (key, value) pairs of a pick.
+    fn values<'a>(
+        &'a self,
+        picked: &'a [u8; MAX_MIX_KEYS],
+    ) -> impl Iterator<Item = (&'a str, &'a str)> {
+        self.keys
+            .iter()
+            .zip(picked)
+            .map(|(key, &i)| (key.key.as_str(), key.values[usize::from(i)].as_str()))
+    }
+}
+
+/// One synthetic vote: its poll (an index into the run's polls), voter, option and segment
+/// values (indices into the mix). `voter` numbers are unique per run unless repeated on
+/// purpose. It becomes JSON only when written into a request body (or kept for `--truth`),
+/// so the load generator spends little of a shared machine on making votes.
 #[derive(Debug, Clone, Copy)]
 struct SyntheticVote {
     poll: usize,
     voter: u64,
     nonce: u32,
     choice: usize,
-    country: usize,
-    device: usize,
-    channel: usize,
-    plan: usize,
+    segment: [u8; MAX_MIX_KEYS],
 }
 
 impl SyntheticVote {
-    fn random(poll: usize, voter: u64) -> SyntheticVote {
+    fn random(poll: usize, voter: u64, mix: &SegmentMix) -> SyntheticVote {
         let mut rng = rand::rng();
         SyntheticVote {
             poll,
             voter,
             nonce: rng.random(),
             choice: rng.random_range(0..OPTIONS.len()),
-            country: rng.random_range(0..COUNTRIES.len()),
-            device: rng.random_range(0..DEVICES.len()),
-            channel: rng.random_range(0..CHANNELS.len()),
-            plan: rng.random_range(0..PLANS.len()),
+            segment: mix.pick(&mut rng),
         }
     }
 
@@ -287,17 +398,8 @@ impl SyntheticVote {
         OPTIONS[self.choice]
     }
 
-    fn segment(&self) -> [(&'static str, &'static str); 4] {
-        [
-            ("country", COUNTRIES[self.country]),
-            ("device", DEVICES[self.device]),
-            ("channel", CHANNELS[self.channel]),
-            ("plan", PLANS[self.plan]),
-        ]
-    }
-
     /// Appends the vote as one JSON object with `poll_id`.
-    fn write_json(&self, out: &mut Vec<u8>, poll_id: &str, run: &str) {
+    fn write_json(&self, out: &mut Vec<u8>, poll_id: &str, run: &str, mix: &SegmentMix) {
         use std::io::Write;
         out.extend_from_slice(br#"{"poll_id":"#);
         serde_json::to_writer(&mut *out, poll_id).expect("a string serializes");
@@ -306,16 +408,20 @@ impl SyntheticVote {
             out,
             r#","voter_id":"lg-{run}-{voter}","vote_id":"lg-{run}-{voter}-{nonce}","choice":"{choice}","segment":{{"#
         );
-        for (i, (key, value)) in self.segment().into_iter().enumerate() {
-            let comma = if i == 0 { "" } else { "," };
-            let _ = write!(out, r#"{comma}"{key}":"{value}""#);
+        for (i, (key, value)) in mix.values(&self.segment).enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            serde_json::to_writer(&mut *out, key).expect("a string serializes");
+            out.push(b':');
+            serde_json::to_writer(&mut *out, value).expect("a string serializes");
         }
         out.extend_from_slice(b"}}");
     }
 
-    fn to_value(self, poll_id: &str, run: &str) -> Value {
+    fn to_value(self, poll_id: &str, run: &str, mix: &SegmentMix) -> Value {
         let mut json = Vec::new();
-        self.write_json(&mut json, poll_id, run);
+        self.write_json(&mut json, poll_id, run, mix);
         serde_json::from_slice(&json).expect("the vote is JSON")
     }
 }
@@ -352,6 +458,7 @@ struct Sender {
     urls: Arc<Vec<String>>,
     polls: Arc<Vec<String>>,
     run: String,
+    mix: Arc<SegmentMix>,
     batch: bool,
     retry_for: Duration,
     stats: Arc<Stats>,
@@ -407,7 +514,7 @@ impl Sender {
             let mut body = Vec::with_capacity(pending.len() * 200);
             for index in pending {
                 let vote = &votes[*index];
-                vote.write_json(&mut body, &self.polls[vote.poll], &self.run);
+                vote.write_json(&mut body, &self.polls[vote.poll], &self.run, &self.mix);
                 body.push(b'\n');
             }
             self.http
@@ -418,7 +525,7 @@ impl Sender {
             let vote = &votes[pending[0]];
             let poll = &self.polls[vote.poll];
             let mut body = Vec::with_capacity(200);
-            vote.write_json(&mut body, poll, &self.run);
+            vote.write_json(&mut body, poll, &self.run, &self.mix);
             self.http
                 .post(format!("{base}/v1/polls/{poll}/votes"))
                 .header("content-type", "application/json")
@@ -551,6 +658,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         .timeout(Duration::from_secs(30))
         .build()?;
     let run = uuid::Uuid::now_v7().simple().to_string()[20..].to_owned();
+    let mix = Arc::new(args.segment_mix.clone());
     let prefix = args
         .poll_prefix
         .clone()
@@ -564,7 +672,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             .json(&json!({
                 "id": id, "title": "Load test", "question": "Which colour?", "kind": "single",
                 "options": OPTIONS.iter().map(|o| json!({"id": o, "label": o})).collect::<Vec<_>>(),
-                "dimensions": ["plan"], "dedupe": args.dedupe,
+                "dimensions": mix.dimensions(), "dedupe": args.dedupe,
             }))
             .send()
             .await
@@ -643,12 +751,13 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
 
     let mut workers = Vec::new();
     for _ in 0..args.concurrency.max(1) {
-        let (stats, polls, next_voter, args, run) = (
+        let (stats, polls, next_voter, args, run, mix) = (
             stats.clone(),
             polls.clone(),
             next_voter.clone(),
             args.clone(),
             run.clone(),
+            mix.clone(),
         );
         let mut sender = Sender {
             http: http.clone(),
@@ -660,6 +769,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
             latencies: Vec::new(),
             polls: polls.clone(),
             run: run.clone(),
+            mix: mix.clone(),
         };
         workers.push(tokio::spawn(async move {
             let mut truth = Truth::new(&polls);
@@ -688,7 +798,8 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
                             } else {
                                 voter
                             };
-                        SyntheticVote::random((voter % polls.len() as u64) as usize, voter)
+                        let voter = args.voters.map_or(voter, |voters| voter % voters.max(1));
+                        SyntheticVote::random((voter % polls.len() as u64) as usize, voter, &mix)
                     })
                     .collect();
                 stats.sent.fetch_add(votes.len() as u64, Ordering::Relaxed);
@@ -702,7 +813,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<()> {
                             if vote.poll == 0 {
                                 watched += 1;
                             }
-                            truth.add(vote, &polls[vote.poll], &run, keep);
+                            truth.add(vote, &polls[vote.poll], (&run, &mix), keep);
                         }
                         Some(_) => {}
                         None => {
@@ -1022,5 +1133,76 @@ fn print_summary(summary: &Summary, watched_poll: &str) {
         for mismatch in &summary.mismatches {
             println!("MISMATCH         {mismatch}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn the_default_mix_has_four_keys_and_one_own_dimension() {
+        let mix: SegmentMix = DEFAULT_SEGMENT_MIX.parse().expect("default mix");
+        let keys: Vec<&str> = mix.keys.iter().map(|k| k.key.as_str()).collect();
+        assert_eq!(keys, ["country", "device", "channel", "plan"]);
+        assert_eq!(mix.dimensions(), ["plan"]);
+        assert_eq!(mix.keys[0].values.len(), 8);
+    }
+
+    #[test]
+    fn values_come_up_as_often_as_their_weights_say() {
+        let mix: SegmentMix = "country=US:3,DE;plan=pro".parse().expect("mix");
+        assert_eq!(mix.keys[0].cumulative, [3, 4]);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let draws = 20_000;
+        let us = (0..draws)
+            .filter(|_| {
+                let picked = mix.pick(&mut rng);
+                let values: Vec<(&str, &str)> = mix.values(&picked).collect();
+                assert_eq!(values[1], ("plan", "pro"));
+                values[0].1 == "US"
+            })
+            .count();
+        let share = us as f64 / draws as f64;
+        assert!(
+            (0.72..0.78).contains(&share),
+            "US came up {share} of the time, not 3/4"
+        );
+    }
+
+    #[test]
+    fn a_bad_mix_is_refused_with_what_to_fix() {
+        for (spec, says) in [
+            ("country", "expected key=value"),
+            ("country=US:0", "whole number above 0"),
+            ("country=US:x", "whole number above 0"),
+            ("coun try=US", "letters, digits"),
+            ("country=US;country=DE", "given twice"),
+            ("country=US,,DE", "empty value"),
+            ("a=1;b=1;c=1;d=1;e=1;f=1;g=1;h=1;i=1", "at most 8"),
+        ] {
+            let err = spec.parse::<SegmentMix>().expect_err(spec);
+            assert!(err.contains(says), "{spec}: {err}");
+        }
+    }
+
+    #[test]
+    fn votes_are_written_as_json_the_api_takes() {
+        let mix: SegmentMix = r#"country=D"E;tier=gold"#.parse().expect("mix");
+        let vote = SyntheticVote {
+            poll: 0,
+            voter: 12,
+            nonce: 34,
+            choice: 1,
+            segment: [0; MAX_MIX_KEYS],
+        };
+        let json = vote.to_value("p-1", "run", &mix);
+        assert_eq!(
+            json,
+            json!({"poll_id": "p-1", "voter_id": "lg-run-12", "vote_id": "lg-run-12-34",
+                   "choice": "green", "segment": {"country": "D\"E", "tier": "gold"}})
+        );
+        assert_eq!(mix.dimensions(), ["tier"]);
     }
 }
