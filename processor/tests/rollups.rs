@@ -1,13 +1,18 @@
 //! The processor keeps the two rollup levels aligned across restarts: whatever tables a
-//! crash left behind, a breakdown counts every vote once. Runs on the embedded back ends,
-//! where a crash can keep one table's file and lose another's in-memory tail.
+//! crash left behind, a breakdown counts every vote once; and what it holds between rollup
+//! writes is bounded by its settings, not by the length of the log. Runs on the embedded
+//! back ends, where a crash can keep one table's file and lose another's in-memory tail.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tally_core::backend::{Appended, BreakdownQuery, Dimension, VoteLog, Warehouse};
+use tally_core::backend::{
+    Appended, Breakdown, BreakdownQuery, Dimension, StoredVote, TimePoint, TimeseriesQuery,
+    VoteLog, Warehouse, Watermarks, WindowRow,
+};
 use tally_core::poll::Dedupe;
-use tally_core::rollup::{RollupLevel, Rollups};
+use tally_core::results::Tally;
+use tally_core::rollup::{RollupLevel, RollupRow, Rollups};
 use tally_core::segment::Segment;
 use tally_core::vote::Vote;
 
@@ -115,4 +120,147 @@ async fn settled_rows_ahead_of_fresh_ones_count_once() {
         .flat_map(|g| g.counts.values())
         .sum();
     assert_eq!(answers, 500);
+}
+
+/// The embedded warehouse, noting how many votes each rollup write covers.
+struct Recording {
+    inner: Arc<dyn Warehouse>,
+    writes: Mutex<Vec<(RollupLevel, u64)>>,
+}
+
+#[async_trait::async_trait]
+impl Warehouse for Recording {
+    async fn migrate(&self) -> tally_core::Result<Vec<u32>> {
+        self.inner.migrate().await
+    }
+    async fn watermarks(&self, partition: u16) -> tally_core::Result<Watermarks> {
+        self.inner.watermarks(partition).await
+    }
+    async fn insert_votes(&self, partition: u16, votes: &[StoredVote]) -> tally_core::Result<()> {
+        self.inner.insert_votes(partition, votes).await
+    }
+    async fn insert_windows(&self, partition: u16, rows: &[WindowRow]) -> tally_core::Result<()> {
+        self.inner.insert_windows(partition, rows).await
+    }
+    async fn insert_rollups(
+        &self,
+        partition: u16,
+        level: RollupLevel,
+        rows: &[RollupRow],
+    ) -> tally_core::Result<()> {
+        self.inner.insert_rollups(partition, level, rows).await?;
+        let votes = rows.iter().map(|row| row.ballots).sum();
+        self.writes.lock().unwrap().push((level, votes));
+        Ok(())
+    }
+    async fn tally(&self, poll_id: &str) -> tally_core::Result<Tally> {
+        self.inner.tally(poll_id).await
+    }
+    async fn voter_keys(&self, poll_id: &str) -> tally_core::Result<Vec<String>> {
+        self.inner.voter_keys(poll_id).await
+    }
+    async fn breakdown(&self, query: &BreakdownQuery) -> tally_core::Result<Breakdown> {
+        self.inner.breakdown(query).await
+    }
+    async fn timeseries(&self, query: &TimeseriesQuery) -> tally_core::Result<Vec<TimePoint>> {
+        self.inner.timeseries(query).await
+    }
+    async fn check(&self) -> tally_core::Result<()> {
+        self.inner.check().await
+    }
+}
+
+/// A backlog many times the rollup limits, read without a pause (so neither the time
+/// limits nor a quiet log ever write the rollups): every write covers at most the vote
+/// limit plus one batch, so the accumulators never hold more, however long the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_in_memory_stay_within_their_limits() {
+    const VOTES: u64 = 3_000;
+    let (batch_max, rollup_votes, settle_votes) = (50, 100, 300);
+    let dir = tempfile::tempdir().unwrap();
+    let store = tally_embedded::open(
+        dir.path(),
+        tally_embedded::Options {
+            partitions: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let backlog: Vec<(Vote, String)> = (1..=VOTES)
+        .map(|i| {
+            let v = vote(i);
+            let key = v.unique_key(Dedupe::PerVoter);
+            (v, key)
+        })
+        .collect();
+    for answer in store.log.append_many(&backlog).await {
+        assert!(
+            matches!(answer, Ok(Appended::Accepted { .. })),
+            "{answer:?}"
+        );
+    }
+    let recording = Arc::new(Recording {
+        inner: store.warehouse.clone(),
+        writes: Mutex::new(Vec::new()),
+    });
+    let processor = tally_processor::start(
+        tally_processor::Deps {
+            log: store.log.clone(),
+            registry: store.registry.clone(),
+            warehouse: recording.clone(),
+            live: store.live.clone(),
+        },
+        tally_processor::Config {
+            batch_max,
+            rollup_votes,
+            rollup_interval: Duration::from_secs(600),
+            settle_votes,
+            settle_interval: Duration::from_secs(600),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let query = BreakdownQuery {
+        poll_id: "aligned".into(),
+        by: vec![Dimension("country".into())],
+        ..Default::default()
+    };
+    let tip = store.log.tip(0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while recording.breakdown(&query).await.unwrap().as_of < tip {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rollups never reached {tip}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    processor.stop().await;
+
+    let writes = recording.writes.lock().unwrap().clone();
+    let fresh: Vec<u64> = writes
+        .iter()
+        .filter(|(level, _)| *level == RollupLevel::Fresh)
+        .map(|(_, votes)| *votes)
+        .collect();
+    let settled: Vec<u64> = writes
+        .iter()
+        .filter(|(level, _)| *level == RollupLevel::Settled)
+        .map(|(_, votes)| *votes)
+        .collect();
+    let fresh_most = (rollup_votes + batch_max - 1) as u64;
+    let settled_most = settle_votes as u64 + fresh_most - 1;
+    assert_eq!(
+        fresh.iter().sum::<u64>(),
+        VOTES,
+        "fresh writes cover every vote once"
+    );
+    assert!(
+        fresh.iter().all(|&votes| votes <= fresh_most),
+        "a fresh write covered more than {fresh_most} votes: {fresh:?}"
+    );
+    assert!(
+        settled.len() as u64 >= VOTES / settled_most
+            && settled.iter().all(|&votes| votes <= settled_most),
+        "settled writes must come every {settle_votes} votes or so: {settled:?}"
+    );
 }
