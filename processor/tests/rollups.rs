@@ -31,6 +31,28 @@ fn vote(i: u64) -> Vote {
     }
 }
 
+/// The test poll's breakdown by country, once the rollups reach `tip`.
+async fn breakdown_at(warehouse: &dyn Warehouse, tip: u64) -> Breakdown {
+    let query = BreakdownQuery {
+        poll_id: "aligned".into(),
+        by: vec![Dimension("country".into())],
+        ..Default::default()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let breakdown = warehouse.breakdown(&query).await.unwrap();
+        if breakdown.as_of >= tip {
+            return breakdown;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rollups reached {} of {tip}",
+            breakdown.as_of
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Settled rows cover the first 300 votes while the fresh rows (and the raw votes) are gone,
 /// as after a standalone crash that kept the settled file but not the others' tails. The
 /// processor replays the log; its first fresh write must start after the settled rows,
@@ -84,25 +106,7 @@ async fn settled_rows_ahead_of_fresh_ones_count_once() {
     )
     .unwrap();
 
-    let query = BreakdownQuery {
-        poll_id: "aligned".into(),
-        by: vec![Dimension("country".into())],
-        ..Default::default()
-    };
-    let tip = store.log.tip(0);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let breakdown = loop {
-        let breakdown = warehouse.breakdown(&query).await.unwrap();
-        if breakdown.as_of >= tip {
-            break breakdown;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "rollups reached {} of {tip}",
-            breakdown.as_of
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let breakdown = breakdown_at(warehouse.as_ref(), store.log.tip(0)).await;
     processor.stop().await;
     let ballots: Vec<(String, u64)> = breakdown
         .groups
@@ -220,20 +224,7 @@ async fn rollups_in_memory_stay_within_their_limits() {
         },
     )
     .unwrap();
-    let query = BreakdownQuery {
-        poll_id: "aligned".into(),
-        by: vec![Dimension("country".into())],
-        ..Default::default()
-    };
-    let tip = store.log.tip(0);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while recording.breakdown(&query).await.unwrap().as_of < tip {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "rollups never reached {tip}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    breakdown_at(recording.as_ref(), store.log.tip(0)).await;
     processor.stop().await;
 
     let writes = recording.writes.lock().unwrap().clone();
