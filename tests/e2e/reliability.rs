@@ -71,6 +71,18 @@ impl Load {
         polls: usize,
         dedupe: Dedupe,
     ) -> Result<Load> {
+        Self::start_with(cluster, urls, (rate, seconds), polls, dedupe, 0).await
+    }
+
+    /// Like [`Load::start_counting`], with NDJSON batches of `batch` votes when not 0.
+    async fn start_with(
+        cluster: &Cluster,
+        urls: &[&str],
+        (rate, seconds): (u64, u64),
+        polls: usize,
+        dedupe: Dedupe,
+        batch: usize,
+    ) -> Result<Load> {
         let dedupe_args: &[&str] = match dedupe {
             Dedupe::PerVoter => &[],
             Dedupe::NoneWithRepeats => &["--dedupe", "none", "--repeat-ratio", "0.2"],
@@ -90,6 +102,7 @@ impl Load {
             .args(["--poll-prefix", &prefix])
             .args(["--concurrency", "48"])
             .args(dedupe_args)
+            .args(["--batch", &batch.to_string()])
             .args(["--retry-for", "300", "--settle", "300", "--json"])
             .arg("--truth")
             .arg(dir.path().join("truth.json"))
@@ -392,6 +405,17 @@ async fn nats_restarted_three_times() -> Result<()> {
         .await?;
     let (rate, seconds) = scale((500, 30), (3_500, 40));
     let load = Load::start(&cluster, &[&cluster.ingest.url], rate, seconds, 2).await?;
+    // Beside it, NDJSON batches: a batch's votes are published together and wait for
+    // their acks together, so an outage catches many in flight at once.
+    let batches = Load::start_with(
+        &cluster,
+        &[&cluster.ingest.url],
+        (rate / 2, seconds),
+        2,
+        Dedupe::PerVoter,
+        50,
+    )
+    .await?;
     let mut probes = 0;
     for round in 0..3 {
         random_pause(Duration::from_secs(3), Duration::from_secs(5)).await;
@@ -423,6 +447,13 @@ async fn nats_restarted_three_times() -> Result<()> {
     ensure!(
         summary["statuses"]["503"].as_u64() > Some(0),
         "the load saw the outages: {summary}"
+    );
+    verify(&cluster, &truth).await?;
+    let (summary, truth) = batches.finish(&cluster).await?;
+    report("NATS restarted 3 times, NDJSON batches of 50", &summary);
+    ensure!(
+        summary["statuses"]["503"].as_u64() > Some(0),
+        "the batch load saw the outages: {summary}"
     );
     verify(&cluster, &truth).await
 }
