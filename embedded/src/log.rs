@@ -207,18 +207,9 @@ impl Writer {
     }
 }
 
-/// The key of the uniqueness table: poll ids cannot hold a NUL.
-fn unique_key(poll_id: &str, unique_key: &str) -> String {
-    format!("{poll_id}\0{unique_key}")
-}
-
-#[async_trait]
-impl VoteLog for EmbeddedLog {
-    fn partitions(&self) -> u16 {
-        self.partitions
-    }
-
-    async fn append(&self, vote: &Vote, unique: &str) -> Result<Appended> {
+impl EmbeddedLog {
+    /// Hands one vote to the writer; the receiver gets its answer once committed.
+    async fn send(&self, vote: &Vote, unique: &str) -> Result<oneshot::Receiver<Result<Appended>>> {
         let (reply, outcome) = oneshot::channel();
         let request = AppendRequest {
             partition: self.partition_of(&vote.poll_id),
@@ -231,9 +222,45 @@ impl VoteLog for EmbeddedLog {
             .send(request)
             .await
             .map_err(|_| storage("the writer has stopped"))?;
-        outcome
+        Ok(outcome)
+    }
+}
+
+/// The key of the uniqueness table: poll ids cannot hold a NUL.
+fn unique_key(poll_id: &str, unique_key: &str) -> String {
+    format!("{poll_id}\0{unique_key}")
+}
+
+#[async_trait]
+impl VoteLog for EmbeddedLog {
+    fn partitions(&self) -> u16 {
+        self.partitions
+    }
+
+    async fn append(&self, vote: &Vote, unique: &str) -> Result<Appended> {
+        self.send(vote, unique)
+            .await?
             .await
             .map_err(|_| storage("the writer has stopped"))?
+    }
+
+    /// Queues every vote for the writer before waiting for any answer, so a batch lands in
+    /// as few group commits as the writer makes of it.
+    async fn append_many(&self, votes: &[(Vote, String)]) -> Vec<Result<Appended>> {
+        let mut queued = Vec::with_capacity(votes.len());
+        for (vote, unique) in votes {
+            queued.push(self.send(vote, unique).await);
+        }
+        let mut answers = Vec::with_capacity(votes.len());
+        for outcome in queued {
+            answers.push(match outcome {
+                Ok(outcome) => outcome
+                    .await
+                    .unwrap_or_else(|_| Err(storage("the writer has stopped"))),
+                Err(err) => Err(err),
+            });
+        }
+        answers
     }
 
     async fn reader(&self, partition: u16, after: u64) -> Result<Box<dyn LogReader>> {
