@@ -31,6 +31,18 @@ fn vote(i: u64) -> Vote {
     }
 }
 
+/// Embedded back ends with one log partition, in `dir`.
+fn one_partition(dir: &tempfile::TempDir) -> tally_embedded::Embedded {
+    tally_embedded::open(
+        dir.path(),
+        tally_embedded::Options {
+            partitions: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 /// The test poll's breakdown by country, once the rollups reach `tip`.
 async fn breakdown_at(warehouse: &dyn Warehouse, tip: u64) -> Breakdown {
     let query = BreakdownQuery {
@@ -60,14 +72,7 @@ async fn breakdown_at(warehouse: &dyn Warehouse, tip: u64) -> Breakdown {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settled_rows_ahead_of_fresh_ones_count_once() {
     let dir = tempfile::tempdir().unwrap();
-    let store = tally_embedded::open(
-        dir.path(),
-        tally_embedded::Options {
-            partitions: 1,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let store = one_partition(&dir);
     let votes: Vec<Vote> = (1..=500).map(vote).collect();
     let mut settled = Rollups::default();
     for (i, v) in votes.iter().enumerate() {
@@ -182,14 +187,7 @@ async fn rollups_in_memory_stay_within_their_limits() {
     const VOTES: u64 = 3_000;
     let (batch_max, rollup_votes, settle_votes) = (50, 100, 300);
     let dir = tempfile::tempdir().unwrap();
-    let store = tally_embedded::open(
-        dir.path(),
-        tally_embedded::Options {
-            partitions: 1,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let store = one_partition(&dir);
     let backlog: Vec<(Vote, String)> = (1..=VOTES)
         .map(|i| {
             let v = vote(i);
