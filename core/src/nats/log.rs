@@ -296,6 +296,18 @@ impl VoteLog for JetStreamLog {
     }
 }
 
+/// Whether a delivery `(number, entry)` may follow the last one taken: the next delivery
+/// number, and an entry after the last one (entries of a filtered consumer may skip).
+fn in_order((last_delivery, last_seq): (u64, u64), (delivery, seq): (u64, u64)) -> Result<()> {
+    if delivery != last_delivery + 1 || seq <= last_seq {
+        return Err(Error::Bus(format!(
+            "delivery {delivery} (entry {seq}) after delivery {last_delivery} (entry \
+             {last_seq}): a delivery was lost or repeated; reopening at the watermark"
+        )));
+    }
+    Ok(())
+}
+
 /// What the stream answered to one publish.
 #[derive(Debug, PartialEq)]
 enum Ack {
@@ -369,13 +381,7 @@ impl JetStreamReader {
     fn accept(&mut self, message: jetstream::Message, batch: &mut Vec<LogEntry>) -> Result<()> {
         let info = message.info().map_err(Error::bus)?;
         let (seq, delivery) = (info.stream_sequence, info.consumer_sequence);
-        if delivery != self.last_delivery + 1 || seq <= self.last_seq {
-            return Err(Error::Bus(format!(
-                "delivery {delivery} (entry {seq}) after delivery {} (entry {}): a delivery \
-                 was lost or repeated; reopening at the watermark",
-                self.last_delivery, self.last_seq
-            )));
-        }
+        in_order((self.last_delivery, self.last_seq), (delivery, seq))?;
         self.last_delivery = delivery;
         self.last_seq = seq;
         batch.push(LogEntry {
@@ -446,6 +452,22 @@ impl LogReader for JetStreamReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deliveries_must_come_one_after_another() {
+        // The first delivery of a consumer opened after entry 10.
+        assert!(in_order((0, 10), (1, 11)).is_ok());
+        // Entries of other partitions are filtered out: entry numbers may skip.
+        assert!(in_order((1, 11), (2, 15)).is_ok());
+        // A delivery lost (say, in flight when the connection dropped).
+        let lost = in_order((2, 15), (4, 17)).unwrap_err();
+        assert!(lost.to_string().contains("lost or repeated"), "{lost}");
+        // A redelivery: the number moves on, the entry does not.
+        assert!(in_order((2, 15), (3, 15)).is_err());
+        assert!(in_order((2, 15), (3, 12)).is_err());
+        // The same delivery twice.
+        assert!(in_order((2, 15), (2, 15)).is_err());
+    }
 
     #[test]
     fn reads_publish_acks() {
