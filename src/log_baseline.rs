@@ -91,7 +91,8 @@ pub async fn run(votes: u64, in_flight: usize, dir: &std::path::Path) -> anyhow:
 }
 
 /// Votes per group of the distributed baselines (per `append_many` call through the log):
-/// as ingest appends the votes of an NDJSON batch of 1,000.
+/// as ingest appends the votes of an NDJSON batch of 1,000 (within
+/// [`tally_core::nats::ACKS_PER_SUBSCRIPTION`]).
 const PUBLISH_GROUP: u64 = 1_000;
 
 /// The same votes appended through [`tally_core::nats::JetStreamLog`], as ingest appends
@@ -114,41 +115,22 @@ async fn publish_through_log(
 }
 
 /// Publishes the sample votes `range` to the baseline's stream and waits for every ack, the
-/// lightest way a client can: one reply subscription for the group (`<inbox>.<index>`), so
-/// no per-message response channel or timer — as the vote log publishes a batch.
+/// lightest way a client can and the way the vote log publishes a batch
+/// ([`tally_core::nats::publish_together`]).
 async fn publish_group(
     client: &async_nats::Client,
     range: std::ops::Range<u64>,
 ) -> anyhow::Result<()> {
-    #[derive(serde::Deserialize)]
-    struct Ack {
-        seq: Option<u64>,
-        error: Option<serde_json::Value>,
-    }
-    let inbox = client.new_inbox();
-    let mut acks = client.subscribe(format!("{inbox}.*")).await?;
-    let count = range.end - range.start;
-    for i in range {
-        let vote = sample_vote(i);
-        let subject = format!("bench.{}.{}", vote.poll_id, vote.voter_key);
-        client
-            .publish_with_reply(
-                subject,
-                format!("{inbox}.{i}"),
-                tally_core::wire::encode(&vote).into(),
-            )
-            .await?;
-    }
-    for _ in 0..count {
-        let ack = tokio::time::timeout(std::time::Duration::from_secs(10), acks.next())
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("the ack subscription ended"))?;
-        match serde_json::from_slice::<Ack>(&ack.payload)? {
-            Ack {
-                seq: Some(_),
-                error: None,
-            } => {}
-            Ack { error, .. } => anyhow::bail!("publish refused: {error:?}"),
+    let messages = range
+        .map(|i| {
+            let vote = sample_vote(i);
+            let subject = format!("bench.{}.{}", vote.poll_id, vote.voter_key);
+            (subject, tally_core::wire::encode(&vote).into())
+        })
+        .collect();
+    for ack in tally_core::nats::publish_together(client, messages).await {
+        if let tally_core::nats::Ack::SubjectTaken = ack? {
+            anyhow::bail!("the baseline's stream, which has no per-subject limit, refused one");
         }
     }
     Ok(())

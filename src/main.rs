@@ -138,7 +138,7 @@ enum Command {
         votes: u64,
         #[arg(long, default_value_t = 1024)]
         in_flight: usize,
-        /// Append through the vote log, with its uniqueness and deduplication.
+        /// Append through the vote log, with its one message per voter.
         #[arg(long)]
         through_log: bool,
     },

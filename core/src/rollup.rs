@@ -75,15 +75,20 @@ struct Counts {
 }
 
 impl Counts {
+    /// `n` more votes for `answer`, allocating the key only the first time it is seen.
+    fn count(&mut self, answer: &str, n: u64) {
+        match self.answers.get_mut(answer) {
+            Some(total) => *total += n,
+            None => {
+                self.answers.insert(answer.to_owned(), n);
+            }
+        }
+    }
+
     fn add(&mut self, other: &Counts) {
         self.ballots += other.ballots;
         for (answer, n) in &other.answers {
-            match self.answers.get_mut(answer) {
-                Some(total) => *total += n,
-                None => {
-                    self.answers.insert(answer.clone(), *n);
-                }
-            }
+            self.count(answer, *n);
         }
     }
 }
@@ -127,12 +132,7 @@ impl Rollups {
         let counts = self.counts(&vote.poll_id, bucket, &vote.segment);
         counts.ballots += 1;
         for answer in &vote.choice {
-            match counts.answers.get_mut(answer) {
-                Some(n) => *n += 1,
-                None => {
-                    counts.answers.insert(answer.clone(), 1);
-                }
-            }
+            counts.count(answer, 1);
         }
         self.votes += 1;
         self.last_seq = self.last_seq.max(covered);

@@ -27,7 +27,7 @@ const ERR_PER_SUBJECT_LIMIT: u64 = 10077;
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Publishes of one [`VoteLog::append_many`] that share one reply subscription; far below
 /// the client's per-subscription buffer, so no ack is dropped as a slow consumer's.
-const ACKS_PER_SUBSCRIPTION: usize = 4096;
+pub const ACKS_PER_SUBSCRIPTION: usize = 4096;
 
 #[derive(Clone)]
 pub struct JetStreamLog {
@@ -89,69 +89,26 @@ impl JetStreamLog {
         Ok(())
     }
 
-    /// Publishes `votes` with one reply subscription for all their acks: reply subjects
-    /// `<inbox>.<index>`, one deadline for the lot. The client's request path would create
-    /// a response channel, two timers and a boxed future per vote; here the acks arrive on
-    /// one stream and are read in place.
-    async fn publish_together(&self, votes: &[(Vote, String)]) -> Vec<Result<Appended>> {
-        use std::fmt::Write;
-        let mut answers: Vec<Option<Result<Appended>>> = votes.iter().map(|_| None).collect();
-        let inbox = self.client.new_inbox();
-        let mut acks = match self.client.subscribe(format!("{inbox}.*")).await {
-            Ok(acks) => acks,
-            Err(err) => {
-                return votes
-                    .iter()
-                    .map(|_| Err(Error::Bus(format!("subscribe to acks: {err}"))))
-                    .collect()
-            }
-        };
-        let mut waiting = 0;
-        for (i, (vote, unique_key)) in votes.iter().enumerate() {
-            let mut reply = String::with_capacity(inbox.len() + 6);
-            reply.push_str(&inbox);
-            let _ = write!(reply, ".{i}");
-            let sent = self
-                .client
-                .publish_with_reply(
-                    self.subject(vote, unique_key),
-                    reply,
-                    wire::encode(vote).into(),
-                )
-                .await;
-            match sent {
-                Ok(()) => waiting += 1,
-                Err(err) => answers[i] = Some(Err(Error::Bus(format!("publish: {err}")))),
-            }
-        }
-        let deadline = tokio::time::sleep(ACK_TIMEOUT);
-        tokio::pin!(deadline);
+    /// Publishes `votes` together ([`publish_together`]); a vote the per-subject limit
+    /// refused is resolved against the stored one.
+    async fn publish_votes(&self, votes: &[(Vote, String)]) -> Vec<Result<Appended>> {
+        let messages = votes
+            .iter()
+            .map(|(vote, unique_key)| (self.subject(vote, unique_key), wire::encode(vote).into()))
+            .collect();
         let mut taken = Vec::new();
-        while waiting > 0 {
-            let ack = tokio::select! {
-                biased;
-                ack = acks.next() => match ack {
-                    Some(ack) => ack,
-                    None => break,
-                },
-                () = &mut deadline => break,
-            };
-            let index = ack.subject.rsplit('.').next().and_then(|i| i.parse().ok());
-            let Some(i) = index.filter(|&i: &usize| answers.get(i).is_some_and(Option::is_none))
-            else {
-                continue;
-            };
-            waiting -= 1;
-            answers[i] = Some(match read_ack(ack.status, &ack.payload) {
+        let mut answers: Vec<Result<Appended>> = publish_together(&self.client, messages)
+            .await
+            .into_iter()
+            .enumerate()
+            .map(|(i, ack)| match ack? {
                 Ack::Stored(appended) => Ok(appended),
                 Ack::SubjectTaken => {
                     taken.push(i);
                     Ok(Appended::AlreadyVoted)
                 }
-                Ack::Failed(why) => Err(Error::Bus(format!("publish not acknowledged: {why}"))),
-            });
-        }
-        drop(acks);
+            })
+            .collect();
         let resolved: Vec<(usize, Result<Appended>)> = futures::stream::iter(taken)
             .map(|i| {
                 let (vote, unique_key) = &votes[i];
@@ -164,18 +121,9 @@ impl JetStreamLog {
             .collect()
             .await;
         for (i, answer) in resolved {
-            answers[i] = Some(answer);
+            answers[i] = answer;
         }
         answers
-            .into_iter()
-            .map(|answer| {
-                answer.unwrap_or_else(|| {
-                    Err(Error::Bus(format!(
-                        "publish not acknowledged within {ACK_TIMEOUT:?}"
-                    )))
-                })
-            })
-            .collect()
     }
 
     /// After a per-subject refusal: the same vote (a late retry) or another voter's vote?
@@ -241,7 +189,7 @@ impl VoteLog for JetStreamLog {
         }
         let parts = votes
             .chunks(ACKS_PER_SUBSCRIPTION)
-            .map(|part| self.publish_together(part));
+            .map(|part| self.publish_votes(part));
         futures::future::join_all(parts)
             .await
             .into_iter()
@@ -308,18 +256,79 @@ fn in_order((last_delivery, last_seq): (u64, u64), (delivery, seq): (u64, u64)) 
     Ok(())
 }
 
-/// What the stream answered to one publish.
+/// Publishes each `(subject, payload)` to JetStream with one reply subscription for all
+/// their acks: reply subjects `<inbox>.<index>`, one deadline ([`ACK_TIMEOUT`]) for the lot.
+/// The client's request path would create a response channel, two timers and a boxed
+/// future per message; here the acks arrive on one stream and are read in place. Returns
+/// what the stream answered to each message, in order. Keep a call within
+/// [`ACKS_PER_SUBSCRIPTION`] messages, below the client's buffer for one subscription.
+pub async fn publish_together(
+    client: &async_nats::Client,
+    messages: Vec<(String, bytes::Bytes)>,
+) -> Vec<Result<Ack>> {
+    use std::fmt::Write;
+    let mut answers: Vec<Option<Result<Ack>>> = messages.iter().map(|_| None).collect();
+    let inbox = client.new_inbox();
+    let mut acks = match client.subscribe(format!("{inbox}.*")).await {
+        Ok(acks) => acks,
+        Err(err) => {
+            return messages
+                .iter()
+                .map(|_| Err(Error::Bus(format!("subscribe to acks: {err}"))))
+                .collect()
+        }
+    };
+    let mut waiting = 0;
+    for (i, (subject, payload)) in messages.into_iter().enumerate() {
+        let mut reply = String::with_capacity(inbox.len() + 6);
+        reply.push_str(&inbox);
+        let _ = write!(reply, ".{i}");
+        match client.publish_with_reply(subject, reply, payload).await {
+            Ok(()) => waiting += 1,
+            Err(err) => answers[i] = Some(Err(Error::Bus(format!("publish: {err}")))),
+        }
+    }
+    let deadline = tokio::time::sleep(ACK_TIMEOUT);
+    tokio::pin!(deadline);
+    while waiting > 0 {
+        let ack = tokio::select! {
+            biased;
+            ack = acks.next() => match ack {
+                Some(ack) => ack,
+                None => break,
+            },
+            () = &mut deadline => break,
+        };
+        let index = ack.subject.rsplit('.').next().and_then(|i| i.parse().ok());
+        let Some(i) = index.filter(|&i: &usize| answers.get(i).is_some_and(Option::is_none)) else {
+            continue;
+        };
+        waiting -= 1;
+        answers[i] = Some(read_ack(ack.status, &ack.payload));
+    }
+    answers
+        .into_iter()
+        .map(|answer| {
+            answer.unwrap_or_else(|| {
+                Err(Error::Bus(format!(
+                    "publish not acknowledged within {ACK_TIMEOUT:?}"
+                )))
+            })
+        })
+        .collect()
+}
+
+/// What the stream answered to a publish it took or refused on purpose.
 #[derive(Debug, PartialEq)]
-enum Ack {
+pub enum Ack {
     Stored(Appended),
-    /// The per-subject limit refused it: the uniqueness key already holds a vote.
+    /// The per-subject limit refused it: the subject already holds a message.
     SubjectTaken,
-    Failed(String),
 }
 
 /// Reads a JetStream publish ack: `{"stream":…,"seq":N[,"duplicate":true]}` or
 /// `{"error":{"code":…,"err_code":…,"description":…}}`.
-fn read_ack(status: Option<async_nats::StatusCode>, payload: &[u8]) -> Ack {
+fn read_ack(status: Option<async_nats::StatusCode>, payload: &[u8]) -> Result<Ack> {
     #[derive(serde::Deserialize)]
     struct Reply<'a> {
         seq: Option<u64>,
@@ -335,23 +344,24 @@ fn read_ack(status: Option<async_nats::StatusCode>, payload: &[u8]) -> Ack {
         #[serde(borrow, default)]
         description: std::borrow::Cow<'a, str>,
     }
+    let failed = |why: String| Err(Error::Bus(format!("publish not acknowledged: {why}")));
     if status == Some(async_nats::StatusCode::NO_RESPONDERS) {
-        return Ack::Failed(format!("no stream takes `{VOTES_STREAM}` subjects"));
+        return failed(format!("no stream takes `{VOTES_STREAM}` subjects"));
     }
     match serde_json::from_slice::<Reply>(payload) {
         Ok(Reply {
             error: Some(error), ..
-        }) if error.err_code == ERR_PER_SUBJECT_LIMIT => Ack::SubjectTaken,
+        }) if error.err_code == ERR_PER_SUBJECT_LIMIT => Ok(Ack::SubjectTaken),
         Ok(Reply {
             error: Some(error), ..
-        }) => Ack::Failed(format!("{} ({})", error.description, error.err_code)),
+        }) => failed(format!("{} ({})", error.description, error.err_code)),
         Ok(Reply {
             seq: Some(seq),
             duplicate,
             ..
-        }) => Ack::Stored(Appended::Accepted { seq, duplicate }),
-        Ok(_) => Ack::Failed("an ack without a sequence".into()),
-        Err(err) => Ack::Failed(format!("unreadable ack: {err}")),
+        }) => Ok(Ack::Stored(Appended::Accepted { seq, duplicate })),
+        Ok(_) => failed("an ack without a sequence".into()),
+        Err(err) => failed(format!("unreadable ack: {err}")),
     }
 }
 
@@ -472,7 +482,7 @@ mod tests {
     #[test]
     fn reads_publish_acks() {
         assert_eq!(
-            read_ack(None, br#"{"stream":"VOTES","seq":42}"#),
+            read_ack(None, br#"{"stream":"VOTES","seq":42}"#).unwrap(),
             Ack::Stored(Appended::Accepted {
                 seq: 42,
                 duplicate: false
@@ -482,7 +492,8 @@ mod tests {
             read_ack(
                 None,
                 br#"{"stream":"VOTES","domain":"hub","seq":7,"duplicate":true}"#
-            ),
+            )
+            .unwrap(),
             Ack::Stored(Appended::Accepted {
                 seq: 7,
                 duplicate: true
@@ -492,21 +503,23 @@ mod tests {
             read_ack(
                 None,
                 br#"{"error":{"code":503,"err_code":10077,"description":"maximum messages per subject exceeded"},"stream":"VOTES","seq":0}"#
-            ),
+            )
+            .unwrap(),
             Ack::SubjectTaken
         );
-        assert_eq!(
-            read_ack(
-                None,
-                br#"{"error":{"code":503,"err_code":10039,"description":"insufficient resources"}}"#
-            ),
-            Ack::Failed("insufficient resources (10039)".into())
+        let refused = read_ack(
+            None,
+            br#"{"error":{"code":503,"err_code":10039,"description":"insufficient resources"}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .ends_with("publish not acknowledged: insufficient resources (10039)"),
+            "{refused}"
         );
-        assert!(matches!(
-            read_ack(Some(async_nats::StatusCode::NO_RESPONDERS), b""),
-            Ack::Failed(_)
-        ));
-        assert!(matches!(read_ack(None, b"{}"), Ack::Failed(_)));
-        assert!(matches!(read_ack(None, b"not json"), Ack::Failed(_)));
+        assert!(read_ack(Some(async_nats::StatusCode::NO_RESPONDERS), b"").is_err());
+        assert!(read_ack(None, b"{}").is_err());
+        assert!(read_ack(None, b"not json").is_err());
     }
 }

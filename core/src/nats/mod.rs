@@ -8,7 +8,7 @@ mod registry;
 use std::time::Duration;
 
 pub use live::NatsLiveFeed;
-pub use log::JetStreamLog;
+pub use log::{publish_together, Ack, JetStreamLog, ACKS_PER_SUBSCRIPTION};
 pub use registry::KvRegistry;
 
 pub use async_nats::Client;
