@@ -328,12 +328,15 @@ impl Partition {
             }
             let warehouse = self.deps.warehouse.clone();
             let partition = self.partition;
-            if self
-                .retry("insert votes", || {
-                    warehouse.insert_votes(partition, new_votes)
-                })
+            let covered = new_votes.last().map_or(0, |v| v.seq);
+            if !self
+                .insert(
+                    "insert votes",
+                    covered,
+                    |m| m.votes,
+                    || warehouse.insert_votes(partition, new_votes),
+                )
                 .await
-                .is_none()
             {
                 return false;
             }
@@ -371,12 +374,14 @@ impl Partition {
             };
             let warehouse = self.deps.warehouse.clone();
             let partition = self.partition;
-            if self
-                .retry("insert windows", || {
-                    warehouse.insert_windows(partition, &rows)
-                })
+            if !self
+                .insert(
+                    "insert windows",
+                    last_seq,
+                    |m| m.windows,
+                    || warehouse.insert_windows(partition, &rows),
+                )
                 .await
-                .is_none()
             {
                 return false;
             }
@@ -450,12 +455,15 @@ impl Partition {
         let votes = pending.votes();
         let warehouse = self.deps.warehouse.clone();
         let partition = self.partition;
-        if self
-            .retry("insert rollups", || {
+        let mark = match level {
+            RollupLevel::Fresh => |m: &Watermarks| m.rollups,
+            RollupLevel::Settled => |m: &Watermarks| m.settled,
+        };
+        if !self
+            .insert("insert rollups", covered, mark, || {
                 warehouse.insert_rollups(partition, level, &rows)
             })
             .await
-            .is_none()
         {
             return false;
         }
@@ -548,6 +556,46 @@ impl Partition {
     }
 
     /// Retries a warehouse call with backoff until it succeeds; None when stopping.
+    /// Writes rows that cover the log up to `covered` into the table whose watermark `mark`
+    /// reads, retrying until written; false only when stopping. An insert whose answer was
+    /// lost (the warehouse went down while answering) may have landed all the same — one
+    /// INSERT is atomic — so before each retry the watermarks are read again, and a table
+    /// that already holds `covered` is not written twice.
+    async fn insert<F, Fut>(
+        &mut self,
+        what: &str,
+        covered: u64,
+        mark: fn(&Watermarks) -> u64,
+        mut call: F,
+    ) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = tally_core::Result<()>>,
+    {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let Err(err) = call().await else {
+                return true;
+            };
+            tracing::warn!(partition = self.partition, error = %err, "{what} failed, retrying");
+            if !self.pause(backoff.next_delay()).await {
+                return false;
+            }
+            match self.deps.warehouse.watermarks(self.partition).await {
+                Ok(marks) if mark(&marks) >= covered => {
+                    tracing::info!(
+                        partition = self.partition,
+                        covered,
+                        "{what}: the failed insert had landed"
+                    );
+                    return true;
+                }
+                // Not there, or the warehouse cannot tell yet: write it again.
+                _ => {}
+            }
+        }
+    }
+
     async fn retry<T, F, Fut>(&mut self, what: &str, mut call: F) -> Option<T>
     where
         F: FnMut() -> Fut,

@@ -131,10 +131,37 @@ async fn settled_rows_ahead_of_fresh_ones_count_once() {
     assert_eq!(answers, 500);
 }
 
-/// The embedded warehouse, noting how many votes each rollup write covers.
+/// The embedded warehouse, noting how many votes each rollup write covers; with
+/// `lose_answers`, the first insert into each table lands but answers an error, as when
+/// the warehouse goes down while answering.
 struct Recording {
     inner: Arc<dyn Warehouse>,
     writes: Mutex<Vec<(RollupLevel, u64)>>,
+    lose_answers: Mutex<Vec<&'static str>>,
+}
+
+impl Recording {
+    fn new(inner: Arc<dyn Warehouse>, lose_answers: &[&'static str]) -> Arc<Recording> {
+        Arc::new(Recording {
+            inner,
+            writes: Mutex::new(Vec::new()),
+            lose_answers: Mutex::new(lose_answers.to_vec()),
+        })
+    }
+
+    /// The answer to an insert into `table` that landed.
+    fn answer(&self, table: &str) -> tally_core::Result<()> {
+        let mut lose = self.lose_answers.lock().unwrap();
+        match lose.iter().position(|t| *t == table) {
+            Some(i) => {
+                lose.remove(i);
+                Err(tally_core::Error::Warehouse(format!(
+                    "the answer to the insert into {table} was lost"
+                )))
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -146,10 +173,12 @@ impl Warehouse for Recording {
         self.inner.watermarks(partition).await
     }
     async fn insert_votes(&self, partition: u16, votes: &[StoredVote]) -> tally_core::Result<()> {
-        self.inner.insert_votes(partition, votes).await
+        self.inner.insert_votes(partition, votes).await?;
+        self.answer("votes")
     }
     async fn insert_windows(&self, partition: u16, rows: &[WindowRow]) -> tally_core::Result<()> {
-        self.inner.insert_windows(partition, rows).await
+        self.inner.insert_windows(partition, rows).await?;
+        self.answer("vote_windows")
     }
     async fn insert_rollups(
         &self,
@@ -160,7 +189,7 @@ impl Warehouse for Recording {
         self.inner.insert_rollups(partition, level, rows).await?;
         let votes = rows.iter().map(|row| row.ballots).sum();
         self.writes.lock().unwrap().push((level, votes));
-        Ok(())
+        self.answer(level.table())
     }
     async fn tally(&self, poll_id: &str) -> tally_core::Result<Tally> {
         self.inner.tally(poll_id).await
@@ -201,10 +230,7 @@ async fn rollups_in_memory_stay_within_their_limits() {
             "{answer:?}"
         );
     }
-    let recording = Arc::new(Recording {
-        inner: store.warehouse.clone(),
-        writes: Mutex::new(Vec::new()),
-    });
+    let recording = Recording::new(store.warehouse.clone(), &[]);
     let processor = tally_processor::start(
         tally_processor::Deps {
             log: store.log.clone(),
@@ -252,4 +278,70 @@ async fn rollups_in_memory_stay_within_their_limits() {
             && settled.iter().all(|&votes| votes <= settled_most),
         "settled writes must come every {settle_votes} votes or so: {settled:?}"
     );
+}
+
+/// Every insert lands but its answer is lost once per table: the processor must not write
+/// the same rows again, or results, windows and breakdowns would count those votes twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_whose_answer_was_lost_is_not_written_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = one_partition(&dir);
+    let votes: Vec<(Vote, String)> = (1..=500)
+        .map(|i| {
+            let v = vote(i);
+            let key = v.unique_key(Dedupe::PerVoter);
+            (v, key)
+        })
+        .collect();
+    for answer in store.log.append_many(&votes).await {
+        assert!(
+            matches!(answer, Ok(Appended::Accepted { .. })),
+            "{answer:?}"
+        );
+    }
+    let tables = [
+        "votes",
+        "vote_windows",
+        RollupLevel::Fresh.table(),
+        RollupLevel::Settled.table(),
+    ];
+    let recording = Recording::new(store.warehouse.clone(), &tables);
+    let processor = tally_processor::start(
+        tally_processor::Deps {
+            log: store.log.clone(),
+            registry: store.registry.clone(),
+            warehouse: recording.clone(),
+            live: store.live.clone(),
+        },
+        tally_processor::Config {
+            batch_max: 100,
+            rollup_votes: 100,
+            settle_votes: 200,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let breakdown = breakdown_at(recording.as_ref(), store.log.tip(0)).await;
+    processor.stop().await;
+    assert!(
+        recording.lose_answers.lock().unwrap().is_empty(),
+        "every table lost an answer once"
+    );
+    let tally = recording.tally("aligned").await.unwrap();
+    assert_eq!(tally.ballots, 500, "results count each vote once");
+    let ballots: Vec<u64> = breakdown.groups.iter().map(|g| g.ballots).collect();
+    assert_eq!(ballots, [250, 250], "breakdowns count each vote once");
+    let windowed: u64 = recording
+        .timeseries(&TimeseriesQuery {
+            poll_id: "aligned".into(),
+            step_seconds: 60,
+            from_ms: None,
+            to_ms: None,
+        })
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|point| point.counts.values())
+        .sum();
+    assert_eq!(windowed, 500, "windows count each vote once");
 }
