@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use rand::Rng;
 use serde_json::json;
-use tally_core::backend::PollRegistry;
 use tally_core::poll::NewPoll;
+use tally_core::ports::PollRegistry;
 use tally_core::vote::VoteRequest;
 use tally_core::Error;
+use tally_service::Tasks;
 
 pub const POLL_ID: &str = "demo-next-feature";
 
@@ -32,6 +33,7 @@ fn weighted<'a, R: Rng>(rng: &mut R, items: &[(&'a str, u32)]) -> &'a str {
 pub async fn start(
     ingest: Arc<tally_ingest::Ingest>,
     registry: Arc<dyn PollRegistry>,
+    tasks: &Tasks,
 ) -> anyhow::Result<&'static str> {
     let new: NewPoll = serde_json::from_value(json!({
         "id": POLL_ID,
@@ -49,7 +51,12 @@ pub async fn start(
         Ok(_) | Err(Error::AlreadyExists(_)) => {}
         Err(err) => return Err(err.into()),
     }
-    tokio::spawn(feed(ingest));
+    tasks.spawn("demo-feed", move |cancel| async move {
+        tokio::select! {
+            () = feed(ingest) => {}
+            () = cancel.cancelled() => {}
+        }
+    });
     Ok(POLL_ID)
 }
 

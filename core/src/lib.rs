@@ -1,25 +1,24 @@
-//! tally's core: the domain model (polls, votes, segments), the versioned wire format of
-//! a vote on the bus, the exact tally of a poll, the problem+json error shape shared by the
-//! HTTP services, and the back-end traits every service talks through.
+//! tally's domain: polls, votes and segments, the versioned wire format of a vote on the
+//! bus, the exact tally of a poll and its rollups, the problem a bad request gets, and the
+//! ports — the back-end traits every service talks through.
 //!
-//! In: configuration and raw requests. Out: validated [`vote::Vote`] events, [`results::Results`]
-//! documents and the back ends (`VoteLog`, `PollRegistry`, `Warehouse`, `LiveFeed`) with
-//! their NATS JetStream and ClickHouse implementations. Each trait has one conformance suite
-//! in [`conformance`] that every implementation must pass; the guarantees a back end makes
-//! (durable appends, one entry per uniqueness key, atomic position-stamped inserts) are
-//! stated on the trait, not in its callers.
+//! In: poll definitions and raw vote requests. Out: validated [`vote::Vote`] events,
+//! [`results::Results`] documents, [`problem::Problem`]s naming what to fix, and the traits
+//! in [`ports`] (`VoteLog`, `PollRegistry`, `Warehouse`, `LiveFeed`). The guarantees a back
+//! end makes (durable appends, one entry per uniqueness key, atomic position-stamped
+//! inserts) are stated on the trait, not in its callers; the implementations live in their
+//! own crates and pass the suites of `tally-conformance`. This crate knows no HTTP
+//! framework, broker client, database or query engine.
 
+pub mod analytics;
+pub mod api;
 pub mod auth;
-pub mod backend;
-pub mod clickhouse;
-pub mod conformance;
 pub mod error;
-pub mod health;
-pub mod nats;
 pub mod poll;
-pub mod polls;
+pub mod ports;
 pub mod problem;
 pub mod results;
+pub mod retry;
 pub mod rollup;
 pub mod segment;
 pub mod time;
@@ -27,4 +26,4 @@ pub mod token;
 pub mod vote;
 pub mod wire;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};

@@ -211,32 +211,36 @@ impl Poll {
             #[serde(flatten)]
             poll: Poll,
         }
-        let record: Record = serde_json::from_slice(bytes)
-            .map_err(|e| crate::Error::Corrupt(format!("poll record: {e}")))?;
+        let record: Record =
+            serde_json::from_slice(bytes).map_err(|e| crate::Error::corrupt("poll record", e))?;
         if record.v != RECORD_VERSION {
-            return Err(crate::Error::Corrupt(format!(
-                "poll record version {} is not supported",
-                record.v
-            )));
+            return Err(crate::Error::corrupt(
+                "poll record",
+                format!("record version {} is not supported", record.v),
+            ));
         }
         Ok(record.poll)
     }
 }
 
 /// `POST /v1/polls`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewPoll {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     pub title: String,
     pub question: String,
     pub kind: PollKind,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub options: Vec<PollOption>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_choices: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub scale: Option<Scale>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub campaign: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dimensions: Vec<String>,
     #[serde(default)]
     pub dedupe: Dedupe,
@@ -244,9 +248,17 @@ pub struct NewPoll {
     pub require_token: bool,
     #[serde(default)]
     pub results_visibility: ResultsVisibility,
-    #[serde(default, with = "crate::time::opt_rfc3339")]
+    #[serde(
+        default,
+        with = "crate::time::opt_rfc3339",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub opens_at: Option<i64>,
-    #[serde(default, with = "crate::time::opt_rfc3339")]
+    #[serde(
+        default,
+        with = "crate::time::opt_rfc3339",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub closes_at: Option<i64>,
 }
 

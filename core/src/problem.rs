@@ -1,14 +1,9 @@
 //! The one error shape of the HTTP API: RFC 9457 `application/problem+json`.
 //!
-//! Every service maps its errors to a [`Problem`] in one place; extractor rejections (bad
-//! JSON, wrong types, bodies too large, invalid UTF-8) go through [`ApiJson`] so they have
-//! the same shape as our own errors. `type` is a stable URI per kind of problem; `detail`
-//! says what to fix.
+//! A [`Problem`] is data: the domain returns it for every rule a request breaks, and the
+//! HTTP kit (`tally-service`) turns it into a response, so every error of every service has
+//! one shape. `type` is a stable URI per kind of problem; `detail` says what to fix.
 
-use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -100,28 +95,6 @@ impl Problem {
     pub fn forbidden(detail: impl Into<String>) -> Self {
         Problem::new(403, "forbidden", "Forbidden", detail)
     }
-
-    pub fn status_code(&self) -> StatusCode {
-        StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-    }
-}
-
-impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
-        let body = serde_json::to_vec(&self).unwrap_or_default();
-        let mut response = (self.status_code(), body).into_response();
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
-        if let Some(seconds) = self.retry_after {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-            if let Some(limit) = self.rate_limit {
-                headers.insert("ratelimit-limit", HeaderValue::from(limit));
-                headers.insert("ratelimit-remaining", HeaderValue::from(0u32));
-                headers.insert("ratelimit-reset", HeaderValue::from(seconds));
-            }
-        }
-        response
-    }
 }
 
 /// The body as text, or 400 `invalid-utf8` saying where it stops being UTF-8.
@@ -164,42 +137,8 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
     Ok(value)
 }
 
-/// A JSON body extractor whose rejections are problems. The body limit is axum's
-/// `DefaultBodyLimit`, which also counts chunked bodies as they stream.
-pub struct ApiJson<T>(pub T);
-
-impl<T, S> FromRequest<S> for ApiJson<T>
-where
-    T: DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = Problem;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let body = read_body(req, state).await?;
-        parse_json(&body).map(ApiJson)
-    }
-}
-
-/// Buffers a body within the configured limit, mapping the limit to 413.
-pub async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Problem> {
-    match Bytes::from_request(req, state).await {
-        Ok(bytes) => Ok(bytes),
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(Problem::new(
-            413,
-            "body-too-large",
-            "Body too large",
-            "the request body exceeds the size limit of this endpoint",
-        )),
-        Err(rejection) => Err(Problem::bad_request(
-            "unreadable-body",
-            rejection.body_text(),
-        )),
-    }
-}
-
-/// Fallback for unknown routes, so even a 404 has the problem shape.
-pub async fn no_route() -> Problem {
+/// The answer for unknown routes, so even a 404 has the problem shape.
+pub fn no_route() -> Problem {
     Problem::new(
         404,
         "no-route",
@@ -208,7 +147,7 @@ pub async fn no_route() -> Problem {
     )
 }
 
-/// Maps a 405 from the router to a problem.
+/// The answer for a method a route does not take.
 pub fn method_not_allowed() -> Problem {
     Problem::new(
         405,

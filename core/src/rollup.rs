@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use crate::backend::{too_many_groups, Breakdown, GroupCounts, MAX_GROUPS};
+use crate::analytics::{too_many_groups, Breakdown, GroupCounts, MAX_GROUPS};
 use crate::segment::Segment;
 use crate::vote::Vote;
 

@@ -14,17 +14,20 @@ use crate::segment::Segment;
 pub const MAX_VOTER_ID_CHARS: usize = 256;
 
 /// `POST /v1/polls/{id}/votes` (and one NDJSON line of a batch, with `poll_id`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VoteRequest {
     /// Only on batch lines; the path names the poll for single votes.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub voter_id: Option<String>,
     pub choice: serde_json::Value,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub segment: BTreeMap<String, serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vote_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
 }
 

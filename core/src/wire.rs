@@ -58,12 +58,15 @@ pub fn encode(vote: &Vote) -> Vec<u8> {
 
 pub fn decode(bytes: &[u8]) -> Result<Vote> {
     let envelope: Envelope =
-        serde_json::from_slice(bytes).map_err(|e| Error::Corrupt(format!("vote event: {e}")))?;
+        serde_json::from_slice(bytes).map_err(|e| Error::corrupt("vote event", e))?;
     if envelope.v != VERSION {
-        return Err(Error::Corrupt(format!(
-            "vote event version {} is not supported (this build reads {VERSION})",
-            envelope.v
-        )));
+        return Err(Error::corrupt(
+            "vote event",
+            format!(
+                "event version {} is not supported (this build reads {VERSION})",
+                envelope.v
+            ),
+        ));
     }
     Ok(Vote {
         vote_id: envelope.vote_id,

@@ -22,13 +22,14 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use serde::Serialize;
-use tally_core::backend::{Appended, PollRegistry, VoteLog};
+use tally_core::api::{Accepted, BatchResult, LineProblem, LineResult, VoteStatus};
 use tally_core::poll::{Poll, PollStatus, ResultsVisibility};
-use tally_core::polls::PollCache;
-use tally_core::problem::{self, parse_json, ApiJson, Problem};
+use tally_core::ports::{Appended, PollRegistry, VoteLog};
+use tally_core::problem::{self, parse_json, Problem};
 use tally_core::vote::{build_vote, VoteRequest, VoterHasher};
-use tally_core::{health, time, token};
+use tally_core::{time, token};
+use tally_service::http::{health, read_body, ApiError, ApiJson};
+use tally_service::{PollCache, Tasks};
 use tokio::net::TcpListener;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -79,20 +80,13 @@ pub struct Ingest {
     config: Config,
 }
 
-#[derive(Debug, Serialize)]
-pub struct Accepted {
-    pub vote_id: String,
-    pub status: &'static str,
-    /// On `after_vote` polls: shows the voter the results (`?results_token=`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub results_token: Option<String>,
-}
-
 /// How long a results token shows an `after_vote` poll's results.
 const RESULTS_TOKEN_TTL_SECONDS: i64 = 30 * 86_400;
 
 impl Ingest {
-    pub fn new(deps: Deps, config: Config) -> Result<Arc<Ingest>> {
+    /// Builds the intake; its background work (the poll cache's registry watch, the
+    /// limiter sweeper) runs as tasks of `tasks`.
+    pub fn new(deps: Deps, config: Config, tasks: &Tasks) -> Result<Arc<Ingest>> {
         if config.secret.len() < 16 {
             return Err(Error::Config(
                 "the server secret (TALLY_SECRET) must be at least 16 bytes".into(),
@@ -100,19 +94,20 @@ impl Ingest {
         }
         let limits = Arc::new(limits::Limits::new(&config.limits));
         // Forget limiter keys whose quota has replenished, so memory stays bounded.
-        let weak = Arc::downgrade(&limits);
-        tokio::spawn(async move {
+        let sweeper = limits.clone();
+        tasks.spawn("limiter-sweeper", move |cancel| async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
             loop {
-                tick.tick().await;
-                let Some(limits) = weak.upgrade() else { return };
-                limits.retain_recent();
+                tokio::select! {
+                    _ = tick.tick() => sweeper.retain_recent(),
+                    () = cancel.cancelled() => return,
+                }
             }
         });
         Ok(Arc::new(Ingest {
             log: deps.log,
             limits,
-            polls: PollCache::start(deps.registry),
+            polls: PollCache::start(deps.registry, tasks),
             hasher: VoterHasher::new(&config.secret),
             config,
         }))
@@ -123,7 +118,7 @@ impl Ingest {
             Ok(Some(poll)) => Ok(poll),
             Ok(None) => Err(Problem::not_found(&format!("poll `{poll_id}`"))),
             Err(err) => {
-                tracing::warn!(poll_id, error = %err, "poll registry unreachable");
+                tracing::warn!(poll_id, error = %err.chain(), "poll registry unreachable");
                 Err(err.into())
             }
         }
@@ -136,7 +131,7 @@ impl Ingest {
         let (vote, unique_key) = self.prepare(&poll, &request, now)?;
         let appended = self.log.append(&vote, &unique_key).await;
         if let Err(err) = &appended {
-            tracing::warn!(poll_id, error = %err, "vote not accepted: log unavailable");
+            tracing::warn!(poll_id, error = %err.chain(), "vote not accepted: log unavailable");
         }
         self.answer(&poll, vote.vote_id, appended, now)
     }
@@ -184,7 +179,7 @@ impl Ingest {
         let appended = self.log.append_many(&ready).await;
         let unavailable = appended.iter().filter(|a| a.is_err()).count();
         if let Some(Err(err)) = appended.iter().find(|a| a.is_err()) {
-            tracing::warn!(votes = unavailable, error = %err, "votes of a batch not accepted: log unavailable");
+            tracing::warn!(votes = unavailable, error = %err.chain(), "votes of a batch not accepted: log unavailable");
         }
         for (((slot, poll), (vote, _)), appended) in
             ready_polls.into_iter().zip(ready).zip(appended)
@@ -260,7 +255,7 @@ impl Ingest {
         match appended {
             Ok(Appended::Accepted { .. }) => Ok(Accepted {
                 vote_id,
-                status: "accepted",
+                status: VoteStatus::Accepted,
                 results_token: (poll.results_visibility == ResultsVisibility::AfterVote).then(
                     || {
                         token::mint_results(
@@ -321,7 +316,7 @@ async fn limit_by_address(
     };
     let client = ingest.limits.client_ip(peer.ip(), request.headers());
     match ingest.limits.check_ip(client) {
-        Err(problem) => problem.into_response(),
+        Err(problem) => ApiError(problem).into_response(),
         Ok(allowance) => {
             let mut response = next.run(request).await;
             if let Some(allowance) = allowance {
@@ -404,10 +399,10 @@ async fn vote(
         Err(problem) => return problem.into_response(),
     };
     if vote.poll_id.as_ref().is_some_and(|id| id != &poll_id) {
-        return Problem::invalid(
+        return ApiError(Problem::invalid(
             "poll_id",
             "poll_id in the body differs from the poll in the path; leave it out",
-        )
+        ))
         .into_response();
     }
     // Without a voter_id a browser voter is its first-party cookie, set now if new. Only
@@ -424,7 +419,7 @@ async fn vote(
     }
     let mut response = match ingest.submit(&poll_id, vote).await {
         Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
-        Err(problem) => problem.into_response(),
+        Err(problem) => ApiError(problem).into_response(),
     };
     if let Some(id) = new_cookie {
         let cookie = format!(
@@ -436,33 +431,6 @@ async fn vote(
         }
     }
     response
-}
-
-#[derive(Serialize)]
-struct LineResult {
-    line: usize,
-    status: u16,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    vote_id: Option<String>,
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    problem: Option<ProblemFields>,
-}
-
-#[derive(Serialize)]
-struct ProblemFields {
-    #[serde(rename = "type")]
-    kind: String,
-    title: String,
-    detail: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<String>,
-}
-
-#[derive(Serialize)]
-struct BatchResult {
-    accepted: usize,
-    rejected: usize,
-    results: Vec<LineResult>,
 }
 
 /// One parsed line of a batch: its number (from 1) and its poll and vote, or what is wrong
@@ -512,13 +480,13 @@ pub fn parse_batch(body: &[u8], max_lines: usize) -> Result<Vec<BatchLine>, Prob
 /// independently, and the valid ones go to the log together; the answer lists each line's
 /// outcome in order.
 async fn batch(State(ingest): State<Arc<Ingest>>, request: Request) -> Response {
-    let body = match problem::read_body(request, &()).await {
+    let body = match read_body(request, &()).await {
         Ok(body) => body,
         Err(problem) => return problem.into_response(),
     };
     let lines = match parse_batch(&body, ingest.config.max_batch_lines) {
         Ok(lines) => lines,
-        Err(problem) => return problem.into_response(),
+        Err(problem) => return ApiError(problem).into_response(),
     };
     let (numbers, requests): (Vec<usize>, Vec<_>) = lines.into_iter().unzip();
     let answers = ingest.submit_many(requests).await;
@@ -536,7 +504,7 @@ async fn batch(State(ingest): State<Arc<Ingest>>, request: Request) -> Response 
                 line,
                 status: problem.status,
                 vote_id: None,
-                problem: Some(ProblemFields {
+                problem: Some(LineProblem {
                     kind: problem.kind,
                     title: problem.title,
                     detail: problem.detail,
@@ -559,6 +527,9 @@ async fn batch(State(ingest): State<Arc<Ingest>>, request: Request) -> Response 
         .into_response()
 }
 
+/// How long a stopping process waits for its background tasks.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves the ingest API on `listener` until `shutdown` resolves.
 pub async fn run(
     listener: TcpListener,
@@ -566,10 +537,12 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let ingest = Ingest::new(deps, config)?;
+    let tasks = Tasks::new();
+    let ingest = Ingest::new(deps, config, &tasks)?;
     let app = router(ingest).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
+    tasks.shutdown(SHUTDOWN_GRACE).await;
     Ok(())
 }

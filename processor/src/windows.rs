@@ -1,7 +1,9 @@
 //! Tumbling-window aggregation of a micro-batch with DataFusion.
 //!
 //! DataFusion runs on its own thread with its own single-threaded runtime, so planning and
-//! aggregation never stall the runtime that serves requests and drives the pipeline.
+//! aggregation never stall the runtime that serves requests and drives the pipeline. The
+//! thread belongs to the process's [`Tasks`]; it ends once every handle on the engine is
+//! gone (the partition workers have finished their last batch).
 
 use std::sync::Arc;
 
@@ -9,7 +11,8 @@ use arrow::array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema};
 use datafusion::prelude::{SessionConfig, SessionContext};
-use tally_core::backend::WindowRow;
+use tally_core::ports::WindowRow;
+use tally_service::Tasks;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{Error, Result};
@@ -34,16 +37,17 @@ pub struct WindowEngine {
 }
 
 impl WindowEngine {
-    pub fn start(window_seconds: u32) -> Result<Self> {
+    pub fn start(window_seconds: u32, tasks: &Tasks) -> Result<Self> {
         let window_seconds = window_seconds.max(1);
         let (jobs, mut queue) = mpsc::channel::<Job>(4);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| Error::Window(e.to_string()))?;
-        std::thread::Builder::new()
-            .name("tally-windows".into())
-            .spawn(move || {
+            .map_err(|e| Error::Window(e.into()))?;
+        // Not stopped by the token: it drains the jobs of workers finishing their last batch
+        // and ends when the last of them drops its handle.
+        tasks
+            .spawn_thread("windows", move |_cancel| {
                 let config = SessionConfig::new()
                     .with_target_partitions(1)
                     .with_batch_size(8192);
@@ -54,7 +58,7 @@ impl WindowEngine {
                     }
                 });
             })
-            .map_err(|e| Error::Window(e.to_string()))?;
+            .map_err(|e| Error::Window(e.into()))?;
         Ok(WindowEngine {
             jobs,
             window_seconds,
@@ -93,7 +97,7 @@ async fn aggregate(
     picks: Arc<Vec<Pick>>,
     window_seconds: u32,
 ) -> Result<Vec<(String, i64, String, u64)>> {
-    let df_err = |e: datafusion::error::DataFusionError| Error::Window(e.to_string());
+    let df_err = |e: datafusion::error::DataFusionError| Error::Window(e.into());
     let schema = Arc::new(Schema::new(vec![
         Field::new("poll_id", DataType::Utf8, false),
         Field::new("received_ms", DataType::Int64, false),
@@ -110,7 +114,7 @@ async fn aggregate(
             picks.iter().map(|p| p.option.as_str()),
         )),
     ];
-    let batch = RecordBatch::try_new(schema, columns).map_err(|e| Error::Window(e.to_string()))?;
+    let batch = RecordBatch::try_new(schema, columns).map_err(|e| Error::Window(e.into()))?;
     ctx.register_batch("picks", batch).map_err(df_err)?;
     let w = window_seconds as i64;
     let sql = format!(
@@ -124,7 +128,7 @@ async fn aggregate(
     let mut rows = Vec::new();
     for batch in batches {
         let column = |i: usize, to: &DataType| {
-            cast(batch.column(i), to).map_err(|e| Error::Window(e.to_string()))
+            cast(batch.column(i), to).map_err(|e| Error::Window(e.into()))
         };
         let polls = column(0, &DataType::Utf8)?;
         let starts = column(1, &DataType::Int64)?;
@@ -186,7 +190,8 @@ mod tests {
             let picks: Vec<Pick> = raw.iter().map(|(p, t, o)| Pick { poll_id: format!("p{p}"), received_ms: 1_700_000_000_000 + t, option: format!("o{o}") }).collect();
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             let rows = runtime.block_on(async {
-                let engine = WindowEngine::start(w).unwrap();
+                let tasks = Tasks::new();
+                let engine = WindowEngine::start(w, &tasks).unwrap();
                 engine.windows(Arc::new(picks.clone()), 42).await.unwrap()
             });
             let got: BTreeMap<_, _> = rows.iter().map(|r| ((r.poll_id.clone(), r.window_start, r.option.clone()), r.votes)).collect();

@@ -6,15 +6,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tally_core::backend::{
-    Appended, Breakdown, BreakdownQuery, Dimension, StoredVote, TimePoint, TimeseriesQuery,
-    VoteLog, Warehouse, Watermarks, WindowRow,
-};
+use tally_core::analytics::{Breakdown, BreakdownQuery, Dimension, TimePoint, TimeseriesQuery};
 use tally_core::poll::Dedupe;
+use tally_core::ports::{Appended, StoredVote, VoteLog, Warehouse, Watermarks, WindowRow};
 use tally_core::results::Tally;
 use tally_core::rollup::{RollupLevel, RollupRow, Rollups};
 use tally_core::segment::Segment;
 use tally_core::vote::Vote;
+use tally_service::Tasks;
 
 fn vote(i: u64) -> Vote {
     Vote {
@@ -96,7 +95,8 @@ async fn settled_rows_ahead_of_fresh_ones_count_once() {
         .unwrap();
 
     let warehouse: Arc<dyn Warehouse> = store.warehouse.clone();
-    let processor = tally_processor::start(
+    let processor = Tasks::new();
+    tally_processor::start(
         tally_processor::Deps {
             log: store.log.clone(),
             registry: store.registry.clone(),
@@ -108,11 +108,12 @@ async fn settled_rows_ahead_of_fresh_ones_count_once() {
             settle_interval: Duration::from_secs(600),
             ..Default::default()
         },
+        &processor,
     )
     .unwrap();
 
     let breakdown = breakdown_at(warehouse.as_ref(), store.log.tip(0)).await;
-    processor.stop().await;
+    processor.shutdown(Duration::from_secs(60)).await;
     let ballots: Vec<(String, u64)> = breakdown
         .groups
         .iter()
@@ -155,9 +156,10 @@ impl Recording {
         match lose.iter().position(|t| *t == table) {
             Some(i) => {
                 lose.remove(i);
-                Err(tally_core::Error::Warehouse(format!(
-                    "the answer to the insert into {table} was lost"
-                )))
+                Err(tally_core::Error::unavailable(
+                    "warehouse",
+                    format!("the answer to the insert into {table} was lost"),
+                ))
             }
             None => Ok(()),
         }
@@ -200,6 +202,9 @@ impl Warehouse for Recording {
     async fn breakdown(&self, query: &BreakdownQuery) -> tally_core::Result<Breakdown> {
         self.inner.breakdown(query).await
     }
+    async fn window_widths(&self, poll_id: &str) -> tally_core::Result<Vec<u32>> {
+        self.inner.window_widths(poll_id).await
+    }
     async fn timeseries(&self, query: &TimeseriesQuery) -> tally_core::Result<Vec<TimePoint>> {
         self.inner.timeseries(query).await
     }
@@ -231,7 +236,8 @@ async fn rollups_in_memory_stay_within_their_limits() {
         );
     }
     let recording = Recording::new(store.warehouse.clone(), &[]);
-    let processor = tally_processor::start(
+    let processor = Tasks::new();
+    tally_processor::start(
         tally_processor::Deps {
             log: store.log.clone(),
             registry: store.registry.clone(),
@@ -246,10 +252,11 @@ async fn rollups_in_memory_stay_within_their_limits() {
             settle_interval: Duration::from_secs(600),
             ..Default::default()
         },
+        &processor,
     )
     .unwrap();
     breakdown_at(recording.as_ref(), store.log.tip(0)).await;
-    processor.stop().await;
+    processor.shutdown(Duration::from_secs(60)).await;
 
     let writes = recording.writes.lock().unwrap().clone();
     let fresh: Vec<u64> = writes
@@ -306,7 +313,8 @@ async fn an_insert_whose_answer_was_lost_is_not_written_twice() {
         RollupLevel::Settled.table(),
     ];
     let recording = Recording::new(store.warehouse.clone(), &tables);
-    let processor = tally_processor::start(
+    let processor = Tasks::new();
+    tally_processor::start(
         tally_processor::Deps {
             log: store.log.clone(),
             registry: store.registry.clone(),
@@ -319,10 +327,11 @@ async fn an_insert_whose_answer_was_lost_is_not_written_twice() {
             settle_votes: 200,
             ..Default::default()
         },
+        &processor,
     )
     .unwrap();
     let breakdown = breakdown_at(recording.as_ref(), store.log.tip(0)).await;
-    processor.stop().await;
+    processor.shutdown(Duration::from_secs(60)).await;
     assert!(
         recording.lose_answers.lock().unwrap().is_empty(),
         "every table lost an answer once"

@@ -10,15 +10,24 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::IntoResponse;
 use futures::StreamExt;
-use tally_core::backend::{Backoff, LiveFeed};
 use tally_core::poll::PollStatus;
+use tally_core::ports::LiveFeed;
+use tally_core::problem::Problem;
 use tally_core::results::Results;
+use tally_core::retry::Backoff;
+use tally_service::http::Reply;
+use tally_service::Tasks;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::App;
+use crate::results::{self, ResultsParams};
+use crate::{query_params, App};
 
 type Latest = watch::Sender<Option<Arc<Results>>>;
 
@@ -52,29 +61,34 @@ impl LiveHub {
         self.channel(poll_id).subscribe()
     }
 
-    /// Follows the live feed for the life of the process, resubscribing after failures.
-    pub fn follow(self: &Arc<Self>, feed: Arc<dyn LiveFeed>) {
-        let hub = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-            loop {
-                match feed.subscribe().await {
-                    Ok(mut updates) => {
-                        backoff.reset();
-                        while let Some(results) = updates.next().await {
-                            let Some(hub) = hub.upgrade() else { return };
-                            hub.offer(results);
-                        }
-                        tracing::warn!("live feed subscription ended, resubscribing");
-                    }
-                    Err(err) => tracing::warn!(error = %err, "cannot subscribe to the live feed"),
-                }
-                if hub.strong_count() == 0 {
-                    return;
-                }
-                tokio::time::sleep(backoff.next_delay()).await;
+    /// Follows the live feed, resubscribing after failures, in a task of `tasks`.
+    pub fn follow(self: &Arc<Self>, feed: Arc<dyn LiveFeed>, tasks: &Tasks) {
+        let hub = self.clone();
+        tasks.spawn("live-follower", move |cancel| async move {
+            tokio::select! {
+                () = hub.follow_feed(feed) => {}
+                () = cancel.cancelled() => {}
             }
         });
+    }
+
+    async fn follow_feed(&self, feed: Arc<dyn LiveFeed>) {
+        let mut backoff = Backoff::standard();
+        loop {
+            match feed.subscribe().await {
+                Ok(mut updates) => {
+                    backoff.reset();
+                    while let Some(results) = updates.next().await {
+                        self.offer(results);
+                    }
+                    tracing::warn!("live feed subscription ended, resubscribing");
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err.chain(), "cannot subscribe to the live feed")
+                }
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
     }
 }
 
@@ -89,7 +103,7 @@ fn event(kind: &str, results: &Results) -> Event {
 /// Streams a poll's totals: `snapshot` first (or, when resuming with `Last-Event-ID`, the
 /// newer totals only), then `totals` whenever the sequence grows, at most every
 /// `min_interval`; `closed` once when the poll closes.
-pub fn stream(
+fn stream(
     app: Arc<App>,
     poll_id: String,
     initial: Arc<Results>,
@@ -176,4 +190,63 @@ pub fn stream(
     });
     Sse::new(ReceiverStream::new(rx))
         .keep_alive(KeepAlive::new().interval(heartbeat).text("heartbeat"))
+}
+
+/// `GET /v1/polls/{id}/live`.
+pub(crate) async fn live(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    params: Result<Query<ResultsParams>, QueryRejection>,
+) -> Reply {
+    let params = query_params(params)?;
+    let poll = app.poll(&id).await?;
+    results::may_see(&app, &poll, &headers, params.results_token.as_deref())?;
+    let resume_after = match headers
+        .get("last-event-id")
+        .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()))
+    {
+        None => None,
+        Some(Some(id)) => Some(id),
+        Some(None) => {
+            return Err(Problem::bad_request(
+                "invalid-last-event-id",
+                "Last-Event-ID must be a sequence number sent by this stream",
+            )
+            .into())
+        }
+    };
+    let cached = app.live.subscribe(&poll.id).borrow().clone();
+    let initial = match cached {
+        Some(results) => results,
+        None => {
+            let results = results::current(&app, &poll).await?;
+            app.live.offer(results.clone());
+            app.live
+                .subscribe(&poll.id)
+                .borrow()
+                .clone()
+                .unwrap_or_else(|| Arc::new(results))
+        }
+    };
+    let Ok(permit) = app.live_slots.clone().try_acquire_owned() else {
+        let mut problem = Problem::new(
+            503,
+            "too-many-live-clients",
+            "Too many live connections",
+            format!(
+                "this server already streams to {} clients; retry later or read the results endpoint",
+                app.config.live_max_clients
+            ),
+        );
+        problem.retry_after = Some(5);
+        return Err(problem.into());
+    };
+    let mut response =
+        stream(app.clone(), poll.id.clone(), initial, resume_after, permit).into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        "no-cache".parse().expect("static header"),
+    );
+    Ok(response)
 }

@@ -21,6 +21,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
 
+pub mod needs;
+
+pub use needs::Need;
+
 /// Environment variable naming the `nats-server` binary; `nats-server` on `PATH` otherwise.
 pub const NATS_SERVER_ENV: &str = "TALLY_TEST_NATS_SERVER";
 /// Environment variable with the base URL of an already running ClickHouse HTTP interface.

@@ -28,12 +28,14 @@ pub enum Deployment {
 }
 
 /// Runs a scenario `async fn(Deployment) -> Result<()>` as two tests, one per deployment.
+/// The distributed one needs a nats-server and a ClickHouse server, and says so by name.
 #[macro_export]
 macro_rules! for_each_deployment {
     ($scenario:ident) => {
         mod $scenario {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn distributed() -> anyhow::Result<()> {
+            async fn needs_nats_clickhouse_distributed() -> anyhow::Result<()> {
+                tally_testkit::require!(NatsServer, ClickHouse);
                 super::$scenario($crate::cluster::Deployment::Distributed).await
             }
 
@@ -43,6 +45,11 @@ macro_rules! for_each_deployment {
             }
         }
     };
+}
+
+/// The `tally-loadgen` binary, built beside `tally` (the workspace's test run builds it).
+pub fn loadgen_binary() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_BIN_EXE_tally")).with_file_name("tally-loadgen")
 }
 
 pub struct Service {

@@ -7,9 +7,8 @@ use serde_json::Value;
 use crate::cluster::{Cluster, Deployment, ADMIN_KEY};
 
 async fn loadgen(cluster: &Cluster, extra: &[&str]) -> Result<Value> {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+    let output = tokio::process::Command::new(crate::cluster::loadgen_binary())
         .args([
-            "loadgen",
             "--url",
             &cluster.ingest.url,
             "--query-url",

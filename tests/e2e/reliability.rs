@@ -91,8 +91,7 @@ impl Load {
         let prefix = tally_testkit::unique_name("load").replace('_', "-");
         let stdout = std::fs::File::create(dir.path().join("summary.json"))?;
         let stderr = std::fs::File::create(dir.path().join("progress.log"))?;
-        let child = Command::new(env!("CARGO_BIN_EXE_tally"))
-            .arg("loadgen")
+        let child = Command::new(crate::cluster::loadgen_binary())
             .args(["--url", &urls.join(",")])
             .args(["--query-url", &cluster.query.url])
             .args(["--admin-key", ADMIN_KEY])
@@ -299,7 +298,8 @@ fn report(what: &str, summary: &Value) {
 
 /// 1. kill -9 the processor five times at random points of the load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn processor_killed_five_times() -> Result<()> {
+async fn needs_nats_clickhouse_processor_killed_five_times() -> Result<()> {
+    tally_testkit::require!(NatsServer, ClickHouse);
     let cluster = Cluster::start(Deployment::Distributed).await?;
     let (rate, seconds) = scale((600, 25), (4_000, 35));
     let load = Load::start_counting(
@@ -321,7 +321,8 @@ async fn processor_killed_five_times() -> Result<()> {
 ///    (before the windows), after a rollup insert (before its watermark moves on), and after
 ///    the inserts, before the log ack.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn processor_crash_points_hit_repeatedly() -> Result<()> {
+async fn needs_nats_clickhouse_processor_crash_points_hit_repeatedly() -> Result<()> {
+    tally_testkit::require!(NatsServer, ClickHouse);
     let cluster = Cluster::start(Deployment::Distributed).await?;
     let (rate, seconds) = scale((500, 25), (3_000, 40));
     let load = Load::start(&cluster, &[&cluster.ingest.url], rate, seconds, 2).await?;
@@ -357,7 +358,8 @@ async fn processor_crash_points_hit_repeatedly() -> Result<()> {
 
 /// 3. kill -9 one of two ingest replicas mid-load; the clients' retries go to the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ingest_replica_killed() -> Result<()> {
+async fn needs_nats_clickhouse_ingest_replica_killed() -> Result<()> {
+    tally_testkit::require!(NatsServer, ClickHouse);
     let cluster = Cluster::start(Deployment::Distributed).await?;
     let mut doomed = cluster.spawn_ingest().await?;
     let (rate, seconds) = scale((600, 20), (4_000, 30));
@@ -388,7 +390,8 @@ async fn ingest_replica_killed() -> Result<()> {
 ///    answers 503 with Retry-After (never 202); no acknowledged vote is lost. JetStream runs
 ///    with `sync_interval: always`, so an acknowledged vote is on disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn nats_restarted_three_times() -> Result<()> {
+async fn needs_nats_clickhouse_nats_restarted_three_times() -> Result<()> {
+    tally_testkit::require!(NatsServer, ClickHouse);
     let cluster = Cluster::launch(
         Deployment::Distributed,
         Options {
@@ -461,7 +464,8 @@ async fn nats_restarted_three_times() -> Result<()> {
 /// 5. ClickHouse is down for 60 s under load: ingest keeps accepting, the processor backs
 ///    off and catches up, nothing is lost or doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn clickhouse_down_for_a_minute() -> Result<()> {
+async fn needs_nats_clickhouse_clickhouse_down_for_a_minute() -> Result<()> {
+    tally_testkit::require!(NatsServer, ClickHouse);
     let cluster = Cluster::launch(
         Deployment::Distributed,
         Options {

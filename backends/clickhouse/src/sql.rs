@@ -1,0 +1,446 @@
+//! Every statement the services send to ClickHouse, built in one place so a test can run
+//! them all on the current ClickHouse engine (chdb) as well as on the 18.16 server the
+//! suite uses. Values are rendered as escaped literals; identifiers come only from the
+//! fixed column list or from validated dimension names.
+
+use tally_core::analytics::{BreakdownQuery, Dimension, TimeseriesQuery};
+use tally_core::rollup::{MsRange, RollupLevel, BREAKDOWN_ROW_LIMIT};
+use tally_core::segment::STANDARD_KEYS;
+
+/// A ClickHouse string literal.
+pub fn lit(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('\'');
+    for ch in text.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("\\'"),
+            '\0' => out.push_str("\\0"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            other => out.push(other),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// A backquoted identifier for names we validated ourselves (databases).
+pub fn ident(name: &str) -> String {
+    format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
+}
+
+/// The column expression of a dimension: a column for standard keys, an array lookup for
+/// a poll's own keys.
+pub fn dimension_expr(dimension: &Dimension) -> String {
+    match STANDARD_KEYS.iter().find(|k| **k == dimension.0) {
+        Some(column) => (*column).to_owned(),
+        None => format!("dim_values[indexOf(dim_keys, {})]", lit(&dimension.0)),
+    }
+}
+
+pub const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, applied_at DateTime('UTC')) ENGINE = MergeTree ORDER BY version";
+
+/// The columns of both rollup tables (settled and fresh), as a literal for `concat!`.
+macro_rules! rollup_columns {
+    () => {
+        "log_partition UInt16, poll_id String, bucket_start DateTime('UTC'), bucket_seconds UInt32, \
+         campaign String, channel String, source String, medium String, country String, device String, \
+         dim_keys Array(String), dim_values Array(String), \
+         ballots UInt64, answers Array(String), answer_votes Array(UInt64), last_seq UInt64"
+    };
+}
+
+/// Versioned schema migrations, applied in order. Each is idempotent so services starting
+/// together may race through them safely.
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (
+        1,
+        "votes",
+        // No PARTITION BY: an insert into a single-partition MergeTree is one part, so one
+        // processor batch is atomic even when it spans a month boundary.
+        "CREATE TABLE IF NOT EXISTS votes (\
+            log_partition UInt16, seq UInt64, vote_id String, poll_id String, voter_key String, \
+            choice Array(String), value Nullable(Int32), \
+            campaign String, channel String, source String, medium String, country String, device String, \
+            dim_keys Array(String), dim_values Array(String), \
+            received_at DateTime('UTC'), received_ms UInt64\
+        ) ENGINE = MergeTree ORDER BY (poll_id, received_at, seq)",
+    ),
+    (
+        2,
+        "vote_windows",
+        // Plain MergeTree, not SummingMergeTree: a summing merge would keep an arbitrary
+        // `last_seq` per key and the table's watermark could move backwards. Partial rows are
+        // few (one per batch, poll, window and option) and are summed when read.
+        "CREATE TABLE IF NOT EXISTS vote_windows (\
+            log_partition UInt16, poll_id String, window_start DateTime('UTC'), window_seconds UInt32, \
+            option String, votes UInt64, last_seq UInt64\
+        ) ENGINE = MergeTree ORDER BY (poll_id, window_start, option)",
+    ),
+    (
+        3,
+        "segment_rollups",
+        // Settled rollups: one row per poll, minute and whole segment per processor write
+        // (about every half minute); breakdowns add the partial rows up. Plain MergeTree for
+        // the same reason as vote_windows: `last_seq` is the table's watermark.
+        concat!(
+            "CREATE TABLE IF NOT EXISTS segment_rollups (",
+            rollup_columns!(),
+            ") ENGINE = MergeTree ORDER BY (poll_id, bucket_start, last_seq)"
+        ),
+    ),
+    (
+        4,
+        "segment_rollups_fresh",
+        // Fresh rollups, written about every second; a breakdown reads only those after the
+        // poll's newest settled row, so they are ordered by position.
+        concat!(
+            "CREATE TABLE IF NOT EXISTS segment_rollups_fresh (",
+            rollup_columns!(),
+            ") ENGINE = MergeTree ORDER BY (poll_id, last_seq)"
+        ),
+    ),
+];
+
+pub const VOTE_COLUMNS: &[&str] = &[
+    "log_partition",
+    "seq",
+    "vote_id",
+    "poll_id",
+    "voter_key",
+    "choice",
+    "value",
+    "campaign",
+    "channel",
+    "source",
+    "medium",
+    "country",
+    "device",
+    "dim_keys",
+    "dim_values",
+    "received_at",
+    "received_ms",
+];
+
+pub const WINDOW_COLUMNS: &[&str] = &[
+    "log_partition",
+    "poll_id",
+    "window_start",
+    "window_seconds",
+    "option",
+    "votes",
+    "last_seq",
+];
+
+pub const ROLLUP_COLUMNS: &[&str] = &[
+    "log_partition",
+    "poll_id",
+    "bucket_start",
+    "bucket_seconds",
+    "campaign",
+    "channel",
+    "source",
+    "medium",
+    "country",
+    "device",
+    "dim_keys",
+    "dim_values",
+    "ballots",
+    "answers",
+    "answer_votes",
+    "last_seq",
+];
+
+pub fn applied_migrations() -> String {
+    "SELECT version FROM schema_migrations GROUP BY version ORDER BY version".to_owned()
+}
+
+pub fn record_migration(version: u32, name: &str) -> String {
+    format!(
+        "INSERT INTO schema_migrations (version, name, applied_at) VALUES ({version}, {}, now())",
+        lit(name)
+    )
+}
+
+pub fn votes_watermark(partition: u16) -> String {
+    format!("SELECT max(seq) FROM votes WHERE log_partition = {partition}")
+}
+
+pub fn windows_watermark(partition: u16) -> String {
+    format!("SELECT max(last_seq) FROM vote_windows WHERE log_partition = {partition}")
+}
+
+pub fn rollups_watermark(partition: u16, level: RollupLevel) -> String {
+    format!(
+        "SELECT max(last_seq) FROM {} WHERE log_partition = {partition}",
+        level.table()
+    )
+}
+
+/// Ballots, distinct voters and the newest sequence of a poll, from one consistent read.
+pub fn tally_totals(poll_id: &str) -> String {
+    format!("SELECT count(), uniqExactIf(voter_key, voter_key != ''), max(seq) FROM votes WHERE poll_id = {}", lit(poll_id))
+}
+
+/// Per-answer counts up to `as_of`, so they agree with the totals read just before.
+pub fn tally_counts(poll_id: &str, as_of: u64) -> String {
+    format!(
+        "SELECT opt, count() FROM votes ARRAY JOIN choice AS opt WHERE poll_id = {} AND seq <= {as_of} GROUP BY opt ORDER BY opt",
+        lit(poll_id)
+    )
+}
+
+pub fn voter_keys(poll_id: &str) -> String {
+    format!(
+        "SELECT DISTINCT voter_key FROM votes WHERE poll_id = {} AND voter_key != ''",
+        lit(poll_id)
+    )
+}
+
+/// How far a poll's settled and fresh rollup rows cover the log.
+pub fn rollup_positions(poll_id: &str) -> String {
+    let poll = lit(poll_id);
+    format!(
+        "SELECT (SELECT max(last_seq) FROM {} WHERE poll_id = {poll}), \
+         (SELECT max(last_seq) FROM {} WHERE poll_id = {poll})",
+        RollupLevel::Settled.table(),
+        RollupLevel::Fresh.table()
+    )
+}
+
+/// ` AND` the segment filters of a breakdown (columns common to votes and rollups).
+fn segment_filter(query: &BreakdownQuery) -> String {
+    let mut filter = String::new();
+    for (dimension, values) in &query.filters {
+        let values: Vec<String> = values.iter().map(|v| lit(v)).collect();
+        filter.push_str(&format!(
+            " AND {} IN ({})",
+            dimension_expr(dimension),
+            values.join(", ")
+        ));
+    }
+    filter
+}
+
+fn group_key(query: &BreakdownQuery) -> String {
+    let exprs: Vec<String> = query.by.iter().map(dimension_expr).collect();
+    format!("[{}]", exprs.join(", "))
+}
+
+/// `(group, answer, count)` rows of a breakdown from the rollups whose bucket starts in
+/// `[from, to)` (epoch seconds): settled rows up to `settled`, fresh rows after it up to
+/// `fresh`. Answer `''` holds the group's ballots.
+pub fn breakdown_rollups(
+    query: &BreakdownQuery,
+    settled: u64,
+    fresh: u64,
+    (from, to): (Option<i64>, Option<i64>),
+) -> String {
+    let mut common = String::new();
+    if let Some(from) = from {
+        common.push_str(&format!(" AND toUInt32(bucket_start) >= {}", from.max(0)));
+    }
+    if let Some(to) = to {
+        common.push_str(&format!(" AND toUInt32(bucket_start) < {}", to.max(0)));
+    }
+    common.push_str(&segment_filter(query));
+    let part = |level: RollupLevel, positions: String| {
+        format!(
+            "SELECT {} AS g, opt, sum(c) AS n FROM {} \
+             ARRAY JOIN arrayConcat([''], answers) AS opt, arrayConcat([ballots], answer_votes) AS c \
+             WHERE poll_id = {} AND {positions}{common} GROUP BY g, opt",
+            group_key(query),
+            level.table(),
+            lit(&query.poll_id)
+        )
+    };
+    format!(
+        "SELECT g, opt, sum(n) FROM ({} UNION ALL {}) GROUP BY g, opt LIMIT {BREAKDOWN_ROW_LIMIT}",
+        part(RollupLevel::Settled, format!("last_seq <= {settled}")),
+        part(
+            RollupLevel::Fresh,
+            format!("last_seq > {settled} AND last_seq <= {fresh}")
+        ),
+    )
+}
+
+/// Epoch ms as DateTime seconds, within what a DateTime holds. The `received_at`
+/// conditions only let ClickHouse skip granules; `received_ms` decides.
+fn seconds(ms: &i64) -> i64 {
+    (ms / 1000).min(i64::from(u32::MAX))
+}
+
+/// The same rows from the raw votes up to `as_of` received in any of `ranges`.
+pub fn breakdown_votes(query: &BreakdownQuery, as_of: u64, ranges: &[MsRange]) -> String {
+    let ranges: Vec<String> = ranges
+        .iter()
+        .map(|(from, to)| {
+            let mut range = vec!["1".to_owned()];
+            if let Some(from) = from {
+                let from = from.max(&0);
+                range.push(format!(
+                    "received_ms >= {from} AND received_at >= toDateTime({})",
+                    seconds(from)
+                ));
+            }
+            if let Some(to) = to {
+                let to = to.max(&0);
+                range.push(format!(
+                    "received_ms < {to} AND received_at <= toDateTime({})",
+                    seconds(to)
+                ));
+            }
+            format!("({})", range.join(" AND "))
+        })
+        .collect();
+    let ranges = if ranges.is_empty() {
+        "0".to_owned()
+    } else {
+        ranges.join(" OR ")
+    };
+    format!(
+        "SELECT {} AS g, opt, count() FROM votes ARRAY JOIN arrayConcat([''], choice) AS opt \
+         WHERE poll_id = {} AND seq <= {as_of} AND ({ranges}){} GROUP BY g, opt LIMIT {BREAKDOWN_ROW_LIMIT}",
+        group_key(query),
+        lit(&query.poll_id),
+        segment_filter(query)
+    )
+}
+
+pub fn timeseries(query: &TimeseriesQuery) -> String {
+    let step = query.step_seconds.max(1);
+    let mut filter = format!("poll_id = {}", lit(&query.poll_id));
+    if let Some(from) = query.from_ms {
+        filter.push_str(&format!(
+            " AND toUInt32(window_start) >= {}",
+            from.max(0) / 1000
+        ));
+    }
+    if let Some(to) = query.to_ms {
+        filter.push_str(&format!(
+            " AND toUInt32(window_start) < {}",
+            to.max(0) / 1000
+        ));
+    }
+    format!(
+        "SELECT toUInt32(intDiv(toUInt32(window_start), {step}) * {step}) AS t, option, sum(votes) FROM vote_windows \
+         WHERE {filter} GROUP BY t, option ORDER BY t, option"
+    )
+}
+
+/// The distinct window widths of a poll's window rows, smallest first.
+pub fn window_widths(poll_id: &str) -> String {
+    format!(
+        "SELECT DISTINCT window_seconds FROM vote_windows WHERE poll_id = {} ORDER BY window_seconds",
+        lit(poll_id)
+    )
+}
+
+/// Every statement shape the services issue, with sample arguments, for dialect checks.
+/// Inserts are sent as RowBinary; their VALUES form here checks the column list and types.
+pub fn all_for_check() -> Vec<(String, String)> {
+    let mut statements = vec![("schema_migrations".to_owned(), MIGRATIONS_TABLE.to_owned())];
+    for (version, name, sql) in MIGRATIONS {
+        statements.push((format!("migration {version} {name}"), (*sql).to_owned()));
+        statements.push((
+            format!("record migration {version}"),
+            record_migration(*version, name),
+        ));
+    }
+    statements.push(("applied migrations".into(), applied_migrations()));
+    statements.push((
+        "insert votes".into(),
+        format!(
+            "INSERT INTO votes ({}) VALUES (0, 7, 'v-1', 'p', 'abc', ['red', 'blue'], NULL, 'c', 'email', 's', 'm', 'DE', 'mobile', ['plan'], ['pro'], 1700000000, 1700000000123)",
+            VOTE_COLUMNS.join(", ")
+        ),
+    ));
+    statements.push((
+        "insert windows".into(),
+        format!(
+            "INSERT INTO vote_windows ({}) VALUES (0, 'p', 1700000000, 10, 'red', 3, 7)",
+            WINDOW_COLUMNS.join(", ")
+        ),
+    ));
+    for level in RollupLevel::ALL {
+        statements.push((
+            format!("insert {}", level.table()),
+            format!(
+                "INSERT INTO {} ({}) VALUES (0, 'p', 1700000040, 60, 'c', 'email', 's', 'm', 'DE', 'mobile', ['plan'], ['pro'], 2, ['blue', 'red'], [1, 2], 7)",
+                level.table(),
+                ROLLUP_COLUMNS.join(", ")
+            ),
+        ));
+        statements.push((
+            format!("{} watermark", level.table()),
+            rollups_watermark(0, level),
+        ));
+    }
+    statements.push(("votes watermark".into(), votes_watermark(0)));
+    statements.push(("windows watermark".into(), windows_watermark(0)));
+    statements.push(("tally totals".into(), tally_totals("p")));
+    statements.push(("tally counts".into(), tally_counts("p", 7)));
+    statements.push(("voter keys".into(), voter_keys("p")));
+    statements.push(("window widths".into(), window_widths("p")));
+    statements.push(("rollup positions".into(), rollup_positions("p")));
+    let query = BreakdownQuery {
+        poll_id: "p".into(),
+        by: vec![Dimension("country".into()), Dimension("plan".into())],
+        filters: vec![(
+            Dimension("device".into()),
+            vec!["mobile".into(), "it's".into()],
+        )],
+        from_ms: Some(1_699_999_999_000),
+        to_ms: Some(1_800_000_000_000),
+    };
+    statements.push((
+        "breakdown rollups".into(),
+        breakdown_rollups(&query, 5, 7, (Some(1_699_999_980), Some(1_800_000_000))),
+    ));
+    statements.push((
+        "breakdown rollups, all buckets".into(),
+        breakdown_rollups(&query, 0, 7, (None, None)),
+    ));
+    statements.push((
+        "breakdown votes".into(),
+        breakdown_votes(
+            &query,
+            7,
+            &[
+                (Some(1_699_999_999_000), Some(1_700_000_040_000)),
+                (Some(1_800_000_000_000), None),
+                (Some(253_402_300_700_000), Some(253_402_300_799_000)),
+            ],
+        ),
+    ));
+    let series = TimeseriesQuery {
+        poll_id: "p".into(),
+        step_seconds: 60,
+        from_ms: Some(0),
+        to_ms: Some(1_800_000_000_000),
+    };
+    statements.push(("timeseries".into(), timeseries(&series)));
+    statements
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_escape_quotes_and_backslashes() {
+        assert_eq!(lit(r"it's \ fine"), r"'it\'s \\ fine'");
+        assert_eq!(lit("?"), "'?'");
+    }
+
+    #[test]
+    fn custom_dimensions_are_array_lookups() {
+        assert_eq!(dimension_expr(&Dimension("country".into())), "country");
+        assert_eq!(
+            dimension_expr(&Dimension("plan".into())),
+            "dim_values[indexOf(dim_keys, 'plan')]"
+        );
+    }
+}

@@ -1,0 +1,67 @@
+//! tally's embedded back ends, for `tally standalone`: everything in one data directory,
+//! nothing to install.
+//!
+//! - [`EmbeddedLog`]: the vote log, on redb (durable group commits, one entry per
+//!   uniqueness key, resumable reads by sequence).
+//! - [`EmbeddedRegistry`]: the poll registry, in the same redb file.
+//! - [`ParquetWarehouse`]: Parquet files plus an in-memory Arrow tail, queried by DataFusion.
+//! - [`LocalLiveFeed`]: an in-process broadcast.
+//!
+//! Each implements the same trait as its distributed counterpart and passes the same
+//! conformance suite.
+
+mod live;
+mod log;
+mod registry;
+mod warehouse;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use live::LocalLiveFeed;
+pub use log::EmbeddedLog;
+pub use registry::EmbeddedRegistry;
+pub use warehouse::{ParquetWarehouse, WarehouseOptions};
+
+use tally_core::{Error, Result};
+
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Partitions of the vote log: how many processor workers run side by side.
+    pub partitions: u16,
+    pub warehouse: WarehouseOptions,
+}
+
+/// The four back ends of one data directory.
+pub struct Embedded {
+    pub log: Arc<EmbeddedLog>,
+    pub registry: Arc<EmbeddedRegistry>,
+    pub warehouse: Arc<ParquetWarehouse>,
+    pub live: Arc<LocalLiveFeed>,
+}
+
+/// Opens (creating when new) the store in `dir`. Only one process may hold it at a time.
+pub fn open(dir: &Path, options: Options) -> Result<Embedded> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::failed(format!("data directory {}", dir.display()), e))?;
+    let path = dir.join("tally.redb");
+    let db = redb::Database::create(&path).map_err(|e| {
+        Error::failed(
+            format!(
+                "opening {} (is another tally using this data directory?)",
+                path.display()
+            ),
+            e,
+        )
+    })?;
+    let db = Arc::new(db);
+    Ok(Embedded {
+        log: Arc::new(EmbeddedLog::open(db.clone(), options.partitions)?),
+        registry: Arc::new(EmbeddedRegistry::open(db)?),
+        warehouse: Arc::new(ParquetWarehouse::open(
+            dir.join("warehouse"),
+            options.warehouse,
+        )?),
+        live: Arc::new(LocalLiveFeed::default()),
+    })
+}

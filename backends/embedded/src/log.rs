@@ -1,0 +1,339 @@
+//! The vote log on redb: one table keyed by `(partition, seq)` holds the encoded votes, one
+//! keyed by `poll \0 unique_key` holds where each key's first vote is. Appends go through a
+//! single writer thread that commits everything queued in one durable transaction (group
+//! commit), so a burst of votes costs one fsync, not one each.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use tally_core::ports::{Appended, LogEntry, LogReader, VoteLog};
+use tally_core::vote::Vote;
+use tally_core::{wire, Error, Result};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub(crate) const LOG: TableDefinition<(u16, u64), &[u8]> = TableDefinition::new("vote_log");
+pub(crate) const UNIQUE: TableDefinition<&str, (u16, u64)> = TableDefinition::new("vote_unique");
+const LOG_META: TableDefinition<&str, u64> = TableDefinition::new("vote_log_meta");
+
+/// Appends one writer transaction takes at most.
+const GROUP_MAX: usize = 4096;
+
+fn storage(err: impl Into<tally_core::error::BoxError>) -> Error {
+    Error::unavailable("embedded vote log", err)
+}
+
+struct AppendRequest {
+    partition: u16,
+    unique: String,
+    vote_id: String,
+    payload: Vec<u8>,
+    reply: oneshot::Sender<Result<Appended>>,
+}
+
+/// The embedded [`VoteLog`].
+pub struct EmbeddedLog {
+    db: Arc<Database>,
+    partitions: u16,
+    appends: mpsc::Sender<AppendRequest>,
+    /// The newest sequence of each partition, for readers waiting on new entries.
+    tips: Arc<Vec<watch::Sender<u64>>>,
+}
+
+impl EmbeddedLog {
+    pub(crate) fn open(db: Arc<Database>, partitions: u16) -> Result<EmbeddedLog> {
+        let partitions = partitions.max(1);
+        let txn = db.begin_write().map_err(storage)?;
+        {
+            txn.open_table(LOG).map_err(storage)?;
+            txn.open_table(UNIQUE).map_err(storage)?;
+            // A poll's partition depends on the count: a store keeps the count it began with.
+            let mut meta = txn.open_table(LOG_META).map_err(storage)?;
+            let stored = meta
+                .get("partitions")
+                .map_err(storage)?
+                .map(|guard| guard.value());
+            match stored {
+                Some(count) if count != u64::from(partitions) => {
+                    return Err(Error::failed(
+                        "embedded vote log",
+                        format!(
+                            "this data directory's vote log has {count} partitions; start with --partitions {count} (TALLY_PARTITIONS={count})"
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("partitions", u64::from(partitions))
+                        .map_err(storage)?;
+                }
+            }
+        }
+        txn.commit().map_err(storage)?;
+
+        let read = db.begin_read().map_err(storage)?;
+        let log = read.open_table(LOG).map_err(storage)?;
+        let mut tips = Vec::new();
+        for partition in 0..partitions {
+            let last = log
+                .range((partition, 0)..=(partition, u64::MAX))
+                .map_err(storage)?
+                .next_back()
+                .transpose()
+                .map_err(storage)?
+                .map(|(key, _)| key.value().1)
+                .unwrap_or(0);
+            tips.push(watch::Sender::new(last));
+        }
+        drop(log);
+        drop(read);
+
+        let tips = Arc::new(tips);
+        let (appends, queue) = mpsc::channel(GROUP_MAX * 4);
+        let writer = Writer {
+            db: db.clone(),
+            tips: tips.clone(),
+        };
+        std::thread::Builder::new()
+            .name("tally-log-writer".into())
+            .spawn(move || writer.run(queue))
+            .map_err(storage)?;
+        Ok(EmbeddedLog {
+            db,
+            partitions,
+            appends,
+            tips,
+        })
+    }
+}
+
+impl EmbeddedLog {
+    /// The newest sequence appended to `partition` (0 when it is empty).
+    pub fn tip(&self, partition: u16) -> u64 {
+        self.tips
+            .get(usize::from(partition))
+            .map(|tip| *tip.borrow())
+            .unwrap_or(0)
+    }
+}
+
+struct Writer {
+    db: Arc<Database>,
+    tips: Arc<Vec<watch::Sender<u64>>>,
+}
+
+impl Writer {
+    fn run(self, mut queue: mpsc::Receiver<AppendRequest>) {
+        let mut group = Vec::with_capacity(GROUP_MAX);
+        while let Some(first) = queue.blocking_recv() {
+            group.push(first);
+            while group.len() < GROUP_MAX {
+                match queue.try_recv() {
+                    Ok(next) => group.push(next),
+                    Err(_) => break,
+                }
+            }
+            match self.commit(&group) {
+                Ok(outcomes) => {
+                    for (request, outcome) in group.drain(..).zip(outcomes) {
+                        let _ = request.reply.send(Ok(outcome));
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(error = %err.chain(), "vote log commit failed");
+                    for request in group.drain(..) {
+                        let _ = request.reply.send(Err(storage(err.chain().to_string())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies a group in one durable transaction; returns each request's outcome.
+    fn commit(&self, group: &[AppendRequest]) -> Result<Vec<Appended>> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        let mut outcomes = Vec::with_capacity(group.len());
+        let mut tips: Vec<u64> = self.tips.iter().map(|tip| *tip.borrow()).collect();
+        {
+            let mut log = txn.open_table(LOG).map_err(storage)?;
+            let mut unique = txn.open_table(UNIQUE).map_err(storage)?;
+            for request in group {
+                let held = unique
+                    .get(request.unique.as_str())
+                    .map_err(storage)?
+                    .map(|guard| guard.value());
+                let outcome = match held {
+                    Some(at) => {
+                        let stored = log.get(at).map_err(storage)?.ok_or_else(|| {
+                            Error::corrupt("embedded vote log", format!("entry {at:?} missing"))
+                        })?;
+                        let original = wire::decode(stored.value())?;
+                        if original.vote_id == request.vote_id {
+                            Appended::Accepted {
+                                seq: at.1,
+                                duplicate: true,
+                            }
+                        } else {
+                            Appended::AlreadyVoted
+                        }
+                    }
+                    None => {
+                        let partition = request.partition as usize;
+                        let seq = tips[partition] + 1;
+                        log.insert((request.partition, seq), request.payload.as_slice())
+                            .map_err(storage)?;
+                        unique
+                            .insert(request.unique.as_str(), (request.partition, seq))
+                            .map_err(storage)?;
+                        tips[partition] = seq;
+                        Appended::Accepted {
+                            seq,
+                            duplicate: false,
+                        }
+                    }
+                };
+                outcomes.push(outcome);
+            }
+        }
+        txn.commit().map_err(storage)?;
+        for (tip, seq) in self.tips.iter().zip(tips) {
+            tip.send_if_modified(|current| {
+                let moved = *current != seq;
+                *current = seq;
+                moved
+            });
+        }
+        Ok(outcomes)
+    }
+}
+
+impl EmbeddedLog {
+    /// Hands one vote to the writer; the receiver gets its answer once committed.
+    async fn send(&self, vote: &Vote, unique: &str) -> Result<oneshot::Receiver<Result<Appended>>> {
+        let (reply, outcome) = oneshot::channel();
+        let request = AppendRequest {
+            partition: self.partition_of(&vote.poll_id),
+            unique: unique_key(&vote.poll_id, unique),
+            vote_id: vote.vote_id.clone(),
+            payload: wire::encode(vote),
+            reply,
+        };
+        self.appends
+            .send(request)
+            .await
+            .map_err(|_| storage("the writer has stopped"))?;
+        Ok(outcome)
+    }
+}
+
+/// The key of the uniqueness table: poll ids cannot hold a NUL.
+fn unique_key(poll_id: &str, unique_key: &str) -> String {
+    format!("{poll_id}\0{unique_key}")
+}
+
+#[async_trait]
+impl VoteLog for EmbeddedLog {
+    fn partitions(&self) -> u16 {
+        self.partitions
+    }
+
+    async fn append(&self, vote: &Vote, unique: &str) -> Result<Appended> {
+        self.send(vote, unique)
+            .await?
+            .await
+            .map_err(|_| storage("the writer has stopped"))?
+    }
+
+    /// Queues every vote for the writer before waiting for any answer, so a batch lands in
+    /// as few group commits as the writer makes of it.
+    async fn append_many(&self, votes: &[(Vote, String)]) -> Vec<Result<Appended>> {
+        let mut queued = Vec::with_capacity(votes.len());
+        for (vote, unique) in votes {
+            queued.push(self.send(vote, unique).await);
+        }
+        let mut answers = Vec::with_capacity(votes.len());
+        for outcome in queued {
+            answers.push(match outcome {
+                Ok(outcome) => outcome
+                    .await
+                    .unwrap_or_else(|_| Err(storage("the writer has stopped"))),
+                Err(err) => Err(err),
+            });
+        }
+        answers
+    }
+
+    async fn reader(&self, partition: u16, after: u64) -> Result<Box<dyn LogReader>> {
+        let tip = self
+            .tips
+            .get(partition as usize)
+            .ok_or_else(|| storage(format!("no partition {partition}")))?
+            .subscribe();
+        Ok(Box::new(EmbeddedReader {
+            db: self.db.clone(),
+            partition,
+            after,
+            tip,
+        }))
+    }
+
+    async fn check(&self) -> Result<()> {
+        if self.appends.is_closed() {
+            return Err(storage("the writer has stopped"));
+        }
+        Ok(())
+    }
+}
+
+struct EmbeddedReader {
+    db: Arc<Database>,
+    partition: u16,
+    after: u64,
+    tip: watch::Receiver<u64>,
+}
+
+#[async_trait]
+impl LogReader for EmbeddedReader {
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<LogEntry>> {
+        let after = self.after;
+        if *self.tip.borrow_and_update() <= after {
+            let _ = tokio::time::timeout(wait, self.tip.wait_for(|tip| *tip > after)).await;
+            if *self.tip.borrow() <= after {
+                return Ok(Vec::new());
+            }
+        }
+        let (db, partition) = (self.db.clone(), self.partition);
+        let entries = tokio::task::spawn_blocking(move || -> Result<Vec<LogEntry>> {
+            let read = db.begin_read().map_err(storage)?;
+            let log = read.open_table(LOG).map_err(storage)?;
+            let mut entries = Vec::new();
+            for item in log
+                .range((partition, after + 1)..=(partition, u64::MAX))
+                .map_err(storage)?
+                .take(max.max(1))
+            {
+                let (key, value) = item.map_err(storage)?;
+                entries.push(LogEntry {
+                    seq: key.value().1,
+                    payload: Bytes::copy_from_slice(value.value()),
+                });
+            }
+            Ok(entries)
+        })
+        .await
+        .map_err(storage)??;
+        if let Some(last) = entries.last() {
+            self.after = last.seq;
+        }
+        Ok(entries)
+    }
+
+    /// Nothing to do: the log keeps every entry (its uniqueness index needs them) and the
+    /// processor resumes from the warehouse's watermark.
+    async fn commit(&mut self, _seq: u64) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,372 @@
+//! The back-end conformance suites against the embedded implementations, plus what only an
+//! embedded store has to prove: its state survives reopening the data directory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tally_conformance as conformance;
+use tally_core::ports::{StoredVote, VoteLog, Warehouse, Watermarks};
+use tally_core::segment::Segment;
+use tally_core::vote::Vote;
+use tally_embedded::{Options, WarehouseOptions};
+
+fn open(dir: &std::path::Path, partitions: u16) -> tally_embedded::Embedded {
+    tally_embedded::open(
+        dir,
+        Options {
+            partitions,
+            ..Default::default()
+        },
+    )
+    .expect("open the store")
+}
+
+#[tokio::test]
+async fn embedded_vote_log_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::vote_log(open(dir.path(), 1).log).await;
+}
+
+#[tokio::test]
+async fn partitioned_embedded_vote_log_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::vote_log(open(dir.path(), 4).log).await;
+}
+
+#[tokio::test]
+async fn embedded_registry_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::poll_registry(open(dir.path(), 1).registry).await;
+}
+
+#[tokio::test]
+async fn local_live_feed_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::live_feed(open(dir.path(), 1).live).await;
+}
+
+#[tokio::test]
+async fn parquet_warehouse_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::warehouse(open(dir.path(), 1).warehouse).await;
+}
+
+/// Every insert flushed at once and merged after three files: the suite must hold when the
+/// data is spread over Parquet files as well as when it sits in memory.
+#[tokio::test]
+async fn parquet_warehouse_conforms_when_every_insert_is_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let warehouse = tally_embedded::ParquetWarehouse::open(
+        dir.path(),
+        WarehouseOptions {
+            flush_rows: 1,
+            compact_at: 3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    conformance::warehouse(Arc::new(warehouse)).await;
+}
+
+fn vote(i: u64) -> Vote {
+    Vote {
+        vote_id: format!("v-{i}"),
+        poll_id: "durable".into(),
+        voter_key: format!("k{i}"),
+        choice: vec![if i.is_multiple_of(2) { "a" } else { "b" }.into()],
+        value: None,
+        segment: Segment::default(),
+        received_at: 1_700_000_000_000 + i as i64,
+    }
+}
+
+#[tokio::test]
+async fn the_log_and_registry_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path(), 2);
+        for i in 0..10 {
+            let v = vote(i);
+            store
+                .log
+                .append(&v, &v.unique_key(tally_core::poll::Dedupe::PerVoter))
+                .await
+                .unwrap();
+        }
+        conformance::poll_registry(store.registry.clone()).await;
+    }
+    // redb releases the file when the last handle goes; the writer thread holds one until
+    // its queue closes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let store = open(dir.path(), 2);
+    let v = vote(3);
+    let again = store
+        .log
+        .append(&v, &v.unique_key(tally_core::poll::Dedupe::PerVoter))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            again,
+            tally_core::ports::Appended::Accepted {
+                duplicate: true,
+                ..
+            }
+        ),
+        "a retried vote resolves to its original entry after a restart, got {again:?}"
+    );
+    let partition = store.log.partition_of("durable");
+    let mut reader = store.log.reader(partition, 0).await.unwrap();
+    let entries = reader
+        .next_batch(100, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 10);
+    let polls = tally_core::ports::PollRegistry::list(&*store.registry, None, 100)
+        .await
+        .unwrap();
+    assert!(!polls.is_empty(), "polls survive");
+    drop((store, reader));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = tally_embedded::open(
+        dir.path(),
+        Options {
+            partitions: 3,
+            ..Default::default()
+        },
+    );
+    let message = refused
+        .err()
+        .map(|e| e.chain().to_string())
+        .unwrap_or_default();
+    assert!(
+        message.contains("--partitions 2"),
+        "a store keeps its partition count: {message}"
+    );
+}
+
+#[tokio::test]
+async fn only_flushed_rows_survive_a_crash_and_the_watermark_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = |from: u64, to: u64| -> Vec<StoredVote> {
+        (from..to)
+            .map(|i| StoredVote {
+                seq: i,
+                vote: vote(i),
+            })
+            .collect()
+    };
+    {
+        let warehouse = tally_embedded::ParquetWarehouse::open(
+            dir.path(),
+            WarehouseOptions {
+                flush_rows: 50,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        warehouse.insert_votes(0, &rows(1, 61)).await.unwrap();
+        warehouse.insert_votes(0, &rows(61, 71)).await.unwrap();
+        assert_eq!(warehouse.watermarks(0).await.unwrap().votes, 70);
+        assert_eq!(warehouse.tally("durable").await.unwrap().ballots, 70);
+        // Dropped without flush_all: as after kill -9, the tail is gone.
+    }
+    let warehouse =
+        tally_embedded::ParquetWarehouse::open(dir.path(), WarehouseOptions::default()).unwrap();
+    assert_eq!(
+        warehouse.watermarks(0).await.unwrap(),
+        Watermarks {
+            votes: 60,
+            windows: 0,
+            rollups: 0,
+            settled: 0
+        },
+        "the watermark falls back to the last flushed file"
+    );
+    assert_eq!(warehouse.tally("durable").await.unwrap().ballots, 60);
+    // The processor re-inserts the lost suffix: counted once.
+    warehouse.insert_votes(0, &rows(61, 71)).await.unwrap();
+    warehouse.flush_all().await.unwrap();
+    drop(warehouse);
+    let warehouse =
+        tally_embedded::ParquetWarehouse::open(dir.path(), WarehouseOptions::default()).unwrap();
+    let tally = warehouse.tally("durable").await.unwrap();
+    assert_eq!((tally.ballots, tally.as_of), (70, 70));
+}
+
+#[tokio::test]
+async fn a_merge_interrupted_before_deleting_its_inputs_counts_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let votes_dir = dir.path().join("votes");
+    let batch = |start: u64| -> Vec<StoredVote> {
+        (start..start + 10)
+            .map(|i| StoredVote {
+                seq: i,
+                vote: vote(i),
+            })
+            .collect()
+    };
+    let options = WarehouseOptions {
+        flush_rows: 10,
+        compact_at: 6,
+        ..Default::default()
+    };
+    let kept = tempfile::tempdir().unwrap();
+    {
+        let warehouse =
+            tally_embedded::ParquetWarehouse::open(dir.path(), options.clone()).unwrap();
+        for start in (1..=41).step_by(10) {
+            warehouse.insert_votes(0, &batch(start)).await.unwrap();
+        }
+        assert_eq!(warehouse.file_count(), 5, "one file per flush");
+        // Keep a copy of an input, to put back as if a crash came before its deletion.
+        let input = std::fs::read_dir(&votes_dir)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        std::fs::copy(input.path(), kept.path().join(input.file_name())).unwrap();
+        // The sixth flush merges all six files into one.
+        warehouse.insert_votes(0, &batch(51)).await.unwrap();
+        assert_eq!(warehouse.file_count(), 1, "six small files merge into one");
+        assert_eq!(warehouse.tally("durable").await.unwrap().ballots, 60);
+    }
+    assert_eq!(
+        std::fs::read_dir(&votes_dir).unwrap().count(),
+        1,
+        "merged inputs are deleted"
+    );
+    for entry in std::fs::read_dir(kept.path()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), votes_dir.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(
+        votes_dir.join("p00000-00000000000000000061-00000000000000000070.parquet.tmp"),
+        b"half a file",
+    )
+    .unwrap();
+    let warehouse =
+        tally_embedded::ParquetWarehouse::open(dir.path(), WarehouseOptions::default()).unwrap();
+    let tally = warehouse.tally("durable").await.unwrap();
+    assert_eq!(
+        (tally.ballots, tally.as_of),
+        (60, 60),
+        "the leftover input is not counted again"
+    );
+    assert_eq!(warehouse.watermarks(0).await.unwrap().votes, 60);
+    assert_eq!(
+        std::fs::read_dir(&votes_dir).unwrap().count(),
+        1,
+        "leftovers are cleaned up"
+    );
+}
+
+/// A flush that fails (disk full, directory gone) does not fail the insert that triggered
+/// it — the rows are in the tail — so the processor never re-inserts them; a later flush
+/// writes them once.
+#[tokio::test]
+async fn a_failed_flush_neither_loses_nor_repeats_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let votes_dir = dir.path().join("votes");
+    let warehouse = tally_embedded::ParquetWarehouse::open(
+        dir.path(),
+        WarehouseOptions {
+            flush_rows: 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    std::fs::remove_dir_all(&votes_dir).unwrap();
+    std::fs::write(&votes_dir, b"not a directory").unwrap();
+    let rows: Vec<StoredVote> = (1..=20)
+        .map(|i| StoredVote {
+            seq: i,
+            vote: vote(i),
+        })
+        .collect();
+    warehouse
+        .insert_votes(0, &rows)
+        .await
+        .expect("the insert succeeds even though its flush cannot");
+    assert_eq!(warehouse.tally("durable").await.unwrap().ballots, 20);
+    assert!(
+        warehouse.flush_all().await.is_err(),
+        "the flush itself reports the failure"
+    );
+    std::fs::remove_file(&votes_dir).unwrap();
+    std::fs::create_dir(&votes_dir).unwrap();
+    warehouse.flush_all().await.unwrap();
+    drop(warehouse);
+    let warehouse =
+        tally_embedded::ParquetWarehouse::open(dir.path(), WarehouseOptions::default()).unwrap();
+    let tally = warehouse.tally("durable").await.unwrap();
+    assert_eq!((tally.ballots, tally.as_of), (20, 20));
+}
+
+/// Settled rollup files add up the rows of one segment and bucket: however many writes a
+/// file covers, it holds one row per poll, bucket and segment, and breakdowns stay exact.
+#[tokio::test]
+async fn rollup_files_hold_one_row_per_segment_and_bucket() {
+    use tally_core::analytics::{BreakdownQuery, Dimension};
+    use tally_core::rollup::{RollupLevel, Rollups};
+
+    let dir = tempfile::tempdir().unwrap();
+    let warehouse = tally_embedded::ParquetWarehouse::open(
+        dir.path(),
+        WarehouseOptions {
+            compact_at: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // 12 flushes of 10 votes each, all in one minute and two countries.
+    let mut seq = 0;
+    for flush in 0..12 {
+        let mut rollups = Rollups::default();
+        for _ in 0..10 {
+            seq += 1;
+            let mut v = vote(seq);
+            v.segment.country = if seq % 2 == 0 { "DE" } else { "FR" }.into();
+            rollups.add(&v, seq);
+        }
+        assert_eq!(rollups.rows().len(), 2);
+        warehouse
+            .insert_rollups(0, RollupLevel::Settled, &rollups.rows())
+            .await
+            .unwrap();
+        if flush % 2 == 1 {
+            warehouse.flush_all().await.unwrap();
+        }
+    }
+    warehouse.flush_all().await.unwrap();
+    let mut on_disk = 0;
+    for entry in std::fs::read_dir(dir.path().join(RollupLevel::Settled.table())).unwrap() {
+        let file = std::fs::File::open(entry.unwrap().path()).unwrap();
+        on_disk += parquet::file::reader::SerializedFileReader::new(file)
+            .map(|r| {
+                use parquet::file::reader::FileReader;
+                r.metadata().file_metadata().num_rows()
+            })
+            .unwrap();
+    }
+    // Six files of two flushes each; four of them merged into one: 2 + 2 + 2 rows.
+    assert_eq!(on_disk, 6, "each file holds one row per segment");
+    assert_eq!(warehouse.watermarks(0).await.unwrap().settled, 120);
+    let breakdown = warehouse
+        .breakdown(&BreakdownQuery {
+            poll_id: "durable".into(),
+            by: vec![Dimension("country".into())],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(breakdown.as_of, 120);
+    let ballots: Vec<(String, u64)> = breakdown
+        .groups
+        .iter()
+        .map(|g| (g.values[0].clone(), g.ballots))
+        .collect();
+    assert_eq!(ballots, [("DE".to_owned(), 60), ("FR".to_owned(), 60)]);
+    let de = &breakdown.groups[0].counts;
+    assert_eq!(de.values().sum::<u64>(), 60);
+}

@@ -1,0 +1,562 @@
+//! The vote log on a JetStream stream.
+//!
+//! Subjects are `votes.<partition>.<poll>.<unique_key>`. The stream keeps at most one
+//! message per subject and discards new ones per subject, so the broker itself enforces one
+//! vote per voter (and one entry per vote id on `dedupe: none` polls) across every ingest
+//! replica. A retry is refused by the same limit, and the stored message tells whether it
+//! was the same vote (the original's answer) or another one (already voted). Publishes
+//! carry no `Nats-Msg-Id`: the per-subject limit already makes retries idempotent at any
+//! age, and a duplicate window would cost the broker a remembered id per vote (at 100k
+//! votes/s and the default 2 minutes, 12M of them) and a fifth of its CPU per publish.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_trait::async_trait;
+use futures::{FutureExt, StreamExt};
+
+use super::{jetstream_code, VOTES_STREAM};
+use tally_core::ports::{Appended, LogEntry, LogReader, VoteLog};
+use tally_core::vote::Vote;
+use tally_core::{wire, Error, Result};
+
+/// "maximum messages per subject exceeded": the key already holds a vote.
+const ERR_PER_SUBJECT_LIMIT: u64 = 10077;
+
+/// How long a publish may wait for the stream's ack (JetStream's own default).
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Publishes of one [`VoteLog::append_many`] that share one reply subscription; far below
+/// the client's per-subscription buffer, so no ack is dropped as a slow consumer's.
+pub const ACKS_PER_SUBSCRIPTION: usize = 4096;
+
+#[derive(Clone)]
+pub struct JetStreamLog {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    partitions: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    pub partitions: u16,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions { partitions: 1 }
+    }
+}
+
+impl JetStreamLog {
+    /// Opens the stream, creating it when missing.
+    pub async fn open(client: async_nats::Client, options: LogOptions) -> Result<Self> {
+        let js = jetstream::new(client);
+        let config = stream::Config {
+            name: VOTES_STREAM.to_owned(),
+            subjects: vec!["votes.>".to_owned()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            max_messages_per_subject: 1,
+            discard: stream::DiscardPolicy::New,
+            discard_new_per_subject: true,
+            ..Default::default()
+        };
+        js.get_or_create_stream(config)
+            .await
+            .map_err(|e| Error::unavailable("vote log", e))?;
+        Ok(JetStreamLog {
+            client: js.client(),
+            js,
+            partitions: options.partitions.max(1),
+        })
+    }
+
+    fn subject(&self, vote: &Vote, unique_key: &str) -> String {
+        use std::fmt::Write;
+        let mut subject = String::with_capacity(13 + vote.poll_id.len() + unique_key.len());
+        let _ = write!(subject, "votes.{}.", self.partition_of(&vote.poll_id));
+        subject.push_str(&vote.poll_id);
+        subject.push('.');
+        subject.push_str(unique_key);
+        subject
+    }
+
+    /// Fails at once while the connection is down: the client would buffer a publish and
+    /// the caller would wait out the ack timeout for a vote that was never sent.
+    fn disconnected(&self) -> Option<String> {
+        let state = self.client.connection_state();
+        (state != async_nats::connection::State::Connected)
+            .then(|| format!("not connected to NATS ({state})"))
+    }
+
+    /// Publishes `votes` together ([`publish_together`]); a vote the per-subject limit
+    /// refused is resolved against the stored one.
+    async fn publish_votes(&self, votes: &[(Vote, String)]) -> Vec<Result<Appended>> {
+        let messages = votes
+            .iter()
+            .map(|(vote, unique_key)| (self.subject(vote, unique_key), wire::encode(vote).into()))
+            .collect();
+        let mut taken = Vec::new();
+        let mut answers: Vec<Result<Appended>> = publish_together(&self.client, messages)
+            .await
+            .into_iter()
+            .enumerate()
+            .map(|(i, ack)| match ack? {
+                Ack::Stored(appended) => Ok(appended),
+                Ack::SubjectTaken => {
+                    taken.push(i);
+                    Ok(Appended::AlreadyVoted)
+                }
+            })
+            .collect();
+        let resolved: Vec<(usize, Result<Appended>)> = futures::stream::iter(taken)
+            .map(|i| {
+                let (vote, unique_key) = &votes[i];
+                async move {
+                    let subject = self.subject(vote, unique_key);
+                    (i, self.resolve_conflict(&subject, vote).await)
+                }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        for (i, answer) in resolved {
+            answers[i] = answer;
+        }
+        answers
+    }
+
+    /// After a per-subject refusal: the same vote (a late retry) or another voter's vote?
+    async fn resolve_conflict(&self, subject: &str, vote: &Vote) -> Result<Appended> {
+        let stream = self
+            .js
+            .get_stream_no_info(VOTES_STREAM)
+            .await
+            .map_err(|e| Error::unavailable("vote log", e))?;
+        let stored = stream
+            .get_last_raw_message_by_subject(subject)
+            .await
+            .map_err(|e| Error::unavailable("vote log", e))?;
+        let existing = wire::decode(&stored.payload)?;
+        if existing.vote_id == vote.vote_id {
+            Ok(Appended::Accepted {
+                seq: stored.sequence,
+                duplicate: true,
+            })
+        } else {
+            Ok(Appended::AlreadyVoted)
+        }
+    }
+}
+
+#[async_trait]
+impl VoteLog for JetStreamLog {
+    fn partitions(&self) -> u16 {
+        self.partitions
+    }
+
+    async fn append(&self, vote: &Vote, unique_key: &str) -> Result<Appended> {
+        if let Some(why) = self.disconnected() {
+            return Err(Error::unavailable("vote log", why));
+        }
+        let payload = wire::encode(vote).into();
+        // The first await hands the message to the connection; the second waits for the
+        // stream's ack, which JetStream sends once the message is stored.
+        let ack = self
+            .js
+            .publish(self.subject(vote, unique_key), payload)
+            .await
+            .map_err(|e| Error::unavailable("vote log", e))?
+            .await;
+        match ack {
+            Ok(ack) => Ok(Appended::Accepted {
+                seq: ack.sequence,
+                duplicate: ack.duplicate,
+            }),
+            Err(err) if jetstream_code(&err) == Some(ERR_PER_SUBJECT_LIMIT) => {
+                self.resolve_conflict(&self.subject(vote, unique_key), vote)
+                    .await
+            }
+            Err(err) => Err(Error::unavailable(
+                "vote log",
+                format!("publish not acknowledged: {err}"),
+            )),
+        }
+    }
+
+    async fn append_many(&self, votes: &[(Vote, String)]) -> Vec<Result<Appended>> {
+        if votes.len() == 1 {
+            return vec![self.append(&votes[0].0, &votes[0].1).await];
+        }
+        if let Some(why) = self.disconnected() {
+            return votes
+                .iter()
+                .map(|_| Err(Error::unavailable("vote log", why.clone())))
+                .collect();
+        }
+        let parts = votes
+            .chunks(ACKS_PER_SUBSCRIPTION)
+            .map(|part| self.publish_votes(part));
+        futures::future::join_all(parts)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    async fn reader(&self, partition: u16, after: u64) -> Result<Box<dyn LogReader>> {
+        let stream = self
+            .js
+            .get_stream(VOTES_STREAM)
+            .await
+            .map_err(|e| Error::unavailable("vote log", e))?;
+        let name = format!("processor-p{partition}");
+        // The durable consumer is recreated at the caller's watermark: the warehouse, not the
+        // consumer's ack floor, says where processing stands, and a fresh consumer delivers
+        // strictly in order from there.
+        if let Err(err) = stream.delete_consumer(&name).await {
+            tracing::debug!(consumer = %name, error = %err, "no consumer to delete");
+        }
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: format!("votes.{partition}.>"),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: after + 1,
+            },
+            ack_policy: consumer::AckPolicy::All,
+            ack_wait: Duration::from_secs(600),
+            max_deliver: -1,
+            max_ack_pending: 1_000_000,
+            ..Default::default()
+        };
+        let consumer = stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| Error::unavailable("vote log", e))?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(2_000)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| Error::unavailable("vote log", e))?;
+        Ok(Box::new(JetStreamReader {
+            messages,
+            last: None,
+            last_seq: after,
+            last_delivery: 0,
+        }))
+    }
+
+    async fn check(&self) -> Result<()> {
+        self.js
+            .get_stream_no_info(VOTES_STREAM)
+            .await
+            .map_err(|e| Error::unavailable("vote log", e))?;
+        Ok(())
+    }
+}
+
+/// Whether a delivery `(number, entry)` may follow the last one taken: the next delivery
+/// number, and an entry after the last one (entries of a filtered consumer may skip).
+fn in_order((last_delivery, last_seq): (u64, u64), (delivery, seq): (u64, u64)) -> Result<()> {
+    if delivery != last_delivery + 1 || seq <= last_seq {
+        return Err(Error::unavailable(
+            "vote log",
+            format!(
+                "delivery {delivery} (entry {seq}) after delivery {last_delivery} (entry \
+             {last_seq}): a delivery was lost or repeated; reopening at the watermark"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Publishes each `(subject, payload)` to JetStream with one reply subscription for all
+/// their acks: reply subjects `<inbox>.<index>`, one deadline ([`ACK_TIMEOUT`]) for the lot.
+/// The client's request path would create a response channel, two timers and a boxed
+/// future per message; here the acks arrive on one stream and are read in place. Returns
+/// what the stream answered to each message, in order. Keep a call within
+/// [`ACKS_PER_SUBSCRIPTION`] messages, below the client's buffer for one subscription.
+pub async fn publish_together(
+    client: &async_nats::Client,
+    messages: Vec<(String, bytes::Bytes)>,
+) -> Vec<Result<Ack>> {
+    use std::fmt::Write;
+    let mut answers: Vec<Option<Result<Ack>>> = messages.iter().map(|_| None).collect();
+    let inbox = client.new_inbox();
+    let mut acks = match client.subscribe(format!("{inbox}.*")).await {
+        Ok(acks) => acks,
+        Err(err) => {
+            return messages
+                .iter()
+                .map(|_| {
+                    Err(Error::unavailable(
+                        "vote log",
+                        format!("subscribe to acks: {err}"),
+                    ))
+                })
+                .collect()
+        }
+    };
+    let mut waiting = 0;
+    for (i, (subject, payload)) in messages.into_iter().enumerate() {
+        let mut reply = String::with_capacity(inbox.len() + 6);
+        reply.push_str(&inbox);
+        let _ = write!(reply, ".{i}");
+        match client.publish_with_reply(subject, reply, payload).await {
+            Ok(()) => waiting += 1,
+            Err(err) => {
+                answers[i] = Some(Err(Error::unavailable(
+                    "vote log",
+                    format!("publish: {err}"),
+                )))
+            }
+        }
+    }
+    let deadline = tokio::time::sleep(ACK_TIMEOUT);
+    tokio::pin!(deadline);
+    while waiting > 0 {
+        let ack = tokio::select! {
+            biased;
+            ack = acks.next() => match ack {
+                Some(ack) => ack,
+                None => break,
+            },
+            () = &mut deadline => break,
+        };
+        let index = ack.subject.rsplit('.').next().and_then(|i| i.parse().ok());
+        let Some(i) = index.filter(|&i: &usize| answers.get(i).is_some_and(Option::is_none)) else {
+            continue;
+        };
+        waiting -= 1;
+        answers[i] = Some(read_ack(ack.status, &ack.payload));
+    }
+    answers
+        .into_iter()
+        .map(|answer| {
+            answer.unwrap_or_else(|| {
+                Err(Error::unavailable(
+                    "vote log",
+                    format!("publish not acknowledged within {ACK_TIMEOUT:?}"),
+                ))
+            })
+        })
+        .collect()
+}
+
+/// What the stream answered to a publish it took or refused on purpose.
+#[derive(Debug, PartialEq)]
+pub enum Ack {
+    Stored(Appended),
+    /// The per-subject limit refused it: the subject already holds a message.
+    SubjectTaken,
+}
+
+/// Reads a JetStream publish ack: `{"stream":…,"seq":N[,"duplicate":true]}` or
+/// `{"error":{"code":…,"err_code":…,"description":…}}`.
+fn read_ack(status: Option<async_nats::StatusCode>, payload: &[u8]) -> Result<Ack> {
+    #[derive(serde::Deserialize)]
+    struct Reply<'a> {
+        seq: Option<u64>,
+        #[serde(default)]
+        duplicate: bool,
+        #[serde(borrow)]
+        error: Option<ReplyError<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ReplyError<'a> {
+        #[serde(default)]
+        err_code: u64,
+        #[serde(borrow, default)]
+        description: std::borrow::Cow<'a, str>,
+    }
+    let failed = |why: String| {
+        Err(Error::unavailable(
+            "vote log",
+            format!("publish not acknowledged: {why}"),
+        ))
+    };
+    if status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+        return failed(format!("no stream takes `{VOTES_STREAM}` subjects"));
+    }
+    match serde_json::from_slice::<Reply>(payload) {
+        Ok(Reply {
+            error: Some(error), ..
+        }) if error.err_code == ERR_PER_SUBJECT_LIMIT => Ok(Ack::SubjectTaken),
+        Ok(Reply {
+            error: Some(error), ..
+        }) => failed(format!("{} ({})", error.description, error.err_code)),
+        Ok(Reply {
+            seq: Some(seq),
+            duplicate,
+            ..
+        }) => Ok(Ack::Stored(Appended::Accepted { seq, duplicate })),
+        Ok(_) => failed("an ack without a sequence".into()),
+        Err(err) => failed(format!("unreadable ack: {err}")),
+    }
+}
+
+/// How long a batch may keep growing after its first entry.
+const BATCH_LINGER: Duration = Duration::from_millis(50);
+/// A pause between entries this long ends a batch.
+const BATCH_GAP: Duration = Duration::from_millis(5);
+
+struct JetStreamReader {
+    messages: consumer::pull::Stream,
+    /// The newest delivered message, kept so `commit` can ack it (ack policy "all").
+    last: Option<jetstream::Message>,
+    last_seq: u64,
+    /// The consumer's delivery number of the newest message taken (0: none yet).
+    last_delivery: u64,
+}
+
+impl JetStreamReader {
+    /// Takes one delivered message into `batch`, or fails when a delivery is missing.
+    ///
+    /// The consumer numbers its deliveries 1, 2, 3, … (redeliveries included). A number
+    /// that is not the next one means a delivery never arrived — typically it was in flight
+    /// when the connection dropped, and the consumer will only redeliver it after
+    /// `ack_wait` — or that an old one is being redelivered. Going on would pass over an
+    /// entry and the watermark would then skip it for good, so the reader fails instead and
+    /// the processor reopens it at its watermark, which delivers strictly in order again.
+    fn accept(&mut self, message: jetstream::Message, batch: &mut Vec<LogEntry>) -> Result<()> {
+        let info = message
+            .info()
+            .map_err(|e| Error::unavailable("vote log", e))?;
+        let (seq, delivery) = (info.stream_sequence, info.consumer_sequence);
+        in_order((self.last_delivery, self.last_seq), (delivery, seq))?;
+        self.last_delivery = delivery;
+        self.last_seq = seq;
+        batch.push(LogEntry {
+            seq,
+            payload: message.payload.clone(),
+        });
+        self.last = Some(message);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl LogReader for JetStreamReader {
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<LogEntry>> {
+        let mut batch = Vec::new();
+        let first = match tokio::time::timeout(wait, self.messages.next()).await {
+            Err(_elapsed) => return Ok(batch),
+            Ok(None) => return Err(Error::unavailable("vote log", "consumer stream ended")),
+            Ok(Some(Err(err))) => {
+                return Err(Error::unavailable("vote log", format!("consumer: {err}")))
+            }
+            Ok(Some(Ok(message))) => message,
+        };
+        self.accept(first, &mut batch)?;
+        // Keep taking while entries keep coming, so batches grow with the load: the pull
+        // hands over ~100 messages at a time, and a batch of 100 costs as many warehouse
+        // round trips as one of 10,000. A 5 ms gap ends the batch, and it never lingers
+        // longer than BATCH_LINGER in all.
+        let linger_until = tokio::time::Instant::now() + BATCH_LINGER;
+        while batch.len() < max {
+            let next = match self.messages.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    let left = linger_until.saturating_duration_since(tokio::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match tokio::time::timeout(left.min(BATCH_GAP), self.messages.next()).await {
+                        Ok(next) => next,
+                        Err(_gap) => break,
+                    }
+                }
+            };
+            match next {
+                Some(Ok(message)) => self.accept(message, &mut batch)?,
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "consumer error while draining a batch");
+                    break;
+                }
+                None => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn commit(&mut self, seq: u64) -> Result<()> {
+        let Some(message) = self
+            .last
+            .take_if(|m| m.info().map(|i| i.stream_sequence == seq).unwrap_or(false))
+        else {
+            return Ok(());
+        };
+        message
+            .ack()
+            .await
+            .map_err(|e| Error::unavailable("vote log", format!("ack: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deliveries_must_come_one_after_another() {
+        // The first delivery of a consumer opened after entry 10.
+        assert!(in_order((0, 10), (1, 11)).is_ok());
+        // Entries of other partitions are filtered out: entry numbers may skip.
+        assert!(in_order((1, 11), (2, 15)).is_ok());
+        // A delivery lost (say, in flight when the connection dropped).
+        let lost = in_order((2, 15), (4, 17)).unwrap_err();
+        let lost = lost.chain().to_string();
+        assert!(lost.contains("lost or repeated"), "{lost}");
+        // A redelivery: the number moves on, the entry does not.
+        assert!(in_order((2, 15), (3, 15)).is_err());
+        assert!(in_order((2, 15), (3, 12)).is_err());
+        // The same delivery twice.
+        assert!(in_order((2, 15), (2, 15)).is_err());
+    }
+
+    #[test]
+    fn reads_publish_acks() {
+        assert_eq!(
+            read_ack(None, br#"{"stream":"VOTES","seq":42}"#).unwrap(),
+            Ack::Stored(Appended::Accepted {
+                seq: 42,
+                duplicate: false
+            })
+        );
+        assert_eq!(
+            read_ack(
+                None,
+                br#"{"stream":"VOTES","domain":"hub","seq":7,"duplicate":true}"#
+            )
+            .unwrap(),
+            Ack::Stored(Appended::Accepted {
+                seq: 7,
+                duplicate: true
+            })
+        );
+        assert_eq!(
+            read_ack(
+                None,
+                br#"{"error":{"code":503,"err_code":10077,"description":"maximum messages per subject exceeded"},"stream":"VOTES","seq":0}"#
+            )
+            .unwrap(),
+            Ack::SubjectTaken
+        );
+        let refused = read_ack(
+            None,
+            br#"{"error":{"code":503,"err_code":10039,"description":"insufficient resources"}}"#,
+        )
+        .unwrap_err();
+        let refused = refused.chain().to_string();
+        assert!(
+            refused.ends_with("publish not acknowledged: insufficient resources (10039)"),
+            "{refused}"
+        );
+        assert!(read_ack(Some(async_nats::StatusCode::NO_RESPONDERS), b"").is_err());
+        assert!(read_ack(None, b"{}").is_err());
+        assert!(read_ack(None, b"not json").is_err());
+    }
+}

@@ -1,0 +1,159 @@
+//! The poll registry on a JetStream key-value bucket: key = poll id, value = the versioned
+//! poll record, revision = the poll's `version`.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+use async_trait::async_trait;
+use futures::{StreamExt, TryStreamExt};
+
+use super::POLLS_BUCKET;
+use tally_core::poll::Poll;
+use tally_core::ports::{BoxStream, PollChange, PollRegistry};
+use tally_core::{Error, Result};
+
+#[derive(Clone)]
+pub struct KvRegistry {
+    store: kv::Store,
+}
+
+impl KvRegistry {
+    pub async fn open(client: async_nats::Client) -> Result<Self> {
+        let js = jetstream::new(client);
+        if let Ok(store) = js.get_key_value(POLLS_BUCKET).await {
+            return Ok(KvRegistry { store });
+        }
+        let created = js
+            .create_key_value(kv::Config {
+                bucket: POLLS_BUCKET.to_owned(),
+                history: 5,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await;
+        if let Err(err) = created {
+            // Older servers (2.9) answer bucket creation in a shape the client cannot parse;
+            // create the bucket's backing stream the way the KV protocol defines it.
+            tracing::debug!(error = %err, "create_key_value failed, creating the bucket stream directly");
+            let config = stream::Config {
+                name: format!("KV_{POLLS_BUCKET}"),
+                subjects: vec![format!("$KV.{POLLS_BUCKET}.>")],
+                max_messages_per_subject: 5,
+                discard: stream::DiscardPolicy::New,
+                storage: stream::StorageType::File,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            };
+            js.get_or_create_stream(config)
+                .await
+                .map_err(|e| Error::unavailable("poll registry", e))?;
+        }
+        let store = js
+            .get_key_value(POLLS_BUCKET)
+            .await
+            .map_err(|e| Error::unavailable("poll registry", e))?;
+        Ok(KvRegistry { store })
+    }
+
+    fn decode(entry: &kv::Entry) -> Result<Poll> {
+        let mut poll = Poll::decode(&entry.value)?;
+        poll.version = entry.revision;
+        Ok(poll)
+    }
+}
+
+#[async_trait]
+impl PollRegistry for KvRegistry {
+    async fn create(&self, poll: &Poll) -> Result<Poll> {
+        match self.store.create(&poll.id, poll.encode().into()).await {
+            Ok(revision) => Ok(Poll {
+                version: revision,
+                ..poll.clone()
+            }),
+            Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => {
+                Err(Error::AlreadyExists(format!("poll `{}`", poll.id)))
+            }
+            Err(err) => Err(Error::unavailable("poll registry", err)),
+        }
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Poll>> {
+        let entry = self
+            .store
+            .entry(id)
+            .await
+            .map_err(|e| Error::unavailable("poll registry", e))?;
+        match entry {
+            Some(entry) if entry.operation == kv::Operation::Put => Ok(Some(Self::decode(&entry)?)),
+            _ => Ok(None),
+        }
+    }
+
+    async fn update(&self, poll: &Poll) -> Result<Poll> {
+        match self
+            .store
+            .update(&poll.id, poll.encode().into(), poll.version)
+            .await
+        {
+            Ok(revision) => Ok(Poll {
+                version: revision,
+                ..poll.clone()
+            }),
+            Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Err(Error::Conflict(format!("poll `{}`", poll.id)))
+            }
+            Err(err) => Err(Error::unavailable("poll registry", err)),
+        }
+    }
+
+    async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<Poll>> {
+        let mut keys: Vec<String> = match self.store.keys().await {
+            Ok(keys) => keys
+                .try_collect()
+                .await
+                .map_err(|e| Error::unavailable("poll registry", e))?,
+            Err(err) => return Err(Error::unavailable("poll registry", err)),
+        };
+        keys.sort();
+        let mut polls = Vec::new();
+        for key in keys
+            .into_iter()
+            .filter(|k| after.is_none_or(|a| k.as_str() > a))
+        {
+            if polls.len() >= limit {
+                break;
+            }
+            if let Some(poll) = self.get(&key).await? {
+                polls.push(poll);
+            }
+        }
+        Ok(polls)
+    }
+
+    async fn watch(&self) -> Result<BoxStream<Result<PollChange>>> {
+        let watch = self
+            .store
+            .watch_with_history(">")
+            .await
+            .map_err(|e| Error::unavailable("poll registry", e))?;
+        let changes = watch.map(|entry| {
+            let entry = entry.map_err(|e| Error::unavailable("poll registry", e))?;
+            match entry.operation {
+                kv::Operation::Put => Ok(PollChange::Put(Box::new(Self::decode(&entry)?))),
+                kv::Operation::Delete | kv::Operation::Purge => Ok(PollChange::Deleted(entry.key)),
+            }
+        });
+        Ok(Box::pin(changes))
+    }
+
+    async fn check(&self) -> Result<()> {
+        self.store
+            .status()
+            .await
+            .map_err(|e| Error::unavailable("poll registry", e))?;
+        Ok(())
+    }
+}

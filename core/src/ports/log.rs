@@ -1,0 +1,106 @@
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::vote::Vote;
+use crate::Result;
+
+/// The answer of [`VoteLog::append`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// The vote is durable at `seq`. `duplicate` says the same vote (same vote_id) was
+    /// already there and this call changed nothing.
+    Accepted { seq: u64, duplicate: bool },
+    /// Another vote already holds this uniqueness key: the voter has voted.
+    AlreadyVoted,
+}
+
+/// One entry of a partition of the log, in log order.
+#[derive(Debug, Clone)]
+pub struct LogEntry {
+    /// Position in the log; strictly increasing within a partition, never reused.
+    pub seq: u64,
+    pub payload: Bytes,
+}
+
+/// The durable, ordered vote log.
+///
+/// Guarantees: `append` resolves `Accepted` only once the vote is durable; the log holds at
+/// most one entry per `(poll, unique_key)` — the first one — and a repeat of the same
+/// `vote_id` resolves to the original entry's sequence. Entries of one poll always land in
+/// the same partition, which a reader sees in sequence order.
+#[async_trait]
+pub trait VoteLog: Send + Sync + 'static {
+    fn partitions(&self) -> u16;
+
+    /// The partition a poll's votes go to. Stable for a given partition count.
+    fn partition_of(&self, poll_id: &str) -> u16 {
+        partition_of(poll_id, self.partitions())
+    }
+
+    async fn append(&self, vote: &Vote, unique_key: &str) -> Result<Appended>;
+
+    /// Appends many votes, each `(vote, unique_key)` on its own terms: the answers are
+    /// [`VoteLog::append`]'s, in the order of `votes`, and one vote's failure does not stop
+    /// the others. A log may send them together; by default they are appended
+    /// [`APPEND_MANY_IN_FLIGHT`] at a time.
+    async fn append_many(&self, votes: &[(Vote, String)]) -> Vec<Result<Appended>> {
+        use futures::StreamExt;
+        let mut answers = Vec::with_capacity(votes.len());
+        let mut in_flight = futures::stream::FuturesOrdered::new();
+        for (vote, unique_key) in votes {
+            if in_flight.len() >= APPEND_MANY_IN_FLIGHT {
+                answers.extend(in_flight.next().await);
+            }
+            in_flight.push_back(self.append(vote, unique_key));
+        }
+        while let Some(answer) = in_flight.next().await {
+            answers.push(answer);
+        }
+        answers
+    }
+
+    /// Reads a partition from the entry after `after` (0 = from the start).
+    async fn reader(&self, partition: u16, after: u64) -> Result<Box<dyn LogReader>>;
+
+    /// Ok when the log is reachable.
+    async fn check(&self) -> Result<()>;
+}
+
+/// How many appends the default [`VoteLog::append_many`] keeps in flight.
+pub const APPEND_MANY_IN_FLIGHT: usize = 512;
+
+/// Stable FNV-1a hash of the poll id, so every process maps a poll to the same partition.
+pub fn partition_of(poll_id: &str, partitions: u16) -> u16 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in poll_id.bytes() {
+        hash ^= byte as u32;
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    (hash % partitions.max(1) as u32) as u16
+}
+
+#[async_trait]
+pub trait LogReader: Send {
+    /// Waits up to `wait` for entries and returns up to `max` of them in sequence order
+    /// (empty when none came). After an error, calling again resumes where it stood.
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<LogEntry>>;
+
+    /// Tells the log everything up to `seq` is processed. An optimisation: after a restart
+    /// the caller resumes from its own watermark, not from what was committed here.
+    async fn commit(&mut self, seq: u64) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_stable_and_in_range() {
+        assert_eq!(partition_of("spring-launch", 1), 0);
+        let p = partition_of("spring-launch", 8);
+        assert!(p < 8);
+        assert_eq!(p, partition_of("spring-launch", 8));
+    }
+}

@@ -1,0 +1,21 @@
+//! The ports: the back-end traits every service talks through. Services hold them as
+//! `Arc<dyn …>`; the distributed deployment implements them on NATS JetStream and
+//! ClickHouse (`tally-nats`, `tally-clickhouse`), the standalone one on embedded stores
+//! (`tally-embedded`). Each trait states the guarantees its callers rely on; the
+//! `tally-conformance` suites prove them for every implementation.
+
+mod live;
+mod log;
+mod registry;
+mod warehouse;
+
+use std::pin::Pin;
+
+use futures::Stream;
+
+pub use live::LiveFeed;
+pub use log::{partition_of, Appended, LogEntry, LogReader, VoteLog, APPEND_MANY_IN_FLIGHT};
+pub use registry::{PollChange, PollRegistry};
+pub use warehouse::{StoredVote, Warehouse, Watermarks, WindowRow};
+
+pub type BoxStream<T> = Pin<Box<dyn Stream<Item = T> + Send>>;

@@ -1,0 +1,177 @@
+//! The baselines `scripts/bench` measures every figure against, as hidden subcommands:
+//! `tally bench-log-append` (standalone: durable appends to the embedded vote log, in
+//! process) and `tally bench-publish` (distributed: JetStream publishes; with `--through-log`
+//! through the vote log ingest uses, so with its one message per voter).
+//! Both send the same vote payloads with many in flight — no HTTP, no JSON parsing, no
+//! processing — and print one line of JSON: `{"votes": N, "seconds": S, "per_s": R}`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use tally_core::poll::Dedupe;
+use tally_core::ports::VoteLog;
+use tally_core::segment::Segment;
+use tally_core::vote::Vote;
+
+/// A vote like the load generator's: four segment values, one choice.
+fn sample_vote(i: u64) -> Vote {
+    Vote {
+        vote_id: format!("baseline-{i}-0123456789"),
+        poll_id: format!("baseline-{}", i % 4),
+        voter_key: format!("{i:032x}"),
+        choice: vec!["green".into()],
+        value: None,
+        segment: Segment {
+            country: "DE".into(),
+            device: "mobile".into(),
+            channel: "email".into(),
+            custom: [("plan".to_owned(), "pro".to_owned())].into(),
+            ..Default::default()
+        },
+        received_at: 1_700_000_000_000 + i as i64,
+    }
+}
+
+/// Appends `votes` sample votes with `in_flight` at once, `together` per
+/// [`VoteLog::append_many`] call; returns the seconds it took.
+async fn append_all(log: Arc<dyn VoteLog>, votes: u64, in_flight: usize, together: u64) -> f64 {
+    let together = together.max(1);
+    let started = Instant::now();
+    futures::stream::iter((0..votes).step_by(together as usize))
+        .map(|first| {
+            let log = log.clone();
+            async move {
+                let group: Vec<(Vote, String)> = (first..votes.min(first + together))
+                    .map(|i| {
+                        let vote = sample_vote(i);
+                        let key = vote.unique_key(Dedupe::PerVoter);
+                        (vote, key)
+                    })
+                    .collect();
+                log.append_many(&group).await
+            }
+        })
+        .buffer_unordered(in_flight.div_ceil(together as usize).max(1))
+        .for_each(|outcomes| async move {
+            for outcome in outcomes {
+                outcome.expect("append");
+            }
+        })
+        .await;
+    started.elapsed().as_secs_f64()
+}
+
+/// The one line of JSON every baseline prints.
+fn report(votes: u64, seconds: f64, cpu_before: Option<f64>) {
+    let cpu = cpu_before
+        .zip(crate::own_cpu_seconds())
+        .map_or(String::new(), |(before, after)| {
+            format!(", \"cpu_seconds\": {:.2}", after - before)
+        });
+    println!(
+        "{{\"votes\": {votes}, \"seconds\": {seconds:.3}, \"per_s\": {:.0}{cpu}}}",
+        votes as f64 / seconds
+    );
+}
+
+pub async fn run(votes: u64, in_flight: usize, dir: &std::path::Path) -> anyhow::Result<()> {
+    let store = tally_embedded::open(
+        dir,
+        tally_embedded::Options {
+            partitions: 2,
+            ..Default::default()
+        },
+    )?;
+    let log: Arc<dyn VoteLog> = store.log;
+    let cpu = crate::own_cpu_seconds();
+    let seconds = append_all(log, votes, in_flight, 1).await;
+    report(votes, seconds, cpu);
+    Ok(())
+}
+
+/// Votes per group of the distributed baselines (per `append_many` call through the log):
+/// as ingest appends the votes of an NDJSON batch of 1,000 (within
+/// [`tally_nats::ACKS_PER_SUBSCRIPTION`]).
+const PUBLISH_GROUP: u64 = 1_000;
+
+/// The same votes appended through [`tally_nats::JetStreamLog`], as ingest appends
+/// a batch's votes: the `VOTES` stream with one message per voter (discard new per
+/// subject). Deletes the stream afterwards, so run it before the services.
+async fn publish_through_log(
+    client: async_nats::Client,
+    votes: u64,
+    in_flight: usize,
+) -> anyhow::Result<()> {
+    let log: Arc<dyn VoteLog> =
+        Arc::new(tally_nats::JetStreamLog::open(client.clone(), Default::default()).await?);
+    let cpu = crate::own_cpu_seconds();
+    let seconds = append_all(log, votes, in_flight, PUBLISH_GROUP).await;
+    let _ = async_nats::jetstream::new(client)
+        .delete_stream(tally_nats::VOTES_STREAM)
+        .await;
+    report(votes, seconds, cpu);
+    Ok(())
+}
+
+/// Publishes the sample votes `range` to the baseline's stream and waits for every ack, the
+/// lightest way a client can and the way the vote log publishes a batch
+/// ([`tally_nats::publish_together`]).
+async fn publish_group(
+    client: &async_nats::Client,
+    range: std::ops::Range<u64>,
+) -> anyhow::Result<()> {
+    let messages = range
+        .map(|i| {
+            let vote = sample_vote(i);
+            let subject = format!("bench.{}.{}", vote.poll_id, vote.voter_key);
+            (subject, tally_core::wire::encode(&vote).into())
+        })
+        .collect();
+    for ack in tally_nats::publish_together(client, messages).await {
+        if let tally_nats::Ack::SubjectTaken = ack? {
+            anyhow::bail!("the baseline's stream, which has no per-subject limit, refused one");
+        }
+    }
+    Ok(())
+}
+
+/// `tally bench-publish` (hidden; `scripts/bench` runs it): the broker's ceiling for the
+/// distributed deployment — JetStream publishes of the same vote payloads to a file-storage
+/// stream of its own (no per-subject limit), from one connection with about as many acks
+/// awaited at once as `in_flight`.
+pub async fn publish(
+    nats_url: &str,
+    votes: u64,
+    in_flight: usize,
+    through_log: bool,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::{self, stream};
+    let client = tally_nats::connect(nats_url, std::time::Duration::from_secs(10)).await?;
+    if through_log {
+        return publish_through_log(client, votes, in_flight).await;
+    }
+    let js = jetstream::new(client);
+    let _ = js.delete_stream("BENCH_PUBLISH").await;
+    js.create_stream(stream::Config {
+        name: "BENCH_PUBLISH".into(),
+        subjects: vec!["bench.>".into()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+    let client = js.client();
+    let cpu = crate::own_cpu_seconds();
+    let started = Instant::now();
+    futures::stream::iter((0..votes).step_by(PUBLISH_GROUP as usize))
+        .map(|first| publish_group(&client, first..votes.min(first + PUBLISH_GROUP)))
+        .buffer_unordered(in_flight.div_ceil(PUBLISH_GROUP as usize).max(1))
+        .for_each(|outcome| async move {
+            outcome.expect("publish");
+        })
+        .await;
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = js.delete_stream("BENCH_PUBLISH").await;
+    report(votes, seconds, cpu);
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! `/healthz` (the process is up) and `/readyz` (its dependencies answer), for every service.
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::future::BoxFuture;
+use serde_json::json;
+
+use tally_core::ports::{PollRegistry, VoteLog, Warehouse};
+use tally_core::problem;
+use tally_core::Result;
+
+use super::ApiError;
+
+/// A named readiness check of one dependency.
+pub type Probe = (
+    &'static str,
+    Arc<dyn Fn() -> BoxFuture<'static, Result<()>> + Send + Sync>,
+);
+
+/// The readiness check of a vote log.
+pub fn vote_log(log: Arc<dyn VoteLog>) -> Probe {
+    probe("vote_log", move || {
+        let log = log.clone();
+        async move { log.check().await }
+    })
+}
+
+/// The readiness check of a poll registry.
+pub fn poll_registry(registry: Arc<dyn PollRegistry>) -> Probe {
+    probe("poll_registry", move || {
+        let registry = registry.clone();
+        async move { registry.check().await }
+    })
+}
+
+/// The readiness check of a warehouse.
+pub fn warehouse(warehouse: Arc<dyn Warehouse>) -> Probe {
+    probe("warehouse", move || {
+        let warehouse = warehouse.clone();
+        async move { warehouse.check().await }
+    })
+}
+
+pub fn probe<F, Fut>(name: &'static str, check: F) -> Probe
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    (
+        name,
+        Arc::new(move || Box::pin(check()) as BoxFuture<'static, Result<()>>),
+    )
+}
+
+/// The default of how long a request may take to be answered (its response head; a live
+/// stream's body may flow for hours). Covers clients that trickle their body.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A service's router: its `api`, `/healthz` and `/readyz` over `probes`, problem+json
+/// answers for unknown paths and methods, and a 408 for requests not answered in `timeout`.
+pub fn service(api: Router, probes: Vec<Probe>, timeout: std::time::Duration) -> Router {
+    api.merge(routes(probes))
+        .fallback(|| async { ApiError(problem::no_route()) })
+        .method_not_allowed_fallback(|| async { ApiError(problem::method_not_allowed()) })
+        .layer(axum::middleware::from_fn(move |request, next| {
+            time_limit(timeout, request, next)
+        }))
+}
+
+async fn time_limit(
+    timeout: std::time::Duration,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError(problem::Problem::new(
+            408,
+            "request-timeout",
+            "Request timeout",
+            format!(
+                "the request was not answered within {} s; a body must arrive within that time, and a retry with the same vote_id is safe",
+                timeout.as_secs_f64()
+            ),
+        ))
+        .into_response(),
+    }
+}
+
+pub fn routes<S: Clone + Send + Sync + 'static>(probes: Vec<Probe>) -> Router<S> {
+    let probes = Arc::new(probes);
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route(
+            "/readyz",
+            get(move || {
+                let probes = probes.clone();
+                async move {
+                    let mut checks = serde_json::Map::new();
+                    let mut ready = true;
+                    for (name, check) in probes.iter() {
+                        let outcome =
+                            tokio::time::timeout(std::time::Duration::from_secs(2), check()).await;
+                        let status = match outcome {
+                            Ok(Ok(())) => "ok".to_owned(),
+                            Ok(Err(err)) => {
+                                ready = false;
+                                err.to_string()
+                            }
+                            Err(_) => {
+                                ready = false;
+                                "timed out".to_owned()
+                            }
+                        };
+                        checks.insert((*name).to_owned(), json!(status));
+                    }
+                    let code = if ready {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    (code, Json(json!({"ready": ready, "checks": checks})))
+                }
+            }),
+        )
+}

@@ -1,0 +1,104 @@
+//! Problems as HTTP responses: every error of every service leaves through [`ApiError`],
+//! and extractor rejections (bad JSON, wrong types, bodies too large, invalid UTF-8) go
+//! through [`ApiJson`] and [`read_body`], so they have the same shape as our own errors.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use tally_core::error::Chain;
+use tally_core::problem::{parse_json, Problem, CONTENT_TYPE};
+
+/// A [`Problem`] on its way out as a response. Converting a back-end [`tally_core::Error`]
+/// logs it once, with its cause chain, and shows the client only what its kind allows.
+#[derive(Debug)]
+pub struct ApiError(pub Problem);
+
+/// What a handler answers.
+pub type Reply = Result<Response, ApiError>;
+
+impl From<Problem> for ApiError {
+    fn from(problem: Problem) -> Self {
+        ApiError(problem)
+    }
+}
+
+impl From<tally_core::Error> for ApiError {
+    fn from(err: tally_core::Error) -> Self {
+        use tally_core::ErrorKind;
+        match err.kind() {
+            ErrorKind::Unavailable => {
+                tracing::warn!(error = %err.chain(), "back end unavailable")
+            }
+            ErrorKind::Failed | ErrorKind::Corrupt => {
+                tracing::error!(error = %err.chain(), "request failed")
+            }
+            _ => {}
+        }
+        ApiError(err.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let problem = self.0;
+        let status = StatusCode::from_u16(problem.status).unwrap_or_else(|_| {
+            tracing::error!(status = problem.status, "a problem with an invalid status");
+            StatusCode::INTERNAL_SERVER_ERROR
+        });
+        let body = match serde_json::to_vec(&problem) {
+            Ok(body) => body,
+            Err(err) => {
+                tracing::error!(error = %Chain(&err), "cannot encode a problem");
+                Vec::new()
+            }
+        };
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+        if let Some(seconds) = problem.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            if let Some(limit) = problem.rate_limit {
+                headers.insert("ratelimit-limit", HeaderValue::from(limit));
+                headers.insert("ratelimit-remaining", HeaderValue::from(0u32));
+                headers.insert("ratelimit-reset", HeaderValue::from(seconds));
+            }
+        }
+        response
+    }
+}
+
+/// A JSON body extractor whose rejections are problems. The body limit is axum's
+/// `DefaultBodyLimit`, which also counts chunked bodies as they stream.
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let body = read_body(req, state).await?;
+        Ok(ApiJson(parse_json(&body)?))
+    }
+}
+
+/// Buffers a body within the configured limit, mapping the limit to 413.
+pub async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    match Bytes::from_request(req, state).await {
+        Ok(bytes) => Ok(bytes),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(Problem::new(
+            413,
+            "body-too-large",
+            "Body too large",
+            "the request body exceeds the size limit of this endpoint",
+        )
+        .into()),
+        Err(rejection) => {
+            Err(Problem::bad_request("unreadable-body", rejection.body_text()).into())
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! `tally ingest`: the public vote intake on NATS.
+
+use clap::Args;
+
+use crate::config::{shutdown_signal, Bus, LimitArgs, Listen8080, Timeout};
+
+#[derive(Args)]
+pub struct IngestArgs {
+    #[command(flatten)]
+    listen: Listen8080,
+    #[command(flatten)]
+    bus: Bus,
+    #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
+    timeout: Timeout,
+    /// Server secret for hashing voter ids and signing voter tokens (16+ bytes).
+    #[arg(long, env = "TALLY_SECRET", hide_env_values = true)]
+    secret: String,
+}
+
+impl IngestArgs {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let client = self.bus.connect().await?;
+        let log = self.bus.log(client.clone()).await?;
+        let registry = self.bus.registry(client).await?;
+        let config = tally_ingest::Config {
+            secret: self.secret.into_bytes(),
+            limits: self.limits.config(),
+            request_timeout: self.timeout.duration(),
+            ..Default::default()
+        };
+        let listener = self.listen.bind("ingest").await?;
+        tally_ingest::run(
+            listener,
+            tally_ingest::Deps { log, registry },
+            config,
+            shutdown_signal(),
+        )
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,59 @@
+//! `tally query`: management, results, analytics and live totals on NATS and ClickHouse.
+
+use std::sync::Arc;
+
+use clap::Args;
+use tally_core::auth::ApiKeys;
+use tally_nats::NatsLiveFeed;
+
+use crate::config::{shutdown_signal, Bus, Keys, Listen8081, Live, Timeout, WarehouseArgs};
+
+#[derive(Args)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    listen: Listen8081,
+    #[command(flatten)]
+    bus: Bus,
+    #[command(flatten)]
+    warehouse: WarehouseArgs,
+    #[command(flatten)]
+    keys: Keys,
+    #[command(flatten)]
+    live: Live,
+    /// Server secret (as given to ingest); enables minting voter tokens.
+    #[arg(long, env = "TALLY_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    #[command(flatten)]
+    timeout: Timeout,
+}
+
+impl QueryArgs {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let (warehouse, _) = self.warehouse.open().await?;
+        let client = self.bus.connect().await?;
+        let registry = self.bus.registry(client.clone()).await?;
+        let live = Arc::new(NatsLiveFeed::new(client));
+        let api_keys = ApiKeys::new(&self.keys.admin_keys, &self.keys.analyst_keys);
+        if api_keys.is_empty() {
+            tracing::warn!(
+                "no API keys configured: poll management and analytics will refuse every request"
+            );
+        }
+        let config = self
+            .live
+            .config(api_keys, self.secret.map(String::into_bytes), &self.timeout);
+        let listener = self.listen.bind("query").await?;
+        tally_query::run(
+            listener,
+            tally_query::Deps {
+                registry,
+                warehouse,
+                live,
+            },
+            config,
+            shutdown_signal(),
+        )
+        .await?;
+        Ok(())
+    }
+}
