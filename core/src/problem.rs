@@ -116,8 +116,8 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
         return Ok(value);
     }
     utf8(body)?;
-    let deserializer = &mut serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
         if inner.is_syntax() || inner.is_eof() {
@@ -133,6 +133,13 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
         } else {
             Problem::invalid(path.clone(), format!("`{path}`: {inner}"))
         }
+    })?;
+    // The value parsed but the first pass failed: something follows it.
+    deserializer.end().map_err(|err| {
+        Problem::bad_request(
+            "malformed-json",
+            format!("the body is not valid JSON: {err}"),
+        )
     })?;
     Ok(value)
 }
@@ -177,6 +184,19 @@ mod tests {
         let problem = parse_json::<Body>(br#"{"n": 1, "extra": 2}"#).unwrap_err();
         assert_eq!(problem.status, 422);
         assert!(problem.detail.contains("extra"), "{}", problem.detail);
+    }
+
+    #[test]
+    fn trailing_characters_are_malformed_json() {
+        assert_eq!(
+            parse_json::<Body>(br#"{"n": 1} x"#).unwrap_err().slug(),
+            "malformed-json"
+        );
+        assert_eq!(
+            parse_json::<Body>(br#"{"n": 1}{"n": 2}"#).unwrap_err().slug(),
+            "malformed-json"
+        );
+        assert!(parse_json::<Body>(b"{\"n\": 1}\n").is_ok());
     }
 
     #[test]

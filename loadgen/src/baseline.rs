@@ -1,7 +1,7 @@
-//! The baselines `scripts/bench` measures every figure against, as hidden subcommands:
-//! `tally bench-log-append` (standalone: durable appends to the embedded vote log, in
-//! process) and `tally bench-publish` (distributed: JetStream publishes; with `--through-log`
-//! through the vote log ingest uses, so with its one message per voter).
+//! The baselines `scripts/bench` measures every figure against, as subcommands:
+//! `tally-loadgen bench-log-append` (standalone: durable appends to the embedded vote log,
+//! in process) and `tally-loadgen bench-publish` (distributed: JetStream publishes; with
+//! `--through-log` through the vote log ingest uses, so with its one message per voter).
 //! Both send the same vote payloads with many in flight — no HTTP, no JSON parsing, no
 //! processing — and print one line of JSON: `{"votes": N, "seconds": S, "per_s": R}`.
 
@@ -136,7 +136,7 @@ async fn publish_group(
     Ok(())
 }
 
-/// `tally bench-publish` (hidden; `scripts/bench` runs it): the broker's ceiling for the
+/// `tally-loadgen bench-publish` (`scripts/bench` runs it): the broker's ceiling for the
 /// distributed deployment — JetStream publishes of the same vote payloads to a file-storage
 /// stream of its own (no per-subject limit), from one connection with about as many acks
 /// awaited at once as `in_flight`.

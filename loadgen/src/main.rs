@@ -14,8 +14,13 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Optional only so that a baseline needs none of the load's required arguments
+    /// (`--admin-key`); without a subcommand clap requires them.
     #[command(flatten)]
-    load: tally_loadgen::LoadgenArgs,
+    load: Option<tally_loadgen::LoadgenArgs>,
+    /// Print the summary as JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -54,7 +59,19 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        None => tally_loadgen::run(cli.load).await,
+        None => {
+            let Some(load) = cli.load else {
+                anyhow::bail!("no load arguments: see --help");
+            };
+            let report = tally_loadgen::run(load).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&report.summary)?);
+            } else {
+                print!("{report}");
+            }
+            // Exits non-zero, naming what failed, after the summary is out.
+            report.result()
+        }
         Some(Command::BenchLogAppend {
             data_dir,
             votes,

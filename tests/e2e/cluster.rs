@@ -7,14 +7,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
-use tally_testkit::{ClickHouseServer, NatsOptions, NatsServer};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tally_testkit::process::log_tail;
+use tally_testkit::{ClickHouseServer, ManagedProcess, NatsOptions, NatsServer};
 
 pub const ADMIN_KEY: &str = "test-admin-key";
 pub const ANALYST_KEY: &str = "test-analyst-key";
@@ -47,17 +45,17 @@ macro_rules! for_each_deployment {
     };
 }
 
-/// The `tally-loadgen` binary, built beside `tally` (the workspace's test run builds it).
-pub fn loadgen_binary() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_BIN_EXE_tally")).with_file_name("tally-loadgen")
-}
-
+/// One process of the `tally` binary (or, as an alias, another handle on one), which prints
+/// `tally <service> listening on http://…` once it serves.
 pub struct Service {
     name: &'static str,
-    child: Option<Child>,
     pub url: String,
-    log: PathBuf,
+    /// The `--listen` address it was given; a replacement gets the same.
     listen: String,
+    /// Its stdout and stderr, one file per process.
+    log: PathBuf,
+    /// `None` for an alias, which owns no process.
+    process: Option<ManagedProcess>,
 }
 
 impl Service {
@@ -65,10 +63,10 @@ impl Service {
     fn alias(&self) -> Service {
         Service {
             name: self.name,
-            child: None,
             url: self.url.clone(),
-            log: self.log.clone(),
             listen: self.listen.clone(),
+            log: self.log.clone(),
+            process: None,
         }
     }
 
@@ -94,70 +92,57 @@ impl Service {
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_micros()
         ));
-        let log_file = std::fs::File::create(&log)?;
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tally"));
         command
             .arg(name)
             .arg("--listen")
             .arg(listen)
             .envs(env)
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .kill_on_drop(true);
-        for (key, value) in extra_env {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().context("spawning tally")?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(90), lines.next_line()).await;
-        let url = match line {
-            Ok(Ok(Some(line))) => line.rsplit(' ').next().unwrap_or_default().to_owned(),
-            _ => {
-                let _ = child.start_kill();
-                bail!("tally {name} did not start; its log:\n{}", tail(&log));
-            }
-        };
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            .envs(extra_env.iter().copied());
+        let mut process = ManagedProcess::start(format!("tally {name}"), command, &log)?;
+        let line = process
+            .wait_for_line(" listening on http://", Duration::from_secs(90))
+            .await?;
+        let url = line.rsplit(' ').next().unwrap_or_default().to_owned();
         Ok(Service {
             name,
-            child: Some(child),
             url,
-            log,
             listen: listen.to_owned(),
+            log,
+            process: Some(process),
         })
+    }
+
+    /// A new process of the same service on the same `--listen` address, with `extra_env`
+    /// added; this one must have been killed.
+    async fn replacement(
+        &self,
+        env: &HashMap<String, String>,
+        extra_env: &[(&str, &str)],
+        dir: &std::path::Path,
+    ) -> Result<Service> {
+        Service::spawn_on(self.name, &self.listen, env, extra_env, dir).await
     }
 
     /// SIGKILL, like a crashed machine: no shutdown hooks run.
     pub async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
+        if let Some(process) = self.process.as_mut() {
+            process.kill().await;
         }
     }
 
     pub async fn exited(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(child) => child.try_wait().ok().flatten().is_some(),
-            None => true,
-        }
+        self.process.as_mut().is_none_or(|process| process.exited())
     }
 
     pub fn log_tail(&self) -> String {
-        format!("--- {} ---\n{}", self.name, tail(&self.log))
+        format!("--- {} ---\n{}", self.name, log_tail(&self.log, 40))
     }
 
     /// Everything this process logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
-}
-
-fn tail(path: &std::path::Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 /// How a test wants its deployment beyond the defaults.
@@ -302,13 +287,9 @@ impl Cluster {
     pub async fn restart_processor(&self, extra_env: &[(&str, &str)]) -> Result<()> {
         let mut processor = self.processor.lock().await;
         processor.kill().await;
-        let name = processor.name;
-        let listen = match self.deployment {
-            Deployment::Distributed => "127.0.0.1:0".to_owned(),
-            Deployment::Standalone => processor.listen.clone(),
-        };
-        *processor =
-            Service::spawn_on(name, &listen, &self.env, extra_env, self.dir.path()).await?;
+        *processor = processor
+            .replacement(&self.env, extra_env, self.dir.path())
+            .await?;
         Ok(())
     }
 
@@ -333,12 +314,9 @@ impl Cluster {
                 }
             }
         }
-        let name = processor.name;
-        let listen = match self.deployment {
-            Deployment::Distributed => "127.0.0.1:0".to_owned(),
-            Deployment::Standalone => processor.listen.clone(),
-        };
-        *processor = Service::spawn_on(name, &listen, &self.env, &[], self.dir.path()).await?;
+        *processor = processor
+            .replacement(&self.env, &[], self.dir.path())
+            .await?;
         Ok(())
     }
 

@@ -1,32 +1,36 @@
-//! `tally loadgen` against a deployment: what it reports agrees with what the deployment
-//! counted, in single-vote and NDJSON-batch mode, with repeat voters refused.
+//! `tally-loadgen` against a deployment, in-process: what it reports agrees with what the
+//! deployment counted, in single-vote and NDJSON-batch mode, with repeat voters refused.
 
 use anyhow::{ensure, Context, Result};
+use clap::Parser;
 use serde_json::Value;
+use tally_loadgen::LoadgenArgs;
 
 use crate::cluster::{Cluster, Deployment, ADMIN_KEY};
 
 async fn loadgen(cluster: &Cluster, extra: &[&str]) -> Result<Value> {
-    let output = tokio::process::Command::new(crate::cluster::loadgen_binary())
-        .args([
-            "--url",
-            &cluster.ingest.url,
-            "--query-url",
-            &cluster.query.url,
-        ])
-        .args(["--admin-key", ADMIN_KEY, "--duration", "2", "--polls", "2"])
-        .args(["--repeat-ratio", "0.1", "--json"])
-        .args(extra)
-        .output()
+    let args = [
+        "tally-loadgen",
+        "--url",
+        &cluster.ingest.url,
+        "--query-url",
+        &cluster.query.url,
+    ]
+    .into_iter()
+    .chain(["--admin-key", ADMIN_KEY, "--duration", "2", "--polls", "2"])
+    .chain(["--repeat-ratio", "0.1", "--quiet"])
+    .chain(extra.iter().copied());
+    let report = tally_loadgen::run(LoadgenArgs::try_parse_from(args)?)
         .await
-        .context("running tally loadgen")?;
+        .with_context(|| format!("running tally-loadgen\n{}", cluster.logs()))?;
+    let summary = serde_json::to_value(&report.summary)?;
     ensure!(
-        output.status.success(),
-        "loadgen failed: {}\n{}",
-        String::from_utf8_lossy(&output.stderr),
+        report.failures.is_empty(),
+        "loadgen failed: {}\n{summary}\n{}",
+        report.failures.join("; "),
         cluster.logs()
     );
-    Ok(serde_json::from_slice(&output.stdout)?)
+    Ok(summary)
 }
 
 crate::for_each_deployment!(loadgen_reports_what_the_deployment_counted);

@@ -1,6 +1,6 @@
-//! The fault suite: votes flow from `tally loadgen` (careful clients that retry a vote whose
-//! outcome is unknown with the same vote_id, and record every 202 as the ground truth) while
-//! the test breaks one part of the deployment after another. Afterwards the results,
+//! The fault suite: votes flow from `tally-loadgen`, run in-process (careful clients that
+//! retry a vote whose outcome is unknown with the same vote_id, and record every 202 as the
+//! ground truth) while the test breaks one part of the deployment after another. Afterwards the results,
 //! breakdowns, time series and the warehouse's vote rows must equal the ground truth
 //! exactly, and loadgen's SSE subscribers (connected throughout, reconnecting when a stream
 //! drops) must never have seen a total go back and must end at the truth.
@@ -9,13 +9,14 @@
 //! variant (≥ 100,000 votes in most scenarios). docs/RELIABILITY.md describes each fault.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use clap::Parser;
 use rand::Rng;
 use serde_json::{json, Value};
-use tokio::process::{Child, Command};
+use tally_loadgen::{LoadgenArgs, Report};
+use tokio::task::JoinHandle;
 
 use crate::cluster::{option_counts, Cluster, Deployment, Options, ADMIN_KEY};
 
@@ -42,12 +43,19 @@ enum Dedupe {
     NoneWithRepeats,
 }
 
-/// A `tally loadgen` run against a cluster.
+/// A `tally-loadgen` run against a cluster, as a task of the test's runtime; dropping it
+/// ends the run.
 struct Load {
-    child: Child,
+    run: JoinHandle<Result<Report>>,
     dir: tempfile::TempDir,
     prefix: String,
     polls: usize,
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.run.abort();
+    }
 }
 
 impl Load {
@@ -89,30 +97,25 @@ impl Load {
         };
         let dir = tempfile::tempdir()?;
         let prefix = tally_testkit::unique_name("load").replace('_', "-");
-        let stdout = std::fs::File::create(dir.path().join("summary.json"))?;
-        let stderr = std::fs::File::create(dir.path().join("progress.log"))?;
-        let child = Command::new(crate::cluster::loadgen_binary())
-            .args(["--url", &urls.join(",")])
-            .args(["--query-url", &cluster.query.url])
-            .args(["--admin-key", ADMIN_KEY])
-            .args(["--rate", &rate.to_string()])
-            .args(["--duration", &seconds.to_string()])
-            .args(["--polls", &polls.to_string()])
-            .args(["--poll-prefix", &prefix])
-            .args(["--concurrency", "48"])
-            .args(dedupe_args)
-            .args(["--batch", &batch.to_string()])
-            .args(["--retry-for", "300", "--settle", "300", "--json"])
-            .arg("--truth")
-            .arg(dir.path().join("truth.json"))
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting tally loadgen")?;
-        let load = Load {
-            child,
+        let truth = dir.path().join("truth.json");
+        let (urls, rate, seconds) = (urls.join(","), rate.to_string(), seconds.to_string());
+        let (polls_arg, batch) = (polls.to_string(), batch.to_string());
+        let args = ["tally-loadgen", "--url", &urls]
+            .into_iter()
+            .chain(["--query-url", &cluster.query.url])
+            .chain(["--admin-key", ADMIN_KEY])
+            .chain(["--rate", &rate])
+            .chain(["--duration", &seconds])
+            .chain(["--polls", &polls_arg])
+            .chain(["--poll-prefix", &prefix])
+            .chain(["--concurrency", "48"])
+            .chain(dedupe_args.iter().copied())
+            .chain(["--batch", &batch])
+            .chain(["--retry-for", "300", "--settle", "300", "--quiet"])
+            .chain(["--truth", truth.to_str().context("a UTF-8 temp dir")?]);
+        let args = LoadgenArgs::try_parse_from(args)?;
+        let mut load = Load {
+            run: tokio::spawn(tally_loadgen::run(args)),
             dir,
             prefix,
             polls,
@@ -126,10 +129,17 @@ impl Load {
                     return Ok(load);
                 }
             }
+            if load.run.is_finished() {
+                let outcome = (&mut load.run).await?;
+                bail!(
+                    "loadgen ended before its votes were counted: {:?}\n{}",
+                    outcome.map(|report| report.failures),
+                    cluster.logs()
+                );
+            }
             ensure!(
                 tokio::time::Instant::now() < end,
-                "loadgen's votes are not being counted\n{}\n{}",
-                load.progress(),
+                "loadgen's votes are not being counted\n{}",
                 cluster.logs()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -140,30 +150,21 @@ impl Load {
         format!("{}-{index}", self.prefix)
     }
 
-    fn progress(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("progress.log"))
-            .unwrap_or_default()
-            .rsplit('\r')
-            .take(3)
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
     /// Waits for loadgen to finish (it retries until every vote has a definite answer and
     /// then waits until the results count them) and returns its summary and ground truth.
     async fn finish(mut self, cluster: &Cluster) -> Result<(Value, Value)> {
-        let status = tokio::time::timeout(Duration::from_secs(900), self.child.wait())
+        let report = tokio::time::timeout(Duration::from_secs(900), &mut self.run)
             .await
-            .context("loadgen did not finish in 15 minutes")??;
-        let summary = std::fs::read_to_string(self.dir.path().join("summary.json"))?;
-        if !status.success() {
+            .context("loadgen did not finish in 15 minutes")??
+            .with_context(|| format!("loadgen\n{}", cluster.logs()))?;
+        let summary = serde_json::to_value(&report.summary)?;
+        if !report.failures.is_empty() {
             bail!(
-                "loadgen failed ({status}): {summary}\n{}\n{}",
-                self.progress(),
+                "loadgen failed ({}): {summary}\n{}",
+                report.failures.join("; "),
                 cluster.logs()
             );
         }
-        let summary: Value = serde_json::from_str(&summary).context("loadgen's summary")?;
         let truth: Value =
             serde_json::from_slice(&std::fs::read(self.dir.path().join("truth.json"))?)?;
         ensure!(

@@ -10,7 +10,7 @@
 pub mod sql;
 
 use async_trait::async_trait;
-use clickhouse::Row;
+use clickhouse::{Row, RowOwned, RowWrite};
 use serde::{Deserialize, Serialize};
 
 use tally_core::analytics::{Breakdown, BreakdownQuery, TimePoint, TimeseriesQuery};
@@ -61,6 +61,11 @@ pub struct ClickHouseWarehouse {
     server: clickhouse::Client,
     database: String,
 }
+
+// The row types spell the segment columns out one by one: the `Row` derive names the
+// columns after a struct's own fields and knows no `serde(flatten)`, so a shared segment
+// struct would be sent as one column. `row_types_match_the_column_lists` checks them against
+// the lists in [`sql`].
 
 #[derive(Row, Serialize, Deserialize)]
 struct VoteRow {
@@ -114,6 +119,75 @@ struct RollupRowCh {
     last_seq: u64,
 }
 
+impl VoteRow {
+    fn new(partition: u16, stored: &StoredVote) -> Self {
+        let vote = &stored.vote;
+        let segment = &vote.segment;
+        VoteRow {
+            log_partition: partition,
+            seq: stored.seq,
+            vote_id: vote.vote_id.clone(),
+            poll_id: vote.poll_id.clone(),
+            voter_key: vote.voter_key.clone(),
+            choice: vote.choice.clone(),
+            value: vote.value,
+            campaign: segment.campaign.clone(),
+            channel: segment.channel.clone(),
+            source: segment.source.clone(),
+            medium: segment.medium.clone(),
+            country: segment.country.clone(),
+            device: segment.device.clone(),
+            dim_keys: segment.custom.keys().cloned().collect(),
+            dim_values: segment.custom.values().cloned().collect(),
+            received_at: (vote.received_at.max(0) / 1000) as u32,
+            received_ms: vote.received_at.max(0) as u64,
+        }
+    }
+}
+
+impl WindowRowCh {
+    fn new(partition: u16, row: &WindowRow) -> Self {
+        debug_assert_eq!(
+            row.window_start % row.window_seconds as i64,
+            0,
+            "windows are aligned"
+        );
+        WindowRowCh {
+            log_partition: partition,
+            poll_id: row.poll_id.clone(),
+            window_start: row.window_start.max(0) as u32,
+            window_seconds: row.window_seconds,
+            option: row.option.clone(),
+            votes: row.votes,
+            last_seq: row.last_seq,
+        }
+    }
+}
+
+impl RollupRowCh {
+    fn new(partition: u16, row: &RollupRow) -> Self {
+        let segment = &row.segment;
+        RollupRowCh {
+            log_partition: partition,
+            poll_id: row.poll_id.clone(),
+            bucket_start: row.bucket_start.max(0) as u32,
+            bucket_seconds: row.bucket_seconds,
+            campaign: segment.campaign.clone(),
+            channel: segment.channel.clone(),
+            source: segment.source.clone(),
+            medium: segment.medium.clone(),
+            country: segment.country.clone(),
+            device: segment.device.clone(),
+            dim_keys: segment.custom.keys().cloned().collect(),
+            dim_values: segment.custom.values().cloned().collect(),
+            ballots: row.ballots,
+            answers: row.answers.clone(),
+            answer_votes: row.answer_votes.clone(),
+            last_seq: row.last_seq,
+        }
+    }
+}
+
 impl ClickHouseWarehouse {
     pub fn new(config: &ClickHouseConfig) -> Result<Self> {
         let valid_name = !config.database.is_empty()
@@ -161,6 +235,27 @@ impl ClickHouseWarehouse {
             .execute()
             .await
             .map_err(warehouse_error)
+    }
+
+    /// Writes `rows` into `table` with one INSERT: they land together or not at all. No
+    /// rows, no statement.
+    async fn insert_rows<R: RowOwned + RowWrite>(
+        &self,
+        table: &str,
+        rows: impl ExactSizeIterator<Item = R> + Send,
+    ) -> Result<()> {
+        if rows.len() == 0 {
+            return Ok(());
+        }
+        let mut insert = self
+            .client
+            .insert::<R>(table)
+            .await
+            .map_err(warehouse_error)?;
+        for row in rows {
+            insert.write(&row).await.map_err(warehouse_error)?;
+        }
+        insert.end().await.map_err(warehouse_error)
     }
 }
 
@@ -210,68 +305,13 @@ impl Warehouse for ClickHouseWarehouse {
     }
 
     async fn insert_votes(&self, partition: u16, votes: &[StoredVote]) -> Result<()> {
-        if votes.is_empty() {
-            return Ok(());
-        }
-        let mut insert = self
-            .client
-            .insert::<VoteRow>("votes")
-            .await
-            .map_err(warehouse_error)?;
-        for stored in votes {
-            let vote = &stored.vote;
-            let segment = &vote.segment;
-            let row = VoteRow {
-                log_partition: partition,
-                seq: stored.seq,
-                vote_id: vote.vote_id.clone(),
-                poll_id: vote.poll_id.clone(),
-                voter_key: vote.voter_key.clone(),
-                choice: vote.choice.clone(),
-                value: vote.value,
-                campaign: segment.campaign.clone(),
-                channel: segment.channel.clone(),
-                source: segment.source.clone(),
-                medium: segment.medium.clone(),
-                country: segment.country.clone(),
-                device: segment.device.clone(),
-                dim_keys: segment.custom.keys().cloned().collect(),
-                dim_values: segment.custom.values().cloned().collect(),
-                received_at: (vote.received_at.max(0) / 1000) as u32,
-                received_ms: vote.received_at.max(0) as u64,
-            };
-            insert.write(&row).await.map_err(warehouse_error)?;
-        }
-        insert.end().await.map_err(warehouse_error)
+        let rows = votes.iter().map(|stored| VoteRow::new(partition, stored));
+        self.insert_rows("votes", rows).await
     }
 
     async fn insert_windows(&self, partition: u16, rows: &[WindowRow]) -> Result<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut insert = self
-            .client
-            .insert::<WindowRowCh>("vote_windows")
-            .await
-            .map_err(warehouse_error)?;
-        for row in rows {
-            debug_assert_eq!(
-                row.window_start % row.window_seconds as i64,
-                0,
-                "windows are aligned"
-            );
-            let row = WindowRowCh {
-                log_partition: partition,
-                poll_id: row.poll_id.clone(),
-                window_start: row.window_start.max(0) as u32,
-                window_seconds: row.window_seconds,
-                option: row.option.clone(),
-                votes: row.votes,
-                last_seq: row.last_seq,
-            };
-            insert.write(&row).await.map_err(warehouse_error)?;
-        }
-        insert.end().await.map_err(warehouse_error)
+        let rows = rows.iter().map(|row| WindowRowCh::new(partition, row));
+        self.insert_rows("vote_windows", rows).await
     }
 
     async fn insert_rollups(
@@ -280,37 +320,8 @@ impl Warehouse for ClickHouseWarehouse {
         level: RollupLevel,
         rows: &[RollupRow],
     ) -> Result<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut insert = self
-            .client
-            .insert::<RollupRowCh>(level.table())
-            .await
-            .map_err(warehouse_error)?;
-        for row in rows {
-            let segment = &row.segment;
-            let row = RollupRowCh {
-                log_partition: partition,
-                poll_id: row.poll_id.clone(),
-                bucket_start: row.bucket_start.max(0) as u32,
-                bucket_seconds: row.bucket_seconds,
-                campaign: segment.campaign.clone(),
-                channel: segment.channel.clone(),
-                source: segment.source.clone(),
-                medium: segment.medium.clone(),
-                country: segment.country.clone(),
-                device: segment.device.clone(),
-                dim_keys: segment.custom.keys().cloned().collect(),
-                dim_values: segment.custom.values().cloned().collect(),
-                ballots: row.ballots,
-                answers: row.answers.clone(),
-                answer_votes: row.answer_votes.clone(),
-                last_seq: row.last_seq,
-            };
-            insert.write(&row).await.map_err(warehouse_error)?;
-        }
-        insert.end().await.map_err(warehouse_error)
+        let rows = rows.iter().map(|row| RollupRowCh::new(partition, row));
+        self.insert_rows(level.table(), rows).await
     }
 
     async fn tally(&self, poll_id: &str) -> Result<Tally> {
@@ -408,8 +419,8 @@ mod tests {
 
     #[test]
     fn row_types_match_the_column_lists() {
-        assert_eq!(VoteRow::COLUMN_NAMES, sql::VOTE_COLUMNS);
+        assert_eq!(VoteRow::COLUMN_NAMES, sql::vote_columns());
         assert_eq!(WindowRowCh::COLUMN_NAMES, sql::WINDOW_COLUMNS);
-        assert_eq!(RollupRowCh::COLUMN_NAMES, sql::ROLLUP_COLUMNS);
+        assert_eq!(RollupRowCh::COLUMN_NAMES, sql::rollup_columns());
     }
 }

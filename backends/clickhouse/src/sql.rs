@@ -42,13 +42,24 @@ pub fn dimension_expr(dimension: &Dimension) -> String {
 
 pub const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, applied_at DateTime('UTC')) ENGINE = MergeTree ORDER BY version";
 
-/// The columns of both rollup tables (settled and fresh), as a literal for `concat!`.
-macro_rules! rollup_columns {
+/// The segment columns of votes and of both rollup tables ([`segment_columns`] names
+/// them), as a literal for `concat!`. Migrations 1, 3 and 4 are built with it: a new segment
+/// column needs a migration of its own that adds it, not an edit here.
+macro_rules! segment_column_defs {
     () => {
-        "log_partition UInt16, poll_id String, bucket_start DateTime('UTC'), bucket_seconds UInt32, \
-         campaign String, channel String, source String, medium String, country String, device String, \
-         dim_keys Array(String), dim_values Array(String), \
-         ballots UInt64, answers Array(String), answer_votes Array(UInt64), last_seq UInt64"
+        "campaign String, channel String, source String, medium String, country String, device String, \
+         dim_keys Array(String), dim_values Array(String)"
+    };
+}
+
+/// The columns of both rollup tables (settled and fresh), as a literal for `concat!`.
+macro_rules! rollup_column_defs {
+    () => {
+        concat!(
+            "log_partition UInt16, poll_id String, bucket_start DateTime('UTC'), bucket_seconds UInt32, ",
+            segment_column_defs!(),
+            ", ballots UInt64, answers Array(String), answer_votes Array(UInt64), last_seq UInt64"
+        )
     };
 }
 
@@ -60,13 +71,14 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "votes",
         // No PARTITION BY: an insert into a single-partition MergeTree is one part, so one
         // processor batch is atomic even when it spans a month boundary.
-        "CREATE TABLE IF NOT EXISTS votes (\
-            log_partition UInt16, seq UInt64, vote_id String, poll_id String, voter_key String, \
-            choice Array(String), value Nullable(Int32), \
-            campaign String, channel String, source String, medium String, country String, device String, \
-            dim_keys Array(String), dim_values Array(String), \
-            received_at DateTime('UTC'), received_ms UInt64\
-        ) ENGINE = MergeTree ORDER BY (poll_id, received_at, seq)",
+        concat!(
+            "CREATE TABLE IF NOT EXISTS votes (\
+                log_partition UInt16, seq UInt64, vote_id String, poll_id String, voter_key String, \
+                choice Array(String), value Nullable(Int32), ",
+            segment_column_defs!(),
+            ", received_at DateTime('UTC'), received_ms UInt64\
+            ) ENGINE = MergeTree ORDER BY (poll_id, received_at, seq)"
+        ),
     ),
     (
         2,
@@ -87,7 +99,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         // the same reason as vote_windows: `last_seq` is the table's watermark.
         concat!(
             "CREATE TABLE IF NOT EXISTS segment_rollups (",
-            rollup_columns!(),
+            rollup_column_defs!(),
             ") ENGINE = MergeTree ORDER BY (poll_id, bucket_start, last_seq)"
         ),
     ),
@@ -98,31 +110,33 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         // poll's newest settled row, so they are ordered by position.
         concat!(
             "CREATE TABLE IF NOT EXISTS segment_rollups_fresh (",
-            rollup_columns!(),
+            rollup_column_defs!(),
             ") ENGINE = MergeTree ORDER BY (poll_id, last_seq)"
         ),
     ),
 ];
 
-pub const VOTE_COLUMNS: &[&str] = &[
-    "log_partition",
-    "seq",
-    "vote_id",
-    "poll_id",
-    "voter_key",
-    "choice",
-    "value",
-    "campaign",
-    "channel",
-    "source",
-    "medium",
-    "country",
-    "device",
-    "dim_keys",
-    "dim_values",
-    "received_at",
-    "received_ms",
-];
+/// The segment columns votes and rollups both carry, in the order of
+/// `segment_column_defs!`: the standard keys, then a poll's own keys and values.
+pub fn segment_columns() -> impl Iterator<Item = &'static str> {
+    STANDARD_KEYS.into_iter().chain(["dim_keys", "dim_values"])
+}
+
+/// The columns of `votes`, in the order of its migration.
+pub fn vote_columns() -> Vec<&'static str> {
+    let mut columns = vec![
+        "log_partition",
+        "seq",
+        "vote_id",
+        "poll_id",
+        "voter_key",
+        "choice",
+        "value",
+    ];
+    columns.extend(segment_columns());
+    columns.extend(["received_at", "received_ms"]);
+    columns
+}
 
 pub const WINDOW_COLUMNS: &[&str] = &[
     "log_partition",
@@ -134,24 +148,13 @@ pub const WINDOW_COLUMNS: &[&str] = &[
     "last_seq",
 ];
 
-pub const ROLLUP_COLUMNS: &[&str] = &[
-    "log_partition",
-    "poll_id",
-    "bucket_start",
-    "bucket_seconds",
-    "campaign",
-    "channel",
-    "source",
-    "medium",
-    "country",
-    "device",
-    "dim_keys",
-    "dim_values",
-    "ballots",
-    "answers",
-    "answer_votes",
-    "last_seq",
-];
+/// The columns of both rollup tables, in the order of their migrations.
+pub fn rollup_columns() -> Vec<&'static str> {
+    let mut columns = vec!["log_partition", "poll_id", "bucket_start", "bucket_seconds"];
+    columns.extend(segment_columns());
+    columns.extend(["ballots", "answers", "answer_votes", "last_seq"]);
+    columns
+}
 
 pub fn applied_migrations() -> String {
     "SELECT version FROM schema_migrations GROUP BY version ORDER BY version".to_owned()
@@ -350,11 +353,12 @@ pub fn all_for_check() -> Vec<(String, String)> {
         ));
     }
     statements.push(("applied migrations".into(), applied_migrations()));
+    let segment = "'c', 'email', 's', 'm', 'DE', 'mobile', ['plan'], ['pro']";
     statements.push((
         "insert votes".into(),
         format!(
-            "INSERT INTO votes ({}) VALUES (0, 7, 'v-1', 'p', 'abc', ['red', 'blue'], NULL, 'c', 'email', 's', 'm', 'DE', 'mobile', ['plan'], ['pro'], 1700000000, 1700000000123)",
-            VOTE_COLUMNS.join(", ")
+            "INSERT INTO votes ({}) VALUES (0, 7, 'v-1', 'p', 'abc', ['red', 'blue'], NULL, {segment}, 1700000000, 1700000000123)",
+            vote_columns().join(", ")
         ),
     ));
     statements.push((
@@ -368,9 +372,9 @@ pub fn all_for_check() -> Vec<(String, String)> {
         statements.push((
             format!("insert {}", level.table()),
             format!(
-                "INSERT INTO {} ({}) VALUES (0, 'p', 1700000040, 60, 'c', 'email', 's', 'm', 'DE', 'mobile', ['plan'], ['pro'], 2, ['blue', 'red'], [1, 2], 7)",
+                "INSERT INTO {} ({}) VALUES (0, 'p', 1700000040, 60, {segment}, 2, ['blue', 'red'], [1, 2], 7)",
                 level.table(),
-                ROLLUP_COLUMNS.join(", ")
+                rollup_columns().join(", ")
             ),
         ));
         statements.push((
@@ -433,6 +437,32 @@ mod tests {
     fn literals_escape_quotes_and_backslashes() {
         assert_eq!(lit(r"it's \ fine"), r"'it\'s \\ fine'");
         assert_eq!(lit("?"), "'?'");
+    }
+
+    /// The column names a CREATE TABLE statement declares, in order.
+    fn declared_columns(statement: &str) -> Vec<&str> {
+        let start = statement.find('(').expect("a column list") + 1;
+        let end = statement.find(") ENGINE").expect("an engine clause");
+        statement[start..end]
+            .split(", ")
+            .map(|column| column.split_whitespace().next().expect("a column name"))
+            .collect()
+    }
+
+    #[test]
+    fn migrations_create_the_listed_columns() {
+        let created = |table: &str| {
+            let (_, _, statement) = MIGRATIONS
+                .iter()
+                .find(|(_, name, _)| *name == table)
+                .expect("a migration creates the table");
+            declared_columns(statement)
+        };
+        assert_eq!(created("votes"), vote_columns());
+        assert_eq!(created("vote_windows"), WINDOW_COLUMNS);
+        for level in RollupLevel::ALL {
+            assert_eq!(created(level.table()), rollup_columns());
+        }
     }
 
     #[test]

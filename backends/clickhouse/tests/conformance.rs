@@ -1,14 +1,13 @@
 //! The warehouse conformance suite against ClickHouse: a private database on the suite's
-//! clickhouse-server. Every test here needs one (`needs_clickhouse` in its name).
+//! clickhouse-server for each test. Every test here needs one (`needs_clickhouse` in its
+//! name).
 
 use std::sync::Arc;
 
 use tally_clickhouse::{ClickHouseConfig, ClickHouseWarehouse};
-use tally_conformance as conformance;
 use tally_testkit::require;
 
-#[tokio::test]
-async fn needs_clickhouse_warehouse_conforms() {
+tally_conformance::warehouse_suite!(needs_clickhouse_warehouse, {
     require!(ClickHouse);
     let clickhouse = tally_testkit::clickhouse()
         .await
@@ -19,8 +18,6 @@ async fn needs_clickhouse_warehouse_conforms() {
         user: None,
         password: None,
     };
-    conformance::warehouse(Arc::new(
-        ClickHouseWarehouse::new(&config).expect("warehouse"),
-    ))
-    .await;
-}
+    let warehouse = ClickHouseWarehouse::new(&config).expect("warehouse");
+    (Arc::new(warehouse), ())
+});

@@ -4,8 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tally_conformance as conformance;
-use tally_core::ports::{StoredVote, VoteLog, Warehouse, Watermarks};
+use tally_core::ports::{PollRegistry, StoredVote, VoteLog, Warehouse, Watermarks};
 use tally_core::segment::Segment;
 use tally_core::vote::Vote;
 use tally_embedded::{Options, WarehouseOptions};
@@ -21,40 +20,34 @@ fn open(dir: &std::path::Path, partitions: u16) -> tally_embedded::Embedded {
     .expect("open the store")
 }
 
-#[tokio::test]
-async fn embedded_vote_log_conforms() {
+tally_conformance::vote_log_suite!(embedded_vote_log, {
     let dir = tempfile::tempdir().unwrap();
-    conformance::vote_log(open(dir.path(), 1).log).await;
-}
+    (open(dir.path(), 1).log, dir)
+});
 
-#[tokio::test]
-async fn partitioned_embedded_vote_log_conforms() {
+tally_conformance::vote_log_suite!(partitioned_embedded_vote_log, {
     let dir = tempfile::tempdir().unwrap();
-    conformance::vote_log(open(dir.path(), 4).log).await;
-}
+    (open(dir.path(), 4).log, dir)
+});
 
-#[tokio::test]
-async fn embedded_registry_conforms() {
+tally_conformance::poll_registry_suite!(embedded_registry, {
     let dir = tempfile::tempdir().unwrap();
-    conformance::poll_registry(open(dir.path(), 1).registry).await;
-}
+    (open(dir.path(), 1).registry, dir)
+});
 
-#[tokio::test]
-async fn local_live_feed_conforms() {
+tally_conformance::live_feed_suite!(local_live_feed, {
     let dir = tempfile::tempdir().unwrap();
-    conformance::live_feed(open(dir.path(), 1).live).await;
-}
+    (open(dir.path(), 1).live, dir)
+});
 
-#[tokio::test]
-async fn parquet_warehouse_conforms() {
+tally_conformance::warehouse_suite!(parquet_warehouse, {
     let dir = tempfile::tempdir().unwrap();
-    conformance::warehouse(open(dir.path(), 1).warehouse).await;
-}
+    (open(dir.path(), 1).warehouse, dir)
+});
 
-/// Every insert flushed at once and merged after three files: the suite must hold when the
-/// data is spread over Parquet files as well as when it sits in memory.
-#[tokio::test]
-async fn parquet_warehouse_conforms_when_every_insert_is_a_file() {
+// Every insert flushed at once and merged after three files: the suite must hold when the
+// data is spread over Parquet files as well as when it sits in memory.
+tally_conformance::warehouse_suite!(parquet_warehouse_when_every_insert_is_a_file, {
     let dir = tempfile::tempdir().unwrap();
     let warehouse = tally_embedded::ParquetWarehouse::open(
         dir.path(),
@@ -65,8 +58,8 @@ async fn parquet_warehouse_conforms_when_every_insert_is_a_file() {
         },
     )
     .unwrap();
-    conformance::warehouse(Arc::new(warehouse)).await;
-}
+    (Arc::new(warehouse), dir)
+});
 
 fn vote(i: u64) -> Vote {
     Vote {
@@ -93,7 +86,11 @@ async fn the_log_and_registry_survive_reopening() {
                 .await
                 .unwrap();
         }
-        conformance::poll_registry(store.registry.clone()).await;
+        store
+            .registry
+            .create(&tally_conformance::sample_poll("durable-poll"))
+            .await
+            .unwrap();
     }
     // redb releases the file when the last handle goes; the writer thread holds one until
     // its queue closes.

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tally_conformance as conformance;
 use tally_core::error::Chain;
 use tally_nats::{self as nats, JetStreamLog, KvRegistry, LogOptions, NatsLiveFeed};
 use tally_testkit::{require, NatsServer};
@@ -16,42 +15,42 @@ async fn nats_client(server: &NatsServer) -> nats::Client {
         .expect("connect to the private nats-server")
 }
 
-#[tokio::test]
-async fn needs_nats_jetstream_vote_log_conforms() {
+// Each test of a suite starts its own nats-server after `require!`, so a machine without one
+// skips the test before anything starts.
+
+tally_conformance::vote_log_suite!(needs_nats_jetstream_vote_log, {
     require!(NatsServer);
     let server = NatsServer::start().await.expect("nats-server");
     let log = JetStreamLog::open(nats_client(&server).await, LogOptions::default())
         .await
         .expect("open log");
-    conformance::vote_log(Arc::new(log)).await;
-}
+    (Arc::new(log), server)
+});
 
-#[tokio::test]
-async fn needs_nats_partitioned_jetstream_vote_log_conforms() {
+tally_conformance::vote_log_suite!(needs_nats_partitioned_jetstream_vote_log, {
     require!(NatsServer);
     let server = NatsServer::start().await.expect("nats-server");
     let log = JetStreamLog::open(nats_client(&server).await, LogOptions { partitions: 4 })
         .await
         .expect("open log");
-    conformance::vote_log(Arc::new(log)).await;
-}
+    (Arc::new(log), server)
+});
 
-#[tokio::test]
-async fn needs_nats_key_value_registry_conforms() {
+tally_conformance::poll_registry_suite!(needs_nats_key_value_registry, {
     require!(NatsServer);
     let server = NatsServer::start().await.expect("nats-server");
     let registry = KvRegistry::open(nats_client(&server).await)
         .await
         .expect("open registry");
-    conformance::poll_registry(Arc::new(registry)).await;
-}
+    (Arc::new(registry), server)
+});
 
-#[tokio::test]
-async fn needs_nats_nats_live_feed_conforms() {
+tally_conformance::live_feed_suite!(needs_nats_live_feed, {
     require!(NatsServer);
     let server = NatsServer::start().await.expect("nats-server");
-    conformance::live_feed(Arc::new(NatsLiveFeed::new(nats_client(&server).await))).await;
-}
+    let feed = NatsLiveFeed::new(nats_client(&server).await);
+    (Arc::new(feed), server)
+});
 
 /// Votes sent together while the broker is down fail at once rather than wait for acks;
 /// once it is back they are stored, and the votes stored before it went down answer as the

@@ -1,0 +1,297 @@
+//! The in-memory tail of each table and partition, its flushes to files, and merges of files.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{RecordBatch, UInt64Array};
+use arrow::compute::{concat_batches, lexsort_to_indices, take_record_batch, SortColumn};
+use arrow::datatypes::SchemaRef;
+use tally_core::rollup::{RollupLevel, RollupRow};
+use tally_core::segment::Segment;
+use tally_core::Result;
+
+use super::files::{self, DataFile};
+use super::{columns, storage, Inner, Kind};
+
+/// Inserted rows of one table and partition not yet in a file.
+#[derive(Default)]
+pub(super) struct Tail {
+    pub(super) batches: Vec<RecordBatch>,
+    pub(super) rows: usize,
+    /// When the oldest unflushed batch came in.
+    pub(super) since: Option<Instant>,
+}
+
+pub(super) type MaintenanceLock = Arc<tokio::sync::Mutex<()>>;
+
+impl Inner {
+    fn maintenance_lock(&self, kind: Kind, partition: u16) -> MaintenanceLock {
+        self.maintenance
+            .lock()
+            .expect("maintenance lock")
+            .entry((kind, partition))
+            .or_default()
+            .clone()
+    }
+
+    /// Adds an insert's rows to the tail, where queries see them at once, and flushes the
+    /// tail when it is full.
+    ///
+    /// A failed flush is not the insert's error: its rows are in the tail and visible, and
+    /// reporting it would make the caller retry and add the rows twice. The background
+    /// flusher tries again.
+    pub(super) async fn insert(self: &Arc<Self>, kind: Kind, partition: u16, batch: RecordBatch) {
+        if batch.num_rows() == 0 || !self.append(kind, partition, batch) {
+            return;
+        }
+        if let Err(err) = self.flush(kind, partition).await {
+            tracing::warn!(table = kind.table(), partition, error = %err, "writing the warehouse tail failed; will retry");
+        }
+    }
+
+    /// Appends to the tail and raises the watermark; true when the tail is due a flush.
+    fn append(&self, kind: Kind, partition: u16, batch: RecordBatch) -> bool {
+        let Some((_, last)) = seq_range(kind, &batch) else {
+            return false;
+        };
+        let mut tables = self.tables.write().expect("warehouse lock");
+        let table = tables.get_mut(&kind).expect("every table exists");
+        let tail = table.tails.entry(partition).or_default();
+        tail.rows += batch.num_rows();
+        tail.since.get_or_insert_with(Instant::now);
+        tail.batches.push(batch);
+        let mark = table.marks.entry(partition).or_default();
+        *mark = (*mark).max(last);
+        tail.rows >= self.options.flush_rows
+    }
+
+    pub(super) async fn flush_where(self: &Arc<Self>, due: impl Fn(&Tail) -> bool) -> Result<()> {
+        let mut work = Vec::new();
+        {
+            let tables = self.tables.read().expect("warehouse lock");
+            for (kind, table) in tables.iter() {
+                for (partition, tail) in &table.tails {
+                    if tail.rows > 0 && due(tail) {
+                        work.push((*kind, *partition));
+                    }
+                }
+            }
+        }
+        for (kind, partition) in work {
+            self.flush(kind, partition).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the tail of one table and partition to a file, then merges small files.
+    async fn flush(self: &Arc<Self>, kind: Kind, partition: u16) -> Result<()> {
+        let lock = self.maintenance_lock(kind, partition);
+        let _guard = lock.lock().await;
+        let batches: Vec<RecordBatch> = {
+            let tables = self.tables.read().expect("warehouse lock");
+            match tables[&kind].tails.get(&partition) {
+                Some(tail) => tail.batches.clone(),
+                None => return Ok(()),
+            }
+        };
+        if batches.is_empty() {
+            return Ok(());
+        }
+        let (mut first, mut last) = (u64::MAX, 0);
+        for batch in &batches {
+            if let Some((lo, hi)) = seq_range(kind, batch) {
+                first = first.min(lo);
+                last = last.max(hi);
+            }
+        }
+        let written = batches.len();
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        let file = self
+            .write_data_file(kind, partition, (first, last), batches)
+            .await?;
+        {
+            let mut tables = self.tables.write().expect("warehouse lock");
+            let table = tables.get_mut(&kind).expect("every table exists");
+            table.files.push(Arc::new(file));
+            let tail = table.tails.entry(partition).or_default();
+            // Only this flush removes batches, and inserts only append: the first
+            // `written` batches are exactly the ones written.
+            tail.batches.drain(..written);
+            tail.rows -= rows;
+            tail.since = if tail.batches.is_empty() {
+                None
+            } else {
+                Some(Instant::now())
+            };
+        }
+        self.merge_small_files(kind, partition).await
+    }
+
+    /// Merges the newest run of small files of a partition into one, when there are enough.
+    async fn merge_small_files(self: &Arc<Self>, kind: Kind, partition: u16) -> Result<()> {
+        let run: Vec<Arc<DataFile>> = {
+            let tables = self.tables.read().expect("warehouse lock");
+            let files: Vec<&Arc<DataFile>> = tables[&kind]
+                .files
+                .iter()
+                .filter(|f| f.partition == partition)
+                .collect();
+            let small: Vec<Arc<DataFile>> = files
+                .iter()
+                .rev()
+                .take_while(|f| f.rows < self.options.large_file_rows)
+                .map(|f| Arc::clone(f))
+                .collect();
+            if small.len() < self.options.compact_at {
+                return Ok(());
+            }
+            small.into_iter().rev().collect()
+        };
+        let first = run.first().map(|f| f.first).unwrap_or_default();
+        let last = run.last().map(|f| f.last).unwrap_or_default();
+        let inputs: Vec<PathBuf> = run.iter().map(|f| f.path.clone()).collect();
+        let started = Instant::now();
+        let batches = tokio::task::spawn_blocking(move || -> Result<Vec<RecordBatch>> {
+            let mut batches = Vec::new();
+            for input in &inputs {
+                batches.extend(files::read_file(input)?);
+            }
+            Ok(batches)
+        })
+        .await
+        .map_err(storage)??;
+        let merged = self
+            .write_data_file(kind, partition, (first, last), batches)
+            .await?;
+        let rows = merged.rows;
+        {
+            let mut tables = self.tables.write().expect("warehouse lock");
+            let table = tables.get_mut(&kind).expect("every table exists");
+            table
+                .files
+                .retain(|f| !run.iter().any(|merged| Arc::ptr_eq(f, merged)));
+            table.files.push(Arc::new(merged));
+            table.files.sort_by_key(|f| (f.partition, f.first));
+        }
+        for merged in &run {
+            merged.obsolete.store(true, Ordering::Release);
+        }
+        tracing::debug!(
+            table = kind.table(),
+            partition,
+            files = run.len(),
+            rows,
+            ms = started.elapsed().as_millis() as u64,
+            "merged small files"
+        );
+        Ok(())
+    }
+
+    /// Writes rows of one table and partition, covering log positions `first..=last`, as a
+    /// new file, off the async runtime. The file holds them in their stored form: sorted,
+    /// and settled rollups added up (so it may hold fewer rows than given).
+    async fn write_data_file(
+        &self,
+        kind: Kind,
+        partition: u16,
+        (first, last): (u64, u64),
+        batches: Vec<RecordBatch>,
+    ) -> Result<DataFile> {
+        let dir = self.root.join(kind.table());
+        let schema = self.schema(kind).clone();
+        tokio::task::spawn_blocking(move || {
+            let batch = concat_batches(&schema, &batches).map_err(storage)?;
+            // Fresh rollups keep their rows: a breakdown tells them apart by `last_seq`.
+            let batch = match kind {
+                Kind::Rollups(RollupLevel::Settled) => compact_rollups(&schema, partition, &batch)?,
+                _ => batch,
+            };
+            let batch = sort_for_storage(kind, &batch)?;
+            let name = DataFile::name(partition, first, last);
+            let path = files::write_file(&schema, &dir, &name, &batch)?;
+            Ok(DataFile::new(
+                path,
+                partition,
+                first,
+                last,
+                batch.num_rows(),
+            ))
+        })
+        .await
+        .map_err(storage)?
+    }
+}
+
+/// The highest and lowest log position in a batch.
+fn seq_range(kind: Kind, batch: &RecordBatch) -> Option<(u64, u64)> {
+    let seqs = batch
+        .column(kind.seq_column())
+        .as_any()
+        .downcast_ref::<UInt64Array>()?;
+    let min = arrow::compute::min(seqs)?;
+    let max = arrow::compute::max(seqs)?;
+    Some((min, max))
+}
+
+/// Sorts rows by poll and position, so Parquet row-group statistics prune other polls.
+fn sort_for_storage(kind: Kind, batch: &RecordBatch) -> Result<RecordBatch> {
+    let columns = [
+        SortColumn {
+            values: batch.column(kind.poll_column()).clone(),
+            options: None,
+        },
+        SortColumn {
+            values: batch.column(kind.seq_column()).clone(),
+            options: None,
+        },
+    ];
+    let indices = lexsort_to_indices(&columns, None).map_err(storage)?;
+    take_record_batch(batch, &indices).map_err(storage)
+}
+
+/// Adds up the rollup rows of one poll, bucket and segment, so a file holds one row per
+/// segment and bucket however many flushes it covers. A row keeps the highest `last_seq` of
+/// its inputs: breakdowns read every row of a poll up to its newest `last_seq`, and the
+/// file's name, not its rows, records the log range it covers.
+fn compact_rollups(schema: &SchemaRef, partition: u16, batch: &RecordBatch) -> Result<RecordBatch> {
+    if batch.num_rows() == 0 {
+        return Ok(batch.clone());
+    }
+    type Key = (String, i64, u32, Segment);
+    let mut merged: HashMap<Key, (u64, BTreeMap<String, u64>, u64)> = HashMap::new();
+    for row in columns::rollup_rows(batch)? {
+        let key = (
+            row.poll_id,
+            row.bucket_start,
+            row.bucket_seconds,
+            row.segment,
+        );
+        let entry = merged.entry(key).or_default();
+        entry.0 += row.ballots;
+        for (answer, votes) in row.answers.into_iter().zip(row.answer_votes) {
+            *entry.1.entry(answer).or_default() += votes;
+        }
+        entry.2 = entry.2.max(row.last_seq);
+    }
+    let rows: Vec<RollupRow> = merged
+        .into_iter()
+        .map(
+            |((poll_id, bucket_start, bucket_seconds, segment), (ballots, answers, last_seq))| {
+                RollupRow {
+                    poll_id,
+                    bucket_start,
+                    bucket_seconds,
+                    segment,
+                    ballots,
+                    answers: answers.keys().cloned().collect(),
+                    answer_votes: answers.into_values().collect(),
+                    last_seq,
+                }
+            },
+        )
+        .collect();
+    columns::rollups_batch(schema, partition, &rows)
+}
