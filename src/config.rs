@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use tally_clickhouse::{ClickHouseConfig, ClickHouseWarehouse};
+use tally_core::auth::{ApiKeys, Role};
 use tally_core::ports::Warehouse;
+use tally_core::secrets::Secrets;
 use tally_nats::{JetStreamLog, LogOptions};
 use tokio::net::TcpListener;
 
@@ -171,6 +173,38 @@ pub struct Keys {
         hide_env_values = true
     )]
     pub analyst_keys: Vec<String>,
+    /// API keys with the ingest role (batch import by integrations), comma-separated.
+    #[arg(
+        long,
+        env = "TALLY_INGEST_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub ingest_keys: Vec<String>,
+}
+
+impl Keys {
+    /// The keys by role; refuses keys shorter than 16 characters.
+    pub fn api_keys(&self) -> anyhow::Result<ApiKeys> {
+        ApiKeys::new(&[
+            (Role::Admin, &self.admin_keys),
+            (Role::Analyst, &self.analyst_keys),
+            (Role::Ingest, &self.ingest_keys),
+        ])
+        .map_err(anyhow::Error::msg)
+    }
+}
+
+/// Who the client is, and how often it may fail to authenticate.
+#[derive(Args, Clone)]
+pub struct ProxyArgs {
+    /// Proxies (CIDRs, comma-separated) whose X-Forwarded-For names the client.
+    #[arg(long, env = "TALLY_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Unknown API keys one client address may send before it must wait: N/s, N/min,
+    /// N/10min, N/h or off.
+    #[arg(long, env = "TALLY_AUTH_FAILURES_PER_IP", default_value = tally_service::http::guard::DEFAULT_AUTH_FAILURES)]
+    pub auth_failures_per_ip: RateSetting,
 }
 
 /// A rate setting: `N/s`, `N/min`, `N/h` or `off`.
@@ -188,7 +222,7 @@ impl std::str::FromStr for RateSetting {
 /// The rate limits of vote intake.
 #[derive(Args, Clone)]
 pub struct LimitArgs {
-    /// Votes requests per client address (IPv6: per /64): N/s, N/min, N/h or off.
+    /// Vote requests per client address (IPv6: per /64): N/s, N/min, N/h or off.
     #[arg(long, env = "TALLY_RATE_PER_IP", default_value = "100/s")]
     pub rate_per_ip: RateSetting,
     /// Votes per voter: N/s, N/min, N/h or off.
@@ -197,18 +231,20 @@ pub struct LimitArgs {
     /// Votes per poll: N/s, N/min, N/h or off.
     #[arg(long, env = "TALLY_RATE_PER_POLL", default_value = "off")]
     pub rate_per_poll: RateSetting,
-    /// Proxies (CIDRs, comma-separated) whose X-Forwarded-For names the client.
-    #[arg(long, env = "TALLY_TRUSTED_PROXIES", value_delimiter = ',')]
-    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// New browser voters (tally_voter cookies) per client address: N/s, N/min, N/h or off.
+    #[arg(long, env = "TALLY_RATE_NEW_VOTERS_PER_IP", default_value = "60/h")]
+    pub rate_new_voters_per_ip: RateSetting,
 }
 
 impl LimitArgs {
-    pub fn config(&self) -> tally_ingest::limits::LimitConfig {
+    pub fn config(&self, proxies: &ProxyArgs) -> tally_ingest::limits::LimitConfig {
         tally_ingest::limits::LimitConfig {
             per_ip: self.rate_per_ip.0,
             per_voter: self.rate_per_voter.0,
             per_poll: self.rate_per_poll.0,
-            trusted_proxies: self.trusted_proxies.clone(),
+            new_voters_per_ip: self.rate_new_voters_per_ip.0,
+            auth_failures: proxies.auth_failures_per_ip.0,
+            trusted_proxies: proxies.trusted_proxies.clone(),
         }
     }
 }
@@ -249,21 +285,33 @@ pub struct Live {
     /// Live (SSE) connections served at once; more get 503.
     #[arg(long, env = "TALLY_LIVE_MAX_CLIENTS", default_value_t = tally_query::DEFAULT_LIVE_MAX_CLIENTS)]
     pub live_max_clients: usize,
+    /// Live connections from one client address; more get 503.
+    #[arg(long, env = "TALLY_LIVE_MAX_PER_ADDRESS", default_value_t = tally_query::DEFAULT_LIVE_MAX_PER_ADDRESS)]
+    pub live_max_per_address: usize,
+    /// Query requests (results, management, analytics) per client address: N/s, N/min, N/h
+    /// or off.
+    #[arg(long, env = "TALLY_QUERY_RATE_PER_IP", default_value = "100/s")]
+    pub query_rate_per_ip: RateSetting,
 }
 
 impl Live {
-    /// The query service's configuration with these live settings.
+    /// The query service's configuration with these settings.
     pub fn config(
         &self,
-        keys: tally_core::auth::ApiKeys,
-        secret: Option<Vec<u8>>,
+        keys: ApiKeys,
+        secrets: Option<Secrets>,
+        proxies: &ProxyArgs,
         timeout: &Timeout,
     ) -> tally_query::Config {
         tally_query::Config {
             keys,
             live_heartbeat: Duration::from_secs(self.sse_heartbeat_seconds.max(1)),
             live_max_clients: self.live_max_clients,
-            secret,
+            live_max_per_address: self.live_max_per_address,
+            rate_per_ip: self.query_rate_per_ip.0,
+            auth_failures: proxies.auth_failures_per_ip.0,
+            trusted_proxies: proxies.trusted_proxies.clone(),
+            secrets,
             request_timeout: timeout.duration(),
             ..Default::default()
         }

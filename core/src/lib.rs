@@ -20,6 +20,7 @@ pub mod problem;
 pub mod results;
 pub mod retry;
 pub mod rollup;
+pub mod secrets;
 pub mod segment;
 pub mod time;
 pub mod token;

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::problem::Problem;
+use crate::secrets::PseudonymScheme;
 use crate::segment::STANDARD_KEYS;
 
 pub const MAX_OPTIONS: usize = 50;
@@ -103,26 +104,26 @@ pub struct Poll {
     pub results_visibility: ResultsVisibility,
     #[serde(
         default,
-        with = "crate::time::opt_rfc3339",
+        with = "crate::time::opt_rfc3339_lenient",
         skip_serializing_if = "Option::is_none"
     )]
     pub opens_at: Option<i64>,
     #[serde(
         default,
-        with = "crate::time::opt_rfc3339",
+        with = "crate::time::opt_rfc3339_lenient",
         skip_serializing_if = "Option::is_none"
     )]
     pub closes_at: Option<i64>,
     /// Set by an explicit close; cleared by reopen.
     #[serde(
         default,
-        with = "crate::time::opt_rfc3339",
+        with = "crate::time::opt_rfc3339_lenient",
         skip_serializing_if = "Option::is_none"
     )]
     pub closed_at: Option<i64>,
     #[serde(
         default,
-        with = "crate::time::opt_rfc3339",
+        with = "crate::time::opt_rfc3339_lenient",
         skip_serializing_if = "Option::is_none"
     )]
     pub archived_at: Option<i64>,
@@ -133,6 +134,10 @@ pub struct Poll {
     /// The registry's revision of this record; a conditional update names it.
     #[serde(default)]
     pub version: u64,
+    /// How voter ids become voter keys in this poll: set at creation, never changed.
+    /// Records from before per-poll pseudonyms have none and read as scheme 1.
+    #[serde(default)]
+    pub voter_key_scheme: PseudonymScheme,
 }
 
 /// A poll as the API shows it: the record plus its derived status.
@@ -292,6 +297,7 @@ impl NewPoll {
             created_at: now_ms,
             updated_at: now_ms,
             version: 0,
+            voter_key_scheme: PseudonymScheme::PerPoll,
         };
         validate(&poll)?;
         Ok(poll)
@@ -618,6 +624,34 @@ mod tests {
         assert_eq!(poll.status(3_000), PollStatus::Closed);
         poll.archived_at = Some(3_000);
         assert_eq!(poll.status(3_000), PollStatus::Archived);
+    }
+
+    #[test]
+    fn refuses_schedule_times_out_of_range() {
+        let problem =
+            new_poll(r#"{"title":"t","question":"q","kind":"nps","closes_at":"1767225600000000"}"#)
+                .unwrap_err();
+        assert_eq!(problem.field.as_deref(), Some("closes_at"), "{problem:?}");
+        assert!(
+            problem.detail.contains("microseconds"),
+            "{}",
+            problem.detail
+        );
+    }
+
+    #[test]
+    fn a_stored_time_that_cannot_be_read_reads_as_absent() {
+        // An older version stored `""` for a time it could not format.
+        let mut record: serde_json::Value = serde_json::from_slice(
+            &new_poll(r#"{"title":"t","question":"q","kind":"nps"}"#)
+                .unwrap()
+                .encode(),
+        )
+        .unwrap();
+        record["closes_at"] = serde_json::json!("");
+        record["opens_at"] = serde_json::json!("not a time");
+        let poll = Poll::decode(&serde_json::to_vec(&record).unwrap()).unwrap();
+        assert_eq!((poll.opens_at, poll.closes_at), (None, None));
     }
 
     #[test]

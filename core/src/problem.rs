@@ -193,7 +193,9 @@ mod tests {
             "malformed-json"
         );
         assert_eq!(
-            parse_json::<Body>(br#"{"n": 1}{"n": 2}"#).unwrap_err().slug(),
+            parse_json::<Body>(br#"{"n": 1}{"n": 2}"#)
+                .unwrap_err()
+                .slug(),
             "malformed-json"
         );
         assert!(parse_json::<Body>(b"{\"n\": 1}\n").is_ok());

@@ -31,6 +31,67 @@ pub struct Segment {
     pub custom: BTreeMap<String, String>,
 }
 
+/// Whether `c` is a format character (Unicode general category Cf: zero-width spaces and
+/// joiners, bidi embeddings, overrides and isolates, the byte-order mark, invisible
+/// operators, tags…) or another character that renders as nothing (Hangul fillers, the
+/// braille blank). Such characters make values that look alike but group apart, and bidi
+/// overrides make a value display as another; none belongs in a segment value.
+fn invisible(c: char) -> bool {
+    matches!(
+        c as u32,
+        0x00AD
+            | 0x0600..=0x0605
+            | 0x061C
+            | 0x06DD
+            | 0x070F
+            | 0x0890..=0x0891
+            | 0x08E2
+            | 0x115F..=0x1160
+            | 0x180E
+            | 0x200B..=0x200F
+            | 0x202A..=0x202E
+            | 0x2060..=0x2064
+            | 0x2066..=0x206F
+            | 0x2800
+            | 0x3164
+            | 0xFEFF
+            | 0xFFA0
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0001
+            | 0xE0020..=0xE007F
+    )
+}
+
+/// A segment value as it is stored: Unicode NFC (so one text is one group however it was
+/// typed), trimmed, without control or invisible characters, at most [`MAX_VALUE_CHARS`].
+/// The error completes "segment value `key` …".
+pub fn clean_value(value: &str) -> Result<String, String> {
+    use unicode_normalization::UnicodeNormalization;
+    if value.chars().any(char::is_control) {
+        return Err("contains control characters".to_owned());
+    }
+    if value.chars().any(invisible) {
+        return Err(
+            "contains invisible formatting characters (zero-width, bidi or byte-order marks)"
+                .to_owned(),
+        );
+    }
+    let value = if value.is_ascii() {
+        value.trim().to_owned()
+    } else {
+        value.trim().nfc().collect()
+    };
+    if value.chars().count() > MAX_VALUE_CHARS {
+        return Err(format!("is longer than {MAX_VALUE_CHARS} characters"));
+    }
+    Ok(value)
+}
+
 impl Segment {
     /// Validates a request's segment against the keys the poll accepts.
     pub fn parse(
@@ -48,19 +109,8 @@ impl Segment {
                     format!("segment value `{key}` must be a string"),
                 ));
             };
-            if value.chars().count() > MAX_VALUE_CHARS {
-                return Err(Problem::invalid(
-                    field(),
-                    format!("segment value `{key}` is longer than {MAX_VALUE_CHARS} characters"),
-                ));
-            }
-            if value.chars().any(char::is_control) {
-                return Err(Problem::invalid(
-                    field(),
-                    format!("segment value `{key}` contains control characters"),
-                ));
-            }
-            let value = value.trim().to_owned();
+            let value = clean_value(value)
+                .map_err(|why| Problem::invalid(field(), format!("segment value `{key}` {why}")))?;
             match key.as_str() {
                 "campaign" => segment.campaign = value,
                 "channel" => segment.channel = value,
@@ -146,5 +196,29 @@ mod tests {
         assert!(Segment::parse(&raw(json!({"country": "Germany"})), &[], None).is_err());
         assert!(Segment::parse(&raw(json!({"device": 3})), &[], None).is_err());
         assert!(Segment::parse(&raw(json!({"device": "x".repeat(129)})), &[], None).is_err());
+    }
+
+    #[test]
+    fn values_are_normalised_and_invisible_characters_refused() {
+        // "é" typed as e + combining acute and as one code point group together.
+        let decomposed = Segment::parse(&raw(json!({"device": "cafe\u{301}"})), &[], None).unwrap();
+        let composed = Segment::parse(&raw(json!({"device": "caf\u{e9}"})), &[], None).unwrap();
+        assert_eq!(decomposed.device, composed.device);
+        for sneaky in [
+            "mo\u{200b}bile",
+            "\u{feff}mobile",
+            "\u{202e}elibom",
+            "mobile\u{2066}",
+            "a\u{e0041}",
+        ] {
+            let err = Segment::parse(&raw(json!({"device": sneaky})), &[], None).unwrap_err();
+            assert_eq!(err.field.as_deref(), Some("segment.device"), "{sneaky:?}");
+        }
+        assert_eq!(
+            Segment::parse(&raw(json!({"device": "  mobile "})), &[], None)
+                .unwrap()
+                .device,
+            "mobile"
+        );
     }
 }

@@ -50,6 +50,17 @@ pub struct Vote {
 }
 
 impl Vote {
+    /// Whether `other` is the same ballot: the same voter, answers and segment. (Its id and
+    /// the time it was received may differ: a retry is received again.) A log that finds a
+    /// vote id it already holds answers with the original only for the same ballot.
+    pub fn same_ballot(&self, other: &Vote) -> bool {
+        self.poll_id == other.poll_id
+            && self.voter_key == other.voter_key
+            && self.choice == other.choice
+            && self.value == other.value
+            && self.segment == other.segment
+    }
+
     /// The key the vote log keeps at most one entry for: the voter on `per_voter` polls, the
     /// vote id otherwise (so a retry of the same vote finds the original at any age).
     pub fn unique_key(&self, dedupe: Dedupe) -> String {
@@ -68,7 +79,15 @@ impl Vote {
     }
 }
 
-/// Hashes voter ids with the server secret; the hash is the only voter identity stored.
+/// The uniqueness key of a vote that carries a voter token on a `dedupe: none` poll: the
+/// token itself, so one token is one ballot however many vote ids it comes with.
+pub fn token_unique_key(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    format!("t{}", hex::encode(&digest[..16]))
+}
+
+/// Hashes voter ids with a pseudonym key (see [`crate::secrets`]); the hash is the only
+/// voter identity stored.
 #[derive(Clone)]
 pub struct VoterHasher {
     key: Hmac<Sha256>,
@@ -150,12 +169,21 @@ pub fn build_vote(
     })
 }
 
+/// The poll's option ids for an error message: the first few, and how many there are in
+/// all, so an error's size does not grow with the poll (a batch answers one per line).
 fn option_list(poll: &Poll) -> String {
-    poll.options
+    const SHOWN: usize = 8;
+    let mut list = poll
+        .options
         .iter()
+        .take(SHOWN)
         .map(|o| o.id.as_str())
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    if poll.options.len() > SHOWN {
+        list.push_str(&format!(", … ({} options in all)", poll.options.len()));
+    }
+    list
 }
 
 fn parse_choice(

@@ -13,11 +13,12 @@ use serde_json::json;
 use tally_core::api::{Accepted, BatchResult, LineResult, Readiness, VoteStatus};
 use tally_core::poll::Poll;
 use tally_core::problem::TYPE_BASE;
+use tally_core::secrets::PseudonymScheme;
 use tally_core::time::now_ms;
 use tally_core::token;
 use tally_ingest::limits::{LimitConfig, Rate};
 
-use common::{batch, from_peer, vote, vote_json, voter_key, with_header, Harness, SECRET};
+use common::{batch, from_peer, vote, vote_json, voter_key, with_header, Harness};
 
 fn closed(poll: &mut Poll) {
     poll.closed_at = Some(now_ms() - 1_000);
@@ -29,7 +30,8 @@ fn limits(change: impl FnOnce(&mut LimitConfig)) -> LimitConfig {
         per_ip: None,
         per_voter: None,
         per_poll: None,
-        trusted_proxies: Vec::new(),
+        new_voters_per_ip: None,
+        ..LimitConfig::default()
     };
     change(&mut limits);
     limits
@@ -77,7 +79,7 @@ async fn a_vote_is_accepted_once_and_a_retry_with_its_vote_id_gets_the_same_answ
     );
     assert_eq!(
         stored.voter_key,
-        voter_key("u1"),
+        voter_key("launch", "u1"),
         "the voter is stored as its keyed hash"
     );
 }
@@ -123,14 +125,17 @@ async fn an_after_vote_poll_answers_with_a_results_token_for_that_poll() {
         .json(202);
     let results_token = accepted.results_token.expect("a results token");
     let now = now_ms() / 1000;
+    let (secrets, scheme) = (common::secrets(), PseudonymScheme::PerPoll);
     assert!(token::verify_results(
-        SECRET,
+        &secrets,
+        scheme,
         &results_token,
         "voters-only",
         now
     ));
     assert!(!token::verify_results(
-        SECRET,
+        &secrets,
+        scheme,
         &results_token,
         "another-poll",
         now
@@ -345,7 +350,7 @@ async fn require_token_polls_refuse_missing_forged_expired_and_foreign_tokens() 
         h.colour_poll(id, |poll| poll.require_token = true).await;
     }
     let in_ten_minutes = now_ms() / 1000 + 600;
-    let good = token::mint(SECRET, "vip", "u1", in_ten_minutes);
+    let good = token::mint(&common::secrets().token_key(), "vip", "u1", in_ten_minutes);
 
     h.send(vote_json("vip", json!({"voter_id": "u1", "choice": "red"})))
         .await
@@ -353,17 +358,27 @@ async fn require_token_polls_refuse_missing_forged_expired_and_foreign_tokens() 
     let refused = [
         (
             "forged",
-            token::mint(b"not-the-server-secret", "vip", "u1", in_ten_minutes),
+            token::mint(b"not-the-server-token-key", "vip", "u1", in_ten_minutes),
             "u1",
         ),
         (
             "expired",
-            token::mint(SECRET, "vip", "u1", now_ms() / 1000 - 1),
+            token::mint(
+                &common::secrets().token_key(),
+                "vip",
+                "u1",
+                now_ms() / 1000 - 1,
+            ),
             "u1",
         ),
         (
             "another poll's",
-            token::mint(SECRET, "other", "u1", in_ten_minutes),
+            token::mint(
+                &common::secrets().token_key(),
+                "other",
+                "u1",
+                in_ten_minutes,
+            ),
             "u1",
         ),
         ("another voter's", good.clone(), "u2"),
@@ -752,7 +767,7 @@ async fn a_browser_without_voter_id_is_given_a_voter_cookie_and_keeps_it() {
     let stored = h.logged_votes().await;
     assert_eq!(
         stored[0].voter_key,
-        voter_key(&cookie),
+        voter_key(&stored[0].poll_id, &cookie),
         "the cookie is the voter"
     );
 
@@ -819,7 +834,10 @@ async fn an_api_client_without_voter_id_is_told_to_send_one() {
         .await;
     assert_eq!(answer.header("set-cookie"), None);
     answer.json::<Accepted>(202);
-    assert_eq!(h.logged_votes().await[0].voter_key, voter_key("crm-17"));
+    assert_eq!(
+        h.logged_votes().await[0].voter_key,
+        voter_key("widget", "crm-17")
+    );
     assert_eq!(h.tip(), 1);
 }
 

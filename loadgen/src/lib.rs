@@ -139,6 +139,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
         polls: polls.clone(),
         run: run_id,
         mix: args.segment_mix.clone(),
+        batch_key: args.admin_key.clone(),
     });
     let mut sent = load::send(target, schedule(&args)).await?;
     let truth = std::mem::take(&mut sent.truth);

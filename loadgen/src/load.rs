@@ -30,6 +30,8 @@ pub struct Target {
     /// This run's part of every voter and vote id.
     pub run: String,
     pub mix: SegmentMix,
+    /// The key batches are imported with (an admin or ingest key).
+    pub batch_key: String,
 }
 
 /// Creates the `--polls` polls the load goes to (`<prefix>-0`, `<prefix>-1`, …).
@@ -400,6 +402,7 @@ impl Sender {
             target
                 .http
                 .post(format!("{base}/v1/votes:batch"))
+                .bearer_auth(&target.batch_key)
                 .header("content-type", "application/x-ndjson")
                 .body(body)
         } else {

@@ -49,14 +49,7 @@ fn dimension(poll: &Poll, field: &str, key: &str) -> Result<Dimension, Problem> 
 
 fn time_param(field: &str, value: Option<&str>) -> Result<Option<i64>, Problem> {
     value
-        .map(|text| {
-            time::parse(text).ok_or_else(|| {
-                Problem::invalid(
-                    field,
-                    format!("`{text}` is not an RFC 3339 time or epoch milliseconds"),
-                )
-            })
-        })
+        .map(|text| time::parse(text).map_err(|why| Problem::invalid(field, why)))
         .transpose()
 }
 

@@ -28,7 +28,10 @@ use tally_core::auth::{ApiKeys, Role};
 use tally_core::poll::Poll;
 use tally_core::ports::{LiveFeed, PollRegistry, Warehouse};
 use tally_core::problem::Problem;
-use tally_service::http::{health, ApiError};
+use tally_core::secrets::Secrets;
+use tally_service::http::{guard, health, ApiError, Guard};
+use tally_service::limits::{Proxies, Rate};
+use tally_service::tasks::CancellationToken;
 use tally_service::{PollCache, Tasks};
 use tokio::net::TcpListener;
 
@@ -53,6 +56,8 @@ pub struct Deps {
 pub const DEFAULT_LIVE_HEARTBEAT_SECONDS: u64 = 15;
 /// The default cap on live (SSE) connections served at once.
 pub const DEFAULT_LIVE_MAX_CLIENTS: usize = 10_000;
+/// The default cap on live connections from one client address.
+pub const DEFAULT_LIVE_MAX_PER_ADDRESS: usize = 100;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -62,10 +67,19 @@ pub struct Config {
     pub live_min_interval: Duration,
     /// A client that cannot take an event within this long is dropped.
     pub live_send_timeout: Duration,
-    /// Server secret for minting voter tokens; minting is refused without it.
-    pub secret: Option<Vec<u8>>,
+    /// The server secret's keys: for minting voter tokens (refused without) and checking
+    /// results tokens.
+    pub secrets: Option<Secrets>,
     /// Live (SSE) connections served at once; more get 503.
     pub live_max_clients: usize,
+    /// Live connections from one client address; more get 503.
+    pub live_max_per_address: usize,
+    /// Requests per client address (IPv6: per /64); `None` turns the limit off.
+    pub rate_per_ip: Option<Rate>,
+    /// Failed authentications per client address before it waits.
+    pub auth_failures: Option<Rate>,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub request_timeout: Duration,
 }
 
@@ -76,8 +90,12 @@ impl Default for Config {
             live_heartbeat: Duration::from_secs(DEFAULT_LIVE_HEARTBEAT_SECONDS),
             live_min_interval: Duration::from_millis(100),
             live_send_timeout: Duration::from_secs(30),
-            secret: None,
+            secrets: None,
             live_max_clients: DEFAULT_LIVE_MAX_CLIENTS,
+            live_max_per_address: DEFAULT_LIVE_MAX_PER_ADDRESS,
+            rate_per_ip: Rate::per_second(100),
+            auth_failures: guard::default_auth_failures(),
+            trusted_proxies: Vec::new(),
             request_timeout: health::REQUEST_TIMEOUT,
         }
     }
@@ -85,6 +103,10 @@ impl Default for Config {
 
 pub struct App {
     live_slots: Arc<tokio::sync::Semaphore>,
+    streams: Arc<live::StreamsPerAddress>,
+    guard: Arc<Guard>,
+    /// Fired when the process starts draining: live streams end with a `reconnect` event.
+    drain: CancellationToken,
     registry: Arc<dyn PollRegistry>,
     warehouse: Arc<dyn Warehouse>,
     polls: Arc<PollCache>,
@@ -98,14 +120,37 @@ impl App {
     pub fn new(deps: Deps, config: Config, tasks: &Tasks) -> Arc<App> {
         let live = Arc::new(LiveHub::default());
         live.follow(deps.live.clone(), tasks);
+        let guard = Arc::new(Guard::new(
+            Proxies::new(config.trusted_proxies.clone()),
+            config.rate_per_ip,
+            config.auth_failures,
+        ));
+        let swept = guard.clone();
+        tasks.spawn("limiter-sweeper", move |cancel| async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => swept.retain_recent(),
+                    () = cancel.cancelled() => return,
+                }
+            }
+        });
         Arc::new(App {
             live_slots: Arc::new(tokio::sync::Semaphore::new(config.live_max_clients)),
+            streams: Arc::default(),
+            guard,
+            drain: CancellationToken::new(),
             polls: PollCache::start(deps.registry.clone(), tasks),
             registry: deps.registry,
             warehouse: deps.warehouse,
             live,
             config,
         })
+    }
+
+    /// Ends every live stream (with a `reconnect` event) so a draining server can stop.
+    pub fn drain(&self) {
+        self.drain.cancel();
     }
 
     fn authorize(&self, headers: &HeaderMap, role: Role) -> Result<(), ApiError> {
@@ -131,7 +176,10 @@ pub fn api(app: Arc<App>) -> Router {
         .route("/v1/polls", post(polls::create).get(polls::list))
         .route(
             "/v1/polls/{id}",
-            get(polls::get).patch(polls::patch).delete(polls::archive),
+            get(polls::get)
+                .put(polls::replace)
+                .patch(polls::patch)
+                .delete(polls::archive),
         )
         .route("/v1/polls/{id}/close", post(polls::close))
         .route("/v1/polls/{id}/reopen", post(polls::reopen))
@@ -141,6 +189,10 @@ pub fn api(app: Arc<App>) -> Router {
         .route("/v1/polls/{id}/timeseries", get(analytics::timeseries))
         .route("/v1/polls/{id}/live", get(live::live))
         .layer(DefaultBodyLimit::max(64 * 1024))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.guard.clone(),
+            guard::layer,
+        ))
         .with_state(app)
 }
 
@@ -171,8 +223,13 @@ pub async fn run(
 ) -> Result<()> {
     let tasks = Tasks::new();
     let app = App::new(deps, config, &tasks);
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(shutdown)
+    let draining = app.clone();
+    let service = router(app).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            draining.drain();
+        })
         .await?;
     tasks.shutdown(SHUTDOWN_GRACE).await;
     Ok(())

@@ -4,16 +4,18 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tally_core::api::{PollDoc, PollPage, TokenIssued, TokenRequest};
 use tally_core::auth::Role;
 use tally_core::poll::{NewPoll, Poll, PollPatch};
 use tally_core::problem::Problem;
-use tally_core::{time, Error as CoreError};
+use tally_core::secrets::PseudonymScheme;
+use tally_core::{time, Error as CoreError, ErrorKind};
 use tally_service::http::{ApiError, ApiJson, Reply};
 
 use crate::{query_params, App};
@@ -23,12 +25,35 @@ fn doc(poll: Poll) -> PollDoc {
     PollDoc { poll, status }
 }
 
-pub(crate) async fn create(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    ApiJson(new): ApiJson<NewPoll>,
-) -> Reply {
-    app.authorize(&headers, Role::Admin)?;
+/// The body of an admin request, read only once the key is known to be an admin's: an
+/// unauthenticated caller learns nothing about what the body should be.
+async fn admin_body<T: DeserializeOwned>(app: &App, request: Request) -> Result<T, ApiError> {
+    app.authorize(request.headers(), Role::Admin)?;
+    let ApiJson(body) = ApiJson::<T>::from_request(request, &()).await?;
+    Ok(body)
+}
+
+/// A stored poll, with an unreadable record named as such (and how to repair it).
+async fn stored(app: &App, id: &str) -> Result<Poll, ApiError> {
+    match app.registry.get(id).await {
+        Ok(Some(poll)) => Ok(poll),
+        Ok(None) => Err(Problem::not_found(&format!("poll `{id}`")).into()),
+        Err(err) if err.kind() == ErrorKind::Corrupt => {
+            tracing::error!(poll_id = id, error = %err.chain(), "unreadable poll record");
+            Err(Problem::new(
+                500,
+                "poll-unreadable",
+                "Poll record unreadable",
+                format!("the stored record of poll `{id}` cannot be read; an admin can replace it with PUT /v1/polls/{id}"),
+            )
+            .into())
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+pub(crate) async fn create(State(app): State<Arc<App>>, request: Request) -> Reply {
+    let new: NewPoll = admin_body(&app, request).await?;
     let poll = new.into_poll(time::now_ms(), || {
         format!("p-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
     })?;
@@ -97,12 +122,51 @@ pub(crate) async fn get(
     Path(id): Path<String>,
 ) -> Reply {
     app.authorize(&headers, Role::Admin)?;
-    let poll = app
-        .registry
-        .get(&id)
-        .await?
-        .ok_or_else(|| Problem::not_found(&format!("poll `{id}`")))?;
+    let poll = stored(&app, &id).await?;
     Ok(Json(doc(poll)).into_response())
+}
+
+/// `PUT /v1/polls/{id}`: replaces a poll whose stored record cannot be read (written by a
+/// broken version, damaged on disk). Refused for a readable poll: that one is changed with
+/// PATCH, which keeps its history. Votes already counted stay counted.
+pub(crate) async fn replace(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Reply {
+    // The body is a whole poll definition plus the pseudonym scheme the lost record had
+    // (1 for polls created before per-poll pseudonyms, the default; 2 after), so voters
+    // who already voted still count once.
+    let mut body: serde_json::Map<String, serde_json::Value> = admin_body(&app, request).await?;
+    let scheme = match body.remove("voter_key_scheme") {
+        None => PseudonymScheme::Global,
+        Some(value) => serde_json::from_value(value)
+            .map_err(|_| Problem::invalid("voter_key_scheme", "voter_key_scheme must be 1 or 2"))?,
+    };
+    let definition = serde_json::to_vec(&body).unwrap_or_default();
+    let new: NewPoll = tally_core::problem::parse_json(&definition)?;
+    match app.registry.get(&id).await {
+        Ok(Some(_)) => {
+            return Err(Problem::new(
+                409,
+                "poll-readable",
+                "Poll readable",
+                format!("poll `{id}` can be read; change it with PATCH /v1/polls/{id}"),
+            )
+            .into())
+        }
+        Ok(None) => return Err(Problem::not_found(&format!("poll `{id}`")).into()),
+        Err(err) if err.kind() == ErrorKind::Corrupt => {}
+        Err(err) => return Err(err.into()),
+    }
+    if new.id.as_ref().is_some_and(|body_id| body_id != &id) {
+        return Err(Problem::invalid("id", "the id in the body differs from the path").into());
+    }
+    let mut poll = new.into_poll(time::now_ms(), || id.clone())?;
+    poll.voter_key_scheme = scheme;
+    let replaced = app.registry.replace(&poll).await?;
+    tracing::warn!(poll_id = %id, "an unreadable poll record was replaced");
+    Ok(Json(doc((*app.polls.remember(replaced)).clone())).into_response())
 }
 
 /// Read-modify-write with the registry's version check, retried when another writer won.
@@ -112,11 +176,7 @@ async fn modify(
     change: impl Fn(&mut Poll) -> Result<Vec<String>, Problem>,
 ) -> Result<Poll, ApiError> {
     for _ in 0..5 {
-        let mut poll = app
-            .registry
-            .get(id)
-            .await?
-            .ok_or_else(|| Problem::not_found(&format!("poll `{id}`")))?;
+        let mut poll = stored(app, id).await?;
         let removed = change(&mut poll)?;
         if !removed.is_empty() {
             let tally = app.warehouse.tally(id).await?;
@@ -142,11 +202,10 @@ async fn modify(
 
 pub(crate) async fn patch(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    ApiJson(patch): ApiJson<PollPatch>,
+    request: Request,
 ) -> Reply {
-    app.authorize(&headers, Role::Admin)?;
+    let patch: PollPatch = admin_body(&app, request).await?;
     let poll = modify(&app, &id, |poll| {
         if poll.archived_at.is_some() {
             return Err(archived(&poll.id));
@@ -230,12 +289,11 @@ const MAX_TOKEN_TTL: u64 = 90 * 86_400;
 /// Mints a signed voter token for one voter of one poll (admin).
 pub(crate) async fn mint_token(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    ApiJson(request): ApiJson<TokenRequest>,
+    request: Request,
 ) -> Reply {
-    app.authorize(&headers, Role::Admin)?;
-    let Some(secret) = &app.config.secret else {
+    let request: TokenRequest = admin_body(&app, request).await?;
+    let Some(secrets) = &app.config.secrets else {
         return Err(Problem::new(
             501,
             "token-minting-disabled",
@@ -260,7 +318,7 @@ pub(crate) async fn mint_token(
     }
     let expiry = time::now_ms() / 1000 + ttl as i64;
     let issued = TokenIssued {
-        token: tally_core::token::mint(secret, &poll.id, &request.voter_id, expiry),
+        token: tally_core::token::mint(&secrets.token_key(), &poll.id, &request.voter_id, expiry),
         poll_id: poll.id.clone(),
         voter_id: request.voter_id,
         expires_at: time::format_ms(expiry * 1000),

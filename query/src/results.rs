@@ -1,6 +1,12 @@
 //! A poll's results, and who may see them.
+//!
+//! Public results are served from the totals the live hub holds in memory (kept current by
+//! the processors' live feed), read again from the warehouse at most once a second per poll
+//! when the feed is quiet: however many anonymous requests come, the warehouse does not
+//! count a poll more often than that.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -17,28 +23,67 @@ use tally_service::http::{ApiError, Reply};
 
 use crate::{query_params, App};
 
+/// How old the in-memory totals may be before a request reads the warehouse again.
+const TOTALS_MAX_AGE: Duration = Duration::from_secs(1);
+
 /// The poll's exact results over every counted vote, from the warehouse.
-pub(crate) async fn current(app: &App, poll: &Poll) -> Result<Results, ApiError> {
+async fn counted(app: &App, poll: &Poll) -> Result<Results, ApiError> {
     let tally = app.warehouse.tally(&poll.id).await?;
     Ok(Results::new(poll, &tally, time::now_ms()))
 }
 
+/// The poll's results as served: the newest totals (at most [`TOTALS_MAX_AGE`] old), with
+/// the poll's status as of now.
+pub(crate) async fn served(app: &App, poll: &Poll) -> Result<Arc<Results>, ApiError> {
+    let totals = app
+        .live
+        .totals(&poll.id, TOTALS_MAX_AGE, || counted(app, poll))
+        .await?;
+    let status = poll.status(time::now_ms());
+    if totals.status == status {
+        return Ok(totals);
+    }
+    let mut current = (*totals).clone();
+    current.status = status;
+    Ok(Arc::new(current))
+}
+
+/// Unknown parameters are ignored here (browsers and caches add their own to public URLs).
 #[derive(Deserialize)]
 pub(crate) struct ResultsParams {
     pub(crate) results_token: Option<String>,
 }
 
-/// Whether the caller may see `poll`'s results, per its `results_visibility`. Analyst and
-/// admin keys always may; a key that is sent must be valid.
-pub(crate) fn may_see(
-    app: &App,
-    poll: &Poll,
-    headers: &HeaderMap,
-    results_token: Option<&str>,
-) -> Result<(), ApiError> {
-    if headers.contains_key(header::AUTHORIZATION) {
-        return app.authorize(headers, Role::Analyst);
+/// Who is asking for results: a key holder (checked once, when the request came), or an
+/// anonymous client with perhaps a results token.
+#[derive(Debug, Clone)]
+pub(crate) enum Access {
+    Key,
+    Anonymous { results_token: Option<String> },
+}
+
+impl Access {
+    /// A key that is sent must be valid (and at least `analyst`); without one the client is
+    /// anonymous.
+    pub(crate) fn of(
+        app: &App,
+        headers: &HeaderMap,
+        results_token: Option<String>,
+    ) -> Result<Access, ApiError> {
+        if headers.contains_key(header::AUTHORIZATION) {
+            app.authorize(headers, Role::Analyst)?;
+            return Ok(Access::Key);
+        }
+        Ok(Access::Anonymous { results_token })
     }
+}
+
+/// Whether `access` may see `poll`'s results, per its `results_visibility`.
+pub(crate) fn may_see(app: &App, poll: &Poll, access: &Access) -> Result<(), ApiError> {
+    let results_token = match access {
+        Access::Key => return Ok(()),
+        Access::Anonymous { results_token } => results_token.as_deref(),
+    };
     let hidden = |detail: String| -> ApiError {
         Problem::new(403, "results-hidden", "Results hidden", detail).into()
     };
@@ -52,9 +97,10 @@ pub(crate) fn may_see(
             ))),
         },
         ResultsVisibility::AfterVote => {
-            let shown = match (&app.config.secret, results_token) {
-                (Some(secret), Some(token)) => tally_core::token::verify_results(
-                    secret,
+            let shown = match (&app.config.secrets, results_token) {
+                (Some(secrets), Some(token)) => tally_core::token::verify_results(
+                    secrets,
+                    poll.voter_key_scheme,
                     token,
                     &poll.id,
                     time::now_ms() / 1000,
@@ -86,7 +132,12 @@ pub(crate) async fn results(
 ) -> Reply {
     let params = query_params(params)?;
     let poll = app.poll(&id).await?;
-    may_see(&app, &poll, &headers, params.results_token.as_deref())?;
-    let results = current(&app, &poll).await?;
-    Ok(([(header::CACHE_CONTROL, "no-store")], Json(results)).into_response())
+    let access = Access::of(&app, &headers, params.results_token)?;
+    may_see(&app, &poll, &access)?;
+    let results = served(&app, &poll).await?;
+    Ok((
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(results.as_ref()),
+    )
+        .into_response())
 }

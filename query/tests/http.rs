@@ -18,7 +18,7 @@ use tally_core::results::{Results, Tally};
 use tally_core::time::{format_ms, now_ms};
 use tally_core::token;
 
-use common::{ballot, Harness, ADMIN_KEY, ANALYST_KEY, SECRET};
+use common::{ballot, Harness, ADMIN_KEY, ANALYST_KEY};
 
 /// Epoch ms of a whole minute in the past, where test votes are received.
 const T0: i64 = 1_700_000_040_000;
@@ -510,7 +510,7 @@ async fn after_vote_results_are_shown_with_the_voters_results_token() {
     h.ab_poll("voters-only", "after_vote").await;
     h.ab_poll("suspense", "after_close").await;
     let in_a_day = now_ms() / 1000 + 86_400;
-    let good = token::mint_results(SECRET, "voters-only", in_a_day);
+    let good = token::mint_results(&common::secrets(), "voters-only", in_a_day);
     for base in [
         "/v1/polls/voters-only/results",
         "/v1/polls/voters-only/live",
@@ -521,15 +521,19 @@ async fn after_vote_results_are_shown_with_the_voters_results_token() {
         let refused = [
             (
                 "another poll's",
-                token::mint_results(SECRET, "suspense", in_a_day),
+                token::mint_results(&common::secrets(), "suspense", in_a_day),
             ),
             (
                 "forged",
-                token::mint_results(b"another-secret-entirely", "voters-only", in_a_day),
+                token::mint_results(
+                    &tally_core::secrets::Secrets::new(b"another-secret-entirely").unwrap(),
+                    "voters-only",
+                    in_a_day,
+                ),
             ),
             (
                 "expired",
-                token::mint_results(SECRET, "voters-only", now_ms() / 1000 - 1),
+                token::mint_results(&common::secrets(), "voters-only", now_ms() / 1000 - 1),
             ),
             ("garbage", "4102444800.00ff".to_owned()),
         ];
@@ -553,7 +557,7 @@ async fn after_vote_results_are_shown_with_the_voters_results_token() {
     .expect_problem(403, "results-hidden", None);
 
     // Without the secret the query service cannot check a token, so it shows nothing.
-    let blind = Harness::with_config(|config| config.secret = None);
+    let blind = Harness::with_config(|config| config.secrets = None);
     blind.ab_poll("voters-only", "after_vote").await;
     blind
         .get(
@@ -890,9 +894,30 @@ async fn voter_tokens_are_minted_for_a_poll_and_voter() {
         ("vip", "u1")
     );
     let now = now_ms() / 1000;
-    token::verify(SECRET, Some(&issued.token), "vip", Some("u1"), now).unwrap();
-    assert!(token::verify(SECRET, Some(&issued.token), "vip", Some("u2"), now).is_err());
-    let expiry: i64 = issued.token.split_once('.').unwrap().0.parse().unwrap();
+    let (secrets, scheme) = (
+        common::secrets(),
+        tally_core::secrets::PseudonymScheme::PerPoll,
+    );
+    token::verify(
+        &secrets,
+        scheme,
+        Some(&issued.token),
+        "vip",
+        Some("u1"),
+        now,
+    )
+    .unwrap();
+    assert!(token::verify(
+        &secrets,
+        scheme,
+        Some(&issued.token),
+        "vip",
+        Some("u2"),
+        now
+    )
+    .is_err());
+    let expiry: i64 = issued.token.split('.').nth(1).unwrap().parse().unwrap();
+    assert!(issued.token.starts_with("v2."), "{}", issued.token);
     assert!(
         (now + 595..=now + 605).contains(&expiry),
         "{expiry} vs {now}"
@@ -909,9 +934,9 @@ async fn voter_tokens_are_minted_for_a_poll_and_voter() {
         .json(201);
     let expiry: i64 = default_ttl
         .token
-        .split_once('.')
+        .split('.')
+        .nth(1)
         .unwrap()
-        .0
         .parse()
         .unwrap();
     assert!(
@@ -935,7 +960,7 @@ async fn voter_tokens_are_minted_for_a_poll_and_voter() {
             .expect_problem(422, "invalid-field", Some(field));
     }
 
-    let unable = Harness::with_config(|config| config.secret = None);
+    let unable = Harness::with_config(|config| config.secrets = None);
     unable.ab_poll("vip", "live").await;
     unable
         .admin(

@@ -3,6 +3,7 @@
 //! - [`http`]: the HTTP kit — problem+json responses for every error (our own and the
 //!   extractors' rejections alike), the JSON body extractor, `/healthz` and `/readyz`, and
 //!   the middleware every router gets (request time limit, fallbacks);
+//! - [`limits`]: rate limits and the client's address behind trusted proxies;
 //! - [`polls`]: a local, always-fresh copy of the poll registry for hot paths;
 //! - [`tasks`]: the one owner of a process's background tasks, which stops them together
 //!   and waits for them on shutdown.
@@ -11,6 +12,7 @@
 //! knows a concrete back end.
 
 pub mod http;
+pub mod limits;
 pub mod polls;
 pub mod tasks;
 

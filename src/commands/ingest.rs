@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use crate::config::{shutdown_signal, Bus, LimitArgs, Listen8080, Timeout};
+use crate::config::{shutdown_signal, Bus, Keys, LimitArgs, Listen8080, ProxyArgs, Timeout};
 
 #[derive(Args)]
 pub struct IngestArgs {
@@ -12,6 +12,11 @@ pub struct IngestArgs {
     bus: Bus,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    proxies: ProxyArgs,
+    /// Batch import takes ingest and admin keys (analyst keys are accepted and unused).
+    #[command(flatten)]
+    keys: Keys,
     #[command(flatten)]
     timeout: Timeout,
     /// Server secret for hashing voter ids and signing voter tokens (16+ bytes).
@@ -26,7 +31,8 @@ impl IngestArgs {
         let registry = self.bus.registry(client).await?;
         let config = tally_ingest::Config {
             secret: self.secret.into_bytes(),
-            limits: self.limits.config(),
+            keys: self.keys.api_keys()?,
+            limits: self.limits.config(&self.proxies),
             request_timeout: self.timeout.duration(),
             ..Default::default()
         };

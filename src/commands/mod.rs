@@ -37,6 +37,8 @@ enum Command {
     Query(query::QueryArgs),
     /// Mints a signed voter token for a `require_token` poll and prints it.
     Token(token::TokenArgs),
+    /// Prints the key that signs voter tokens (for a platform that mints its own).
+    TokenKey(token::TokenKeyArgs),
     /// Applies warehouse migrations and exits.
     Migrate(migrate::MigrateArgs),
     /// Prints the table of every `TALLY_*` variable (for docs/OPERATIONS.md).
@@ -55,6 +57,7 @@ impl Cli {
             Command::Processor(args) => args.run().await,
             Command::Query(args) => args.run().await,
             Command::Token(args) => args.run(),
+            Command::TokenKey(args) => args.run(),
             Command::Migrate(args) => args.run().await,
             Command::ConfigTable => {
                 print!("{}", config_table::markdown());

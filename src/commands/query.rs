@@ -3,10 +3,12 @@
 use std::sync::Arc;
 
 use clap::Args;
-use tally_core::auth::ApiKeys;
+use tally_core::secrets::Secrets;
 use tally_nats::NatsLiveFeed;
 
-use crate::config::{shutdown_signal, Bus, Keys, Listen8081, Live, Timeout, WarehouseArgs};
+use crate::config::{
+    shutdown_signal, Bus, Keys, Listen8081, Live, ProxyArgs, Timeout, WarehouseArgs,
+};
 
 #[derive(Args)]
 pub struct QueryArgs {
@@ -20,6 +22,8 @@ pub struct QueryArgs {
     keys: Keys,
     #[command(flatten)]
     live: Live,
+    #[command(flatten)]
+    proxies: ProxyArgs,
     /// Server secret (as given to ingest); enables minting voter tokens.
     #[arg(long, env = "TALLY_SECRET", hide_env_values = true)]
     secret: Option<String>,
@@ -33,15 +37,20 @@ impl QueryArgs {
         let client = self.bus.connect().await?;
         let registry = self.bus.registry(client.clone()).await?;
         let live = Arc::new(NatsLiveFeed::new(client));
-        let api_keys = ApiKeys::new(&self.keys.admin_keys, &self.keys.analyst_keys);
+        let api_keys = self.keys.api_keys()?;
         if api_keys.is_empty() {
             tracing::warn!(
                 "no API keys configured: poll management and analytics will refuse every request"
             );
         }
+        let secrets = self
+            .secret
+            .map(|secret| Secrets::new(secret.as_bytes()))
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
         let config = self
             .live
-            .config(api_keys, self.secret.map(String::into_bytes), &self.timeout);
+            .config(api_keys, secrets, &self.proxies, &self.timeout);
         let listener = self.listen.bind("query").await?;
         tally_query::run(
             listener,

@@ -7,13 +7,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use tally_core::auth::ApiKeys;
 use tally_core::ports::Warehouse;
+use tally_core::secrets::Secrets;
 use tally_service::http::health;
 use tally_service::Tasks;
 use tokio::net::TcpListener;
 
-use crate::config::{shutdown_signal, Keys, LimitArgs, Listen8080, Live, Processing, Timeout};
+use crate::config::{
+    shutdown_signal, Keys, LimitArgs, Listen8080, Live, Processing, ProxyArgs, Timeout,
+};
 use crate::demo;
 
 #[derive(Args)]
@@ -24,6 +26,8 @@ pub struct StandaloneArgs {
     listen: Listen8080,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    proxies: ProxyArgs,
     /// Where votes, polls and the warehouse are kept.
     #[arg(long, env = "TALLY_DATA_DIR", default_value = "tally-data")]
     data_dir: PathBuf,
@@ -151,13 +155,15 @@ async fn run(
         Some(secret) => secret,
         None => stored_secret(&dir.join("secret"), "")?.0,
     };
-    let mut admin_keys = settings.keys.admin_keys.clone();
+    let mut keys = settings.keys.clone();
     let mut generated_key = None;
-    if admin_keys.is_empty() {
+    if keys.admin_keys.is_empty() {
         let (key, fresh) = stored_secret(&dir.join("admin-key"), "tly_admin_")?;
         generated_key = Some((key.clone(), fresh));
-        admin_keys.push(key);
+        keys.admin_keys.push(key);
     }
+    let api_keys = keys.api_keys()?;
+    let secrets = Secrets::new(secret.as_bytes()).map_err(anyhow::Error::msg)?;
 
     let tasks = Tasks::new();
     let flushed = store.warehouse.clone();
@@ -171,7 +177,8 @@ async fn run(
         },
         tally_ingest::Config {
             secret: secret.clone().into_bytes(),
-            limits: settings.limits.config(),
+            keys: api_keys.clone(),
+            limits: settings.limits.config(&settings.proxies),
             request_timeout: settings.timeout.duration(),
             ..Default::default()
         },
@@ -184,8 +191,9 @@ async fn run(
             live: store.live.clone(),
         },
         settings.live.config(
-            ApiKeys::new(&admin_keys, &settings.keys.analyst_keys),
-            Some(secret.into_bytes()),
+            api_keys,
+            Some(secrets),
+            &settings.proxies,
             &settings.timeout,
         ),
         &tasks,
@@ -207,6 +215,7 @@ async fn run(
         &tasks,
     )?;
     catch_up(&store).await?;
+    let draining = query.clone();
     let app = health::service(
         tally_ingest::api(ingest.clone()).merge(tally_query::api(query)),
         probes,
@@ -217,13 +226,15 @@ async fn run(
     // Scripts and tests read the first line to find the port.
     println!("tally standalone listening on http://{local}");
     println!("data directory: {}", dir.display());
+    // The generated key is shown once, when it is made; after that only where it is kept
+    // (a key in every start's output ends up in every log collector).
     match &generated_key {
         Some((key, true)) => println!(
             "admin API key (generated, stored in {}): {key}",
             dir.join("admin-key").display()
         ),
-        Some((key, false)) => println!(
-            "admin API key (from {}): {key}",
+        Some((_, false)) => println!(
+            "admin API key: in {} (made on first start)",
             dir.join("admin-key").display()
         ),
         None => println!("admin API keys: as configured"),
@@ -238,7 +249,10 @@ async fn run(
         listener,
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown)
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        draining.drain();
+    })
     .await?;
     // The processor's workers finish their batches and write their rollups; then whatever
     // the warehouse still holds in memory goes to disk.

@@ -204,22 +204,29 @@ async fn bad_input_gets_clear_errors_and_changes_nothing(deployment: Deployment)
             404,
             "no-route",
         ),
-        case(
-            "empty batch",
-            M::POST,
-            batch.clone(),
-            b"\n\n".to_vec(),
-            400,
-            "empty-batch",
-        ),
-        case(
-            "batch invalid utf-8",
-            M::POST,
-            batch.clone(),
-            b"\xff\n".to_vec(),
-            400,
-            "invalid-utf8",
-        ),
+        // Batches are for integrations: these carry a key with the right to import.
+        Case {
+            auth: Some(ADMIN_KEY),
+            ..case(
+                "empty batch",
+                M::POST,
+                batch.clone(),
+                b"\n\n".to_vec(),
+                400,
+                "empty-batch",
+            )
+        },
+        Case {
+            auth: Some(ADMIN_KEY),
+            ..case(
+                "batch invalid utf-8",
+                M::POST,
+                batch.clone(),
+                b"\xff\n".to_vec(),
+                400,
+                "invalid-utf8",
+            )
+        },
         case(
             "create poll without key",
             M::POST,

@@ -14,8 +14,8 @@ use serde_json::Value;
 use tally_testkit::process::log_tail;
 use tally_testkit::{ClickHouseServer, ManagedProcess, NatsOptions, NatsServer};
 
-pub const ADMIN_KEY: &str = "test-admin-key";
-pub const ANALYST_KEY: &str = "test-analyst-key";
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
+pub const ANALYST_KEY: &str = "test-analyst-key-0123456789";
 pub const SECRET: &str = "an-e2e-test-secret-of-enough-length";
 
 /// The two deployments every end-to-end scenario runs against.
@@ -208,6 +208,9 @@ impl Cluster {
             ("RUST_LOG", "info".to_owned()),
             ("TALLY_RATE_PER_IP", "off".to_owned()),
             ("TALLY_RATE_PER_VOTER", "off".to_owned()),
+            ("TALLY_RATE_NEW_VOTERS_PER_IP", "off".to_owned()),
+            ("TALLY_QUERY_RATE_PER_IP", "off".to_owned()),
+            ("TALLY_AUTH_FAILURES_PER_IP", "off".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use crate::cluster::{option_counts, Cluster, Deployment, SseClient};
+use crate::cluster::{option_counts, Cluster, Deployment, SseClient, ADMIN_KEY};
 
 const VOTERS: usize = 5_000;
 const CLIENTS: usize = 32;
@@ -235,6 +235,8 @@ async fn send_nps_batches(cluster: &Cluster, lines: Vec<(String, Value)>) -> Res
         let response = cluster
             .http
             .post(format!("{}/v1/votes:batch", cluster.ingest.url))
+            .bearer_auth(ADMIN_KEY)
+            .header("content-type", "application/x-ndjson")
             .body(body)
             .send()
             .await?;
@@ -272,6 +274,8 @@ async fn send_nps_batches(cluster: &Cluster, lines: Vec<(String, Value)>) -> Res
         let result: Value = cluster
             .http
             .post(format!("{}/v1/votes:batch", cluster.ingest.url))
+            .bearer_auth(ADMIN_KEY)
+            .header("content-type", "application/x-ndjson")
             .body(body)
             .send()
             .await?

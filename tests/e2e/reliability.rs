@@ -527,6 +527,7 @@ async fn replay_of_every_vote(deployment: Deployment) -> Result<()> {
         let response = cluster
             .http
             .post(format!("{}/v1/votes:batch", cluster.ingest.url))
+            .bearer_auth(ADMIN_KEY)
             .header("content-type", "application/x-ndjson")
             .body(chunk.join("\n"))
             .send()

@@ -25,6 +25,14 @@ async fn mint(cluster: &Cluster, poll: &str, voter: &str) -> Result<String> {
     Ok(body["token"].as_str().unwrap_or_default().to_owned())
 }
 
+fn decode_hex(text: &str) -> Result<Vec<u8>> {
+    ensure!(text.len().is_multiple_of(2), "odd hex: {text}");
+    (0..text.len())
+        .step_by(2)
+        .map(|i| Ok(u8::from_str_radix(&text[i..i + 2], 16)?))
+        .collect()
+}
+
 fn slug(answer: &Value) -> &str {
     answer["type"]
         .as_str()
@@ -54,14 +62,18 @@ async fn voter_tokens_gate_require_token_polls(deployment: Deployment) -> Result
 
     let token = mint(&cluster, "vip", "u1").await?;
     let other_poll = mint(&cluster, "other", "u1").await?;
+    let token_key = tally_core::secrets::Secrets::new(SECRET.as_bytes())
+        .map_err(anyhow::Error::msg)?
+        .token_key();
     let expired = tally_core::token::mint(
-        SECRET.as_bytes(),
+        &token_key,
         "vip",
         "u1",
         tally_core::time::now_ms() / 1000 - 1,
     );
+    // Signed with the server secret itself rather than the token key derived from it.
     let forged = tally_core::token::mint(
-        b"not-the-server-secret",
+        SECRET.as_bytes(),
         "vip",
         "u1",
         tally_core::time::now_ms() / 1000 + 600,
@@ -72,6 +84,19 @@ async fn voter_tokens_gate_require_token_polls(deployment: Deployment) -> Result
         .output()?;
     ensure!(cli.status.success());
     let from_cli = String::from_utf8(cli.stdout)?.trim().to_owned();
+    // An integration mints its own tokens with the key `tally token-key` prints.
+    let key_cli = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("token-key")
+        .env("TALLY_SECRET", SECRET)
+        .output()?;
+    ensure!(key_cli.status.success());
+    let integration_key = String::from_utf8(key_cli.stdout)?.trim().to_owned();
+    let from_integration = tally_core::token::mint(
+        &decode_hex(&integration_key)?,
+        "vip",
+        "u4",
+        tally_core::time::now_ms() / 1000 + 600,
+    );
 
     for (name, voter, token) in [
         ("another poll's token", "u1", other_poll.as_str()),
@@ -105,8 +130,18 @@ async fn voter_tokens_gate_require_token_polls(deployment: Deployment) -> Result
         )
         .await?;
     ensure!(status == 202, "a CLI-minted token is accepted");
+    let (status, _) = cluster
+        .vote(
+            "vip",
+            &json!({"voter_id": "u4", "choice": "b", "token": from_integration}),
+        )
+        .await?;
+    ensure!(
+        status == 202,
+        "a token minted with the token key is accepted"
+    );
     cluster
-        .wait_for_total("vip", 2, Duration::from_secs(30))
+        .wait_for_total("vip", 3, Duration::from_secs(30))
         .await?;
     ensure!(cluster.results("other").await?["total_votes"] == 0);
     Ok(())

@@ -28,7 +28,6 @@ fn storage(err: impl Into<tally_core::error::BoxError>) -> Error {
 struct AppendRequest {
     partition: u16,
     unique: String,
-    vote_id: String,
     payload: Vec<u8>,
     reply: oneshot::Sender<Result<Appended>>,
 }
@@ -171,13 +170,17 @@ impl Writer {
                             Error::corrupt("embedded vote log", format!("entry {at:?} missing"))
                         })?;
                         let original = wire::decode(stored.value())?;
-                        if original.vote_id == request.vote_id {
+                        // Decoded only here: a taken key is the rare case.
+                        let vote = wire::decode(&request.payload)?;
+                        if original.vote_id != vote.vote_id {
+                            Appended::AlreadyVoted
+                        } else if original.same_ballot(&vote) {
                             Appended::Accepted {
                                 seq: at.1,
                                 duplicate: true,
                             }
                         } else {
-                            Appended::AlreadyVoted
+                            Appended::VoteIdConflict
                         }
                     }
                     None => {
@@ -217,7 +220,6 @@ impl EmbeddedLog {
         let request = AppendRequest {
             partition: self.partition_of(&vote.poll_id),
             unique: unique_key(&vote.poll_id, unique),
-            vote_id: vote.vote_id.clone(),
             payload: wire::encode(vote),
             reply,
         };

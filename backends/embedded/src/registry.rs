@@ -30,6 +30,8 @@ pub struct EmbeddedRegistry {
 enum Write {
     Create,
     Update,
+    /// Whatever is stored (the repair of an unreadable record).
+    Replace,
 }
 
 impl EmbeddedRegistry {
@@ -109,9 +111,17 @@ impl EmbeddedRegistry {
                 break;
             }
             let (version, bytes) = value.value();
-            let mut poll = Poll::decode(bytes)?;
-            poll.version = version;
-            out.push(poll);
+            // An unreadable record is left out (and reported) rather than failing every
+            // list and watch; `get` of it still says it is corrupt, and it can be replaced.
+            match Poll::decode(bytes) {
+                Ok(mut poll) => {
+                    poll.version = version;
+                    out.push(poll);
+                }
+                Err(err) => {
+                    tracing::error!(poll_id = key.value(), error = %err.chain(), "skipping an unreadable poll record; replace it with PUT /v1/polls/{{id}}")
+                }
+            }
         }
         Ok(out)
     }
@@ -149,6 +159,10 @@ impl PollRegistry for EmbeddedRegistry {
 
     async fn update(&self, poll: &Poll) -> Result<Poll> {
         self.write(poll, Write::Update).await
+    }
+
+    async fn replace(&self, poll: &Poll) -> Result<Poll> {
+        self.write(poll, Write::Replace).await
     }
 
     async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<Poll>> {

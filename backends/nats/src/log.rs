@@ -126,7 +126,8 @@ impl JetStreamLog {
         answers
     }
 
-    /// After a per-subject refusal: the same vote (a late retry) or another voter's vote?
+    /// After a per-subject refusal: the same vote (a late retry), the same vote id with
+    /// another ballot, or another vote of the voter?
     async fn resolve_conflict(&self, subject: &str, vote: &Vote) -> Result<Appended> {
         let stream = self
             .js
@@ -138,14 +139,21 @@ impl JetStreamLog {
             .await
             .map_err(|e| Error::unavailable("vote log", e))?;
         let existing = wire::decode(&stored.payload)?;
-        if existing.vote_id == vote.vote_id {
-            Ok(Appended::Accepted {
-                seq: stored.sequence,
-                duplicate: true,
-            })
-        } else {
-            Ok(Appended::AlreadyVoted)
+        Ok(settle(&existing, vote, stored.sequence))
+    }
+}
+
+/// What an append finds when its uniqueness key is taken by `existing` at `seq`.
+fn settle(existing: &Vote, vote: &Vote, seq: u64) -> Appended {
+    if existing.vote_id != vote.vote_id {
+        Appended::AlreadyVoted
+    } else if existing.same_ballot(vote) {
+        Appended::Accepted {
+            seq,
+            duplicate: true,
         }
+    } else {
+        Appended::VoteIdConflict
     }
 }
 

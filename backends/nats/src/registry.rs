@@ -109,6 +109,16 @@ impl PollRegistry for KvRegistry {
         }
     }
 
+    async fn replace(&self, poll: &Poll) -> Result<Poll> {
+        match self.store.put(&poll.id, poll.encode().into()).await {
+            Ok(revision) => Ok(Poll {
+                version: revision,
+                ..poll.clone()
+            }),
+            Err(err) => Err(Error::unavailable("poll registry", err)),
+        }
+    }
+
     async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<Poll>> {
         let mut keys: Vec<String> = match self.store.keys().await {
             Ok(keys) => keys
@@ -126,8 +136,15 @@ impl PollRegistry for KvRegistry {
             if polls.len() >= limit {
                 break;
             }
-            if let Some(poll) = self.get(&key).await? {
-                polls.push(poll);
+            // An unreadable record is left out (and reported) rather than failing every
+            // list; `get` of it still says it is corrupt, and it can be replaced.
+            match self.get(&key).await {
+                Ok(Some(poll)) => polls.push(poll),
+                Ok(None) => {}
+                Err(err) if err.kind() == tally_core::ErrorKind::Corrupt => {
+                    tracing::error!(poll_id = %key, error = %err.chain(), "skipping an unreadable poll record; replace it with PUT /v1/polls/{{id}}")
+                }
+                Err(err) => return Err(err),
             }
         }
         Ok(polls)
@@ -139,11 +156,24 @@ impl PollRegistry for KvRegistry {
             .watch_with_history(">")
             .await
             .map_err(|e| Error::unavailable("poll registry", e))?;
-        let changes = watch.map(|entry| {
-            let entry = entry.map_err(|e| Error::unavailable("poll registry", e))?;
+        let changes = watch.filter_map(|entry| async move {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(err) => return Some(Err(Error::unavailable("poll registry", err))),
+            };
             match entry.operation {
-                kv::Operation::Put => Ok(PollChange::Put(Box::new(Self::decode(&entry)?))),
-                kv::Operation::Delete | kv::Operation::Purge => Ok(PollChange::Deleted(entry.key)),
+                kv::Operation::Put => match Self::decode(&entry) {
+                    Ok(poll) => Some(Ok(PollChange::Put(Box::new(poll)))),
+                    // Skipped, not an error: an error would restart the watch, which would
+                    // meet the same record again, and nothing after it would ever arrive.
+                    Err(err) => {
+                        tracing::error!(poll_id = %entry.key, error = %err.chain(), "skipping an unreadable poll record; replace it with PUT /v1/polls/{{id}}");
+                        None
+                    }
+                },
+                kv::Operation::Delete | kv::Operation::Purge => {
+                    Some(Ok(PollChange::Deleted(entry.key)))
+                }
             }
         });
         Ok(Box::pin(changes))

@@ -14,6 +14,9 @@ pub enum Appended {
     Accepted { seq: u64, duplicate: bool },
     /// Another vote already holds this uniqueness key: the voter has voted.
     AlreadyVoted,
+    /// The log holds a vote with this vote id and this uniqueness key, but another ballot
+    /// (another choice or segment): the id was reused, and this vote was not stored.
+    VoteIdConflict,
 }
 
 /// One entry of a partition of the log, in log order.
@@ -28,7 +31,8 @@ pub struct LogEntry {
 ///
 /// Guarantees: `append` resolves `Accepted` only once the vote is durable; the log holds at
 /// most one entry per `(poll, unique_key)` — the first one — and a repeat of the same
-/// `vote_id` resolves to the original entry's sequence. Entries of one poll always land in
+/// `vote_id` with the same ballot ([`Vote::same_ballot`]) resolves to the original entry's
+/// sequence, while the same `vote_id` with another ballot is [`Appended::VoteIdConflict`]. Entries of one poll always land in
 /// the same partition, which a reader sees in sequence order.
 #[async_trait]
 pub trait VoteLog: Send + Sync + 'static {

@@ -21,6 +21,13 @@ use tower::ServiceExt;
 
 /// The server secret of every test ingest (at least 16 bytes, as ingest demands).
 pub const SECRET: &[u8] = b"ingest-http-test-secret";
+/// The key of the test integration that imports batches.
+pub const INGEST_KEY: &str = "ingest-http-test-integration-key";
+
+/// The keys derived from [`SECRET`].
+pub fn secrets() -> tally_core::secrets::Secrets {
+    tally_core::secrets::Secrets::new(SECRET).unwrap()
+}
 
 /// One ingest over its own data directory, with a one-partition vote log.
 pub struct Harness {
@@ -48,6 +55,11 @@ impl Harness {
         .unwrap();
         let mut config = Config {
             secret: SECRET.to_vec(),
+            keys: tally_core::auth::ApiKeys::new(&[(
+                tally_core::auth::Role::Ingest,
+                &[INGEST_KEY.to_owned()],
+            )])
+            .unwrap(),
             ..Config::default()
         };
         change(&mut config);
@@ -140,12 +152,16 @@ pub fn vote_json(poll: &str, body: serde_json::Value) -> Request<Body> {
     vote(poll, body.to_string())
 }
 
-/// `POST /v1/votes:batch` with an NDJSON body.
+/// `POST /v1/votes:batch` with an NDJSON body, from the test integration.
 pub fn batch(body: impl Into<Body>) -> Request<Body> {
     let mut request = post("/v1/votes:batch", body);
     request.headers_mut().insert(
         header::CONTENT_TYPE,
         "application/x-ndjson".parse().unwrap(),
+    );
+    request.headers_mut().insert(
+        header::AUTHORIZATION,
+        format!("Bearer {INGEST_KEY}").parse().unwrap(),
     );
     request
 }
@@ -256,7 +272,10 @@ impl ProblemBody {
     }
 }
 
-/// The voter key ingest stores for `voter_id`.
-pub fn voter_key(voter_id: &str) -> String {
-    tally_core::vote::VoterHasher::new(SECRET).voter_key(voter_id)
+/// The voter key ingest stores for `voter_id` in `poll` (a poll made by the harness, so one
+/// with per-poll pseudonyms).
+pub fn voter_key(poll: &str, voter_id: &str) -> String {
+    secrets()
+        .voter_hasher(poll, tally_core::secrets::PseudonymScheme::PerPoll)
+        .voter_key(voter_id)
 }

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 use tally_core::api::PollDoc;
-use tally_core::auth::ApiKeys;
+use tally_core::auth::{ApiKeys, Role};
 use tally_core::poll::Poll;
 use tally_core::ports::{PollRegistry, StoredVote, Warehouse, WindowRow};
 use tally_core::rollup::{RollupLevel, Rollups};
@@ -30,6 +30,11 @@ pub const ADMIN_KEY: &str = "admin-key-for-http-tests";
 pub const ANALYST_KEY: &str = "analyst-key-for-http-tests";
 /// The server secret (shared with ingest in a deployment): signs voter and results tokens.
 pub const SECRET: &[u8] = b"query-http-test-secret";
+
+/// The keys derived from [`SECRET`].
+pub fn secrets() -> tally_core::secrets::Secrets {
+    tally_core::secrets::Secrets::new(SECRET).unwrap()
+}
 /// Width of the window rows [`Harness::put_votes`] writes.
 pub const WINDOW_SECONDS: u32 = 10;
 
@@ -60,8 +65,12 @@ impl Harness {
         )
         .unwrap();
         let mut config = Config {
-            keys: ApiKeys::new(&[ADMIN_KEY.to_owned()], &[ANALYST_KEY.to_owned()]),
-            secret: Some(SECRET.to_vec()),
+            keys: ApiKeys::new(&[
+                (Role::Admin, &[ADMIN_KEY.to_owned()]),
+                (Role::Analyst, &[ANALYST_KEY.to_owned()]),
+            ])
+            .unwrap(),
+            secrets: Some(secrets()),
             ..Config::default()
         };
         change(&mut config);

@@ -1,7 +1,11 @@
 //! The HTTP kit the services share.
 
+pub mod guard;
 pub mod health;
 mod problem;
+pub mod serve;
 
+pub use guard::Guard;
 pub use health::{service, Probe, REQUEST_TIMEOUT};
-pub use problem::{read_body, ApiError, ApiJson, Reply};
+pub use problem::{read_body, require_content_type, ApiError, ApiJson, Reply};
+pub use serve::{serve, ServeConfig};

@@ -69,6 +69,38 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// 415 unless the request's `Content-Type` is one of `accepted` (parameters such as
+/// `charset` aside). Votes demand JSON so that a browser cannot be made to send one from
+/// another site without a CORS preflight (which `text/plain` and form bodies skip).
+pub fn require_content_type(
+    headers: &axum::http::HeaderMap,
+    accepted: &[&str],
+) -> Result<(), Problem> {
+    let given = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    match given {
+        Some(given) if accepted.contains(&given.as_str()) => Ok(()),
+        given => Err(Problem::new(
+            415,
+            "unsupported-media-type",
+            "Unsupported media type",
+            format!(
+                "send the body as {} (Content-Type was {})",
+                accepted.join(" or "),
+                given.map_or("missing".to_owned(), |g| format!("`{g}`"))
+            ),
+        )),
+    }
+}
+
 /// A JSON body extractor whose rejections are problems. The body limit is axum's
 /// `DefaultBodyLimit`, which also counts chunked bodies as they stream.
 pub struct ApiJson<T>(pub T);
