@@ -89,6 +89,22 @@ fn line_problem(problem: Problem) -> LineProblem {
 /// Lines are validated and answered independently, and the valid ones go to the log
 /// together; the answer lists each line's outcome in order. The key is checked before the
 /// body is read.
+#[utoipa::path(post, path = "/v1/votes:batch", tag = "votes",
+    security(("api_key" = ["ingest", "admin"])),
+    request_body(content = Vec<VoteRequest>, content_type = "application/x-ndjson",
+        description = "NDJSON: one vote per line (the items of this array), each the single \
+        vote's body with `poll_id`"),
+    responses(
+        (status = 200, description = "each line's outcome, in order", body = BatchResult),
+        (status = 400, description = "`empty-batch`, `invalid-utf8`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`batch-too-large`", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported-media-type`: NDJSON only", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid-field`: too many polls in one batch", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub(crate) async fn batch(State(ingest): State<Arc<Ingest>>, request: Request) -> Response {
     let authorization = request
         .headers()

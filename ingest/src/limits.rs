@@ -5,8 +5,6 @@
 //! [`Guard`]: tally_service::http::Guard
 
 use std::net::IpAddr;
-use std::num::NonZeroU32;
-use std::time::Duration;
 
 use ipnet::IpNet;
 use tally_core::problem::Problem;
@@ -30,22 +28,26 @@ pub struct LimitConfig {
     pub trusted_proxies: Vec<IpNet>,
 }
 
+/// The default request rate per client address.
+pub const DEFAULT_RATE_PER_IP: &str = "100/s";
+/// The default vote rate per voter.
+pub const DEFAULT_RATE_PER_VOTER: &str = "10/min";
+/// The default vote rate per poll.
+pub const DEFAULT_RATE_PER_POLL: &str = "off";
+/// The default rate of new browser voters per client address.
+pub const DEFAULT_RATE_NEW_VOTERS_PER_IP: &str = "60/h";
+
+fn rate(text: &str) -> Option<Rate> {
+    Rate::parse(text).expect("a valid default rate")
+}
+
 impl Default for LimitConfig {
     fn default() -> Self {
         LimitConfig {
-            per_ip: Some(Rate {
-                count: NonZeroU32::new(100).expect("non-zero"),
-                per: Duration::from_secs(1),
-            }),
-            per_voter: Some(Rate {
-                count: NonZeroU32::new(10).expect("non-zero"),
-                per: Duration::from_secs(60),
-            }),
-            per_poll: None,
-            new_voters_per_ip: Some(Rate {
-                count: NonZeroU32::new(60).expect("non-zero"),
-                per: Duration::from_secs(3600),
-            }),
+            per_ip: rate(DEFAULT_RATE_PER_IP),
+            per_voter: rate(DEFAULT_RATE_PER_VOTER),
+            per_poll: rate(DEFAULT_RATE_PER_POLL),
+            new_voters_per_ip: rate(DEFAULT_RATE_NEW_VOTERS_PER_IP),
             auth_failures: tally_service::http::guard::default_auth_failures(),
             trusted_proxies: Vec::new(),
         }

@@ -8,6 +8,11 @@
 //! (settled) of batches and written together (see [`tally_core::rollup`]); the others are
 //! written per batch.
 //!
+//! Segment values are capped per poll and dimension: the first
+//! [`MAX_SEGMENT_VALUES`](tally_core::segment::MAX_SEGMENT_VALUES) distinct values are kept,
+//! later new ones are counted as `other` in every table, the same way on every replay (see
+//! `partition/segments.rs`), so a voter cannot push a breakdown past its group cap.
+//!
 //! Exactly-once: every warehouse table knows how far it holds the log (its watermark). On
 //! start the processor reads the watermarks and resumes after the lower one; an entry at or
 //! below a table's watermark is never written to that table again. One insert is atomic, so
@@ -96,6 +101,7 @@ impl Default for Config {
 /// cache), as tasks of `tasks`. They run until `tasks` shuts down; each finishes its current
 /// batch and writes its pending rollups first.
 pub fn start(deps: Deps, config: Config, tasks: &Tasks) -> Result<()> {
+    describe_metrics();
     let engine = WindowEngine::start(config.window_seconds, tasks)?;
     let polls = PollCache::start(deps.registry.clone(), tasks);
     let partitions: Vec<u16> = if config.partitions.is_empty() {
@@ -114,6 +120,31 @@ pub fn start(deps: Deps, config: Config, tasks: &Tasks) -> Result<()> {
         tasks.spawn("partition-worker", move |cancel| worker.run(cancel));
     }
     Ok(())
+}
+
+/// Describes the metrics the processor records.
+fn describe_metrics() {
+    // Help texts go to the recorder installed then: install the process's first.
+    tally_service::http::observe::recorder();
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_histogram!("tally_processor_batch_size", "Log entries in a batch read");
+    describe_counter!(
+        "tally_votes_counted_total",
+        "Votes written to the warehouse's votes table (each once)"
+    );
+    describe_histogram!(
+        "tally_warehouse_insert_duration_seconds",
+        Unit::Seconds,
+        "Time of one warehouse insert (one attempt), by table"
+    );
+    describe_counter!(
+        "tally_warehouse_insert_retries_total",
+        "Failed warehouse inserts that were retried, by table"
+    );
+    describe_gauge!(
+        "tally_processor_lag",
+        "Log entries of a partition not yet processed (log tip minus the processor's position)"
+    );
 }
 
 /// Readiness checks of what the processor depends on.
@@ -135,15 +166,23 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let app = health::service(axum::Router::new(), probes(&deps), health::REQUEST_TIMEOUT);
+    let app = health::service(
+        "processor",
+        axum::Router::new(),
+        probes(&deps),
+        health::REQUEST_TIMEOUT,
+    );
     let tasks = Tasks::new();
     start(deps, config, &tasks)?;
     // Health stays up while the workers finish their batches.
     let http_stop = tally_service::tasks::CancellationToken::new();
     let http_stopped = http_stop.clone();
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { http_stopped.cancelled().await });
-    let server = tokio::spawn(async move { server.await });
+    let server = tokio::spawn(tally_service::http::serve(
+        listener,
+        app,
+        tally_service::http::ServeConfig::default(),
+        async move { http_stopped.cancelled().await },
+    ));
     shutdown.await;
     tasks.shutdown(SHUTDOWN_GRACE).await;
     http_stop.cancel();

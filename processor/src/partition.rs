@@ -1,5 +1,8 @@
 //! One partition's worker: reads its part of the log in order and writes each batch to
-//! every table that does not hold it yet.
+//! every table that does not hold it yet, each vote's segment capped to
+//! [`tally_core::segment::MAX_SEGMENT_VALUES`] values per dimension (see [`segments`]).
+
+mod segments;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -17,6 +20,7 @@ use tally_service::PollCache;
 
 use crate::windows::{Pick, WindowEngine};
 use crate::{Config, Deps};
+use segments::SegmentValues;
 
 /// The worker was asked to stop before it could finish a step. Everything it wrote so far
 /// is whole (each insert is atomic) and the next start resumes from the watermarks.
@@ -44,6 +48,9 @@ pub(crate) struct Partition {
     cancel: CancellationToken,
     watermarks: Watermarks,
     states: HashMap<String, PollState>,
+    /// The segment values counted per poll, loaded from the warehouse when a poll is first
+    /// seen after a (re)start and grown with every vote read since.
+    segment_values: HashMap<String, SegmentValues>,
     /// Votes after each rollup watermark not yet written as rollup rows.
     fresh: Rollups,
     settled: Rollups,
@@ -66,6 +73,7 @@ impl Partition {
             cancel: CancellationToken::new(),
             watermarks: Watermarks::default(),
             states: HashMap::new(),
+            segment_values: HashMap::new(),
             fresh: Rollups::default(),
             settled: Rollups::default(),
         }
@@ -107,8 +115,11 @@ impl Partition {
             let mut reader = self
                 .retry("open the vote log", || log.reader(partition, start))
                 .await?;
+            // When the lag gauge was last set: at most once a second, it asks the log.
+            let mut lag_reported: Option<std::time::Instant> = None;
             self.watermarks = watermarks;
             self.states.clear();
+            self.segment_values.clear();
             self.fresh.clear();
             self.settled.clear();
             tracing::info!(
@@ -132,6 +143,7 @@ impl Partition {
                     Ok(batch) if batch.is_empty() => {
                         // The log is quiet: bring the rollups up to date.
                         self.write_rollups(false).await?;
+                        report_lag(partition, reader.as_mut(), &mut lag_reported).await;
                         continue;
                     }
                     Ok(batch) => batch,
@@ -148,6 +160,7 @@ impl Partition {
                     tracing::debug!(partition, error = %err.chain(), "ack failed; the watermark still holds");
                 }
                 failpoint("after-commit");
+                report_lag(partition, reader.as_mut(), &mut lag_reported).await;
             }
             self.pause(backoff.next_delay()).await?;
         }
@@ -159,6 +172,7 @@ impl Partition {
         let started = std::time::Instant::now();
         let mut stages = [Duration::ZERO; 4];
         let entries = batch.len();
+        metrics::histogram!("tally_processor_batch_size").record(entries as f64);
         let last_seq = batch.last().map(|e| e.seq).unwrap_or(0);
         let mut votes = Vec::with_capacity(batch.len());
         for entry in batch {
@@ -173,6 +187,17 @@ impl Partition {
                     tracing::error!(partition = self.partition, seq = entry.seq, error = %err.chain(), "skipping undecodable log entry")
                 }
             }
+        }
+
+        // Every vote read is capped, whichever tables it still goes to: the votes and the
+        // rollups must hold the same segment for it, and mapping it again is harmless (see
+        // `segments`). From here on the batch holds what the warehouse is to store.
+        self.load_segment_values(&votes).await?;
+        for stored in &mut votes {
+            self.segment_values
+                .get_mut(&stored.vote.poll_id)
+                .expect("loaded for every poll of the batch")
+                .cap(&mut stored.vote.segment);
         }
 
         // Entries are in sequence order, so what a table lacks is a suffix of the batch.
@@ -235,6 +260,7 @@ impl Partition {
         stages[2] = started.elapsed();
 
         self.count_and_publish(new_votes).await;
+        metrics::counter!("tally_votes_counted_total").increment(new_votes.len() as u64);
         stages[3] = started.elapsed();
 
         // Rollups after the totals are out, so their write never delays live results. Votes
@@ -359,6 +385,25 @@ impl Partition {
         Ok(())
     }
 
+    /// Loads the segment values stored for polls seen for the first time since the worker
+    /// (re)started, before any of this batch is written.
+    async fn load_segment_values(&mut self, votes: &[StoredVote]) -> Step {
+        let missing: HashSet<&str> = votes
+            .iter()
+            .map(|v| v.vote.poll_id.as_str())
+            .filter(|id| !self.segment_values.contains_key(*id))
+            .collect();
+        for poll_id in missing {
+            let warehouse = self.deps.warehouse.clone();
+            let stored = self
+                .retry("load segment values", || warehouse.segment_values(poll_id))
+                .await?;
+            self.segment_values
+                .insert(poll_id.to_owned(), SegmentValues::from_stored(stored));
+        }
+        Ok(())
+    }
+
     async fn count_and_publish(&mut self, votes: &[StoredVote]) {
         let mut changed: Vec<String> = Vec::new();
         for stored in votes {
@@ -406,10 +451,18 @@ impl Partition {
         Fut: Future<Output = tally_core::Result<()>>,
     {
         let mut backoff = Backoff::standard();
+        // `insert votes` → `votes`: a label of few values.
+        let table = what.trim_start_matches("insert ").to_owned();
         loop {
-            let Err(err) = call().await else {
+            let started = std::time::Instant::now();
+            let result = call().await;
+            metrics::histogram!("tally_warehouse_insert_duration_seconds", "table" => table.clone())
+                .record(started.elapsed().as_secs_f64());
+            let Err(err) = result else {
                 return Ok(());
             };
+            metrics::counter!("tally_warehouse_insert_retries_total", "table" => table.clone())
+                .increment(1);
             self.report_failure(what, &err);
             self.pause(backoff.next_delay()).await?;
             match self.deps.warehouse.watermarks(self.partition).await {
@@ -454,6 +507,23 @@ impl Partition {
         } else {
             tracing::error!(partition = self.partition, kind = ?err.kind(), error = %err.chain(), "{what} failed, retrying");
         }
+    }
+}
+
+/// Sets `tally_processor_lag` for the partition, at most once a second.
+async fn report_lag(
+    partition: u16,
+    reader: &mut dyn tally_core::ports::LogReader,
+    reported: &mut Option<std::time::Instant>,
+) {
+    if reported.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+        return;
+    }
+    *reported = Some(std::time::Instant::now());
+    match reader.pending().await {
+        Ok(pending) => metrics::gauge!("tally_processor_lag", "partition" => partition.to_string())
+            .set(pending as f64),
+        Err(err) => tracing::debug!(partition, error = %err.chain(), "cannot read the lag"),
     }
 }
 

@@ -3,6 +3,7 @@
 //! writes is bounded by its settings, not by the length of the log. Runs on the embedded
 //! back ends, where a crash can keep one table's file and lose another's in-memory tail.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -207,6 +208,12 @@ impl Warehouse for Recording {
     }
     async fn timeseries(&self, query: &TimeseriesQuery) -> tally_core::Result<Vec<TimePoint>> {
         self.inner.timeseries(query).await
+    }
+    async fn segment_values(
+        &self,
+        poll_id: &str,
+    ) -> tally_core::Result<BTreeMap<String, BTreeSet<String>>> {
+        self.inner.segment_values(poll_id).await
     }
     async fn check(&self) -> tally_core::Result<()> {
         self.inner.check().await

@@ -155,6 +155,7 @@ impl<K: Hash + Eq + Clone> Limit<K> {
                 remaining: snapshot.remaining_burst_capacity(),
             }),
             Err(not_until) => {
+                metrics::counter!("tally_rate_limited_total", "limit" => self.what).increment(1);
                 let wait = not_until.wait_time_from(self.clock.now());
                 Err(too_many(self.what, self.rate, wait))
             }

@@ -21,7 +21,16 @@ pub struct PollCache {
     polls: RwLock<HashMap<String, Arc<Poll>>>,
     /// Bumped on every change, so waiters (SSE streams) notice closes and edits.
     changes: watch::Sender<u64>,
+    /// Ids the registry did not know, and when it said so: a request for an unknown poll
+    /// (a typo, or an attacker naming random ids) costs one registry read per id per
+    /// [`MISS_TTL`], not one per request. Cleared for an id as soon as its poll appears.
+    misses: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How long an unknown id is remembered as unknown.
+const MISS_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+/// Unknown ids remembered at most; the memory starts over when full.
+const MAX_MISSES: usize = 10_000;
 
 impl PollCache {
     /// Starts following the registry in a background task of `tasks`.
@@ -30,6 +39,7 @@ impl PollCache {
             registry,
             polls: RwLock::new(HashMap::new()),
             changes: watch::Sender::new(0),
+            misses: std::sync::Mutex::new(HashMap::new()),
         });
         let follower = cache.clone();
         tasks.spawn("poll-cache", move |cancel| async move {
@@ -75,6 +85,10 @@ impl PollCache {
 
     /// Keeps the newer of the cached and the given record.
     pub fn remember(&self, poll: Poll) -> Arc<Poll> {
+        self.misses
+            .lock()
+            .expect("poll cache lock")
+            .remove(&poll.id);
         let poll = Arc::new(poll);
         let mut polls = self.polls.write().expect("poll cache lock");
         let kept = match polls.get(&poll.id) {
@@ -97,7 +111,26 @@ impl PollCache {
         if let Some(poll) = self.cached(id) {
             return Ok(Some(poll));
         }
-        Ok(self.registry.get(id).await?.map(|poll| self.remember(poll)))
+        let recently_unknown = self
+            .misses
+            .lock()
+            .expect("poll cache lock")
+            .get(id)
+            .is_some_and(|at| at.elapsed() < MISS_TTL);
+        if recently_unknown {
+            return Ok(None);
+        }
+        match self.registry.get(id).await? {
+            Some(poll) => Ok(Some(self.remember(poll))),
+            None => {
+                let mut misses = self.misses.lock().expect("poll cache lock");
+                if misses.len() >= MAX_MISSES {
+                    misses.clear();
+                }
+                misses.insert(id.to_owned(), std::time::Instant::now());
+                Ok(None)
+            }
+        }
     }
 
     pub fn changes(&self) -> watch::Receiver<u64> {

@@ -21,6 +21,41 @@ pub struct NatsOptions {
     pub sync_interval: Option<String>,
 }
 
+/// Who may connect to a test server and how, for [`NatsServer::start_secured`]. Everything
+/// here is written into the server's configuration file.
+///
+/// A separate type rather than more fields of [`NatsOptions`], whose callers build it as a
+/// struct literal. nats-server takes users (with passwords or nkeys) or a token, not both,
+/// and an `accounts` block in `extra_config` brings its own users.
+#[derive(Debug, Clone, Default)]
+pub struct NatsAccess {
+    /// `(user, password)` pairs; each user may publish and subscribe to anything.
+    pub users: Vec<(String, String)>,
+    /// Public user nkeys (`U…`) that may connect by signing the server's nonce.
+    pub nkeys: Vec<String>,
+    /// `authorization { token }`: the one token clients must present.
+    pub token: Option<String>,
+    /// TLS for client connections; without it clients connect in plaintext.
+    pub tls: Option<NatsTls>,
+    /// Configuration appended verbatim, such as an `accounts` block with permissions.
+    pub extra_config: Option<String>,
+    /// Environment variables of the server process, for `$NAME` references in
+    /// `extra_config` (nats-server resolves an unknown variable from its environment).
+    pub env: Vec<(String, String)>,
+}
+
+/// The server side of TLS, PEM files all.
+#[derive(Debug, Clone)]
+pub struct NatsTls {
+    /// The server's certificate (its chain) and key.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The CA that client certificates must chain to; needed with `verify_clients`.
+    pub ca_file: Option<PathBuf>,
+    /// Refuse clients that present no certificate signed by `ca_file`.
+    pub verify_clients: bool,
+}
+
 /// A private `nats-server` with JetStream enabled, listening on 127.0.0.1.
 ///
 /// The store directory and the server's log (stdout and stderr, appended
@@ -42,10 +77,22 @@ impl NatsServer {
 
     /// Like [`NatsServer::start`], with extra server options.
     pub async fn start_with(options: NatsOptions) -> anyhow::Result<NatsServer> {
-        Self::launch(&nats_server_binary(), options).await
+        Self::launch(&nats_server_binary(), options, NatsAccess::default()).await
     }
 
-    async fn launch(binary: &Path, options: NatsOptions) -> anyhow::Result<NatsServer> {
+    /// Like [`NatsServer::start_with`], for clients that must authenticate or use TLS.
+    pub async fn start_secured(
+        options: NatsOptions,
+        access: NatsAccess,
+    ) -> anyhow::Result<NatsServer> {
+        Self::launch(&nats_server_binary(), options, access).await
+    }
+
+    async fn launch(
+        binary: &Path,
+        options: NatsOptions,
+        access: NatsAccess,
+    ) -> anyhow::Result<NatsServer> {
         let started = async {
             let dir = tempfile::Builder::new()
                 .prefix("tally-nats-")
@@ -57,18 +104,13 @@ impl NatsServer {
             let port = free_port();
 
             let mut command = Command::new(binary);
-            if let Some(interval) = &options.sync_interval {
+            if let Some(text) = config_text(&options, &access) {
                 let config = dir.path().join("nats-server.conf");
-                // No store_dir here: nats-server rejects it next to `-sd`
-                // ("Duplicate 'store_dir' configuration").
-                let text = format!(
-                    "jetstream {{\n  sync_interval: {}\n}}\n",
-                    quote_nats(interval)
-                );
                 std::fs::write(&config, text)
                     .with_context(|| format!("writing {}", config.display()))?;
                 command.arg("-c").arg(config);
             }
+            command.envs(access.env.iter().map(|(name, value)| (name, value)));
             command
                 .args(["-a", "127.0.0.1", "-p"])
                 .arg(port.to_string())
@@ -134,6 +176,69 @@ impl NatsServer {
             })
             .await
     }
+}
+
+/// The server's configuration file, when the options need one. No port, address or
+/// store_dir here: those are flags, and nats-server rejects a setting given both ways
+/// ("Duplicate 'store_dir' configuration").
+fn config_text(options: &NatsOptions, access: &NatsAccess) -> Option<String> {
+    use std::fmt::Write;
+    let mut text = String::new();
+    if let Some(interval) = &options.sync_interval {
+        let _ = writeln!(
+            text,
+            "jetstream {{\n  sync_interval: {}\n}}",
+            quote_nats(interval)
+        );
+    }
+    let users = access
+        .users
+        .iter()
+        .map(|(user, password)| {
+            format!(
+                "{{user: {}, password: {}}}",
+                quote_nats(user),
+                quote_nats(password)
+            )
+        })
+        .chain(
+            access
+                .nkeys
+                .iter()
+                .map(|nkey| format!("{{nkey: {}}}", quote_nats(nkey))),
+        )
+        .collect::<Vec<_>>();
+    if !users.is_empty() || access.token.is_some() {
+        text.push_str("authorization {\n");
+        if !users.is_empty() {
+            let _ = writeln!(text, "  users: [\n    {}\n  ]", users.join("\n    "));
+        }
+        if let Some(token) = &access.token {
+            let _ = writeln!(text, "  token: {}", quote_nats(token));
+        }
+        text.push_str("}\n");
+    }
+    if let Some(tls) = &access.tls {
+        text.push_str("tls {\n");
+        let _ = writeln!(text, "  cert_file: {}", quote_path(&tls.cert_file));
+        let _ = writeln!(text, "  key_file: {}", quote_path(&tls.key_file));
+        if let Some(ca) = &tls.ca_file {
+            let _ = writeln!(text, "  ca_file: {}", quote_path(ca));
+        }
+        if tls.verify_clients {
+            text.push_str("  verify: true\n");
+        }
+        text.push_str("}\n");
+    }
+    if let Some(extra) = &access.extra_config {
+        text.push_str(extra);
+        text.push('\n');
+    }
+    (!text.is_empty()).then_some(text)
+}
+
+fn quote_path(path: &Path) -> String {
+    quote_nats(&path.to_string_lossy())
 }
 
 /// A string in NATS configuration syntax.
@@ -213,11 +318,135 @@ mod tests {
         assert!(err.contains("sync_interval"), "{err}");
     }
 
+    /// The server's INFO line, which says what it requires of clients.
+    fn read_info_line(port: u16) -> std::io::Result<String> {
+        use std::io::BufRead;
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut line = String::new();
+        std::io::BufReader::new(stream).read_line(&mut line)?;
+        Ok(line)
+    }
+
+    #[test]
+    fn access_is_written_into_the_configuration() {
+        assert_eq!(
+            config_text(&NatsOptions::default(), &NatsAccess::default()),
+            None
+        );
+        let access = NatsAccess {
+            users: vec![("ingest".into(), "pa\"ss".into())],
+            nkeys: vec!["UABC".into()],
+            tls: Some(NatsTls {
+                cert_file: "/certs/server.pem".into(),
+                key_file: "/certs/server-key.pem".into(),
+                ca_file: Some("/certs/ca.pem".into()),
+                verify_clients: true,
+            }),
+            extra_config: Some("# extra".into()),
+            ..Default::default()
+        };
+        let text = config_text(&NatsOptions::default(), &access).unwrap();
+        for expected in [
+            r#"{user: "ingest", password: "pa\"ss"}"#,
+            r#"{nkey: "UABC"}"#,
+            r#"cert_file: "/certs/server.pem""#,
+            r#"ca_file: "/certs/ca.pem""#,
+            "verify: true",
+            "# extra",
+        ] {
+            assert!(text.contains(expected), "{expected} missing from:\n{text}");
+        }
+        assert!(!text.contains("token"), "{text}");
+        let token = NatsAccess {
+            token: Some("t0ken".into()),
+            ..Default::default()
+        };
+        let text = config_text(&NatsOptions::default(), &token).unwrap();
+        assert!(text.contains(r#"token: "t0ken""#), "{text}");
+        assert!(!text.contains("users"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn needs_nats_secured_servers_require_what_they_were_given() {
+        crate::require!(NatsServer);
+        let open = NatsServer::start().await.unwrap();
+        let info = read_info_line(open.port()).unwrap();
+        assert!(!info.contains(r#""auth_required":true"#), "{info}");
+
+        let with_users = NatsServer::start_secured(
+            NatsOptions::default(),
+            NatsAccess {
+                users: vec![("ingest".into(), "a-password".into())],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let info = read_info_line(with_users.port()).unwrap();
+        assert!(info.contains(r#""auth_required":true"#), "{info}");
+        assert!(
+            with_users.store_dir().join("jetstream").is_dir(),
+            "JetStream is still on"
+        );
+
+        // The environment reaches the server: a `$VARIABLE` in the extra configuration.
+        let with_env = NatsServer::start_secured(
+            NatsOptions::default(),
+            NatsAccess {
+                extra_config: Some("authorization { token: $TESTKIT_TOKEN }".into()),
+                env: vec![("TESTKIT_TOKEN".into(), "from-the-environment".into())],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let info = read_info_line(with_env.port()).unwrap();
+        assert!(info.contains(r#""auth_required":true"#), "{info}");
+        let unset = NatsServer::start_secured(
+            NatsOptions::default(),
+            NatsAccess {
+                extra_config: Some("authorization { token: $TESTKIT_UNSET_TOKEN }".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        let unset = format!("{unset:#}");
+        assert!(unset.contains("TESTKIT_UNSET_TOKEN"), "{unset}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let with_tls = NatsServer::start_secured(
+            NatsOptions::default(),
+            NatsAccess {
+                tls: Some(NatsTls {
+                    cert_file,
+                    key_file,
+                    ca_file: None,
+                    verify_clients: false,
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let info = read_info_line(with_tls.port()).unwrap();
+        assert!(info.contains(r#""tls_required":true"#), "{info}");
+    }
+
     #[tokio::test]
     async fn a_missing_nats_server_is_named_with_the_variable_to_set() {
         // Only the error path of spawning; does not touch the environment.
         let binary = Path::new("tally-testkit-no-such-nats-server");
-        let err = NatsServer::launch(binary, NatsOptions::default())
+        let err = NatsServer::launch(binary, NatsOptions::default(), NatsAccess::default())
             .await
             .unwrap_err();
         let err = format!("{err:#}");

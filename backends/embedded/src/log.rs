@@ -335,6 +335,10 @@ impl LogReader for EmbeddedReader {
 
     /// Nothing to do: the log keeps every entry (its uniqueness index needs them) and the
     /// processor resumes from the warehouse's watermark.
+    async fn pending(&mut self) -> Result<u64> {
+        Ok(self.tip.borrow().saturating_sub(self.after))
+    }
+
     async fn commit(&mut self, _seq: u64) -> Result<()> {
         Ok(())
     }

@@ -250,6 +250,7 @@ impl VoteLog for JetStreamLog {
             .await
             .map_err(|e| Error::unavailable("vote log", e))?;
         Ok(Box::new(JetStreamReader {
+            consumer,
             messages,
             last: None,
             last_seq: after,
@@ -412,6 +413,8 @@ const BATCH_LINGER: Duration = Duration::from_millis(50);
 const BATCH_GAP: Duration = Duration::from_millis(5);
 
 struct JetStreamReader {
+    /// The consumer itself, asked for its pending counts.
+    consumer: consumer::PullConsumer,
     messages: consumer::pull::Stream,
     /// The newest delivered message, kept so `commit` can ack it (ack policy "all").
     last: Option<jetstream::Message>,
@@ -488,6 +491,17 @@ impl LogReader for JetStreamReader {
             }
         }
         Ok(batch)
+    }
+
+    /// Not yet delivered, plus delivered and not acked (fetched ahead into the client's
+    /// buffer, or processed and not yet committed).
+    async fn pending(&mut self) -> Result<u64> {
+        let info = self
+            .consumer
+            .info()
+            .await
+            .map_err(|e| Error::unavailable("vote log", e))?;
+        Ok(info.num_pending + info.num_ack_pending as u64)
     }
 
     async fn commit(&mut self, seq: u64) -> Result<()> {

@@ -48,7 +48,14 @@ tally_conformance::poll_registry_suite!(needs_nats_key_value_registry, {
 tally_conformance::live_feed_suite!(needs_nats_live_feed, {
     require!(NatsServer);
     let server = NatsServer::start().await.expect("nats-server");
-    let feed = NatsLiveFeed::new(nats_client(&server).await);
+    let feed = NatsLiveFeed::new(nats_client(&server).await, None);
+    (Arc::new(feed), server)
+});
+
+tally_conformance::live_feed_suite!(needs_nats_signed_live_feed, {
+    require!(NatsServer);
+    let server = NatsServer::start().await.expect("nats-server");
+    let feed = NatsLiveFeed::new(nats_client(&server).await, Some([42; 32]));
     (Arc::new(feed), server)
 });
 

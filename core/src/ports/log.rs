@@ -94,6 +94,10 @@ pub trait LogReader: Send {
     /// Tells the log everything up to `seq` is processed. An optimisation: after a restart
     /// the caller resumes from its own watermark, not from what was committed here.
     async fn commit(&mut self, seq: u64) -> Result<()>;
+
+    /// Entries of the partition after the last one committed: how far processing is behind
+    /// the log's tip (an operator's lag gauge; not used for correctness).
+    async fn pending(&mut self) -> Result<u64>;
 }
 
 #[cfg(test)]

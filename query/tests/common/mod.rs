@@ -3,6 +3,8 @@
 //! bodies or problem+json, SSE events read off a live stream, and votes put straight into the
 //! warehouse (raw votes, window rows and segment rollups, as the processor writes them).
 
+#![allow(dead_code)] // each test binary uses part of the harness
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

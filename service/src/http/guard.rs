@@ -102,6 +102,28 @@ impl Guard {
     }
 }
 
+/// `router` behind `guard` (see [`layer`]); the layer applies to the routes it already has.
+pub fn protect<S: Clone + Send + Sync + 'static>(
+    router: axum::Router<S>,
+    guard: Arc<Guard>,
+) -> axum::Router<S> {
+    router.route_layer(axum::middleware::from_fn_with_state(guard, layer))
+}
+
+/// Runs `sweep` every 10 s until `tasks` shut down: how the owner of limiters forgets the
+/// keys whose quota has replenished, so their memory stays bounded.
+pub fn sweep_periodically(tasks: &crate::Tasks, sweep: impl Fn() + Send + 'static) {
+    tasks.spawn("limiter-sweeper", move |cancel| async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => sweep(),
+                () = cancel.cancelled() => return,
+            }
+        }
+    });
+}
+
 /// The guard as middleware (`axum::middleware::from_fn_with_state(guard, guard::layer)`).
 /// Without a peer address (a router served without connect info, as in some tests) there
 /// is nothing to key on and the guard lets the request through.

@@ -63,22 +63,24 @@ impl Default for ServeConfig {
     }
 }
 
-/// Open connections per client address.
+/// How many of something (connections, live streams) each client address holds, with a cap
+/// per address. Shared by the accept loop and the live routes.
 #[derive(Default)]
-struct PerAddress {
-    open: Mutex<HashMap<IpAddr, usize>>,
+pub struct PerAddress {
+    held: Mutex<HashMap<IpAddr, usize>>,
 }
 
-/// One open connection of an address; gives its place back when dropped.
-struct Place {
+/// One thing an address holds; gives its place back when dropped.
+pub struct Place {
     counts: Arc<PerAddress>,
     key: IpAddr,
 }
 
 impl PerAddress {
-    fn take(self: &Arc<Self>, key: IpAddr, max: usize) -> Option<Place> {
-        let mut open = self.open.lock().expect("connection counts");
-        let count = open.entry(key).or_default();
+    /// A place for `key`, unless it already holds `max`.
+    pub fn take(self: &Arc<Self>, key: IpAddr, max: usize) -> Option<Place> {
+        let mut held = self.held.lock().expect("per-address counts");
+        let count = held.entry(key).or_default();
         if *count >= max {
             return None;
         }
@@ -92,11 +94,11 @@ impl PerAddress {
 
 impl Drop for Place {
     fn drop(&mut self) {
-        let mut open = self.counts.open.lock().expect("connection counts");
-        if let Some(count) = open.get_mut(&self.key) {
+        let mut held = self.counts.held.lock().expect("per-address counts");
+        if let Some(count) = held.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
-                open.remove(&self.key);
+                held.remove(&self.key);
             }
         }
     }
