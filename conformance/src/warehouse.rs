@@ -1,13 +1,18 @@
 //! The [`Warehouse`] guarantees: idempotent migrations, per-table and per-partition
 //! watermarks, whole inserts, exact tallies, breakdowns exact as of their rollups (settled
 //! rows replacing fresh ones, cut buckets completed from raw votes, filters and time
-//! ranges), summed windows and the widths they were written with.
+//! ranges), summed windows and the widths they were written with, and the distinct segment
+//! values a poll's rows hold; and the analysts' tables: their documented columns, recorded
+//! polls, the same answers to the portable subset of SQL, answers pinned to the log,
+//! refusals that change nothing, limits that stop a query, and a poll's ballots for export.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use tally_core::analyst::{self, SqlLimits};
 use tally_core::analytics::{BreakdownQuery, Dimension, TimeseriesQuery};
-use tally_core::ports::{StoredVote, Warehouse, Watermarks, WindowRow};
+use tally_core::ports::{AnalystRows, StoredVote, Warehouse, Watermarks, WindowRow};
 use tally_core::results::Tally;
 use tally_core::rollup::{RollupLevel, RollupRow, Rollups};
 
@@ -44,7 +49,24 @@ macro_rules! warehouse_suite {
                 timeseries_points_are_aligned_to_the_step,
                 window_widths_are_distinct_and_smallest_first,
                 a_poll_without_window_rows_has_no_widths,
+                segment_values_are_the_distinct_values_of_each_dimension,
+                segment_values_include_rollup_rows_of_both_levels,
+                segment_values_are_those_of_the_poll_only,
                 a_reachable_warehouse_checks_ok,
+                analyst_tables_have_the_documented_columns,
+                recorded_polls_keep_their_newest_version,
+                poll_options_list_every_answer_in_order,
+                ballots_are_the_counted_votes,
+                answers_and_dimensions_are_one_row_per_item,
+                portable_queries_give_the_same_answers,
+                analyst_answers_are_pinned_to_the_positions_they_report,
+                statements_that_change_something_are_refused,
+                only_the_analyst_tables_can_be_read,
+                invalid_queries_carry_the_engine_message,
+                the_row_limit_stops_an_answer,
+                the_time_limit_stops_a_runaway_query,
+                an_empty_answer_has_its_columns,
+                a_polls_ballots_are_its_votes_as_of_its_last,
             }
         );
     };
@@ -505,7 +527,737 @@ pub async fn a_poll_without_window_rows_has_no_widths(warehouse: Arc<dyn Warehou
     );
 }
 
+/// `(dimension, [values])` as the map [`Warehouse::segment_values`] answers.
+fn values_map(entries: &[(&str, &[&str])]) -> BTreeMap<String, BTreeSet<String>> {
+    entries
+        .iter()
+        .map(|(dimension, values)| {
+            let values = values.iter().map(|v| (*v).to_owned()).collect();
+            ((*dimension).to_owned(), values)
+        })
+        .collect()
+}
+
+/// The sample votes hold two countries and two plans, each many times; their other standard
+/// keys are empty, and an empty value is no value.
+pub async fn segment_values_are_the_distinct_values_of_each_dimension(
+    warehouse: Arc<dyn Warehouse>,
+) {
+    with_votes(warehouse.as_ref()).await;
+    assert_eq!(
+        warehouse
+            .segment_values(POLL)
+            .await
+            .expect("segment values"),
+        values_map(&[("country", &["DE", "FR"]), ("plan", &["free", "pro"])]),
+        "each value once per dimension, standard keys and the poll's own, no empty values"
+    );
+}
+
+/// Values only rollup rows hold count as much as those of raw votes: a fresh row's, and a
+/// settled row's.
+pub async fn segment_values_include_rollup_rows_of_both_levels(warehouse: Arc<dyn Warehouse>) {
+    warehouse.migrate().await.expect("migrate");
+    let mut kiosk = vote(POLL, "r-1", "k1", "a", T0);
+    kiosk.segment.device = "kiosk".into();
+    let mut team = vote(POLL, "r-2", "k2", "b", T0);
+    team.segment.device = "tv".into();
+    team.segment.custom.insert("plan".into(), "team".into());
+    let rows = |vote: &tally_core::vote::Vote, seq: u64| {
+        let mut rollups = Rollups::default();
+        rollups.add(vote, seq);
+        rollups.rows()
+    };
+    warehouse
+        .insert_rollups(0, RollupLevel::Fresh, &rows(&kiosk, 5))
+        .await
+        .expect("insert fresh rollups");
+    warehouse
+        .insert_rollups(0, RollupLevel::Settled, &rows(&team, 6))
+        .await
+        .expect("insert settled rollups");
+    assert_eq!(
+        warehouse
+            .segment_values(POLL)
+            .await
+            .expect("segment values"),
+        values_map(&[("device", &["kiosk", "tv"]), ("plan", &["team"])]),
+        "the values of fresh and settled rollup rows"
+    );
+}
+
+/// Another poll's values, in another partition or the same one, are not the poll's; a poll
+/// without rows has none.
+pub async fn segment_values_are_those_of_the_poll_only(warehouse: Arc<dyn Warehouse>) {
+    with_votes(warehouse.as_ref()).await;
+    let mut other = vote("conf-other", "o-2", "y", "a", T0);
+    other.segment.country = "IT".into();
+    other.segment.device = "watch".into();
+    warehouse
+        .insert_votes(
+            0,
+            &[StoredVote {
+                seq: 40,
+                vote: other,
+            }],
+        )
+        .await
+        .expect("insert");
+    let values = warehouse
+        .segment_values(POLL)
+        .await
+        .expect("segment values");
+    assert_eq!(
+        values,
+        values_map(&[("country", &["DE", "FR"]), ("plan", &["free", "pro"])]),
+        "another poll's values are not the poll's"
+    );
+    assert_eq!(
+        warehouse
+            .segment_values("conf-none")
+            .await
+            .expect("segment values"),
+        BTreeMap::new(),
+        "a poll without rows has no values"
+    );
+}
+
 pub async fn a_reachable_warehouse_checks_ok(warehouse: Arc<dyn Warehouse>) {
     warehouse.migrate().await.expect("migrate");
     warehouse.check().await.expect("check");
+}
+
+// --- The analysts' tables (see `tally_core::analyst`) ----------------------------------------
+
+/// Rows of a finished answer as text, one `Vec` per row (NULL as the empty string;
+/// timestamps RFC 3339 in UTC, lists as `[a, b]`), or the error that ended it: from the call
+/// or from its stream, whichever came.
+async fn answer_of(
+    answer: tally_core::Result<AnalystRows>,
+) -> tally_core::Result<(AnalystRows, Vec<Vec<String>>)> {
+    use futures::StreamExt;
+    let mut answer = answer?;
+    let mut batches = Vec::new();
+    while let Some(batch) = answer.batches.next().await {
+        batches.push(batch?);
+    }
+    let options = FormatOptions::default();
+    let mut rows = Vec::new();
+    for batch in &batches {
+        assert_eq!(
+            batch.schema(),
+            answer.schema,
+            "every batch has the answer's schema"
+        );
+        let formatters: Vec<ArrayFormatter> = batch
+            .columns()
+            .iter()
+            .map(|column| ArrayFormatter::try_new(column.as_ref(), &options).expect("formattable"))
+            .collect();
+        for row in 0..batch.num_rows() {
+            rows.push(
+                formatters
+                    .iter()
+                    .map(|f| f.value(row).to_string())
+                    .collect(),
+            );
+        }
+    }
+    Ok((answer, rows))
+}
+
+/// The rows of an analyst query within the default limits; panics with the problem.
+async fn sql(warehouse: &dyn Warehouse, query: &str) -> Vec<Vec<String>> {
+    match answer_of(warehouse.analyst_sql(query, &SqlLimits::default()).await).await {
+        Ok((_, rows)) => rows,
+        Err(err) => panic!("{query}: {}", err.chain()),
+    }
+}
+
+/// The slug of the problem an analyst query is refused with (`ok` when it is not).
+async fn refusal(warehouse: &dyn Warehouse, query: &str, limits: &SqlLimits) -> String {
+    match answer_of(warehouse.analyst_sql(query, limits).await).await {
+        Ok(_) => "ok".into(),
+        Err(tally_core::Error::Invalid(problem)) => problem.slug().to_owned(),
+        Err(err) => panic!("{query}: not a problem but {}", err.chain()),
+    }
+}
+
+fn texts(rows: &[&[&str]]) -> Vec<Vec<String>> {
+    rows.iter()
+        .map(|row| row.iter().map(|v| (*v).to_owned()).collect())
+        .collect()
+}
+
+/// The sample votes, with their poll recorded (options `a`/`A` and `b`/`B`, title `T`).
+async fn with_votes_and_poll(warehouse: &dyn Warehouse) -> Vec<StoredVote> {
+    let votes = with_votes(warehouse).await;
+    let mut poll = crate::sample_poll(POLL);
+    poll.version = 1;
+    warehouse.record_polls(&[poll]).await.expect("record polls");
+    votes
+}
+
+/// Every analyst table has the documented columns, in order, of the documented types.
+pub async fn analyst_tables_have_the_documented_columns(warehouse: Arc<dyn Warehouse>) {
+    with_votes_and_poll(warehouse.as_ref()).await;
+    for table in analyst::TABLES {
+        let answer = warehouse
+            .analyst_sql(
+                &format!("SELECT * FROM {} LIMIT 1", table.name),
+                &SqlLimits::default(),
+            )
+            .await
+            .unwrap_or_else(|err| panic!("{}: {}", table.name, err.chain()));
+        let got: Vec<(String, String)> = answer
+            .schema
+            .fields()
+            .iter()
+            .map(|f| (f.name().clone(), analyst::type_name(f.data_type())))
+            .collect();
+        let want: Vec<(String, String)> = table
+            .columns
+            .iter()
+            .map(|c| (c.name.to_owned(), c.ty.to_owned()))
+            .collect();
+        assert_eq!(got, want, "the columns of {}", table.name);
+    }
+}
+
+/// A poll recorded again keeps its newest version, whatever order versions come in; its
+/// status is derived when read.
+pub async fn recorded_polls_keep_their_newest_version(warehouse: Arc<dyn Warehouse>) {
+    warehouse.migrate().await.expect("migrate");
+    let mut old = crate::sample_poll("conf-rec");
+    old.version = 3;
+    old.title = "Old".into();
+    let mut new = old.clone();
+    new.version = 5;
+    new.title = "New".into();
+    new.campaign = Some("spring".into());
+    new.closed_at = Some(T0);
+    let mut other = crate::sample_poll("conf-rec-2");
+    other.version = 4;
+    warehouse
+        .record_polls(&[old.clone()])
+        .await
+        .expect("record");
+    warehouse.record_polls(&[new, other]).await.expect("record");
+    warehouse.record_polls(&[old]).await.expect("record again");
+    assert_eq!(
+        sql(
+            warehouse.as_ref(),
+            "SELECT poll_id, title, kind, campaign, status, version FROM polls ORDER BY poll_id"
+        )
+        .await,
+        texts(&[
+            &["conf-rec", "New", "single", "spring", "closed", "5"],
+            &["conf-rec-2", "T", "single", "", "open", "4"],
+        ]),
+        "the newest version of each poll, its status as of now"
+    );
+}
+
+/// `poll_options` lists every answer a poll counts, in its order from 1: the options with
+/// their labels, or each value of a scale.
+pub async fn poll_options_list_every_answer_in_order(warehouse: Arc<dyn Warehouse>) {
+    warehouse.migrate().await.expect("migrate");
+    let mut rating = crate::sample_poll("conf-rating");
+    rating.kind = tally_core::poll::PollKind::Rating;
+    rating.options.clear();
+    rating.scale = Some(tally_core::poll::Scale { min: 1, max: 3 });
+    warehouse
+        .record_polls(&[crate::sample_poll("conf-single"), rating])
+        .await
+        .expect("record");
+    assert_eq!(
+        sql(
+            warehouse.as_ref(),
+            "SELECT poll_id, option_id, label, position FROM poll_options ORDER BY poll_id, position"
+        )
+        .await,
+        texts(&[
+            &["conf-rating", "1", "1", "1"],
+            &["conf-rating", "2", "2", "2"],
+            &["conf-rating", "3", "3", "3"],
+            &["conf-single", "a", "A", "1"],
+            &["conf-single", "b", "B", "2"],
+        ])
+    );
+    assert_eq!(
+        sql(
+            warehouse.as_ref(),
+            "SELECT scale_min, scale_max FROM polls WHERE poll_id = 'conf-rating'"
+        )
+        .await,
+        texts(&[&["1", "3"]])
+    );
+}
+
+/// `ballots` holds one row per stored vote: its id, position, voter (NULL when anonymous),
+/// time, answer and segment.
+pub async fn ballots_are_the_counted_votes(warehouse: Arc<dyn Warehouse>) {
+    warehouse.migrate().await.expect("migrate");
+    let mut anonymous = vote("conf-b", "anon", "", "a", T0 + 1_500);
+    anonymous.segment.country = "DE".into();
+    let mut multi = vote("conf-b", "multi", "k1", "a", T0 + 61_000);
+    multi.choice = vec!["a".into(), "b".into()];
+    let mut rated = vote("conf-b", "rated", "k2", "7", T0 + 3_600_000);
+    rated.value = Some(7);
+    let stored: Vec<StoredVote> = [anonymous, multi, rated]
+        .into_iter()
+        .enumerate()
+        .map(|(i, vote)| StoredVote {
+            seq: 5 + i as u64,
+            vote,
+        })
+        .collect();
+    warehouse.insert_votes(0, &stored).await.expect("insert");
+    assert_eq!(
+        sql(
+            warehouse.as_ref(),
+            "SELECT vote_id, log_partition, seq, voter_key, received_at, received_ms, choice, choices, rating, country \
+             FROM ballots ORDER BY seq"
+        )
+        .await,
+        texts(&[
+            &["anon", "0", "5", "", "2023-11-14T22:13:21Z", "1700000001500", "a", "[a]", "", "DE"],
+            &["multi", "0", "6", "k1", "2023-11-14T22:14:21Z", "1700000061000", "", "[a, b]", "", ""],
+            &["rated", "0", "7", "k2", "2023-11-14T23:13:20Z", "1700003600000", "", "[7]", "7", ""],
+        ])
+    );
+}
+
+/// `answers` holds one row per stored vote and option it chose; `ballot_dimensions` one per
+/// vote and dimension of the poll's own.
+pub async fn answers_and_dimensions_are_one_row_per_item(warehouse: Arc<dyn Warehouse>) {
+    warehouse.migrate().await.expect("migrate");
+    let mut multi = vote("conf-a", "multi", "k1", "a", T0);
+    multi.choice = vec!["a".into(), "b".into()];
+    multi.segment.custom.insert("plan".into(), "pro".into());
+    multi.segment.custom.insert("tier".into(), "gold".into());
+    let single = vote("conf-a", "single", "k2", "b", T0);
+    warehouse
+        .insert_votes(
+            0,
+            &[
+                StoredVote {
+                    seq: 1,
+                    vote: multi,
+                },
+                StoredVote {
+                    seq: 2,
+                    vote: single,
+                },
+            ],
+        )
+        .await
+        .expect("insert");
+    assert_eq!(
+        sql(
+            warehouse.as_ref(),
+            "SELECT vote_id, option_id, seq FROM answers ORDER BY vote_id, option_id"
+        )
+        .await,
+        texts(&[
+            &["multi", "a", "1"],
+            &["multi", "b", "1"],
+            &["single", "b", "2"]
+        ])
+    );
+    assert_eq!(
+        sql(
+            warehouse.as_ref(),
+            "SELECT vote_id, dimension, value FROM ballot_dimensions ORDER BY dimension"
+        )
+        .await,
+        texts(&[&["multi", "plan", "pro"], &["multi", "tier", "gold"]])
+    );
+}
+
+/// The portable subset gives these answers on every warehouse (docs/SQL.md): filters,
+/// groups, HAVING, ORDER BY, LIMIT, the aggregates, joins between the analyst tables,
+/// WITH subqueries, IN subqueries and date truncation.
+pub async fn portable_queries_give_the_same_answers(warehouse: Arc<dyn Warehouse>) {
+    with_votes_and_poll(warehouse.as_ref()).await;
+    let cases: Vec<(&str, Vec<Vec<String>>)> = vec![
+        (
+            "SELECT country, count(*) AS n FROM ballots WHERE poll_id = 'conf-wh' GROUP BY country ORDER BY country",
+            texts(&[&["DE", "15"], &["FR", "15"]]),
+        ),
+        (
+            "SELECT option_id, count(*) AS n FROM answers WHERE poll_id = 'conf-wh' GROUP BY option_id ORDER BY option_id",
+            texts(&[&["a", "10"], &["b", "20"]]),
+        ),
+        (
+            "SELECT o.label, count(*) AS n FROM answers a JOIN poll_options o ON o.poll_id = a.poll_id AND o.option_id = a.option_id \
+             WHERE a.poll_id = 'conf-wh' GROUP BY o.label ORDER BY o.label",
+            texts(&[&["A", "10"], &["B", "20"]]),
+        ),
+        (
+            "SELECT count(DISTINCT voter_key) AS voters, min(seq) AS first, max(seq) AS last, sum(seq) AS total \
+             FROM ballots WHERE poll_id = 'conf-wh'",
+            texts(&[&["20", "10", "39", "735"]]),
+        ),
+        (
+            "SELECT date_trunc('minute', received_at) AS m, count(*) AS n FROM ballots WHERE poll_id = 'conf-wh' GROUP BY m ORDER BY m",
+            texts(&[
+                &["2023-11-14T22:13:00Z", "4"],
+                &["2023-11-14T22:14:00Z", "6"],
+                &["2023-11-14T22:15:00Z", "6"],
+                &["2023-11-14T22:16:00Z", "6"],
+                &["2023-11-14T22:17:00Z", "6"],
+                &["2023-11-14T22:18:00Z", "2"],
+            ]),
+        ),
+        (
+            "SELECT date_trunc('day', received_at) AS d, date_trunc('month', received_at) AS m, count(*) AS n \
+             FROM ballots WHERE poll_id = 'conf-wh' GROUP BY d, m",
+            texts(&[&["2023-11-14T00:00:00Z", "2023-11-01T00:00:00Z", "30"]]),
+        ),
+        (
+            "SELECT d.value AS plan, count(*) AS n FROM ballot_dimensions d \
+             WHERE d.poll_id = 'conf-wh' AND d.dimension = 'plan' GROUP BY d.value ORDER BY plan",
+            texts(&[&["free", "20"], &["pro", "10"]]),
+        ),
+        (
+            "SELECT voter_key, count(*) AS n FROM ballots WHERE poll_id = 'conf-wh' \
+             GROUP BY voter_key HAVING count(*) > 1 ORDER BY voter_key LIMIT 3",
+            texts(&[&["k0", "2"], &["k1", "2"], &["k2", "2"]]),
+        ),
+        (
+            "SELECT p.title, b.n FROM polls p JOIN (SELECT poll_id, count(*) AS n FROM ballots GROUP BY poll_id) b \
+             ON b.poll_id = p.poll_id ORDER BY p.title",
+            texts(&[&["T", "30"]]),
+        ),
+        (
+            "WITH de AS (SELECT * FROM ballots WHERE poll_id = 'conf-wh' AND country = 'DE') \
+             SELECT count(*) AS n, sum(seq) AS s FROM de",
+            texts(&[&["15", "360"]]),
+        ),
+        (
+            "SELECT vote_id FROM ballots WHERE poll_id = 'conf-wh' ORDER BY seq DESC LIMIT 2",
+            texts(&[&["w-29"], &["w-28"]]),
+        ),
+        (
+            "SELECT min(received_at) AS first, max(received_ms) AS last FROM ballots WHERE poll_id = 'conf-wh'",
+            texts(&[&["2023-11-14T22:13:20Z", "1700000290000"]]),
+        ),
+        (
+            "SELECT count(*) AS n FROM ballots WHERE vote_id IN (SELECT vote_id FROM answers WHERE option_id = 'a')",
+            texts(&[&["11"]]),
+        ),
+        (
+            "SELECT poll_id, count(*) AS n FROM ballots GROUP BY poll_id HAVING count(*) < 5",
+            texts(&[&["conf-other", "1"]]),
+        ),
+    ];
+    for (query, want) in cases {
+        assert_eq!(sql(warehouse.as_ref(), query).await, want, "{query}");
+    }
+}
+
+/// An answer is exact as of one position per partition, the positions reported: votes
+/// stored after the call are not in it.
+pub async fn analyst_answers_are_pinned_to_the_positions_they_report(
+    warehouse: Arc<dyn Warehouse>,
+) {
+    with_votes(warehouse.as_ref()).await;
+    let answer = warehouse
+        .analyst_sql("SELECT vote_id FROM ballots", &SqlLimits::default())
+        .await
+        .expect("query");
+    assert_eq!(answer.positions, BTreeMap::from([(0, 39), (1, 99)]));
+    assert_eq!(answer.as_of, 99);
+    let later = StoredVote {
+        seq: 40,
+        vote: vote(POLL, "late", "late", "a", T0),
+    };
+    warehouse.insert_votes(0, &[later]).await.expect("insert");
+    let (_, rows) = answer_of(Ok(answer)).await.expect("answer");
+    assert_eq!(
+        rows.len(),
+        31,
+        "the 31 votes stored when the query was made"
+    );
+    assert_eq!(
+        sql(warehouse.as_ref(), "SELECT count(*) FROM ballots").await,
+        texts(&[&["32"]]),
+        "the next query sees the vote"
+    );
+}
+
+/// Anything but one query is refused before it runs, and changes nothing.
+pub async fn statements_that_change_something_are_refused(warehouse: Arc<dyn Warehouse>) {
+    with_votes_and_poll(warehouse.as_ref()).await;
+    let limits = SqlLimits::default();
+    for statement in [
+        "INSERT INTO ballots (poll_id, vote_id) VALUES ('conf-wh', 'x')",
+        "INSERT INTO votes SELECT * FROM votes",
+        "DELETE FROM ballots",
+        "UPDATE ballots SET country = 'XX'",
+        "DROP TABLE ballots",
+        "DROP TABLE votes",
+        "TRUNCATE TABLE votes",
+        "ALTER TABLE votes DROP COLUMN country",
+        "CREATE TABLE evil (a INT)",
+        "CREATE VIEW evil AS SELECT 1",
+        "SET max_execution_time = 0",
+        "SELECT 1; DROP TABLE votes",
+        "SELECT count(*) FROM ballots; SELECT 1",
+        "COPY ballots TO '/tmp/ballots.csv'",
+        "EXPLAIN SELECT * FROM ballots",
+    ] {
+        assert_eq!(
+            refusal(warehouse.as_ref(), statement, &limits).await,
+            "sql-not-allowed",
+            "{statement}"
+        );
+    }
+    assert_eq!(
+        sql(
+            warehouse.as_ref(),
+            "SELECT count(*), count(DISTINCT country) FROM ballots"
+        )
+        .await,
+        texts(&[&["31", "3"]]),
+        "every vote is still there, unchanged"
+    );
+    assert_eq!(warehouse.tally(POLL).await.expect("tally").ballots, 30);
+}
+
+/// Only the analyst tables can be read: no internal table, other database, system table or
+/// table function, no engine settings.
+pub async fn only_the_analyst_tables_can_be_read(warehouse: Arc<dyn Warehouse>) {
+    with_votes(warehouse.as_ref()).await;
+    let limits = SqlLimits::default();
+    for query in [
+        "SELECT * FROM votes",
+        "SELECT * FROM vote_windows",
+        "SELECT * FROM segment_rollups",
+        "SELECT * FROM segment_rollups_fresh",
+        "SELECT * FROM system.tables",
+        "SELECT * FROM information_schema.tables",
+        "SELECT * FROM tally.ballots",
+        "SELECT * FROM numbers(1000000000000)",
+        "SELECT * FROM generate_series(1, 1000000000000)",
+        "SELECT * FROM url('http://127.0.0.1:9/', CSV, 'a String')",
+        "SELECT * FROM file('/etc/passwd', CSV, 'a String')",
+        "SELECT * FROM remote('127.0.0.1', system.one)",
+        "SELECT count(*) FROM ballots WHERE vote_id IN (SELECT vote_id FROM votes)",
+        "WITH v AS (SELECT * FROM votes) SELECT count(*) FROM v",
+        "SELECT count(*) FROM ballots SETTINGS max_execution_time = 0",
+        "SELECT count(*) FROM ballots FORMAT CSV",
+        "SELECT * FROM ballots INTO OUTFILE '/tmp/ballots.csv'",
+    ] {
+        assert_eq!(
+            refusal(warehouse.as_ref(), query, &limits).await,
+            "sql-not-allowed",
+            "{query}"
+        );
+    }
+}
+
+/// A query the engine cannot run is `sql-invalid`, with the engine's message.
+pub async fn invalid_queries_carry_the_engine_message(warehouse: Arc<dyn Warehouse>) {
+    with_votes(warehouse.as_ref()).await;
+    for query in [
+        "SELEC 1",
+        "SELECT no_such_column FROM ballots",
+        "SELECT count(*) FROM ballots GROUP BY",
+    ] {
+        let answer = warehouse.analyst_sql(query, &SqlLimits::default()).await;
+        match answer_of(answer).await {
+            Err(tally_core::Error::Invalid(problem)) => {
+                assert_eq!(problem.slug(), "sql-invalid", "{query}: {problem:?}");
+                assert!(!problem.detail.is_empty(), "{query}");
+            }
+            Err(err) => panic!("{query}: {}", err.chain()),
+            Ok(_) => panic!("{query} answered"),
+        }
+    }
+    let answer = warehouse
+        .analyst_sql("SELECT no_such_column FROM ballots", &SqlLimits::default())
+        .await;
+    let Err(tally_core::Error::Invalid(problem)) = answer_of(answer).await else {
+        panic!("refused");
+    };
+    assert!(
+        problem.detail.contains("no_such_column"),
+        "the engine's message names the column: {}",
+        problem.detail
+    );
+}
+
+/// An answer over the row limit is refused naming the limit, having delivered no more than
+/// it allows; the warehouse answers the next query.
+pub async fn the_row_limit_stops_an_answer(warehouse: Arc<dyn Warehouse>) {
+    with_votes(warehouse.as_ref()).await;
+    let limits = SqlLimits {
+        max_rows: 10,
+        ..SqlLimits::default()
+    };
+    let answer = warehouse
+        .analyst_sql("SELECT vote_id FROM ballots", &limits)
+        .await;
+    match answer_of(answer).await {
+        Err(tally_core::Error::Invalid(problem)) => {
+            assert_eq!(problem.slug(), "sql-limit-exceeded");
+            assert!(problem.detail.contains("max_rows"), "{}", problem.detail);
+        }
+        other => panic!(
+            "31 rows within a limit of 10: {:?}",
+            other.map(|(_, rows)| rows.len())
+        ),
+    }
+    assert_eq!(
+        refusal(
+            warehouse.as_ref(),
+            "SELECT vote_id FROM ballots LIMIT 10",
+            &limits
+        )
+        .await,
+        "ok",
+        "as many rows as the limit"
+    );
+}
+
+/// A query that would run for hours is stopped at its time limit, and the warehouse goes on
+/// answering.
+pub async fn the_time_limit_stops_a_runaway_query(warehouse: Arc<dyn Warehouse>) {
+    with_votes(warehouse.as_ref()).await;
+    let limits = SqlLimits {
+        max_time: std::time::Duration::from_secs(1),
+        ..SqlLimits::default()
+    };
+    // Forty branches of 31^5 (about 29 million) rows each, over a billion in all, one join
+    // per level (as ClickHouse 18.16 wants). Not one deep chain of joins: an engine that
+    // makes blocks of left × right rows would run out of memory before time; here a block
+    // stays within the memory limit and only the time runs out.
+    // One narrow column: an engine may carry every column of a table through a join.
+    let narrow = "(SELECT log_partition FROM ballots)";
+    let pair = format!("(SELECT 1 AS one FROM {narrow} a CROSS JOIN {narrow} b)");
+    let four = format!("(SELECT 1 AS one FROM {pair} a CROSS JOIN {pair} b)");
+    // Sums, not counts: an engine may count a cross join from its inputs' sizes.
+    let branch =
+        format!("SELECT sum(l.one + r.log_partition * 0) AS s FROM {four} l CROSS JOIN {narrow} r");
+    let branches = vec![branch; 40].join(" UNION ALL ");
+    let runaway = format!("SELECT sum(s) FROM ({branches}) x");
+    let started = std::time::Instant::now();
+    let answer = warehouse.analyst_sql(&runaway, &limits).await;
+    match answer_of(answer).await {
+        Err(tally_core::Error::Invalid(problem)) => {
+            assert_eq!(problem.slug(), "sql-limit-exceeded", "{problem:?}");
+            assert!(problem.detail.contains("max_time"), "{}", problem.detail);
+        }
+        other => panic!(
+            "the runaway query was not stopped: {:?}",
+            other.map(|(_, r)| r)
+        ),
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "stopped long after its limit: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        sql(warehouse.as_ref(), "SELECT count(*) FROM ballots").await,
+        texts(&[&["31"]]),
+        "the next query is answered"
+    );
+}
+
+/// A query that matches nothing answers with its columns and no rows (also through a
+/// named subquery used twice, and a division by an empty count).
+pub async fn an_empty_answer_has_its_columns(warehouse: Arc<dyn Warehouse>) {
+    with_votes_and_poll(warehouse.as_ref()).await;
+    let query = "WITH segment AS (SELECT * FROM answers WHERE country = 'nowhere') \
+        SELECT option_id, count(*) AS votes, \
+        count(*) * 1.0 / (SELECT count(DISTINCT vote_id) FROM segment) AS share \
+        FROM segment GROUP BY option_id ORDER BY votes DESC";
+    let (answer, rows) =
+        match answer_of(warehouse.analyst_sql(query, &SqlLimits::default()).await).await {
+            Ok(answer) => answer,
+            Err(err) => panic!("{query}: {}", err.chain()),
+        };
+    assert!(rows.is_empty(), "{rows:?}");
+    let names: Vec<&str> = answer
+        .schema
+        .fields()
+        .iter()
+        .map(|f| f.name().as_str())
+        .collect();
+    assert_eq!(names, ["option_id", "votes", "share"]);
+}
+
+/// A poll's ballots are its stored votes up to its last when asked, in the documented
+/// columns: a vote stored while they stream is not among them.
+pub async fn a_polls_ballots_are_its_votes_as_of_its_last(warehouse: Arc<dyn Warehouse>) {
+    let votes = with_votes(warehouse.as_ref()).await;
+    let mut anonymous = vote(POLL, "anon", "", "b", T0 + 400_000);
+    anonymous
+        .segment
+        .custom
+        .insert("plan".into(), "team".into());
+    warehouse
+        .insert_votes(
+            0,
+            &[StoredVote {
+                seq: 40,
+                vote: anonymous,
+            }],
+        )
+        .await
+        .expect("insert");
+    let answer = warehouse.ballots(POLL).await.expect("ballots");
+    assert_eq!(answer.as_of, 40, "the sequence of the poll's last vote");
+    assert_eq!(answer.schema, analyst::ballot_schema());
+    warehouse
+        .insert_votes(
+            0,
+            &[StoredVote {
+                seq: 41,
+                vote: vote(POLL, "late", "late", "a", T0),
+            }],
+        )
+        .await
+        .expect("insert");
+    let (answer, rows) = answer_of(Ok(answer)).await.expect("rows");
+    assert_eq!(rows.len(), 31, "the 31 votes up to seq 40");
+    let mut ids: Vec<&str> = rows.iter().map(|row| row[1].as_str()).collect();
+    ids.sort_unstable();
+    let mut want: Vec<&str> = votes.iter().map(|v| v.vote.vote_id.as_str()).collect();
+    want.push("anon");
+    want.sort_unstable();
+    assert_eq!(ids, want);
+    let anon = rows.iter().find(|row| row[1] == "anon").expect("anon");
+    assert_eq!(
+        anon,
+        &texts(&[&[
+            "40",
+            "anon",
+            "",
+            "1700000400000",
+            "[b]",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "[plan]",
+            "[team]"
+        ]])[0],
+        "an anonymous vote's voter is NULL"
+    );
+    let first = rows.iter().find(|row| row[1] == "w-0").expect("w-0");
+    assert_eq!(first[2], "k0");
+    assert_eq!(first[4], "[a]");
+    assert_eq!(first[10], "DE");
+    drop(answer);
+    let none = warehouse.ballots("conf-none").await.expect("ballots");
+    assert_eq!(none.as_of, 0);
+    let (_, rows) = answer_of(Ok(none)).await.expect("rows");
+    assert!(rows.is_empty(), "a poll without votes has no ballots");
 }

@@ -10,6 +10,7 @@
 //! own crates and pass the suites of `tally-conformance`. This crate knows no HTTP
 //! framework, broker client, database or query engine.
 
+pub mod analyst;
 pub mod analytics;
 pub mod api;
 pub mod auth;

@@ -1,5 +1,7 @@
 //! `--breakdown-requests`: after the load, how long breakdowns of the first poll take, one
-//! request at a time.
+//! request at a time; and the same for the analysts' routes: `GROUP BY country` through
+//! `POST /v1/sql`, and whole exports of the poll (CSV and Parquet), with the server's
+//! resident memory during each export when `--server-pid` names it.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -59,4 +61,144 @@ pub async fn time(
         );
     }
     Ok(per_shape)
+}
+
+/// What the analysts' routes took on the first poll (see the module documentation).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct AnalystTimes {
+    /// `SELECT country, count(*) … GROUP BY country` through `POST /v1/sql`.
+    pub sql_group_by: Option<BreakdownMs>,
+    /// Whole exports, by format.
+    pub exports: BTreeMap<&'static str, ExportRun>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExportRun {
+    pub rows: u64,
+    pub seconds: f64,
+    pub rows_per_s: f64,
+    pub bytes: u64,
+    /// The server's resident memory before the export and its highest during it (MiB), when
+    /// its pid is known.
+    pub server_rss_before_mib: Option<f64>,
+    pub server_rss_peak_mib: Option<f64>,
+}
+
+/// Resident memory of `pid` in MiB (`VmRSS` of /proc/<pid>/status).
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Times `requests` SQL `GROUP BY` queries of `poll` and one export per format.
+pub async fn time_analysts(
+    http: &reqwest::Client,
+    query_url: &str,
+    key: &str,
+    (poll, votes): (&str, u64),
+    requests: usize,
+    server_pid: Option<u32>,
+) -> anyhow::Result<AnalystTimes> {
+    let mut times = AnalystTimes::default();
+    if requests == 0 {
+        return Ok(times);
+    }
+    let query = format!(
+        "SELECT country, count(*) AS votes FROM ballots WHERE poll_id = '{poll}' GROUP BY country ORDER BY country"
+    );
+    let mut took_us = Vec::with_capacity(requests);
+    for _ in 0..requests {
+        let started = Instant::now();
+        let response = http
+            .post(format!("{query_url}/v1/sql"))
+            .bearer_auth(key)
+            .json(&serde_json::json!({ "query": query }))
+            .send()
+            .await?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await?;
+        took_us.push(started.elapsed().as_micros() as u64);
+        if !status.is_success() {
+            bail!("the SQL GROUP BY answered {status}: {body}");
+        }
+        let counted: u64 = body["rows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|row| row[1].as_u64())
+            .sum();
+        if counted != votes {
+            bail!("the SQL GROUP BY counted {counted} votes of {votes}");
+        }
+    }
+    took_us.sort_unstable();
+    times.sql_group_by = Some(BreakdownMs {
+        p50: percentile_ms(&took_us, 0.50),
+        p99: percentile_ms(&took_us, 0.99),
+        votes,
+    });
+    for format in ["csv", "parquet"] {
+        use futures::StreamExt;
+        let before = server_pid.and_then(rss_mib);
+        let peak = std::sync::Arc::new(std::sync::Mutex::new(before));
+        let sampling = server_pid.map(|pid| {
+            let peak = peak.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Some(now) = rss_mib(pid) {
+                        let mut peak = peak.lock().expect("rss lock");
+                        *peak = Some(peak.map_or(now, |p: f64| p.max(now)));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            })
+        });
+        let started = Instant::now();
+        let response = http
+            .get(format!(
+                "{query_url}/v1/polls/{poll}/export?format={format}"
+            ))
+            .bearer_auth(key)
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("the {format} export answered {}", response.status());
+        }
+        let mut body = response.bytes_stream();
+        let (mut bytes, mut lines) = (0u64, 0u64);
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            bytes += chunk.len() as u64;
+            lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        if let Some(task) = sampling {
+            task.abort();
+        }
+        // CSV: a header line and one line per ballot; Parquet is binary, its rows are the
+        // poll's ballots (the format tests check that).
+        let rows = if format == "csv" {
+            lines.saturating_sub(1)
+        } else {
+            votes
+        };
+        if format == "csv" && rows != votes {
+            bail!("the CSV export held {rows} ballots of {votes}");
+        }
+        let peak = *peak.lock().expect("rss lock");
+        times.exports.insert(
+            format,
+            ExportRun {
+                rows,
+                seconds,
+                rows_per_s: rows as f64 / seconds.max(1e-9),
+                bytes,
+                server_rss_before_mib: before,
+                server_rss_peak_mib: peak,
+            },
+        );
+    }
+    Ok(times)
 }

@@ -103,6 +103,10 @@ pub struct LoadgenArgs {
     /// (`by=country`, `by=country,device`), one at a time.
     #[arg(long, default_value_t = 0)]
     breakdown_requests: usize,
+    /// The server's process id (on this machine): its resident memory is sampled during the
+    /// exports timed with `--breakdown-requests`.
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// No progress line on stderr while the load runs.
     #[arg(long)]
     quiet: bool,
@@ -174,7 +178,19 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
         batch: args.batch,
         concurrency: args.concurrency,
     };
-    let summary = Summary::new(setup, sent, counted, live, breakdowns);
+    let analysts = breakdown::time_analysts(
+        &http,
+        &query_url,
+        &args.admin_key,
+        first_poll,
+        args.breakdown_requests,
+        args.server_pid,
+    )
+    .await?;
+    let mut summary = Summary::new(setup, sent, counted, live, breakdowns);
+    if args.breakdown_requests > 0 {
+        summary.analysts = Some(analysts);
+    }
     Ok(Report::new(summary, polls, args.retry_for))
 }
 

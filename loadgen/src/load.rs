@@ -68,6 +68,7 @@ pub async fn create_polls(
             dedupe: args.dedupe,
             require_token: false,
             results_visibility: Default::default(),
+            allowed_origins: Vec::new(),
             opens_at: None,
             closes_at: None,
         };

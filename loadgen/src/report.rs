@@ -47,6 +47,9 @@ pub struct Summary {
     /// Breakdown request latency of the first poll after the load, per `by`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub breakdown_ms: BTreeMap<&'static str, BreakdownMs>,
+    /// The analysts' routes on the first poll after the load (with `--breakdown-requests`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub analysts: Option<crate::breakdown::AnalystTimes>,
 }
 
 /// Request latency, from sending a request until its whole answer arrived.
@@ -131,6 +134,7 @@ impl Summary {
             mismatches: counted.mismatches,
             live,
             breakdown_ms,
+            analysts: None,
         }
     }
 }
@@ -259,6 +263,28 @@ impl fmt::Display for Report {
                 "breakdown        by={by}: p50 {:.1} ms, p99 {:.1} ms over {} votes",
                 took.p50, took.p99, took.votes
             )?;
+        }
+        if let Some(analysts) = &summary.analysts {
+            if let Some(took) = &analysts.sql_group_by {
+                writeln!(
+                    f,
+                    "sql group by     country: p50 {:.1} ms, p99 {:.1} ms over {} votes",
+                    took.p50, took.p99, took.votes
+                )?;
+            }
+            for (format, run) in &analysts.exports {
+                let rss = match (run.server_rss_before_mib, run.server_rss_peak_mib) {
+                    (Some(before), Some(peak)) => {
+                        format!(", server RSS {before:.0} → peak {peak:.0} MiB")
+                    }
+                    _ => String::new(),
+                };
+                writeln!(
+                    f,
+                    "export           {format}: {} rows in {:.2} s ({:.0} rows/s, {} bytes){rss}",
+                    run.rows, run.seconds, run.rows_per_s, run.bytes
+                )?;
+            }
         }
         if summary.mismatches.is_empty() {
             writeln!(f, "exact            {}", summary.exact)?;

@@ -53,6 +53,74 @@ fn time_param(field: &str, value: Option<&str>) -> Result<Option<i64>, Problem> 
         .transpose()
 }
 
+/// Values a `where` may list for one dimension, and in all: a filter is a set to match,
+/// not a program, and its size bounds the work of every breakdown.
+pub(crate) const MAX_WHERE_VALUES_PER_KEY: usize = 100;
+pub(crate) const MAX_WHERE_VALUES: usize = 200;
+
+/// Splits `where` into its `key:value` clauses. Clauses are separated by `,`; a value that
+/// holds `,` or `\` writes it as `\,` or `\\`.
+fn where_clauses(text: &str) -> Result<Vec<String>, Problem> {
+    let mut clauses = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(escaped @ (',' | '\\')) => current.push(escaped),
+                _ => {
+                    return Err(Problem::invalid(
+                        "where",
+                        "in `where`, `\\` escapes only `,` and `\\` (write a comma in a value as `\\,`)",
+                    ))
+                }
+            },
+            ',' => clauses.push(std::mem::take(&mut current)),
+            c => current.push(c),
+        }
+    }
+    clauses.push(current);
+    Ok(clauses
+        .into_iter()
+        .map(|clause| clause.trim().to_owned())
+        .filter(|clause| !clause.is_empty())
+        .collect())
+}
+
+/// The `where` filters: each named dimension must take one of its listed values.
+fn parse_where(poll: &Poll, text: &str) -> Result<BTreeMap<String, Vec<String>>, Problem> {
+    let mut filters: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let clauses = where_clauses(text)?;
+    if clauses.len() > MAX_WHERE_VALUES {
+        return Err(Problem::invalid(
+            "where",
+            format!(
+                "`where` lists {} values; the limit is {MAX_WHERE_VALUES} (and {MAX_WHERE_VALUES_PER_KEY} per key)",
+                clauses.len()
+            ),
+        ));
+    }
+    for clause in clauses {
+        let Some((key, value)) = clause.split_once(':') else {
+            return Err(Problem::invalid(
+                "where",
+                format!("`{clause}` is not of the form key:value"),
+            ));
+        };
+        let key = key.trim();
+        dimension(poll, "where", key)?;
+        let values = filters.entry(key.to_owned()).or_default();
+        if values.len() == MAX_WHERE_VALUES_PER_KEY {
+            return Err(Problem::invalid(
+                "where",
+                format!("`where` lists more than {MAX_WHERE_VALUES_PER_KEY} values of `{key}`"),
+            ));
+        }
+        values.push(value.to_owned());
+    }
+    Ok(filters)
+}
+
 /// Parses `by` and `where` against the poll's dimensions.
 fn breakdown_query(poll: &Poll, params: BreakdownParams) -> Result<BreakdownQuery, Problem> {
     let by_text = params.by.as_deref().unwrap_or("").trim();
@@ -72,27 +140,7 @@ fn breakdown_query(poll: &Poll, params: BreakdownParams) -> Result<BreakdownQuer
             "break down by at most 3 dimensions at once",
         ));
     }
-    let mut filters: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for clause in params
-        .filter
-        .as_deref()
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-    {
-        let Some((key, value)) = clause.split_once(':') else {
-            return Err(Problem::invalid(
-                "where",
-                format!("`{clause}` is not of the form key:value"),
-            ));
-        };
-        dimension(poll, "where", key)?;
-        filters
-            .entry(key.to_owned())
-            .or_default()
-            .push(value.to_owned());
-    }
+    let filters = parse_where(poll, params.filter.as_deref().unwrap_or(""))?;
     Ok(BreakdownQuery {
         poll_id: poll.id.clone(),
         by,
@@ -105,6 +153,24 @@ fn breakdown_query(poll: &Poll, params: BreakdownParams) -> Result<BreakdownQuer
     })
 }
 
+#[utoipa::path(get, path = "/v1/polls/{id}/breakdown", tag = "analytics",
+    security(("api_key" = ["analyst", "admin"])),
+    params(("id" = String, Path, description = "the poll"),
+        ("by" = Option<String>, Query, description = "comma-separated segment keys (standard or the poll's `dimensions`)"),
+        ("from" = Option<String>, Query, format = DateTime, description = "RFC 3339, inclusive"),
+        ("to" = Option<String>, Query, format = DateTime, description = "RFC 3339, exclusive"),
+        ("where" = Option<String>, Query, description = "`key:value` filters, comma-separated"),
+    ),
+    responses(
+        (status = 200, description = "counts per segment group, with intervals and tests", body = BreakdownDoc),
+        (status = 400, description = "`malformed-json`, `invalid-utf8`, `invalid-query`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid-field`: `field` names the parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub(crate) async fn breakdown(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -125,7 +191,7 @@ pub(crate) async fn breakdown(
         }
     }
     let answer_keys = poll.answer_keys();
-    let groups: Vec<BreakdownGroup> = breakdown
+    let mut groups: Vec<BreakdownGroup> = breakdown
         .groups
         .iter()
         .map(|group| {
@@ -151,7 +217,13 @@ pub(crate) async fn breakdown(
                 .iter()
                 .map(|(k, v)| (k.clone(), v - group.counts.get(k).copied().unwrap_or(0)))
                 .collect();
-            let difference = if poll.kind == PollKind::Multi {
+            let difference = if group.ballots < stats::MIN_GROUP_VOTES {
+                // Below the minimum size: marked, and no test reported.
+                stats::Difference {
+                    p_value: None,
+                    small_sample: true,
+                }
+            } else if poll.kind == PollKind::Multi {
                 stats::proportions(
                     &group.counts,
                     group.ballots,
@@ -165,12 +237,19 @@ pub(crate) async fn breakdown(
                 segment,
                 total_votes: group.ballots,
                 options,
-                differs: difference.p_value.is_some_and(|p| p < 0.05),
+                differs: false,
                 p_value: difference.p_value,
+                p_adjusted: None,
                 small_sample: difference.small_sample,
             }
         })
         .collect();
+    // Every group is tested against the rest at once: correct for that family of tests.
+    let raw: Vec<Option<f64>> = groups.iter().map(|g| g.p_value).collect();
+    for (group, adjusted) in groups.iter_mut().zip(stats::benjamini_hochberg(&raw)) {
+        group.p_adjusted = adjusted;
+        group.differs = adjusted.is_some_and(|p| p < 0.05);
+    }
     let test = if poll.kind == PollKind::Multi {
         "two_proportion_z_bonferroni"
     } else {
@@ -215,6 +294,23 @@ fn parse_step(text: &str) -> Option<u32> {
 
 const MAX_POINTS: i64 = 10_000;
 
+#[utoipa::path(get, path = "/v1/polls/{id}/timeseries", tag = "analytics",
+    security(("api_key" = ["analyst", "admin"])),
+    params(("id" = String, Path, description = "the poll"),
+        ("step" = Option<String>, Query, description = "`10s`, `1m`, `1h`, `1d` or seconds"),
+        ("from" = Option<String>, Query, format = DateTime, description = "RFC 3339, inclusive"),
+        ("to" = Option<String>, Query, format = DateTime, description = "RFC 3339, exclusive"),
+    ),
+    responses(
+        (status = 200, description = "votes per option per step", body = TimeseriesDoc),
+        (status = 400, description = "`malformed-json`, `invalid-utf8`, `invalid-query`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid-field`: `field` names the parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub(crate) async fn timeseries(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -282,6 +378,57 @@ pub(crate) async fn timeseries(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn where_clauses_split_on_unescaped_commas() {
+        assert_eq!(
+            where_clauses("country:DE, device:mobile").unwrap(),
+            ["country:DE", "device:mobile"]
+        );
+        assert_eq!(
+            where_clauses(r"source:a\,b,source:c\\d").unwrap(),
+            ["source:a,b", r"source:c\d"]
+        );
+        assert!(where_clauses(r"source:a\x").is_err());
+        assert!(where_clauses("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn where_is_bounded() {
+        let poll: Poll = tally_core::poll::NewPoll {
+            id: Some("p".into()),
+            title: "t".into(),
+            question: "q".into(),
+            kind: PollKind::Nps,
+            options: Vec::new(),
+            max_choices: None,
+            scale: None,
+            campaign: None,
+            dimensions: Vec::new(),
+            dedupe: Default::default(),
+            require_token: false,
+            results_visibility: Default::default(),
+            allowed_origins: Vec::new(),
+            opens_at: None,
+            closes_at: None,
+        }
+        .into_poll(0, || "p".into())
+        .unwrap();
+        let many = |key: &str, n: usize| {
+            (0..n)
+                .map(|i| format!("{key}:{i:02}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        assert_eq!(
+            parse_where(&poll, &many("country", 100)).unwrap()["country"].len(),
+            100
+        );
+        let over = parse_where(&poll, &many("country", 101)).unwrap_err();
+        assert_eq!(over.field.as_deref(), Some("where"));
+        let attack = parse_where(&poll, &many("country", 1_000)).unwrap_err();
+        assert!(attack.detail.contains("200"), "{}", attack.detail);
+    }
 
     #[test]
     fn steps_parse() {

@@ -9,6 +9,31 @@ use statrs::distribution::{ChiSquared, ContinuousCDF, Normal};
 const Z95: f64 = 1.959_963_984_540_054;
 /// Expected cell counts below this make the chi-square approximation unreliable.
 const MIN_EXPECTED: f64 = 5.0;
+/// Groups with fewer votes than this are marked `small_sample` and their test is not
+/// reported: a share of a handful of votes says little, and a test of it less.
+pub const MIN_GROUP_VOTES: u64 = 10;
+
+/// Benjamini–Hochberg adjusted p-values (the false discovery rate when every given p-value
+/// is one test of a family), in the order given; `None` stays `None` and does not count as
+/// a test. Equal to scipy's `false_discovery_control(ps, method="bh")`.
+pub fn benjamini_hochberg(p_values: &[Option<f64>]) -> Vec<Option<f64>> {
+    let mut tested: Vec<(usize, f64)> = p_values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.map(|p| (i, p)))
+        .collect();
+    tested.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let m = tested.len() as f64;
+    let mut adjusted = vec![None; p_values.len()];
+    // From the largest p down: each adjusted value is the smallest `p * m / rank` at or
+    // above its rank, so the adjusted values keep the order of the raw ones.
+    let mut running = 1.0_f64;
+    for (rank, (index, p)) in tested.iter().enumerate().rev() {
+        running = running.min(p * m / (rank + 1) as f64).min(1.0);
+        adjusted[*index] = Some(running);
+    }
+    adjusted
+}
 
 /// 95% Wilson score interval of `count` successes in `n` trials.
 pub fn wilson(count: u64, n: u64) -> Option<[f64; 2]> {
@@ -66,7 +91,8 @@ pub fn chi_square(group: &BTreeMap<String, u64>, rest: &BTreeMap<String, u64>) -
     }
     let df = (columns.len() - 1) as f64;
     let p_value = ChiSquared::new(df)
-        .map(|dist| 1.0 - dist.cdf(statistic))
+        // The survival function, not `1 - cdf`: that rounds every p below about 1e-16 to 0.
+        .map(|dist| dist.sf(statistic))
         .ok();
     Difference {
         p_value,
@@ -105,7 +131,7 @@ pub fn proportions(
         }
         tests += 1;
         let z = (x1 / n1 - x2 / n2) / se;
-        let p = 2.0 * (1.0 - normal.cdf(z.abs()));
+        let p = 2.0 * normal.sf(z.abs());
         smallest = Some(smallest.map_or(p, |s: f64| s.min(p)));
     }
     Difference {
@@ -157,6 +183,84 @@ mod tests {
             &counts(&[("a", 100), ("b", 90)]),
         );
         assert!(tiny.small_sample);
+    }
+
+    /// Relative error of `got` against scipy's `want`.
+    fn close(got: Option<f64>, want: f64) -> bool {
+        got.is_some_and(|got| ((got - want) / want).abs() < 1e-6)
+    }
+
+    /// p-values in the far tail, where `1 - cdf` is 0, against scipy 1.17
+    /// (`scipy.stats.chi2.sf`, `2 * scipy.stats.norm.sf`).
+    /// Reference values from scipy 1.17: `scipy.stats.false_discovery_control(ps)`.
+    #[test]
+    fn benjamini_hochberg_matches_scipy() {
+        let close = |got: &[Option<f64>], want: &[Option<f64>]| {
+            got.len() == want.len()
+                && got.iter().zip(want).all(|(g, w)| match (g, w) {
+                    (Some(g), Some(w)) => (g - w).abs() < 1e-12,
+                    (None, None) => true,
+                    _ => false,
+                })
+        };
+        let ps = [Some(0.01), Some(0.04), Some(0.03), Some(0.005), Some(0.2)];
+        let got = benjamini_hochberg(&ps);
+        assert!(
+            close(
+                &got,
+                &[Some(0.025), Some(0.05), Some(0.05), Some(0.025), Some(0.2)]
+            ),
+            "{got:?}"
+        );
+        // Groups without a test are not part of the family.
+        let got = benjamini_hochberg(&[Some(0.01), None, Some(0.04), None]);
+        assert!(
+            close(&got, &[Some(0.02), None, Some(0.04), None]),
+            "{got:?}"
+        );
+        // false_discovery_control([0.001, 0.008, 0.039, 0.041, 0.042, 0.06, 0.074, 0.205])
+        let ps = [0.001, 0.008, 0.039, 0.041, 0.042, 0.06, 0.074, 0.205].map(Some);
+        let want = [
+            0.008,
+            0.032,
+            0.0672,
+            0.0672,
+            0.0672,
+            0.08,
+            0.08457142857142856,
+            0.205,
+        ]
+        .map(Some);
+        let got = benjamini_hochberg(&ps);
+        assert!(close(&got, &want), "{got:?}");
+        assert!(benjamini_hochberg(&[]).is_empty());
+        assert_eq!(benjamini_hochberg(&[Some(0.7)]), [Some(0.7)]);
+    }
+
+    #[test]
+    fn tail_p_values_match_scipy() {
+        // [[300, 10], [10, 300]]: chi2 = 542.58…, df 1; `1 - chi2.cdf` gives 0.0.
+        let chi = chi_square(
+            &counts(&[("a", 300), ("b", 10)]),
+            &counts(&[("a", 10), ("b", 300)]),
+        );
+        assert!(close(chi.p_value, 5.176319245325501e-120), "{chi:?}");
+        let moderate = chi_square(
+            &counts(&[("a", 30), ("b", 10)]),
+            &counts(&[("a", 10), ("b", 30)]),
+        );
+        assert!(
+            close(moderate.p_value, 7.744216431044088e-06),
+            "{moderate:?}"
+        );
+        // 95/100 against 5/100: z = 12.73, two options (Bonferroni × 2).
+        let z = proportions(
+            &counts(&[("a", 95), ("b", 5)]),
+            100,
+            &counts(&[("a", 5), ("b", 95)]),
+            100,
+        );
+        assert!(close(z.p_value, 8.274063493027622e-37), "{z:?}");
     }
 
     #[test]

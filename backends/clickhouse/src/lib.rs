@@ -6,15 +6,32 @@
 //! by `tests/dialect.rs`). Row types are sent as RowBinary with the client's schema
 //! validation off (18.16 does not know `RowBinaryWithNamesAndTypes`). One INSERT is one
 //! atomic block, which is what exactly-once counting rests on.
+//!
+//! Analysts' SQL ([`analyst`]) is vetted, rewritten and rendered here, then run as the
+//! analyst user (read-only, `readonly=2`) with tally's limits as settings of the request;
+//! its `JSONCompact` answer streams back as Arrow batches ([`rows`]).
 
+pub mod analyst;
+pub mod rows;
 pub mod sql;
 
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{
+    ArrayRef, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder, UInt64Builder,
+};
+use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use clickhouse::{Row, RowOwned, RowWrite};
 use serde::{Deserialize, Serialize};
 
+use tally_core::analyst::{self as model, Limit, SqlLimits};
 use tally_core::analytics::{Breakdown, BreakdownQuery, TimePoint, TimeseriesQuery};
-use tally_core::ports::{StoredVote, Warehouse, Watermarks, WindowRow};
+use tally_core::poll::Poll;
+use tally_core::ports::{AnalystRows, BoxStream, StoredVote, Warehouse, Watermarks, WindowRow};
 use tally_core::results::Tally;
 use tally_core::rollup::{self, BreakdownPlan, BreakdownRow, RollupLevel, RollupRow};
 use tally_core::{Error, Result};
@@ -53,13 +70,22 @@ pub struct ClickHouseConfig {
     pub database: String,
     pub user: Option<String>,
     pub password: Option<String>,
+    /// The read-only user analysts' SQL runs as (its profile `readonly=2`: no writes, no
+    /// DDL, `readonly` fixed, settings open to tally's limits). Without one, analysts' SQL
+    /// runs as `user` with `readonly=2` set on each request.
+    pub analyst_user: Option<String>,
+    pub analyst_password: Option<String>,
 }
 
 #[derive(Clone)]
 pub struct ClickHouseWarehouse {
     client: clickhouse::Client,
     server: clickhouse::Client,
+    /// The client analysts' queries go through: the analyst user's, on the database.
+    analyst: clickhouse::Client,
     database: String,
+    /// Whether the server's own time zone is UTC (a `DateTime` without one is in it).
+    server_utc: Arc<tokio::sync::OnceCell<bool>>,
 }
 
 // The row types spell the segment columns out one by one: the `Row` derive names the
@@ -214,11 +240,58 @@ impl ClickHouseWarehouse {
             server = server.with_password(password);
         }
         let client = server.clone().with_database(&config.database);
+        let mut analyst = clickhouse::Client::default()
+            .with_url(&config.url)
+            .with_validation(false)
+            .with_database(&config.database);
+        match &config.analyst_user {
+            Some(user) => {
+                analyst = analyst.with_user(user);
+                if let Some(password) = &config.analyst_password {
+                    analyst = analyst.with_password(password);
+                }
+            }
+            None => {
+                if let Some(user) = &config.user {
+                    analyst = analyst.with_user(user);
+                }
+                if let Some(password) = &config.password {
+                    analyst = analyst.with_password(password);
+                }
+            }
+        }
         Ok(ClickHouseWarehouse {
             client,
             server,
+            analyst,
             database: config.database.clone(),
+            server_utc: Arc::default(),
         })
+    }
+
+    /// Whether the server's time zone is UTC, asked once.
+    async fn server_utc(&self) -> Result<bool> {
+        self.server_utc
+            .get_or_try_init(|| async {
+                let zone: String = self
+                    .server
+                    .query_raw("SELECT timezone()")
+                    .fetch_one()
+                    .await
+                    .map_err(warehouse_error)?;
+                Ok([
+                    "UTC",
+                    "Etc/UTC",
+                    "GMT",
+                    "Etc/GMT",
+                    "UCT",
+                    "Universal",
+                    "Zulu",
+                ]
+                .contains(&zone.as_str()))
+            })
+            .await
+            .copied()
     }
 
     async fn fetch_u64(&self, sql: &str) -> Result<u64> {
@@ -283,7 +356,19 @@ impl Warehouse for ClickHouseWarehouse {
             if applied.contains(version) {
                 continue;
             }
-            self.execute(statement).await?;
+            match self.execute(statement).await {
+                Ok(()) => {}
+                // Another service applied it a moment ago (the one kind of migration that
+                // cannot say IF NOT EXISTS on 18.16: adding a column).
+                Err(err) if err.chain().to_string().contains("already exists") => {
+                    tracing::info!(
+                        version,
+                        name,
+                        "warehouse migration applied by another service"
+                    );
+                }
+                Err(err) => return Err(err),
+            }
             self.execute(&sql::record_migration(*version, name)).await?;
             tracing::info!(version, name, "applied warehouse migration");
             newly.push(*version);
@@ -403,6 +488,20 @@ impl Warehouse for ClickHouseWarehouse {
         ))
     }
 
+    async fn segment_values(&self, poll_id: &str) -> Result<BTreeMap<String, BTreeSet<String>>> {
+        let pairs: Vec<(String, String)> = self
+            .client
+            .query_raw(&sql::segment_values(poll_id))
+            .fetch_all()
+            .await
+            .map_err(warehouse_error)?;
+        let mut values: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (dimension, value) in pairs {
+            values.entry(dimension).or_default().insert(value);
+        }
+        Ok(values)
+    }
+
     async fn check(&self) -> Result<()> {
         self.server
             .query_raw("SELECT 1")
@@ -410,6 +509,397 @@ impl Warehouse for ClickHouseWarehouse {
             .await
             .map_err(warehouse_error)?;
         Ok(())
+    }
+
+    async fn record_polls(&self, polls: &[Poll]) -> Result<()> {
+        self.insert_rows("poll_records", polls.iter().map(PollRecordRow::new))
+            .await
+    }
+
+    async fn analyst_sql(&self, sql_text: &str, limits: &SqlLimits) -> Result<AnalystRows> {
+        let positions: Vec<(u16, u64)> = self
+            .client
+            .query_raw(&sql::vote_positions())
+            .fetch_all()
+            .await
+            .map_err(warehouse_error)?;
+        let rendered = analyst::render(sql_text, &positions).map_err(Error::Invalid)?;
+        let server_utc = self.server_utc().await?;
+        let seconds = limits.max_time.as_secs_f64().ceil().max(1.0);
+        // Set here, on every request, and nothing of the caller's ever reaches the URL or
+        // the settings: the query was rendered from its vetted tree, and SETTINGS in it
+        // were refused.
+        let query = self
+            .analyst
+            .query_raw(&rendered)
+            .with_setting("readonly", "2")
+            .with_setting("max_execution_time", format!("{seconds}"))
+            .with_setting("timeout_overflow_mode", "throw")
+            .with_setting("max_result_rows", limits.max_rows.to_string())
+            .with_setting("max_result_bytes", limits.max_result_bytes.to_string())
+            .with_setting("result_overflow_mode", "throw")
+            .with_setting("max_memory_usage", limits.max_memory_bytes.to_string())
+            .with_setting("join_use_nulls", "1")
+            .with_setting("join_default_strictness", "ALL")
+            .with_setting("enable_optimize_predicate_expression", "1")
+            // Infinities and NaN as "inf" and "nan", not as null in a column that has none.
+            .with_setting("output_format_json_quote_denormals", "1");
+        let cursor = query
+            .fetch_bytes("JSONCompact")
+            .map_err(|err| analyst_error(err, limits))?;
+        // The server stops the query at `max_execution_time`; this stops waiting for a
+        // server that does not.
+        let deadline = tokio::time::Instant::now() + limits.max_time + Duration::from_secs(5);
+        let mut answer = JsonAnswer {
+            cursor,
+            reader: rows::JsonCompactReader::new(server_utc),
+            ready: VecDeque::new(),
+            ended: false,
+            deadline,
+            limits: *limits,
+            rows_read: Arc::new(AtomicU64::new(0)),
+        };
+        let schema = answer.head().await?;
+        let as_of = positions.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
+        let rows_read = answer.rows_read.clone();
+        Ok(AnalystRows {
+            schema,
+            as_of,
+            positions: positions.into_iter().collect(),
+            batches: answer.into_stream(),
+            rows_read,
+        })
+    }
+
+    async fn ballots(&self, poll_id: &str) -> Result<AnalystRows> {
+        let as_of = self.fetch_u64(&sql::last_seq(poll_id)).await?;
+        let cursor = self
+            .client
+            .query_raw(&sql::ballots_of_poll(poll_id, as_of))
+            .fetch::<BallotRow>()
+            .map_err(warehouse_error)?;
+        let rows_read = Arc::new(AtomicU64::new(0));
+        Ok(AnalystRows {
+            schema: model::ballot_schema(),
+            as_of,
+            positions: BTreeMap::new(),
+            batches: ballot_batches(cursor, rows_read.clone()),
+            rows_read,
+        })
+    }
+}
+
+/// A poll definition as a row of `poll_records`.
+#[derive(Row, Serialize)]
+struct PollRecordRow {
+    poll_id: String,
+    title: String,
+    question: String,
+    kind: String,
+    campaign: Option<String>,
+    dedupe: String,
+    results_visibility: String,
+    require_token: u8,
+    max_choices: Option<u32>,
+    scale_min: Option<i32>,
+    scale_max: Option<i32>,
+    dimensions: Vec<String>,
+    answer_ids: Vec<String>,
+    answer_labels: Vec<String>,
+    created_at: u32,
+    updated_at: u32,
+    opens_at: Option<u32>,
+    closes_at: Option<u32>,
+    closed_at: Option<u32>,
+    archived_at: Option<u32>,
+    version: u64,
+}
+
+/// Epoch ms as a `DateTime` (seconds, within what it holds).
+fn date_time(ms: i64) -> u32 {
+    u32::try_from(ms.div_euclid(1000).max(0)).unwrap_or(u32::MAX)
+}
+
+impl PollRecordRow {
+    fn new(poll: &Poll) -> Self {
+        let scale = poll.effective_scale();
+        let (answer_ids, answer_labels) = poll.answer_keys().into_iter().unzip();
+        PollRecordRow {
+            poll_id: poll.id.clone(),
+            title: poll.title.clone(),
+            question: poll.question.clone(),
+            kind: model::name_of(&poll.kind),
+            campaign: poll.campaign.clone(),
+            dedupe: model::name_of(&poll.dedupe),
+            results_visibility: model::name_of(&poll.results_visibility),
+            require_token: u8::from(poll.require_token),
+            max_choices: poll.max_choices,
+            scale_min: scale.map(|s| s.min),
+            scale_max: scale.map(|s| s.max),
+            dimensions: poll.dimensions.clone(),
+            answer_ids,
+            answer_labels,
+            created_at: date_time(poll.created_at),
+            updated_at: date_time(poll.updated_at),
+            opens_at: poll.opens_at.map(date_time),
+            closes_at: poll.closes_at.map(date_time),
+            closed_at: poll.closed_at.map(date_time),
+            archived_at: poll.archived_at.map(date_time),
+            version: poll.version,
+        }
+    }
+}
+
+/// An analyst query's answer as it streams: the reader, and the batches it completed that
+/// were not taken yet.
+struct JsonAnswer {
+    cursor: clickhouse::query::BytesCursor,
+    reader: rows::JsonCompactReader,
+    ready: VecDeque<RecordBatch>,
+    ended: bool,
+    deadline: tokio::time::Instant,
+    limits: SqlLimits,
+    rows_read: Arc<AtomicU64>,
+}
+
+impl JsonAnswer {
+    /// Reads until the columns are known (the server answers with them when the query has
+    /// started to produce rows, so most errors come before them, as an error status).
+    async fn head(&mut self) -> Result<SchemaRef> {
+        while self.reader.schema().is_none() && !self.ended {
+            self.read().await?;
+        }
+        self.reader
+            .schema()
+            .cloned()
+            .ok_or_else(|| Error::failed("warehouse", "an analyst answer without columns"))
+    }
+
+    /// Reads one chunk of the answer.
+    async fn read(&mut self) -> Result<()> {
+        let chunk = match tokio::time::timeout_at(self.deadline, self.cursor.next()).await {
+            Err(_) => return Err(Error::Invalid(Limit::Time.exceeded(&self.limits))),
+            Ok(chunk) => chunk.map_err(|err| analyst_error(err, &self.limits))?,
+        };
+        match chunk {
+            Some(bytes) => {
+                let batches = self
+                    .reader
+                    .push(&bytes)
+                    .map_err(|text| classify(&text, &self.limits))?;
+                self.ready.extend(batches);
+            }
+            None => {
+                self.ended = true;
+                let last = self
+                    .reader
+                    .finish()
+                    .map_err(|text| classify(&text, &self.limits))?;
+                self.ready.extend(last);
+                self.rows_read
+                    .store(self.reader.rows_read.unwrap_or(0), Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+
+    fn into_stream(self) -> BoxStream<Result<RecordBatch>> {
+        Box::pin(futures::stream::unfold(Some(self), |answer| async move {
+            let mut answer = answer?;
+            loop {
+                if let Some(batch) = answer.ready.pop_front() {
+                    return Some((Ok(batch), Some(answer)));
+                }
+                if answer.ended {
+                    return None;
+                }
+                if let Err(err) = answer.read().await {
+                    return Some((Err(err), None));
+                }
+            }
+        }))
+    }
+}
+
+/// A failed analyst request as the caller's problem or the warehouse's error.
+fn analyst_error(err: clickhouse::error::Error, limits: &SqlLimits) -> Error {
+    match err {
+        clickhouse::error::Error::BadResponse(text) => classify(&text, limits),
+        other => warehouse_error(other),
+    }
+}
+
+/// A ClickHouse exception, by its code: a limit, a refusal, the query's own fault (with
+/// the engine's message), or the warehouse's.
+fn classify(text: &str, limits: &SqlLimits) -> Error {
+    let code: Option<u32> = text
+        .split("Code: ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|digits| digits.parse().ok());
+    let message = rows::exception_text(text);
+    let limit = |limit: Limit| Error::Invalid(limit.exceeded(limits));
+    match code {
+        Some(159) => limit(Limit::Time),
+        Some(396 | 158 | 307) if message.contains("bytes") => limit(Limit::ResultBytes),
+        Some(396 | 158 | 307) => limit(Limit::Rows),
+        Some(241) => limit(Limit::Memory),
+        // The analyst user's profile refused tally's own settings (it must be readonly=2),
+        // or its login failed: the deployment's error, not the caller's.
+        Some(164) if message.contains("override") || message.contains("modify") => {
+            Error::failed("warehouse analyst user", message)
+        }
+        Some(192 | 193 | 194 | 516) => Error::failed("warehouse analyst user", message),
+        Some(164 | 291 | 497) => Error::Invalid(model::not_allowed(message)),
+        Some(202 | 209 | 210 | 252) => Error::unavailable("warehouse", message),
+        Some(_) => Error::Invalid(model::invalid(message)),
+        None => Error::failed("warehouse", message),
+    }
+}
+
+/// One stored ballot of a poll (see [`sql::BALLOT_COLUMNS`]).
+#[derive(Row, Deserialize)]
+struct BallotRow {
+    seq: u64,
+    vote_id: String,
+    voter_key: String,
+    received_ms: u64,
+    choice: Vec<String>,
+    value: Option<i32>,
+    campaign: String,
+    channel: String,
+    source: String,
+    medium: String,
+    country: String,
+    device: String,
+    dim_keys: Vec<String>,
+    dim_values: Vec<String>,
+}
+
+/// The rows of `cursor` as [`model::ballot_schema`] batches of up to
+/// [`rows::BATCH_ROWS`] rows.
+fn ballot_batches(
+    cursor: clickhouse::query::RowCursor<BallotRow>,
+    rows_read: Arc<AtomicU64>,
+) -> BoxStream<Result<RecordBatch>> {
+    let state = Some((cursor, rows_read));
+    Box::pin(futures::stream::unfold(state, |state| async move {
+        let (mut cursor, rows_read) = state?;
+        let mut batch = BallotBatch::default();
+        loop {
+            match cursor.next().await {
+                Ok(Some(row)) => {
+                    batch.push(row);
+                    if batch.rows == rows::BATCH_ROWS {
+                        break;
+                    }
+                }
+                Ok(None) => {
+                    rows_read.fetch_add(batch.rows as u64, Ordering::AcqRel);
+                    return if batch.rows == 0 {
+                        None
+                    } else {
+                        Some((batch.finish(), None))
+                    };
+                }
+                Err(err) => return Some((Err(warehouse_error(err)), None)),
+            }
+        }
+        rows_read.fetch_add(batch.rows as u64, Ordering::AcqRel);
+        Some((batch.finish(), Some((cursor, rows_read))))
+    }))
+}
+
+/// Builders of one batch of ballots.
+struct BallotBatch {
+    rows: usize,
+    seq: UInt64Builder,
+    vote_id: StringBuilder,
+    voter_key: StringBuilder,
+    received_ms: Int64Builder,
+    choice: ListBuilder<StringBuilder>,
+    value: Int32Builder,
+    segment: [StringBuilder; 6],
+    dim_keys: ListBuilder<StringBuilder>,
+    dim_values: ListBuilder<StringBuilder>,
+}
+
+impl Default for BallotBatch {
+    fn default() -> Self {
+        let list = || {
+            ListBuilder::new(StringBuilder::new()).with_field(Arc::new(
+                arrow::datatypes::Field::new_list_field(arrow::datatypes::DataType::Utf8, true),
+            ))
+        };
+        BallotBatch {
+            rows: 0,
+            seq: UInt64Builder::new(),
+            vote_id: StringBuilder::new(),
+            voter_key: StringBuilder::new(),
+            received_ms: Int64Builder::new(),
+            choice: list(),
+            value: Int32Builder::new(),
+            segment: std::array::from_fn(|_| StringBuilder::new()),
+            dim_keys: list(),
+            dim_values: list(),
+        }
+    }
+}
+
+impl BallotBatch {
+    fn push(&mut self, row: BallotRow) {
+        self.rows += 1;
+        self.seq.append_value(row.seq);
+        self.vote_id.append_value(&row.vote_id);
+        if row.voter_key.is_empty() {
+            self.voter_key.append_null();
+        } else {
+            self.voter_key.append_value(&row.voter_key);
+        }
+        self.received_ms
+            .append_value(i64::try_from(row.received_ms).unwrap_or(i64::MAX));
+        for (list, values) in [
+            (&mut self.choice, &row.choice),
+            (&mut self.dim_keys, &row.dim_keys),
+            (&mut self.dim_values, &row.dim_values),
+        ] {
+            for value in values {
+                list.values().append_value(value);
+            }
+            list.append(true);
+        }
+        self.value.append_option(row.value);
+        let segment = [
+            &row.campaign,
+            &row.channel,
+            &row.source,
+            &row.medium,
+            &row.country,
+            &row.device,
+        ];
+        for (builder, value) in self.segment.iter_mut().zip(segment) {
+            builder.append_value(value);
+        }
+    }
+
+    fn finish(mut self) -> Result<RecordBatch> {
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(self.seq.finish()),
+            Arc::new(self.vote_id.finish()),
+            Arc::new(self.voter_key.finish()),
+            Arc::new(self.received_ms.finish()),
+            Arc::new(self.choice.finish()),
+            Arc::new(self.value.finish()),
+        ];
+        columns.extend(
+            self.segment
+                .iter_mut()
+                .map(|builder| Arc::new(builder.finish()) as ArrayRef),
+        );
+        columns.push(Arc::new(self.dim_keys.finish()));
+        columns.push(Arc::new(self.dim_values.finish()));
+        RecordBatch::try_new(model::ballot_schema(), columns)
+            .map_err(|err| Error::corrupt("ballot rows", err))
     }
 }
 
@@ -422,5 +912,36 @@ mod tests {
         assert_eq!(VoteRow::COLUMN_NAMES, sql::vote_columns());
         assert_eq!(WindowRowCh::COLUMN_NAMES, sql::WINDOW_COLUMNS);
         assert_eq!(RollupRowCh::COLUMN_NAMES, sql::rollup_columns());
+        assert_eq!(PollRecordRow::COLUMN_NAMES, sql::POLL_RECORD_COLUMNS);
+        assert_eq!(BallotRow::COLUMN_NAMES, sql::BALLOT_COLUMNS);
+        let exported: Vec<String> = model::ballot_schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        assert_eq!(
+            exported,
+            sql::BALLOT_COLUMNS,
+            "ballots are exported as they are read"
+        );
+    }
+
+    #[test]
+    fn exceptions_are_classified_by_code() {
+        let limits = SqlLimits::default();
+        let slug = |text: &str| match classify(text, &limits) {
+            Error::Invalid(problem) => problem.slug().to_owned(),
+            other => format!("{:?}", other.kind()),
+        };
+        assert_eq!(slug("Code: 159, e.displayText() = DB::Exception: Timeout exceeded: elapsed 5.0 seconds, maximum: 5, e.what() = DB::Exception"), "sql-limit-exceeded");
+        assert_eq!(slug("Code: 396, e.displayText() = DB::Exception: Limit for result exceeded, max rows: 5.00, current rows: 10.00"), "sql-limit-exceeded");
+        assert_eq!(slug("Code: 47, e.displayText() = DB::Exception: Unknown identifier: x, e.what() = DB::Exception"), "sql-invalid");
+        assert_eq!(slug("Code: 164, e.displayText() = DB::Exception: Table functions are forbidden in readonly mode"), "sql-not-allowed");
+        assert_eq!(slug("Code: 164, e.displayText() = DB::Exception: Cannot override setting (max_result_rows) in readonly mode"), "Failed");
+        assert_eq!(slug("Code: 202. DB::Exception: Too many simultaneous queries. (TOO_MANY_SIMULTANEOUS_QUERIES)"), "Unavailable");
+        match classify("Code: 47, e.displayText() = DB::Exception: Unknown identifier: x, e.what() = DB::Exception", &limits) {
+            Error::Invalid(problem) => assert_eq!(problem.detail, "Code: 47, DB::Exception: Unknown identifier: x"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -63,8 +63,40 @@ macro_rules! rollup_column_defs {
     };
 }
 
+/// The bodies of the analyst views over `votes` (no `WHERE`: the SQL endpoint adds the
+/// position it pins each partition to, see [`pinned`]). The standard segment keys keep
+/// the empty string for "not given", as breakdowns show it.
+///
+/// `choices` is an `ALIAS` column of `votes` (migration 6): in a ClickHouse `SELECT`, an
+/// alias hides a column of the same name everywhere in the statement, so the scalar
+/// `choice` cannot be computed from the array column `choice` next to the array itself.
+macro_rules! ballots_body {
+    () => {
+        "SELECT poll_id, vote_id, log_partition, seq, nullIf(voter_key, '') AS voter_key, \
+         received_at, received_ms, \
+         if(value IS NULL AND length(choices) = 1, choices[1], NULL) AS choice, choices, \
+         value AS rating, campaign, channel, source, medium, country, device FROM votes"
+    };
+}
+
+macro_rules! answers_body {
+    () => {
+        "SELECT poll_id, vote_id, log_partition, seq, nullIf(voter_key, '') AS voter_key, \
+         received_at, received_ms, option_id, campaign, channel, source, medium, country, device \
+         FROM votes ARRAY JOIN choice AS option_id"
+    };
+}
+
+macro_rules! ballot_dimensions_body {
+    () => {
+        "SELECT poll_id, vote_id, log_partition, seq, dimension, value \
+         FROM votes ARRAY JOIN dim_keys AS dimension, dim_values AS value"
+    };
+}
+
 /// Versioned schema migrations, applied in order. Each is idempotent so services starting
-/// together may race through them safely.
+/// together may race through them safely (an `ALTER … ADD COLUMN`, which 18.16 cannot make
+/// conditional, fails only with "already exists" when raced, which `migrate` accepts).
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (
         1,
@@ -114,7 +146,176 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
             ") ENGINE = MergeTree ORDER BY (poll_id, last_seq)"
         ),
     ),
+    (
+        5,
+        "poll_records",
+        // Poll definitions as the query service records them, one row per version it saw;
+        // `polls` reads the newest (FINAL), and merges keep only it. The answers a poll
+        // counts (its options, or its scale's values) are kept side by side, in its order.
+        "CREATE TABLE IF NOT EXISTS poll_records (\
+            poll_id String, title String, question String, kind String, campaign Nullable(String), \
+            dedupe String, results_visibility String, require_token UInt8, max_choices Nullable(UInt32), \
+            scale_min Nullable(Int32), scale_max Nullable(Int32), dimensions Array(String), \
+            answer_ids Array(String), answer_labels Array(String), \
+            created_at DateTime('UTC'), updated_at DateTime('UTC'), opens_at Nullable(DateTime('UTC')), \
+            closes_at Nullable(DateTime('UTC')), closed_at Nullable(DateTime('UTC')), \
+            archived_at Nullable(DateTime('UTC')), version UInt64\
+        ) ENGINE = ReplacingMergeTree(version) ORDER BY poll_id",
+    ),
+    (
+        6,
+        "votes choices",
+        // The array of a ballot's answers under the name analysts see (no data: an alias).
+        "ALTER TABLE votes ADD COLUMN choices Array(String) ALIAS choice",
+    ),
+    (
+        7,
+        "vote_positions",
+        // How far `votes` holds each partition, one row per insert (merges keep the
+        // highest): the SQL endpoint pins a query to these without scanning `votes`.
+        "CREATE TABLE IF NOT EXISTS vote_positions (log_partition UInt16, seq UInt64) \
+         ENGINE = ReplacingMergeTree(seq) ORDER BY log_partition",
+    ),
+    (
+        8,
+        "vote_positions_mv",
+        // Written by every insert into `votes`, after its rows: a position here means every
+        // vote of the partition up to it is in `votes` (the processor writes a partition's
+        // batches in order, each after the last was acknowledged).
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS vote_positions_mv TO vote_positions AS \
+         SELECT log_partition, max(seq) AS seq FROM votes GROUP BY log_partition",
+    ),
+    (
+        9,
+        "vote_positions of earlier votes",
+        "INSERT INTO vote_positions SELECT log_partition, max(seq) FROM votes GROUP BY log_partition",
+    ),
+    (
+        10,
+        "polls",
+        "CREATE VIEW IF NOT EXISTS polls AS SELECT poll_id, title, question, kind, campaign, \
+         multiIf(archived_at IS NOT NULL, 'archived', \
+                 closed_at IS NOT NULL OR closes_at <= now(), 'closed', \
+                 opens_at > now(), 'scheduled', 'open') AS status, \
+         dedupe, results_visibility, require_token, max_choices, scale_min, scale_max, dimensions, \
+         created_at, updated_at, opens_at, closes_at, closed_at, archived_at, version \
+         FROM poll_records FINAL",
+    ),
+    (
+        11,
+        "poll_options",
+        "CREATE VIEW IF NOT EXISTS poll_options AS \
+         SELECT poll_id, option_id, label, toUInt32(n) AS position FROM poll_records FINAL \
+         ARRAY JOIN answer_ids AS option_id, answer_labels AS label, arrayEnumerate(answer_ids) AS n",
+    ),
+    (
+        12,
+        "ballots",
+        concat!("CREATE VIEW IF NOT EXISTS ballots AS ", ballots_body!()),
+    ),
+    (
+        13,
+        "answers",
+        concat!("CREATE VIEW IF NOT EXISTS answers AS ", answers_body!()),
+    ),
+    (
+        14,
+        "ballot_dimensions",
+        concat!(
+            "CREATE VIEW IF NOT EXISTS ballot_dimensions AS ",
+            ballot_dimensions_body!()
+        ),
+    ),
 ];
+
+/// The columns of `poll_records`, in the order of its migration.
+pub const POLL_RECORD_COLUMNS: &[&str] = &[
+    "poll_id",
+    "title",
+    "question",
+    "kind",
+    "campaign",
+    "dedupe",
+    "results_visibility",
+    "require_token",
+    "max_choices",
+    "scale_min",
+    "scale_max",
+    "dimensions",
+    "answer_ids",
+    "answer_labels",
+    "created_at",
+    "updated_at",
+    "opens_at",
+    "closes_at",
+    "closed_at",
+    "archived_at",
+    "version",
+];
+
+/// The body of a pinned analyst table (`ballots`, `answers`, `ballot_dimensions`) reading
+/// each partition of `votes` up to its position in `positions` (nothing of a partition
+/// that has none), or `None` for the tables read as they are.
+pub fn pinned(table: &str, positions: &[(u16, u64)]) -> Option<String> {
+    let body = match table {
+        "ballots" => ballots_body!(),
+        "answers" => answers_body!(),
+        "ballot_dimensions" => ballot_dimensions_body!(),
+        _ => return None,
+    };
+    let pins: Vec<String> = positions
+        .iter()
+        .map(|(partition, seq)| format!("(log_partition = {partition} AND seq <= {seq})"))
+        .collect();
+    let pin = if pins.is_empty() {
+        "0".to_owned()
+    } else {
+        pins.join(" OR ")
+    };
+    Some(format!("{body} WHERE {pin}"))
+}
+
+/// How far `votes` holds each partition, from `vote_positions`.
+pub fn vote_positions() -> String {
+    "SELECT log_partition, max(seq) FROM vote_positions GROUP BY log_partition ORDER BY log_partition"
+        .to_owned()
+}
+
+/// The sequence of a poll's last stored vote (0 before its first).
+pub fn last_seq(poll_id: &str) -> String {
+    format!(
+        "SELECT max(seq) FROM votes WHERE poll_id = {}",
+        lit(poll_id)
+    )
+}
+
+/// The columns of a poll's ballots for export, as [`tally_core::analyst::ballot_schema`]
+/// names them (`voter_key` still the stored empty string for anonymous votes).
+pub const BALLOT_COLUMNS: &[&str] = &[
+    "seq",
+    "vote_id",
+    "voter_key",
+    "received_ms",
+    "choice",
+    "value",
+    "campaign",
+    "channel",
+    "source",
+    "medium",
+    "country",
+    "device",
+    "dim_keys",
+    "dim_values",
+];
+
+/// A poll's ballots up to `as_of`, in storage order.
+pub fn ballots_of_poll(poll_id: &str, as_of: u64) -> String {
+    format!(
+        "SELECT {} FROM votes WHERE poll_id = {} AND seq <= {as_of}",
+        BALLOT_COLUMNS.join(", "),
+        lit(poll_id)
+    )
+}
 
 /// The segment columns votes and rollups both carry, in the order of
 /// `segment_column_defs!`: the standard keys, then a poll's own keys and values.
@@ -213,10 +414,17 @@ pub fn rollup_positions(poll_id: &str) -> String {
     )
 }
 
-/// ` AND` the segment filters of a breakdown (columns common to votes and rollups).
+/// ` AND` the segment filters of a breakdown (columns common to votes and rollups): one
+/// `IN` list per dimension, a set lookup however many values it holds (never a chain of
+/// `OR`s, which grows the statement's syntax tree one level per value).
 fn segment_filter(query: &BreakdownQuery) -> String {
     let mut filter = String::new();
     for (dimension, values) in &query.filters {
+        if values.is_empty() {
+            // `IN ()` is not valid SQL; no allowed value matches no row.
+            filter.push_str(" AND 0");
+            continue;
+        }
         let values: Vec<String> = values.iter().map(|v| lit(v)).collect();
         filter.push_str(&format!(
             " AND {} IN ({})",
@@ -312,6 +520,34 @@ pub fn breakdown_votes(query: &BreakdownQuery, as_of: u64, ranges: &[MsRange]) -
     )
 }
 
+/// The distinct `(dimension, value)` pairs of a poll's votes and rollup rows of both levels,
+/// empty values left out: the standard columns and the poll's own keys side by side, array
+/// joined together.
+pub fn segment_values(poll_id: &str) -> String {
+    let names: Vec<String> = STANDARD_KEYS.iter().map(|key| lit(key)).collect();
+    let keys = format!("arrayConcat([{}], dim_keys)", names.join(", "));
+    let values = format!("arrayConcat([{}], dim_values)", STANDARD_KEYS.join(", "));
+    let poll = lit(poll_id);
+    let tables = [
+        "votes",
+        RollupLevel::Settled.table(),
+        RollupLevel::Fresh.table(),
+    ];
+    let tables: Vec<String> = tables
+        .iter()
+        .map(|table| {
+            format!(
+                "SELECT DISTINCT k, v FROM {table} ARRAY JOIN {keys} AS k, {values} AS v \
+                 WHERE poll_id = {poll} AND v != ''"
+            )
+        })
+        .collect();
+    format!(
+        "SELECT DISTINCT k, v FROM ({}) ORDER BY k, v",
+        tables.join(" UNION ALL ")
+    )
+}
+
 pub fn timeseries(query: &TimeseriesQuery) -> String {
     let step = query.step_seconds.max(1);
     let mut filter = format!("poll_id = {}", lit(&query.poll_id));
@@ -389,13 +625,47 @@ pub fn all_for_check() -> Vec<(String, String)> {
     statements.push(("voter keys".into(), voter_keys("p")));
     statements.push(("window widths".into(), window_widths("p")));
     statements.push(("rollup positions".into(), rollup_positions("p")));
+    statements.push(("segment values".into(), segment_values("p")));
+    statements.push((
+        "insert poll_records".into(),
+        format!(
+            "INSERT INTO poll_records ({}) VALUES ('p', 'T', 'Q?', 'single', NULL, 'per_voter', 'live', 0, NULL, NULL, NULL, ['plan'], ['red', 'blue'], ['Red', 'Blue'], 1700000000, 1700000001, NULL, 1800000000, NULL, NULL, 3)",
+            POLL_RECORD_COLUMNS.join(", ")
+        ),
+    ));
+    statements.push(("vote positions".into(), vote_positions()));
+    statements.push(("last seq".into(), last_seq("p")));
+    statements.push(("ballots of a poll".into(), ballots_of_poll("p", 7)));
+    for table in ["ballots", "answers", "ballot_dimensions"] {
+        for positions in [&[][..], &[(0, 7)], &[(0, 7), (1, 3)]] {
+            let body = pinned(table, positions).expect("a pinned table");
+            statements.push((
+                format!("pinned {table} at {positions:?}"),
+                format!("SELECT count() FROM ({body}) AS {table}"),
+            ));
+        }
+    }
+    for table in tally_core::analyst::TABLES {
+        statements.push((
+            format!("analyst table {}", table.name),
+            format!("SELECT * FROM {} LIMIT 1", table.name),
+        ));
+    }
+    statements.extend(crate::analyst::sample_statements());
     let query = BreakdownQuery {
         poll_id: "p".into(),
         by: vec![Dimension("country".into()), Dimension("plan".into())],
-        filters: vec![(
-            Dimension("device".into()),
-            vec!["mobile".into(), "it's".into()],
-        )],
+        filters: vec![
+            (
+                Dimension("device".into()),
+                vec!["mobile".into(), "it's".into()],
+            ),
+            (
+                Dimension("plan".into()),
+                (0..100).map(|i| format!("plan-{i}")).collect(),
+            ),
+            (Dimension("source".into()), vec![]),
+        ],
         from_ms: Some(1_699_999_999_000),
         to_ms: Some(1_800_000_000_000),
     };
@@ -463,6 +733,23 @@ mod tests {
         for level in RollupLevel::ALL {
             assert_eq!(created(level.table()), rollup_columns());
         }
+    }
+
+    #[test]
+    fn filters_are_one_in_list_per_dimension() {
+        let query = BreakdownQuery {
+            poll_id: "p".into(),
+            filters: vec![
+                (Dimension("country".into()), vec!["DE".into(), "FR".into()]),
+                (Dimension("plan".into()), vec!["it's".into()]),
+                (Dimension("device".into()), vec![]),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            segment_filter(&query),
+            " AND country IN ('DE', 'FR') AND dim_values[indexOf(dim_keys, 'plan')] IN ('it\\'s') AND 0"
+        );
     }
 
     #[test]

@@ -17,6 +17,9 @@ tally_conformance::warehouse_suite!(needs_clickhouse_warehouse, {
         database: tally_testkit::unique_name("conf"),
         user: None,
         password: None,
+        // The analyst user of scripts/clickhouse/users.xml, as in production.
+        analyst_user: Some("tally_analyst".into()),
+        analyst_password: None,
     };
     let warehouse = ClickHouseWarehouse::new(&config).expect("warehouse");
     (Arc::new(warehouse), ())

@@ -16,6 +16,6 @@ use futures::Stream;
 pub use live::LiveFeed;
 pub use log::{partition_of, Appended, LogEntry, LogReader, VoteLog, APPEND_MANY_IN_FLIGHT};
 pub use registry::{PollChange, PollRegistry};
-pub use warehouse::{StoredVote, Warehouse, Watermarks, WindowRow};
+pub use warehouse::{AnalystRows, StoredVote, Warehouse, Watermarks, WindowRow};
 
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = T> + Send>>;

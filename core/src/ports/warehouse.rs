@@ -1,10 +1,19 @@
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 
+use super::BoxStream;
+use crate::analyst::SqlLimits;
 use crate::analytics::{Breakdown, BreakdownQuery, TimePoint, TimeseriesQuery};
+use crate::poll::Poll;
 use crate::results::Tally;
 use crate::rollup::{RollupLevel, RollupRow};
 use crate::vote::Vote;
-use crate::Result;
+use crate::{Error, Result};
 
 /// A vote with its position in the log, as the warehouse stores it.
 #[derive(Debug, Clone)]
@@ -52,6 +61,33 @@ impl Watermarks {
     }
 }
 
+/// Rows for analysts — the answer to an analyst query, or a poll's ballots for an export —
+/// as Arrow batches streamed while the engine makes them, exact as of one position of the
+/// log. Dropping it (or its stream) cancels the work behind it.
+pub struct AnalystRows {
+    pub schema: SchemaRef,
+    /// The log position the rows are exact as of: for a poll's ballots, the sequence of its
+    /// last counted vote (what its results call `as_of`); for an analyst query, the highest
+    /// of `positions`.
+    pub as_of: u64,
+    /// An analyst query: the position each partition of the log was read at (every counted
+    /// vote of the partition up to it, none after). Empty for a poll's ballots.
+    pub positions: BTreeMap<u16, u64>,
+    /// The batches, each of `schema`; an error ends the stream (a limit hit while rows were
+    /// coming is a `sql-limit-exceeded` problem).
+    pub batches: BoxStream<Result<RecordBatch>>,
+    /// Rows the engine read to answer, final once `batches` has ended.
+    pub rows_read: Arc<AtomicU64>,
+}
+
+/// The error of a warehouse that does not serve analysts.
+fn no_analyst_tables(what: &str) -> Error {
+    Error::failed(
+        "warehouse",
+        format!("{what}: this warehouse has no analyst tables"),
+    )
+}
+
 /// The analytical store of deduplicated votes and window aggregates.
 ///
 /// Guarantees: one `insert_*` call is atomic (all rows or none); rows carry their log
@@ -82,5 +118,39 @@ pub trait Warehouse: Send + Sync + 'static {
     /// processor's setting when it wrote them), smallest first; empty before its first vote.
     async fn window_widths(&self, poll_id: &str) -> Result<Vec<u32>>;
     async fn timeseries(&self, query: &TimeseriesQuery) -> Result<Vec<TimePoint>>;
+    /// The distinct values each segment dimension (standard key or the poll's own) takes in
+    /// every row stored for a poll — raw votes and rollups of both levels — leaving out the
+    /// empty value; a dimension without values is absent. The processor starts from them to
+    /// cap the values it counts per dimension (see
+    /// [`crate::segment::MAX_SEGMENT_VALUES`]).
+    async fn segment_values(&self, poll_id: &str) -> Result<BTreeMap<String, BTreeSet<String>>>;
     async fn check(&self) -> Result<()>;
+
+    // The analysts' tables (see [`crate::analyst`]). A warehouse without them answers every
+    // call with an error; both of tally's warehouses have them.
+
+    /// Keeps these poll definitions as the rows of `polls` and `poll_options`: per poll, the
+    /// record with the highest `version` recorded so far wins, whatever order they come in.
+    async fn record_polls(&self, polls: &[Poll]) -> Result<()> {
+        let _ = polls;
+        Err(no_analyst_tables("recording polls"))
+    }
+
+    /// Runs an analyst's query within `limits`, over the analyst tables only, with the
+    /// tables of counted votes pinned to one position of the log per partition. Refusals are
+    /// [`crate::Error::Invalid`] problems: `sql-not-allowed` (before any engine sees the
+    /// query), `sql-invalid` (with the engine's message) and `sql-limit-exceeded` (naming the
+    /// limit; also as the error that ends `batches` when it is hit while rows come).
+    async fn analyst_sql(&self, sql: &str, limits: &SqlLimits) -> Result<AnalystRows> {
+        let _ = (sql, limits);
+        Err(no_analyst_tables("analyst SQL"))
+    }
+
+    /// Every counted ballot of a poll, as [`crate::analyst::ballot_schema`] rows in no
+    /// particular order, exact as of the poll's last counted vote when the call was made
+    /// (`as_of`): a vote counted while the rows stream is not among them.
+    async fn ballots(&self, poll_id: &str) -> Result<AnalystRows> {
+        let _ = poll_id;
+        Err(no_analyst_tables("exporting ballots"))
+    }
 }

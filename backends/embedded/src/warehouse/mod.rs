@@ -15,27 +15,35 @@
 //! - `columns`: Arrow schemas, batches built from rows, columns read back;
 //! - `files`: Parquet files on disk, their names, and loading a table's directory;
 //! - `tail`: the in-memory tail, flushes and merges;
-//! - `sql`: the DataFusion snapshot and the statements behind each query.
+//! - `sql`: the DataFusion snapshot and the statements behind each query;
+//! - `executor`: the runtime queries run on, apart from request handling;
+//! - `analyst`: the analysts' tables (views over the votes, the recorded polls), their SQL
+//!   and a poll's ballots for export.
 
+mod analyst;
 mod columns;
+mod executor;
 mod files;
 mod sql;
 mod tail;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
+use tally_core::analyst::SqlLimits;
 use tally_core::analytics::{Breakdown, BreakdownQuery, TimePoint, TimeseriesQuery};
-use tally_core::ports::{StoredVote, Warehouse, Watermarks, WindowRow};
+use tally_core::poll::Poll;
+use tally_core::ports::{AnalystRows, StoredVote, Warehouse, Watermarks, WindowRow};
 use tally_core::results::Tally;
 use tally_core::rollup::{RollupLevel, RollupRow};
 use tally_core::{Error, Result};
 use tokio_util::sync::CancellationToken;
 
+use executor::Executor;
 use files::DataFile;
 use tail::{MaintenanceLock, Tail};
 
@@ -125,6 +133,10 @@ struct Inner {
     tables: RwLock<HashMap<Kind, Table>>,
     /// Serialises flushes and merges of one table and partition.
     maintenance: std::sync::Mutex<HashMap<(Kind, u16), MaintenanceLock>>,
+    executor: Executor,
+    /// The poll definitions of the analysts' `polls` and `poll_options`, newest version of
+    /// each (in memory: the registry is their durable home; see `analyst`).
+    polls: RwLock<BTreeMap<String, Arc<Poll>>>,
 }
 
 impl Inner {
@@ -162,6 +174,8 @@ impl ParquetWarehouse {
             rollups_schema: columns::rollups_schema(),
             tables: RwLock::new(tables),
             maintenance: Default::default(),
+            executor: Executor::start()?,
+            polls: RwLock::default(),
         });
         Ok(ParquetWarehouse { inner })
     }
@@ -271,8 +285,25 @@ impl Warehouse for ParquetWarehouse {
         self.inner.timeseries(query).await
     }
 
+    async fn segment_values(&self, poll_id: &str) -> Result<BTreeMap<String, BTreeSet<String>>> {
+        self.inner.segment_values(poll_id).await
+    }
+
     async fn check(&self) -> Result<()> {
         std::fs::metadata(&self.inner.root).map_err(storage)?;
         Ok(())
+    }
+
+    async fn record_polls(&self, polls: &[Poll]) -> Result<()> {
+        self.inner.record_polls(polls);
+        Ok(())
+    }
+
+    async fn analyst_sql(&self, sql: &str, limits: &SqlLimits) -> Result<AnalystRows> {
+        self.inner.analyst_sql(sql, limits).await
+    }
+
+    async fn ballots(&self, poll_id: &str) -> Result<AnalystRows> {
+        self.inner.ballots(poll_id).await
     }
 }

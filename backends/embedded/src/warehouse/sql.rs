@@ -1,8 +1,15 @@
 //! Queries: a DataFusion snapshot of some tables, and the SQL behind each warehouse read.
+//!
+//! Every read takes a consistent view of its tables on the caller's side (a lock held for a
+//! few clones) and does the rest — opening the snapshot, planning, executing — on the query
+//! runtime ([`super::executor`]).
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
 use datafusion::common::ScalarValue;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::{SessionConfig, SessionContext};
@@ -17,6 +24,44 @@ use super::columns::{group_keys, strings, u64s};
 use super::files::DataFile;
 use super::{storage, Inner, Kind};
 
+/// One table as of one moment: its files and its in-memory rows.
+pub(super) struct TableView {
+    pub(super) kind: Kind,
+    pub(super) schema: SchemaRef,
+    pub(super) files: Vec<Arc<DataFile>>,
+    pub(super) batches: Vec<RecordBatch>,
+}
+
+/// Registers each table of `tables` in `ctx` as a view of its files and in-memory rows,
+/// under its own name; returns the files, which must outlive the queries that read them.
+pub(super) async fn register_tables(
+    ctx: &SessionContext,
+    tables: Vec<TableView>,
+) -> Result<Vec<Arc<DataFile>>> {
+    let mut kept = Vec::new();
+    for table in tables {
+        let memory =
+            MemTable::try_new(table.schema.clone(), vec![table.batches]).map_err(storage)?;
+        let mut frame = ctx.read_table(Arc::new(memory)).map_err(storage)?;
+        if !table.files.is_empty() {
+            let paths: Vec<String> = table
+                .files
+                .iter()
+                .map(|f| f.path.to_string_lossy().into_owned())
+                .collect();
+            let stored = ctx
+                .read_parquet(paths, ParquetReadOptions::default().schema(&table.schema))
+                .await
+                .map_err(storage)?;
+            frame = stored.union(frame).map_err(storage)?;
+        }
+        ctx.register_table(table.kind.table(), frame.into_view())
+            .map_err(storage)?;
+        kept.extend(table.files);
+    }
+    Ok(kept)
+}
+
 /// A query context over a consistent view of some tables.
 struct Snapshot {
     ctx: SessionContext,
@@ -25,6 +70,13 @@ struct Snapshot {
 }
 
 impl Snapshot {
+    /// A context in which each table of `tables` is a view of its files and in-memory rows.
+    async fn open(tables: Vec<TableView>) -> Result<Snapshot> {
+        let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(2));
+        let kept = register_tables(&ctx, tables).await?;
+        Ok(Snapshot { ctx, _files: kept })
+    }
+
     async fn query(&self, sql: &str, params: Vec<ScalarValue>) -> Result<Vec<RecordBatch>> {
         let frame = self.ctx.sql(sql).await.map_err(storage)?;
         let frame = if params.is_empty() {
@@ -37,64 +89,128 @@ impl Snapshot {
 }
 
 impl Inner {
-    /// A query context over a consistent snapshot of some tables: their files (kept alive
-    /// until the context is dropped) and their in-memory tails.
-    async fn snapshot(&self, kinds: &[Kind]) -> Result<Snapshot> {
-        // Every table's files and tail under one lock, so the tables agree with each other.
-        let tables: Vec<(Kind, Vec<Arc<DataFile>>, Vec<RecordBatch>)> = {
-            let tables = self.tables.read().expect("warehouse lock");
-            kinds
-                .iter()
-                .map(|&kind| {
-                    let table = &tables[&kind];
-                    let batches = table
+    /// The files and tails of `kinds`, under one lock so the tables agree with each other.
+    fn view(&self, kinds: &[Kind]) -> Vec<TableView> {
+        let tables = self.tables.read().expect("warehouse lock");
+        kinds
+            .iter()
+            .map(|&kind| {
+                let table = &tables[&kind];
+                TableView {
+                    kind,
+                    schema: self.schema(kind).clone(),
+                    files: table.files.clone(),
+                    batches: table
                         .tails
                         .values()
                         .flat_map(|t| t.batches.iter().cloned())
-                        .collect();
-                    (kind, table.files.clone(), batches)
-                })
-                .collect()
-        };
-        let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(2));
-        let mut kept = Vec::new();
-        for (kind, files, batches) in tables {
-            let schema = self.schema(kind).clone();
-            let memory = MemTable::try_new(schema.clone(), vec![batches]).map_err(storage)?;
-            let mut frame = ctx.read_table(Arc::new(memory)).map_err(storage)?;
-            if !files.is_empty() {
-                let paths: Vec<String> = files
-                    .iter()
-                    .map(|f| f.path.to_string_lossy().into_owned())
-                    .collect();
-                let stored = ctx
-                    .read_parquet(paths, ParquetReadOptions::default().schema(&schema))
-                    .await
-                    .map_err(storage)?;
-                frame = stored.union(frame).map_err(storage)?;
-            }
-            ctx.register_table(kind.table(), frame.into_view())
-                .map_err(storage)?;
-            kept.extend(files);
-        }
-        Ok(Snapshot { ctx, _files: kept })
+                        .collect(),
+                }
+            })
+            .collect()
     }
 
-    /// One statement about one poll (its id is `$1`) on a snapshot of one table.
-    async fn query_poll(&self, kind: Kind, sql: &str, poll_id: &str) -> Result<Vec<RecordBatch>> {
-        let snapshot = self.snapshot(&[kind]).await?;
-        snapshot.query(sql, vec![text(poll_id)]).await
+    /// Runs `read` on a snapshot of `kinds` (files kept alive until it is done), on the
+    /// query runtime.
+    async fn read<T, F, Fut>(&self, kinds: &[Kind], read: F) -> Result<T>
+    where
+        F: FnOnce(Snapshot) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let tables = self.view(kinds);
+        self.executor
+            .run(async move { read(Snapshot::open(tables).await?).await })
+            .await
     }
 
     pub(super) async fn tally(&self, poll_id: &str) -> Result<Tally> {
-        let snapshot = self.snapshot(&[Kind::Votes]).await?;
-        let totals = snapshot
+        let poll_id = poll_id.to_owned();
+        self.read(&[Kind::Votes], move |snapshot| async move {
+            snapshot.tally(&poll_id).await
+        })
+        .await
+    }
+
+    pub(super) async fn voter_keys(&self, poll_id: &str) -> Result<Vec<String>> {
+        let poll_id = poll_id.to_owned();
+        self.read(&[Kind::Votes], move |snapshot| async move {
+            let keys = snapshot
+                .query(
+                    "SELECT DISTINCT voter_key FROM votes WHERE poll_id = $1 AND voter_key <> ''",
+                    vec![text(&poll_id)],
+                )
+                .await?;
+            strings(&keys, 0)
+        })
+        .await
+    }
+
+    pub(super) async fn breakdown(&self, query: &BreakdownQuery) -> Result<Breakdown> {
+        let plan = BreakdownPlan::new(query.from_ms, query.to_ms);
+        let kinds: &[Kind] = if plan.raw.is_empty() {
+            &SEGMENT_KINDS[..2]
+        } else {
+            &SEGMENT_KINDS
+        };
+        let query = query.clone();
+        self.read(kinds, move |snapshot| async move {
+            snapshot.breakdown(&query, plan).await
+        })
+        .await
+    }
+
+    pub(super) async fn window_widths(&self, poll_id: &str) -> Result<Vec<u32>> {
+        let poll_id = poll_id.to_owned();
+        self.read(&[Kind::Windows], move |snapshot| async move {
+            let rows = snapshot
+                .query(
+                    "SELECT DISTINCT window_seconds FROM vote_windows WHERE poll_id = $1 ORDER BY window_seconds",
+                    vec![text(&poll_id)],
+                )
+                .await?;
+            Ok(u64s(&rows, 0)?.into_iter().map(|w| w as u32).collect())
+        })
+        .await
+    }
+
+    pub(super) async fn timeseries(&self, query: &TimeseriesQuery) -> Result<Vec<TimePoint>> {
+        let query = query.clone();
+        self.read(&[Kind::Windows], move |snapshot| async move {
+            snapshot.timeseries(&query).await
+        })
+        .await
+    }
+
+    pub(super) async fn segment_values(
+        &self,
+        poll_id: &str,
+    ) -> Result<BTreeMap<String, BTreeSet<String>>> {
+        let poll_id = poll_id.to_owned();
+        self.read(&SEGMENT_KINDS, move |snapshot| async move {
+            snapshot.segment_values(&poll_id).await
+        })
+        .await
+    }
+}
+
+/// The tables that hold segments: the rollups of both levels (all a breakdown of whole
+/// buckets reads) and the raw votes (for the cut buckets of a time range).
+const SEGMENT_KINDS: [Kind; 3] = [
+    Kind::Rollups(RollupLevel::Fresh),
+    Kind::Rollups(RollupLevel::Settled),
+    Kind::Votes,
+];
+
+impl Snapshot {
+    async fn tally(&self, poll_id: &str) -> Result<Tally> {
+        let totals = self
             .query(
                 "SELECT count(*), count(DISTINCT nullif(voter_key, '')), max(seq) FROM votes WHERE poll_id = $1",
                 vec![text(poll_id)],
             )
             .await?;
-        let counts = snapshot
+        let counts = self
             .query(
                 "SELECT opt, count(*) FROM (SELECT unnest(choice) AS opt FROM votes WHERE poll_id = $1) GROUP BY opt",
                 vec![text(poll_id)],
@@ -113,30 +229,12 @@ impl Inner {
         })
     }
 
-    pub(super) async fn voter_keys(&self, poll_id: &str) -> Result<Vec<String>> {
-        let keys = self
-            .query_poll(
-                Kind::Votes,
-                "SELECT DISTINCT voter_key FROM votes WHERE poll_id = $1 AND voter_key <> ''",
-                poll_id,
-            )
-            .await?;
-        strings(&keys, 0)
-    }
-
-    pub(super) async fn breakdown(&self, query: &BreakdownQuery) -> Result<Breakdown> {
-        let plan = BreakdownPlan::new(query.from_ms, query.to_ms);
+    async fn breakdown(&self, query: &BreakdownQuery, plan: BreakdownPlan) -> Result<Breakdown> {
         let (fresh_kind, settled_kind) = (
             Kind::Rollups(RollupLevel::Fresh),
             Kind::Rollups(RollupLevel::Settled),
         );
-        let kinds: &[Kind] = if plan.raw.is_empty() {
-            &[fresh_kind, settled_kind]
-        } else {
-            &[fresh_kind, settled_kind, Kind::Votes]
-        };
-        let snapshot = self.snapshot(kinds).await?;
-        let positions = snapshot
+        let positions = self
             .query(
                 &format!(
                     "SELECT (SELECT max(last_seq) FROM {} WHERE poll_id = $1), \
@@ -201,7 +299,7 @@ impl Inner {
         }
         let mut rows: Vec<Vec<BreakdownRow>> = Vec::new();
         for sql in parts {
-            let part = snapshot.query(&sql, params.clone()).await?;
+            let part = self.query(&sql, params.clone()).await?;
             rows.push(
                 group_keys(&part, dims)?
                     .into_iter()
@@ -214,18 +312,7 @@ impl Inner {
         rollup::assemble(rows, as_of)
     }
 
-    pub(super) async fn window_widths(&self, poll_id: &str) -> Result<Vec<u32>> {
-        let rows = self
-            .query_poll(
-                Kind::Windows,
-                "SELECT DISTINCT window_seconds FROM vote_windows WHERE poll_id = $1 ORDER BY window_seconds",
-                poll_id,
-            )
-            .await?;
-        Ok(u64s(&rows, 0)?.into_iter().map(|w| w as u32).collect())
-    }
-
-    pub(super) async fn timeseries(&self, query: &TimeseriesQuery) -> Result<Vec<TimePoint>> {
+    async fn timeseries(&self, query: &TimeseriesQuery) -> Result<Vec<TimePoint>> {
         let step = query.step_seconds.max(1);
         let mut filter = "poll_id = $1".to_owned();
         if let Some(from) = query.from_ms {
@@ -235,13 +322,12 @@ impl Inner {
             filter.push_str(&format!(" AND window_start < {}", to.max(0) / 1000));
         }
         let rows = self
-            .query_poll(
-                Kind::Windows,
+            .query(
                 &format!(
                     "SELECT (window_start / {step}) * {step} AS t, option, sum(votes) FROM vote_windows \
                      WHERE {filter} GROUP BY t, option ORDER BY t, option"
                 ),
-                &query.poll_id,
+                vec![text(&query.poll_id)],
             )
             .await?;
         let times = u64s(&rows, 0)?;
@@ -254,6 +340,38 @@ impl Inner {
                 .zip(votes)
                 .map(|((t, option), votes)| (t as i64, option, votes)),
         ))
+    }
+
+    /// Every (dimension, value) pair of the poll's votes and rollup rows: the six standard
+    /// columns and the poll's own keys side by side, unnested together.
+    async fn segment_values(&self, poll_id: &str) -> Result<BTreeMap<String, BTreeSet<String>>> {
+        let names: Vec<String> = STANDARD_KEYS.iter().map(|k| format!("'{k}'")).collect();
+        let segment = format!(
+            "make_array({}) AS keys, make_array({}) AS vals, dim_keys, dim_values",
+            names.join(", "),
+            STANDARD_KEYS.join(", ")
+        );
+        let tables: Vec<String> = SEGMENT_KINDS
+            .iter()
+            .map(|kind| format!("SELECT {segment} FROM {} WHERE poll_id = $1", kind.table()))
+            .collect();
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT DISTINCT k, v FROM (\
+                     SELECT unnest(array_concat(keys, dim_keys)) AS k, \
+                     unnest(array_concat(vals, dim_values)) AS v FROM ({})\
+                     ) WHERE v <> ''",
+                    tables.join(" UNION ALL ")
+                ),
+                vec![text(poll_id)],
+            )
+            .await?;
+        let mut values: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (dimension, value) in strings(&rows, 0)?.into_iter().zip(strings(&rows, 1)?) {
+            values.entry(dimension).or_default().insert(value);
+        }
+        Ok(values)
     }
 }
 
@@ -284,22 +402,25 @@ fn dimension_expr(dimension: &Dimension) -> Result<String> {
     ))
 }
 
-/// The segment filters of a breakdown as ` AND` clauses, with their parameters (`$1` is
-/// the poll id).
+/// The segment filters of a breakdown as ` AND` clauses, one `IN` list per dimension, with
+/// their parameters (`$1` is the poll id). An `IN` list is one flat expression however many
+/// values it holds, and runs as a hash lookup; a chain of `OR`s would be as deep as it is
+/// long for the planner to walk through.
 fn segment_filter(query: &BreakdownQuery) -> Result<(String, Vec<ScalarValue>)> {
     let mut params = vec![text(&query.poll_id)];
     let mut filter = String::new();
     for (dimension, values) in &query.filters {
         let expr = dimension_expr(dimension)?;
-        let mut alternatives = Vec::new();
+        if values.is_empty() {
+            filter.push_str(" AND false");
+            continue;
+        }
+        let mut placeholders = Vec::with_capacity(values.len());
         for value in values {
             params.push(text(value));
-            alternatives.push(format!("{expr} = ${}", params.len()));
+            placeholders.push(format!("${}", params.len()));
         }
-        if alternatives.is_empty() {
-            alternatives.push("false".into());
-        }
-        filter.push_str(&format!(" AND ({})", alternatives.join(" OR ")));
+        filter.push_str(&format!(" AND {expr} IN ({})", placeholders.join(", ")));
     }
     Ok((filter, params))
 }
@@ -314,4 +435,111 @@ fn range_clause(column: &str, (from, to): (Option<i64>, Option<i64>)) -> String 
         range.push(format!("{column} < {to}"));
     }
     format!("({})", range.join(" AND "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_core::ports::StoredVote;
+    use tally_core::vote::Vote;
+
+    use crate::warehouse::columns;
+
+    #[test]
+    fn filters_are_one_in_list_per_dimension() {
+        let query = BreakdownQuery {
+            poll_id: "p".into(),
+            filters: vec![
+                (
+                    Dimension("country".into()),
+                    vec!["DE".into(), "FR".into(), "IT".into()],
+                ),
+                (Dimension("plan".into()), vec!["pro".into()]),
+                (Dimension("device".into()), vec![]),
+            ],
+            ..Default::default()
+        };
+        let (filter, params) = segment_filter(&query).unwrap();
+        assert_eq!(
+            filter,
+            " AND country IN ($2, $3, $4) \
+             AND coalesce(dim_values[CAST(array_position(dim_keys, 'plan') AS BIGINT)], '') IN ($5) \
+             AND false"
+        );
+        assert_eq!(
+            params,
+            ["p", "DE", "FR", "IT", "pro"].map(text),
+            "the poll id, then each value once"
+        );
+    }
+
+    /// 300 votes of poll `p`, countries `C0` to `C299`, as the in-memory rows of `votes`.
+    fn votes_view() -> TableView {
+        let schema = columns::votes_schema();
+        let votes: Vec<StoredVote> = (0..300u64)
+            .map(|i| StoredVote {
+                seq: i + 1,
+                vote: Vote {
+                    vote_id: format!("v{i}"),
+                    poll_id: "p".into(),
+                    voter_key: String::new(),
+                    choice: vec!["a".into()],
+                    value: None,
+                    segment: tally_core::segment::Segment {
+                        country: format!("C{i}"),
+                        ..Default::default()
+                    },
+                    received_at: 1_700_000_000_000,
+                },
+            })
+            .collect();
+        let batch = columns::votes_batch(&schema, 0, &votes).unwrap();
+        TableView {
+            kind: Kind::Votes,
+            schema,
+            files: Vec::new(),
+            batches: vec![batch],
+        }
+    }
+
+    /// The attack on breakdown filters without the IN list that now defuses it: a chain of
+    /// 1,000 ORs, planned and run through the warehouse's query path on a thread with the
+    /// stack of a Tokio worker (2 MiB) and a runtime of its own. DataFusion's planner recurses
+    /// once per term; without `recursive_protection` growing the stack, a breakdown with
+    /// two 100-term chains aborted the whole test process on such a stack. An error would do
+    /// as well as an answer: what must not happen is the abort.
+    ///
+    /// Not less stack, nor a longer chain: the derived `Clone` and `Drop` of DataFusion's
+    /// expressions recurse too, unprotected, over a kilobyte a level in this unoptimised build
+    /// (and the query threads have 8 MiB for them). Our own statements are never deep:
+    /// filters are IN lists, and at most one per dimension.
+    #[test]
+    fn a_deep_or_chain_does_not_overflow_a_worker_sized_stack() {
+        let chain: Vec<String> = (0..1_000).map(|i| format!("country = 'C{i}'")).collect();
+        let sql = format!(
+            "SELECT count(*) FROM votes WHERE poll_id = 'p' AND ({})",
+            chain.join(" OR ")
+        );
+        let answer = std::thread::Builder::new()
+            .name("worker-sized-stack".into())
+            .stack_size(2 * 1024 * 1024)
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let snapshot = Snapshot::open(vec![votes_view()]).await?;
+                    let rows = snapshot.query(&sql, Vec::new()).await?;
+                    u64s(&rows, 0)
+                })
+            })
+            .unwrap()
+            .join()
+            .expect("the query thread did not panic");
+        match answer {
+            Ok(counts) => assert_eq!(counts, [300], "every vote matches one term"),
+            Err(err) => eprintln!("the deep OR chain was refused: {}", err.chain()),
+        }
+    }
 }
