@@ -5,6 +5,7 @@
 //! stored.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::problem::Problem;
 use crate::secrets::PseudonymScheme;
@@ -12,10 +13,12 @@ use crate::segment::STANDARD_KEYS;
 
 pub const MAX_OPTIONS: usize = 50;
 pub const MAX_DIMENSIONS: usize = 10;
+/// Origins one poll may list in `allowed_origins`: the sites that embed its widget.
+pub const MAX_ALLOWED_ORIGINS: usize = 50;
 /// Version of the stored poll record.
 pub const RECORD_VERSION: u32 = 1;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PollKind {
     Single,
@@ -31,7 +34,7 @@ impl PollKind {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Dedupe {
     /// One vote per voter; the first one wins.
@@ -43,7 +46,7 @@ pub enum Dedupe {
 
 /// Who may see a poll's results (results endpoint and live stream). Analyst and admin keys
 /// always may.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ResultsVisibility {
     /// Everyone, while votes come in.
@@ -57,21 +60,21 @@ pub enum ResultsVisibility {
     Private,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PollOption {
     pub id: String,
     pub label: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Scale {
     pub min: i32,
     pub max: i32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PollStatus {
     Scheduled,
@@ -80,7 +83,7 @@ pub enum PollStatus {
     Archived,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Poll {
     pub id: String,
     pub title: String,
@@ -102,17 +105,23 @@ pub struct Poll {
     pub require_token: bool,
     #[serde(default)]
     pub results_visibility: ResultsVisibility,
+    /// Web origins (`scheme://host[:port]`) whose pages may vote in this poll and read its
+    /// public results from the browser (the embedded widget); empty: none but tally's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_origins: Vec<String>,
     #[serde(
         default,
         with = "crate::time::opt_rfc3339_lenient",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub opens_at: Option<i64>,
     #[serde(
         default,
         with = "crate::time::opt_rfc3339_lenient",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub closes_at: Option<i64>,
     /// Set by an explicit close; cleared by reopen.
     #[serde(
@@ -120,16 +129,20 @@ pub struct Poll {
         with = "crate::time::opt_rfc3339_lenient",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub closed_at: Option<i64>,
     #[serde(
         default,
         with = "crate::time::opt_rfc3339_lenient",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub archived_at: Option<i64>,
     #[serde(with = "crate::time::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: i64,
     #[serde(with = "crate::time::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub updated_at: i64,
     /// The registry's revision of this record; a conditional update names it.
     #[serde(default)]
@@ -137,6 +150,7 @@ pub struct Poll {
     /// How voter ids become voter keys in this poll: set at creation, never changed.
     /// Records from before per-poll pseudonyms have none and read as scheme 1.
     #[serde(default)]
+    #[schema(value_type = u8, minimum = 1, maximum = 2)]
     pub voter_key_scheme: PseudonymScheme,
 }
 
@@ -229,7 +243,7 @@ impl Poll {
 }
 
 /// `POST /v1/polls`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPoll {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -253,17 +267,21 @@ pub struct NewPoll {
     pub require_token: bool,
     #[serde(default)]
     pub results_visibility: ResultsVisibility,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_origins: Vec<String>,
     #[serde(
         default,
         with = "crate::time::opt_rfc3339",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub opens_at: Option<i64>,
     #[serde(
         default,
         with = "crate::time::opt_rfc3339",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub closes_at: Option<i64>,
 }
 
@@ -290,6 +308,7 @@ impl NewPoll {
             dedupe: self.dedupe,
             require_token: self.require_token,
             results_visibility: self.results_visibility,
+            allowed_origins: normalize_origins(self.allowed_origins),
             opens_at: self.opens_at,
             closes_at: self.closes_at,
             closed_at: None,
@@ -305,7 +324,7 @@ impl NewPoll {
 }
 
 /// `PATCH /v1/polls/{id}`: fields that may change after creation. `null` clears a schedule time.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PollPatch {
     pub title: Option<String>,
@@ -316,9 +335,13 @@ pub struct PollPatch {
     pub max_choices: Option<u32>,
     pub campaign: Option<String>,
     pub results_visibility: Option<ResultsVisibility>,
+    /// The full list: replaces the poll's `allowed_origins` (`[]` removes them all).
+    pub allowed_origins: Option<Vec<String>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub opens_at: Option<Option<i64>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub closes_at: Option<Option<i64>>,
 }
 
@@ -341,6 +364,9 @@ impl PollPatch {
         }
         if let Some(visibility) = self.results_visibility {
             poll.results_visibility = visibility;
+        }
+        if let Some(origins) = self.allowed_origins {
+            poll.allowed_origins = normalize_origins(origins);
         }
         if let Some(options) = self.options {
             if poll.kind.is_scale() {
@@ -386,6 +412,85 @@ fn check_slug(field: &str, id: &str) -> Result<(), Problem> {
         Ok(())
     } else {
         Err(Problem::invalid(field, format!("`{id}` is not a valid id: use 1-64 of a-z, 0-9 and '-', starting with a letter or digit")))
+    }
+}
+
+/// Origins as browsers write them in `Origin`: scheme and host in lower case, without the
+/// scheme's default port. What cannot be read as an origin is kept as given, for
+/// [`validate`] to refuse by name.
+fn normalize_origins(origins: Vec<String>) -> Vec<String> {
+    origins
+        .into_iter()
+        .map(|origin| parse_origin(&origin).unwrap_or(origin))
+        .collect()
+}
+
+/// `origin` in its canonical form (see [`normalize_origins`]), or why it is not a web origin.
+pub fn parse_origin(origin: &str) -> Result<String, String> {
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return Err(format!(
+            "`{origin}` is not an origin: write scheme://host[:port], e.g. https://www.example.com"
+        ));
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "https" => "443",
+        "http" => "80",
+        _ => {
+            return Err(format!(
+                "`{origin}` is not an origin: the scheme must be http or https"
+            ))
+        }
+    };
+    if authority.contains(['/', '?', '#']) {
+        return Err(format!(
+            "`{origin}` has a path; an origin is scheme://host[:port] alone, as a browser sends it in the Origin header"
+        ));
+    }
+    if authority.contains('@') {
+        return Err(format!(
+            "`{origin}` has user information; an origin has none"
+        ));
+    }
+    // The port follows the last `:` that is not inside an IPv6 literal's brackets.
+    let (host, port) = match authority.rfind(':') {
+        Some(at) if !authority[at..].contains(']') => {
+            (&authority[..at], Some(&authority[at + 1..]))
+        }
+        _ => (authority, None),
+    };
+    let host = host.to_ascii_lowercase();
+    let valid_host = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        inner.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+    };
+    if !valid_host {
+        return Err(format!("`{origin}` does not name a valid host"));
+    }
+    match port {
+        None => Ok(format!("{scheme}://{host}")),
+        Some(port) => {
+            let number = port
+                .parse::<u16>()
+                .ok()
+                .filter(|n| *n > 0 && port.bytes().all(|b| b.is_ascii_digit()));
+            match number {
+                None => Err(format!("`{origin}` has an invalid port")),
+                Some(_) if port == default_port => Ok(format!("{scheme}://{host}")),
+                Some(number) => Ok(format!("{scheme}://{host}:{number}")),
+            }
+        }
     }
 }
 
@@ -536,6 +641,34 @@ pub fn validate(poll: &Poll) -> Result<(), Problem> {
             ));
         }
     }
+    if poll.allowed_origins.len() > MAX_ALLOWED_ORIGINS {
+        return Err(Problem::invalid(
+            "allowed_origins",
+            format!(
+                "at most {MAX_ALLOWED_ORIGINS} allowed origins; {} given",
+                poll.allowed_origins.len()
+            ),
+        ));
+    }
+    for (i, origin) in poll.allowed_origins.iter().enumerate() {
+        let field = format!("allowed_origins[{i}]");
+        match parse_origin(origin) {
+            Ok(canonical) if canonical == *origin => {}
+            Ok(canonical) => {
+                return Err(Problem::invalid(
+                    field,
+                    format!("write `{origin}` as `{canonical}`, as browsers send it"),
+                ))
+            }
+            Err(detail) => return Err(Problem::invalid(field, detail)),
+        }
+        if poll.allowed_origins[..i].contains(origin) {
+            return Err(Problem::invalid(
+                field,
+                format!("origin `{origin}` is listed twice"),
+            ));
+        }
+    }
     if let (Some(opens), Some(closes)) = (poll.opens_at, poll.closes_at) {
         if opens >= closes {
             return Err(Problem::invalid(
@@ -652,6 +785,69 @@ mod tests {
         record["opens_at"] = serde_json::json!("not a time");
         let poll = Poll::decode(&serde_json::to_vec(&record).unwrap()).unwrap();
         assert_eq!((poll.opens_at, poll.closes_at), (None, None));
+    }
+
+    #[test]
+    fn allowed_origins_are_stored_as_browsers_send_them() {
+        let poll = new_poll(
+            r#"{"title":"t","question":"q","kind":"nps","allowed_origins":["HTTPS://Shop.Example.com:443","http://127.0.0.2:8080","http://[::1]:3000"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            poll.allowed_origins,
+            [
+                "https://shop.example.com",
+                "http://127.0.0.2:8080",
+                "http://[::1]:3000"
+            ]
+        );
+        assert_eq!(Poll::decode(&poll.encode()).unwrap(), poll);
+        let mut patched = poll.clone();
+        let patch: PollPatch =
+            serde_json::from_str(r#"{"allowed_origins":["https://a.example"]}"#).unwrap();
+        patch.apply(&mut patched, 2_000).unwrap();
+        assert_eq!(patched.allowed_origins, ["https://a.example"]);
+        let clear: PollPatch = serde_json::from_str(r#"{"allowed_origins":[]}"#).unwrap();
+        clear.apply(&mut patched, 3_000).unwrap();
+        assert!(patched.allowed_origins.is_empty());
+    }
+
+    #[test]
+    fn refuses_what_is_not_an_origin_naming_the_entry() {
+        for (origin, says) in [
+            ("https://example.com/page", "path"),
+            ("example.com", "scheme://host"),
+            ("ftp://example.com", "http or https"),
+            ("https://exa mple.com", "valid host"),
+            ("https://example.com:99999", "port"),
+            ("https://user@example.com", "user information"),
+            ("null", "scheme://host"),
+            ("*", "scheme://host"),
+        ] {
+            let json = format!(
+                r#"{{"title":"t","question":"q","kind":"nps","allowed_origins":["https://ok.example",{}]}}"#,
+                serde_json::to_string(origin).unwrap()
+            );
+            let problem = new_poll(&json).unwrap_err();
+            assert_eq!(
+                problem.field.as_deref(),
+                Some("allowed_origins[1]"),
+                "{origin}"
+            );
+            assert!(
+                problem.detail.contains(says),
+                "{origin}: {}",
+                problem.detail
+            );
+        }
+        let twice = new_poll(r#"{"title":"t","question":"q","kind":"nps","allowed_origins":["https://a.example","https://A.example:443"]}"#).unwrap_err();
+        assert!(twice.detail.contains("twice"), "{}", twice.detail);
+        let many: Vec<String> = (0..=MAX_ALLOWED_ORIGINS)
+            .map(|i| format!("https://s{i}.example"))
+            .collect();
+        let json = serde_json::json!({"title": "t", "question": "q", "kind": "nps", "allowed_origins": many});
+        let problem = new_poll(&json.to_string()).unwrap_err();
+        assert_eq!(problem.field.as_deref(), Some("allowed_origins"));
     }
 
     #[test]

@@ -752,7 +752,11 @@ fn voter_cookie(set_cookie: &str, secure: bool) -> String {
 #[tokio::test]
 async fn a_browser_without_voter_id_is_given_a_voter_cookie_and_keeps_it() {
     let h = Harness::new();
-    h.colour_poll("widget", |_| {}).await;
+    // The page that embeds the widget is on another site, which the poll lists.
+    h.colour_poll("widget", |poll| {
+        poll.allowed_origins = vec!["https://shop.example".to_owned()]
+    })
+    .await;
     let browser_vote = || {
         with_header(
             vote_json("widget", json!({"choice": "red"})),
@@ -808,7 +812,11 @@ async fn a_browser_without_voter_id_is_given_a_voter_cookie_and_keeps_it() {
 #[tokio::test]
 async fn an_api_client_without_voter_id_is_told_to_send_one() {
     let h = Harness::new();
-    h.colour_poll("widget", |_| {}).await;
+    // The page that embeds the widget is on another site, which the poll lists.
+    h.colour_poll("widget", |poll| {
+        poll.allowed_origins = vec!["https://shop.example".to_owned()]
+    })
+    .await;
     let answer = h.send(vote_json("widget", json!({"choice": "red"}))).await;
     assert_eq!(answer.header("set-cookie"), None);
     answer.expect_problem(422, "invalid-field", Some("voter_id"));
@@ -846,7 +854,11 @@ async fn the_voter_cookie_is_secure_only_over_tls_reported_by_a_trusted_proxy() 
     let h = Harness::with_config(|config| {
         config.limits = limits(|l| l.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()]);
     });
-    h.colour_poll("widget", |_| {}).await;
+    // The page that embeds the widget is on another site, which the poll lists.
+    h.colour_poll("widget", |poll| {
+        poll.allowed_origins = vec!["https://shop.example".to_owned()]
+    })
+    .await;
     let https_vote = |peer: &str| {
         let request = with_header(
             vote_json("widget", json!({"choice": "red"})),

@@ -9,10 +9,16 @@
 //! A stream re-checks, whenever the poll changes, that its client may still see the results
 //! (a poll made private ends the anonymous streams of it), and ends with a `reconnect` event
 //! when the process drains, so clients move to another replica.
+//!
+//! Two routes: `GET /v1/polls/{id}/live` streams one poll; `GET /v1/live?polls=a,b,c`
+//! streams up to [`MAX_STREAM_POLLS`] polls over one connection (a dashboard of many polls
+//! would otherwise need a connection each, and browsers open at most six per origin). Both
+//! follow the same rules: a `snapshot` first, then full `totals` whenever a sequence grows,
+//! at most one event per `live_min_interval`, and an event id that `Last-Event-ID` resumes
+//! from.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,16 +28,18 @@ use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::IntoResponse;
 use axum::Extension;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
+use serde::Deserialize;
 use tally_core::poll::{Poll, PollStatus};
 use tally_core::ports::LiveFeed;
 use tally_core::problem::Problem;
 use tally_core::results::Results;
 use tally_core::retry::Backoff;
-use tally_service::http::Reply;
+use tally_service::http::{ApiError, Reply};
 use tally_service::Tasks;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::{ReceiverStream, WatchStream};
+use tokio_stream::StreamMap;
 
 use crate::results::{self, Access, ResultsParams};
 use crate::{query_params, App};
@@ -151,45 +159,6 @@ impl LiveHub {
     }
 }
 
-/// Live streams held per client address, so one address cannot take every slot.
-#[derive(Default)]
-pub(crate) struct StreamsPerAddress {
-    held: Mutex<HashMap<IpAddr, usize>>,
-}
-
-/// One stream of one address; gives its slot back when dropped.
-struct AddressSlot {
-    streams: Arc<StreamsPerAddress>,
-    address: IpAddr,
-}
-
-impl StreamsPerAddress {
-    fn take(self: &Arc<Self>, address: IpAddr, max: usize) -> Option<AddressSlot> {
-        let mut held = self.held.lock().expect("streams lock");
-        let count = held.entry(address).or_default();
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(AddressSlot {
-            streams: self.clone(),
-            address,
-        })
-    }
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut held = self.streams.held.lock().expect("streams lock");
-        if let Some(count) = held.get_mut(&self.address) {
-            *count -= 1;
-            if *count == 0 {
-                held.remove(&self.address);
-            }
-        }
-    }
-}
-
 fn event(kind: &str, results: &Results) -> Event {
     Event::default()
         .event(kind)
@@ -201,7 +170,24 @@ fn event(kind: &str, results: &Results) -> Event {
 /// What a stream holds for its client while it lasts.
 struct Slots {
     _process: tokio::sync::OwnedSemaphorePermit,
-    _address: Option<AddressSlot>,
+    _address: Option<tally_service::http::serve::Place>,
+    _client: LiveClient,
+}
+
+/// One connected live client in `tally_live_clients`, for as long as it is held.
+struct LiveClient;
+
+impl LiveClient {
+    fn connect() -> LiveClient {
+        metrics::gauge!("tally_live_clients").increment(1.0);
+        LiveClient
+    }
+}
+
+impl Drop for LiveClient {
+    fn drop(&mut self) {
+        metrics::gauge!("tally_live_clients").decrement(1.0);
+    }
 }
 
 /// Streams a poll's totals: `snapshot` first (or, when resuming with `Last-Event-ID`, the
@@ -216,25 +202,16 @@ fn stream(
     resume_after: Option<u64>,
     slots: Slots,
 ) -> impl axum::response::IntoResponse {
-    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(8);
+    let (outbox, rx) = Outbox::new(app.config.live_send_timeout);
     let mut latest = app.live.subscribe(&poll_id);
     let mut poll_changes = app.polls.changes();
     let min_interval = app.config.live_min_interval;
-    let send_timeout = app.config.live_send_timeout;
     let heartbeat = app.config.live_heartbeat;
     let drain = app.drain.clone();
     tokio::spawn(async move {
         // Held while this client is connected: the live connection caps count them.
         let _slots = slots;
-        let send = |event: Event| {
-            let tx = tx.clone();
-            async move {
-                matches!(
-                    tokio::time::timeout(send_timeout, tx.send(Ok(event))).await,
-                    Ok(Ok(()))
-                )
-            }
-        };
+        let send = |event: Event| outbox.send(event);
         let mut sent = resume_after.unwrap_or(0);
         let first = match resume_after {
             None => Some(event("snapshot", &initial)),
@@ -296,21 +273,60 @@ fn stream(
                     }
                 }
                 () = drain.cancelled() => {
-                    let data = serde_json::json!({"reason": "the server is shutting down; reconnect to continue from Last-Event-ID"});
-                    let _ = send(
-                        Event::default()
-                            .event("reconnect")
-                            .retry(Duration::from_secs(1))
-                            .data(data.to_string()),
-                    )
-                    .await;
+                    let _ = send(reconnect_event()).await;
                     return;
                 }
                 _ = tokio::time::sleep(next_change) => {}
-                _ = tx.closed() => return,
+                _ = outbox.closed() => return,
             }
         }
     });
+    sse(rx, heartbeat)
+}
+
+/// The sending half of one live stream. An event the client does not take within the send
+/// timeout ends the stream: a stalled client must not hold its slot forever.
+struct Outbox {
+    tx: mpsc::Sender<Result<Event, Infallible>>,
+    timeout: Duration,
+}
+
+impl Outbox {
+    fn new(timeout: Duration) -> (Outbox, mpsc::Receiver<Result<Event, Infallible>>) {
+        let (tx, rx) = mpsc::channel(8);
+        (Outbox { tx, timeout }, rx)
+    }
+
+    /// Whether the client took `event` in time.
+    async fn send(&self, event: Event) -> bool {
+        let sent = matches!(
+            tokio::time::timeout(self.timeout, self.tx.send(Ok(event))).await,
+            Ok(Ok(()))
+        );
+        if sent {
+            metrics::counter!("tally_live_events_total").increment(1);
+        }
+        sent
+    }
+
+    /// Resolves when the client has gone.
+    async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
+/// The last event of a stream whose server is shutting down: the client reconnects (after
+/// the `retry` hint) elsewhere and resumes from its `Last-Event-ID`.
+fn reconnect_event() -> Event {
+    let data = serde_json::json!({"reason": "the server is shutting down; reconnect to continue from Last-Event-ID"});
+    Event::default()
+        .event("reconnect")
+        .retry(Duration::from_secs(1))
+        .data(data.to_string())
+}
+
+/// The response of a live stream fed by `rx`, with heartbeats.
+fn sse(rx: mpsc::Receiver<Result<Event, Infallible>>, heartbeat: Duration) -> impl IntoResponse {
     Sse::new(ReceiverStream::new(rx))
         .keep_alive(KeepAlive::new().interval(heartbeat).text("heartbeat"))
 }
@@ -326,35 +342,33 @@ fn too_many_streams(detail: String, retry_after: u32) -> Problem {
     problem
 }
 
-/// `GET /v1/polls/{id}/live`.
-pub(crate) async fn live(
-    State(app): State<Arc<App>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    peer: Option<Extension<ConnectInfo<std::net::SocketAddr>>>,
-    params: Result<Query<ResultsParams>, QueryRejection>,
-) -> Reply {
-    let params = query_params(params)?;
-    let poll = app.poll(&id).await?;
-    let access = Access::of(&app, &headers, params.results_token)?;
-    results::may_see(&app, &poll, &access)?;
-    let resume_after = match headers
-        .get("last-event-id")
-        .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()))
-    {
-        None => None,
-        Some(Some(id)) => Some(id),
-        Some(None) => {
-            return Err(Problem::bad_request(
+/// The `Last-Event-ID` a client resumes from, if it sent one; `parse` reads our own ids.
+fn resume_point<T>(
+    headers: &HeaderMap,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<Option<T>, ApiError> {
+    match headers.get("last-event-id") {
+        None => Ok(None),
+        Some(value) => match value.to_str().ok().and_then(|s| parse(s.trim())) {
+            Some(point) => Ok(Some(point)),
+            None => Err(Problem::bad_request(
                 "invalid-last-event-id",
-                "Last-Event-ID must be a sequence number sent by this stream",
+                "Last-Event-ID must be an event id sent by this stream",
             )
-            .into())
-        }
-    };
+            .into()),
+        },
+    }
+}
+
+/// A live connection's place under the per-address and per-process caps, or a 503.
+fn take_slots(
+    app: &App,
+    headers: &HeaderMap,
+    peer: Option<Extension<ConnectInfo<std::net::SocketAddr>>>,
+) -> Result<Slots, ApiError> {
     let address = match peer {
         Some(Extension(ConnectInfo(peer))) => {
-            let client = app.guard.client_ip_of(peer.ip(), &headers);
+            let client = app.guard.client_ip_of(peer.ip(), headers);
             let max = app.config.live_max_per_address;
             match app.streams.take(client, max) {
                 Some(slot) => Some(slot),
@@ -379,23 +393,404 @@ pub(crate) async fn live(
         )
         .into());
     };
-    let initial = results::served(&app, &poll).await?;
-    let slots = Slots {
+    Ok(Slots {
         _process: permit,
         _address: address,
-    };
-    let mut response = stream(
+        _client: LiveClient::connect(),
+    })
+}
+
+fn no_cache(response: impl IntoResponse) -> axum::response::Response {
+    let mut response = response.into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        "no-cache".parse().expect("static header"),
+    );
+    response
+}
+
+/// `GET /v1/polls/{id}/live`.
+#[utoipa::path(get, path = "/v1/polls/{id}/live", tag = "live",
+    security((), ("api_key" = ["analyst", "admin"])),
+    params(("id" = String, Path, description = "the poll"),
+        ("results_token" = Option<String>, Query, description = "the `results_token` of the voter's 202 (`after_vote` polls)"),
+        ("Last-Event-ID" = Option<String>, Header, description = "resume after this sequence")),
+    responses(
+        (status = 200, description = "Server-Sent Events: `snapshot` on connect, then `totals` (data: the results document), `closed`, `hidden`, `reconnect`; `id:` is the log sequence", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`invalid-query`, `invalid-last-event-id`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: an unknown key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`results-hidden`, `origin-not-allowed`, `invalid-token`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate-limited`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`too-many-live-clients`, `unavailable`", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn live(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    peer: Option<Extension<ConnectInfo<std::net::SocketAddr>>>,
+    params: Result<Query<ResultsParams>, QueryRejection>,
+) -> Reply {
+    let params = query_params(params)?;
+    let poll = app.poll(&id).await?;
+    let access = Access::of(&app, &headers, params.results_token)?;
+    results::may_see(&app, &poll, &access)?;
+    let resume_after = resume_point(&headers, |id| id.parse::<u64>().ok())?;
+    let slots = take_slots(&app, &headers, peer)?;
+    let initial = results::served(&app, &poll).await?;
+    Ok(no_cache(stream(
         app.clone(),
         poll.id.clone(),
         access,
         initial,
         resume_after,
         slots,
-    )
-    .into_response();
-    response.headers_mut().insert(
-        header::CACHE_CONTROL,
-        "no-cache".parse().expect("static header"),
-    );
-    Ok(response)
+    )))
+}
+
+/// Polls one multi-poll stream may carry.
+pub const MAX_STREAM_POLLS: usize = tally_service::http::cors::MAX_POLLS_PER_REQUEST;
+
+/// Unknown parameters are ignored, as on the single-poll stream.
+#[derive(Deserialize)]
+pub(crate) struct ManyParams {
+    polls: Option<String>,
+}
+
+/// The poll ids of `?polls=a,b,c`: 1 to [`MAX_STREAM_POLLS`], each once, in the order given.
+fn stream_polls(param: Option<&str>) -> Result<Vec<String>, ApiError> {
+    let mut ids: Vec<String> = Vec::new();
+    for id in param.unwrap_or("").split(',').map(str::trim) {
+        if !id.is_empty() && !ids.iter().any(|known| known == id) {
+            ids.push(id.to_owned());
+        }
+    }
+    if ids.is_empty() || ids.len() > MAX_STREAM_POLLS {
+        return Err(Problem::invalid(
+            "polls",
+            format!("name 1 to {MAX_STREAM_POLLS} polls, comma-separated: ?polls=a,b,c"),
+        )
+        .into());
+    }
+    Ok(ids)
+}
+
+/// The event id of a multi-poll stream: the sequence sent for each poll, in the order of
+/// `?polls=`, joined by `.` (`120.0.87`). A client reconnects with the same `polls`, so the
+/// position of a number says whose it is.
+fn many_id(sent: &[u64]) -> String {
+    sent.iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn parse_many_id(id: &str, polls: usize) -> Option<Vec<u64>> {
+    let sent: Vec<u64> = id
+        .split('.')
+        .map(|n| n.parse::<u64>().ok())
+        .collect::<Option<_>>()?;
+    (sent.len() == polls).then_some(sent)
+}
+
+/// A `snapshot` or `totals` event of a multi-poll stream: the full results of the polls that
+/// changed, and the id covering every poll.
+fn many_event(kind: &str, changed: &[Arc<Results>], sent: &[u64]) -> Event {
+    Event::default()
+        .event(kind)
+        .id(many_id(sent))
+        .json_data(serde_json::json!({
+            "polls": changed.iter().map(|r| r.as_ref()).collect::<Vec<&Results>>()
+        }))
+        .unwrap_or_else(|_| Event::default().comment("encode error"))
+}
+
+/// `GET /v1/live?polls=a,b,c`: the totals of several polls over one connection. Every poll
+/// must be one the client may see.
+#[utoipa::path(get, path = "/v1/live", tag = "live",
+    security((), ("api_key" = ["analyst", "admin"])),
+    params(("polls" = String, Query, description = "comma-separated poll ids, each once"),
+        ("Last-Event-ID" = Option<String>, Header, description = "resume after this event")),
+    responses(
+        (status = 200, description = "Server-Sent Events of several polls: `snapshot` and `totals` events carry `{\"polls\": [results…]}`", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`invalid-query`, `invalid-last-event-id`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: an unknown key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`results-hidden`, `origin-not-allowed`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid-field`: `polls`", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate-limited`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`too-many-live-clients`, `unavailable`", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub(crate) async fn live_many(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    peer: Option<Extension<ConnectInfo<std::net::SocketAddr>>>,
+    params: Result<Query<ManyParams>, QueryRejection>,
+) -> Reply {
+    let params = query_params(params)?;
+    let ids = stream_polls(params.polls.as_deref())?;
+    let access = Access::of(&app, &headers, None)?;
+    let mut polls = Vec::with_capacity(ids.len());
+    for id in &ids {
+        let poll = app.poll(id).await?;
+        results::may_see(&app, &poll, &access)?;
+        polls.push(poll);
+    }
+    let resume_after = resume_point(&headers, |id| parse_many_id(id, ids.len()))?;
+    let slots = take_slots(&app, &headers, peer)?;
+    let mut initial = Vec::with_capacity(polls.len());
+    for poll in &polls {
+        initial.push(results::served(&app, poll).await?);
+    }
+    Ok(no_cache(stream_many(
+        app.clone(),
+        ids,
+        access,
+        initial,
+        resume_after,
+        slots,
+    )))
+}
+
+/// What a multi-poll stream knows of one of its polls.
+struct Streamed {
+    id: String,
+    /// The sequence last sent to the client (or the one it resumed from).
+    sent: u64,
+    /// Newer totals waiting for the next event.
+    pending: Option<Arc<Results>>,
+    closed_sent: bool,
+    /// Hidden from this client since the stream began: no longer streamed.
+    hidden: bool,
+}
+
+/// Streams several polls: a `snapshot` with all of them first (or, when resuming, `totals`
+/// with those newer than the resumed id), then `totals` with the polls whose sequence grew,
+/// at most every `min_interval`; `closed` once per poll that closes; `hidden` for a poll the
+/// client may no longer see (the stream goes on with the rest, and ends when none is left);
+/// `reconnect` (and the end) when the process drains.
+fn stream_many(
+    app: Arc<App>,
+    ids: Vec<String>,
+    access: Access,
+    initial: Vec<Arc<Results>>,
+    resume_after: Option<Vec<u64>>,
+    slots: Slots,
+) -> impl IntoResponse {
+    let (outbox, rx) = Outbox::new(app.config.live_send_timeout);
+    let mut updates: StreamMap<usize, WatchStream<Option<Arc<Results>>>> = StreamMap::new();
+    for (index, id) in ids.iter().enumerate() {
+        updates.insert(index, WatchStream::new(app.live.subscribe(id)));
+    }
+    let mut poll_changes = app.polls.changes();
+    let min_interval = app.config.live_min_interval;
+    let heartbeat = app.config.live_heartbeat;
+    let drain = app.drain.clone();
+    tokio::spawn(async move {
+        let _slots = slots;
+        let send = |event: Event| outbox.send(event);
+        let resumed = resume_after.is_some();
+        let mut polls: Vec<Streamed> = ids
+            .into_iter()
+            .enumerate()
+            .map(|(i, id)| Streamed {
+                id,
+                sent: resume_after.as_ref().map_or(0, |after| after[i]),
+                pending: None,
+                closed_sent: false,
+                hidden: false,
+            })
+            .collect();
+        let first: Vec<Arc<Results>> = initial
+            .into_iter()
+            .zip(polls.iter_mut())
+            .filter(|(results, poll)| !resumed || results.as_of > poll.sent)
+            .map(|(results, poll)| {
+                poll.sent = poll.sent.max(results.as_of);
+                results
+            })
+            .collect();
+        let sent: Vec<u64> = polls.iter().map(|p| p.sent).collect();
+        let first = match (resumed, first.is_empty()) {
+            (false, _) => Some(many_event("snapshot", &first, &sent)),
+            (true, false) => Some(many_event("totals", &first, &sent)),
+            (true, true) => None,
+        };
+        if let Some(first) = first {
+            if !send(first).await {
+                return;
+            }
+        }
+        loop {
+            // Visibility and closes, checked on start and whenever a poll changes.
+            let now = tally_core::time::now_ms();
+            let mut next_change = Duration::from_secs(3600);
+            for streamed in polls.iter_mut().filter(|p| !p.hidden) {
+                let Some(poll) = app.polls.cached(&streamed.id) else {
+                    continue;
+                };
+                if let Err(problem) = results::may_see(&app, &poll, &access) {
+                    streamed.hidden = true;
+                    let data =
+                        serde_json::json!({"poll_id": streamed.id, "detail": problem.0.detail});
+                    if !send(Event::default().event("hidden").data(data.to_string())).await {
+                        return;
+                    }
+                    continue;
+                }
+                let status = poll.status(now);
+                if !streamed.closed_sent
+                    && matches!(status, PollStatus::Closed | PollStatus::Archived)
+                {
+                    streamed.closed_sent = true;
+                    let data = serde_json::json!({"poll_id": streamed.id, "status": status});
+                    if !send(Event::default().event("closed").data(data.to_string())).await {
+                        return;
+                    }
+                }
+                if let Some(ms) = poll.closes_at.map(|at| at - now).filter(|ms| *ms > 0) {
+                    if !streamed.closed_sent {
+                        next_change = next_change.min(Duration::from_millis(ms as u64 + 5));
+                    }
+                }
+            }
+            for (index, streamed) in polls.iter().enumerate() {
+                if streamed.hidden {
+                    updates.remove(&index);
+                }
+            }
+            if updates.is_empty() {
+                return;
+            }
+            tokio::select! {
+                update = updates.next() => {
+                    let Some((index, latest)) = update else {
+                        return;
+                    };
+                    note(&mut polls, index, latest);
+                    // Whatever else is ready now goes in the same event.
+                    while let Some(Some((index, latest))) = updates.next().now_or_never() {
+                        note(&mut polls, index, latest);
+                    }
+                    let changed: Vec<Arc<Results>> = polls
+                        .iter_mut()
+                        .filter_map(|p| {
+                            let results = p.pending.take()?;
+                            p.sent = results.as_of;
+                            Some(results)
+                        })
+                        .collect();
+                    if !changed.is_empty() {
+                        let sent: Vec<u64> = polls.iter().map(|p| p.sent).collect();
+                        if !send(many_event("totals", &changed, &sent)).await {
+                            return;
+                        }
+                        // Coalesce: whatever arrives meanwhile is sent as one update.
+                        tokio::time::sleep(min_interval).await;
+                    }
+                }
+                changed = poll_changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                () = drain.cancelled() => {
+                    let _ = send(reconnect_event()).await;
+                    return;
+                }
+                _ = tokio::time::sleep(next_change) => {}
+                _ = outbox.closed() => return,
+            }
+        }
+    });
+    sse(rx, heartbeat)
+}
+
+/// Keeps `latest` for poll `index` if it is newer than what the client has: totals never go
+/// back, and totals already sent are not sent again.
+fn note(polls: &mut [Streamed], index: usize, latest: Option<Arc<Results>>) {
+    let (Some(streamed), Some(latest)) = (polls.get_mut(index), latest) else {
+        return;
+    };
+    let known = streamed
+        .pending
+        .as_ref()
+        .map_or(streamed.sent, |pending| pending.as_of);
+    if latest.as_of > known {
+        streamed.pending = Some(latest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_poll_ids_resume_only_with_the_same_polls() {
+        assert_eq!(many_id(&[120, 0, 87]), "120.0.87");
+        assert_eq!(parse_many_id("120.0.87", 3), Some(vec![120, 0, 87]));
+        assert_eq!(parse_many_id("120.0", 3), None);
+        assert_eq!(parse_many_id("120.x.1", 3), None);
+        assert_eq!(parse_many_id("", 1), None);
+    }
+
+    fn results(as_of: u64) -> Results {
+        Results {
+            poll_id: "p".into(),
+            kind: tally_core::poll::PollKind::Single,
+            status: PollStatus::Open,
+            total_votes: as_of,
+            unique_voters: as_of,
+            options: Vec::new(),
+            rating: None,
+            nps: None,
+            as_of,
+            updated_at: String::new(),
+        }
+    }
+
+    /// 300 concurrent requests for a poll's totals read the warehouse once; after `max_age`
+    /// it is read once more; totals offered by the feed meanwhile are served without a read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_warehouse_is_read_once_per_max_age_however_many_ask() {
+        let hub = Arc::new(LiveHub::default());
+        let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let max_age = Duration::from_millis(300);
+        let ask = |hub: Arc<LiveHub>, reads: Arc<std::sync::atomic::AtomicU64>| async move {
+            hub.totals("p", max_age, || async {
+                let n = reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                // A read that takes a while, so the other requests arrive during it.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok::<_, ()>(results(n * 10))
+            })
+            .await
+            .expect("read")
+        };
+        let asked: Vec<_> = (0..300)
+            .map(|_| tokio::spawn(ask(hub.clone(), reads.clone())))
+            .collect();
+        for answer in asked {
+            assert_eq!(answer.await.expect("task").as_of, 10);
+        }
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        // Totals from the feed are fresh: served as they are.
+        hub.offer(results(15));
+        assert_eq!(ask(hub.clone(), reads.clone()).await.as_of, 15);
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        // Once they are older than max_age, one more read; totals never go back.
+        tokio::time::sleep(max_age + Duration::from_millis(50)).await;
+        assert_eq!(ask(hub.clone(), reads.clone()).await.as_of, 20);
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn stream_polls_are_named_once_and_bounded() {
+        assert_eq!(stream_polls(Some("a, b,a,,c")).unwrap(), ["a", "b", "c"]);
+        assert!(stream_polls(Some("")).is_err());
+        assert!(stream_polls(None).is_err());
+        let many: Vec<String> = (0..=MAX_STREAM_POLLS).map(|i| format!("p{i}")).collect();
+        assert!(stream_polls(Some(&many.join(","))).is_err());
+    }
 }
