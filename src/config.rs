@@ -3,6 +3,7 @@
 //! once, here or as a constant of the crate that uses it. docs/OPERATIONS.md lists every
 //! variable; a test (`env_table_in_the_docs_is_current`) keeps that list from drifting.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +23,8 @@ macro_rules! listen_args {
     ($name:ident, $port:literal) => {
         #[derive(Args, Clone)]
         pub struct $name {
-            /// Address:port of the HTTP listener (port 0 picks a free one).
+            /// Address:port of the HTTP listener, or an address alone for the service's
+            /// default port (port 0 picks a free one).
             #[arg(long = "listen", env = "TALLY_LISTEN", default_value = concat!("127.0.0.1:", $port))]
             pub addr: String,
         }
@@ -31,7 +33,7 @@ macro_rules! listen_args {
             /// Binds the listener and prints the line scripts and tests read to find the
             /// port.
             pub async fn bind(&self, service: &str) -> anyhow::Result<TcpListener> {
-                bind(&self.addr, service).await
+                bind(&with_default_port(&self.addr, $port), service).await
             }
         }
     };
@@ -40,6 +42,16 @@ macro_rules! listen_args {
 listen_args!(Listen8080, "8080");
 listen_args!(Listen8081, "8081");
 listen_args!(Listen8082, "8082");
+
+/// `addr`, with `port` added when it is an IP address alone (the image sets
+/// `TALLY_LISTEN=0.0.0.0`, so each service listens on all interfaces on its own port).
+fn with_default_port(addr: &str, port: &str) -> String {
+    match addr.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+        Ok(ip) => format!("{ip}:{port}"),
+        Err(_) => addr.to_owned(),
+    }
+}
 
 async fn bind(addr: &str, service: &str) -> anyhow::Result<TcpListener> {
     let listener = TcpListener::bind(addr)
@@ -68,20 +80,98 @@ impl Timeout {
     }
 }
 
-/// The NATS servers and the partitioning of the vote log.
+/// How a service's listener treats connections.
+#[derive(Args, Clone)]
+pub struct Serving {
+    /// Seconds a client has to send a request's headers, and to start its next request on a
+    /// kept-alive connection (idle connections close after it).
+    #[arg(long, env = "TALLY_HEADER_TIMEOUT_SECONDS", default_value_t = tally_service::http::serve::DEFAULT_HEADER_READ_TIMEOUT.as_secs_f64())]
+    pub header_timeout_seconds: f64,
+    /// Connections open at once; more are closed when accepted.
+    #[arg(long, env = "TALLY_MAX_CONNECTIONS", default_value_t = tally_service::http::serve::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Connections open at once from one client address (IPv6: one /64).
+    #[arg(long, env = "TALLY_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = tally_service::http::serve::DEFAULT_MAX_PER_ADDRESS)]
+    pub max_connections_per_address: usize,
+    /// Seconds a stopping service waits for in-flight requests and streams to end.
+    #[arg(long, env = "TALLY_SHUTDOWN_SECONDS", default_value_t = tally_service::http::serve::DEFAULT_DRAIN.as_secs_f64())]
+    pub shutdown_seconds: f64,
+}
+
+impl Serving {
+    pub fn config(&self) -> tally_service::http::ServeConfig {
+        tally_service::http::ServeConfig {
+            header_read_timeout: Duration::from_secs_f64(
+                self.header_timeout_seconds.clamp(0.1, 3600.0),
+            ),
+            max_connections: self.max_connections.max(1),
+            max_per_address: self.max_connections_per_address.max(1),
+            drain: Duration::from_secs_f64(self.shutdown_seconds.clamp(0.0, 3600.0)),
+        }
+    }
+}
+
+/// The NATS servers, how tally proves who it is to them, and the partitioning of the vote
+/// log. Give at most one of user and password, token, credentials file, nkey seed file
+/// (docs/nats/README.md).
 #[derive(Args, Clone)]
 pub struct Bus {
-    /// NATS server(s), comma-separated.
+    /// NATS server(s), comma-separated (nats://host:port, or tls://host:port for TLS).
     #[arg(long, env = "TALLY_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    /// NATS user (with --nats-password).
+    #[arg(long, env = "TALLY_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// That NATS user's password.
+    #[arg(long, env = "TALLY_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// NATS token (a server with `authorization { token }`).
+    #[arg(long, env = "TALLY_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// NATS credentials file (.creds: a user JWT and its nkey seed), for operator mode.
+    #[arg(long, env = "TALLY_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// File holding the NATS user's nkey seed (SU…), for users listed by nkey.
+    #[arg(long, env = "TALLY_NATS_NKEY_SEED_FILE")]
+    pub nats_nkey_seed_file: Option<PathBuf>,
+    /// Refuse NATS servers that do not speak TLS (implied by --nats-tls-ca, --nats-tls-cert
+    /// and tls:// URLs).
+    #[arg(long, env = "TALLY_NATS_TLS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub nats_tls: bool,
+    /// PEM file of the CA that signed the NATS servers' certificates (else the system's).
+    #[arg(long, env = "TALLY_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for NATS servers that verify clients (with --nats-tls-key).
+    #[arg(long, env = "TALLY_NATS_TLS_CERT")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// PEM private key of --nats-tls-cert.
+    #[arg(long, env = "TALLY_NATS_TLS_KEY")]
+    pub nats_tls_key: Option<PathBuf>,
     /// Number of vote log partitions (must agree across all services).
     #[arg(long, env = "TALLY_PARTITIONS", default_value_t = 1)]
     pub partitions: u16,
 }
 
 impl Bus {
+    pub fn connect_settings(&self) -> tally_nats::ConnectSettings {
+        tally_nats::ConnectSettings {
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            token: self.nats_token.clone(),
+            credentials_file: self.nats_creds.clone(),
+            nkey_seed_file: self.nats_nkey_seed_file.clone(),
+            tls: tally_nats::TlsSettings {
+                required: self.nats_tls,
+                ca_file: self.nats_tls_ca.clone(),
+                client_cert: self.nats_tls_cert.clone(),
+                client_key: self.nats_tls_key.clone(),
+            },
+            ..tally_nats::ConnectSettings::from_urls(&self.nats_url)
+        }
+    }
+
     pub async fn connect(&self) -> anyhow::Result<tally_nats::Client> {
-        tally_nats::connect(&self.nats_url, Duration::from_secs(30))
+        tally_nats::connect(self.connect_settings(), Duration::from_secs(30))
             .await
             .context("connecting to NATS")
     }
@@ -128,6 +218,17 @@ pub struct WarehouseArgs {
     /// That user's password.
     #[arg(long, env = "TALLY_CLICKHOUSE_PASSWORD", hide_env_values = true)]
     pub clickhouse_password: Option<String>,
+    /// The read-only ClickHouse user analysts' SQL runs as (a `readonly` profile, only the
+    /// analyst tables granted); without one it runs as the main user with `readonly=2`.
+    #[arg(long, env = "TALLY_CLICKHOUSE_ANALYST_USER")]
+    pub clickhouse_analyst_user: Option<String>,
+    /// That user's password.
+    #[arg(
+        long,
+        env = "TALLY_CLICKHOUSE_ANALYST_PASSWORD",
+        hide_env_values = true
+    )]
+    pub clickhouse_analyst_password: Option<String>,
 }
 
 impl WarehouseArgs {
@@ -138,6 +239,8 @@ impl WarehouseArgs {
             database: self.clickhouse_database.clone(),
             user: self.clickhouse_user.clone(),
             password: self.clickhouse_password.clone(),
+            analyst_user: self.clickhouse_analyst_user.clone(),
+            analyst_password: self.clickhouse_analyst_password.clone(),
         })?;
         let mut attempt = 0;
         loop {
@@ -223,16 +326,16 @@ impl std::str::FromStr for RateSetting {
 #[derive(Args, Clone)]
 pub struct LimitArgs {
     /// Vote requests per client address (IPv6: per /64): N/s, N/min, N/h or off.
-    #[arg(long, env = "TALLY_RATE_PER_IP", default_value = "100/s")]
+    #[arg(long, env = "TALLY_RATE_PER_IP", default_value = tally_ingest::limits::DEFAULT_RATE_PER_IP)]
     pub rate_per_ip: RateSetting,
     /// Votes per voter: N/s, N/min, N/h or off.
-    #[arg(long, env = "TALLY_RATE_PER_VOTER", default_value = "10/min")]
+    #[arg(long, env = "TALLY_RATE_PER_VOTER", default_value = tally_ingest::limits::DEFAULT_RATE_PER_VOTER)]
     pub rate_per_voter: RateSetting,
     /// Votes per poll: N/s, N/min, N/h or off.
-    #[arg(long, env = "TALLY_RATE_PER_POLL", default_value = "off")]
+    #[arg(long, env = "TALLY_RATE_PER_POLL", default_value = tally_ingest::limits::DEFAULT_RATE_PER_POLL)]
     pub rate_per_poll: RateSetting,
     /// New browser voters (tally_voter cookies) per client address: N/s, N/min, N/h or off.
-    #[arg(long, env = "TALLY_RATE_NEW_VOTERS_PER_IP", default_value = "60/h")]
+    #[arg(long, env = "TALLY_RATE_NEW_VOTERS_PER_IP", default_value = tally_ingest::limits::DEFAULT_RATE_NEW_VOTERS_PER_IP)]
     pub rate_new_voters_per_ip: RateSetting,
 }
 
@@ -290,7 +393,7 @@ pub struct Live {
     pub live_max_per_address: usize,
     /// Query requests (results, management, analytics) per client address: N/s, N/min, N/h
     /// or off.
-    #[arg(long, env = "TALLY_QUERY_RATE_PER_IP", default_value = "100/s")]
+    #[arg(long, env = "TALLY_QUERY_RATE_PER_IP", default_value = tally_query::DEFAULT_RATE_PER_IP)]
     pub query_rate_per_ip: RateSetting,
 }
 
@@ -318,6 +421,44 @@ impl Live {
     }
 }
 
+/// The limits every analyst query (`POST /v1/sql`) runs under; nothing in a request can
+/// change them.
+#[derive(Args, Clone)]
+pub struct SqlArgs {
+    /// Seconds an analyst query may run, from receipt to its last row, before it is stopped
+    #[arg(long, env = "TALLY_SQL_MAX_SECONDS", default_value_t = tally_core::analyst::DEFAULT_SQL_MAX_SECONDS)]
+    pub sql_max_seconds: u64,
+    /// Rows an analyst query may return (exports are not limited)
+    #[arg(long, env = "TALLY_SQL_MAX_ROWS", default_value_t = tally_core::analyst::DEFAULT_SQL_MAX_ROWS)]
+    pub sql_max_rows: u64,
+    /// Bytes of the rows an analyst query may return, as the engine holds them
+    #[arg(long, env = "TALLY_SQL_MAX_RESULT_BYTES", default_value_t = tally_core::analyst::DEFAULT_SQL_MAX_RESULT_BYTES)]
+    pub sql_max_result_bytes: u64,
+    /// Bytes of memory the engine may use for one analyst query
+    #[arg(long, env = "TALLY_SQL_MAX_MEMORY_BYTES", default_value_t = tally_core::analyst::DEFAULT_SQL_MAX_MEMORY_BYTES)]
+    pub sql_max_memory_bytes: u64,
+}
+
+impl SqlArgs {
+    pub fn limits(&self) -> tally_core::analyst::SqlLimits {
+        tally_core::analyst::SqlLimits {
+            max_time: Duration::from_secs(self.sql_max_seconds.max(1)),
+            max_rows: self.sql_max_rows,
+            max_result_bytes: self.sql_max_result_bytes,
+            max_memory_bytes: self.sql_max_memory_bytes,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Lines for a person reading a terminal.
+    Text,
+    /// One JSON object per line (fields, the request id of the request being handled).
+    Json,
+}
+
 /// Resolves when the process is asked to stop (SIGINT or SIGTERM).
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -339,4 +480,21 @@ pub async fn shutdown_signal() {
         _ = terminate => {},
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_default_port;
+
+    #[test]
+    fn an_address_alone_listens_on_the_services_port() {
+        assert_eq!(with_default_port("0.0.0.0", "8081"), "0.0.0.0:8081");
+        assert_eq!(with_default_port("::", "8082"), "[::]:8082");
+        assert_eq!(with_default_port("127.0.0.1:0", "8080"), "127.0.0.1:0");
+        assert_eq!(with_default_port("[::1]:9000", "8080"), "[::1]:9000");
+        assert_eq!(
+            with_default_port("localhost:9000", "8080"),
+            "localhost:9000"
+        );
+    }
 }

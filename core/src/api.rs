@@ -7,18 +7,19 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::poll::{Poll, PollStatus};
 
 /// `status` of an accepted vote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VoteStatus {
     Accepted,
 }
 
 /// `202` to `POST /v1/polls/{id}/votes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Accepted {
     pub vote_id: String,
     pub status: VoteStatus,
@@ -28,7 +29,7 @@ pub struct Accepted {
 }
 
 /// The problem of one line of a batch: the problem+json fields without `status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LineProblem {
     #[serde(rename = "type")]
     pub kind: String,
@@ -39,7 +40,7 @@ pub struct LineProblem {
 }
 
 /// The outcome of one line of a batch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LineResult {
     /// The line's number in the body, from 1.
     pub line: usize,
@@ -47,11 +48,12 @@ pub struct LineResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vote_id: Option<String>,
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    #[schema(inline)]
     pub problem: Option<LineProblem>,
 }
 
 /// `200` to `POST /v1/votes:batch`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct BatchResult {
     pub accepted: usize,
     pub rejected: usize,
@@ -59,7 +61,7 @@ pub struct BatchResult {
 }
 
 /// A poll as the API shows it: the record and its derived status.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PollDoc {
     #[serde(flatten)]
     pub poll: Poll,
@@ -67,14 +69,14 @@ pub struct PollDoc {
 }
 
 /// `GET /v1/polls`: a page of polls and the cursor of the next (`?after=`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PollPage {
     pub polls: Vec<PollDoc>,
     pub next: Option<String>,
 }
 
 /// `POST /v1/polls/{id}/tokens` body.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
     pub voter_id: String,
@@ -83,7 +85,7 @@ pub struct TokenRequest {
 }
 
 /// `201` to `POST /v1/polls/{id}/tokens`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct TokenIssued {
     pub token: String,
     pub poll_id: String,
@@ -92,31 +94,38 @@ pub struct TokenIssued {
 }
 
 /// One answer of one group of a breakdown.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct GroupOption {
     pub id: String,
     pub count: u64,
     pub share: f64,
     /// Wilson 95% interval of the share; none for an empty group.
+    #[schema(value_type = Option<Vec<f64>>, min_items = 2, max_items = 2)]
     pub ci95: Option<[f64; 2]>,
 }
 
 /// One segment group of a breakdown.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct BreakdownGroup {
     /// The group's value of each `by` dimension.
     pub segment: BTreeMap<String, String>,
     pub total_votes: u64,
     pub options: Vec<GroupOption>,
-    /// Whether the group answered differently from the rest (p < 0.05).
+    /// Whether the group answered differently from the rest: `p_adjusted` below 0.05.
     pub differs: bool,
+    /// The p-value of the group's own test against the rest of the selection; none for a
+    /// group below the minimum size or without anything to test.
     pub p_value: Option<f64>,
-    /// Too few votes for the test to be trusted.
+    /// `p_value` corrected for testing every group of the breakdown at once
+    /// (Benjamini–Hochberg: the false discovery rate across the groups).
+    pub p_adjusted: Option<f64>,
+    /// Too few votes for the test to be trusted: the group has fewer than the minimum
+    /// (10 votes; its test is not reported) or an expected count below 5.
     pub small_sample: bool,
 }
 
 /// `GET /v1/polls/{id}/breakdown`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct BreakdownDoc {
     pub poll_id: String,
     pub by: Vec<String>,
@@ -128,7 +137,7 @@ pub struct BreakdownDoc {
 }
 
 /// One step of a time series.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct TimeseriesPoint {
     /// Start of the step, RFC 3339.
     pub t: String,
@@ -137,7 +146,7 @@ pub struct TimeseriesPoint {
 }
 
 /// `GET /v1/polls/{id}/timeseries`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct TimeseriesDoc {
     pub poll_id: String,
     pub step_seconds: u32,
@@ -145,7 +154,7 @@ pub struct TimeseriesDoc {
 }
 
 /// `GET /readyz`: each dependency's state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Readiness {
     pub ready: bool,
     pub checks: BTreeMap<String, String>,

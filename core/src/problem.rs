@@ -12,9 +12,10 @@ pub const TYPE_BASE: &str = "https://tally.dev/problems/";
 
 pub const CONTENT_TYPE: &str = "application/problem+json";
 
-#[derive(Debug, Clone, PartialEq, Serialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Serialize, thiserror::Error, utoipa::ToSchema)]
 #[error("{title}: {detail}")]
 pub struct Problem {
+    /// `https://tally.dev/problems/<slug>`; the slug is the stable part.
     #[serde(rename = "type")]
     pub kind: String,
     pub title: String,

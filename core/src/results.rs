@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::poll::{Poll, PollKind, PollStatus};
 use crate::vote::Vote;
@@ -37,7 +38,7 @@ impl Tally {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct OptionResult {
     pub id: String,
     pub label: String,
@@ -46,13 +47,13 @@ pub struct OptionResult {
     pub share: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RatingResult {
     pub mean: Option<f64>,
     pub distribution: BTreeMap<String, u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct NpsResult {
     pub score: Option<f64>,
     pub promoters: u64,
@@ -60,7 +61,7 @@ pub struct NpsResult {
     pub detractors: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Results {
     pub poll_id: String,
     pub kind: PollKind,

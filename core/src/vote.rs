@@ -14,7 +14,7 @@ use crate::segment::Segment;
 pub const MAX_VOTER_ID_CHARS: usize = 256;
 
 /// `POST /v1/polls/{id}/votes` (and one NDJSON line of a batch, with `poll_id`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VoteRequest {
     /// Only on batch lines; the path names the poll for single votes.
@@ -22,13 +22,29 @@ pub struct VoteRequest {
     pub poll_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub voter_id: Option<String>,
+    /// An option id (single), option ids (multi) or a number (rating, NPS).
+    #[schema(schema_with = choice_schema)]
     pub choice: serde_json::Value,
+    /// Standard keys (`campaign`, `channel`, `source`, `medium`, `country`, `device`) and
+    /// the poll's own `dimensions`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, String>)]
     pub segment: BTreeMap<String, serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vote_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+}
+
+/// `choice` as the OpenAPI document describes it.
+fn choice_schema() -> utoipa::openapi::Schema {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+    let one_of = OneOfBuilder::new()
+        .item(ObjectBuilder::new().schema_type(Type::String))
+        .item(ArrayBuilder::new().items(ObjectBuilder::new().schema_type(Type::String)))
+        .item(ObjectBuilder::new().schema_type(Type::Integer))
+        .build();
+    Schema::OneOf(one_of)
 }
 
 /// A validated vote, as it travels on the bus (see [`crate::wire`]).

@@ -19,7 +19,6 @@ mod votes;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use axum::extract::DefaultBodyLimit;
@@ -33,12 +32,12 @@ use tally_core::problem::Problem;
 use tally_core::secrets::{PseudonymScheme, Secrets};
 use tally_core::vote::{build_vote, token_unique_key, Vote, VoteRequest, VoterHasher};
 use tally_core::{time, token};
-use tally_service::http::{guard, health, Guard};
+use tally_service::http::{cors, guard, health, Guard, ServeConfig};
 use tally_service::{PollCache, Tasks};
 use tokio::net::TcpListener;
 
 pub use batch::{parse_batch, BatchLine};
-pub use votes::VOTER_COOKIE;
+pub use votes::{VOTER_COOKIE, VOTER_HEADER};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -69,6 +68,8 @@ pub struct Config {
     pub max_batch_polls: usize,
     pub limits: limits::LimitConfig,
     pub request_timeout: std::time::Duration,
+    /// Connection limits and drain of the listener.
+    pub serve: ServeConfig,
 }
 
 impl Default for Config {
@@ -82,6 +83,7 @@ impl Default for Config {
             max_batch_polls: 100,
             limits: limits::LimitConfig::default(),
             request_timeout: health::REQUEST_TIMEOUT,
+            serve: ServeConfig::default(),
         }
     }
 }
@@ -107,25 +109,17 @@ impl Ingest {
     /// limiter sweeper) runs as tasks of `tasks`.
     pub fn new(deps: Deps, config: Config, tasks: &Tasks) -> Result<Arc<Ingest>> {
         let secrets = Secrets::new(&config.secret).map_err(Error::Config)?;
+        describe_metrics();
         let limits = Arc::new(limits::Limits::new(&config.limits));
         let guard = Arc::new(Guard::new(
             limits::Proxies::new(config.limits.trusted_proxies.clone()),
             config.limits.per_ip,
             config.limits.auth_failures,
         ));
-        // Forget limiter keys whose quota has replenished, so memory stays bounded.
         let (swept_limits, swept_guard) = (limits.clone(), guard.clone());
-        tasks.spawn("limiter-sweeper", move |cancel| async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        swept_limits.retain_recent();
-                        swept_guard.retain_recent();
-                    }
-                    () = cancel.cancelled() => return,
-                }
-            }
+        guard::sweep_periodically(tasks, move || {
+            swept_limits.retain_recent();
+            swept_guard.retain_recent();
         });
         Ok(Arc::new(Ingest {
             log: deps.log,
@@ -168,10 +162,19 @@ impl Ingest {
 
     /// Validates, hashes and appends one vote.
     pub async fn submit(&self, poll_id: &str, request: VoteRequest) -> Result<Accepted, Problem> {
+        let answer = self.submit_one(poll_id, request).await;
+        count_answer(&answer);
+        answer
+    }
+
+    async fn submit_one(&self, poll_id: &str, request: VoteRequest) -> Result<Accepted, Problem> {
         let now = time::now_ms();
         let poll = self.poll(poll_id).await?;
         let prepared = self.prepare(&poll, &request, now)?;
+        let started = std::time::Instant::now();
         let appended = self.log.append(&prepared.vote, &prepared.unique_key).await;
+        metrics::histogram!("tally_log_append_duration_seconds", "mode" => "single")
+            .record(started.elapsed().as_secs_f64());
         if let Err(err) = &appended {
             tracing::warn!(poll_id, error = %err.chain(), "vote not accepted: log unavailable");
         }
@@ -222,7 +225,11 @@ impl Ingest {
                 Err(problem) => answers.push(Some(Err(problem))),
             }
         }
+        let started = std::time::Instant::now();
         let appended = self.log.append_many(&ready).await;
+        metrics::histogram!("tally_log_append_duration_seconds", "mode" => "batch")
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("tally_ingest_batch_size").record(answers.len() as f64);
         let unavailable = appended.iter().filter(|a| a.is_err()).count();
         if let Some(Err(err)) = appended.iter().find(|a| a.is_err()) {
             tracing::warn!(votes = unavailable, error = %err.chain(), "votes of a batch not accepted: log unavailable");
@@ -239,7 +246,11 @@ impl Ingest {
         }
         answers
             .into_iter()
-            .map(|answer| answer.expect("every vote is answered"))
+            .map(|answer| {
+                let answer = answer.expect("every vote is answered");
+                count_answer(&answer);
+                answer
+            })
             .collect()
     }
 
@@ -359,6 +370,39 @@ impl Ingest {
     }
 }
 
+/// Counts a vote's answer: `tally_votes_accepted_total` for every 202 (a retry's too: it is
+/// one more 202), `tally_votes_rejected_total` by problem type otherwise.
+fn count_answer(answer: &Result<Accepted, Problem>) {
+    match answer {
+        Ok(_) => metrics::counter!("tally_votes_accepted_total").increment(1),
+        Err(problem) => {
+            metrics::counter!("tally_votes_rejected_total", "type" => problem.slug().to_owned())
+                .increment(1)
+        }
+    }
+}
+
+/// Describes the metrics ingest records (once per process).
+fn describe_metrics() {
+    // Help texts go to the recorder installed then: install the process's first.
+    tally_service::http::observe::recorder();
+    use metrics::{describe_counter, describe_histogram, Unit};
+    describe_counter!(
+        "tally_votes_accepted_total",
+        "Votes answered 202 (single votes and batch lines; a retry's 202 counts again)"
+    );
+    describe_counter!(
+        "tally_votes_rejected_total",
+        "Votes refused after their body was read, by problem type"
+    );
+    describe_histogram!(
+        "tally_log_append_duration_seconds",
+        Unit::Seconds,
+        "Time for the vote log to acknowledge an append (one vote, or the votes of a batch)"
+    );
+    describe_histogram!("tally_ingest_batch_size", "Lines in an imported batch");
+}
+
 /// A vote ready for the log.
 struct Prepared {
     vote: Vote,
@@ -374,26 +418,63 @@ fn too_many_polls(max: usize) -> Problem {
     )
 }
 
+/// What a page on another origin may do with the vote route: POST a JSON vote with its
+/// voter token, and read the token and the rate-limit headers of the answer.
+static VOTE_CORS: cors::Policy = cors::Policy {
+    methods: "POST",
+    allow_headers: "content-type, tally-voter",
+    expose_headers:
+        "tally-voter, retry-after, ratelimit-limit, ratelimit-remaining, ratelimit-reset",
+    poll_ids: cors::poll_in_path,
+};
+
 /// The vote routes alone, for composing with other services on one listener. They sit
-/// behind the per-address guard (request rate and failed-key throttle).
+/// behind the per-address guard (request rate and failed-key throttle). A single vote from
+/// a web page of another origin is taken only when the poll lists that origin in
+/// `allowed_origins` (see [`cors`]); the batch route is for servers and answers no page.
 pub fn api(ingest: Arc<Ingest>) -> Router {
     let vote_limit = ingest.config.max_vote_bytes;
     let batch_limit = ingest.config.max_batch_bytes;
-    Router::new()
+    let origins = cors::Cors::new(ingest.polls.clone(), ingest.guard.clone());
+    let routes = Router::new()
         .route(
             "/v1/polls/{id}/votes",
-            post(votes::vote).layer(DefaultBodyLimit::max(vote_limit)),
+            post(votes::vote)
+                .options(cors::preflight_only)
+                .layer(DefaultBodyLimit::max(vote_limit))
+                .layer(axum::middleware::from_fn_with_state(
+                    (origins, &VOTE_CORS),
+                    cors::layer,
+                )),
         )
         .route(
             "/v1/votes:batch",
             post(batch::batch).layer(DefaultBodyLimit::max(batch_limit)),
-        )
-        .route_layer(axum::middleware::from_fn_with_state(
-            ingest.guard.clone(),
-            guard::layer,
-        ))
-        .with_state(ingest)
+        );
+    guard::protect(routes, ingest.guard.clone()).with_state(ingest)
 }
+
+/// The vote routes' part of the OpenAPI document (the query service merges it into the one
+/// it serves).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi as _;
+    Doc::openapi()
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(votes::vote, batch::batch),
+    components(schemas(
+        tally_core::vote::VoteRequest,
+        tally_core::api::Accepted,
+        tally_core::api::BatchResult,
+        tally_core::api::LineResult,
+        tally_core::api::LineProblem,
+        tally_core::api::VoteStatus,
+    )),
+    tags((name = "votes", description = "Vote intake (the ingest service; public, rate-limited)"))
+)]
+struct Doc;
 
 /// Readiness checks of what ingest depends on.
 pub fn probes(ingest: &Ingest) -> Vec<health::Probe> {
@@ -407,7 +488,7 @@ pub fn probes(ingest: &Ingest) -> Vec<health::Probe> {
 pub fn router(ingest: Arc<Ingest>) -> Router {
     let probes = probes(&ingest);
     let timeout = ingest.config.request_timeout;
-    health::service(api(ingest), probes, timeout)
+    health::service("ingest", api(ingest), probes, timeout)
 }
 
 /// How long a stopping process waits for its background tasks.
@@ -421,11 +502,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let tasks = Tasks::new();
+    let serve = config.serve.clone();
     let ingest = Ingest::new(deps, config, &tasks)?;
-    let app = router(ingest).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    tally_service::http::serve(listener, router(ingest), serve, shutdown).await?;
     tasks.shutdown(SHUTDOWN_GRACE).await;
     Ok(())
 }

@@ -7,12 +7,23 @@
 //! live streams only move forward in log sequence.
 //!
 //! One module per resource: [`polls`] (management), [`results`] (results and who may see
-//! them), [`analytics`] (breakdowns and time series), [`live`] (SSE).
+//! them), [`analytics`] (breakdowns and time series), [`live`] (SSE), [`ballot`] (what a
+//! voter is shown), [`sql`] (analysts' read-only SQL) and [`export`] (a poll's ballots as
+//! files), both written by [`encode`]; [`catalog`] keeps the warehouse's copy of the poll
+//! definitions current for analysts; [`assets`] serves the dashboard and the embeddable
+//! widget.
 
 mod analytics;
+mod assets;
+mod ballot;
+mod catalog;
+mod encode;
+mod export;
 mod live;
+pub mod openapi;
 mod polls;
 mod results;
+mod sql;
 mod stats;
 
 use std::future::Future;
@@ -24,18 +35,20 @@ use axum::extract::{DefaultBodyLimit, Query};
 use axum::http::{header, HeaderMap};
 use axum::routing::{get, post};
 use axum::Router;
+use tally_core::analyst::SqlLimits;
 use tally_core::auth::{ApiKeys, Role};
 use tally_core::poll::Poll;
 use tally_core::ports::{LiveFeed, PollRegistry, Warehouse};
 use tally_core::problem::Problem;
 use tally_core::secrets::Secrets;
-use tally_service::http::{guard, health, ApiError, Guard};
+use tally_service::http::{cors, guard, health, ApiError, Guard, ServeConfig};
 use tally_service::limits::{Proxies, Rate};
 use tally_service::tasks::CancellationToken;
 use tally_service::{PollCache, Tasks};
 use tokio::net::TcpListener;
 
-pub use live::LiveHub;
+pub use ballot::Ballot;
+pub use live::{LiveHub, MAX_STREAM_POLLS};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -58,6 +71,8 @@ pub const DEFAULT_LIVE_HEARTBEAT_SECONDS: u64 = 15;
 pub const DEFAULT_LIVE_MAX_CLIENTS: usize = 10_000;
 /// The default cap on live connections from one client address.
 pub const DEFAULT_LIVE_MAX_PER_ADDRESS: usize = 100;
+/// The default request rate per client address.
+pub const DEFAULT_RATE_PER_IP: &str = "100/s";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -81,6 +96,13 @@ pub struct Config {
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub request_timeout: Duration,
+    /// Connection limits and drain of the listener.
+    pub serve: ServeConfig,
+    /// The limits every analyst query (`POST /v1/sql`) runs under.
+    pub sql_limits: SqlLimits,
+    /// The document served at `/openapi.json` (see [`openapi::document`]); `None` serves
+    /// query's routes alone.
+    pub openapi: Option<openapi::Document>,
 }
 
 impl Default for Config {
@@ -93,17 +115,21 @@ impl Default for Config {
             secrets: None,
             live_max_clients: DEFAULT_LIVE_MAX_CLIENTS,
             live_max_per_address: DEFAULT_LIVE_MAX_PER_ADDRESS,
-            rate_per_ip: Rate::per_second(100),
+            rate_per_ip: Rate::parse(DEFAULT_RATE_PER_IP).expect("a valid default rate"),
             auth_failures: guard::default_auth_failures(),
             trusted_proxies: Vec::new(),
             request_timeout: health::REQUEST_TIMEOUT,
+            serve: ServeConfig::default(),
+            sql_limits: SqlLimits::default(),
+            openapi: None,
         }
     }
 }
 
 pub struct App {
     live_slots: Arc<tokio::sync::Semaphore>,
-    streams: Arc<live::StreamsPerAddress>,
+    /// Live streams held per client address, so one address cannot take every slot.
+    streams: Arc<tally_service::http::serve::PerAddress>,
     guard: Arc<Guard>,
     /// Fired when the process starts draining: live streams end with a `reconnect` event.
     drain: CancellationToken,
@@ -111,6 +137,8 @@ pub struct App {
     warehouse: Arc<dyn Warehouse>,
     polls: Arc<PollCache>,
     live: Arc<LiveHub>,
+    /// `/openapi.json`, rendered once.
+    openapi: bytes::Bytes,
     config: Config,
 }
 
@@ -126,15 +154,8 @@ impl App {
             config.auth_failures,
         ));
         let swept = guard.clone();
-        tasks.spawn("limiter-sweeper", move |cancel| async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => swept.retain_recent(),
-                    () = cancel.cancelled() => return,
-                }
-            }
-        });
+        guard::sweep_periodically(tasks, move || swept.retain_recent());
+        catalog::keep_recorded(deps.registry.clone(), deps.warehouse.clone(), tasks);
         Arc::new(App {
             live_slots: Arc::new(tokio::sync::Semaphore::new(config.live_max_clients)),
             streams: Arc::default(),
@@ -144,6 +165,7 @@ impl App {
             registry: deps.registry,
             warehouse: deps.warehouse,
             live,
+            openapi: openapi::render(&config),
             config,
         })
     }
@@ -172,7 +194,11 @@ impl App {
 
 /// The query routes alone, for composing with other services on one listener.
 pub fn api(app: Arc<App>) -> Router {
-    Router::new()
+    let origins = cors::Cors::new(app.polls.clone(), app.guard.clone());
+    let read_cors =
+        axum::middleware::from_fn_with_state((origins.clone(), &READ_CORS), cors::layer);
+    let many_cors = axum::middleware::from_fn_with_state((origins, &MANY_CORS), cors::layer);
+    let routes = Router::new()
         .route("/v1/polls", post(polls::create).get(polls::list))
         .route(
             "/v1/polls/{id}",
@@ -184,17 +210,62 @@ pub fn api(app: Arc<App>) -> Router {
         .route("/v1/polls/{id}/close", post(polls::close))
         .route("/v1/polls/{id}/reopen", post(polls::reopen))
         .route("/v1/polls/{id}/tokens", post(polls::mint_token))
-        .route("/v1/polls/{id}/results", get(results::results))
+        .route(
+            "/v1/polls/{id}/results",
+            get(results::results)
+                .options(cors::preflight_only)
+                .layer(read_cors.clone()),
+        )
+        .route(
+            "/v1/polls/{id}/ballot",
+            get(ballot::ballot)
+                .options(cors::preflight_only)
+                .layer(read_cors.clone()),
+        )
         .route("/v1/polls/{id}/breakdown", get(analytics::breakdown))
         .route("/v1/polls/{id}/timeseries", get(analytics::timeseries))
-        .route("/v1/polls/{id}/live", get(live::live))
-        .layer(DefaultBodyLimit::max(64 * 1024))
-        .route_layer(axum::middleware::from_fn_with_state(
-            app.guard.clone(),
-            guard::layer,
-        ))
-        .with_state(app)
+        .route("/v1/polls/{id}/export", get(export::export))
+        .route("/v1/sql", post(sql::sql))
+        .route(
+            "/v1/polls/{id}/live",
+            get(live::live)
+                .options(cors::preflight_only)
+                .layer(read_cors),
+        )
+        .route(
+            "/v1/live",
+            get(live::live_many)
+                .options(cors::preflight_only)
+                .layer(many_cors),
+        )
+        .route("/dashboard", get(assets::dashboard_redirect))
+        .route("/dashboard/", get(assets::overview))
+        .route("/dashboard/polls/{id}", get(assets::poll_page))
+        .route("/dashboard/assets/{version}/{file}", get(assets::versioned))
+        .route("/widget.js", get(assets::widget))
+        .route("/embed/{poll}", get(assets::embed_page))
+        .route("/openapi.json", get(openapi::openapi_json))
+        .route("/docs", get(openapi::docs))
+        .layer(DefaultBodyLimit::max(64 * 1024));
+    guard::protect(routes, app.guard.clone()).with_state(app)
 }
+
+/// What a page on another origin may read: a poll's ballot, results and live totals (the
+/// widget), when the poll lists the origin in `allowed_origins`. Never with a key or cookie.
+static READ_CORS: cors::Policy = cors::Policy {
+    methods: "GET",
+    allow_headers: "last-event-id",
+    expose_headers: "",
+    poll_ids: cors::poll_in_path,
+};
+
+/// The multi-poll live stream: every poll it names must allow the origin.
+static MANY_CORS: cors::Policy = cors::Policy {
+    methods: "GET",
+    allow_headers: "last-event-id",
+    expose_headers: "",
+    poll_ids: cors::polls_in_query,
+};
 
 /// Readiness checks of what the query service depends on.
 pub fn probes(app: &App) -> Vec<health::Probe> {
@@ -206,9 +277,22 @@ pub fn probes(app: &App) -> Vec<health::Probe> {
 
 /// The query service: its routes, health, and problem+json for everything else.
 pub fn router(app: Arc<App>) -> Router {
+    describe_metrics();
     let probes = probes(&app);
     let timeout = app.config.request_timeout;
-    health::service(api(app), probes, timeout)
+    health::service("query", api(app), probes, timeout)
+}
+
+/// Help texts of the query service's own metrics (live streams).
+fn describe_metrics() {
+    // Help texts go to the recorder installed then: install the process's first.
+    tally_service::http::observe::recorder();
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!("tally_live_clients", "Live (SSE) streams open now");
+    describe_counter!(
+        "tally_live_events_total",
+        "Live events delivered to clients (snapshots, totals, closed, hidden, reconnect)"
+    );
 }
 
 /// How long a stopping process waits for its background tasks.
@@ -222,15 +306,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let tasks = Tasks::new();
+    let serve = config.serve.clone();
     let app = App::new(deps, config, &tasks);
     let draining = app.clone();
-    let service = router(app).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            draining.drain();
-        })
-        .await?;
+    tally_service::http::serve(listener, router(app), serve, async move {
+        shutdown.await;
+        // Live streams end with a `reconnect` event, so the drain does not wait on them.
+        draining.drain();
+    })
+    .await?;
     tasks.shutdown(SHUTDOWN_GRACE).await;
     Ok(())
 }

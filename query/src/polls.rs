@@ -52,6 +52,19 @@ async fn stored(app: &App, id: &str) -> Result<Poll, ApiError> {
     }
 }
 
+#[utoipa::path(post, path = "/v1/polls", tag = "polls",
+    security(("api_key" = ["admin"])),
+    request_body = NewPoll,
+    responses(
+        (status = 201, description = "the poll, with its status and version", body = PollDoc),
+        (status = 400, description = "`malformed-json`, `invalid-utf8`, `invalid-query`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`already-exists`: the id is taken", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid-field`: `field` names it", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub(crate) async fn create(State(app): State<Arc<App>>, request: Request) -> Reply {
     let new: NewPoll = admin_body(&app, request).await?;
     let poll = new.into_poll(time::now_ms(), || {
@@ -76,6 +89,22 @@ pub(crate) struct ListParams {
     include_archived: bool,
 }
 
+#[utoipa::path(get, path = "/v1/polls", tag = "polls",
+    security(("api_key" = ["admin"])),
+    params(
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "polls per page (default 50)"),
+        ("after" = Option<String>, Query, description = "the `next` cursor of the previous page"),
+        ("include_archived" = Option<bool>, Query, description = "list archived polls too"),
+    ),
+    responses(
+        (status = 200, description = "a page of polls", body = PollPage),
+        (status = 400, description = "`malformed-json`, `invalid-utf8`, `invalid-query`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid-field`: `limit` out of range", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub(crate) async fn list(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -116,6 +145,18 @@ pub(crate) async fn list(
     Ok(Json(page).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/polls/{id}", tag = "polls",
+    security(("api_key" = ["admin"])),
+    params(("id" = String, Path, description = "the poll")),
+    responses(
+        (status = 200, description = "the poll", body = PollDoc),
+        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "`poll-unreadable`: replace it with `PUT`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub(crate) async fn get(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -129,6 +170,21 @@ pub(crate) async fn get(
 /// `PUT /v1/polls/{id}`: replaces a poll whose stored record cannot be read (written by a
 /// broken version, damaged on disk). Refused for a readable poll: that one is changed with
 /// PATCH, which keeps its history. Votes already counted stay counted.
+#[utoipa::path(put, path = "/v1/polls/{id}", tag = "polls",
+    security(("api_key" = ["admin"])),
+    params(("id" = String, Path, description = "the poll")),
+    request_body(content = NewPoll, description = "a whole definition, plus `voter_key_scheme` (1 or 2) of the lost record"),
+    responses(
+        (status = 200, description = "the replaced poll", body = PollDoc),
+        (status = 400, description = "`malformed-json`, `invalid-utf8`, `invalid-query`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`poll-readable`: edit it with `PATCH`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid-field`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub(crate) async fn replace(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -200,6 +256,21 @@ async fn modify(
     Err(CoreError::Conflict(format!("poll `{id}`")).into())
 }
 
+#[utoipa::path(patch, path = "/v1/polls/{id}", tag = "polls",
+    security(("api_key" = ["admin"])),
+    params(("id" = String, Path, description = "the poll")),
+    request_body = PollPatch,
+    responses(
+        (status = 200, description = "the edited poll", body = PollDoc),
+        (status = 400, description = "`malformed-json`, `invalid-utf8`, `invalid-query`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`concurrent-update`, `poll-archived`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid-field`: `field` names it", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub(crate) async fn patch(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -247,6 +318,18 @@ async fn change_status(
     Ok(Json(doc(poll)).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/polls/{id}/close", tag = "polls",
+    security(("api_key" = ["admin"])),
+    params(("id" = String, Path, description = "the poll")),
+    responses(
+        (status = 200, description = "the closed poll", body = PollDoc),
+        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`poll-archived`, `concurrent-update`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub(crate) async fn close(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -258,6 +341,18 @@ pub(crate) async fn close(
     .await
 }
 
+#[utoipa::path(post, path = "/v1/polls/{id}/reopen", tag = "polls",
+    security(("api_key" = ["admin"])),
+    params(("id" = String, Path, description = "the poll")),
+    responses(
+        (status = 200, description = "the reopened poll", body = PollDoc),
+        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`poll-archived`, `concurrent-update`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub(crate) async fn reopen(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -273,6 +368,18 @@ pub(crate) async fn reopen(
     .await
 }
 
+#[utoipa::path(delete, path = "/v1/polls/{id}", tag = "polls",
+    security(("api_key" = ["admin"])),
+    params(("id" = String, Path, description = "the poll")),
+    responses(
+        (status = 200, description = "the archived poll (kept, status `archived`)", body = PollDoc),
+        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`concurrent-update`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub(crate) async fn archive(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -287,6 +394,21 @@ pub(crate) async fn archive(
 const MAX_TOKEN_TTL: u64 = 90 * 86_400;
 
 /// Mints a signed voter token for one voter of one poll (admin).
+#[utoipa::path(post, path = "/v1/polls/{id}/tokens", tag = "polls",
+    security(("api_key" = ["admin"])),
+    params(("id" = String, Path, description = "the poll")),
+    request_body = TokenRequest,
+    responses(
+        (status = 201, description = "a signed voter token", body = TokenIssued),
+        (status = 400, description = "`malformed-json`, `invalid-utf8`, `invalid-query`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid-field`", body = Problem, content_type = "application/problem+json"),
+        (status = 501, description = "`token-minting-disabled`: no secret configured", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
+    ))]
 pub(crate) async fn mint_token(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,

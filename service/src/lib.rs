@@ -5,6 +5,8 @@
 //!   the middleware every router gets (request time limit, fallbacks);
 //! - [`limits`]: rate limits and the client's address behind trusted proxies;
 //! - [`polls`]: a local, always-fresh copy of the poll registry for hot paths;
+//! - [`openapi`]: what every service's OpenAPI document shares (key scheme, problem types,
+//!   health routes);
 //! - [`tasks`]: the one owner of a process's background tasks, which stops them together
 //!   and waits for them on shutdown.
 //!
@@ -13,6 +15,7 @@
 
 pub mod http;
 pub mod limits;
+pub mod openapi;
 pub mod polls;
 pub mod tasks;
 

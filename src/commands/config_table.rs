@@ -18,7 +18,9 @@ struct Setting {
 /// One row per variable: the flag, its default, what it does, which commands take it.
 pub fn markdown() -> String {
     let mut settings: BTreeMap<String, Setting> = BTreeMap::new();
-    let root = Cli::command();
+    // Built, so global flags are copied into every subcommand.
+    let mut root = Cli::command();
+    root.build();
     for command in root.get_subcommands() {
         let name = command.get_name().to_owned();
         for arg in command.get_arguments() {

@@ -2,7 +2,9 @@
 
 use clap::Args;
 
-use crate::config::{shutdown_signal, Bus, Keys, LimitArgs, Listen8080, ProxyArgs, Timeout};
+use crate::config::{
+    shutdown_signal, Bus, Keys, LimitArgs, Listen8080, ProxyArgs, Serving, Timeout,
+};
 
 #[derive(Args)]
 pub struct IngestArgs {
@@ -19,6 +21,8 @@ pub struct IngestArgs {
     keys: Keys,
     #[command(flatten)]
     timeout: Timeout,
+    #[command(flatten)]
+    serving: Serving,
     /// Server secret for hashing voter ids and signing voter tokens (16+ bytes).
     #[arg(long, env = "TALLY_SECRET", hide_env_values = true)]
     secret: String,
@@ -34,6 +38,7 @@ impl IngestArgs {
             keys: self.keys.api_keys()?,
             limits: self.limits.config(&self.proxies),
             request_timeout: self.timeout.duration(),
+            serve: self.serving.config(),
             ..Default::default()
         };
         let listener = self.listen.bind("ingest").await?;

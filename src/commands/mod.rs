@@ -1,6 +1,7 @@
 //! The subcommands of `tally`, one file each.
 
 mod config_table;
+mod healthcheck;
 mod ingest;
 mod migrate;
 mod processor;
@@ -23,6 +24,15 @@ pub struct Cli {
     /// With no subcommand: the options of `standalone`.
     #[command(flatten)]
     standalone: standalone::StandaloneArgs,
+    /// Log lines as text or as JSON objects, one per line.
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: crate::config::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -41,12 +51,19 @@ enum Command {
     TokenKey(token::TokenKeyArgs),
     /// Applies warehouse migrations and exits.
     Migrate(migrate::MigrateArgs),
+    /// Asks a service on this host whether it is ready (exit 0) or not (exit 1): container
+    /// healthchecks without curl.
+    Healthcheck(healthcheck::HealthcheckArgs),
     /// Prints the table of every `TALLY_*` variable (for docs/OPERATIONS.md).
     #[command(hide = true)]
     ConfigTable,
 }
 
 impl Cli {
+    pub fn log_format(&self) -> crate::config::LogFormat {
+        self.log_format
+    }
+
     pub async fn run(self) -> anyhow::Result<()> {
         let Some(command) = self.command else {
             return self.standalone.run().await;
@@ -59,6 +76,7 @@ impl Cli {
             Command::Token(args) => args.run(),
             Command::TokenKey(args) => args.run(),
             Command::Migrate(args) => args.run().await,
+            Command::Healthcheck(args) => args.run().await,
             Command::ConfigTable => {
                 print!("{}", config_table::markdown());
                 Ok(())

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use clap::Args;
+use tally_core::secrets::Secrets;
 use tally_nats::NatsLiveFeed;
 
 use crate::config::{shutdown_signal, Bus, Listen8082, Processing, WarehouseArgs};
@@ -20,6 +21,9 @@ pub struct ProcessorArgs {
     own_partitions: Vec<u16>,
     #[command(flatten)]
     processing: Processing,
+    /// Server secret (as given to the query service); signs live totals.
+    #[arg(long, env = "TALLY_SECRET", hide_env_values = true)]
+    secret: Option<String>,
 }
 
 impl ProcessorArgs {
@@ -28,7 +32,13 @@ impl ProcessorArgs {
         let client = self.bus.connect().await?;
         let log = self.bus.log(client.clone()).await?;
         let registry = self.bus.registry(client.clone()).await?;
-        let live = Arc::new(NatsLiveFeed::new(client));
+        // Signs live totals with the key the query service checks them with.
+        let live_key = self
+            .secret
+            .map(|secret| Secrets::new(secret.as_bytes()).map(|s| s.live_key()))
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        let live = Arc::new(NatsLiveFeed::new(client, live_key));
         let config = self.processing.config(self.own_partitions);
         let listener = self.listen.bind("processor").await?;
         let deps = tally_processor::Deps {

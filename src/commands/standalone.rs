@@ -14,7 +14,8 @@ use tally_service::Tasks;
 use tokio::net::TcpListener;
 
 use crate::config::{
-    shutdown_signal, Keys, LimitArgs, Listen8080, Live, Processing, ProxyArgs, Timeout,
+    shutdown_signal, Keys, LimitArgs, Listen8080, Live, Processing, ProxyArgs, Serving, SqlArgs,
+    Timeout,
 };
 use crate::demo;
 
@@ -22,6 +23,8 @@ use crate::demo;
 pub struct StandaloneArgs {
     #[command(flatten)]
     timeout: Timeout,
+    #[command(flatten)]
+    serving: Serving,
     #[command(flatten)]
     listen: Listen8080,
     #[command(flatten)]
@@ -44,6 +47,8 @@ pub struct StandaloneArgs {
     processing: Processing,
     #[command(flatten)]
     live: Live,
+    #[command(flatten)]
+    sql: SqlArgs,
     /// Creates a sample poll and feeds it synthetic votes.
     #[arg(long)]
     demo: bool,
@@ -190,12 +195,22 @@ async fn run(
             warehouse: store.warehouse.clone(),
             live: store.live.clone(),
         },
-        settings.live.config(
-            api_keys,
-            Some(secrets),
-            &settings.proxies,
-            &settings.timeout,
-        ),
+        tally_query::Config {
+            sql_limits: settings.sql.limits(),
+            // One listener serves every route, the vote routes among them.
+            openapi: Some(tally_query::openapi::Document(
+                tally_query::openapi::document(
+                    tally_ingest::openapi(),
+                    tally_query::openapi::Votes::Here,
+                ),
+            )),
+            ..settings.live.config(
+                api_keys,
+                Some(secrets),
+                &settings.proxies,
+                &settings.timeout,
+            )
+        },
         &tasks,
     );
     let processor_deps = tally_processor::Deps {
@@ -217,6 +232,7 @@ async fn run(
     catch_up(&store).await?;
     let draining = query.clone();
     let app = health::service(
+        "standalone",
         tally_ingest::api(ingest.clone()).merge(tally_query::api(query)),
         probes,
         settings.timeout.duration(),
@@ -245,12 +261,9 @@ async fn run(
     }
     let _ = std::io::stdout().flush();
 
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    tally_service::http::serve(listener, app, settings.serving.config(), async move {
         shutdown.await;
+        // Live streams end with a `reconnect` event, so the drain does not wait on them.
         draining.drain();
     })
     .await?;

@@ -147,6 +147,38 @@ impl ManagedProcess {
         }
     }
 
+    /// SIGTERM, as an orchestrator stops a container, then waits up to `deadline` for the
+    /// process to exit. Returns its exit status and how long it took; past the deadline the
+    /// process is killed and this fails.
+    pub async fn terminate(
+        &mut self,
+        deadline: Duration,
+    ) -> anyhow::Result<(std::process::ExitStatus, Duration)> {
+        let Some(child) = self.child.as_mut() else {
+            bail!("{} is not running", self.name);
+        };
+        let started = std::time::Instant::now();
+        let signalled = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(signalled.success(), "could not signal {}", self.name);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok((status, started.elapsed()));
+            }
+            if started.elapsed() > deadline {
+                self.kill().await;
+                bail!(
+                    "{} still running {deadline:?} after SIGTERM\n{}",
+                    self.name,
+                    self.logs_for_error()
+                );
+            }
+            tokio::time::sleep(REAP_INTERVAL).await;
+        }
+    }
+
     /// Kills the process if it is running and starts the same command again, so on the same
     /// ports and data directory. Wait for it with [`ManagedProcess::wait_ready`].
     pub async fn restart(&mut self) -> anyhow::Result<()> {

@@ -124,6 +124,15 @@ impl Service {
         Service::spawn_on(self.name, &self.listen, env, extra_env, dir).await
     }
 
+    /// SIGTERM, as an orchestrator stops a service; see [`ManagedProcess::terminate`].
+    pub async fn terminate(
+        &mut self,
+        deadline: Duration,
+    ) -> Result<(std::process::ExitStatus, Duration)> {
+        let process = self.process.as_mut().context("an alias owns no process")?;
+        process.terminate(deadline).await
+    }
+
     /// SIGKILL, like a crashed machine: no shutdown hooks run.
     pub async fn kill(&mut self) {
         if let Some(process) = self.process.as_mut() {
@@ -241,6 +250,12 @@ impl Cluster {
                 env.insert("TALLY_NATS_URL".into(), nats.url());
                 env.insert("TALLY_CLICKHOUSE_URL".into(), clickhouse_url.clone());
                 env.insert("TALLY_CLICKHOUSE_DATABASE".into(), database.clone());
+                // Analysts' SQL as the read-only user of scripts/clickhouse/users.xml, as in
+                // production (the processor and ingest do not read this; only query does).
+                env.insert(
+                    "TALLY_CLICKHOUSE_ANALYST_USER".into(),
+                    "tally_analyst".into(),
+                );
                 // The processor first: it applies migrations and creates the stream others use.
                 let processor = Service::spawn("processor", &env, &[], dir.path()).await?;
                 let ingest = Service::spawn("ingest", &env, &[], dir.path()).await?;
@@ -282,6 +297,18 @@ impl Cluster {
                     http,
                 })
             }
+        }
+    }
+
+    /// SIGTERM to the process serving live streams (query, or standalone), waiting up to
+    /// `deadline` for it to exit: its status and how long it took.
+    pub async fn terminate_query(
+        &mut self,
+        deadline: Duration,
+    ) -> Result<(std::process::ExitStatus, Duration)> {
+        match self.deployment {
+            Deployment::Distributed => self.query.terminate(deadline).await,
+            Deployment::Standalone => self.processor.get_mut().terminate(deadline).await,
         }
     }
 

@@ -76,8 +76,10 @@ async fn hostile_requests_are_refused_and_change_nothing(deployment: Deployment)
     let (ingest, query) = (cluster.ingest.url.clone(), cluster.query.url.clone());
     cluster
         .create_poll(
+            // Embedded on a shop's site, whose pages vote from their visitors' browsers.
             json!({"id": "target", "title": "T", "question": "Q", "kind": "single",
-            "options": [{"id": "red", "label": "Red"}, {"id": "blue", "label": "Blue"}]}),
+            "options": [{"id": "red", "label": "Red"}, {"id": "blue", "label": "Blue"}],
+            "allowed_origins": ["https://shop.example"]}),
         )
         .await?;
     let options: Vec<Value> = (0..50)

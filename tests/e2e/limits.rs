@@ -49,7 +49,8 @@ async fn clients_over_their_quota_wait_and_others_are_served(deployment: Deploym
     .await?;
     cluster
         .create_poll(json!({"id": "busy", "title": "Busy", "question": "Q", "kind": "single", "dedupe": "none",
-            "options": [{"id": "a", "label": "A"}, {"id": "b", "label": "B"}]}))
+            "options": [{"id": "a", "label": "A"}, {"id": "b", "label": "B"}],
+            "allowed_origins": ["https://shop.example"]}))
         .await?;
     let first = client_from("127.0.0.1")?;
     let mut accepted = 0u64;

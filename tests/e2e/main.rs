@@ -3,14 +3,24 @@
 //! processes) and against one `tally standalone` process.
 
 mod bad_input;
+mod browser;
 mod cluster;
+mod compose;
+mod dashboard;
+mod drain;
 mod faults;
+mod grafana;
+mod hostile;
 mod integrity;
 mod limits;
 mod loadgen;
+mod logs;
 mod management;
+mod openapi;
 mod pipeline;
 mod reliability;
 mod roles;
+mod sql;
 mod tokens;
 mod visibility;
+mod widget;

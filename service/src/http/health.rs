@@ -59,14 +59,27 @@ where
 /// stream's body may flow for hours). Covers clients that trickle their body.
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A service's router: its `api`, `/healthz` and `/readyz` over `probes`, problem+json
-/// answers for unknown paths and methods, and a 408 for requests not answered in `timeout`.
-pub fn service(api: Router, probes: Vec<Probe>, timeout: std::time::Duration) -> Router {
+/// A service's router: its `api`, `/healthz` and `/readyz` over `probes`, `/metrics`,
+/// problem+json answers for unknown paths and methods, a 408 for requests not answered in
+/// `timeout`, and (outermost) the request id, access log and request metrics of
+/// [`super::observe`], under the service `name`.
+pub fn service(
+    name: &'static str,
+    api: Router,
+    probes: Vec<Probe>,
+    timeout: std::time::Duration,
+) -> Router {
+    // Installed before any request, so every metric recorded is exposed.
+    super::observe::recorder();
     api.merge(routes(probes))
+        .route("/metrics", get(super::observe::metrics_route))
         .fallback(|| async { ApiError(problem::no_route()) })
         .method_not_allowed_fallback(|| async { ApiError(problem::method_not_allowed()) })
         .layer(axum::middleware::from_fn(move |request, next| {
             time_limit(timeout, request, next)
+        }))
+        .layer(axum::middleware::from_fn(move |request, next| {
+            super::observe::layer(name, request, next)
         }))
 }
 

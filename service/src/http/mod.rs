@@ -1,7 +1,9 @@
 //! The HTTP kit the services share.
 
+pub mod cors;
 pub mod guard;
 pub mod health;
+pub mod observe;
 mod problem;
 pub mod serve;
 

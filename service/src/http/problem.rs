@@ -43,11 +43,25 @@ impl From<tally_core::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let problem = self.0;
+        // This occurrence, `urn:tally:request:<id>`: the id the server logged the request
+        // under (also its `X-Request-Id`), so an error report leads to the logs.
+        #[derive(serde::Serialize)]
+        struct WithInstance<'a> {
+            #[serde(flatten)]
+            problem: &'a Problem,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            instance: Option<String>,
+        }
         let status = StatusCode::from_u16(problem.status).unwrap_or_else(|_| {
             tracing::error!(status = problem.status, "a problem with an invalid status");
             StatusCode::INTERNAL_SERVER_ERROR
         });
-        let body = match serde_json::to_vec(&problem) {
+        let body = WithInstance {
+            problem: &problem,
+            instance: super::observe::current_request_id()
+                .map(|id| format!("urn:tally:request:{id}")),
+        };
+        let body = match serde_json::to_vec(&body) {
             Ok(body) => body,
             Err(err) => {
                 tracing::error!(error = %Chain(&err), "cannot encode a problem");

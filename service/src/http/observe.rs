@@ -1,0 +1,199 @@
+//! What an operator sees of every request: a request id, an access log line, and the
+//! request metrics; and the `/metrics` route that exposes every metric of the process in the
+//! Prometheus text format.
+//!
+//! - **Request id.** A request's `X-Request-Id` is kept when it is a sane token (1–64 of
+//!   `A-Za-z0-9._-`), else one is made. It is echoed in the response, carried by every log
+//!   line of the request (a tracing span), and put in problem+json `instance`
+//!   (`urn:tally:request:<id>`), so a client's error report leads to the server's logs.
+//! - **Access log.** One line per request at `info`: method, route (the path's template, so
+//!   no poll id or token from the path), status, latency, request id, client address. Never a
+//!   header, a query string or a body: no API key or voter id reaches a log.
+//! - **Metrics.** `tally_http_requests_total` and `tally_http_request_duration_seconds` by
+//!   service, route, method and status class. Metric names follow Prometheus conventions:
+//!   `tally_` prefix, base units, `_total` counters; poll ids are never labels.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, MatchedPath, Request};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing::Instrument;
+
+tokio::task_local! {
+    /// The id of the request being handled, for problem+json `instance`.
+    static REQUEST_ID: String;
+}
+
+/// The id of the request the current task handles, if any.
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
+
+/// Buckets of latency histograms, in seconds: 0.5 ms to 10 s.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Buckets of size histograms (votes in a batch, rows in an insert).
+const SIZE_BUCKETS: [f64; 10] = [
+    1.0, 10.0, 50.0, 100.0, 500.0, 1_000.0, 5_000.0, 10_000.0, 50_000.0, 100_000.0,
+];
+
+/// The process's metric recorder, installed on first use; every crate records through the
+/// `metrics` facade into it.
+pub fn recorder() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_size".into()), &SIZE_BUCKETS))
+            .expect("valid buckets");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (a test harness); this handle then
+        // renders only what is recorded here, which is nothing — but serving still works.
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::debug!("a metrics recorder was already installed");
+        }
+        describe();
+        metrics::gauge!("tally_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        handle.clone()
+    })
+}
+
+/// Help texts of the metrics every service may record.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "tally_http_requests_total",
+        "HTTP requests answered, by service, route, method and status"
+    );
+    describe_histogram!(
+        "tally_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer an HTTP request (response head; a live stream's body is not timed)"
+    );
+    describe_gauge!("tally_build_info", "Always 1; the version is a label");
+}
+
+/// `GET /metrics`.
+pub async fn metrics_route() -> Response {
+    let body = recorder().render();
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+fn valid_request_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The status class a request is counted under (`2xx`, `4xx`, …): labels stay few.
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// The middleware of [`super::service`]: request id, access log, request metrics.
+pub async fn layer(service: &'static str, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| valid_request_id(id))
+        .map(str::to_owned)
+        .unwrap_or_else(uuid_like);
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip().to_string())
+        .unwrap_or_default();
+    let span = tracing::info_span!("request", request_id = %id);
+    let mut response = REQUEST_ID
+        .scope(id.clone(), next.run(request).instrument(span.clone()))
+        .await;
+    let status = response.status();
+    let elapsed = started.elapsed();
+    let labels = [
+        ("service", service.to_owned()),
+        ("route", route.clone()),
+        ("method", method.to_string()),
+        ("status", status_class(status).to_owned()),
+    ];
+    metrics::counter!("tally_http_requests_total", &labels).increment(1);
+    metrics::histogram!("tally_http_request_duration_seconds", &labels[..3])
+        .record(elapsed.as_secs_f64());
+    span.in_scope(|| {
+        tracing::info!(
+            target: "tally::access",
+            method = %method,
+            route = %route,
+            status = status.as_u16(),
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            client = %client,
+            "request"
+        )
+    });
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+/// A new request id: 16 random hex digits, from the standard library's seeded hasher (no
+/// RNG crate needed; unpredictability is not required, only uniqueness in practice).
+fn uuid_like() -> String {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    format!("{:016x}", hasher.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_from_clients_must_be_tokens() {
+        assert!(valid_request_id("abc-123_X.y"));
+        assert!(!valid_request_id(""));
+        assert!(!valid_request_id("has space"));
+        assert!(!valid_request_id("new\nline"));
+        assert!(!valid_request_id(&"x".repeat(65)));
+        assert_ne!(uuid_like(), uuid_like());
+    }
+}
