@@ -806,9 +806,10 @@ async fn poll_page_stays_current_at_5000_votes_per_second(deployment: Deployment
         "the page repainted only {} times in {elapsed:.0} s of votes",
         renders.len()
     );
-    // A leak of a few hundred bytes per update would be megabytes by the end.
+    // Allowance for GC and JIT noise only: over the ten-minute run (TALLY_BROWSER_LOAD_SECONDS
+    // = 600) a leak of ~100 bytes per update exceeds it. The 30 s run of CI stays well under.
     ensure!(
-        heap.len() >= 3 && late <= early + 512 * 1024,
+        heap.len() >= 3 && late <= early + 128 * 1024,
         "the page's JS heap grew: {heap:?}"
     );
     browser.close().await;
