@@ -101,6 +101,23 @@ fn valid_request_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// The method a request is counted under. HTTP lets a client invent methods (`BREW`,
+/// `X1`, `X2`, …), and each label value is a new series kept for the life of the process:
+/// anything but the standard methods is counted as `other`.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 /// The status class a request is counted under (`2xx`, `4xx`, …): labels stay few.
 fn status_class(status: StatusCode) -> &'static str {
     match status.as_u16() {
@@ -142,7 +159,7 @@ pub async fn layer(service: &'static str, request: Request, next: Next) -> Respo
     let labels = [
         ("service", service.to_owned()),
         ("route", route.clone()),
-        ("method", method.to_string()),
+        ("method", method_label(&method).to_owned()),
         ("status", status_class(status).to_owned()),
     ];
     metrics::counter!("tally_http_requests_total", &labels).increment(1);
@@ -186,6 +203,41 @@ fn uuid_like() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Invented methods do not become metric series of their own: a client sending a new
+    /// one per request would otherwise grow the process's memory without bound.
+    #[tokio::test]
+    async fn invented_methods_are_counted_as_other() {
+        use axum::body::Body;
+        use tower::ServiceExt;
+        recorder();
+        let app = axum::Router::new()
+            .route("/observed", axum::routing::get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn(|request, next| {
+                layer("observe-test", request, next)
+            }));
+        for method in ["BREW", "XMETHOD1", "XMETHOD2"] {
+            let request = axum::http::Request::builder()
+                .method(method)
+                .uri("/observed")
+                .body(Body::empty())
+                .unwrap();
+            app.clone().oneshot(request).await.unwrap();
+        }
+        let text = recorder().render();
+        let ours: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("service=\"observe-test\""))
+            .collect();
+        assert!(
+            ours.iter().any(|l| l.contains("method=\"other\"")),
+            "{ours:#?}"
+        );
+        assert!(
+            !text.contains("BREW") && !text.contains("XMETHOD"),
+            "{ours:#?}"
+        );
+    }
 
     #[test]
     fn request_ids_from_clients_must_be_tokens() {
