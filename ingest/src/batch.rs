@@ -97,13 +97,9 @@ fn line_problem(problem: Problem) -> LineProblem {
     responses(
         (status = 200, description = "each line's outcome, in order", body = BatchResult),
         (status = 400, description = "`empty-batch`, `invalid-utf8`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`batch-too-large`", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported-media-type`: NDJSON only", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid-field`: too many polls in one batch", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn batch(State(ingest): State<Arc<Ingest>>, request: Request) -> Response {
     let authorization = request

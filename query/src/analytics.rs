@@ -164,12 +164,8 @@ fn breakdown_query(poll: &Poll, params: BreakdownParams) -> Result<BreakdownQuer
     responses(
         (status = 200, description = "counts per segment group, with intervals and tests", body = BreakdownDoc),
         (status = 400, description = "`malformed-json`, `invalid-utf8`, `invalid-query`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid-field`: `field` names the parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn breakdown(
     State(app): State<Arc<App>>,
@@ -304,12 +300,8 @@ const MAX_POINTS: i64 = 10_000;
     responses(
         (status = 200, description = "votes per option per step", body = TimeseriesDoc),
         (status = 400, description = "`malformed-json`, `invalid-utf8`, `invalid-query`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid-field`: `field` names the parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn timeseries(
     State(app): State<Arc<App>>,

@@ -60,8 +60,6 @@ pub struct Ballot {
         (status = 200, description = "what a voter is shown", body = Ballot),
         (status = 403, description = "`origin-not-allowed`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn ballot(State(app): State<Arc<App>>, Path(id): Path<String>) -> Reply {
     let poll = app.poll(&id).await?;

@@ -418,10 +418,8 @@ fn no_cache(response: impl IntoResponse) -> axum::response::Response {
     responses(
         (status = 200, description = "Server-Sent Events: `snapshot` on connect, then `totals` (data: the results document), `closed`, `hidden`, `reconnect`; `id:` is the log sequence", content_type = "text/event-stream", body = String),
         (status = 400, description = "`invalid-query`, `invalid-last-event-id`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: an unknown key", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`results-hidden`, `origin-not-allowed`, `invalid-token`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`too-many-live-clients`, `unavailable`", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn live(
@@ -514,11 +512,9 @@ fn many_event(kind: &str, changed: &[Arc<Results>], sent: &[u64]) -> Event {
     responses(
         (status = 200, description = "Server-Sent Events of several polls: `snapshot` and `totals` events carry `{\"polls\": [results…]}`", content_type = "text/event-stream", body = String),
         (status = 400, description = "`invalid-query`, `invalid-last-event-id`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: an unknown key", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`results-hidden`, `origin-not-allowed`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid-field`: `polls`", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`too-many-live-clients`, `unavailable`", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn live_many(

@@ -74,6 +74,7 @@ pub fn document(ingest: OpenApi, votes: Votes) -> OpenApi {
         }
     }
     doc.merge(ingest);
+    tally_service::openapi::add_shared_problems(&mut doc);
     doc
 }
 
@@ -171,13 +172,10 @@ struct SqlAnswer {
                 (String = "application/vnd.apache.parquet"),
             )),
         (status = 400, description = "`malformed-json`, `invalid-utf8`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`forbidden`, `sql-not-allowed`", body = Problem, content_type = "application/problem+json"),
         (status = 406, description = "`not-acceptable`", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload-too-large`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid-field`, `sql-invalid`, `sql-limit-exceeded`", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`", body = Problem, content_type = "application/problem+json"),
     ))]
 #[allow(dead_code)] // documents `sql::sql`
 fn sql() {}
@@ -197,12 +195,8 @@ fn sql() {}
                 (String = "application/vnd.apache.parquet"),
             )),
         (status = 400, description = "`invalid-query`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid-field`: `format`", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`", body = Problem, content_type = "application/problem+json"),
     ))]
 #[allow(dead_code)] // documents `export::export`
 fn export() {}

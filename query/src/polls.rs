@@ -58,12 +58,8 @@ async fn stored(app: &App, id: &str) -> Result<Poll, ApiError> {
     responses(
         (status = 201, description = "the poll, with its status and version", body = PollDoc),
         (status = 400, description = "`malformed-json`, `invalid-utf8`, `invalid-query`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`already-exists`: the id is taken", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid-field`: `field` names it", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn create(State(app): State<Arc<App>>, request: Request) -> Reply {
     let new: NewPoll = admin_body(&app, request).await?;
@@ -99,11 +95,7 @@ pub(crate) struct ListParams {
     responses(
         (status = 200, description = "a page of polls", body = PollPage),
         (status = 400, description = "`malformed-json`, `invalid-utf8`, `invalid-query`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid-field`: `limit` out of range", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn list(
     State(app): State<Arc<App>>,
@@ -150,12 +142,8 @@ pub(crate) async fn list(
     params(("id" = String, Path, description = "the poll")),
     responses(
         (status = 200, description = "the poll", body = PollDoc),
-        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "`poll-unreadable`: replace it with `PUT`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn get(
     State(app): State<Arc<App>>,
@@ -177,13 +165,9 @@ pub(crate) async fn get(
     responses(
         (status = 200, description = "the replaced poll", body = PollDoc),
         (status = 400, description = "`malformed-json`, `invalid-utf8`, `invalid-query`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`poll-readable`: edit it with `PATCH`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid-field`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn replace(
     State(app): State<Arc<App>>,
@@ -263,13 +247,9 @@ async fn modify(
     responses(
         (status = 200, description = "the edited poll", body = PollDoc),
         (status = 400, description = "`malformed-json`, `invalid-utf8`, `invalid-query`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`concurrent-update`, `poll-archived`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid-field`: `field` names it", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn patch(
     State(app): State<Arc<App>>,
@@ -323,12 +303,8 @@ async fn change_status(
     params(("id" = String, Path, description = "the poll")),
     responses(
         (status = 200, description = "the closed poll", body = PollDoc),
-        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`poll-archived`, `concurrent-update`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn close(
     State(app): State<Arc<App>>,
@@ -346,12 +322,8 @@ pub(crate) async fn close(
     params(("id" = String, Path, description = "the poll")),
     responses(
         (status = 200, description = "the reopened poll", body = PollDoc),
-        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`poll-archived`, `concurrent-update`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn reopen(
     State(app): State<Arc<App>>,
@@ -373,12 +345,8 @@ pub(crate) async fn reopen(
     params(("id" = String, Path, description = "the poll")),
     responses(
         (status = 200, description = "the archived poll (kept, status `archived`)", body = PollDoc),
-        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`concurrent-update`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn archive(
     State(app): State<Arc<App>>,
@@ -401,13 +369,9 @@ const MAX_TOKEN_TTL: u64 = 90 * 86_400;
     responses(
         (status = 201, description = "a signed voter token", body = TokenIssued),
         (status = 400, description = "`malformed-json`, `invalid-utf8`, `invalid-query`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: no or unknown key", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "`forbidden`: the key's role is not enough", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`, `auth-throttled`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid-field`", body = Problem, content_type = "application/problem+json"),
         (status = 501, description = "`token-minting-disabled`: no secret configured", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn mint_token(
     State(app): State<Arc<App>>,

@@ -131,11 +131,8 @@ pub(crate) fn may_see(app: &App, poll: &Poll, access: &Access) -> Result<(), Api
     responses(
         (status = 200, description = "the poll's counted votes", body = Results),
         (status = 400, description = "`malformed-json`, `invalid-utf8`, `invalid-query`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: an unknown key", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "`results-hidden`, `origin-not-allowed`, `invalid-token`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate-limited`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`: the registry or warehouse does not answer", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn results(
     State(app): State<Arc<App>>,

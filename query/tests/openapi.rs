@@ -232,6 +232,22 @@ async fn every_route_names_its_security_and_problem_responses() {
                 })
                 .count();
             assert!(problems > 0, "{method} {path} names no problem response");
+            // The answers every guarded route shares, and those of every keyed route.
+            let responses = &operation["responses"];
+            for status in ["429", "503"] {
+                assert!(
+                    responses[status].is_object(),
+                    "{method} {path} lacks {status}"
+                );
+            }
+            if operation["security"].is_array() {
+                for status in ["401", "403"] {
+                    assert!(
+                        responses[status].is_object(),
+                        "{method} {path} lacks {status}"
+                    );
+                }
+            }
         }
     }
     let live = &doc["paths"]["/v1/polls/{id}/live"]["get"]["responses"]["200"]["content"];

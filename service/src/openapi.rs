@@ -218,6 +218,58 @@ fn problem_description() -> String {
     text
 }
 
+/// Adds the problem answers every API route shares, where a route did not name its own:
+/// `429` and `503` on every `/v1` route (all are behind the per-address guard and read a
+/// back end), `401` and `403` on every route that takes a key. Routes document only the
+/// answers that are theirs.
+pub fn add_shared_problems(doc: &mut OpenApi) {
+    let shared_by_all = [
+        ("429", "`rate-limited`, `auth-throttled`: over a rate limit, or too many unknown keys from this address; `Retry-After` says when to retry"),
+        ("503", "`unavailable`: the vote log, registry or warehouse does not answer"),
+    ];
+    let shared_by_keyed = [
+        ("401", "`unauthorized`: no or unknown key"),
+        ("403", "`forbidden`: the key's role is not enough"),
+    ];
+    for (path, item) in doc.paths.paths.iter_mut() {
+        if !path.starts_with("/v1/") {
+            continue;
+        }
+        let operations = [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.patch,
+            &mut item.delete,
+        ];
+        for operation in operations.into_iter().flatten() {
+            let requirements = operation.security.as_deref().unwrap_or_default();
+            let keyed = !requirements.is_empty();
+            // `security((), …)`: a key is optional, so only an unknown one is refused.
+            let key_optional = requirements
+                .iter()
+                .any(|r| serde_json::to_value(r).is_ok_and(|v| v == serde_json::json!({})));
+            let unauthorized: (&str, &str) = if key_optional {
+                ("401", "`unauthorized`: an unknown key (none is needed)")
+            } else {
+                shared_by_keyed[0]
+            };
+            let shared = shared_by_all.iter().copied().chain(
+                [unauthorized, shared_by_keyed[1]]
+                    .into_iter()
+                    .filter(|_| keyed),
+            );
+            for (status, description) in shared {
+                operation
+                    .responses
+                    .responses
+                    .entry((*status).to_owned())
+                    .or_insert_with(|| RefOr::T(problem_response(description)));
+            }
+        }
+    }
+}
+
 /// A problem+json response with `description`, for `responses(...)` built by hand.
 pub fn problem_response(description: &str) -> utoipa::openapi::Response {
     ResponseBuilder::new()
