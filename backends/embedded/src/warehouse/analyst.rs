@@ -8,8 +8,9 @@
 //! lock, so one query sees each partition as of one position (its watermark then).
 //!
 //! A query runs in a session of its own — only the analyst tables in it (the votes table
-//! that they are views of is removed from the session once they are made), a memory pool
-//! of `max_memory_bytes` with spilling to disk off — on the warehouse's query runtime, and
+//! that they are views of is removed from the session once they are made), drawing on one
+//! memory pool of `max_memory_bytes` that all running analyst queries share, with spilling
+//! to disk off — on the warehouse's query runtime, and
 //! streams its batches through a small channel: the caller's memory stays flat whatever it
 //! returns, the wall-time limit cancels the query where it stands, and dropping the answer
 //! cancels it too.
@@ -30,7 +31,7 @@ use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::{SessionConfig, SessionContext};
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use datafusion::execution::memory_pool::GreedyMemoryPool;
+use datafusion::execution::memory_pool::{GreedyMemoryPool, MemoryPool};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::{execute_stream, ExecutionPlan};
@@ -419,12 +420,28 @@ fn leaf_rows(plan: &dyn ExecutionPlan) -> u64 {
     children.iter().map(|child| leaf_rows(child.as_ref())).sum()
 }
 
-/// A session for one analyst query: its memory pool, no spilling, batches of
+/// The memory pool every analyst query of the process draws from, one per size of
+/// `max_memory_bytes` (one in practice: the service's limit). Shared, so the limit bounds
+/// what all running queries hold together: a pool per query would let a hundred concurrent
+/// queries hold a hundred times the limit, and the process run out of memory.
+fn shared_pool(bytes: u64) -> Arc<dyn MemoryPool> {
+    static POOLS: std::sync::Mutex<BTreeMap<u64, Arc<dyn MemoryPool>>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let mut pools = POOLS.lock().expect("analyst memory pools");
+    pools
+        .entry(bytes)
+        .or_insert_with(|| {
+            let size = usize::try_from(bytes).unwrap_or(usize::MAX);
+            Arc::new(GreedyMemoryPool::new(size))
+        })
+        .clone()
+}
+
+/// A session for one analyst query: the shared memory pool, no spilling, batches of
 /// [`BATCH_ROWS`].
 fn analyst_session(limits: &SqlLimits) -> Result<SessionContext> {
-    let pool = usize::try_from(limits.max_memory_bytes).unwrap_or(usize::MAX);
     let runtime = RuntimeEnvBuilder::new()
-        .with_memory_pool(Arc::new(GreedyMemoryPool::new(pool)))
+        .with_memory_pool(shared_pool(limits.max_memory_bytes))
         .with_disk_manager_builder(
             DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
         )
@@ -589,4 +606,35 @@ fn schema_of(table: &analyst::Table) -> SchemaRef {
         })
         .collect();
     Arc::new(Schema::new(fields))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::execution::memory_pool::MemoryConsumer;
+
+    /// Two analyst sessions draw on one pool: what one query holds, another cannot take, so
+    /// concurrent queries together stay within `max_memory_bytes`.
+    #[test]
+    fn concurrent_queries_share_one_memory_limit() {
+        // A size no other test uses, so this pool is this test's alone.
+        let limits = SqlLimits {
+            max_memory_bytes: 3_000_017,
+            ..SqlLimits::default()
+        };
+        let first = analyst_session(&limits).unwrap();
+        let second = analyst_session(&limits).unwrap();
+        let held = MemoryConsumer::new("first query").register(&first.runtime_env().memory_pool);
+        held.try_grow(2_000_000).expect("the first query fits");
+        let wanted =
+            MemoryConsumer::new("second query").register(&second.runtime_env().memory_pool);
+        assert!(
+            wanted.try_grow(2_000_000).is_err(),
+            "two queries held more than the limit together"
+        );
+        drop(held);
+        wanted
+            .try_grow(2_000_000)
+            .expect("memory comes back when the first query ends");
+    }
 }
