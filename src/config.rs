@@ -434,7 +434,8 @@ pub struct SqlArgs {
     /// Bytes of the rows an analyst query may return, as the engine holds them
     #[arg(long, env = "TALLY_SQL_MAX_RESULT_BYTES", default_value_t = tally_core::analyst::DEFAULT_SQL_MAX_RESULT_BYTES)]
     pub sql_max_result_bytes: u64,
-    /// Bytes of memory the engine may use for one analyst query
+    /// Bytes of memory the engine may use for an analyst query (standalone: for all running
+    /// analyst queries together)
     #[arg(long, env = "TALLY_SQL_MAX_MEMORY_BYTES", default_value_t = tally_core::analyst::DEFAULT_SQL_MAX_MEMORY_BYTES)]
     pub sql_max_memory_bytes: u64,
 }
