@@ -65,6 +65,7 @@ macro_rules! warehouse_suite {
                 invalid_queries_carry_the_engine_message,
                 the_row_limit_stops_an_answer,
                 the_time_limit_stops_a_runaway_query,
+                the_memory_limit_stops_a_greedy_query,
                 an_empty_answer_has_its_columns,
                 a_polls_ballots_are_its_votes_as_of_its_last,
             }
@@ -1164,6 +1165,56 @@ pub async fn the_time_limit_stops_a_runaway_query(warehouse: Arc<dyn Warehouse>)
         sql(warehouse.as_ref(), "SELECT count(*) FROM ballots").await,
         texts(&[&["31"]]),
         "the next query is answered"
+    );
+}
+
+/// A query that needs more memory than its limit is refused naming the limit, and the
+/// warehouse goes on answering.
+pub async fn the_memory_limit_stops_a_greedy_query(warehouse: Arc<dyn Warehouse>) {
+    with_votes(warehouse.as_ref()).await;
+    let limits = SqlLimits {
+        max_memory_bytes: 16 * 1024 * 1024,
+        ..SqlLimits::default()
+    };
+    // 31^4 (about 920,000) distinct keys of ~40 bytes to group by: some 37 MB of keys alone,
+    // well over the limit in any engine's hash table, and quick to make. One join per level
+    // and distinct column names on each side, as ClickHouse 18.16 wants.
+    let pair = |name: &str| {
+        format!(
+            "(SELECT concat(x, y) AS {name} FROM (SELECT vote_id AS x FROM ballots) a \
+             CROSS JOIN (SELECT vote_id AS y FROM ballots) b)"
+        )
+    };
+    let greedy = format!(
+        "SELECT concat(l, r) AS k, count(*) AS n FROM {} p CROSS JOIN {} q \
+         GROUP BY concat(l, r) ORDER BY n DESC LIMIT 1",
+        pair("l"),
+        pair("r")
+    );
+    let answer = warehouse.analyst_sql(&greedy, &limits).await;
+    match answer_of(answer).await {
+        Err(tally_core::Error::Invalid(problem)) => {
+            assert_eq!(problem.slug(), "sql-limit-exceeded", "{problem:?}");
+            assert!(
+                problem.detail.contains("max_memory_bytes"),
+                "{}",
+                problem.detail
+            );
+        }
+        other => panic!(
+            "the greedy query was not stopped: {:?}",
+            other.map(|(_, r)| r)
+        ),
+    }
+    assert_eq!(
+        refusal(
+            warehouse.as_ref(),
+            "SELECT country, count(*) FROM ballots GROUP BY country",
+            &limits
+        )
+        .await,
+        "ok",
+        "a small query within the same limit is answered"
     );
 }
 

@@ -3,14 +3,15 @@
 //!
 //! The ballots are read as of the poll's last counted vote when the request came
 //! ([`tally_core::ports::Warehouse::ballots`]); that position is the `Tally-As-Of` header,
-//! part of the file name, and (Parquet) the file's `tally.as_of` metadata, so an export
-//! taken while votes come in is still an exact snapshot, and says which one.
+//! part of the file name, the `as_of` column of every row and (Parquet) the file's
+//! `tally.as_of` metadata, so an export taken while votes come in is still an exact
+//! snapshot, and says which one.
 //!
 //! Columns, in order: `vote_id`, `seq`, `received_at` (UTC, milliseconds), `voter_key`
 //! (NULL for anonymous votes), then by the poll's kind `option_id` and `label` (single),
 //! `choices` and `labels` (multi, lists) or `rating` (rating, NPS); then the standard
 //! segment keys and the poll's own dimensions, one column each (the empty string where a
-//! vote did not say).
+//! vote did not say); last `as_of`, the same log position in every row.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use std::time::Instant;
 
 use arrow::array::{
     Array, ArrayRef, AsArray, ListArray, ListBuilder, RecordBatch, StringArray, StringBuilder,
-    TimestampMillisecondArray,
+    TimestampMillisecondArray, UInt64Array,
 };
 use arrow::datatypes::{DataType, Field, Int32Type, Int64Type, Schema, SchemaRef, TimeUnit};
 use axum::extract::rejection::QueryRejection;
@@ -70,7 +71,7 @@ pub(crate) async fn export(
     let format = format(params.format.as_deref())?;
     let poll = app.poll(&id).await?;
     let ballots = app.warehouse.ballots(&poll.id).await?;
-    let shape = Arc::new(Shape::new(&poll));
+    let shape = Arc::new(Shape::new(&poll, ballots.as_of));
     let rows = AnalystRows {
         schema: shape.schema.clone(),
         as_of: ballots.as_of,
@@ -106,7 +107,13 @@ struct Shape {
     kind: PollKind,
     labels: HashMap<String, String>,
     dimensions: Vec<String>,
+    /// The log position the export is pinned to, repeated in every row's `as_of`.
+    as_of: u64,
 }
+
+/// The last column: the log position the export is pinned to, so a file that lost its name
+/// and headers still says which snapshot it is.
+const AS_OF: &str = "as_of";
 
 fn text_list() -> DataType {
     DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true)))
@@ -117,7 +124,7 @@ fn failed(err: impl std::fmt::Display) -> Error {
 }
 
 impl Shape {
-    fn new(poll: &Poll) -> Shape {
+    fn new(poll: &Poll, as_of: u64) -> Shape {
         let mut fields = vec![
             Field::new("vote_id", DataType::Utf8, false),
             Field::new("seq", DataType::UInt64, false),
@@ -144,8 +151,10 @@ impl Shape {
         for key in STANDARD_KEYS {
             fields.push(Field::new(key, DataType::Utf8, false));
         }
-        // The poll's own dimensions under their names, unless a name is taken above.
-        let taken: Vec<String> = fields.iter().map(|f| f.name().clone()).collect();
+        // The poll's own dimensions under their names, unless a name is taken above or
+        // is `as_of`, the last column.
+        let mut taken: Vec<String> = fields.iter().map(|f| f.name().clone()).collect();
+        taken.push(AS_OF.to_owned());
         for dimension in &poll.dimensions {
             let name = if taken.contains(dimension) {
                 format!("dimension_{dimension}")
@@ -154,11 +163,13 @@ impl Shape {
             };
             fields.push(Field::new(name, DataType::Utf8, false));
         }
+        fields.push(Field::new(AS_OF, DataType::UInt64, false));
         Shape {
             schema: Arc::new(Schema::new(fields)),
             kind: poll.kind,
             labels: poll.answer_keys().into_iter().collect(),
             dimensions: poll.dimensions.clone(),
+            as_of,
         }
     }
 
@@ -233,6 +244,10 @@ impl Shape {
         if !self.dimensions.is_empty() {
             columns.extend(self.dimension_columns(batch, &column)?);
         }
+        columns.push(Arc::new(UInt64Array::from_value(
+            self.as_of,
+            batch.num_rows(),
+        )));
         RecordBatch::try_new(self.schema.clone(), columns).map_err(failed)
     }
 

@@ -512,7 +512,8 @@ async fn an_export_is_every_ballot_with_labels_in_each_format() {
             "medium",
             "country",
             "device",
-            "plan"
+            "plan",
+            "as_of"
         ]
     );
     let mut by_vote: BTreeMap<String, Vec<String>> = table[1..]
@@ -536,7 +537,8 @@ async fn an_export_is_every_ballot_with_labels_in_each_format() {
             "",
             "DE",
             "",
-            "pro"
+            "pro",
+            last.to_string().as_str()
         ]
     );
     let v25 = by_vote.remove("p-v25").unwrap();
@@ -560,6 +562,7 @@ async fn an_export_is_every_ballot_with_labels_in_each_format() {
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
     assert_eq!(lines.len(), 31);
+    assert!(lines.iter().all(|l| l["as_of"] == last), "{lines:?}");
     let a = lines
         .iter()
         .filter(|l| l["option_id"] == "a" && l["label"] == "A")

@@ -366,6 +366,7 @@ async fn sql_and_exports_equal_the_ground_truth(deployment: Deployment) -> Resul
         let vote_id = row["vote_id"].as_str().context("vote_id")?.to_owned();
         let option = row["option_id"].as_str().context("option_id")?;
         ensure!(row["label"] == labels[option], "{row}");
+        ensure!(row["as_of"] == as_of.to_string().as_str(), "{row}");
         seen.insert(
             vote_id,
             (
