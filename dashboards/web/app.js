@@ -188,22 +188,31 @@ var Tally = (function () {
           var reader = response.body.getReader();
           var decoder = new TextDecoder();
           var buffer = "";
-          function pump() {
-            return reader.read().then(function (chunk) {
-              if (chunk.done) return;
-              armWatchdog();
-              buffer += decoder.decode(chunk.value, { stream: true }).replace(/\r\n?/g, "\n");
-              var end;
-              while ((end = buffer.indexOf("\n\n")) >= 0) {
-                var block = buffer.slice(0, end);
-                buffer = buffer.slice(end + 2);
-                dispatch(block);
-                if (stopped) return;
-              }
-              return pump();
-            });
-          }
-          return pump();
+          /* Reads chunk after chunk without chaining one promise to the next: a read loop
+           * written as `return read().then(… return pump())` keeps every promise of the
+           * stream's life alive until it ends, and a live stream may not end for days. */
+          return new Promise(function (resolve, reject) {
+            function pump() {
+              reader.read().then(function (chunk) {
+                if (chunk.done) return resolve();
+                armWatchdog();
+                buffer += decoder.decode(chunk.value, { stream: true }).replace(/\r\n?/g, "\n");
+                var end;
+                while ((end = buffer.indexOf("\n\n")) >= 0) {
+                  var block = buffer.slice(0, end);
+                  buffer = buffer.slice(end + 2);
+                  try {
+                    dispatch(block);
+                  } catch (error) {
+                    return reject(error);
+                  }
+                  if (stopped) return resolve();
+                }
+                pump();
+              }, reject);
+            }
+            pump();
+          });
         })
         .catch(function (error) {
           if (error && error.final) {
