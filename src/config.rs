@@ -147,9 +147,14 @@ pub struct Bus {
     /// PEM private key of --nats-tls-cert.
     #[arg(long, env = "TALLY_NATS_TLS_KEY")]
     pub nats_tls_key: Option<PathBuf>,
-    /// Number of vote log partitions (must agree across all services).
+    /// Number of vote log partitions (must agree across all services, and with the count
+    /// the stream's votes were written with: a service finding another refuses to start).
     #[arg(long, env = "TALLY_PARTITIONS", default_value_t = 1)]
     pub partitions: u16,
+    /// Copies a NATS cluster keeps of the vote stream and the poll bucket (3 survives the
+    /// loss of one server); a service finding fewer refuses to start.
+    #[arg(long, env = "TALLY_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub replicas: u8,
 }
 
 impl Bus {
@@ -179,6 +184,7 @@ impl Bus {
     pub async fn log(&self, client: tally_nats::Client) -> anyhow::Result<Arc<JetStreamLog>> {
         let options = LogOptions {
             partitions: self.partitions,
+            replicas: self.replicas.into(),
         };
         Ok(Arc::new(
             JetStreamLog::open(client, options)
@@ -192,7 +198,7 @@ impl Bus {
         client: tally_nats::Client,
     ) -> anyhow::Result<Arc<tally_nats::KvRegistry>> {
         Ok(Arc::new(
-            tally_nats::KvRegistry::open(client)
+            tally_nats::KvRegistry::open_replicated(client, self.replicas.into())
                 .await
                 .context("opening the poll registry")?,
         ))

@@ -26,7 +26,7 @@ mod wait;
 
 pub use clickhouse::{clickhouse, ClickHouse, ClickHouseServer};
 pub use names::{free_port, unique_name};
-pub use nats::{NatsAccess, NatsOptions, NatsServer, NatsTls};
+pub use nats::{NatsAccess, NatsCluster, NatsOptions, NatsServer, NatsTls};
 pub use needs::Need;
 pub use process::{Detached, ManagedProcess};
 pub use wait::wait_until;

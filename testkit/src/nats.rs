@@ -178,6 +178,51 @@ impl NatsServer {
     }
 }
 
+/// Several private nats-servers clustered on loopback (routes between all of them), each
+/// with JetStream and a store of its own: a replicated broker as docs/nats/cluster.conf
+/// describes, for one test. Each member can be killed and restarted like a
+/// [`NatsServer`]; dropping the cluster stops them all.
+#[derive(Debug)]
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `size` servers clustered with each other and waits until each accepts
+    /// connections. JetStream needs a moment more to elect its meta leader: a client's
+    /// first stream may have to be retried (see [`crate::wait_until`]).
+    pub async fn start(size: usize) -> anyhow::Result<NatsCluster> {
+        let routes: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let mut servers = Vec::with_capacity(size);
+        for (i, own) in routes.iter().enumerate() {
+            let others = routes
+                .iter()
+                .filter(|port| *port != own)
+                .map(|port| format!("    nats-route://127.0.0.1:{port}"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let access = NatsAccess {
+                extra_config: Some(format!(
+                    "server_name: n{i}\ncluster {{\n  name: tally-test\n  listen: \
+                     127.0.0.1:{own}\n  routes: [\n{others}\n  ]\n}}"
+                )),
+                ..NatsAccess::default()
+            };
+            servers.push(NatsServer::start_secured(NatsOptions::default(), access).await?);
+        }
+        Ok(NatsCluster { servers })
+    }
+
+    /// Every member's URL, comma-separated, as `TALLY_NATS_URL` takes them.
+    pub fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 /// The server's configuration file, when the options need one. No port, address or
 /// store_dir here: those are flags, and nats-server rejects a setting given both ways
 /// ("Duplicate 'store_dir' configuration").

@@ -21,7 +21,7 @@ pub use log::{publish_together, Ack, JetStreamLog, ACKS_PER_SUBSCRIPTION};
 pub use registry::KvRegistry;
 
 pub use async_nats::Client;
-pub use log::LogOptions;
+pub use log::{check_shape, LogOptions, PARTITIONS_METADATA};
 
 pub const VOTES_STREAM: &str = "VOTES";
 pub const POLLS_BUCKET: &str = "POLLS";

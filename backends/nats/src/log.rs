@@ -39,18 +39,29 @@ pub struct JetStreamLog {
 #[derive(Debug, Clone)]
 pub struct LogOptions {
     pub partitions: u16,
+    /// Copies of the stream a NATS cluster keeps (1, 3 or 5): with 3, the stream outlives
+    /// one server. A stream found with fewer is refused; one with more is kept as it is.
+    pub replicas: usize,
 }
 
 impl Default for LogOptions {
     fn default() -> Self {
-        LogOptions { partitions: 1 }
+        LogOptions {
+            partitions: 1,
+            replicas: 1,
+        }
     }
 }
 
+/// The stream's metadata key holding the partition count its votes were written with.
+pub const PARTITIONS_METADATA: &str = "tally.partitions";
+
 impl JetStreamLog {
-    /// Opens the stream, creating it when missing.
+    /// Opens the stream, creating it when missing, and refuses one whose shape would break
+    /// a guarantee (see [`check_shape`]).
     pub async fn open(client: async_nats::Client, options: LogOptions) -> Result<Self> {
         let js = jetstream::new(client);
+        let partitions = options.partitions.max(1);
         let config = stream::Config {
             name: VOTES_STREAM.to_owned(),
             subjects: vec!["votes.>".to_owned()],
@@ -59,15 +70,23 @@ impl JetStreamLog {
             max_messages_per_subject: 1,
             discard: stream::DiscardPolicy::New,
             discard_new_per_subject: true,
+            num_replicas: options.replicas.max(1),
+            metadata: [(PARTITIONS_METADATA.to_owned(), partitions.to_string())].into(),
             ..Default::default()
         };
-        js.get_or_create_stream(config)
+        let stream = js
+            .get_or_create_stream(config)
             .await
             .map_err(|e| Error::unavailable("vote log", e))?;
+        let info = stream.cached_info();
+        check_shape(&info.config, partitions, options.replicas.max(1))?;
+        if !info.config.metadata.contains_key(PARTITIONS_METADATA) && info.state.messages > 0 {
+            check_partitions_by_sample(&stream, &info.state, partitions).await?;
+        }
         Ok(JetStreamLog {
             client: js.client(),
             js,
-            partitions: options.partitions.max(1),
+            partitions,
         })
     }
 
@@ -141,6 +160,117 @@ impl JetStreamLog {
         let existing = wire::decode(&stored.payload)?;
         Ok(settle(&existing, vote, stored.sequence))
     }
+}
+
+/// Refuses a stream whose settings break what tally promises, saying how to fix it: one
+/// message per subject, new ones refused per subject and nothing expiring (one vote per
+/// voter), every vote subject, at least the configured replicas, and the partition count
+/// the votes were written with (a poll's subject depends on it, so a voter moved to another
+/// partition could vote again).
+pub fn check_shape(config: &stream::Config, partitions: u16, replicas: usize) -> Result<()> {
+    let refuse = |what: String| {
+        Err(Error::failed(
+            "vote log",
+            format!(
+                "the stream {VOTES_STREAM} {what}. One vote per voter depends on the \
+                 stream's shape; see docs/OPERATIONS.md, \"The broker's shape\""
+            ),
+        ))
+    };
+    if !config.subjects.iter().any(|s| s == "votes.>") {
+        return refuse(format!(
+            "takes the subjects {:?}, not `votes.>`: \
+             `nats stream edit {VOTES_STREAM} --subjects 'votes.>'`",
+            config.subjects
+        ));
+    }
+    if config.retention != stream::RetentionPolicy::Limits {
+        return refuse(format!(
+            "has the retention policy {:?}, which deletes votes once read; tally needs \
+             `limits`, which a stream cannot change to: move the votes to a new stream",
+            config.retention
+        ));
+    }
+    if config.max_messages_per_subject != 1 {
+        return refuse(format!(
+            "keeps {} messages per subject where tally needs 1: \
+             `nats stream edit {VOTES_STREAM} --max-msgs-per-subject 1`",
+            config.max_messages_per_subject
+        ));
+    }
+    if config.discard != stream::DiscardPolicy::New || !config.discard_new_per_subject {
+        return refuse(format!(
+            "replaces a voter's stored vote with a new one (discard {:?}, per subject {}) \
+             where tally needs new votes refused: \
+             `nats stream edit {VOTES_STREAM} --discard new --discard-per-subject`",
+            config.discard, config.discard_new_per_subject
+        ));
+    }
+    if !config.max_age.is_zero() {
+        return refuse(format!(
+            "lets votes expire after {:?}, after which their voters could vote again: \
+             `nats stream edit {VOTES_STREAM} --max-age 0`",
+            config.max_age
+        ));
+    }
+    if config.num_replicas < replicas {
+        return refuse(format!(
+            "has {} replica(s) where TALLY_REPLICAS asks for {replicas}: scale it with \
+             `nats stream edit {VOTES_STREAM} --replicas {replicas}` (a cluster of at least \
+             {replicas} servers), or set TALLY_REPLICAS={}",
+            config.num_replicas, config.num_replicas
+        ));
+    }
+    if let Some(written) = config.metadata.get(PARTITIONS_METADATA) {
+        if written.parse::<u16>().ok() != Some(partitions) {
+            return refuse(format!(
+                "holds votes written with {written} partitions (its metadata \
+                 `{PARTITIONS_METADATA}`) and this service has TALLY_PARTITIONS={partitions}: \
+                 set TALLY_PARTITIONS={written} on every service"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// For a stream made before its partition count was recorded: its first and last votes
+/// must sit on the partition `partitions` gives their poll. A service that may not read
+/// messages back (the processor, under docs/nats' permissions) skips this.
+async fn check_partitions_by_sample(
+    stream: &stream::Stream,
+    state: &stream::State,
+    partitions: u16,
+) -> Result<()> {
+    for seq in [state.first_sequence, state.last_sequence] {
+        let message = match stream
+            .get_first_raw_message_by_subject("votes.>", seq)
+            .await
+        {
+            Ok(message) => message,
+            Err(err) => {
+                tracing::debug!(seq, error = %err, "cannot read a vote back to check the partition count");
+                return Ok(());
+            }
+        };
+        let mut parts = message.subject.splitn(4, '.');
+        let (Some(_), Some(stored), Some(poll)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let wanted = tally_core::ports::partition_of(poll, partitions);
+        if stored.parse::<u16>().ok() != Some(wanted) {
+            return Err(Error::failed(
+                "vote log",
+                format!(
+                    "the stream {VOTES_STREAM} holds poll `{poll}`'s votes in partition \
+                     {stored}, and TALLY_PARTITIONS={partitions} puts that poll in partition \
+                     {wanted}: its voters could vote again. Set TALLY_PARTITIONS to the count \
+                     the votes were written with on every service (docs/OPERATIONS.md, \
+                     \"The broker's shape\")"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What an append finds when its uniqueness key is taken by `existing` at `seq`.

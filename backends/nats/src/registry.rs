@@ -18,9 +18,18 @@ pub struct KvRegistry {
 }
 
 impl KvRegistry {
+    /// Opens the bucket, creating it with one replica when missing.
     pub async fn open(client: async_nats::Client) -> Result<Self> {
+        Self::open_replicated(client, 1).await
+    }
+
+    /// Opens the bucket, creating it with `replicas` copies when missing; refuses one found
+    /// with fewer.
+    pub async fn open_replicated(client: async_nats::Client, replicas: usize) -> Result<Self> {
         let js = jetstream::new(client);
+        let replicas = replicas.max(1);
         if let Ok(store) = js.get_key_value(POLLS_BUCKET).await {
+            check_replicas(&js, replicas).await?;
             return Ok(KvRegistry { store });
         }
         let created = js
@@ -28,6 +37,7 @@ impl KvRegistry {
                 bucket: POLLS_BUCKET.to_owned(),
                 history: 5,
                 storage: stream::StorageType::File,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await;
@@ -45,6 +55,7 @@ impl KvRegistry {
                 deny_delete: true,
                 allow_direct: true,
                 duplicate_window: Duration::from_secs(120),
+                num_replicas: replicas,
                 ..Default::default()
             };
             js.get_or_create_stream(config)
@@ -55,6 +66,8 @@ impl KvRegistry {
             .get_key_value(POLLS_BUCKET)
             .await
             .map_err(|e| Error::unavailable("poll registry", e))?;
+        // Another service may have created it first, with its own setting.
+        check_replicas(&js, replicas).await?;
         Ok(KvRegistry { store })
     }
 
@@ -63,6 +76,27 @@ impl KvRegistry {
         poll.version = entry.revision;
         Ok(poll)
     }
+}
+
+/// Refuses a bucket kept in fewer copies than `replicas`.
+async fn check_replicas(js: &jetstream::Context, replicas: usize) -> Result<()> {
+    let name = format!("KV_{POLLS_BUCKET}");
+    let stream = js
+        .get_stream(&name)
+        .await
+        .map_err(|e| Error::unavailable("poll registry", e))?;
+    let found = stream.cached_info().config.num_replicas;
+    if found < replicas {
+        return Err(Error::failed(
+            "poll registry",
+            format!(
+                "the bucket {POLLS_BUCKET} has {found} replica(s) where TALLY_REPLICAS asks for \
+                 {replicas}: scale it with `nats stream edit {name} --replicas {replicas}` (a \
+                 cluster of at least {replicas} servers), or set TALLY_REPLICAS={found}"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[async_trait]

@@ -106,6 +106,7 @@ async fn open(server: &NatsServer, service: Service, opened: &mut Opened) -> any
     let client = connect(&settings(server, service), PATIENCE).await?;
     let options = LogOptions {
         partitions: PARTITIONS,
+        ..LogOptions::default()
     };
     match service {
         Service::Ingest => {

@@ -30,9 +30,15 @@ tally_conformance::vote_log_suite!(needs_nats_jetstream_vote_log, {
 tally_conformance::vote_log_suite!(needs_nats_partitioned_jetstream_vote_log, {
     require!(NatsServer);
     let server = NatsServer::start().await.expect("nats-server");
-    let log = JetStreamLog::open(nats_client(&server).await, LogOptions { partitions: 4 })
-        .await
-        .expect("open log");
+    let log = JetStreamLog::open(
+        nats_client(&server).await,
+        LogOptions {
+            partitions: 4,
+            ..LogOptions::default()
+        },
+    )
+    .await
+    .expect("open log");
     (Arc::new(log), server)
 });
 
