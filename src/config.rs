@@ -186,22 +186,42 @@ impl Bus {
             partitions: self.partitions,
             replicas: self.replicas.into(),
         };
-        Ok(Arc::new(
-            JetStreamLog::open(client, options)
-                .await
-                .context("opening the vote stream")?,
-        ))
+        let log = while_electing(|| JetStreamLog::open(client.clone(), options.clone()))
+            .await
+            .context("opening the vote stream")?;
+        Ok(Arc::new(log))
     }
 
     pub async fn registry(
         &self,
         client: tally_nats::Client,
     ) -> anyhow::Result<Arc<tally_nats::KvRegistry>> {
-        Ok(Arc::new(
-            tally_nats::KvRegistry::open_replicated(client, self.replicas.into())
+        let replicas = self.replicas.into();
+        let registry =
+            while_electing(|| tally_nats::KvRegistry::open_replicated(client.clone(), replicas))
                 .await
-                .context("opening the poll registry")?,
-        ))
+                .context("opening the poll registry")?;
+        Ok(Arc::new(registry))
+    }
+}
+
+/// Retries `open` for up to 30 s while it fails as unavailable: a NATS cluster that has
+/// just started (or lost a server) answers JetStream calls only once it has elected a
+/// leader. A refusal (the stream's shape, permissions) fails at once.
+async fn while_electing<T, F, Fut>(mut open: F) -> tally_core::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = tally_core::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match open().await {
+            Err(err) if err.is_transient() && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %err.chain(), "JetStream not ready; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            other => return other,
+        }
     }
 }
 
