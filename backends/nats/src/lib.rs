@@ -27,6 +27,27 @@ pub const VOTES_STREAM: &str = "VOTES";
 pub const POLLS_BUCKET: &str = "POLLS";
 pub const LIVE_PREFIX: &str = "tally.live";
 
+/// Refuses a stream (`what` in words, `stream` by name) kept in fewer copies than
+/// `TALLY_REPLICAS` asks for, naming the command that scales it.
+pub(crate) fn check_replicas(
+    what: &str,
+    stream: &str,
+    found: usize,
+    wanted: usize,
+) -> tally_core::Result<()> {
+    if found >= wanted {
+        return Ok(());
+    }
+    Err(tally_core::Error::failed(
+        what,
+        format!(
+            "the stream {stream} has {found} replica(s) where TALLY_REPLICAS asks for {wanted}: \
+             scale it with `nats stream edit {stream} --replicas {wanted}` (a cluster of at least \
+             {wanted} servers), or set TALLY_REPLICAS={found}"
+        ),
+    ))
+}
+
 /// The JetStream error code behind a failed call, if the server sent one.
 pub(crate) fn jetstream_code(err: &(dyn std::error::Error + 'static)) -> Option<u64> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);

@@ -62,6 +62,7 @@ impl JetStreamLog {
     pub async fn open(client: async_nats::Client, options: LogOptions) -> Result<Self> {
         let js = jetstream::new(client);
         let partitions = options.partitions.max(1);
+        let replicas = options.replicas.max(1);
         let config = stream::Config {
             name: VOTES_STREAM.to_owned(),
             subjects: vec!["votes.>".to_owned()],
@@ -70,7 +71,7 @@ impl JetStreamLog {
             max_messages_per_subject: 1,
             discard: stream::DiscardPolicy::New,
             discard_new_per_subject: true,
-            num_replicas: options.replicas.max(1),
+            num_replicas: replicas,
             metadata: [(PARTITIONS_METADATA.to_owned(), partitions.to_string())].into(),
             ..Default::default()
         };
@@ -79,7 +80,7 @@ impl JetStreamLog {
             .await
             .map_err(|e| Error::unavailable("vote log", e))?;
         let info = stream.cached_info();
-        check_shape(&info.config, partitions, options.replicas.max(1))?;
+        check_shape(&info.config, partitions, replicas)?;
         if !info.config.metadata.contains_key(PARTITIONS_METADATA) && info.state.messages > 0 {
             check_partitions_by_sample(&stream, &info.state, partitions).await?;
         }
@@ -213,14 +214,7 @@ pub fn check_shape(config: &stream::Config, partitions: u16, replicas: usize) ->
             config.max_age
         ));
     }
-    if config.num_replicas < replicas {
-        return refuse(format!(
-            "has {} replica(s) where TALLY_REPLICAS asks for {replicas}: scale it with \
-             `nats stream edit {VOTES_STREAM} --replicas {replicas}` (a cluster of at least \
-             {replicas} servers), or set TALLY_REPLICAS={}",
-            config.num_replicas, config.num_replicas
-        ));
-    }
+    super::check_replicas("vote log", VOTES_STREAM, config.num_replicas, replicas)?;
     if let Some(written) = config.metadata.get(PARTITIONS_METADATA) {
         if written.parse::<u16>().ok() != Some(partitions) {
             return refuse(format!(

@@ -86,17 +86,7 @@ async fn check_replicas(js: &jetstream::Context, replicas: usize) -> Result<()> 
         .await
         .map_err(|e| Error::unavailable("poll registry", e))?;
     let found = stream.cached_info().config.num_replicas;
-    if found < replicas {
-        return Err(Error::failed(
-            "poll registry",
-            format!(
-                "the bucket {POLLS_BUCKET} has {found} replica(s) where TALLY_REPLICAS asks for \
-                 {replicas}: scale it with `nats stream edit {name} --replicas {replicas}` (a \
-                 cluster of at least {replicas} servers), or set TALLY_REPLICAS={found}"
-            ),
-        ));
-    }
-    Ok(())
+    super::check_replicas("poll registry", &name, found, replicas)
 }
 
 #[async_trait]

@@ -32,6 +32,20 @@ fn refusal<T>(opened: tally_core::Result<T>) -> String {
     }
 }
 
+/// `VOTES` as tally made it before the partition count was recorded: the right shape, one
+/// copy, no metadata.
+fn earlier_stream() -> stream::Config {
+    stream::Config {
+        name: "VOTES".to_owned(),
+        subjects: vec!["votes.>".to_owned()],
+        storage: stream::StorageType::File,
+        max_messages_per_subject: 1,
+        discard: stream::DiscardPolicy::New,
+        discard_new_per_subject: true,
+        ..Default::default()
+    }
+}
+
 /// The stream's config as the server holds it now.
 async fn stream_config(client: &nats::Client) -> stream::Config {
     jetstream::new(client.clone())
@@ -88,17 +102,9 @@ async fn needs_nats_a_stream_without_its_count_is_checked_against_its_votes() {
     let server = NatsServer::start().await.expect("nats-server");
     let client = client(&server).await;
     let js = jetstream::new(client.clone());
-    js.create_stream(stream::Config {
-        name: "VOTES".to_owned(),
-        subjects: vec!["votes.>".to_owned()],
-        storage: stream::StorageType::File,
-        max_messages_per_subject: 1,
-        discard: stream::DiscardPolicy::New,
-        discard_new_per_subject: true,
-        ..Default::default()
-    })
-    .await
-    .expect("a stream as earlier versions made it");
+    js.create_stream(earlier_stream())
+        .await
+        .expect("a stream as earlier versions made it");
     // A poll that 3 and 1 partitions put in different places.
     let poll = (0..100)
         .map(|i| format!("poll-{i}"))
@@ -127,15 +133,7 @@ async fn needs_nats_a_stream_that_would_take_a_second_vote_is_refused() {
     let server = NatsServer::start().await.expect("nats-server");
     let client = client(&server).await;
     let js = jetstream::new(client.clone());
-    let good = stream::Config {
-        name: "VOTES".to_owned(),
-        subjects: vec!["votes.>".to_owned()],
-        storage: stream::StorageType::File,
-        max_messages_per_subject: 1,
-        discard: stream::DiscardPolicy::New,
-        discard_new_per_subject: true,
-        ..Default::default()
-    };
+    let good = earlier_stream();
     let cases = [
         (
             stream::Config {
