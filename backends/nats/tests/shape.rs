@@ -46,6 +46,23 @@ fn earlier_stream() -> stream::Config {
     }
 }
 
+/// Creates `VOTES` anew. A nats-server removes a deleted stream's files after it answers
+/// the delete, so a create just after one can meet the old directory and fail with "error
+/// creating store for stream" (10049); that is retried for a few seconds.
+async fn create_votes(js: &jetstream::Context, config: stream::Config) {
+    let mut tries = 0;
+    loop {
+        match js.create_stream(config.clone()).await {
+            Ok(_) => return,
+            Err(err) if tries < 50 && err.to_string().contains("creating store") => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => panic!("create the VOTES stream: {err}"),
+        }
+    }
+}
+
 /// The stream's config as the server holds it now.
 async fn stream_config(client: &nats::Client) -> stream::Config {
     jetstream::new(client.clone())
@@ -166,7 +183,7 @@ async fn needs_nats_a_stream_that_would_take_a_second_vote_is_refused() {
         ),
     ];
     for (config, fix) in cases {
-        js.create_stream(config.clone()).await.expect("create");
+        create_votes(&js, config.clone()).await;
         let why = refusal(JetStreamLog::open(client.clone(), options(1, 1)).await);
         assert!(why.contains(fix), "{why}");
         let after = stream_config(&client).await;
@@ -187,7 +204,7 @@ async fn needs_nats_a_stream_that_would_take_a_second_vote_is_refused() {
         );
         js.delete_stream("VOTES").await.expect("delete");
     }
-    js.create_stream(good).await.expect("create");
+    create_votes(&js, good).await;
     JetStreamLog::open(client.clone(), options(1, 1))
         .await
         .expect("the right shape opens");
