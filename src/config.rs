@@ -203,6 +203,19 @@ impl Bus {
                 .context("opening the poll registry")?;
         Ok(Arc::new(registry))
     }
+
+    /// The processors' partition leases, lasting `ttl`.
+    pub async fn leases(
+        &self,
+        client: tally_nats::Client,
+        ttl: Duration,
+    ) -> anyhow::Result<Arc<tally_nats::KvLeases>> {
+        let replicas = self.replicas.into();
+        let leases = while_electing(|| tally_nats::KvLeases::open(client.clone(), replicas, ttl))
+            .await
+            .context("opening the partition leases")?;
+        Ok(Arc::new(leases))
+    }
 }
 
 /// Retries `open` for up to 30 s while it fails as unavailable: a NATS cluster that has

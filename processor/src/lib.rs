@@ -22,6 +22,7 @@
 //!
 //! [`Results`]: tally_core::results::Results
 
+mod leases;
 mod partition;
 mod windows;
 
@@ -29,7 +30,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tally_core::ports::{LiveFeed, PollRegistry, VoteLog, Warehouse};
+use tally_core::ports::{LiveFeed, PartitionLeases, PollRegistry, VoteLog, Warehouse};
 use tally_service::http::health;
 use tally_service::{PollCache, Tasks};
 use tokio::net::TcpListener;
@@ -54,6 +55,18 @@ pub struct Deps {
     pub registry: Arc<dyn PollRegistry>,
     pub warehouse: Arc<dyn Warehouse>,
     pub live: Arc<dyn LiveFeed>,
+    /// Shares the partitions with other processors when [`Config::partitions`] is empty;
+    /// without it, this processor takes every partition (the only one, or standalone).
+    pub leases: Option<Leasing>,
+}
+
+/// How this processor shares partitions with the others.
+#[derive(Clone)]
+pub struct Leasing {
+    pub leases: Arc<dyn PartitionLeases>,
+    /// This processor's name among them: stable across its restarts, so a restarted
+    /// processor takes its own leases back at once instead of waiting for them to expire.
+    pub member: String,
 }
 
 /// The default width of the tumbling windows, in seconds.
@@ -97,13 +110,29 @@ impl Default for Config {
     }
 }
 
-/// Starts one worker per owned partition, and what they share (the window engine, the poll
+/// Starts one worker per owned partition — the listed ones, or with [`Deps::leases`] those
+/// it holds a lease on — and what they share (the window engine, the poll
 /// cache), as tasks of `tasks`. They run until `tasks` shuts down; each finishes its current
 /// batch and writes its pending rollups first.
 pub fn start(deps: Deps, config: Config, tasks: &Tasks) -> Result<()> {
     describe_metrics();
     let engine = WindowEngine::start(config.window_seconds, tasks)?;
     let polls = PollCache::start(deps.registry.clone(), tasks);
+    if config.partitions.is_empty() {
+        if let Some(leasing) = deps.leases.clone() {
+            let coordinator = leases::Coordinator {
+                leases: leasing.leases,
+                member: leasing.member,
+                partitions: deps.log.partitions(),
+                deps,
+                config,
+                polls,
+                engine,
+            };
+            tasks.spawn("partition-leases", move |cancel| coordinator.run(cancel));
+            return Ok(());
+        }
+    }
     let partitions: Vec<u16> = if config.partitions.is_empty() {
         (0..deps.log.partitions()).collect()
     } else {
@@ -112,6 +141,7 @@ pub fn start(deps: Deps, config: Config, tasks: &Tasks) -> Result<()> {
     for partition in partitions {
         let worker = partition::Partition::new(
             partition,
+            None,
             deps.clone(),
             config.clone(),
             polls.clone(),
@@ -140,6 +170,10 @@ fn describe_metrics() {
     describe_counter!(
         "tally_warehouse_insert_retries_total",
         "Failed warehouse inserts that were retried, by table"
+    );
+    describe_gauge!(
+        "tally_processor_partitions_owned",
+        "Partitions this processor holds a lease on and processes"
     );
     describe_gauge!(
         "tally_processor_lag",

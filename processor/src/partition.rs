@@ -40,6 +40,9 @@ struct PollState {
 
 pub(crate) struct Partition {
     partition: u16,
+    /// The epoch of this worker's lease, fenced into the warehouse before it reads the
+    /// watermarks; `None` when the partition is this process's without a lease.
+    epoch: Option<u64>,
     deps: Deps,
     config: Config,
     polls: Arc<PollCache>,
@@ -59,6 +62,7 @@ pub(crate) struct Partition {
 impl Partition {
     pub(crate) fn new(
         partition: u16,
+        epoch: Option<u64>,
         deps: Deps,
         config: Config,
         polls: Arc<PollCache>,
@@ -66,6 +70,7 @@ impl Partition {
     ) -> Self {
         Partition {
             partition,
+            epoch,
             deps,
             config,
             polls,
@@ -106,6 +111,25 @@ impl Partition {
             self.deps.warehouse.clone(),
             self.deps.log.clone(),
         );
+        if let Some(epoch) = self.epoch {
+            // Before anything is read: from here on an earlier owner writes nothing.
+            let fenced = loop {
+                match warehouse.fence(partition, epoch).await {
+                    Ok(()) => break Ok(()),
+                    Err(err) if err.kind() == tally_core::ErrorKind::Conflict => break Err(err),
+                    Err(err) => {
+                        self.report_failure("fence the partition", &err);
+                        self.pause(backoff.next_delay()).await?;
+                    }
+                }
+            };
+            if let Err(err) = fenced {
+                tracing::warn!(partition, epoch, error = %err.chain(), "a newer owner holds the partition");
+                return Err(Stopped);
+            }
+            backoff.reset();
+            tracing::info!(partition, epoch, "partition fenced");
+        }
         loop {
             // (Re)start from the warehouse: it is the source of truth for positions.
             let watermarks = self
@@ -461,6 +485,11 @@ impl Partition {
             let Err(err) = result else {
                 return Ok(());
             };
+            if err.kind() == tally_core::ErrorKind::Conflict {
+                // Fenced: a newer owner holds the partition; this worker writes no more.
+                tracing::warn!(partition = self.partition, error = %err.chain(), "{what} refused: the partition has a newer owner");
+                return Err(Stopped);
+            }
             metrics::counter!("tally_warehouse_insert_retries_total", "table" => table.clone())
                 .increment(1);
             self.report_failure(what, &err);

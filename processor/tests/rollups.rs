@@ -103,6 +103,7 @@ async fn settled_rows_ahead_of_fresh_ones_count_once() {
             registry: store.registry.clone(),
             warehouse: warehouse.clone(),
             live: store.live.clone(),
+            leases: None,
         },
         tally_processor::Config {
             // No settled write during the test: the breakdown must rest on the old one.
@@ -250,6 +251,7 @@ async fn rollups_in_memory_stay_within_their_limits() {
             registry: store.registry.clone(),
             warehouse: recording.clone(),
             live: store.live.clone(),
+            leases: None,
         },
         tally_processor::Config {
             batch_max,
@@ -327,6 +329,7 @@ async fn an_insert_whose_answer_was_lost_is_not_written_twice() {
             registry: store.registry.clone(),
             warehouse: recording.clone(),
             live: store.live.clone(),
+            leases: None,
         },
         tally_processor::Config {
             batch_max: 100,

@@ -87,6 +87,7 @@ fn start(store: &Embedded) -> Tasks {
             registry: store.registry.clone(),
             warehouse: store.warehouse.clone(),
             live: store.live.clone(),
+            leases: None,
         },
         tally_processor::Config {
             batch_max: 40,

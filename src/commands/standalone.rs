@@ -218,6 +218,7 @@ async fn run(
         registry: store.registry.clone(),
         warehouse: store.warehouse.clone(),
         live: store.live.clone(),
+        leases: None,
     };
     let probes = vec![
         health::vote_log(store.log.clone()),

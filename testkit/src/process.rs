@@ -64,6 +64,11 @@ impl ManagedProcess {
         Ok(process)
     }
 
+    /// The running process's id; `None` once killed.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|child| child.id())
+    }
+
     /// Quotes the end of `path`, a log file the process writes itself, in errors too.
     pub fn with_own_log(mut self, path: impl Into<PathBuf>) -> ManagedProcess {
         self.own_logs.push(path.into());

@@ -133,6 +133,20 @@ impl Service {
         process.terminate(deadline).await
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, …) to the process, as `kill -s` does.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self
+            .process
+            .as_ref()
+            .and_then(|process| process.pid())
+            .context("no running process to signal")?;
+        let status = std::process::Command::new("kill")
+            .args(["-s", signal, &pid.to_string()])
+            .status()?;
+        ensure!(status.success(), "kill -s {signal} {pid}: {status}");
+        Ok(())
+    }
+
     /// SIGKILL, like a crashed machine: no shutdown hooks run.
     pub async fn kill(&mut self) {
         if let Some(process) = self.process.as_mut() {
@@ -220,6 +234,8 @@ impl Cluster {
             ("TALLY_RATE_NEW_VOTERS_PER_IP", "off".to_owned()),
             ("TALLY_QUERY_RATE_PER_IP", "off".to_owned()),
             ("TALLY_AUTH_FAILURES_PER_IP", "off".to_owned()),
+            // A restarted processor takes its own partition leases back at once.
+            ("TALLY_PROCESSOR_ID", "processor".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -358,6 +374,34 @@ impl Cluster {
             }
             Deployment::Standalone => Ok(self.ingest.alias()),
         }
+    }
+
+    /// One more processor sharing the partitions, named `id` among them; distributed only.
+    pub async fn spawn_processor(&self, id: &str) -> Result<Service> {
+        ensure!(
+            self.deployment == Deployment::Distributed,
+            "standalone has one processor"
+        );
+        Service::spawn(
+            "processor",
+            &self.env,
+            &[("TALLY_PROCESSOR_ID", id)],
+            self.dir.path(),
+        )
+        .await
+    }
+
+    /// Who holds each partition's lease now (partition → processor id); distributed only.
+    pub async fn lease_owners(&self) -> Result<BTreeMap<u16, String>> {
+        use tally_core::ports::PartitionLeases;
+        let url = self.env.get("TALLY_NATS_URL").context("no NATS")?;
+        let seconds: u64 = self
+            .env
+            .get("TALLY_LEASE_SECONDS")
+            .map_or(Ok(10), |s| s.parse())?;
+        let client = tally_nats::connect(url, Duration::from_secs(10)).await?;
+        let leases = tally_nats::KvLeases::open(client, 1, Duration::from_secs(seconds)).await?;
+        Ok(leases.owners().await?)
     }
 
     /// Kills the nats-server (SIGKILL); distributed only.

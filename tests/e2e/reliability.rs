@@ -508,6 +508,109 @@ async fn needs_nats_clickhouse_clickhouse_down_for_a_minute() -> Result<()> {
     verify(&cluster, &truth).await
 }
 
+/// Holders of the partition leases, checked: every one of `partitions` held, only by
+/// `live` processors, each of which holds between `least` and `most`.
+async fn leases_spread(
+    cluster: &Cluster,
+    partitions: u16,
+    live: &[&str],
+    (least, most): (usize, usize),
+) -> Result<bool> {
+    let owners = cluster.lease_owners().await?;
+    let mut held: BTreeMap<&str, usize> = live.iter().map(|id| (*id, 0)).collect();
+    for owner in owners.values() {
+        match held.get_mut(owner.as_str()) {
+            Some(count) => *count += 1,
+            None => return Ok(false),
+        }
+    }
+    Ok(owners.len() == usize::from(partitions)
+        && held.values().all(|count| (least..=most).contains(count)))
+}
+
+/// 5b. Three processors share eight partitions through leases under load: one is killed
+///     (-9), another is paused (SIGSTOP) past its lease, the first takes every partition
+///     over, then the paused one resumes (SIGCONT) — it must find its leases lost and write
+///     nothing more for them (the warehouse fences it) — and gets a share back. Nothing is
+///     lost or written twice, and each partition ends with one live owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn needs_nats_clickhouse_processors_share_partitions_through_a_kill_and_a_pause() -> Result<()>
+{
+    tally_testkit::require!(NatsServer, ClickHouse);
+    const PARTITIONS: u16 = 8;
+    let cluster = Cluster::start_with(
+        Deployment::Distributed,
+        &[("TALLY_PARTITIONS", "8"), ("TALLY_LEASE_SECONDS", "4")],
+    )
+    .await?;
+    let mut second = cluster.spawn_processor("processor-b").await?;
+    let third = cluster.spawn_processor("processor-c").await?;
+    let all = ["processor", "processor-b", "processor-c"];
+    tally_testkit::wait_until(
+        "the partitions spread over three processors",
+        Duration::from_secs(60),
+        || leases_spread(&cluster, PARTITIONS, &all, (2, 3)),
+    )
+    .await
+    .with_context(|| cluster.logs())?;
+
+    let (rate, seconds) = scale((600, 40), (4_000, 90));
+    let load = Load::start_counting(
+        &cluster,
+        &[&cluster.ingest.url],
+        rate,
+        seconds,
+        12,
+        Dedupe::NoneWithRepeats,
+    )
+    .await?;
+    random_pause(Duration::from_secs(2), Duration::from_secs(4)).await;
+    second.kill().await;
+    random_pause(Duration::from_secs(1), Duration::from_secs(3)).await;
+    third.signal("STOP")?;
+    let paused = tokio::time::Instant::now();
+    tally_testkit::wait_until(
+        "the one processor left holding every partition",
+        Duration::from_secs(60),
+        || leases_spread(&cluster, PARTITIONS, &["processor"], (8, 8)),
+    )
+    .await
+    .with_context(|| format!("{}\n{}", cluster.logs(), third.log_tail()))?;
+    let taken_over = paused.elapsed();
+    // The new owner writes the paused one's partitions for a while before it wakes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    third.signal("CONT")?;
+    tally_testkit::wait_until(
+        "the partitions spread over the two live processors",
+        Duration::from_secs(60),
+        || leases_spread(&cluster, PARTITIONS, &["processor", "processor-c"], (4, 4)),
+    )
+    .await
+    .with_context(|| format!("{}\n{}", cluster.logs(), third.log_tail()))?;
+    let (summary, truth) = load.finish(&cluster).await?;
+    report("processors sharing partitions", &summary);
+    eprintln!("every partition had a live owner {taken_over:?} after the pause began");
+    verify(&cluster, &truth).await?;
+    for line in third.log_text().lines().filter(|line| {
+        ["lease lost", "newer owner", "claimed", "handing"]
+            .iter()
+            .any(|what| line.contains(what))
+    }) {
+        eprintln!("processor-c: {line}");
+    }
+    ensure!(
+        third.log_text().contains("partition lease lost"),
+        "the paused processor did not notice its leases were gone\n{}",
+        third.log_tail()
+    );
+    ensure!(
+        leases_spread(&cluster, PARTITIONS, &["processor", "processor-c"], (4, 4)).await?,
+        "leases at the end: {:?}",
+        cluster.lease_owners().await?
+    );
+    Ok(())
+}
+
 // 6. Every vote sent again, as NDJSON batches, changes nothing: each line answers 202 with
 //    the original vote id (the log refuses the second copy and finds the first).
 crate::for_each_deployment!(replay_of_every_vote);

@@ -15,9 +15,9 @@ pub mod analyst;
 pub mod rows;
 pub mod sql;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arrow::array::{
@@ -39,14 +39,15 @@ use tally_core::{Error, Result};
 /// ClickHouse error codes of a server that is overloaded or busy rather than refusing the
 /// statement: a retry later may succeed (memory limit, too many parts, timeout, too many
 /// simultaneous queries, network between servers).
-const TRANSIENT_CODES: [&str; 6] = [
-    "Code: 159.",
-    "Code: 202.",
-    "Code: 209.",
-    "Code: 210.",
-    "Code: 241.",
-    "Code: 252.",
-];
+const TRANSIENT_CODES: [u32; 6] = [159, 202, 209, 210, 241, 252];
+
+/// Whether a server's error text carries `code`: `Code: 159.` on current releases,
+/// `Code: 159,` on 18.16.
+fn has_code(text: &str, code: u32) -> bool {
+    let mark = format!("Code: {code}");
+    text.match_indices(&mark)
+        .any(|(at, _)| matches!(text.as_bytes().get(at + mark.len()), Some(b'.' | b',')))
+}
 
 /// Maps a client error to its kind: no answer, or an overloaded server, is `Unavailable`;
 /// a statement the server refused is `Failed`; rows that do not decode are `Corrupt`.
@@ -54,7 +55,7 @@ fn warehouse_error(err: clickhouse::error::Error) -> Error {
     use clickhouse::error::Error as Ch;
     match &err {
         Ch::Network(_) | Ch::TimedOut => Error::unavailable("warehouse", err),
-        Ch::BadResponse(text) if TRANSIENT_CODES.iter().any(|code| text.contains(code)) => {
+        Ch::BadResponse(text) if TRANSIENT_CODES.iter().any(|code| has_code(text, *code)) => {
             Error::unavailable("warehouse", err)
         }
         Ch::BadResponse(_) | Ch::InvalidParams(_) | Ch::Unsupported(_) => {
@@ -86,7 +87,24 @@ pub struct ClickHouseWarehouse {
     database: String,
     /// Whether the server's own time zone is UTC (a `DateTime` without one is in it).
     server_utc: Arc<tokio::sync::OnceCell<bool>>,
+    /// Fenced inserts go over plain HTTP: the client library has no external tables.
+    http: reqwest::Client,
+    url: String,
+    user: Option<String>,
+    password: Option<String>,
+    /// The epoch this handle fenced each partition with ([`Warehouse::fence`]); inserts for
+    /// those partitions are made conditional on it.
+    fences: Arc<Mutex<HashMap<u16, u64>>>,
 }
+
+/// How long [`Warehouse::fence`] waits after recording an epoch before it returns: an
+/// insert of the earlier owner that passed its check just before is written by then (the
+/// check and the write are one statement on the server, which runs in milliseconds once
+/// the batch has arrived).
+pub const FENCE_SETTLE: Duration = Duration::from_secs(2);
+
+/// The ClickHouse error code of `throwIf`: what a fenced insert is refused with.
+const FENCED_CODE: u32 = 395;
 
 // The row types spell the segment columns out one by one: the `Row` derive names the
 // columns after a struct's own fields and knows no `serde(flatten)`, so a shared segment
@@ -260,12 +278,22 @@ impl ClickHouseWarehouse {
                 }
             }
         }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(300))
+            .build()
+            .map_err(|e| Error::failed("warehouse", e))?;
         Ok(ClickHouseWarehouse {
             client,
             server,
             analyst,
             database: config.database.clone(),
             server_utc: Arc::default(),
+            http,
+            url: config.url.trim_end_matches('/').to_owned(),
+            user: config.user.clone(),
+            password: config.password.clone(),
+            fences: Arc::default(),
         })
     }
 
@@ -330,6 +358,88 @@ impl ClickHouseWarehouse {
         }
         insert.end().await.map_err(warehouse_error)
     }
+
+    /// [`Self::insert_rows`] for rows of one partition: for a partition this handle fenced,
+    /// the INSERT writes nothing and answers [`Error::Conflict`] once a newer epoch owns it.
+    async fn insert_partition_rows<R: RowOwned + RowWrite + Serialize>(
+        &self,
+        table: &str,
+        partition: u16,
+        rows: impl ExactSizeIterator<Item = R> + Send,
+    ) -> Result<()> {
+        let fenced = self.fences.lock().expect("fences").get(&partition).copied();
+        match fenced {
+            Some(_) if rows.len() == 0 => Ok(()),
+            Some(epoch) => self.insert_fenced(table, partition, epoch, rows).await,
+            None => self.insert_rows(table, rows).await,
+        }
+    }
+
+    /// One INSERT … SELECT from the rows sent as an external table, refused by the server
+    /// when a newer epoch than `epoch` was fenced into the partition
+    /// ([`sql::fenced_insert`]).
+    async fn insert_fenced<R: RowOwned + Serialize>(
+        &self,
+        table: &str,
+        partition: u16,
+        epoch: u64,
+        rows: impl Iterator<Item = R>,
+    ) -> Result<()> {
+        const BOUNDARY: &str = "tally-batch-7d1c5e9a4f3b";
+        let structure = sql::external_structure(table)
+            .ok_or_else(|| Error::failed("warehouse", format!("no migration creates `{table}`")))?;
+        let statement = sql::fenced_insert(table, R::COLUMN_NAMES, partition, epoch);
+        // JSON escapes every control character, so no line of the batch can hold the
+        // boundary's leading CR LF.
+        let mut body = format!(
+            "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"batch\"; filename=\"batch\"\r\n\
+             Content-Type: application/octet-stream\r\n\r\n"
+        )
+        .into_bytes();
+        for row in rows {
+            serde_json::to_writer(&mut body, &row)
+                .map_err(|e| Error::failed("warehouse rows", e))?;
+            body.push(b'\n');
+        }
+        body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
+        let mut request = self
+            .http
+            .post(format!("{}/", self.url))
+            .query(&[
+                ("database", self.database.as_str()),
+                ("query", statement.as_str()),
+                ("batch_format", "JSONEachRow"),
+                ("batch_structure", structure.as_str()),
+            ])
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                format!("multipart/form-data; boundary={BOUNDARY}"),
+            )
+            .body(body);
+        if let Some(user) = &self.user {
+            request = request.basic_auth(user, self.password.as_ref());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| Error::unavailable("warehouse", e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = response
+            .text()
+            .await
+            .map_err(|e| Error::unavailable("warehouse", e))?;
+        if has_code(&text, FENCED_CODE) {
+            return Err(Error::Conflict(format!(
+                "partition {partition} (a newer owner than epoch {epoch} fenced it)"
+            )));
+        }
+        Err(warehouse_error(clickhouse::error::Error::BadResponse(
+            text.trim().to_owned(),
+        )))
+    }
 }
 
 #[async_trait]
@@ -389,14 +499,30 @@ impl Warehouse for ClickHouseWarehouse {
         })
     }
 
+    async fn fence(&self, partition: u16, epoch: u64) -> Result<()> {
+        let newest = self.fetch_u64(&sql::fence_epoch(partition)).await?;
+        if newest > epoch {
+            return Err(Error::Conflict(format!(
+                "partition {partition} (epoch {newest} owns it, newer than {epoch}; if the \
+                 lease bucket was deleted and made again, stop every processor and run \
+                 `TRUNCATE TABLE partition_fences`)"
+            )));
+        }
+        self.execute(&sql::record_fence(partition, epoch)).await?;
+        self.fences.lock().expect("fences").insert(partition, epoch);
+        tokio::time::sleep(FENCE_SETTLE).await;
+        Ok(())
+    }
+
     async fn insert_votes(&self, partition: u16, votes: &[StoredVote]) -> Result<()> {
         let rows = votes.iter().map(|stored| VoteRow::new(partition, stored));
-        self.insert_rows("votes", rows).await
+        self.insert_partition_rows("votes", partition, rows).await
     }
 
     async fn insert_windows(&self, partition: u16, rows: &[WindowRow]) -> Result<()> {
         let rows = rows.iter().map(|row| WindowRowCh::new(partition, row));
-        self.insert_rows("vote_windows", rows).await
+        self.insert_partition_rows("vote_windows", partition, rows)
+            .await
     }
 
     async fn insert_rollups(
@@ -406,7 +532,8 @@ impl Warehouse for ClickHouseWarehouse {
         rows: &[RollupRow],
     ) -> Result<()> {
         let rows = rows.iter().map(|row| RollupRowCh::new(partition, row));
-        self.insert_rows(level.table(), rows).await
+        self.insert_partition_rows(level.table(), partition, rows)
+            .await
     }
 
     async fn tally(&self, poll_id: &str) -> Result<Tally> {
@@ -906,6 +1033,17 @@ impl BallotBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_codes_are_read_in_both_dialects() {
+        assert!(has_code(
+            "Code: 395, e.displayText() = DB::Exception: …",
+            395
+        ));
+        assert!(has_code("Code: 241. DB::Exception: Memory limit", 241));
+        assert!(!has_code("Code: 3950, e.displayText()", 395));
+        assert!(!has_code("Code: 39, e.displayText()", 395));
+    }
 
     #[test]
     fn row_types_match_the_column_lists() {

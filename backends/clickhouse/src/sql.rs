@@ -226,6 +226,14 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
             ballot_dimensions_body!()
         ),
     ),
+    (
+        15,
+        "partition_fences",
+        // The epoch of each partition's owner, one row per claim (merges keep the newest):
+        // a processor's inserts check it, so one whose lease moved on writes nothing.
+        "CREATE TABLE IF NOT EXISTS partition_fences (log_partition UInt16, epoch UInt64, \
+         fenced_at DateTime('UTC')) ENGINE = ReplacingMergeTree(epoch) ORDER BY log_partition",
+    ),
 ];
 
 /// The columns of `poll_records`, in the order of its migration.
@@ -365,6 +373,38 @@ pub fn record_migration(version: u32, name: &str) -> String {
     format!(
         "INSERT INTO schema_migrations (version, name, applied_at) VALUES ({version}, {}, now())",
         lit(name)
+    )
+}
+
+/// The newest epoch fenced into a partition (0 when none was).
+pub fn fence_epoch(partition: u16) -> String {
+    format!("SELECT max(epoch) FROM partition_fences WHERE log_partition = {partition}")
+}
+
+pub fn record_fence(partition: u16, epoch: u64) -> String {
+    format!("INSERT INTO partition_fences (log_partition, epoch, fenced_at) VALUES ({partition}, {epoch}, now())")
+}
+
+/// The column definitions (`name Type, …`) of an external table carrying `table`'s rows as
+/// JSONEachRow: the table's own types, with times as the `UInt32` seconds they are sent as
+/// (the INSERT converts them). `None` for a table no migration creates.
+pub fn external_structure(table: &str) -> Option<String> {
+    let (_, _, statement) = MIGRATIONS.iter().find(|(_, name, _)| *name == table)?;
+    let start = statement.find('(')? + 1;
+    let end = statement.find(") ENGINE")?;
+    Some(statement[start..end].replace("DateTime('UTC')", "UInt32"))
+}
+
+/// An INSERT of the rows of the external table `batch` into `table`, refused by the server
+/// (`throwIf`, code 395) and writing nothing when an epoch newer than `epoch` was fenced
+/// into `partition`. The check runs once the whole batch has arrived, in the statement that
+/// writes it.
+pub fn fenced_insert(table: &str, columns: &[&str], partition: u16, epoch: u64) -> String {
+    let columns = columns.join(", ");
+    format!(
+        "INSERT INTO {table} ({columns}) SELECT {columns} FROM batch \
+         WHERE throwIf(({}) > {epoch}) = 0",
+        fence_epoch(partition)
     )
 }
 
@@ -618,6 +658,28 @@ pub fn all_for_check() -> Vec<(String, String)> {
             rollups_watermark(0, level),
         ));
     }
+    // A fenced insert reads the batch from an external table, which a check has to make.
+    statements.push(("record fence".into(), record_fence(0, 5)));
+    statements.push(("fence epoch".into(), fence_epoch(0)));
+    statements.push((
+        "external batch".into(),
+        format!(
+            "CREATE TABLE batch ({}) ENGINE = Memory",
+            external_structure("votes").expect("votes")
+        ),
+    ));
+    statements.push((
+        "fill the external batch".into(),
+        format!(
+            "INSERT INTO batch ({}) VALUES (0, 8, 'v-2', 'p', 'def', ['red'], NULL, {segment}, 1700000001, 1700000001123)",
+            vote_columns().join(", ")
+        ),
+    ));
+    statements.push((
+        "fenced insert votes".into(),
+        fenced_insert("votes", &vote_columns(), 0, 5),
+    ));
+    statements.push(("drop the external batch".into(), "DROP TABLE batch".into()));
     statements.push(("votes watermark".into(), votes_watermark(0)));
     statements.push(("windows watermark".into(), windows_watermark(0)));
     statements.push(("tally totals".into(), tally_totals("p")));

@@ -1,6 +1,6 @@
 //! tally's NATS back ends, for the distributed deployment: the vote log on a JetStream
 //! stream ([`JetStreamLog`]), the poll registry on a JetStream key-value bucket
-//! ([`KvRegistry`]), and live totals on a core NATS subject ([`NatsLiveFeed`]), over a
+//! ([`KvRegistry`]), processors' partition leases on another ([`KvLeases`]), and live totals on a core NATS subject ([`NatsLiveFeed`]), over a
 //! connection made by [`connect`] from [`ConnectSettings`] (servers, credentials, TLS).
 //!
 //! In: votes to append, poll records, live totals. Out: the same, read back in order. The
@@ -11,11 +11,13 @@
 //! `tally-conformance` suite against a real nats-server.
 
 mod connect;
+mod leases;
 mod live;
 mod log;
 mod registry;
 
 pub use connect::{connect, ConnectSettings, TlsSettings};
+pub use leases::{KvLeases, LEASES_BUCKET};
 pub use live::{sign as sign_live_totals, NatsLiveFeed, SIGNATURE_HEADER};
 pub use log::{publish_together, Ack, JetStreamLog, ACKS_PER_SUBSCRIPTION};
 pub use registry::KvRegistry;
@@ -46,6 +48,64 @@ pub(crate) fn check_replicas(
              {wanted} servers), or set TALLY_REPLICAS={found}"
         ),
     ))
+}
+
+/// Opens the key-value bucket `config` describes (`what` names it in errors), creating it
+/// when missing; refuses one kept in fewer copies than `config.num_replicas`.
+pub(crate) async fn open_bucket(
+    js: &async_nats::jetstream::Context,
+    what: &str,
+    config: async_nats::jetstream::kv::Config,
+) -> tally_core::Result<async_nats::jetstream::kv::Store> {
+    use async_nats::jetstream::stream;
+    use tally_core::Error;
+    let replicas = config.num_replicas.max(1);
+    let bucket = config.bucket.clone();
+    let stream_name = format!("KV_{bucket}");
+    if js.get_key_value(&bucket).await.is_err() {
+        if let Err(err) = js.create_key_value(config.clone()).await {
+            // Older servers (2.9) answer bucket creation in a shape the client cannot parse;
+            // create the bucket's backing stream the way the KV protocol defines it.
+            tracing::debug!(error = %err, bucket, "create_key_value failed, creating the bucket stream directly");
+            let stream_config = stream::Config {
+                name: stream_name.clone(),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: config.history,
+                max_age: config.max_age,
+                discard: stream::DiscardPolicy::New,
+                storage: config.storage,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                duplicate_window: std::time::Duration::from_secs(120).min(
+                    if config.max_age.is_zero() {
+                        std::time::Duration::MAX
+                    } else {
+                        config.max_age
+                    },
+                ),
+                num_replicas: replicas,
+                ..Default::default()
+            };
+            js.get_or_create_stream(stream_config)
+                .await
+                .map_err(|e| Error::unavailable(what, e))?;
+        }
+    }
+    let store = js
+        .get_key_value(&bucket)
+        .await
+        .map_err(|e| Error::unavailable(what, e))?;
+    // Another service may have created it first, with its own setting.
+    let found = js
+        .get_stream(&stream_name)
+        .await
+        .map_err(|e| Error::unavailable(what, e))?
+        .cached_info()
+        .config
+        .num_replicas;
+    check_replicas(what, &stream_name, found, replicas)?;
+    Ok(store)
 }
 
 /// The JetStream error code behind a failed call, if the server sent one.

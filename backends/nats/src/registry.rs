@@ -1,8 +1,6 @@
 //! The poll registry on a JetStream key-value bucket: key = poll id, value = the versioned
 //! poll record, revision = the poll's `version`.
 
-use std::time::Duration;
-
 use async_nats::jetstream::{self, kv, stream};
 use async_trait::async_trait;
 use futures::{StreamExt, TryStreamExt};
@@ -27,47 +25,14 @@ impl KvRegistry {
     /// with fewer.
     pub async fn open_replicated(client: async_nats::Client, replicas: usize) -> Result<Self> {
         let js = jetstream::new(client);
-        let replicas = replicas.max(1);
-        if let Ok(store) = js.get_key_value(POLLS_BUCKET).await {
-            check_replicas(&js, replicas).await?;
-            return Ok(KvRegistry { store });
-        }
-        let created = js
-            .create_key_value(kv::Config {
-                bucket: POLLS_BUCKET.to_owned(),
-                history: 5,
-                storage: stream::StorageType::File,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await;
-        if let Err(err) = created {
-            // Older servers (2.9) answer bucket creation in a shape the client cannot parse;
-            // create the bucket's backing stream the way the KV protocol defines it.
-            tracing::debug!(error = %err, "create_key_value failed, creating the bucket stream directly");
-            let config = stream::Config {
-                name: format!("KV_{POLLS_BUCKET}"),
-                subjects: vec![format!("$KV.{POLLS_BUCKET}.>")],
-                max_messages_per_subject: 5,
-                discard: stream::DiscardPolicy::New,
-                storage: stream::StorageType::File,
-                allow_rollup: true,
-                deny_delete: true,
-                allow_direct: true,
-                duplicate_window: Duration::from_secs(120),
-                num_replicas: replicas,
-                ..Default::default()
-            };
-            js.get_or_create_stream(config)
-                .await
-                .map_err(|e| Error::unavailable("poll registry", e))?;
-        }
-        let store = js
-            .get_key_value(POLLS_BUCKET)
-            .await
-            .map_err(|e| Error::unavailable("poll registry", e))?;
-        // Another service may have created it first, with its own setting.
-        check_replicas(&js, replicas).await?;
+        let config = kv::Config {
+            bucket: POLLS_BUCKET.to_owned(),
+            history: 5,
+            storage: stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        };
+        let store = super::open_bucket(&js, "poll registry", config).await?;
         Ok(KvRegistry { store })
     }
 
@@ -76,17 +41,6 @@ impl KvRegistry {
         poll.version = entry.revision;
         Ok(poll)
     }
-}
-
-/// Refuses a bucket kept in fewer copies than `replicas`.
-async fn check_replicas(js: &jetstream::Context, replicas: usize) -> Result<()> {
-    let name = format!("KV_{POLLS_BUCKET}");
-    let stream = js
-        .get_stream(&name)
-        .await
-        .map_err(|e| Error::unavailable("poll registry", e))?;
-    let found = stream.cached_info().config.num_replicas;
-    super::check_replicas("poll registry", &name, found, replicas)
 }
 
 #[async_trait]

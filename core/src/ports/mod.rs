@@ -4,6 +4,7 @@
 //! (`tally-embedded`). Each trait states the guarantees its callers rely on; the
 //! `tally-conformance` suites prove them for every implementation.
 
+mod leases;
 mod live;
 mod log;
 mod registry;
@@ -13,6 +14,7 @@ use std::pin::Pin;
 
 use futures::Stream;
 
+pub use leases::PartitionLeases;
 pub use live::LiveFeed;
 pub use log::{partition_of, Appended, LogEntry, LogReader, VoteLog, APPEND_MANY_IN_FLIGHT};
 pub use registry::{PollChange, PollRegistry};

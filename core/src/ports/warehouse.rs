@@ -98,6 +98,19 @@ pub trait Warehouse: Send + Sync + 'static {
     /// Applies pending schema migrations; returns the versions it applied.
     async fn migrate(&self) -> Result<Vec<u32>>;
     async fn watermarks(&self, partition: u16) -> Result<Watermarks>;
+    /// Makes `epoch` the owner of `partition`'s rows: from the time this returns, an insert
+    /// for the partition made through a handle fenced with an older epoch is refused with
+    /// [`Error::Conflict`](crate::Error::Conflict) and writes nothing, and this handle's
+    /// inserts for it are refused in turn once a newer epoch is fenced. It returns only when
+    /// no insert of an older owner can still land, so watermarks read after it are final for
+    /// them. Refused when a newer epoch already owns the partition. Epochs come from
+    /// [`PartitionLeases::claim`](super::PartitionLeases::claim).
+    ///
+    /// A warehouse only one process writes (the embedded one) has nothing to fence.
+    async fn fence(&self, partition: u16, epoch: u64) -> Result<()> {
+        let _ = (partition, epoch);
+        Ok(())
+    }
     async fn insert_votes(&self, partition: u16, votes: &[StoredVote]) -> Result<()>;
     async fn insert_windows(&self, partition: u16, rows: &[WindowRow]) -> Result<()>;
     async fn insert_rollups(
