@@ -12,6 +12,7 @@
 //! its `JSONCompact` answer streams back as Arrow batches ([`rows`]).
 
 pub mod analyst;
+mod rowbinary;
 pub mod rows;
 pub mod sql;
 
@@ -361,7 +362,7 @@ impl ClickHouseWarehouse {
 
     /// [`Self::insert_rows`] for rows of one partition: for a partition this handle fenced,
     /// the INSERT writes nothing and answers [`Error::Conflict`] once a newer epoch owns it.
-    async fn insert_partition_rows<R: RowOwned + RowWrite + Serialize>(
+    async fn insert_partition_rows<R: RowOwned + RowWrite + rowbinary::RowBinary>(
         &self,
         table: &str,
         partition: u16,
@@ -378,42 +379,40 @@ impl ClickHouseWarehouse {
     /// One INSERT … SELECT from the rows sent as an external table, refused by the server
     /// when a newer epoch than `epoch` was fenced into the partition
     /// ([`sql::fenced_insert`]).
-    async fn insert_fenced<R: RowOwned + Serialize>(
+    async fn insert_fenced<R: RowOwned + rowbinary::RowBinary>(
         &self,
         table: &str,
         partition: u16,
         epoch: u64,
         rows: impl Iterator<Item = R>,
     ) -> Result<()> {
-        const BOUNDARY: &str = "tally-batch-7d1c5e9a4f3b";
         let structure = sql::external_structure(table)
             .ok_or_else(|| Error::failed("warehouse", format!("no migration creates `{table}`")))?;
         let statement = sql::fenced_insert(table, R::COLUMN_NAMES, partition, epoch);
-        // JSON escapes every control character, so no line of the batch can hold the
-        // boundary's leading CR LF.
+        // RowBinary may hold any bytes, the multipart delimiter included: a random boundary
+        // per request, chosen after the rows are fixed, cannot be aimed at by a vote.
+        let boundary = format!("tally-batch-{}", uuid::Uuid::new_v4().simple());
         let mut body = format!(
-            "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"batch\"; filename=\"batch\"\r\n\
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"batch\"; filename=\"batch\"\r\n\
              Content-Type: application/octet-stream\r\n\r\n"
         )
         .into_bytes();
         for row in rows {
-            serde_json::to_writer(&mut body, &row)
-                .map_err(|e| Error::failed("warehouse rows", e))?;
-            body.push(b'\n');
+            row.encode(&mut body);
         }
-        body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
         let mut request = self
             .http
             .post(format!("{}/", self.url))
             .query(&[
                 ("database", self.database.as_str()),
                 ("query", statement.as_str()),
-                ("batch_format", "JSONEachRow"),
+                ("batch_format", "RowBinary"),
                 ("batch_structure", structure.as_str()),
             ])
             .header(
                 reqwest::header::CONTENT_TYPE,
-                format!("multipart/form-data; boundary={BOUNDARY}"),
+                format!("multipart/form-data; boundary={boundary}"),
             )
             .body(body);
         if let Some(user) = &self.user {

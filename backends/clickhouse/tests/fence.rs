@@ -168,7 +168,47 @@ async fn needs_clickhouse_an_older_owner_writes_nothing_once_fenced() {
         .await
         .expect("the newer owner writes");
     new.insert_windows(0, &[window]).await.expect("windows");
+    let mut rollup = rollup;
+    rollup.segment.custom = BTreeMap::from([("store".into(), "#7".into())]);
+    rollup.answers = vec!["blue".into(), "red".into()];
+    rollup.answer_votes = vec![300, 1];
+    new.insert_rollups(0, RollupLevel::Fresh, &[rollup])
+        .await
+        .expect("rollups");
     assert_eq!(new.watermarks(0).await.expect("watermarks").votes, 3);
+    let rows = query(&format!(
+        "SELECT poll_id, toUnixTimestamp(window_start), window_seconds, option, votes, last_seq \
+         FROM {database}.vote_windows FORMAT JSONCompact"
+    ))
+    .await;
+    let rows: serde_json::Value = serde_json::from_str(&rows).expect("json");
+    assert_eq!(
+        rows["data"],
+        serde_json::json!([["poll-1", 1_700_000_000, 10, "red", "1", "3"]])
+    );
+    let rows = query(&format!(
+        "SELECT poll_id, toUnixTimestamp(bucket_start), bucket_seconds, country, device, dim_keys, \
+         dim_values, ballots, answers, answer_votes, last_seq \
+         FROM {database}.segment_rollups_fresh FORMAT JSONCompact"
+    ))
+    .await;
+    let rows: serde_json::Value = serde_json::from_str(&rows).expect("json");
+    assert_eq!(
+        rows["data"],
+        serde_json::json!([[
+            "poll-1",
+            1_699_999_980,
+            60,
+            "DE",
+            "",
+            ["store"],
+            ["#7"],
+            "1",
+            ["blue", "red"],
+            ["300", "1"],
+            "3"
+        ]])
+    );
 
     let again = old
         .fence(0, 5)
