@@ -98,6 +98,9 @@ impl Partition {
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
         self.cancel = cancel;
         let partition = self.partition;
+        // However the worker ends (stopped, or aborted with a lost lease), its lag is no
+        // longer this process's to report: the partition's new owner reports it.
+        let _lag = ClearLag(partition);
         match self.work().await {
             Err(Stopped) => tracing::info!(partition, "partition worker stopped"),
             Ok(never) => match never {},
@@ -536,6 +539,15 @@ impl Partition {
         } else {
             tracing::error!(partition = self.partition, kind = ?err.kind(), error = %err.chain(), "{what} failed, retrying");
         }
+    }
+}
+
+/// Sets a partition's `tally_processor_lag` to 0 when dropped.
+struct ClearLag(u16);
+
+impl Drop for ClearLag {
+    fn drop(&mut self) {
+        metrics::gauge!("tally_processor_lag", "partition" => self.0.to_string()).set(0.0);
     }
 }
 
