@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use tally_testkit::process::log_tail;
-use tally_testkit::{ClickHouseServer, ManagedProcess, NatsOptions, NatsServer};
+use tally_testkit::{ClickHouseServer, ManagedProcess, NatsCluster, NatsOptions, NatsServer};
 
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
 pub const ANALYST_KEY: &str = "test-analyst-key-0123456789";
@@ -179,12 +179,18 @@ pub struct Options<'a> {
     /// Distributed: JetStream fsyncs every write before acknowledging it, the production
     /// setting (`sync_interval: always`); the default syncs every two minutes.
     pub nats_sync_always: bool,
+    /// Distributed: this many nats-servers clustered on loopback instead of one, every
+    /// stream and bucket in that many copies (`TALLY_REPLICAS`), each service given all of
+    /// them; 0 or 1 for one server.
+    pub nats_servers: usize,
 }
 
 pub struct Cluster {
     pub deployment: Deployment,
     /// The cluster's nats-server (distributed only), which a test may kill and restart.
     nats: tokio::sync::Mutex<Option<NatsServer>>,
+    /// The cluster's nats-servers, with [`Options::nats_servers`].
+    nats_cluster: Option<tokio::sync::Mutex<NatsCluster>>,
     /// The cluster's own clickhouse-server, with [`Options::own_clickhouse`].
     own_clickhouse: Option<tokio::sync::Mutex<ClickHouseServer>>,
     clickhouse_url: Option<String>,
@@ -249,10 +255,19 @@ impl Cluster {
             .build()?;
         match deployment {
             Deployment::Distributed => {
-                let nats = NatsServer::start_with(NatsOptions {
-                    sync_interval: options.nats_sync_always.then(|| "always".to_owned()),
-                })
-                .await?;
+                let (nats, nats_cluster) = if options.nats_servers > 1 {
+                    let servers = NatsCluster::start(options.nats_servers).await?;
+                    env.insert("TALLY_NATS_URL".into(), servers.urls());
+                    env.insert("TALLY_REPLICAS".into(), options.nats_servers.to_string());
+                    (None, Some(servers))
+                } else {
+                    let server = NatsServer::start_with(NatsOptions {
+                        sync_interval: options.nats_sync_always.then(|| "always".to_owned()),
+                    })
+                    .await?;
+                    env.insert("TALLY_NATS_URL".into(), server.url());
+                    (Some(server), None)
+                };
                 let own_clickhouse = if options.own_clickhouse {
                     Some(ClickHouseServer::start().await?)
                 } else {
@@ -263,7 +278,6 @@ impl Cluster {
                     None => tally_testkit::clickhouse().await?.url.clone(),
                 };
                 let database = tally_testkit::unique_name("e2e");
-                env.insert("TALLY_NATS_URL".into(), nats.url());
                 env.insert("TALLY_CLICKHOUSE_URL".into(), clickhouse_url.clone());
                 env.insert("TALLY_CLICKHOUSE_DATABASE".into(), database.clone());
                 // Analysts' SQL as the read-only user of scripts/clickhouse/users.xml, as in
@@ -278,7 +292,8 @@ impl Cluster {
                 let query = Service::spawn("query", &env, &[], dir.path()).await?;
                 Ok(Cluster {
                     deployment,
-                    nats: tokio::sync::Mutex::new(Some(nats)),
+                    nats: tokio::sync::Mutex::new(nats),
+                    nats_cluster: nats_cluster.map(tokio::sync::Mutex::new),
                     own_clickhouse: own_clickhouse.map(tokio::sync::Mutex::new),
                     clickhouse_url: Some(clickhouse_url),
                     database,
@@ -302,6 +317,7 @@ impl Cluster {
                 Ok(Cluster {
                     deployment,
                     nats: tokio::sync::Mutex::new(None),
+                    nats_cluster: None,
                     own_clickhouse: None,
                     clickhouse_url: None,
                     database: String::new(),
@@ -402,6 +418,60 @@ impl Cluster {
         let client = tally_nats::connect(url, Duration::from_secs(10)).await?;
         let leases = tally_nats::KvLeases::open(client, 1, Duration::from_secs(seconds)).await?;
         Ok(leases.owners().await?)
+    }
+
+    /// The index of the clustered nats-server leading the vote stream now; see
+    /// [`Options::nats_servers`].
+    pub async fn nats_stream_leader(&self) -> Result<usize> {
+        let url = self.env.get("TALLY_NATS_URL").context("no NATS")?;
+        let client = tally_nats::connect(url, Duration::from_secs(10)).await?;
+        let js = async_nats::jetstream::new(client);
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(stream) = js.get_stream("VOTES").await {
+                if let Some(name) = stream
+                    .cached_info()
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.leader.clone())
+                {
+                    // testkit names the members n0, n1, …
+                    return name
+                        .trim_start_matches('n')
+                        .parse()
+                        .with_context(|| format!("leader `{name}`"));
+                }
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "no stream leader"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Kills (SIGKILL) or restarts member `index` of the clustered nats-servers.
+    pub async fn kill_nats_member(&self, index: usize) -> Result<()> {
+        let servers = self.nats_cluster.as_ref().context("no NATS cluster")?;
+        let mut servers = servers.lock().await;
+        servers
+            .servers
+            .get_mut(index)
+            .context("no such member")?
+            .kill()
+            .await;
+        Ok(())
+    }
+
+    pub async fn restart_nats_member(&self, index: usize) -> Result<()> {
+        let servers = self.nats_cluster.as_ref().context("no NATS cluster")?;
+        let mut servers = servers.lock().await;
+        servers
+            .servers
+            .get_mut(index)
+            .context("no such member")?
+            .restart()
+            .await
     }
 
     /// Kills the nats-server (SIGKILL); distributed only.

@@ -611,6 +611,49 @@ async fn needs_nats_clickhouse_processors_share_partitions_through_a_kill_and_a_
     Ok(())
 }
 
+/// 5c. The broker is three clustered nats-servers holding every stream and bucket in three
+///     copies (`TALLY_REPLICAS=3`), and every service lists all three: under load the vote
+///     stream's leader is killed -9 and started again, twice (the second time the leader
+///     elected after the first kill). Every acknowledged vote is counted once; a vote in
+///     flight during an election is answered 503 and retried by loadgen with its vote id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn needs_nats_clickhouse_a_replicated_broker_loses_its_leader_twice() -> Result<()> {
+    tally_testkit::require!(NatsServer, ClickHouse);
+    let cluster = Cluster::launch(
+        Deployment::Distributed,
+        Options {
+            nats_servers: 3,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let (rate, seconds) = scale((400, 40), (3_000, 90));
+    let load = Load::start_counting(
+        &cluster,
+        &[&cluster.ingest.url],
+        rate,
+        seconds,
+        3,
+        Dedupe::NoneWithRepeats,
+    )
+    .await?;
+    let mut killed = Vec::new();
+    for _ in 0..2 {
+        random_pause(Duration::from_secs(4), Duration::from_secs(6)).await;
+        let leader = cluster.nats_stream_leader().await?;
+        cluster.kill_nats_member(leader).await?;
+        killed.push(leader);
+        random_pause(Duration::from_secs(4), Duration::from_secs(6)).await;
+        cluster.restart_nats_member(leader).await?;
+    }
+    let (summary, truth) = load.finish(&cluster).await?;
+    report(
+        &format!("R3 broker, stream leaders n{killed:?} killed"),
+        &summary,
+    );
+    verify(&cluster, &truth).await
+}
+
 // 6. Every vote sent again, as NDJSON batches, changes nothing: each line answers 202 with
 //    the original vote id (the log refuses the second copy and finds the first).
 crate::for_each_deployment!(replay_of_every_vote);
