@@ -4,6 +4,9 @@
 //! `--through-log` through the vote log ingest uses, so with its one message per voter).
 //! Both send the same vote payloads with many in flight — no HTTP, no JSON parsing, no
 //! processing — and print one line of JSON: `{"votes": N, "seconds": S, "per_s": R}`.
+//! The single-vote path has a baseline of its own, the HTTP layer alone:
+//! `tally-loadgen serve-http-baseline` (a minimal axum server) driven by
+//! `tally-loadgen bench-http` (the load's client and vote bodies), which prints the same line.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -173,5 +176,83 @@ pub async fn publish(
     let seconds = started.elapsed().as_secs_f64();
     let _ = js.delete_stream("BENCH_PUBLISH").await;
     report(votes, seconds, cpu);
+    Ok(())
+}
+
+/// The HTTP layer alone, the baseline of single votes (`tally-loadgen serve-http-baseline`):
+/// an axum server whose one route takes what ingest's single-vote route takes — a vote's
+/// JSON, parsed into the API's [`VoteRequest`](tally_core::vote::VoteRequest) — and answers
+/// 202 with a body the size of ingest's, doing nothing else. Prints
+/// `listening on http://ADDR` and serves until killed.
+pub async fn serve_http(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    use axum::extract::Path;
+    use axum::http::StatusCode;
+    use axum::Json;
+
+    async fn accept(
+        Path(poll): Path<String>,
+        Json(vote): Json<tally_core::vote::VoteRequest>,
+    ) -> (StatusCode, Json<serde_json::Value>) {
+        let answer = serde_json::json!({
+            "vote_id": vote.vote_id.unwrap_or_default(),
+            "poll_id": poll,
+            "status": "accepted",
+        });
+        (StatusCode::ACCEPTED, Json(answer))
+    }
+
+    let app = axum::Router::new().route("/v1/polls/{poll}/votes", axum::routing::post(accept));
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+/// Drives `url` (a [`serve_http`] server) with single votes for `seconds`, `concurrency` at
+/// once, with the load's HTTP client settings and vote bodies; prints the baseline line
+/// with the requests answered 202 as `votes`.
+pub async fn drive_http(url: &str, concurrency: usize, seconds: f64) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency.max(1))
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?;
+    let mix: crate::mix::SegmentMix = crate::mix::DEFAULT_SEGMENT_MIX
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let deadline = Instant::now() + std::time::Duration::from_secs_f64(seconds);
+    let cpu = crate::own_cpu_seconds();
+    let started = Instant::now();
+    let workers = (0..concurrency.max(1) as u64).map(|worker| {
+        let (http, mix) = (http.clone(), mix.clone());
+        let target = format!("{url}/v1/polls/baseline/votes");
+        tokio::spawn(async move {
+            let mut accepted = 0u64;
+            let mut voter = worker << 32;
+            while Instant::now() < deadline {
+                let vote = crate::vote::SyntheticVote::random(0, voter, &mix);
+                voter += 1;
+                let mut body = Vec::with_capacity(200);
+                vote.write_json(&mut body, "baseline", "base", &mix);
+                let sent = http
+                    .post(&target)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                if let Ok(response) = sent {
+                    let status = response.status();
+                    if response.bytes().await.is_ok() && status.as_u16() == 202 {
+                        accepted += 1;
+                    }
+                }
+            }
+            accepted
+        })
+    });
+    let mut accepted = 0;
+    for worker in futures::future::join_all(workers).await {
+        accepted += worker?;
+    }
+    report(accepted, started.elapsed().as_secs_f64(), cpu);
     Ok(())
 }

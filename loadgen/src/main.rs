@@ -47,6 +47,22 @@ enum Command {
         #[arg(long)]
         through_log: bool,
     },
+    /// Serves the HTTP baseline of single votes: parse a vote's JSON, answer 202, nothing
+    /// else (run it as its own process, so its CPU can be read apart).
+    ServeHttpBaseline {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
+    /// Sends single votes to a `serve-http-baseline` server, with the load's client.
+    BenchHttp {
+        /// The baseline server's base URL.
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+    },
 }
 
 #[tokio::main]
@@ -83,5 +99,13 @@ async fn main() -> anyhow::Result<()> {
             in_flight,
             through_log,
         }) => tally_loadgen::baseline::publish(&nats_url, votes, in_flight, through_log).await,
+        Some(Command::ServeHttpBaseline { listen }) => {
+            tally_loadgen::baseline::serve_http(listen).await
+        }
+        Some(Command::BenchHttp {
+            url,
+            concurrency,
+            seconds,
+        }) => tally_loadgen::baseline::drive_http(&url, concurrency, seconds).await,
     }
 }
