@@ -72,6 +72,17 @@ impl KvLeases {
         })
     }
 
+    /// Every key in the bucket now: leases and members.
+    async fn keys(&self) -> Result<Vec<String>> {
+        self.store
+            .keys()
+            .await
+            .map_err(|e| Error::unavailable(WHAT, e))?
+            .try_collect()
+            .await
+            .map_err(|e| Error::unavailable(WHAT, e))
+    }
+
     fn held(&self, partition: u16) -> Option<u64> {
         self.held
             .lock()
@@ -100,14 +111,7 @@ impl PartitionLeases for KvLeases {
             .put(format!("member.{member}"), member.to_owned().into())
             .await
             .map_err(|e| Error::unavailable(WHAT, e))?;
-        let keys: Vec<String> = self
-            .store
-            .keys()
-            .await
-            .map_err(|e| Error::unavailable(WHAT, e))?
-            .try_collect()
-            .await
-            .map_err(|e| Error::unavailable(WHAT, e))?;
+        let keys = self.keys().await?;
         let mut members: Vec<String> = keys
             .into_iter()
             .filter_map(|key| key.strip_prefix("member.").map(str::to_owned))
@@ -192,14 +196,7 @@ impl PartitionLeases for KvLeases {
     }
 
     async fn owners(&self) -> Result<BTreeMap<u16, String>> {
-        let keys: Vec<String> = self
-            .store
-            .keys()
-            .await
-            .map_err(|e| Error::unavailable(WHAT, e))?
-            .try_collect()
-            .await
-            .map_err(|e| Error::unavailable(WHAT, e))?;
+        let keys = self.keys().await?;
         let mut owners = BTreeMap::new();
         for key in keys {
             let Some(partition) = key

@@ -1,7 +1,8 @@
 //! tally's NATS back ends, for the distributed deployment: the vote log on a JetStream
 //! stream ([`JetStreamLog`]), the poll registry on a JetStream key-value bucket
-//! ([`KvRegistry`]), processors' partition leases on another ([`KvLeases`]), and live totals on a core NATS subject ([`NatsLiveFeed`]), over a
-//! connection made by [`connect`] from [`ConnectSettings`] (servers, credentials, TLS).
+//! ([`KvRegistry`]), processors' partition leases on another ([`KvLeases`]), and live
+//! totals on a core NATS subject ([`NatsLiveFeed`]), over a connection made by [`connect`]
+//! from [`ConnectSettings`] (servers, credentials, TLS).
 //!
 //! In: votes to append, poll records, live totals. Out: the same, read back in order. The
 //! broker itself enforces one vote per voter (a per-subject limit of one message) across
@@ -58,44 +59,45 @@ pub(crate) async fn open_bucket(
     config: async_nats::jetstream::kv::Config,
 ) -> tally_core::Result<async_nats::jetstream::kv::Store> {
     use async_nats::jetstream::stream;
+    use std::time::Duration;
     use tally_core::Error;
     let replicas = config.num_replicas.max(1);
     let bucket = config.bucket.clone();
     let stream_name = format!("KV_{bucket}");
-    if js.get_key_value(&bucket).await.is_err() {
-        if let Err(err) = js.create_key_value(config.clone()).await {
-            // Older servers (2.9) answer bucket creation in a shape the client cannot parse;
-            // create the bucket's backing stream the way the KV protocol defines it.
-            tracing::debug!(error = %err, bucket, "create_key_value failed, creating the bucket stream directly");
-            let stream_config = stream::Config {
-                name: stream_name.clone(),
-                subjects: vec![format!("$KV.{bucket}.>")],
-                max_messages_per_subject: config.history,
-                max_age: config.max_age,
-                discard: stream::DiscardPolicy::New,
-                storage: config.storage,
-                allow_rollup: true,
-                deny_delete: true,
-                allow_direct: true,
-                duplicate_window: std::time::Duration::from_secs(120).min(
-                    if config.max_age.is_zero() {
-                        std::time::Duration::MAX
-                    } else {
-                        config.max_age
+    let store = match js.get_key_value(&bucket).await {
+        Ok(store) => store,
+        Err(_) => {
+            if let Err(err) = js.create_key_value(config.clone()).await {
+                // Older servers (2.9) answer bucket creation in a shape the client cannot
+                // parse; create the bucket's backing stream the way the KV protocol defines it.
+                tracing::debug!(error = %err, bucket, "create_key_value failed, creating the bucket stream directly");
+                let stream_config = stream::Config {
+                    name: stream_name.clone(),
+                    subjects: vec![format!("$KV.{bucket}.>")],
+                    max_messages_per_subject: config.history,
+                    max_age: config.max_age,
+                    discard: stream::DiscardPolicy::New,
+                    storage: config.storage,
+                    allow_rollup: true,
+                    deny_delete: true,
+                    allow_direct: true,
+                    // The server refuses a window longer than the entries live.
+                    duplicate_window: match config.max_age {
+                        age if age.is_zero() => Duration::from_secs(120),
+                        age => age.min(Duration::from_secs(120)),
                     },
-                ),
-                num_replicas: replicas,
-                ..Default::default()
-            };
-            js.get_or_create_stream(stream_config)
+                    num_replicas: replicas,
+                    ..Default::default()
+                };
+                js.get_or_create_stream(stream_config)
+                    .await
+                    .map_err(|e| Error::unavailable(what, e))?;
+            }
+            js.get_key_value(&bucket)
                 .await
-                .map_err(|e| Error::unavailable(what, e))?;
+                .map_err(|e| Error::unavailable(what, e))?
         }
-    }
-    let store = js
-        .get_key_value(&bucket)
-        .await
-        .map_err(|e| Error::unavailable(what, e))?;
+    };
     // Another service may have created it first, with its own setting.
     let found = js
         .get_stream(&stream_name)
