@@ -370,9 +370,11 @@ impl ClickHouseWarehouse {
     ) -> Result<()> {
         let fenced = self.fences.lock().expect("fences").get(&partition).copied();
         match fenced {
-            Some(_) if rows.len() == 0 => Ok(()),
-            Some(epoch) => self.insert_fenced(table, partition, epoch, rows).await,
-            None => self.insert_rows(table, rows).await,
+            Some(epoch) if rows.len() > 0 => {
+                self.insert_fenced(table, partition, epoch, rows).await
+            }
+            // Not fenced, or no rows (then nothing is sent at all).
+            _ => self.insert_rows(table, rows).await,
         }
     }
 

@@ -43,6 +43,16 @@ fn numbers(out: &mut Vec<u8>, values: &[u64]) {
     }
 }
 
+/// The segment columns votes and rollups share: the standard keys in their order, then a
+/// poll's own keys and values.
+fn segment(out: &mut Vec<u8>, standard: [&String; 6], keys: &[String], values: &[String]) {
+    for value in standard {
+        string(out, value);
+    }
+    strings(out, keys);
+    strings(out, values);
+}
+
 impl RowBinary for VoteRow {
     fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.log_partition.to_le_bytes());
@@ -58,18 +68,19 @@ impl RowBinary for VoteRow {
             }
             None => out.push(1),
         }
-        for key in [
-            &self.campaign,
-            &self.channel,
-            &self.source,
-            &self.medium,
-            &self.country,
-            &self.device,
-        ] {
-            string(out, key);
-        }
-        strings(out, &self.dim_keys);
-        strings(out, &self.dim_values);
+        segment(
+            out,
+            [
+                &self.campaign,
+                &self.channel,
+                &self.source,
+                &self.medium,
+                &self.country,
+                &self.device,
+            ],
+            &self.dim_keys,
+            &self.dim_values,
+        );
         out.extend_from_slice(&self.received_at.to_le_bytes());
         out.extend_from_slice(&self.received_ms.to_le_bytes());
     }
@@ -93,18 +104,19 @@ impl RowBinary for RollupRowCh {
         string(out, &self.poll_id);
         out.extend_from_slice(&self.bucket_start.to_le_bytes());
         out.extend_from_slice(&self.bucket_seconds.to_le_bytes());
-        for key in [
-            &self.campaign,
-            &self.channel,
-            &self.source,
-            &self.medium,
-            &self.country,
-            &self.device,
-        ] {
-            string(out, key);
-        }
-        strings(out, &self.dim_keys);
-        strings(out, &self.dim_values);
+        segment(
+            out,
+            [
+                &self.campaign,
+                &self.channel,
+                &self.source,
+                &self.medium,
+                &self.country,
+                &self.device,
+            ],
+            &self.dim_keys,
+            &self.dim_values,
+        );
         out.extend_from_slice(&self.ballots.to_le_bytes());
         strings(out, &self.answers);
         numbers(out, &self.answer_votes);

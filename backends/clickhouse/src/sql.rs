@@ -385,9 +385,9 @@ pub fn record_fence(partition: u16, epoch: u64) -> String {
     format!("INSERT INTO partition_fences (log_partition, epoch, fenced_at) VALUES ({partition}, {epoch}, now())")
 }
 
-/// The column definitions (`name Type, …`) of an external table carrying `table`'s rows as
-/// JSONEachRow: the table's own types, with times as the `UInt32` seconds they are sent as
-/// (the INSERT converts them). `None` for a table no migration creates.
+/// The column definitions (`name Type, …`) of an external table carrying `table`'s rows:
+/// the table's own types, with times as the `UInt32` seconds they are sent as (the INSERT
+/// converts them). `None` for a table no migration creates.
 pub fn external_structure(table: &str) -> Option<String> {
     let (_, _, statement) = MIGRATIONS.iter().find(|(_, name, _)| *name == table)?;
     let start = statement.find('(')? + 1;
