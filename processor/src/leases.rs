@@ -63,7 +63,17 @@ impl Coordinator {
         loop {
             releasing.retain(|_, handle| !handle.is_finished());
             self.reap(&mut workers).await;
-            match self.leases.heartbeat(&self.member).await {
+            // Bounded: a store that stops answering must not stall the renewals for good.
+            let heartbeat =
+                tokio::time::timeout(self.leases.ttl(), self.leases.heartbeat(&self.member))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(tally_core::Error::unavailable(
+                            "partition leases",
+                            "no answer within a lease",
+                        ))
+                    });
+            match heartbeat {
                 Ok(members) => {
                     self.renew(&mut workers).await;
                     let rank = members
@@ -92,19 +102,24 @@ impl Coordinator {
         }
         // Stopping: every worker finishes its batch and writes its rollups, then the leases
         // go back so the others take the partitions at once.
+        // One grace for all of them: a worker still writing at the end keeps its lease,
+        // which expires (the fence covers the rest).
         for worker in workers.values() {
             worker.stop.cancel();
         }
-        for (partition, worker) in workers {
-            if tokio::time::timeout(SHUTDOWN_GRACE, worker.handle)
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        let this = &self;
+        let stopping = workers.into_iter().map(|(partition, worker)| async move {
+            if tokio::time::timeout_at(deadline, worker.handle)
                 .await
                 .is_ok()
             {
-                self.release(partition).await;
+                this.release(partition).await;
             }
-        }
+        });
+        futures::future::join_all(stopping).await;
         for (_, handle) in releasing {
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, handle).await;
+            let _ = tokio::time::timeout_at(deadline, handle).await;
         }
     }
 
@@ -169,9 +184,7 @@ impl Coordinator {
                         // Still writing: let the lease expire, the fence covers the rest.
                         return;
                     }
-                    if let Err(err) = leases.release(partition, &member).await {
-                        tracing::warn!(partition, error = %err.chain(), "releasing a partition lease failed; it expires");
-                    }
+                    release(&*leases, partition, &member).await;
                 }),
             );
         }
@@ -234,8 +247,17 @@ impl Coordinator {
     }
 
     async fn release(&self, partition: u16) {
-        if let Err(err) = self.leases.release(partition, &self.member).await {
-            tracing::warn!(partition, error = %err.chain(), "releasing a partition lease failed; it expires");
+        release(&*self.leases, partition, &self.member).await;
+    }
+}
+
+/// Gives a lease up so another processor takes the partition at once; one that cannot be
+/// released expires.
+async fn release(leases: &dyn PartitionLeases, partition: u16, member: &str) {
+    match leases.release(partition, member).await {
+        Ok(()) => tracing::info!(partition, member, "partition lease released"),
+        Err(err) => {
+            tracing::warn!(partition, error = %err.chain(), "releasing a partition lease failed; it expires")
         }
     }
 }

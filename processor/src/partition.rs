@@ -116,21 +116,8 @@ impl Partition {
         );
         if let Some(epoch) = self.epoch {
             // Before anything is read: from here on an earlier owner writes nothing.
-            let fenced = loop {
-                match warehouse.fence(partition, epoch).await {
-                    Ok(()) => break Ok(()),
-                    Err(err) if err.kind() == tally_core::ErrorKind::Conflict => break Err(err),
-                    Err(err) => {
-                        self.report_failure("fence the partition", &err);
-                        self.pause(backoff.next_delay()).await?;
-                    }
-                }
-            };
-            if let Err(err) = fenced {
-                tracing::warn!(partition, epoch, error = %err.chain(), "a newer owner holds the partition");
-                return Err(Stopped);
-            }
-            backoff.reset();
+            self.retry("fence the partition", || warehouse.fence(partition, epoch))
+                .await?;
             tracing::info!(partition, epoch, "partition fenced");
         }
         loop {
@@ -488,11 +475,7 @@ impl Partition {
             let Err(err) = result else {
                 return Ok(());
             };
-            if err.kind() == tally_core::ErrorKind::Conflict {
-                // Fenced: a newer owner holds the partition; this worker writes no more.
-                tracing::warn!(partition = self.partition, error = %err.chain(), "{what} refused: the partition has a newer owner");
-                return Err(Stopped);
-            }
+            self.stop_if_fenced(what, &err)?;
             metrics::counter!("tally_warehouse_insert_retries_total", "table" => table.clone())
                 .increment(1);
             self.report_failure(what, &err);
@@ -512,7 +495,8 @@ impl Partition {
         }
     }
 
-    /// Retries a back-end call with backoff until it succeeds or the worker is stopped.
+    /// Retries a back-end call with backoff until it succeeds, the worker is stopped, or the
+    /// warehouse's fence refuses it.
     async fn retry<T, F, Fut>(&mut self, what: &str, mut call: F) -> Step<T>
     where
         F: FnMut() -> Fut,
@@ -523,11 +507,23 @@ impl Partition {
             match call().await {
                 Ok(value) => return Ok(value),
                 Err(err) => {
+                    self.stop_if_fenced(what, &err)?;
                     self.report_failure(what, &err);
                     self.pause(backoff.next_delay()).await?;
                 }
             }
         }
+    }
+
+    /// Stops the worker when `err` is the warehouse's fence: a newer owner holds the
+    /// partition (see [`tally_core::ports::Warehouse::fence`]), so nothing is retried and
+    /// nothing more is written — not even the pending rollups.
+    fn stop_if_fenced(&self, what: &str, err: &tally_core::Error) -> Step {
+        if err.kind() != tally_core::ErrorKind::Conflict {
+            return Ok(());
+        }
+        tracing::warn!(partition = self.partition, error = %err.chain(), "{what} refused: the partition has a newer owner");
+        Err(Stopped)
     }
 
     /// Logs a failed back-end call that will be retried. Every kind is retried — a vote
