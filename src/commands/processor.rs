@@ -29,7 +29,7 @@ pub struct ProcessorArgs {
     /// This processor's name among those sharing the partitions (letters, digits, `-`,
     /// `_`): keep it across restarts (a pod name) so a restarted processor takes its own
     /// leases back at once. Default: host name and process id.
-    #[arg(long, env = "TALLY_PROCESSOR_ID")]
+    #[arg(long, env = "TALLY_PROCESSOR_ID", value_parser = parse_member)]
     processor_id: Option<String>,
     #[command(flatten)]
     processing: Processing,
@@ -56,7 +56,7 @@ impl ProcessorArgs {
                 .bus
                 .leases(client.clone(), Duration::from_secs(self.lease_seconds))
                 .await?;
-            let member = member_name(self.processor_id.as_deref())?;
+            let member = self.processor_id.unwrap_or_else(default_member);
             Some(tally_processor::Leasing { leases, member })
         } else {
             None
@@ -75,20 +75,23 @@ impl ProcessorArgs {
     }
 }
 
-/// The processor's name among those sharing partitions: the one given, checked, or the host
-/// name and process id.
-fn member_name(given: Option<&str>) -> anyhow::Result<String> {
-    if let Some(name) = given {
-        anyhow::ensure!(
-            !name.is_empty()
-                && name.len() <= 64
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
-            "TALLY_PROCESSOR_ID `{name}`: use 1 to 64 letters, digits, `-` and `_`"
-        );
-        return Ok(name.to_owned());
+/// A processor's name as given: 1 to 64 letters, digits, `-` and `_` (it becomes part of
+/// a key in the lease bucket). Checked when the arguments are read, before anything starts.
+fn parse_member(name: &str) -> Result<String, String> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if valid {
+        Ok(name.to_owned())
+    } else {
+        Err("use 1 to 64 letters, digits, `-` and `_`".to_owned())
     }
+}
+
+/// The name of a processor not given one: its host name (as a key allows) and process id.
+fn default_member() -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
@@ -105,10 +108,21 @@ fn member_name(given: Option<&str>) -> anyhow::Result<String> {
         })
         .take(48)
         .collect();
-    let host = if host.is_empty() {
-        "processor".to_owned()
-    } else {
-        host
-    };
-    Ok(format!("{host}-{}", std::process::id()))
+    let host = if host.is_empty() { "processor" } else { &host };
+    format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{default_member, parse_member};
+
+    #[test]
+    fn a_processor_name_is_a_key_part_or_refused() {
+        assert_eq!(parse_member("proc-1_b").as_deref(), Ok("proc-1_b"));
+        for bad in ["", "a b", "a.b", "a*", "ä", &"x".repeat(65)] {
+            assert!(parse_member(bad).is_err(), "{bad:?} was accepted");
+        }
+        let default = default_member();
+        assert!(parse_member(&default).is_ok(), "{default}");
+    }
 }
