@@ -213,6 +213,39 @@ impl NatsCluster {
         Ok(NatsCluster { servers })
     }
 
+    /// The index of the member leading `stream`'s replicas now (members are named
+    /// `n<index>`), waiting up to 30 s while the cluster elects one.
+    pub async fn stream_leader(&self, stream: &str) -> anyhow::Result<usize> {
+        let servers = self
+            .servers
+            .iter()
+            .map(|server| server.url().parse())
+            .collect::<Result<Vec<async_nats::ServerAddr>, _>>()?;
+        let client = async_nats::connect(servers).await?;
+        let js = async_nats::jetstream::new(client);
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(found) = js.get_stream(stream).await {
+                let leader = found
+                    .cached_info()
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.leader.clone());
+                if let Some(name) = leader {
+                    return name
+                        .trim_start_matches('n')
+                        .parse()
+                        .with_context(|| format!("leader `{name}`"));
+                }
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "no leader for the stream {stream}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Every member's URL, comma-separated, as `TALLY_NATS_URL` takes them.
     pub fn urls(&self) -> String {
         self.servers

@@ -423,55 +423,29 @@ impl Cluster {
     /// The index of the clustered nats-server leading the vote stream now; see
     /// [`Options::nats_servers`].
     pub async fn nats_stream_leader(&self) -> Result<usize> {
-        let url = self.env.get("TALLY_NATS_URL").context("no NATS")?;
-        let client = tally_nats::connect(url, Duration::from_secs(10)).await?;
-        let js = async_nats::jetstream::new(client);
-        let started = std::time::Instant::now();
-        loop {
-            if let Ok(stream) = js.get_stream("VOTES").await {
-                if let Some(name) = stream
-                    .cached_info()
-                    .cluster
-                    .as_ref()
-                    .and_then(|c| c.leader.clone())
-                {
-                    // testkit names the members n0, n1, …
-                    return name
-                        .trim_start_matches('n')
-                        .parse()
-                        .with_context(|| format!("leader `{name}`"));
-                }
-            }
-            ensure!(
-                started.elapsed() < Duration::from_secs(30),
-                "no stream leader"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        let servers = self.nats_cluster.as_ref().context("no NATS cluster")?;
+        servers.lock().await.stream_leader("VOTES").await
     }
 
-    /// Kills (SIGKILL) or restarts member `index` of the clustered nats-servers.
-    pub async fn kill_nats_member(&self, index: usize) -> Result<()> {
+    /// Member `index` of the clustered nats-servers, to kill or restart.
+    async fn nats_member(
+        &self,
+        index: usize,
+    ) -> Result<tokio::sync::MappedMutexGuard<'_, NatsServer>> {
         let servers = self.nats_cluster.as_ref().context("no NATS cluster")?;
-        let mut servers = servers.lock().await;
-        servers
-            .servers
-            .get_mut(index)
-            .context("no such member")?
-            .kill()
-            .await;
+        tokio::sync::MutexGuard::try_map(servers.lock().await, |c| c.servers.get_mut(index))
+            .map_err(|_| anyhow::anyhow!("no NATS cluster member {index}"))
+    }
+
+    /// Kills member `index` of the clustered nats-servers (SIGKILL).
+    pub async fn kill_nats_member(&self, index: usize) -> Result<()> {
+        self.nats_member(index).await?.kill().await;
         Ok(())
     }
 
+    /// Starts member `index` of the clustered nats-servers again.
     pub async fn restart_nats_member(&self, index: usize) -> Result<()> {
-        let servers = self.nats_cluster.as_ref().context("no NATS cluster")?;
-        let mut servers = servers.lock().await;
-        servers
-            .servers
-            .get_mut(index)
-            .context("no such member")?
-            .restart()
-            .await
+        self.nats_member(index).await?.restart().await
     }
 
     /// Kills the nats-server (SIGKILL); distributed only.

@@ -532,7 +532,8 @@ async fn leases_spread(
 ///     (-9), another is paused (SIGSTOP) past its lease, the first takes every partition
 ///     over, then the paused one resumes (SIGCONT) — it must find its leases lost and write
 ///     nothing more for them (the warehouse fences it) — and gets a share back. Nothing is
-///     lost or written twice, and each partition ends with one live owner.
+///     lost or written twice, and each partition ends with one live owner. Last, the
+///     resumed one is stopped (SIGTERM) and hands its partitions over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn needs_nats_clickhouse_processors_share_partitions_through_a_kill_and_a_pause() -> Result<()>
 {
@@ -544,7 +545,7 @@ async fn needs_nats_clickhouse_processors_share_partitions_through_a_kill_and_a_
     )
     .await?;
     let mut second = cluster.spawn_processor("processor-b").await?;
-    let third = cluster.spawn_processor("processor-c").await?;
+    let mut third = cluster.spawn_processor("processor-c").await?;
     let all = ["processor", "processor-b", "processor-c"];
     tally_testkit::wait_until(
         "the partitions spread over three processors",
@@ -608,6 +609,25 @@ async fn needs_nats_clickhouse_processors_share_partitions_through_a_kill_and_a_
         "leases at the end: {:?}",
         cluster.lease_owners().await?
     );
+    // Stopped (SIGTERM), a processor hands its partitions over instead of letting them
+    // expire: it releases each of its four leases, and the other one takes them.
+    let released = |log: &str| log.matches("partition lease released").count();
+    let before = released(&third.log_text());
+    let (status, _) = third.terminate(Duration::from_secs(30)).await?;
+    ensure!(status.success(), "processor-c stopped with {status}");
+    let handed_over = released(&third.log_text()) - before;
+    ensure!(
+        handed_over == 4,
+        "processor-c released {handed_over} leases as it stopped, not its 4\n{}",
+        third.log_tail()
+    );
+    tally_testkit::wait_until(
+        "the last processor holding every partition again",
+        Duration::from_secs(30),
+        || leases_spread(&cluster, PARTITIONS, &["processor"], (8, 8)),
+    )
+    .await
+    .with_context(|| cluster.logs())?;
     Ok(())
 }
 

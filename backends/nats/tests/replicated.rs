@@ -51,30 +51,6 @@ async fn open(client: &nats::Client) -> anyhow::Result<JetStreamLog> {
     }
 }
 
-/// The name of the server leading the stream's RAFT group (`n<index>`).
-async fn leader(client: &nats::Client) -> anyhow::Result<usize> {
-    let started = Instant::now();
-    loop {
-        let info = jetstream::new(client.clone())
-            .get_stream("VOTES")
-            .await
-            .map(|s| s.cached_info().clone());
-        if let Ok(info) = info {
-            if let Some(name) = info.cluster.and_then(|c| c.leader) {
-                return name
-                    .trim_start_matches('n')
-                    .parse()
-                    .with_context(|| format!("leader `{name}`"));
-            }
-        }
-        ensure!(
-            started.elapsed() < Duration::from_secs(30),
-            "no stream leader"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 /// Sends votes `range` one at a time (as single votes come), each retried until the log
 /// acknowledges it; records the seq of each and how many attempts failed on the way.
 async fn send(
@@ -129,7 +105,7 @@ async fn needs_nats_a_three_server_cluster_keeps_every_acknowledged_vote_through
 
     let (mut acked, mut failed) = (BTreeMap::new(), 0);
     send(&log, 0..200, &mut acked, &mut failed).await?;
-    let first = leader(&client).await?;
+    let first = cluster.stream_leader("VOTES").await?;
     cluster.servers[first].kill().await;
     send(&log, 200..400, &mut acked, &mut failed).await?;
     cluster.servers[first].restart().await?;
