@@ -296,6 +296,43 @@ impl WarehouseArgs {
     }
 }
 
+/// ClickHouse for a service that only reads a vote back now and then (ingest answering a
+/// late retry on a poll whose votes left the log). Optional, and not connected at start:
+/// the service runs and is ready without it.
+#[derive(Args, Clone)]
+pub struct LookupWarehouseArgs {
+    /// ClickHouse HTTP interface. Ingest's is optional: it only answers late retries on
+    /// polls whose votes left the NATS stream (without it those are answered `poll-closed`).
+    #[arg(long, env = "TALLY_CLICKHOUSE_URL")]
+    pub clickhouse_url: Option<String>,
+    /// ClickHouse database holding tally's tables (created when missing).
+    #[arg(long, env = "TALLY_CLICKHOUSE_DATABASE", default_value = "tally")]
+    pub clickhouse_database: String,
+    /// ClickHouse user tally writes and reads as.
+    #[arg(long, env = "TALLY_CLICKHOUSE_USER")]
+    pub clickhouse_user: Option<String>,
+    /// That user's password.
+    #[arg(long, env = "TALLY_CLICKHOUSE_PASSWORD", hide_env_values = true)]
+    pub clickhouse_password: Option<String>,
+}
+
+impl LookupWarehouseArgs {
+    pub fn open(&self) -> anyhow::Result<Option<Arc<dyn tally_core::ports::Warehouse>>> {
+        let Some(url) = &self.clickhouse_url else {
+            return Ok(None);
+        };
+        let warehouse = ClickHouseWarehouse::new(&ClickHouseConfig {
+            url: url.clone(),
+            database: self.clickhouse_database.clone(),
+            user: self.clickhouse_user.clone(),
+            password: self.clickhouse_password.clone(),
+            analyst_user: None,
+            analyst_password: None,
+        })?;
+        Ok(Some(Arc::new(warehouse)))
+    }
+}
+
 /// API keys per role.
 #[derive(Args, Clone)]
 pub struct Keys {

@@ -138,6 +138,16 @@ pub struct Poll {
     )]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub archived_at: Option<i64>,
+    /// When the poll's votes left the vote log, counted, after it closed (see
+    /// `TALLY_PURGE_CLOSED_AFTER_SECONDS`): the log can no longer refuse a second vote of a
+    /// voter, so the poll can never take votes again. Set by the processor.
+    #[serde(
+        default,
+        with = "crate::time::opt_rfc3339_lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub log_purged_at: Option<i64>,
     #[serde(with = "crate::time::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: i64,
@@ -164,6 +174,18 @@ pub struct PollView<'a> {
 
 impl Poll {
     pub fn status(&self, now_ms: i64) -> PollStatus {
+        match self.scheduled_status(now_ms) {
+            // Its votes left the log: whatever its dates say, it takes no vote again.
+            PollStatus::Open | PollStatus::Scheduled if self.log_purged_at.is_some() => {
+                PollStatus::Closed
+            }
+            status => status,
+        }
+    }
+
+    /// The status its dates, close and archive give it, whether or not its votes left the
+    /// log: an edit that would make a purged poll open again is refused by it.
+    pub fn scheduled_status(&self, now_ms: i64) -> PollStatus {
         if self.archived_at.is_some() {
             PollStatus::Archived
         } else if self.closed_at.is_some() || self.closes_at.is_some_and(|at| at <= now_ms) {
@@ -313,6 +335,7 @@ impl NewPoll {
             closes_at: self.closes_at,
             closed_at: None,
             archived_at: None,
+            log_purged_at: None,
             created_at: now_ms,
             updated_at: now_ms,
             version: 0,
@@ -757,6 +780,22 @@ mod tests {
         assert_eq!(poll.status(3_000), PollStatus::Closed);
         poll.archived_at = Some(3_000);
         assert_eq!(poll.status(3_000), PollStatus::Archived);
+    }
+
+    #[test]
+    fn a_purged_poll_stays_closed_whatever_its_dates_say() {
+        let mut poll = new_poll(
+            r#"{"title":"t","question":"q","kind":"nps","closes_at":"1970-01-01T00:00:04Z"}"#,
+        )
+        .unwrap();
+        poll.log_purged_at = Some(5_000);
+        assert_eq!(poll.status(6_000), PollStatus::Closed);
+        // An edit moved the end later: it would be open again, and stays closed.
+        poll.closes_at = Some(9_000);
+        assert_eq!(poll.scheduled_status(6_000), PollStatus::Open);
+        assert_eq!(poll.status(6_000), PollStatus::Closed);
+        poll.archived_at = Some(7_000);
+        assert_eq!(poll.status(8_000), PollStatus::Archived);
     }
 
     #[test]

@@ -24,10 +24,11 @@ use std::sync::{Arc, RwLock};
 use axum::extract::DefaultBodyLimit;
 use axum::routing::post;
 use axum::Router;
+use futures::StreamExt;
 use tally_core::api::{Accepted, VoteStatus};
 use tally_core::auth::ApiKeys;
 use tally_core::poll::{Dedupe, Poll, PollStatus, ResultsVisibility};
-use tally_core::ports::{Appended, PollRegistry, VoteLog};
+use tally_core::ports::{Appended, PollRegistry, VoteLog, Warehouse};
 use tally_core::problem::Problem;
 use tally_core::secrets::{PseudonymScheme, Secrets};
 use tally_core::vote::{build_vote, token_unique_key, Vote, VoteRequest, VoterHasher};
@@ -53,6 +54,10 @@ pub enum Error {
 pub struct Deps {
     pub log: Arc<dyn VoteLog>,
     pub registry: Arc<dyn PollRegistry>,
+    /// Answers a late retry on a closed poll whose votes left the log
+    /// ([`tally_core::ports::LogRetention`]); without it such a retry is answered
+    /// `poll-closed`. Not needed with a log that keeps every entry.
+    pub warehouse: Option<Arc<dyn Warehouse>>,
 }
 
 #[derive(Debug, Clone)]
@@ -90,6 +95,7 @@ impl Default for Config {
 
 pub struct Ingest {
     log: Arc<dyn VoteLog>,
+    warehouse: Option<Arc<dyn Warehouse>>,
     limits: Arc<limits::Limits>,
     guard: Arc<Guard>,
     polls: Arc<PollCache>,
@@ -123,6 +129,7 @@ impl Ingest {
         });
         Ok(Arc::new(Ingest {
             log: deps.log,
+            warehouse: deps.warehouse,
             limits,
             guard,
             polls: PollCache::start(deps.registry, tasks),
@@ -171,6 +178,9 @@ impl Ingest {
         let now = time::now_ms();
         let poll = self.poll(poll_id).await?;
         let prepared = self.prepare(&poll, &request, now)?;
+        if prepared.late {
+            return self.late_retry(&poll, prepared, now).await;
+        }
         let started = std::time::Instant::now();
         let appended = self.log.append(&prepared.vote, &prepared.unique_key).await;
         metrics::histogram!("tally_log_append_duration_seconds", "mode" => "single")
@@ -195,6 +205,7 @@ impl Ingest {
         let mut answers: Vec<Option<Result<Accepted, Problem>>> = Vec::new();
         let mut ready: Vec<(Vote, String)> = Vec::new();
         let mut ready_slots: Vec<(usize, Arc<Poll>, bool)> = Vec::new();
+        let mut late: Vec<(usize, Arc<Poll>, Prepared)> = Vec::new();
         for request in requests {
             let prepared = match request {
                 Err(problem) => Err(problem),
@@ -217,6 +228,10 @@ impl Ingest {
                 }
             };
             match prepared {
+                Ok((poll, prepared)) if prepared.late => {
+                    late.push((answers.len(), poll, prepared));
+                    answers.push(None);
+                }
                 Ok((poll, prepared)) => {
                     ready_slots.push((answers.len(), poll, prepared.by_token));
                     ready.push((prepared.vote, prepared.unique_key));
@@ -241,8 +256,19 @@ impl Ingest {
                 vote,
                 unique_key,
                 by_token,
+                late: false,
             };
             answers[slot] = Some(self.answer(&poll, prepared, appended, now));
+        }
+        let late_answers: Vec<(usize, Result<Accepted, Problem>)> = futures::stream::iter(late)
+            .map(|(slot, poll, prepared)| async move {
+                (slot, self.late_retry(&poll, prepared, now).await)
+            })
+            .buffer_unordered(LATE_RETRIES_IN_FLIGHT)
+            .collect()
+            .await;
+        for (slot, answer) in late_answers {
+            answers[slot] = Some(answer);
         }
         answers
             .into_iter()
@@ -255,19 +281,16 @@ impl Ingest {
     }
 
     /// What must hold before a vote goes to the log: the poll takes votes, the voter's
-    /// token (if the poll wants one), a valid vote, the rate limits.
+    /// token (if the poll wants one), a valid vote, the rate limits. A vote with its own
+    /// `vote_id` on a closed poll may be a late retry of a vote taken before the close: it
+    /// is prepared as `late`, to be looked up instead of appended.
     fn prepare(&self, poll: &Poll, request: &VoteRequest, now: i64) -> Result<Prepared, Problem> {
         let poll_id = &poll.id;
+        let mut late = false;
         match poll.status(now) {
             PollStatus::Open => {}
-            PollStatus::Closed => {
-                return Err(Problem::new(
-                    409,
-                    "poll-closed",
-                    "Poll closed",
-                    format!("poll `{poll_id}` is closed to votes"),
-                ))
-            }
+            PollStatus::Closed if request.vote_id.is_some() => late = true,
+            PollStatus::Closed => return Err(poll_closed(poll_id)),
             PollStatus::Scheduled => {
                 return Err(Problem::new(
                     409,
@@ -311,7 +334,47 @@ impl Ingest {
             vote,
             unique_key,
             by_token,
+            late,
         })
+    }
+
+    /// Answers a vote on a closed poll: the original 202 when it is a retry of a vote taken
+    /// before the close — found in the log, or in the warehouse once the poll's entries
+    /// left the log — and `poll-closed` otherwise. Nothing is appended.
+    async fn late_retry(
+        &self,
+        poll: &Poll,
+        prepared: Prepared,
+        now: i64,
+    ) -> Result<Accepted, Problem> {
+        let vote = &prepared.vote;
+        let found = match self.log.find(vote, &prepared.unique_key).await {
+            Ok(None) if poll.log_purged_at.is_some() => self.counted(vote).await,
+            found => found,
+        };
+        match found {
+            Ok(Some(original @ Appended::Accepted { .. })) => {
+                self.answer(poll, prepared, Ok(original), now)
+            }
+            Ok(_) => Err(poll_closed(&poll.id)),
+            Err(err) => {
+                tracing::warn!(poll_id = %poll.id, error = %err.chain(), "a late retry could not be looked up");
+                Err(Problem::unavailable(
+                    "the vote could not be looked up; retry with the same vote_id",
+                ))
+            }
+        }
+    }
+
+    /// The counted vote with this vote's id, as the log would answer for it.
+    async fn counted(&self, vote: &Vote) -> tally_core::Result<Option<Appended>> {
+        let Some(warehouse) = &self.warehouse else {
+            return Ok(None);
+        };
+        Ok(warehouse
+            .counted_vote(&vote.poll_id, &vote.vote_id)
+            .await?
+            .map(|stored| Appended::for_taken_key(&stored.vote, vote, stored.seq)))
     }
 
     /// The answer to a vote the log has had its say on.
@@ -409,6 +472,20 @@ struct Prepared {
     unique_key: String,
     /// Its uniqueness key is its voter token (see [`Ingest::prepare`]).
     by_token: bool,
+    /// On a closed poll: looked up as a late retry, not appended.
+    late: bool,
+}
+
+/// Late retries of one batch looked up at once.
+const LATE_RETRIES_IN_FLIGHT: usize = 32;
+
+fn poll_closed(poll_id: &str) -> Problem {
+    Problem::new(
+        409,
+        "poll-closed",
+        "Poll closed",
+        format!("poll `{poll_id}` is closed to votes"),
+    )
 }
 
 fn too_many_polls(max: usize) -> Problem {

@@ -12,6 +12,7 @@ use futures::stream;
 use serde_json::json;
 use tally_core::api::{Accepted, BatchResult, LineResult, Readiness, VoteStatus};
 use tally_core::poll::Poll;
+use tally_core::ports::PollRegistry;
 use tally_core::problem::TYPE_BASE;
 use tally_core::secrets::PseudonymScheme;
 use tally_core::time::now_ms;
@@ -912,4 +913,78 @@ async fn health_and_readiness_answer() {
         ready.checks.keys().collect::<Vec<_>>(),
         ["poll_registry", "vote_log"]
     );
+}
+
+#[tokio::test]
+async fn a_late_retry_on_a_closed_poll_gets_the_original_answer_and_anything_else_poll_closed() {
+    let h = Harness::new();
+    h.colour_poll("late", |_| {}).await;
+    let body = json!({"voter_id": "u1", "choice": "red", "vote_id": "v-1"});
+    let accepted: Accepted = h.send(vote_json("late", body.clone())).await.json(202);
+
+    let mut poll = h.store.registry.get("late").await.unwrap().unwrap();
+    closed(&mut poll);
+    h.store.registry.update(&poll).await.unwrap();
+    // The ingest's cache hears of the close through the registry's watch.
+    let newcomer = json!({"voter_id": "u2", "choice": "red"});
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.send(vote_json("late", newcomer.clone())).await.status != 409 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the close never reached ingest"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The newcomer's votes went in before the close was heard: the tip says how many.
+    let tip = h.tip();
+
+    let retry: Accepted = h.send(vote_json("late", body.clone())).await.json(202);
+    assert_eq!(retry, accepted, "a late retry gets the original answer");
+    for (refused, why) in [
+        (
+            json!({"voter_id": "u1", "choice": "blue", "vote_id": "v-1"}),
+            "the same vote id with another ballot",
+        ),
+        (
+            json!({"voter_id": "u1", "choice": "red", "vote_id": "v-2"}),
+            "another vote id of the voter",
+        ),
+        (
+            json!({"voter_id": "u3", "choice": "red", "vote_id": "v-3"}),
+            "a new voter's vote with its own id",
+        ),
+        (
+            json!({"voter_id": "u4", "choice": "red"}),
+            "a vote without an id",
+        ),
+    ] {
+        let problem = h.send(vote_json("late", refused)).await.problem();
+        assert_eq!(
+            (problem.status, problem.slug()),
+            (409, "poll-closed"),
+            "{why}"
+        );
+    }
+    // The same in a batch: the retry's line is 202, the others poll-closed.
+    let result: BatchResult = h
+        .send(batch(
+            r#"{"poll_id":"late","voter_id":"u1","choice":"red","vote_id":"v-1"}
+{"poll_id":"late","voter_id":"u5","choice":"red","vote_id":"v-5"}"#,
+        ))
+        .await
+        .json(200);
+    let lines: Vec<(u16, Option<String>)> = result
+        .results
+        .iter()
+        .map(|line| {
+            (
+                line.status,
+                line.problem
+                    .as_ref()
+                    .map(|p| p.kind.trim_start_matches(TYPE_BASE).to_owned()),
+            )
+        })
+        .collect();
+    assert_eq!(lines, [(202, None), (409, Some("poll-closed".to_owned()))]);
+    assert_eq!(h.tip(), tip, "nothing was appended after the close");
 }

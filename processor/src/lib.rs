@@ -24,6 +24,7 @@
 
 mod leases;
 mod partition;
+mod retention;
 mod windows;
 
 use std::future::Future;
@@ -73,6 +74,9 @@ pub struct Leasing {
 pub const DEFAULT_WINDOW_SECONDS: u32 = 10;
 /// The default largest batch read from the log and written at once.
 pub const DEFAULT_BATCH_MAX: usize = 5_000;
+/// The default time a poll stays closed before its counted votes leave the log: a day, so
+/// a late retry is answered from the log, and a poll closed by mistake can be reopened.
+pub const DEFAULT_PURGE_CLOSED_AFTER_SECONDS: u64 = 86_400;
 /// The default time between writes of settled segment rollups.
 pub const DEFAULT_SETTLE_SECONDS: u64 = 30;
 
@@ -93,6 +97,9 @@ pub struct Config {
     /// memory of segments that take many values).
     pub settle_interval: Duration,
     pub settle_votes: usize,
+    /// How long a poll stays closed before its votes, once counted, leave a log that keeps
+    /// them in a broker's memory (archived polls leave at once).
+    pub purge_closed_after: Duration,
 }
 
 impl Default for Config {
@@ -106,6 +113,7 @@ impl Default for Config {
             rollup_votes: 100_000,
             settle_interval: Duration::from_secs(DEFAULT_SETTLE_SECONDS),
             settle_votes: 500_000,
+            purge_closed_after: Duration::from_secs(DEFAULT_PURGE_CLOSED_AFTER_SECONDS),
         }
     }
 }
@@ -170,6 +178,10 @@ fn describe_metrics() {
     describe_counter!(
         "tally_warehouse_insert_retries_total",
         "Failed warehouse inserts that were retried, by table"
+    );
+    describe_counter!(
+        "tally_log_purged_votes_total",
+        "Votes of finished polls removed from the vote log once counted"
     );
     describe_gauge!(
         "tally_processor_partitions_owned",

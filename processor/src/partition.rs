@@ -101,9 +101,19 @@ impl Partition {
         // However the worker ends (stopped, or aborted with a lost lease), its lag is no
         // longer this process's to report: the partition's new owner reports it.
         let _lag = ClearLag(partition);
-        match self.work().await {
-            Err(Stopped) => tracing::info!(partition, "partition worker stopped"),
-            Ok(never) => match never {},
+        // Finished polls of the partition leave the log while, and only while, it is ours.
+        let retention = crate::retention::Retention::new(
+            partition,
+            self.deps.clone(),
+            &self.config,
+            self.polls.clone(),
+        );
+        tokio::select! {
+            worked = self.work() => match worked {
+                Err(Stopped) => tracing::info!(partition, "partition worker stopped"),
+                Ok(never) => match never {},
+            },
+            never = retention.run() => match never {},
         }
     }
 

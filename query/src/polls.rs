@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tally_core::api::{PollDoc, PollPage, TokenIssued, TokenRequest};
 use tally_core::auth::Role;
-use tally_core::poll::{NewPoll, Poll, PollPatch};
+use tally_core::poll::{NewPoll, Poll, PollPatch, PollStatus};
 use tally_core::problem::Problem;
 use tally_core::secrets::PseudonymScheme;
 use tally_core::{time, Error as CoreError, ErrorKind};
@@ -218,6 +218,15 @@ async fn modify(
     for _ in 0..5 {
         let mut poll = stored(app, id).await?;
         let removed = change(&mut poll)?;
+        let now = time::now_ms();
+        if let Some(purged) = poll.log_purged_at {
+            if matches!(
+                poll.scheduled_status(now),
+                PollStatus::Open | PollStatus::Scheduled
+            ) {
+                return Err(purged_poll(id, purged).into());
+            }
+        }
         if !removed.is_empty() {
             let tally = app.warehouse.tally(id).await?;
             if let Some(voted) = removed
@@ -248,7 +257,7 @@ async fn modify(
         (status = 200, description = "the edited poll", body = PollDoc),
         (status = 400, description = "`malformed-json`, `invalid-utf8`, `invalid-query`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`concurrent-update`, `poll-archived`", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`concurrent-update`, `poll-archived`, `poll-purged` (an edit that would open a poll whose votes left the log)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid-field`: `field` names it", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn patch(
@@ -265,6 +274,20 @@ pub(crate) async fn patch(
     })
     .await?;
     Ok(Json(doc(poll)).into_response())
+}
+
+/// Refuses to open again a poll whose votes left the log: the log no longer holds its
+/// voters' keys, so it could not refuse a voter's second vote.
+fn purged_poll(id: &str, purged_at: i64) -> Problem {
+    Problem::new(
+        409,
+        "poll-purged",
+        "Poll finished",
+        format!(
+            "poll `{id}`'s votes left the vote log at {} (it had been closed for TALLY_PURGE_CLOSED_AFTER_SECONDS); it cannot take votes again — create a new poll",
+            time::format_ms(purged_at)
+        ),
+    )
 }
 
 fn archived(id: &str) -> Problem {
@@ -323,7 +346,7 @@ pub(crate) async fn close(
     responses(
         (status = 200, description = "the reopened poll", body = PollDoc),
         (status = 404, description = "`not-found`: no such poll", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`poll-archived`, `concurrent-update`", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`poll-archived`, `concurrent-update`, `poll-purged`: its votes left the log", body = Problem, content_type = "application/problem+json"),
     ))]
 pub(crate) async fn reopen(
     State(app): State<Arc<App>>,

@@ -307,6 +307,61 @@ async fn polls_are_managed_through_their_lifecycle() {
 }
 
 #[tokio::test]
+async fn a_poll_whose_votes_left_the_log_is_never_opened_again() {
+    let h = Harness::new();
+    h.ab_poll("finished", "live").await;
+    let path = "/v1/polls/finished";
+    // Closed by its schedule: moving the end later would open it again.
+    h.admin(
+        Method::PATCH,
+        path,
+        Some(json!({"closes_at": format_ms(now_ms() - 60_000)})),
+    )
+    .await
+    .json::<PollDoc>(200);
+    // What the processor does once the poll has been closed for its grace and counted.
+    let mut poll = h.store.registry.get("finished").await.unwrap().unwrap();
+    poll.log_purged_at = Some(now_ms());
+    let marked = h.store.registry.update(&poll).await.unwrap();
+
+    let refused = [
+        (Method::POST, format!("{path}/reopen"), None),
+        (
+            Method::PATCH,
+            path.to_owned(),
+            Some(json!({"closes_at": format_ms(now_ms() + 3_600_000)})),
+        ),
+    ];
+    for (method, route, body) in refused {
+        let answer = h.admin(method.clone(), &route, body).await;
+        let problem = answer.expect_problem(409, "poll-purged", None);
+        assert!(
+            problem.detail.contains("create a new poll"),
+            "{}",
+            problem.detail
+        );
+    }
+    let kept: PollDoc = h.admin(Method::GET, path, None).await.json(200);
+    assert_eq!(kept.status, PollStatus::Closed);
+    assert!(
+        kept.poll.closes_at.is_some_and(|at| at < now_ms()),
+        "the refusals changed nothing"
+    );
+    assert_eq!(kept.poll.version, marked.version);
+    // What does not open it still changes: a title, an archive.
+    let renamed: PollDoc = h
+        .admin(Method::PATCH, path, Some(json!({"title": "Done"})))
+        .await
+        .json(200);
+    assert_eq!(
+        (renamed.poll.title.as_str(), renamed.status),
+        ("Done", PollStatus::Closed)
+    );
+    let archived: PollDoc = h.admin(Method::DELETE, path, None).await.json(200);
+    assert_eq!(archived.status, PollStatus::Archived);
+}
+
+#[tokio::test]
 async fn unknown_polls_are_404_on_every_poll_route() {
     let h = Harness::new();
     for (method, path, body) in [

@@ -62,6 +62,7 @@ fn ingest(h: &Harness) -> axum::Router {
         tally_ingest::Deps {
             log: h.store.log.clone(),
             registry: h.store.registry.clone(),
+            warehouse: None,
         },
         tally_ingest::Config {
             secret: SECRET.to_vec(),

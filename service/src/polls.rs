@@ -103,6 +103,16 @@ impl PollCache {
         kept
     }
 
+    /// Every poll the cache holds: once its first watch has delivered them, every poll.
+    pub fn all(&self) -> Vec<Arc<Poll>> {
+        self.polls
+            .read()
+            .expect("poll cache lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
     pub fn cached(&self, id: &str) -> Option<Arc<Poll>> {
         self.polls.read().expect("poll cache lock").get(id).cloned()
     }

@@ -3,7 +3,8 @@
 use clap::Args;
 
 use crate::config::{
-    shutdown_signal, Bus, Keys, LimitArgs, Listen8080, ProxyArgs, Serving, Timeout,
+    shutdown_signal, Bus, Keys, LimitArgs, Listen8080, LookupWarehouseArgs, ProxyArgs, Serving,
+    Timeout,
 };
 
 #[derive(Args)]
@@ -20,6 +21,8 @@ pub struct IngestArgs {
     #[command(flatten)]
     keys: Keys,
     #[command(flatten)]
+    warehouse: LookupWarehouseArgs,
+    #[command(flatten)]
     timeout: Timeout,
     #[command(flatten)]
     serving: Serving,
@@ -33,6 +36,7 @@ impl IngestArgs {
         let client = self.bus.connect().await?;
         let log = self.bus.log(client.clone()).await?;
         let registry = self.bus.registry(client).await?;
+        let warehouse = self.warehouse.open()?;
         let config = tally_ingest::Config {
             secret: self.secret.into_bytes(),
             keys: self.keys.api_keys()?,
@@ -44,7 +48,11 @@ impl IngestArgs {
         let listener = self.listen.bind("ingest").await?;
         tally_ingest::run(
             listener,
-            tally_ingest::Deps { log, registry },
+            tally_ingest::Deps {
+                log,
+                registry,
+                warehouse,
+            },
             config,
             shutdown_signal(),
         )

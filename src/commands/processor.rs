@@ -31,6 +31,11 @@ pub struct ProcessorArgs {
     /// leases back at once. Default: host name and process id.
     #[arg(long, env = "TALLY_PROCESSOR_ID", value_parser = parse_member)]
     processor_id: Option<String>,
+    /// Seconds a poll stays closed before its counted votes leave the NATS stream, which
+    /// keeps memory for every vote it holds (archived polls leave once counted). From then
+    /// on the poll cannot be reopened, and a late retry is answered from ClickHouse.
+    #[arg(long, env = "TALLY_PURGE_CLOSED_AFTER_SECONDS", default_value_t = tally_processor::DEFAULT_PURGE_CLOSED_AFTER_SECONDS, value_parser = clap::value_parser!(u64).range(1..))]
+    purge_closed_after_seconds: u64,
     #[command(flatten)]
     processing: Processing,
     /// Server secret (as given to the query service); signs live totals.
@@ -61,7 +66,10 @@ impl ProcessorArgs {
         } else {
             None
         };
-        let config = self.processing.config(self.own_partitions);
+        let config = tally_processor::Config {
+            purge_closed_after: Duration::from_secs(self.purge_closed_after_seconds),
+            ..self.processing.config(self.own_partitions)
+        };
         let listener = self.listen.bind("processor").await?;
         let deps = tally_processor::Deps {
             log,

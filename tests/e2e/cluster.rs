@@ -420,6 +420,28 @@ impl Cluster {
         Ok(leases.owners().await?)
     }
 
+    /// The sequence of a poll's newest vote in the NATS stream; `None` when the stream
+    /// holds none of its votes. Distributed only.
+    pub async fn poll_tip_in_log(&self, poll: &str) -> Result<Option<u64>> {
+        use tally_core::ports::VoteLog;
+        let url = self.env.get("TALLY_NATS_URL").context("no NATS")?;
+        let partitions: u16 = self
+            .env
+            .get("TALLY_PARTITIONS")
+            .map_or(Ok(1), |s| s.parse())?;
+        let client = tally_nats::connect(url, Duration::from_secs(10)).await?;
+        let log = tally_nats::JetStreamLog::open(
+            client,
+            tally_nats::LogOptions {
+                partitions,
+                replicas: 1,
+            },
+        )
+        .await?;
+        let retention = log.retention().context("the NATS log purges")?;
+        Ok(retention.poll_tip(poll).await?)
+    }
+
     /// The index of the clustered nats-server leading the vote stream now; see
     /// [`Options::nats_servers`].
     pub async fn nats_stream_leader(&self) -> Result<usize> {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 
 use crate::cluster::{Cluster, Deployment, SseClient, ADMIN_KEY};
@@ -197,5 +197,143 @@ async fn polls_are_managed_through_their_lifecycle(deployment: Deployment) -> Re
         cluster.results(&id).await?["total_votes"] == 3,
         "results of an archived poll stay readable"
     );
+    Ok(())
+}
+
+crate::for_each_deployment!(a_finished_poll_leaves_the_log_and_late_retries_keep_their_answer);
+
+/// A poll closed for `TALLY_PURGE_CLOSED_AFTER_SECONDS` leaves the NATS stream once its votes
+/// are counted (the broker's memory is not held for it forever), is marked so and can never
+/// be reopened; a late retry of a vote taken before the close keeps its 202 — from the log,
+/// then from ClickHouse — and anything else is `poll-closed`. Standalone's log is on disk
+/// and keeps every vote: the poll stays as it was, and can be reopened.
+async fn a_finished_poll_leaves_the_log_and_late_retries_keep_their_answer(
+    deployment: Deployment,
+) -> Result<()> {
+    use reqwest::Method as M;
+    const VOTERS: usize = 40;
+    let cluster =
+        Cluster::start_with(deployment, &[("TALLY_PURGE_CLOSED_AFTER_SECONDS", "2")]).await?;
+    let definition = |id: &str| {
+        json!({"id": id, "title": "Launch", "question": "Colour?", "kind": "single",
+            "options": [{"id": "red", "label": "Red"}, {"id": "blue", "label": "Blue"}]})
+    };
+    cluster.create_poll(definition("finished")).await?;
+    cluster.create_poll(definition("ongoing")).await?;
+    let ballot = |i: usize, choice: &str| {
+        json!({"voter_id": format!("u{i}"), "vote_id": format!("v{i}"), "choice": choice,
+            "segment": {"country": "DE"}})
+    };
+    let mut first_answers = Vec::new();
+    for i in 0..VOTERS {
+        let choice = if i % 4 == 0 { "blue" } else { "red" };
+        for poll in ["finished", "ongoing"] {
+            let (status, answer) = cluster.vote(poll, &ballot(i, choice)).await?;
+            ensure!(status == 202, "{poll} vote {i}: {status} {answer}");
+            if poll == "finished" {
+                first_answers.push(answer);
+            }
+        }
+    }
+    let counted = cluster
+        .wait_for_total("finished", VOTERS as u64, Duration::from_secs(30))
+        .await?;
+    let (status, _) = admin(&cluster, M::POST, "/v1/polls/finished/close", None).await?;
+    ensure!(status == 200);
+    cluster.wait_for_ingest_status("finished", 409).await?;
+
+    // Each late retry gets its first answer; a new vote id, a changed ballot under the same
+    // id, or a new voter get poll-closed and count nothing.
+    let late_retries_keep_their_answer = || async {
+        for (i, first) in first_answers.iter().enumerate().step_by(7) {
+            let choice = if i % 4 == 0 { "blue" } else { "red" };
+            let (status, answer) = cluster.vote("finished", &ballot(i, choice)).await?;
+            ensure!(
+                status == 202 && &answer == first,
+                "late retry {i}: {status} {answer}, first {first}"
+            );
+        }
+        let refused = [
+            json!({"voter_id": "u1", "vote_id": "v1", "choice": "blue", "segment": {"country": "DE"}}),
+            json!({"voter_id": "u1", "vote_id": "v1-again", "choice": "red", "segment": {"country": "DE"}}),
+            ballot(VOTERS + 1, "red"),
+        ];
+        for body in refused {
+            let (status, problem) = cluster.vote("finished", &body).await?;
+            ensure!(
+                status == 409
+                    && problem["type"]
+                        .as_str()
+                        .unwrap_or("")
+                        .ends_with("poll-closed"),
+                "{body}: {status} {problem}"
+            );
+        }
+        anyhow::Ok(())
+    };
+    late_retries_keep_their_answer().await?;
+
+    match deployment {
+        Deployment::Distributed => {
+            tally_testkit::wait_until(
+                "the finished poll's votes leave the stream",
+                Duration::from_secs(60),
+                || async { Ok(cluster.poll_tip_in_log("finished").await?.is_none()) },
+            )
+            .await
+            .with_context(|| cluster.logs())?;
+            ensure!(
+                cluster.poll_tip_in_log("ongoing").await?.is_some(),
+                "an open poll keeps its votes in the stream"
+            );
+            let (_, poll) = admin(&cluster, M::GET, "/v1/polls/finished", None).await?;
+            ensure!(
+                poll["status"] == "closed" && poll["log_purged_at"].is_string(),
+                "{poll}"
+            );
+            ensure!(
+                cluster
+                    .processor_log()
+                    .await
+                    .contains("a finished poll's votes left the log"),
+                "the purge is logged"
+            );
+            // Now answered from ClickHouse, the same way.
+            late_retries_keep_their_answer().await?;
+            let (status, problem) =
+                admin(&cluster, M::POST, "/v1/polls/finished/reopen", None).await?;
+            ensure!(
+                status == 409
+                    && problem["type"]
+                        .as_str()
+                        .unwrap_or("")
+                        .ends_with("poll-purged"),
+                "{status} {problem}"
+            );
+        }
+        Deployment::Standalone => {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let (_, poll) = admin(&cluster, M::GET, "/v1/polls/finished", None).await?;
+            ensure!(poll.get("log_purged_at").is_none(), "{poll}");
+            late_retries_keep_their_answer().await?;
+            let (status, reopened) =
+                admin(&cluster, M::POST, "/v1/polls/finished/reopen", None).await?;
+            ensure!(status == 200 && reopened["status"] == "open", "{reopened}");
+        }
+    }
+    let results = cluster.results("finished").await?;
+    ensure!(
+        results["total_votes"] == counted["total_votes"]
+            && results["options"] == counted["options"],
+        "nothing counted after the close: {results} vs {counted}"
+    );
+    // The open poll still refuses a voter's second vote.
+    let (status, problem) = cluster
+        .vote(
+            "ongoing",
+            &json!({"voter_id": "u3", "vote_id": "other", "choice": "red"}),
+        )
+        .await?;
+    ensure!(status == 409, "{status} {problem}");
     Ok(())
 }

@@ -35,6 +35,8 @@ use tally_core::poll::Poll;
 use tally_core::ports::{AnalystRows, BoxStream, StoredVote, Warehouse, Watermarks, WindowRow};
 use tally_core::results::Tally;
 use tally_core::rollup::{self, BreakdownPlan, BreakdownRow, RollupLevel, RollupRow};
+use tally_core::segment::Segment;
+use tally_core::vote::Vote;
 use tally_core::{Error, Result};
 
 /// ClickHouse error codes of a server that is overloaded or busy rather than refusing the
@@ -186,6 +188,31 @@ impl VoteRow {
             dim_values: segment.custom.values().cloned().collect(),
             received_at: (vote.received_at.max(0) / 1000) as u32,
             received_ms: vote.received_at.max(0) as u64,
+        }
+    }
+}
+
+impl VoteRow {
+    fn into_stored(self) -> StoredVote {
+        StoredVote {
+            seq: self.seq,
+            vote: Vote {
+                vote_id: self.vote_id,
+                poll_id: self.poll_id,
+                voter_key: self.voter_key,
+                choice: self.choice,
+                value: self.value,
+                segment: Segment {
+                    campaign: self.campaign,
+                    channel: self.channel,
+                    source: self.source,
+                    medium: self.medium,
+                    country: self.country,
+                    device: self.device,
+                    custom: self.dim_keys.into_iter().zip(self.dim_values).collect(),
+                },
+                received_at: self.received_ms as i64,
+            },
         }
     }
 }
@@ -556,6 +583,16 @@ impl Warehouse for ClickHouseWarehouse {
             counts: counts.into_iter().collect(),
             as_of,
         })
+    }
+
+    async fn counted_vote(&self, poll_id: &str, vote_id: &str) -> Result<Option<StoredVote>> {
+        let row = self
+            .client
+            .query_raw(&sql::counted_vote(poll_id, vote_id))
+            .fetch_optional::<VoteRow>()
+            .await
+            .map_err(warehouse_error)?;
+        Ok(row.map(VoteRow::into_stored))
     }
 
     async fn voter_keys(&self, poll_id: &str) -> Result<Vec<String>> {

@@ -443,6 +443,16 @@ pub fn voter_keys(poll_id: &str) -> String {
     )
 }
 
+/// The first counted vote of a poll with this vote id, as a `VoteRow`.
+pub fn counted_vote(poll_id: &str, vote_id: &str) -> String {
+    format!(
+        "SELECT {} FROM votes WHERE poll_id = {} AND vote_id = {} ORDER BY seq LIMIT 1",
+        vote_columns().join(", "),
+        lit(poll_id),
+        lit(vote_id)
+    )
+}
+
 /// How far a poll's settled and fresh rollup rows cover the log.
 pub fn rollup_positions(poll_id: &str) -> String {
     let poll = lit(poll_id);

@@ -1,7 +1,8 @@
 //! Fencing on the real ClickHouse server: once a newer owner fenced a partition, the older
 //! owner's inserts into every partitioned table are refused and write nothing, while its
 //! other partitions and the newer owner's inserts go through — with every column intact
-//! through the fenced path (arrays, nulls, dimensions, times, text that needs escaping).
+//! through the fenced path (arrays, nulls, dimensions, times, text that needs escaping),
+//! and read back whole by vote id (how a late retry on a purged poll is answered).
 //! Every test here needs a clickhouse-server (`needs_clickhouse`).
 
 use std::collections::BTreeMap;
@@ -216,4 +217,35 @@ async fn needs_clickhouse_an_older_owner_writes_nothing_once_fenced() {
         "{}",
         again.chain()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn needs_clickhouse_a_counted_vote_is_read_back_whole_by_its_id() {
+    require!(ClickHouse);
+    let database = tally_testkit::unique_name("lookup");
+    let warehouse = warehouse(&database).await;
+    warehouse.migrate().await.expect("migrate");
+    warehouse.fence(0, 1).await.expect("fence");
+    let mut rated = vote(3, "r");
+    rated.vote.choice = vec!["4".into()];
+    rated.vote.value = Some(4);
+    let votes = [vote(1, "a"), vote(2, ""), rated];
+    warehouse.insert_votes(0, &votes).await.expect("insert");
+    for stored in &votes {
+        let found = warehouse
+            .counted_vote("poll-1", &stored.vote.vote_id)
+            .await
+            .expect("look up")
+            .expect("a counted vote is found");
+        assert_eq!(found.seq, stored.seq);
+        assert_eq!(found.vote, stored.vote, "read back as it was counted");
+    }
+    for (poll, id) in [
+        ("poll-1", "v-9"),
+        ("poll-2", "v-1"),
+        ("poll-1", "v-1' OR 1=1 --"),
+    ] {
+        let found = warehouse.counted_vote(poll, id).await.expect("look up");
+        assert!(found.is_none(), "{poll}/{id} was never counted");
+    }
 }

@@ -172,16 +172,7 @@ impl Writer {
                         let original = wire::decode(stored.value())?;
                         // Decoded only here: a taken key is the rare case.
                         let vote = wire::decode(&request.payload)?;
-                        if original.vote_id != vote.vote_id {
-                            Appended::AlreadyVoted
-                        } else if original.same_ballot(&vote) {
-                            Appended::Accepted {
-                                seq: at.1,
-                                duplicate: true,
-                            }
-                        } else {
-                            Appended::VoteIdConflict
-                        }
+                        Appended::for_taken_key(&original, &vote, at.1)
                     }
                     None => {
                         let partition = request.partition as usize;
@@ -266,6 +257,32 @@ impl VoteLog for EmbeddedLog {
             });
         }
         answers
+    }
+
+    async fn find(&self, vote: &Vote, unique: &str) -> Result<Option<Appended>> {
+        let db = self.db.clone();
+        let key = unique_key(&vote.poll_id, unique);
+        let vote = vote.clone();
+        tokio::task::spawn_blocking(move || {
+            let read = db.begin_read().map_err(storage)?;
+            let held = read
+                .open_table(UNIQUE)
+                .map_err(storage)?
+                .get(key.as_str())
+                .map_err(storage)?
+                .map(|guard| guard.value());
+            let Some(at) = held else {
+                return Ok(None);
+            };
+            let log = read.open_table(LOG).map_err(storage)?;
+            let stored = log.get(at).map_err(storage)?.ok_or_else(|| {
+                Error::corrupt("embedded vote log", format!("entry {at:?} missing"))
+            })?;
+            let original = wire::decode(stored.value())?;
+            Ok(Some(Appended::for_taken_key(&original, &vote, at.1)))
+        })
+        .await
+        .map_err(storage)?
     }
 
     async fn reader(&self, partition: u16, after: u64) -> Result<Box<dyn LogReader>> {

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 
 use super::{jetstream_code, VOTES_STREAM};
-use tally_core::ports::{Appended, LogEntry, LogReader, VoteLog};
+use tally_core::ports::{Appended, LogEntry, LogReader, LogRetention, VoteLog};
 use tally_core::vote::Vote;
 use tally_core::{wire, Error, Result};
 
@@ -149,17 +149,44 @@ impl JetStreamLog {
     /// After a per-subject refusal: the same vote (a late retry), the same vote id with
     /// another ballot, or another vote of the voter?
     async fn resolve_conflict(&self, subject: &str, vote: &Vote) -> Result<Appended> {
+        self.held(subject, vote).await?.ok_or_else(|| {
+            Error::unavailable(
+                "vote log",
+                format!("{subject} refused a vote as taken and then held none"),
+            )
+        })
+    }
+
+    /// What the stream holds under `subject`, as the answer for `vote`.
+    async fn held(&self, subject: &str, vote: &Vote) -> Result<Option<Appended>> {
+        let Some(stored) = self.last_of(subject).await? else {
+            return Ok(None);
+        };
+        let existing = wire::decode(&stored.payload)?;
+        Ok(Some(Appended::for_taken_key(
+            &existing,
+            vote,
+            stored.sequence,
+        )))
+    }
+
+    /// The newest message of the subjects `filter` matches (it may hold wildcards).
+    async fn last_of(&self, filter: &str) -> Result<Option<jetstream::message::StreamMessage>> {
         let stream = self
             .js
             .get_stream_no_info(VOTES_STREAM)
             .await
             .map_err(|e| Error::unavailable("vote log", e))?;
-        let stored = stream
-            .get_last_raw_message_by_subject(subject)
-            .await
-            .map_err(|e| Error::unavailable("vote log", e))?;
-        let existing = wire::decode(&stored.payload)?;
-        Ok(settle(&existing, vote, stored.sequence))
+        match stream.get_last_raw_message_by_subject(filter).await {
+            Ok(stored) => Ok(Some(stored)),
+            Err(err) if err.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(err) => Err(Error::unavailable("vote log", err)),
+        }
+    }
+
+    /// The subjects of every vote of a poll.
+    fn poll_subjects(&self, poll_id: &str) -> String {
+        format!("votes.{}.{poll_id}.>", self.partition_of(poll_id))
     }
 }
 
@@ -268,18 +295,6 @@ async fn check_partitions_by_sample(
 }
 
 /// What an append finds when its uniqueness key is taken by `existing` at `seq`.
-fn settle(existing: &Vote, vote: &Vote, seq: u64) -> Appended {
-    if existing.vote_id != vote.vote_id {
-        Appended::AlreadyVoted
-    } else if existing.same_ballot(vote) {
-        Appended::Accepted {
-            seq,
-            duplicate: true,
-        }
-    } else {
-        Appended::VoteIdConflict
-    }
-}
 
 #[async_trait]
 impl VoteLog for JetStreamLog {
@@ -336,6 +351,14 @@ impl VoteLog for JetStreamLog {
             .collect()
     }
 
+    async fn find(&self, vote: &Vote, unique_key: &str) -> Result<Option<Appended>> {
+        self.held(&self.subject(vote, unique_key), vote).await
+    }
+
+    fn retention(&self) -> Option<&dyn LogRetention> {
+        Some(self)
+    }
+
     async fn reader(&self, partition: u16, after: u64) -> Result<Box<dyn LogReader>> {
         let stream = self
             .js
@@ -388,6 +411,34 @@ impl VoteLog for JetStreamLog {
             .await
             .map_err(|e| Error::unavailable("vote log", e))?;
         Ok(())
+    }
+}
+
+/// The stream keeps an index entry per subject, so every vote ever stored costs the broker
+/// memory; a closed poll's subjects are purged once its votes are counted.
+#[async_trait]
+impl LogRetention for JetStreamLog {
+    async fn poll_tip(&self, poll_id: &str) -> Result<Option<u64>> {
+        Ok(self
+            .last_of(&self.poll_subjects(poll_id))
+            .await?
+            .map(|stored| stored.sequence))
+    }
+
+    async fn purge_poll(&self, poll_id: &str, through: u64) -> Result<u64> {
+        let stream = self
+            .js
+            .get_stream_no_info(VOTES_STREAM)
+            .await
+            .map_err(|e| Error::unavailable("vote log", e))?;
+        let purged = stream
+            .purge()
+            .filter(self.poll_subjects(poll_id))
+            // JetStream purges below this sequence.
+            .sequence(through + 1)
+            .await
+            .map_err(|e| Error::unavailable("vote log", e))?;
+        Ok(purged.purged)
     }
 }
 

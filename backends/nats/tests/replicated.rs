@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{bail, ensure};
 use async_nats::jetstream;
 use tally_core::ports::{Appended, VoteLog};
 use tally_core::vote::Vote;

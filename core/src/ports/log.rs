@@ -19,6 +19,24 @@ pub enum Appended {
     VoteIdConflict,
 }
 
+impl Appended {
+    /// The answer for `vote` when its uniqueness key already holds `existing` at `seq`: the
+    /// original entry for a retry of the same ballot under the same vote id, a conflict for
+    /// the same id with another ballot, and otherwise the voter has voted.
+    pub fn for_taken_key(existing: &Vote, vote: &Vote, seq: u64) -> Appended {
+        if existing.vote_id != vote.vote_id {
+            Appended::AlreadyVoted
+        } else if existing.same_ballot(vote) {
+            Appended::Accepted {
+                seq,
+                duplicate: true,
+            }
+        } else {
+            Appended::VoteIdConflict
+        }
+    }
+}
+
 /// One entry of a partition of the log, in log order.
 #[derive(Debug, Clone)]
 pub struct LogEntry {
@@ -65,6 +83,18 @@ pub trait VoteLog: Send + Sync + 'static {
         answers
     }
 
+    /// What the log holds under `(vote.poll_id, unique_key)`, appending nothing: `None` when
+    /// the key is free (or its poll's entries were purged), otherwise the answer
+    /// [`VoteLog::append`] would give ([`Appended::for_taken_key`]). A late retry on a poll
+    /// that no longer takes votes is answered from it.
+    async fn find(&self, vote: &Vote, unique_key: &str) -> Result<Option<Appended>>;
+
+    /// How this log lets go of finished polls; `None` for a log that keeps every entry (the
+    /// embedded one: its entries live on disk, not in a broker's memory).
+    fn retention(&self) -> Option<&dyn LogRetention> {
+        None
+    }
+
     /// Reads a partition from the entry after `after` (0 = from the start).
     async fn reader(&self, partition: u16, after: u64) -> Result<Box<dyn LogReader>>;
 
@@ -83,6 +113,20 @@ pub fn partition_of(poll_id: &str, partitions: u16) -> u16 {
         hash = hash.wrapping_mul(0x0100_0193);
     }
     (hash % partitions.max(1) as u32) as u16
+}
+
+/// Removing a finished poll's entries from a log whose every entry costs broker memory.
+///
+/// Guarantees: after [`LogRetention::purge_poll`] returns, the log holds no entry of the
+/// poll up to its bound, and those entries' keys are free again — so only a poll that can never take a vote
+/// again may be purged (its caller marks it so first), and only once every entry is counted.
+#[async_trait]
+pub trait LogRetention: Send + Sync {
+    /// The sequence of the poll's newest entry; `None` when the log holds none.
+    async fn poll_tip(&self, poll_id: &str) -> Result<Option<u64>>;
+    /// Removes the poll's entries up to and including sequence `through` (one appended
+    /// after the caller checked what is counted stays); answers how many it removed.
+    async fn purge_poll(&self, poll_id: &str, through: u64) -> Result<u64>;
 }
 
 #[async_trait]

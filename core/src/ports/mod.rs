@@ -16,7 +16,9 @@ use futures::Stream;
 
 pub use leases::PartitionLeases;
 pub use live::LiveFeed;
-pub use log::{partition_of, Appended, LogEntry, LogReader, VoteLog, APPEND_MANY_IN_FLIGHT};
+pub use log::{
+    partition_of, Appended, LogEntry, LogReader, LogRetention, VoteLog, APPEND_MANY_IN_FLIGHT,
+};
 pub use registry::{PollChange, PollRegistry};
 pub use warehouse::{AnalystRows, StoredVote, Warehouse, Watermarks, WindowRow};
 

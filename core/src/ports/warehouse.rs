@@ -139,6 +139,18 @@ pub trait Warehouse: Send + Sync + 'static {
     async fn segment_values(&self, poll_id: &str) -> Result<BTreeMap<String, BTreeSet<String>>>;
     async fn check(&self) -> Result<()>;
 
+    /// The counted vote of a poll with this vote id (the first, if a `dedupe: none` poll
+    /// counted the id under several keys), or `None`. Answers late retries on polls whose
+    /// entries left the log ([`super::LogRetention`]); a warehouse behind a log that keeps
+    /// every entry is never asked.
+    async fn counted_vote(&self, poll_id: &str, vote_id: &str) -> Result<Option<StoredVote>> {
+        let _ = (poll_id, vote_id);
+        Err(Error::failed(
+            "warehouse",
+            "looking up a vote by id: this warehouse does not",
+        ))
+    }
+
     // The analysts' tables (see [`crate::analyst`]). A warehouse without them answers every
     // call with an error; both of tally's warehouses have them.
 

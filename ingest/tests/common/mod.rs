@@ -67,6 +67,7 @@ impl Harness {
         let deps = Deps {
             log: store.log.clone(),
             registry: store.registry.clone(),
+            warehouse: None,
         };
         let ingest = Ingest::new(deps, config, &tasks).unwrap();
         Harness {
