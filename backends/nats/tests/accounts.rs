@@ -8,13 +8,17 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context;
 use futures::StreamExt;
 use tally_core::poll::Dedupe;
-use tally_core::ports::{Appended, BoxStream, LiveFeed, PollChange, PollRegistry, VoteLog};
+use tally_core::ports::{
+    Appended, BoxStream, LiveFeed, PartitionLeases, PollChange, PollRegistry, VoteLog,
+};
 use tally_core::results::{Results, Tally};
 use tally_core::vote::Vote;
 use tally_nats::{
-    connect, ConnectSettings, JetStreamLog, KvRegistry, LogOptions, NatsLiveFeed, VOTES_STREAM,
+    connect, ConnectSettings, JetStreamLog, KvLeases, KvRegistry, LogOptions, NatsLiveFeed,
+    VOTES_STREAM,
 };
 use tally_testkit::{require, NatsAccess, NatsOptions, NatsServer};
 
@@ -267,7 +271,39 @@ async fn run_services(server: &NatsServer, first: Service) -> anyhow::Result<()>
     };
     let got = tokio::time::timeout(DELIVERY, delivered).await??;
     anyhow::ensure!(got == results);
+
+    // Ingest looks a late retry up without appending.
+    anyhow::ensure!(log.find(&votes[0].0, &votes[0].1).await?.is_some());
+
+    // Processors share the partitions through leases (created by the first to start).
+    let leases = KvLeases::open(log_client(server).await?, 1, Duration::from_secs(5)).await?;
+    leases.heartbeat("p-1").await?;
+    let epoch = leases
+        .claim(0, "p-1")
+        .await?
+        .context("a free partition is claimed")?;
+    anyhow::ensure!(epoch > 0 && leases.renew(0, "p-1").await?);
+    anyhow::ensure!(leases.owners().await?.get(&0).map(String::as_str) == Some("p-1"));
+    leases.release(0, "p-1").await?;
+
+    // A finished poll: the processor marks it and purges its votes from the stream.
+    let retention = log_reader.retention().context("the stream purges")?;
+    let tip = retention
+        .poll_tip("layout")
+        .await?
+        .context("the poll has votes")?;
+    let mut finished = processor_polls.get("layout").await?.context("the poll")?;
+    finished.closed_at = Some(1);
+    finished.log_purged_at = Some(2);
+    processor_polls.update(&finished).await?;
+    anyhow::ensure!(retention.purge_poll("layout", tip).await? == votes.len() as u64);
+    anyhow::ensure!(retention.poll_tip("layout").await?.is_none());
     Ok(())
+}
+
+/// A client of the processor's user.
+async fn log_client(server: &NatsServer) -> anyhow::Result<async_nats::Client> {
+    Ok(connect(&settings(server, Service::Processor), PATIENCE).await?)
 }
 
 async fn services_work_when_first(first: Service) {
