@@ -40,20 +40,28 @@ pub struct Embedded {
     pub live: Arc<LocalLiveFeed>,
 }
 
+/// The page cache of the redb file (the vote log, its uniqueness index and the polls).
+/// redb's default is 1 GiB, which the process filled as votes were stored (its memory grew
+/// with them); pages beyond this are read again from the system's file cache.
+const LOG_CACHE_BYTES: usize = 128 * 1024 * 1024;
+
 /// Opens (creating when new) the store in `dir`. Only one process may hold it at a time.
 pub fn open(dir: &Path, options: Options) -> Result<Embedded> {
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::failed(format!("data directory {}", dir.display()), e))?;
     let path = dir.join("tally.redb");
-    let db = redb::Database::create(&path).map_err(|e| {
-        Error::failed(
-            format!(
-                "opening {} (is another tally using this data directory?)",
-                path.display()
-            ),
-            e,
-        )
-    })?;
+    let db = redb::Database::builder()
+        .set_cache_size(LOG_CACHE_BYTES)
+        .create(&path)
+        .map_err(|e| {
+            Error::failed(
+                format!(
+                    "opening {} (is another tally using this data directory?)",
+                    path.display()
+                ),
+                e,
+            )
+        })?;
     let db = Arc::new(db);
     Ok(Embedded {
         log: Arc::new(EmbeddedLog::open(db.clone(), options.partitions)?),
