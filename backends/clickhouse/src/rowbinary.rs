@@ -43,14 +43,23 @@ fn numbers(out: &mut Vec<u8>, values: &[u64]) {
     }
 }
 
-/// The segment columns votes and rollups share: the standard keys in their order, then a
-/// poll's own keys and values.
-fn segment(out: &mut Vec<u8>, standard: [&String; 6], keys: &[String], values: &[String]) {
-    for value in standard {
-        string(out, value);
-    }
-    strings(out, keys);
-    strings(out, values);
+/// The segment columns votes and rollups share, from a row with the segment fields: the
+/// standard keys in their order, then a poll's own keys and values.
+macro_rules! segment {
+    ($out:expr, $row:expr) => {{
+        for value in [
+            &$row.campaign,
+            &$row.channel,
+            &$row.source,
+            &$row.medium,
+            &$row.country,
+            &$row.device,
+        ] {
+            string($out, value);
+        }
+        strings($out, &$row.dim_keys);
+        strings($out, &$row.dim_values);
+    }};
 }
 
 impl RowBinary for VoteRow {
@@ -68,19 +77,7 @@ impl RowBinary for VoteRow {
             }
             None => out.push(1),
         }
-        segment(
-            out,
-            [
-                &self.campaign,
-                &self.channel,
-                &self.source,
-                &self.medium,
-                &self.country,
-                &self.device,
-            ],
-            &self.dim_keys,
-            &self.dim_values,
-        );
+        segment!(out, self);
         out.extend_from_slice(&self.received_at.to_le_bytes());
         out.extend_from_slice(&self.received_ms.to_le_bytes());
     }
@@ -104,19 +101,7 @@ impl RowBinary for RollupRowCh {
         string(out, &self.poll_id);
         out.extend_from_slice(&self.bucket_start.to_le_bytes());
         out.extend_from_slice(&self.bucket_seconds.to_le_bytes());
-        segment(
-            out,
-            [
-                &self.campaign,
-                &self.channel,
-                &self.source,
-                &self.medium,
-                &self.country,
-                &self.device,
-            ],
-            &self.dim_keys,
-            &self.dim_values,
-        );
+        segment!(out, self);
         out.extend_from_slice(&self.ballots.to_le_bytes());
         strings(out, &self.answers);
         numbers(out, &self.answer_votes);

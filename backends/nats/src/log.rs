@@ -294,8 +294,6 @@ async fn check_partitions_by_sample(
     Ok(())
 }
 
-/// What an append finds when its uniqueness key is taken by `existing` at `seq`.
-
 #[async_trait]
 impl VoteLog for JetStreamLog {
     fn partitions(&self) -> u16 {
