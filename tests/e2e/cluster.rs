@@ -407,16 +407,25 @@ impl Cluster {
         .await
     }
 
+    /// A setting every process was given, or `default`.
+    fn setting<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T>
+    where
+        T::Err: std::error::Error + Send + Sync + 'static,
+    {
+        Ok(self.env.get(name).map_or(Ok(default), |s| s.parse())?)
+    }
+
+    /// A client of the cluster's NATS; distributed only.
+    async fn nats_client(&self) -> Result<tally_nats::Client> {
+        let url = self.env.get("TALLY_NATS_URL").context("no NATS")?;
+        Ok(tally_nats::connect(url, Duration::from_secs(10)).await?)
+    }
+
     /// Who holds each partition's lease now (partition → processor id); distributed only.
     pub async fn lease_owners(&self) -> Result<BTreeMap<u16, String>> {
         use tally_core::ports::PartitionLeases;
-        let url = self.env.get("TALLY_NATS_URL").context("no NATS")?;
-        let seconds: u64 = self
-            .env
-            .get("TALLY_LEASE_SECONDS")
-            .map_or(Ok(10), |s| s.parse())?;
-        let client = tally_nats::connect(url, Duration::from_secs(10)).await?;
-        let leases = tally_nats::KvLeases::open(client, 1, Duration::from_secs(seconds)).await?;
+        let ttl = Duration::from_secs(self.setting("TALLY_LEASE_SECONDS", 10)?);
+        let leases = tally_nats::KvLeases::open(self.nats_client().await?, 1, ttl).await?;
         Ok(leases.owners().await?)
     }
 
@@ -424,20 +433,11 @@ impl Cluster {
     /// holds none of its votes. Distributed only.
     pub async fn poll_tip_in_log(&self, poll: &str) -> Result<Option<u64>> {
         use tally_core::ports::VoteLog;
-        let url = self.env.get("TALLY_NATS_URL").context("no NATS")?;
-        let partitions: u16 = self
-            .env
-            .get("TALLY_PARTITIONS")
-            .map_or(Ok(1), |s| s.parse())?;
-        let client = tally_nats::connect(url, Duration::from_secs(10)).await?;
-        let log = tally_nats::JetStreamLog::open(
-            client,
-            tally_nats::LogOptions {
-                partitions,
-                replicas: 1,
-            },
-        )
-        .await?;
+        let options = tally_nats::LogOptions {
+            partitions: self.setting("TALLY_PARTITIONS", 1)?,
+            replicas: 1,
+        };
+        let log = tally_nats::JetStreamLog::open(self.nats_client().await?, options).await?;
         let retention = log.retention().context("the NATS log purges")?;
         Ok(retention.poll_tip(poll).await?)
     }
@@ -703,6 +703,28 @@ impl Cluster {
 
 /// Per-option counts of a results document or a breakdown group, options with no votes
 /// left out.
+/// The slug of a problem+json answer (the last part of its `type`).
+pub fn slug(answer: &Value) -> String {
+    answer["type"]
+        .as_str()
+        .unwrap_or("")
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Expects `(status, slug)` of an answer, naming `what` when it is not.
+pub fn expect(what: &str, got: (u16, Value), status: u16, wanted: &str) -> Result<Value> {
+    ensure!(
+        got.0 == status && slug(&got.1) == wanted,
+        "{what}: expected {status} {wanted}, got {} {}",
+        got.0,
+        got.1
+    );
+    Ok(got.1)
+}
+
 pub fn option_counts(doc: &Value) -> BTreeMap<String, u64> {
     doc["options"]
         .as_array()

@@ -11,7 +11,7 @@ use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::cluster::{Cluster, Deployment, SseClient, ADMIN_KEY, ANALYST_KEY};
+use crate::cluster::{expect, slug, Cluster, Deployment, SseClient, ADMIN_KEY, ANALYST_KEY};
 
 /// An HTTP client that connects from `address` (a loopback address of its own).
 fn client_from(address: &str) -> Result<reqwest::Client> {
@@ -21,30 +21,9 @@ fn client_from(address: &str) -> Result<reqwest::Client> {
         .build()?)
 }
 
-fn slug(answer: &Value) -> String {
-    answer["type"]
-        .as_str()
-        .unwrap_or("")
-        .rsplit('/')
-        .next()
-        .unwrap_or("")
-        .to_owned()
-}
-
 async fn answer(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
-}
-
-/// Expects `(status, slug)` of an answer, naming `what` when it is not.
-fn expect(what: &str, got: (u16, Value), status: u16, wanted: &str) -> Result<Value> {
-    ensure!(
-        got.0 == status && slug(&got.1) == wanted,
-        "{what}: expected {status} {wanted}, got {} {}",
-        got.0,
-        got.1
-    );
-    Ok(got.1)
 }
 
 /// Whether both services still answer their health checks.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 
-use crate::cluster::{Cluster, Deployment, SseClient, ADMIN_KEY};
+use crate::cluster::{expect, Cluster, Deployment, SseClient, ADMIN_KEY};
 
 async fn admin(
     cluster: &Cluster,
@@ -259,15 +259,8 @@ async fn a_finished_poll_leaves_the_log_and_late_retries_keep_their_answer(
             ballot(VOTERS + 1, "red"),
         ];
         for body in refused {
-            let (status, problem) = cluster.vote("finished", &body).await?;
-            ensure!(
-                status == 409
-                    && problem["type"]
-                        .as_str()
-                        .unwrap_or("")
-                        .ends_with("poll-closed"),
-                "{body}: {status} {problem}"
-            );
+            let answer = cluster.vote("finished", &body).await?;
+            expect(&body.to_string(), answer, 409, "poll-closed")?;
         }
         anyhow::Ok(())
     };
@@ -300,16 +293,8 @@ async fn a_finished_poll_leaves_the_log_and_late_retries_keep_their_answer(
             );
             // Now answered from ClickHouse, the same way.
             late_retries_keep_their_answer().await?;
-            let (status, problem) =
-                admin(&cluster, M::POST, "/v1/polls/finished/reopen", None).await?;
-            ensure!(
-                status == 409
-                    && problem["type"]
-                        .as_str()
-                        .unwrap_or("")
-                        .ends_with("poll-purged"),
-                "{status} {problem}"
-            );
+            let answer = admin(&cluster, M::POST, "/v1/polls/finished/reopen", None).await?;
+            expect("reopening a purged poll", answer, 409, "poll-purged")?;
         }
         Deployment::Standalone => {
             tokio::time::sleep(Duration::from_secs(4)).await;
