@@ -183,6 +183,16 @@ impl Poll {
         }
     }
 
+    /// When it stopped taking votes: the earlier of an explicit close and a scheduled end
+    /// that has passed; `None` while neither happened.
+    pub fn closed_since(&self, now_ms: i64) -> Option<i64> {
+        let ended = self.closes_at.filter(|at| *at <= now_ms);
+        match (self.closed_at, ended) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// The status its dates, close and archive give it, whether or not its votes left the
     /// log: an edit that would make a purged poll open again is refused by it.
     pub fn scheduled_status(&self, now_ms: i64) -> PollStatus {

@@ -96,6 +96,9 @@ impl Default for Config {
 pub struct Ingest {
     log: Arc<dyn VoteLog>,
     warehouse: Option<Arc<dyn Warehouse>>,
+    /// Warehouse look-ups of late retries in flight at most: any caller can send a vote
+    /// with a vote id to a purged poll, and each costs the warehouse a scan of the poll.
+    lookups: tokio::sync::Semaphore,
     limits: Arc<limits::Limits>,
     guard: Arc<Guard>,
     polls: Arc<PollCache>,
@@ -130,6 +133,7 @@ impl Ingest {
         Ok(Arc::new(Ingest {
             log: deps.log,
             warehouse: deps.warehouse,
+            lookups: tokio::sync::Semaphore::new(MAX_WAREHOUSE_LOOKUPS),
             limits,
             guard,
             polls: PollCache::start(deps.registry, tasks),
@@ -371,6 +375,8 @@ impl Ingest {
         let Some(warehouse) = &self.warehouse else {
             return Ok(None);
         };
+        // Waits for a turn; the request's time limit bounds the wait.
+        let _turn = self.lookups.acquire().await.expect("never closed");
         Ok(warehouse
             .counted_vote(&vote.poll_id, &vote.vote_id)
             .await?
@@ -478,6 +484,8 @@ struct Prepared {
 
 /// Late retries of one batch looked up at once.
 const LATE_RETRIES_IN_FLIGHT: usize = 32;
+/// Warehouse look-ups of late retries one ingest process runs at once.
+const MAX_WAREHOUSE_LOOKUPS: usize = 8;
 
 fn poll_closed(poll_id: &str) -> Problem {
     Problem::new(

@@ -47,13 +47,14 @@ impl Retention {
 
     /// Never returns; the worker drops it when it stops.
     pub(crate) async fn run(mut self) -> std::convert::Infallible {
+        let log = self.deps.log.clone();
+        let Some(retention) = log.retention() else {
+            // A log that keeps every entry (the embedded one) has nothing to let go of.
+            return std::future::pending().await;
+        };
         let interval = sweep_interval(self.grace);
         loop {
             tokio::time::sleep(interval).await;
-            let Some(retention) = self.deps.log.retention() else {
-                // A log that keeps every entry (the embedded one) has nothing to let go of.
-                return std::future::pending().await;
-            };
             let now = time::now_ms();
             let due: Vec<Arc<Poll>> = self
                 .polls
@@ -140,14 +141,9 @@ pub(crate) fn purge_due(poll: &Poll, now_ms: i64, grace: Duration) -> bool {
     }
     match poll.status(now_ms) {
         PollStatus::Archived => true,
-        PollStatus::Closed => {
-            let ended = match (poll.closed_at, poll.closes_at.filter(|at| *at <= now_ms)) {
-                (Some(a), Some(b)) => a.min(b),
-                (Some(at), None) | (None, Some(at)) => at,
-                (None, None) => return false,
-            };
-            now_ms.saturating_sub(ended) >= grace.as_millis() as i64
-        }
+        PollStatus::Closed => poll
+            .closed_since(now_ms)
+            .is_some_and(|ended| now_ms.saturating_sub(ended) >= grace.as_millis() as i64),
         PollStatus::Open | PollStatus::Scheduled => false,
     }
 }
