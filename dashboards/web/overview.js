@@ -89,6 +89,8 @@
   function actionButton(poll) {
     var closing = poll.status === "open" || poll.status === "scheduled";
     if (poll.status === "archived") return null;
+    /* Its votes left the vote log: it can never take votes again (reopening is refused). */
+    if (!closing && poll.log_purged_at) return null;
     return el("button", {
       type: "button",
       class: "quiet",
