@@ -1,8 +1,8 @@
 //! Conformance suites: what every implementation of a back-end trait must guarantee, as one
 //! public async function per guarantee in the trait's module ([`vote_log`],
-//! [`poll_registry`], [`warehouse`], [`live_feed`]). Each function takes a fresh back end
-//! (an empty stream, bucket, database), sets up what it needs with its own poll ids, and
-//! panics with a message naming the broken guarantee.
+//! [`log_retention`], [`poll_registry`], [`warehouse`], [`live_feed`]). Each function takes
+//! a fresh back end (an empty stream, bucket, database), sets up what it needs with its own
+//! poll ids, and panics with a message naming the broken guarantee.
 //!
 //! A back-end crate runs a suite by declaring it once in a test file:
 //!
@@ -25,6 +25,7 @@
 //! keeps saying what its tests need.
 
 pub mod live_feed;
+pub mod log_retention;
 pub mod poll_registry;
 pub mod vote_log;
 pub mod warehouse;
@@ -91,6 +92,7 @@ mod tests {
             ("poll_registry_suite", include_str!("poll_registry.rs")),
             ("warehouse_suite", include_str!("warehouse.rs")),
             ("live_feed_suite", include_str!("live_feed.rs")),
+            ("log_retention_suite", include_str!("log_retention.rs")),
         ];
         for (suite, source) in modules {
             let start = source

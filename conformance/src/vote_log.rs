@@ -36,13 +36,12 @@ macro_rules! vote_log_suite {
                 append_many_gives_each_new_vote_its_own_sequence,
                 append_many_stores_each_new_vote_once,
                 find_answers_as_append_would_and_appends_nothing,
-                a_purged_poll_leaves_the_log_up_to_its_bound,
             }
         );
     };
 }
 
-const POLL: &str = "conf-log";
+pub(crate) const POLL: &str = "conf-log";
 /// Votes of `dedupe: none` appended concurrently, all to [`POLL`].
 const CONCURRENT: usize = 200;
 const MANY_POLL: &str = "conf-log-many";
@@ -51,14 +50,14 @@ const MANY_POLL: &str = "conf-log-many";
 const MANY: usize = 4_500;
 
 /// A voter's first vote and its uniqueness key.
-fn first_vote() -> (Vote, String) {
+pub(crate) fn first_vote() -> (Vote, String) {
     let first = vote(POLL, "v-1", "k1", "a", 1_000);
     let key = first.unique_key(Dedupe::PerVoter);
     (first, key)
 }
 
 /// Another vote of the voter of [`first_vote`]: the same uniqueness key.
-fn second_vote() -> Vote {
+pub(crate) fn second_vote() -> Vote {
     vote(POLL, "v-2", "k1", "b", 1_001)
 }
 
@@ -70,7 +69,7 @@ fn open_votes() -> Vec<Vote> {
 }
 
 /// Appends a vote that must be new; returns its sequence.
-async fn append_first(log: &dyn VoteLog, first: &Vote, key: &str) -> u64 {
+pub(crate) async fn append_first(log: &dyn VoteLog, first: &Vote, key: &str) -> u64 {
     let Ok(Appended::Accepted {
         seq,
         duplicate: false,
@@ -442,58 +441,4 @@ pub async fn find_answers_as_append_would_and_appends_nothing(log: Arc<dyn VoteL
     // Finding appended nothing: the partition holds the first vote only.
     let stored = read_all(log.as_ref(), log.partition_of(POLL), 0, 1).await;
     assert_eq!(stored.len(), 1, "find appends nothing");
-}
-
-/// A log that keeps entries in a broker's memory lets a finished poll go: its tip is its
-/// newest entry, a purge removes its entries up to the bound and no other poll's, and the
-/// purged keys are free. A log without retention keeps everything and says so.
-pub async fn a_purged_poll_leaves_the_log_up_to_its_bound(log: Arc<dyn VoteLog>) {
-    let Some(retention) = log.retention() else {
-        return;
-    };
-    const OTHER: &str = "conf-log-kept";
-    assert_eq!(retention.poll_tip(POLL).await.expect("tip"), None, "empty");
-    let (first, key) = first_vote();
-    let seq1 = append_first(log.as_ref(), &first, &key).await;
-    let kept = vote(OTHER, "o-1", "k1", "a", 1_000);
-    let kept_key = kept.unique_key(Dedupe::PerVoter);
-    let kept_seq = append_first(log.as_ref(), &kept, &kept_key).await;
-    let late = vote(POLL, "v-3", "k3", "a", 1_002);
-    let late_key = late.unique_key(Dedupe::PerVoter);
-    let seq3 = append_first(log.as_ref(), &late, &late_key).await;
-    assert_eq!(retention.poll_tip(POLL).await.expect("tip"), Some(seq3));
-    assert_eq!(
-        retention.poll_tip(OTHER).await.expect("tip"),
-        Some(kept_seq)
-    );
-
-    // Up to the first vote only: the one after the bound stays.
-    let purged = retention.purge_poll(POLL, seq1).await.expect("purge");
-    assert_eq!(purged, 1, "one entry up to the bound");
-    assert_eq!(log.find(&first, &key).await.expect("find"), None, "purged");
-    assert!(
-        log.find(&late, &late_key).await.expect("find").is_some(),
-        "an entry after the bound stays"
-    );
-    assert_eq!(retention.poll_tip(POLL).await.expect("tip"), Some(seq3));
-    let purged = retention.purge_poll(POLL, seq3).await.expect("purge");
-    assert_eq!(purged, 1);
-    assert_eq!(
-        retention.poll_tip(POLL).await.expect("tip"),
-        None,
-        "all gone"
-    );
-    assert_eq!(
-        retention.poll_tip(OTHER).await.expect("tip"),
-        Some(kept_seq),
-        "another poll keeps its entries"
-    );
-    assert!(log.find(&kept, &kept_key).await.expect("find").is_some());
-    // The purged key is free again: why only a poll that takes no vote may be purged.
-    let Ok(Appended::Accepted {
-        duplicate: false, ..
-    }) = log.append(&second_vote(), &key).await
-    else {
-        panic!("a purged key takes a vote again");
-    };
 }

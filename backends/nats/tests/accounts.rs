@@ -276,7 +276,7 @@ async fn run_services(server: &NatsServer, first: Service) -> anyhow::Result<()>
     anyhow::ensure!(log.find(&votes[0].0, &votes[0].1).await?.is_some());
 
     // Processors share the partitions through leases (created by the first to start).
-    let leases = KvLeases::open(log_client(server).await?, 1, Duration::from_secs(5)).await?;
+    let leases = KvLeases::open(processor_client(server).await?, 1, Duration::from_secs(5)).await?;
     leases.heartbeat("p-1").await?;
     let epoch = leases
         .claim(0, "p-1")
@@ -302,7 +302,7 @@ async fn run_services(server: &NatsServer, first: Service) -> anyhow::Result<()>
 }
 
 /// A client of the processor's user.
-async fn log_client(server: &NatsServer) -> anyhow::Result<async_nats::Client> {
+async fn processor_client(server: &NatsServer) -> anyhow::Result<async_nats::Client> {
     Ok(connect(&settings(server, Service::Processor), PATIENCE).await?)
 }
 

@@ -42,6 +42,21 @@ tally_conformance::vote_log_suite!(needs_nats_partitioned_jetstream_vote_log, {
     (Arc::new(log), server)
 });
 
+tally_conformance::log_retention_suite!(needs_nats_partitioned_jetstream_log_retention, {
+    require!(NatsServer);
+    let server = NatsServer::start().await.expect("nats-server");
+    let log = JetStreamLog::open(
+        nats_client(&server).await,
+        LogOptions {
+            partitions: 4,
+            ..LogOptions::default()
+        },
+    )
+    .await
+    .expect("open log");
+    (Arc::new(log), server)
+});
+
 tally_conformance::poll_registry_suite!(needs_nats_key_value_registry, {
     require!(NatsServer);
     let server = NatsServer::start().await.expect("nats-server");
