@@ -268,6 +268,30 @@ pub struct WarehouseArgs {
         hide_env_values = true
     )]
     pub clickhouse_analyst_password: Option<String>,
+    /// A sharded warehouse: the name of the cluster in the ClickHouse servers'
+    /// `remote_servers` (with TALLY_CLICKHOUSE_SHARDS). Reads go through the Distributed
+    /// tables of the server at TALLY_CLICKHOUSE_URL, any server of the cluster.
+    #[arg(long, env = "TALLY_CLICKHOUSE_CLUSTER", requires = "clickhouse_shards")]
+    pub clickhouse_cluster: Option<String>,
+    /// A sharded warehouse: the HTTP URL of one server of each shard, comma-separated, in
+    /// the cluster's shard order; log partition p is written to shard p mod their number.
+    /// Fixed once rows are written (a changed list is refused at start).
+    #[arg(
+        long,
+        env = "TALLY_CLICKHOUSE_SHARDS",
+        value_delimiter = ',',
+        requires = "clickhouse_cluster"
+    )]
+    pub clickhouse_shards: Vec<String>,
+    /// Make tally's tables Replicated…MergeTree, under `/clickhouse/tables/{shard}/<db>/…` in
+    /// ClickHouse Keeper (the servers need `zookeeper` and the `shard` and `replica` macros).
+    /// Chosen when the tables are first made; a database made otherwise is refused.
+    #[arg(
+        long,
+        env = "TALLY_CLICKHOUSE_REPLICATED",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub clickhouse_replicated: bool,
 }
 
 impl WarehouseArgs {
@@ -280,6 +304,19 @@ impl WarehouseArgs {
             password: self.clickhouse_password.clone(),
             analyst_user: self.clickhouse_analyst_user.clone(),
             analyst_password: self.clickhouse_analyst_password.clone(),
+            sharding: self
+                .clickhouse_cluster
+                .as_ref()
+                .map(|cluster| tally_clickhouse::Sharding {
+                    cluster: cluster.clone(),
+                    shards: self
+                        .clickhouse_shards
+                        .iter()
+                        .map(|url| url.trim().to_owned())
+                        .filter(|url| !url.is_empty())
+                        .collect(),
+                }),
+            replicated: self.clickhouse_replicated,
         })?;
         let mut attempt = 0;
         loop {
@@ -328,6 +365,9 @@ impl LookupWarehouseArgs {
             password: self.clickhouse_password.clone(),
             analyst_user: None,
             analyst_password: None,
+            // Late retries are read back through the Distributed tables of a sharded one.
+            sharding: None,
+            replicated: false,
         })?;
         Ok(Some(Arc::new(warehouse)))
     }

@@ -633,7 +633,7 @@ pub async fn a_reachable_warehouse_checks_ok(warehouse: Arc<dyn Warehouse>) {
 /// Rows of a finished answer as text, one `Vec` per row (NULL as the empty string;
 /// timestamps RFC 3339 in UTC, lists as `[a, b]`), or the error that ended it: from the call
 /// or from its stream, whichever came.
-async fn answer_of(
+pub async fn answer_of(
     answer: tally_core::Result<AnalystRows>,
 ) -> tally_core::Result<(AnalystRows, Vec<Vec<String>>)> {
     use futures::StreamExt;

@@ -148,9 +148,46 @@ impl ClickHouseServer {
 /// Starts a `clickhouse-server` with its configuration, data and logs in `dir`, on free
 /// ports, and waits until it answers; returns it with the base URL of its HTTP interface.
 async fn launch(dir: &Path) -> anyhow::Result<(ManagedProcess, String)> {
+    launch_on(dir, Ports::free(), None).await
+}
+
+/// The two ports a server listens on.
+#[derive(Debug, Clone, Copy)]
+struct Ports {
+    http: u16,
+    tcp: u16,
+}
+
+impl Ports {
+    fn free() -> Ports {
+        let http = free_port();
+        let tcp = loop {
+            let port = free_port();
+            if port != http {
+                break port;
+            }
+        };
+        Ports { http, tcp }
+    }
+}
+
+/// [`launch`] on the given ports, with `extra` (a whole configuration file) written to
+/// `config.d/`, which the server merges into its configuration.
+async fn launch_on(
+    dir: &Path,
+    ports: Ports,
+    extra: Option<&str>,
+) -> anyhow::Result<(ManagedProcess, String)> {
     let binary = clickhouse_server_binary().unwrap_or_else(|| PathBuf::from("clickhouse-server"));
     let started = async {
-        let (url, config) = write_clickhouse_config(dir)?;
+        let (url, config) = write_clickhouse_config(dir, ports)?;
+        if let Some(extra) = extra {
+            let config_d = dir.join("config.d");
+            std::fs::create_dir_all(&config_d)
+                .with_context(|| format!("creating {}", config_d.display()))?;
+            std::fs::write(config_d.join("tally-test.xml"), extra)
+                .with_context(|| format!("writing {}/tally-test.xml", config_d.display()))?;
+        }
         let mut command = Command::new(&binary);
         command.arg(format!("--config-file={}", config.display()));
         let mut process =
@@ -166,6 +203,77 @@ async fn launch(dir: &Path) -> anyhow::Result<(ManagedProcess, String)> {
             binary.display()
         )
     })
+}
+
+/// Servers forming one ClickHouse cluster of single-replica shards, shared by every test of
+/// the process (like [`clickhouse()`]): each server's `remote_servers` names them all, in
+/// shard order, as [`ClickHouseCluster::NAME`].
+#[derive(Debug, Clone)]
+pub struct ClickHouseCluster {
+    /// The HTTP base URL of each shard's server, in the cluster's shard order.
+    pub shards: Vec<String>,
+}
+
+impl ClickHouseCluster {
+    /// The cluster's name in `remote_servers`.
+    pub const NAME: &'static str = "tally_test_shards";
+    /// How many shards it has.
+    pub const SHARDS: usize = 2;
+}
+
+static CLUSTER: tokio::sync::OnceCell<ClickHouseCluster> = tokio::sync::OnceCell::const_new();
+/// The servers of [`clickhouse_cluster()`], stopped by their watchdogs when the process ends.
+static CLUSTER_SERVERS: Mutex<Vec<Detached>> = Mutex::new(Vec::new());
+
+/// Returns the sharded cluster of this test process, starting its servers on the first call
+/// (always private servers: they need a configuration naming each other). Needs
+/// [`Need::ClickHouseServer`](crate::Need::ClickHouseServer).
+pub async fn clickhouse_cluster() -> anyhow::Result<&'static ClickHouseCluster> {
+    CLUSTER
+        .get_or_try_init(|| async {
+            let mut ports: Vec<Ports> = Vec::new();
+            while ports.len() < ClickHouseCluster::SHARDS {
+                let candidate = Ports::free();
+                let taken = ports.iter().any(|p| {
+                    [p.http, p.tcp].contains(&candidate.http)
+                        || [p.http, p.tcp].contains(&candidate.tcp)
+                });
+                if !taken {
+                    ports.push(candidate);
+                }
+            }
+            let shards: String = ports
+                .iter()
+                .map(|port| {
+                    format!(
+                        "<shard><replica><host>127.0.0.1</host><port>{}</port></replica></shard>",
+                        port.tcp
+                    )
+                })
+                .collect();
+            let extra = format!(
+                "<?xml version=\"1.0\"?>\n<yandex><remote_servers><{name}>{shards}</{name}>\
+                 </remote_servers></yandex>\n",
+                name = ClickHouseCluster::NAME
+            );
+            let mut urls = Vec::new();
+            for port in ports {
+                let dir = tempfile::Builder::new()
+                    .prefix("tally-clickhouse-shard-")
+                    .tempdir()
+                    .context("creating a temporary directory for clickhouse-server")?;
+                let (process, url) = launch_on(dir.path(), port, Some(&extra)).await?;
+                let server = process.detach(dir.path())?;
+                let _ = dir.keep();
+                CLUSTER_SERVERS
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push(server);
+                urls.push(url);
+            }
+            Ok(ClickHouseCluster { shards: urls })
+        })
+        .await
 }
 
 async fn wait_for_ping(process: &mut ManagedProcess, url: &str) -> anyhow::Result<()> {
@@ -192,15 +300,12 @@ async fn ping(url: &str) -> anyhow::Result<()> {
 }
 
 /// Writes `config.xml` and `users.xml` for a clickhouse-server with its data in `dir`,
-/// listening on two free ports; returns the HTTP base URL and the config file.
-fn write_clickhouse_config(dir: &Path) -> anyhow::Result<(String, PathBuf)> {
-    let http_port = free_port();
-    let tcp_port = loop {
-        let port = free_port();
-        if port != http_port {
-            break port;
-        }
-    };
+/// listening on `ports`; returns the HTTP base URL and the config file.
+fn write_clickhouse_config(dir: &Path, ports: Ports) -> anyhow::Result<(String, PathBuf)> {
+    let Ports {
+        http: http_port,
+        tcp: tcp_port,
+    } = ports;
     let dir_text = dir
         .to_str()
         .ok_or_else(|| anyhow!("temporary directory {} is not UTF-8", dir.display()))?;

@@ -24,7 +24,9 @@ pub mod needs;
 pub mod process;
 mod wait;
 
-pub use clickhouse::{clickhouse, ClickHouse, ClickHouseServer};
+pub use clickhouse::{
+    clickhouse, clickhouse_cluster, ClickHouse, ClickHouseCluster, ClickHouseServer,
+};
 pub use names::{free_port, unique_name};
 pub use nats::{NatsAccess, NatsCluster, NatsOptions, NatsServer, NatsTls};
 pub use needs::Need;

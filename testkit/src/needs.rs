@@ -26,6 +26,9 @@ pub enum Need {
     /// A ClickHouse server: `TALLY_TEST_CLICKHOUSE_URL` of a running one, or a
     /// `clickhouse-server` to start (`TALLY_TEST_CLICKHOUSE_SERVER`, PATH, /usr/sbin).
     ClickHouse,
+    /// A `clickhouse-server` binary the test starts itself (`TALLY_TEST_CLICKHOUSE_SERVER`,
+    /// PATH, /usr/sbin): a running server's URL is not enough, e.g. for a sharded cluster.
+    ClickHouseServer,
     /// Python 3 with the `chdb` module (current ClickHouse in-process).
     Chdb,
     /// Python 3 with `pyarrow`, the reference reader the export tests parse Parquet with.
@@ -96,6 +99,9 @@ impl Need {
             Need::ClickHouse => {
                 "clickhouse-server (set TALLY_TEST_CLICKHOUSE_URL or TALLY_TEST_CLICKHOUSE_SERVER, or install it)"
             }
+            Need::ClickHouseServer => {
+                "clickhouse-server (set TALLY_TEST_CLICKHOUSE_SERVER, or install it)"
+            }
             Need::Chdb => "python3 with chdb (python3 -m pip install chdb)",
             Need::Pyarrow => "python3 with pyarrow (python3 -m pip install pyarrow)",
             Need::Chromium => {
@@ -113,6 +119,7 @@ impl Need {
     pub fn present(self) -> bool {
         static NATS: OnceLock<bool> = OnceLock::new();
         static CLICKHOUSE: OnceLock<bool> = OnceLock::new();
+        static CLICKHOUSE_SERVER: OnceLock<bool> = OnceLock::new();
         static CHDB: OnceLock<bool> = OnceLock::new();
         static PYARROW: OnceLock<bool> = OnceLock::new();
         static CHROMIUM: OnceLock<bool> = OnceLock::new();
@@ -125,6 +132,9 @@ impl Need {
                 std::env::var_os(CLICKHOUSE_URL_ENV).is_some_and(|url| !url.is_empty())
                     || clickhouse_server_binary().is_some()
             }),
+            Need::ClickHouseServer => {
+                *CLICKHOUSE_SERVER.get_or_init(|| clickhouse_server_binary().is_some())
+            }
             Need::Chdb => *CHDB.get_or_init(|| runs(Path::new("python3"), &["-c", "import chdb"])),
             Need::Pyarrow => {
                 *PYARROW.get_or_init(|| runs(Path::new("python3"), &["-c", "import pyarrow"]))

@@ -79,6 +79,40 @@ pub struct ClickHouseConfig {
     /// runs as `user` with `readonly=2` set on each request.
     pub analyst_user: Option<String>,
     pub analyst_password: Option<String>,
+    /// Spread over the shards of a cluster; `None`: everything on the server at `url`.
+    pub sharding: Option<Sharding>,
+    /// Tables made `Replicated…MergeTree` ([`sql::replicated_table`]): each shard (or the one
+    /// server's data) kept on several replicas through ClickHouse Keeper. The servers need
+    /// a `zookeeper` section and `shard`/`replica` macros (docs/SCALING.md).
+    pub replicated: bool,
+}
+
+/// A warehouse spread over the shards of a ClickHouse cluster: every server keeps its
+/// shard's rows in `<database>_shard`, and `Distributed` tables of the same names over all
+/// of them in `<database>` ([`sql::Placement`]). A log partition's rows are written to shard
+/// `partition % shards` and nowhere else, with its watermarks and fences beside them, so a
+/// processor's exactly-once bookkeeping stays on one server; everything is read through
+/// the `Distributed` tables of the server at [`ClickHouseConfig::url`] (any of the cluster's).
+#[derive(Debug, Clone)]
+pub struct Sharding {
+    /// The cluster's name in each server's `remote_servers`.
+    pub cluster: String,
+    /// The HTTP URL of one server of each shard, in the cluster's shard order.
+    pub shards: Vec<String>,
+}
+
+pub use sql::SHARD_DATABASE_SUFFIX;
+
+/// Where the rows of some log partitions are written: the one server of an unsharded
+/// warehouse, or a shard's server and its local database.
+#[derive(Clone)]
+struct Writer {
+    /// The server, no database chosen (for DDL).
+    server: clickhouse::Client,
+    /// The database the rows are written to.
+    client: clickhouse::Client,
+    url: String,
+    database: String,
 }
 
 #[derive(Clone)]
@@ -92,6 +126,11 @@ pub struct ClickHouseWarehouse {
     server_utc: Arc<tokio::sync::OnceCell<bool>>,
     /// Fenced inserts go over plain HTTP: the client library has no external tables.
     http: reqwest::Client,
+    /// Where each partition's rows go: `writers[partition % writers.len()]`.
+    writers: Arc<Vec<Writer>>,
+    cluster: Option<String>,
+    replicated: bool,
+    /// The server read through.
     url: String,
     user: Option<String>,
     password: Option<String>,
@@ -276,16 +315,47 @@ impl ClickHouseWarehouse {
                 ),
             ));
         }
-        let mut server = clickhouse::Client::default()
-            .with_url(&config.url)
-            .with_validation(false);
-        if let Some(user) = &config.user {
-            server = server.with_user(user);
-        }
-        if let Some(password) = &config.password {
-            server = server.with_password(password);
-        }
+        let connect = |url: &str| {
+            let mut server = clickhouse::Client::default()
+                .with_url(url)
+                .with_validation(false);
+            if let Some(user) = &config.user {
+                server = server.with_user(user);
+            }
+            if let Some(password) = &config.password {
+                server = server.with_password(password);
+            }
+            server
+        };
+        let server = connect(&config.url);
         let client = server.clone().with_database(&config.database);
+        let writer = |url: &str, database: String| {
+            let server = connect(url);
+            Writer {
+                client: server.clone().with_database(&database),
+                server,
+                url: url.trim_end_matches('/').to_owned(),
+                database,
+            }
+        };
+        let (writers, cluster) = match &config.sharding {
+            None => (vec![writer(&config.url, config.database.clone())], None),
+            Some(sharding) => {
+                if sharding.shards.is_empty() || sharding.cluster.trim().is_empty() {
+                    return Err(Error::failed(
+                        "warehouse",
+                        "a sharded warehouse needs its cluster's name and one URL per shard",
+                    ));
+                }
+                let local = format!("{}{SHARD_DATABASE_SUFFIX}", config.database);
+                let writers = sharding
+                    .shards
+                    .iter()
+                    .map(|url| writer(url, local.clone()))
+                    .collect();
+                (writers, Some(sharding.cluster.clone()))
+            }
+        };
         let mut analyst = clickhouse::Client::default()
             .with_url(&config.url)
             .with_validation(false)
@@ -318,6 +388,9 @@ impl ClickHouseWarehouse {
             database: config.database.clone(),
             server_utc: Arc::default(),
             http,
+            writers: Arc::new(writers),
+            cluster,
+            replicated: config.replicated,
             url: config.url.trim_end_matches('/').to_owned(),
             user: config.user.clone(),
             password: config.password.clone(),
@@ -351,40 +424,184 @@ impl ClickHouseWarehouse {
     }
 
     async fn fetch_u64(&self, sql: &str) -> Result<u64> {
-        self.client
-            .query_raw(sql)
-            .fetch_one::<u64>()
-            .await
-            .map_err(warehouse_error)
+        fetch_u64(&self.client, sql).await
     }
 
-    async fn execute(&self, sql: &str) -> Result<()> {
-        self.client
-            .query_raw(sql)
-            .execute()
-            .await
-            .map_err(warehouse_error)
+    /// Where `partition`'s rows, watermarks and fences are.
+    fn writer(&self, partition: u16) -> &Writer {
+        &self.writers[usize::from(partition) % self.writers.len()]
     }
 
-    /// Writes `rows` into `table` with one INSERT: they land together or not at all. No
-    /// rows, no statement.
-    async fn insert_rows<R: RowOwned + RowWrite>(
-        &self,
-        table: &str,
-        rows: impl ExactSizeIterator<Item = R> + Send,
-    ) -> Result<()> {
-        if rows.len() == 0 {
-            return Ok(());
+    /// Checks each shard against the cluster and the layout its rows were written with,
+    /// then applies the migrations on every shard's server, and on the server read through
+    /// when it is not one of them.
+    async fn migrate_sharded(&self, cluster: &str) -> Result<Vec<u32>> {
+        let shards = self.writers.len();
+        for (index, writer) in self.writers.iter().enumerate() {
+            self.check_shard(writer, index, shards, cluster).await?;
         }
-        let mut insert = self
-            .client
-            .insert::<R>(table)
+        let mut servers: Vec<(&str, &clickhouse::Client)> = self
+            .writers
+            .iter()
+            .map(|writer| (writer.url.as_str(), &writer.server))
+            .collect();
+        if !servers.iter().any(|(url, _)| *url == self.url) {
+            servers.push((&self.url, &self.server));
+        }
+        let local = &self.writers[0].database;
+        let mut newly = BTreeSet::new();
+        for (url, server) in servers {
+            self.refuse_other_layout(url, server, true).await?;
+            newly.extend(
+                migrate_server(
+                    server,
+                    &self.database,
+                    Some((local, cluster)),
+                    self.replicated,
+                )
+                .await?,
+            );
+        }
+        Ok(newly.into_iter().collect())
+    }
+
+    /// Refuses a shard whose server places it elsewhere in the cluster, or whose rows were
+    /// written for another place in the list; records the place of a new one.
+    async fn check_shard(
+        &self,
+        writer: &Writer,
+        index: usize,
+        shards: usize,
+        cluster: &str,
+    ) -> Result<()> {
+        let url = &writer.url;
+        let known: Vec<(u32, u8)> = writer
+            .server
+            .query_raw(&sql::cluster_shards(cluster))
+            .fetch_all()
             .await
             .map_err(warehouse_error)?;
-        for row in rows {
-            insert.write(&row).await.map_err(warehouse_error)?;
+        let refuse = |what: String| Err(Error::failed("warehouse", what));
+        if known.is_empty() {
+            return refuse(format!(
+                "{url} knows no cluster `{cluster}`: define it in the server's remote_servers, \
+                 its shards in the order of TALLY_CLICKHOUSE_SHARDS"
+            ));
         }
-        insert.end().await.map_err(warehouse_error)
+        let numbers: BTreeSet<u32> = known.iter().map(|(number, _)| *number).collect();
+        if numbers.len() != shards {
+            return refuse(format!(
+                "cluster `{cluster}` has {} shards on {url}, but {shards} shard URLs are \
+                 configured (TALLY_CLICKHOUSE_SHARDS): list one server of each shard",
+                numbers.len()
+            ));
+        }
+        let place = index + 1;
+        match known.iter().find(|(_, local)| *local == 1) {
+            Some((number, _)) if *number as usize != place => {
+                return refuse(format!(
+                    "{url} is shard {number} of cluster `{cluster}` but is listed as shard \
+                     {place} in TALLY_CLICKHOUSE_SHARDS: list the shards in the cluster's order"
+                ));
+            }
+            Some(_) => {}
+            None => tracing::warn!(
+                url = %url,
+                cluster,
+                "the server does not say which shard of the cluster it is; taking it as listed"
+            ),
+        }
+        execute(
+            &writer.server,
+            &format!(
+                "CREATE DATABASE IF NOT EXISTS {}",
+                sql::ident(&writer.database)
+            ),
+        )
+        .await?;
+        execute(&writer.client, sql::SHARD_LAYOUT_TABLE).await?;
+        let recorded: Option<(u32, u32)> = writer
+            .client
+            .query_raw(&sql::shard_layout())
+            .fetch_optional()
+            .await
+            .map_err(warehouse_error)?;
+        match recorded {
+            None => {
+                execute(
+                    &writer.client,
+                    &sql::record_shard_layout(index as u32, shards as u32),
+                )
+                .await
+            }
+            Some((was, of)) if (was as usize, of as usize) == (index, shards) => Ok(()),
+            Some((was, of)) => refuse(format!(
+                "{url} holds the rows of shard {} of {of}, but TALLY_CLICKHOUSE_SHARDS now \
+                 makes it shard {place} of {shards}: log partitions would move to servers \
+                 without their rows and be counted again. Configure the shards as they were; \
+                 to add shards, follow docs/SCALING.md",
+                was + 1
+            )),
+        }
+    }
+
+    /// Refuses a database laid out for the other kind of warehouse: unsharded tables where
+    /// the configuration says sharded (`sharded`), or `Distributed` ones where it does not;
+    /// plain tables where it says replicated, or replicated ones where it does not.
+    async fn refuse_other_layout(
+        &self,
+        url: &str,
+        server: &clickhouse::Client,
+        sharded: bool,
+    ) -> Result<()> {
+        let engine_of = |database: &str| {
+            server
+                .query_raw(&sql::table_engine(database, "votes"))
+                .fetch_optional::<String>()
+        };
+        let engine = engine_of(&self.database).await.map_err(warehouse_error)?;
+        let database = &self.database;
+        let rows_database = if sharded {
+            &self.writers[0].database
+        } else {
+            database
+        };
+        let rows_engine = if sharded {
+            engine_of(rows_database).await.map_err(warehouse_error)?
+        } else {
+            engine.clone()
+        };
+        if let Some(rows_engine) = rows_engine {
+            if rows_engine.starts_with("Replicated") != self.replicated {
+                return Err(Error::failed(
+                    "warehouse",
+                    format!(
+                        "the tables of `{rows_database}` on {url} are {rows_engine}, but \
+                         TALLY_CLICKHOUSE_REPLICATED is {}: set it as they were made (to \
+                         replicate existing tables, follow docs/SCALING.md)",
+                        self.replicated
+                    ),
+                ));
+            }
+        }
+        match engine {
+            Some(engine) if sharded && engine != "Distributed" => Err(Error::failed(
+                "warehouse",
+                format!(
+                    "database `{database}` on {url} holds an unsharded warehouse ({engine} \
+                     tables): give the sharded one a database of its own \
+                     (TALLY_CLICKHOUSE_DATABASE), or move the rows as docs/SCALING.md describes"
+                ),
+            )),
+            Some(engine) if !sharded && engine == "Distributed" => Err(Error::failed(
+                "warehouse",
+                format!(
+                    "database `{database}` on {url} is sharded (its tables are Distributed): \
+                     set TALLY_CLICKHOUSE_CLUSTER and TALLY_CLICKHOUSE_SHARDS as they were"
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// [`Self::insert_rows`] for rows of one partition: for a partition this handle fenced,
@@ -401,7 +618,7 @@ impl ClickHouseWarehouse {
                 self.insert_fenced(table, partition, epoch, rows).await
             }
             // Not fenced, or no rows (then nothing is sent at all).
-            _ => self.insert_rows(table, rows).await,
+            _ => insert_rows(&self.writer(partition).client, table, rows).await,
         }
     }
 
@@ -430,11 +647,12 @@ impl ClickHouseWarehouse {
             row.encode(&mut body);
         }
         body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let writer = self.writer(partition);
         let mut request = self
             .http
-            .post(format!("{}/", self.url))
+            .post(format!("{}/", writer.url))
             .query(&[
-                ("database", self.database.as_str()),
+                ("database", writer.database.as_str()),
                 ("query", statement.as_str()),
                 ("batch_format", "RowBinary"),
                 ("batch_structure", structure.as_str()),
@@ -470,31 +688,54 @@ impl ClickHouseWarehouse {
     }
 }
 
-#[async_trait]
-impl Warehouse for ClickHouseWarehouse {
-    async fn migrate(&self) -> Result<Vec<u32>> {
-        let create_db = format!(
-            "CREATE DATABASE IF NOT EXISTS {}",
-            sql::ident(&self.database)
-        );
-        self.server
-            .query_raw(&create_db)
-            .execute()
-            .await
-            .map_err(warehouse_error)?;
-        self.execute(sql::MIGRATIONS_TABLE).await?;
-        let applied: Vec<u32> = self
-            .client
-            .query_raw(&sql::applied_migrations())
-            .fetch_all::<u32>()
-            .await
-            .map_err(warehouse_error)?;
-        let mut newly = Vec::new();
-        for (version, name, statement) in sql::MIGRATIONS {
-            if applied.contains(version) {
-                continue;
+/// Applies the pending migrations on one server: into `database` as they are, or, given the
+/// local database and the cluster of a sharded warehouse, placed as [`sql::placement`]
+/// says; with `replicated`, tables are made [`sql::replicated_table`]. Every step is idempotent, so services starting together may race through them.
+async fn migrate_server(
+    server: &clickhouse::Client,
+    database: &str,
+    shard: Option<(&str, &str)>,
+    replicated: bool,
+) -> Result<Vec<u32>> {
+    let main = server.clone().with_database(database);
+    let local = shard.map(|(local, _)| server.clone().with_database(local));
+    for name in std::iter::once(database).chain(shard.map(|(local, _)| local)) {
+        execute(
+            server,
+            &format!("CREATE DATABASE IF NOT EXISTS {}", sql::ident(name)),
+        )
+        .await?;
+    }
+    execute(&main, sql::MIGRATIONS_TABLE).await?;
+    let applied: Vec<u32> = main
+        .query_raw(&sql::applied_migrations())
+        .fetch_all::<u32>()
+        .await
+        .map_err(warehouse_error)?;
+    let mut newly = Vec::new();
+    for (version, name, statement) in sql::MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        let steps: Vec<(&clickhouse::Client, &str, String)> = match (shard, &local) {
+            (Some((local_database, cluster)), Some(local)) => {
+                sql::placed(name, statement, local_database, cluster)
+                    .into_iter()
+                    .map(|(target, statement)| match target {
+                        sql::Target::Local => (local, local_database, statement),
+                        sql::Target::Read => (&main, database, statement),
+                    })
+                    .collect()
             }
-            match self.execute(statement).await {
+            _ => vec![(&main, database, (*statement).to_owned())],
+        };
+        for (client, database, statement) in steps {
+            let statement = if replicated {
+                sql::replicated_table(&statement, database)
+            } else {
+                statement
+            };
+            match execute(client, &statement).await {
                 Ok(()) => {}
                 // Another service applied it a moment ago (the one kind of migration that
                 // cannot say IF NOT EXISTS on 18.16: adding a column).
@@ -507,28 +748,78 @@ impl Warehouse for ClickHouseWarehouse {
                 }
                 Err(err) => return Err(err),
             }
-            self.execute(&sql::record_migration(*version, name)).await?;
-            tracing::info!(version, name, "applied warehouse migration");
-            newly.push(*version);
         }
-        Ok(newly)
+        execute(&main, &sql::record_migration(*version, name)).await?;
+        tracing::info!(version, name, "applied warehouse migration");
+        newly.push(*version);
+    }
+    Ok(newly)
+}
+
+async fn fetch_u64(client: &clickhouse::Client, sql: &str) -> Result<u64> {
+    client
+        .query_raw(sql)
+        .fetch_one::<u64>()
+        .await
+        .map_err(warehouse_error)
+}
+
+async fn execute(client: &clickhouse::Client, sql: &str) -> Result<()> {
+    client
+        .query_raw(sql)
+        .execute()
+        .await
+        .map_err(warehouse_error)
+}
+
+/// Writes `rows` into `table` with one INSERT: they land together or not at all. No rows,
+/// no statement.
+async fn insert_rows<R: RowOwned + RowWrite>(
+    client: &clickhouse::Client,
+    table: &str,
+    rows: impl ExactSizeIterator<Item = R> + Send,
+) -> Result<()> {
+    if rows.len() == 0 {
+        return Ok(());
+    }
+    let mut insert = client.insert::<R>(table).await.map_err(warehouse_error)?;
+    for row in rows {
+        insert.write(&row).await.map_err(warehouse_error)?;
+    }
+    insert.end().await.map_err(warehouse_error)
+}
+
+#[async_trait]
+impl Warehouse for ClickHouseWarehouse {
+    async fn migrate(&self) -> Result<Vec<u32>> {
+        match &self.cluster {
+            None => {
+                self.refuse_other_layout(&self.url, &self.server, false)
+                    .await?;
+                migrate_server(&self.server, &self.database, None, self.replicated).await
+            }
+            Some(cluster) => self.migrate_sharded(cluster).await,
+        }
     }
 
     async fn watermarks(&self, partition: u16) -> Result<Watermarks> {
+        let rows = &self.writer(partition).client;
         Ok(Watermarks {
-            votes: self.fetch_u64(&sql::votes_watermark(partition)).await?,
-            windows: self.fetch_u64(&sql::windows_watermark(partition)).await?,
-            rollups: self
-                .fetch_u64(&sql::rollups_watermark(partition, RollupLevel::Fresh))
+            votes: fetch_u64(rows, &sql::votes_watermark(partition)).await?,
+            windows: fetch_u64(rows, &sql::windows_watermark(partition)).await?,
+            rollups: fetch_u64(rows, &sql::rollups_watermark(partition, RollupLevel::Fresh))
                 .await?,
-            settled: self
-                .fetch_u64(&sql::rollups_watermark(partition, RollupLevel::Settled))
-                .await?,
+            settled: fetch_u64(
+                rows,
+                &sql::rollups_watermark(partition, RollupLevel::Settled),
+            )
+            .await?,
         })
     }
 
     async fn fence(&self, partition: u16, epoch: u64) -> Result<()> {
-        let newest = self.fetch_u64(&sql::fence_epoch(partition)).await?;
+        let rows = &self.writer(partition).client;
+        let newest = fetch_u64(rows, &sql::fence_epoch(partition)).await?;
         if newest > epoch {
             return Err(Error::Conflict(format!(
                 "partition {partition} (epoch {newest} owns it, newer than {epoch}; if the \
@@ -536,7 +827,7 @@ impl Warehouse for ClickHouseWarehouse {
                  `TRUNCATE TABLE partition_fences`)"
             )));
         }
-        self.execute(&sql::record_fence(partition, epoch)).await?;
+        execute(rows, &sql::record_fence(partition, epoch)).await?;
         self.fences.lock().expect("fences").insert(partition, epoch);
         tokio::time::sleep(FENCE_SETTLE).await;
         Ok(())
@@ -668,17 +959,28 @@ impl Warehouse for ClickHouseWarehouse {
     }
 
     async fn check(&self) -> Result<()> {
-        self.server
-            .query_raw("SELECT 1")
-            .fetch_one::<u8>()
-            .await
-            .map_err(warehouse_error)?;
+        let mut servers = vec![&self.server];
+        if self.cluster.is_some() {
+            servers.extend(self.writers.iter().map(|writer| &writer.server));
+        }
+        for server in servers {
+            server
+                .query_raw("SELECT 1")
+                .fetch_one::<u8>()
+                .await
+                .map_err(warehouse_error)?;
+        }
         Ok(())
     }
 
     async fn record_polls(&self, polls: &[Poll]) -> Result<()> {
-        self.insert_rows("poll_records", polls.iter().map(PollRecordRow::new))
-            .await
+        // Sharded, poll records live on the first shard (their `Distributed` table's key).
+        insert_rows(
+            &self.writers[0].client,
+            "poll_records",
+            polls.iter().map(PollRecordRow::new),
+        )
+        .await
     }
 
     async fn analyst_sql(&self, sql_text: &str, limits: &SqlLimits) -> Result<AnalystRows> {

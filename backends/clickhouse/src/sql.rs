@@ -236,6 +236,181 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     ),
 ];
 
+/// Where a migration runs in a sharded warehouse: each server keeps its shard's rows in the
+/// local database (`<database>_shard`), and in `<database>` the `Distributed` tables of the
+/// same names over every shard's, and the views over those, which is what the services and
+/// analysts read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// A new table: the shard's own, and its `Distributed` twin.
+    Table,
+    /// A change to a table, made to both.
+    Both,
+    /// Only the shard's own: the fences its writes check, the positions its inserts record.
+    Local,
+    /// Only the database read through (views).
+    Read,
+}
+
+/// The [`Placement`] of a migration, by its statement.
+pub fn placement(name: &str, statement: &str) -> Placement {
+    if statement.starts_with("CREATE TABLE") {
+        // Fences are checked by the insert that writes, on the server that holds the rows.
+        if name == "partition_fences" {
+            Placement::Local
+        } else {
+            Placement::Table
+        }
+    } else if statement.starts_with("ALTER TABLE") {
+        Placement::Both
+    } else if statement.starts_with("CREATE MATERIALIZED VIEW") || statement.starts_with("INSERT") {
+        Placement::Local
+    } else if statement.starts_with("CREATE VIEW") {
+        Placement::Read
+    } else {
+        panic!("migration `{name}` has no placement in a sharded warehouse")
+    }
+}
+
+/// The table a `CREATE TABLE IF NOT EXISTS` statement creates.
+pub fn created_table(statement: &str) -> Option<&str> {
+    let rest = statement.strip_prefix("CREATE TABLE IF NOT EXISTS ")?;
+    let end = rest.find([' ', '('])?;
+    Some(&rest[..end])
+}
+
+/// A `CREATE TABLE` of the MergeTree family made replicated: the same table on every replica
+/// of a shard, kept in step through ClickHouse Keeper (or ZooKeeper) under
+/// `/clickhouse/tables/{shard}/<database>/<table>`, the servers' `shard` and `replica`
+/// macros naming the rest. Other statements come back as they are. Replicated tables also
+/// drop a retried insert's block that a replica already holds.
+pub fn replicated_table(statement: &str, database: &str) -> String {
+    let Some(table) = created_table(statement) else {
+        return statement.to_owned();
+    };
+    let path = lit(&format!("/clickhouse/tables/{{shard}}/{database}/{table}"));
+    let replica = lit("{replica}");
+    for engine in ["ReplacingMergeTree", "MergeTree"] {
+        let plain = format!("ENGINE = {engine}");
+        let Some(at) = statement.find(&plain) else {
+            continue;
+        };
+        let rest = &statement[at + plain.len()..];
+        let (arguments, rest) = match rest.strip_prefix('(') {
+            Some(inner) => {
+                let end = inner.find(')').expect("engine arguments end");
+                let arguments = &inner[..end];
+                let arguments = if arguments.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {arguments}")
+                };
+                (arguments, &inner[end + 1..])
+            }
+            None => (String::new(), rest),
+        };
+        return format!(
+            "{}ENGINE = Replicated{engine}({path}, {replica}{arguments}){rest}",
+            &statement[..at]
+        );
+    }
+    statement.to_owned()
+}
+
+/// Which database of a sharded warehouse's server a statement runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The shard's own rows (`<database>_shard`).
+    Local,
+    /// What the services read (`<database>`).
+    Read,
+}
+
+/// The statements a migration takes on a server of a sharded warehouse, in order.
+pub fn placed(
+    name: &str,
+    statement: &str,
+    local_database: &str,
+    cluster: &str,
+) -> Vec<(Target, String)> {
+    let statement = statement.to_owned();
+    match placement(name, &statement) {
+        Placement::Table => {
+            let table = created_table(&statement)
+                .unwrap_or_else(|| panic!("migration `{name}` names no table"));
+            let twin = distributed_twin(table, &statement, local_database, cluster);
+            vec![(Target::Local, statement), (Target::Read, twin)]
+        }
+        Placement::Both => vec![
+            (Target::Local, statement.clone()),
+            (Target::Read, statement),
+        ],
+        Placement::Local => vec![(Target::Local, statement)],
+        Placement::Read => vec![(Target::Read, statement)],
+    }
+}
+
+/// The `Distributed` twin of a shard's table: the rows of a log partition live on shard
+/// `log_partition % shards`, which is also where the engine would send an insert through it
+/// (one replica per shard weight). Poll records, which have no partition, live on the first.
+pub fn distributed_twin(
+    table: &str,
+    statement: &str,
+    local_database: &str,
+    cluster: &str,
+) -> String {
+    let key = if statement.contains("log_partition UInt16") {
+        "log_partition"
+    } else {
+        "0"
+    };
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} AS {}.{table} ENGINE = Distributed({}, {}, {}, {key})",
+        ident(local_database),
+        lit(cluster),
+        lit(local_database),
+        lit(table)
+    )
+}
+
+/// The suffix of a sharded warehouse's local database (`<database>_shard`).
+pub const SHARD_DATABASE_SUFFIX: &str = "_shard";
+
+/// Which shard of how many a server's local database was made for, recorded once: a list
+/// of shards in another order, or of another length, would move partitions to servers
+/// without their rows.
+pub const SHARD_LAYOUT_TABLE: &str =
+    "CREATE TABLE IF NOT EXISTS shard_layout (shard UInt32, shards UInt32, \
+     recorded_at DateTime('UTC')) ENGINE = MergeTree ORDER BY recorded_at";
+
+pub fn shard_layout() -> String {
+    "SELECT shard, shards FROM shard_layout ORDER BY recorded_at, shard LIMIT 1".to_owned()
+}
+
+pub fn record_shard_layout(shard: u32, shards: u32) -> String {
+    format!(
+        "INSERT INTO shard_layout (shard, shards, recorded_at) VALUES ({shard}, {shards}, now())"
+    )
+}
+
+/// The shards of a cluster as a server knows them: its shard numbers (one row per replica)
+/// and whether that replica is the server itself.
+pub fn cluster_shards(cluster: &str) -> String {
+    format!(
+        "SELECT shard_num, is_local FROM system.clusters WHERE cluster = {} ORDER BY shard_num",
+        lit(cluster)
+    )
+}
+
+/// The engine of a table (no row when there is no such table).
+pub fn table_engine(database: &str, table: &str) -> String {
+    format!(
+        "SELECT engine FROM system.tables WHERE database = {} AND name = {}",
+        lit(database),
+        lit(table)
+    )
+}
+
 /// The columns of `poll_records`, in the order of its migration.
 pub const POLL_RECORD_COLUMNS: &[&str] = &[
     "poll_id",
@@ -627,6 +802,60 @@ pub fn window_widths(poll_id: &str) -> String {
     )
 }
 
+/// The migrations as a server of a sharded warehouse runs them (`replicated`: with its
+/// tables replicated), `USE` switching between its two databases, and the statements that
+/// check a shard's place, for dialect checks where `cluster` is defined.
+pub fn sharded_for_check(database: &str, cluster: &str, replicated: bool) -> Vec<(String, String)> {
+    let local = format!("{database}{SHARD_DATABASE_SUFFIX}");
+    let mut statements = vec![
+        (
+            "create the local database".to_owned(),
+            format!("CREATE DATABASE IF NOT EXISTS {}", ident(&local)),
+        ),
+        (
+            "use the local database".to_owned(),
+            format!("USE {}", ident(&local)),
+        ),
+        (
+            "shard layout table".to_owned(),
+            SHARD_LAYOUT_TABLE.to_owned(),
+        ),
+        ("shard layout".to_owned(), shard_layout()),
+        ("record shard layout".to_owned(), record_shard_layout(0, 2)),
+        ("cluster shards".to_owned(), cluster_shards(cluster)),
+        ("table engine".to_owned(), table_engine(database, "votes")),
+        (
+            "use the database".to_owned(),
+            format!("USE {}", ident(database)),
+        ),
+        ("schema_migrations".to_owned(), MIGRATIONS_TABLE.to_owned()),
+    ];
+    for (version, name, statement) in MIGRATIONS {
+        for (target, statement) in placed(name, statement, &local, cluster) {
+            let (into, database) = match target {
+                Target::Local => ("local", local.as_str()),
+                Target::Read => ("read", database),
+            };
+            let statement = if replicated {
+                // What is checked is that the tables are made: an in-memory Keeper takes
+                // no writes, and a change to a replicated table is one (the same ALTER is
+                // checked on plain tables).
+                let writes = statement.starts_with("INSERT")
+                    || (target == Target::Local && statement.starts_with("ALTER"));
+                if writes {
+                    continue;
+                }
+                replicated_table(&statement, database)
+            } else {
+                statement
+            };
+            statements.push((format!("use {into}"), format!("USE {}", ident(database))));
+            statements.push((format!("migration {version} {name} ({into})"), statement));
+        }
+    }
+    statements
+}
+
 /// Every statement shape the services issue, with sample arguments, for dialect checks.
 /// Inserts are sent as RowBinary; their VALUES form here checks the column list and types.
 pub fn all_for_check() -> Vec<(String, String)> {
@@ -789,6 +1018,76 @@ mod tests {
             .split(", ")
             .map(|column| column.split_whitespace().next().expect("a column name"))
             .collect()
+    }
+
+    #[test]
+    fn replicated_tables_keep_their_columns_and_engine_arguments() {
+        let mut tables = 0;
+        for (_, name, statement) in MIGRATIONS {
+            let made = replicated_table(statement, "t");
+            if created_table(statement).is_none() {
+                assert_eq!(&made, statement, "{name}: not a table, unchanged");
+                continue;
+            }
+            tables += 1;
+            let path = format!("('/clickhouse/tables/{{shard}}/t/{name}', '{{replica}}'");
+            assert!(made.contains(&path), "{made}");
+            assert_eq!(
+                declared_columns(&made),
+                declared_columns(statement),
+                "{name}"
+            );
+        }
+        assert!(tables >= 7, "every table of the migrations");
+        assert_eq!(
+            replicated_table(
+                "CREATE TABLE IF NOT EXISTS p (v UInt64) ENGINE = ReplacingMergeTree(v) ORDER BY v",
+                "db"
+            ),
+            "CREATE TABLE IF NOT EXISTS p (v UInt64) ENGINE = ReplicatedReplacingMergeTree(\
+             '/clickhouse/tables/{shard}/db/p', '{replica}', v) ORDER BY v"
+        );
+        assert_eq!(
+            replicated_table(
+                "CREATE TABLE IF NOT EXISTS m (v UInt64) ENGINE = MergeTree ORDER BY v",
+                "db"
+            ),
+            "CREATE TABLE IF NOT EXISTS m (v UInt64) ENGINE = ReplicatedMergeTree(\
+             '/clickhouse/tables/{shard}/db/m', '{replica}') ORDER BY v"
+        );
+    }
+
+    #[test]
+    fn every_migration_has_its_place_in_a_sharded_warehouse() {
+        for (version, name, statement) in MIGRATIONS {
+            let steps = placed(name, statement, "t_shard", "c");
+            assert!(!steps.is_empty(), "migration {version}");
+            if placement(name, statement) == Placement::Table {
+                let table = created_table(statement).expect("a table");
+                assert_eq!(table, *name, "migration {version} is named after its table");
+                let twin = &steps[1].1;
+                assert!(
+                    twin.contains(&format!("Distributed('c', 't_shard', '{table}', ")),
+                    "{twin}"
+                );
+                // Rows by partition go where their partition's processor writes them.
+                let key = if statement.contains("log_partition UInt16") {
+                    "log_partition)"
+                } else {
+                    "0)"
+                };
+                assert!(twin.ends_with(key), "{twin}");
+            }
+        }
+        // The fences are checked where the rows are written, and views read through.
+        assert_eq!(
+            placement("partition_fences", "CREATE TABLE IF NOT EXISTS partition_fences (x UInt8) ENGINE = MergeTree ORDER BY x"),
+            Placement::Local
+        );
+        assert_eq!(
+            placement("ballots", "CREATE VIEW IF NOT EXISTS ballots AS SELECT 1"),
+            Placement::Read
+        );
     }
 
     #[test]

@@ -48,6 +48,8 @@ async fn warehouse(database: &str) -> ClickHouseWarehouse {
         password: None,
         analyst_user: None,
         analyst_password: None,
+        sharding: None,
+        replicated: false,
     })
     .expect("warehouse")
 }
