@@ -183,6 +183,10 @@ pub struct Options<'a> {
     /// stream and bucket in that many copies (`TALLY_REPLICAS`), each service given all of
     /// them; 0 or 1 for one server.
     pub nats_servers: usize,
+    /// Distributed: the warehouse sharded over the suite's two-shard ClickHouse cluster
+    /// (`TALLY_CLICKHOUSE_CLUSTER`, `TALLY_CLICKHOUSE_SHARDS`), read through the second
+    /// shard's server.
+    pub clickhouse_shards: bool,
 }
 
 pub struct Cluster {
@@ -275,6 +279,15 @@ impl Cluster {
                 };
                 let clickhouse_url = match &own_clickhouse {
                     Some(server) => server.url().to_owned(),
+                    None if options.clickhouse_shards => {
+                        let shards = tally_testkit::clickhouse_cluster().await?;
+                        env.insert(
+                            "TALLY_CLICKHOUSE_CLUSTER".into(),
+                            tally_testkit::ClickHouseCluster::NAME.into(),
+                        );
+                        env.insert("TALLY_CLICKHOUSE_SHARDS".into(), shards.shards.join(","));
+                        shards.shards[1].clone()
+                    }
                     None => tally_testkit::clickhouse().await?.url.clone(),
                 };
                 let database = tally_testkit::unique_name("e2e");

@@ -674,6 +674,95 @@ async fn needs_nats_clickhouse_a_replicated_broker_loses_its_leader_twice() -> R
     verify(&cluster, &truth).await
 }
 
+/// 5d. The warehouse is sharded over two clickhouse-servers by log partition
+///     (`TALLY_CLICKHOUSE_CLUSTER`, `TALLY_CLICKHOUSE_SHARDS`); two processors share four
+///     partitions and one is killed -9 under load. Results, breakdowns, time series, the raw
+///     votes and analysts' SQL, all read through the `Distributed` tables, count every
+///     accepted vote once, and each shard holds only the rows of the partitions it owns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn needs_nats_clickhouse_a_sharded_warehouse_counts_exactly() -> Result<()> {
+    tally_testkit::require!(NatsServer, ClickHouseServer);
+    let settings = [("TALLY_PARTITIONS", "4"), ("TALLY_LEASE_SECONDS", "4")];
+    let cluster = Cluster::launch(
+        Deployment::Distributed,
+        Options {
+            settings: &settings,
+            clickhouse_shards: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let mut second = cluster.spawn_processor("processor-b").await?;
+    let (rate, seconds) = scale((500, 20), (3_000, 60));
+    let load = Load::start_counting(
+        &cluster,
+        &[&cluster.ingest.url],
+        rate,
+        seconds,
+        8,
+        Dedupe::NoneWithRepeats,
+    )
+    .await?;
+    random_pause(Duration::from_secs(4), Duration::from_secs(8)).await;
+    second.kill().await;
+    let (summary, truth) = load.finish(&cluster).await?;
+    report("sharded warehouse, a processor killed", &summary);
+    verify(&cluster, &truth).await?;
+
+    // Analysts' SQL counts the same ballots across the shards.
+    let answer: Value = cluster
+        .http
+        .post(format!("{}/v1/sql", cluster.query.url))
+        .bearer_auth(crate::cluster::ANALYST_KEY)
+        .json(&json!({"query": "SELECT poll_id, count(*) FROM ballots GROUP BY poll_id ORDER BY poll_id"}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let counted: BTreeMap<String, u64> = answer["rows"]
+        .as_array()
+        .context("rows")?
+        .iter()
+        .map(|row| {
+            (
+                row[0].as_str().unwrap_or_default().to_owned(),
+                row[1].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let expected: BTreeMap<String, u64> = truth["polls"]
+        .as_object()
+        .context("truth polls")?
+        .iter()
+        .map(|(poll, want)| (poll.clone(), want["accepted"].as_u64().unwrap_or(0)))
+        .filter(|(_, accepted)| *accepted > 0)
+        .collect();
+    ensure!(
+        counted == expected,
+        "SQL counted {counted:?}, accepted {expected:?}"
+    );
+
+    // Each shard holds its own partitions' rows (partition p on shard p mod 2), both some.
+    let shards = tally_testkit::clickhouse_cluster().await?;
+    for (index, url) in shards.shards.iter().enumerate() {
+        let held = tally_testkit::ClickHouse { url: url.clone() }
+            .query(&format!(
+                "SELECT DISTINCT log_partition FROM {}{}.votes ORDER BY log_partition",
+                cluster.database,
+                tally_clickhouse::SHARD_DATABASE_SUFFIX
+            ))
+            .await?;
+        let held: Vec<usize> = held.lines().map(str::parse).collect::<Result<_, _>>()?;
+        ensure!(
+            !held.is_empty() && held.iter().all(|p| p % 2 == index),
+            "shard {} holds partitions {held:?}",
+            index + 1
+        );
+    }
+    Ok(())
+}
+
 // 6. Every vote sent again, as NDJSON batches, changes nothing: each line answers 202 with
 //    the original vote id (the log refuses the second copy and finds the first).
 crate::for_each_deployment!(replay_of_every_vote);
