@@ -113,6 +113,20 @@ struct Writer {
     client: clickhouse::Client,
     url: String,
     database: String,
+    /// Whether the server takes `insert_deduplication_token`, asked once.
+    tokens: Arc<tokio::sync::OnceCell<bool>>,
+}
+
+impl Writer {
+    /// Whether inserts here carry a deduplication token ([`sql::TAKES_DEDUPLICATION_TOKENS`]).
+    async fn takes_tokens(&self) -> Result<bool> {
+        self.tokens
+            .get_or_try_init(|| async {
+                Ok(fetch_u64(&self.server, sql::TAKES_DEDUPLICATION_TOKENS).await? > 0)
+            })
+            .await
+            .copied()
+    }
 }
 
 #[derive(Clone)]
@@ -137,6 +151,10 @@ pub struct ClickHouseWarehouse {
     /// The epoch this handle fenced each partition with ([`Warehouse::fence`]); inserts for
     /// those partitions are made conditional on it.
     fences: Arc<Mutex<HashMap<u16, u64>>>,
+    /// Names this handle in deduplication tokens: a retry by the same handle is dropped if
+    /// its first try landed; a batch written again by another (after a restart, or into
+    /// tables rebuilt from the log) is the fence's and the watermarks' business.
+    incarnation: String,
 }
 
 /// How long [`Warehouse::fence`] waits after recording an epoch before it returns: an
@@ -336,6 +354,7 @@ impl ClickHouseWarehouse {
                 server,
                 url: url.trim_end_matches('/').to_owned(),
                 database,
+                tokens: Arc::default(),
             }
         };
         let (writers, cluster) = match &config.sharding {
@@ -395,6 +414,7 @@ impl ClickHouseWarehouse {
             user: config.user.clone(),
             password: config.password.clone(),
             fences: Arc::default(),
+            incarnation: uuid::Uuid::new_v4().simple().to_string(),
         })
     }
 
@@ -430,6 +450,24 @@ impl ClickHouseWarehouse {
     /// Where `partition`'s rows, watermarks and fences are.
     fn writer(&self, partition: u16) -> &Writer {
         &self.writers[usize::from(partition) % self.writers.len()]
+    }
+
+    /// On servers that have it, the plain tables a processor writes remember their recent
+    /// inserts, so a retried one carrying the same token is dropped (replicated tables do
+    /// that by themselves; 18.16 does neither, and the watermark check stands alone there).
+    async fn remember_inserts(&self) -> Result<()> {
+        if self.replicated {
+            return Ok(());
+        }
+        for writer in self.writers.iter() {
+            if fetch_u64(&writer.server, sql::HAS_DEDUPLICATION_WINDOW).await? == 0 {
+                continue;
+            }
+            for table in sql::PARTITION_TABLES {
+                execute(&writer.client, &sql::deduplication_window(table)).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Checks each shard against the cluster and the layout its rows were written with,
@@ -604,21 +642,32 @@ impl ClickHouseWarehouse {
         }
     }
 
-    /// [`Self::insert_rows`] for rows of one partition: for a partition this handle fenced,
-    /// the INSERT writes nothing and answers [`Error::Conflict`] once a newer epoch owns it.
+    /// [`insert_rows`] for rows of one partition: for a partition this handle fenced, the
+    /// INSERT writes nothing and answers [`Error::Conflict`] once a newer epoch owns it.
+    /// `batch` tells the batch from the partition's others (its positions in the log): on a
+    /// server that takes deduplication tokens, a retry of the same insert is written once.
     async fn insert_partition_rows<R: RowOwned + RowWrite + rowbinary::RowBinary>(
         &self,
         table: &str,
         partition: u16,
+        batch: &str,
         rows: impl ExactSizeIterator<Item = R> + Send,
     ) -> Result<()> {
+        if rows.len() == 0 {
+            return Ok(());
+        }
+        let writer = self.writer(partition);
+        let token = writer
+            .takes_tokens()
+            .await?
+            .then(|| format!("{}:{table}:{partition}:{batch}", self.incarnation));
         let fenced = self.fences.lock().expect("fences").get(&partition).copied();
         match fenced {
-            Some(epoch) if rows.len() > 0 => {
-                self.insert_fenced(table, partition, epoch, rows).await
+            Some(epoch) => {
+                self.insert_fenced(table, partition, epoch, token.as_deref(), rows)
+                    .await
             }
-            // Not fenced, or no rows (then nothing is sent at all).
-            _ => insert_rows(&self.writer(partition).client, table, rows).await,
+            None => insert_rows(&writer.client, table, token.as_deref(), rows).await,
         }
     }
 
@@ -630,6 +679,7 @@ impl ClickHouseWarehouse {
         table: &str,
         partition: u16,
         epoch: u64,
+        token: Option<&str>,
         rows: impl Iterator<Item = R>,
     ) -> Result<()> {
         let structure = sql::external_structure(table)
@@ -648,15 +698,16 @@ impl ClickHouseWarehouse {
         }
         body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
         let writer = self.writer(partition);
-        let mut request = self
-            .http
-            .post(format!("{}/", writer.url))
-            .query(&[
-                ("database", writer.database.as_str()),
-                ("query", statement.as_str()),
-                ("batch_format", "RowBinary"),
-                ("batch_structure", structure.as_str()),
-            ])
+        let mut request = self.http.post(format!("{}/", writer.url)).query(&[
+            ("database", writer.database.as_str()),
+            ("query", statement.as_str()),
+            ("batch_format", "RowBinary"),
+            ("batch_structure", structure.as_str()),
+        ]);
+        if let Some(token) = token {
+            request = request.query(&[("insert_deduplication_token", token)]);
+        }
+        let mut request = request
             .header(
                 reqwest::header::CONTENT_TYPE,
                 format!("multipart/form-data; boundary={boundary}"),
@@ -756,6 +807,12 @@ async fn migrate_server(
     Ok(newly)
 }
 
+/// What tells a batch of window or rollup rows from a partition's others: the log position
+/// it covers, and how many rows it holds.
+fn covered_batch(last_seqs: impl Iterator<Item = u64>, rows: usize) -> String {
+    format!("{}x{rows}", last_seqs.max().unwrap_or(0))
+}
+
 async fn fetch_u64(client: &clickhouse::Client, sql: &str) -> Result<u64> {
     client
         .query_raw(sql)
@@ -772,17 +829,22 @@ async fn execute(client: &clickhouse::Client, sql: &str) -> Result<()> {
         .map_err(warehouse_error)
 }
 
-/// Writes `rows` into `table` with one INSERT: they land together or not at all. No rows,
+/// Writes `rows` into `table` with one INSERT: they land together or not at all (and, with
+/// a deduplication `token` the server knows, once however often they are sent). No rows,
 /// no statement.
 async fn insert_rows<R: RowOwned + RowWrite>(
     client: &clickhouse::Client,
     table: &str,
+    token: Option<&str>,
     rows: impl ExactSizeIterator<Item = R> + Send,
 ) -> Result<()> {
     if rows.len() == 0 {
         return Ok(());
     }
     let mut insert = client.insert::<R>(table).await.map_err(warehouse_error)?;
+    if let Some(token) = token {
+        insert = insert.with_setting("insert_deduplication_token", token);
+    }
     for row in rows {
         insert.write(&row).await.map_err(warehouse_error)?;
     }
@@ -792,14 +854,16 @@ async fn insert_rows<R: RowOwned + RowWrite>(
 #[async_trait]
 impl Warehouse for ClickHouseWarehouse {
     async fn migrate(&self) -> Result<Vec<u32>> {
-        match &self.cluster {
+        let applied = match &self.cluster {
             None => {
                 self.refuse_other_layout(&self.url, &self.server, false)
                     .await?;
                 migrate_server(&self.server, &self.database, None, self.replicated).await
             }
             Some(cluster) => self.migrate_sharded(cluster).await,
-        }
+        }?;
+        self.remember_inserts().await?;
+        Ok(applied)
     }
 
     async fn watermarks(&self, partition: u16) -> Result<Watermarks> {
@@ -834,13 +898,19 @@ impl Warehouse for ClickHouseWarehouse {
     }
 
     async fn insert_votes(&self, partition: u16, votes: &[StoredVote]) -> Result<()> {
+        let batch = match (votes.first(), votes.last()) {
+            (Some(first), Some(last)) => format!("{}-{}", first.seq, last.seq),
+            _ => return Ok(()),
+        };
         let rows = votes.iter().map(|stored| VoteRow::new(partition, stored));
-        self.insert_partition_rows("votes", partition, rows).await
+        self.insert_partition_rows("votes", partition, &batch, rows)
+            .await
     }
 
     async fn insert_windows(&self, partition: u16, rows: &[WindowRow]) -> Result<()> {
+        let batch = covered_batch(rows.iter().map(|row| row.last_seq), rows.len());
         let rows = rows.iter().map(|row| WindowRowCh::new(partition, row));
-        self.insert_partition_rows("vote_windows", partition, rows)
+        self.insert_partition_rows("vote_windows", partition, &batch, rows)
             .await
     }
 
@@ -850,8 +920,9 @@ impl Warehouse for ClickHouseWarehouse {
         level: RollupLevel,
         rows: &[RollupRow],
     ) -> Result<()> {
+        let batch = covered_batch(rows.iter().map(|row| row.last_seq), rows.len());
         let rows = rows.iter().map(|row| RollupRowCh::new(partition, row));
-        self.insert_partition_rows(level.table(), partition, rows)
+        self.insert_partition_rows(level.table(), partition, &batch, rows)
             .await
     }
 
@@ -978,6 +1049,7 @@ impl Warehouse for ClickHouseWarehouse {
         insert_rows(
             &self.writers[0].client,
             "poll_records",
+            None,
             polls.iter().map(PollRecordRow::new),
         )
         .await

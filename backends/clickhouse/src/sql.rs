@@ -317,6 +317,29 @@ pub fn replicated_table(statement: &str, database: &str) -> String {
     statement.to_owned()
 }
 
+/// Whether the server takes `insert_deduplication_token` (current ClickHouse; not 18.16):
+/// then each partition insert carries one, and a retry of an insert that did land after
+/// all is dropped by the server instead of written twice.
+pub const TAKES_DEDUPLICATION_TOKENS: &str =
+    "SELECT count() FROM system.settings WHERE name = 'insert_deduplication_token'";
+
+/// Whether plain MergeTree tables can remember recent inserts to drop their retries.
+pub const HAS_DEDUPLICATION_WINDOW: &str = "SELECT count() FROM system.merge_tree_settings \
+     WHERE name = 'non_replicated_deduplication_window'";
+
+/// The tables a processor writes by partition, whose retried inserts are deduplicated.
+pub const PARTITION_TABLES: [&str; 4] = [
+    "votes",
+    "vote_windows",
+    "segment_rollups",
+    "segment_rollups_fresh",
+];
+
+/// How many recent inserts a plain table remembers (replicated ones do by themselves).
+pub fn deduplication_window(table: &str) -> String {
+    format!("ALTER TABLE {table} MODIFY SETTING non_replicated_deduplication_window = 1000")
+}
+
 /// Which database of a sharded warehouse's server a statement runs in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -917,6 +940,34 @@ pub fn all_for_check() -> Vec<(String, String)> {
     statements.push((
         "fenced insert votes".into(),
         fenced_insert("votes", &vote_columns(), 0, 5),
+    ));
+    // A retried insert with the token of one that landed is dropped (current ClickHouse,
+    // once the table remembers its inserts): the batch's vote is there once more, not twice.
+    statements.push((
+        "takes deduplication tokens".into(),
+        TAKES_DEDUPLICATION_TOKENS.into(),
+    ));
+    statements.push((
+        "has a deduplication window".into(),
+        HAS_DEDUPLICATION_WINDOW.into(),
+    ));
+    for table in PARTITION_TABLES {
+        statements.push((
+            format!("remember inserts into {table}"),
+            deduplication_window(table),
+        ));
+    }
+    let with_token = fenced_insert("votes", &vote_columns(), 0, 5).replacen(
+        " SELECT ",
+        " SETTINGS insert_deduplication_token = 'check:votes:0:8-8' SELECT ",
+        1,
+    );
+    statements.push(("fenced insert with a token".into(), with_token.clone()));
+    statements.push(("the same insert retried".into(), with_token));
+    statements.push((
+        "the retry was dropped".into(),
+        "SELECT throwIf(count() != 2, 'a retried insert was written twice') FROM votes WHERE vote_id = 'v-2'"
+            .into(),
     ));
     statements.push(("drop the external batch".into(), "DROP TABLE batch".into()));
     statements.push(("votes watermark".into(), votes_watermark(0)));
