@@ -6,6 +6,7 @@ mod ingest;
 mod migrate;
 mod processor;
 mod query;
+mod repartition;
 mod standalone;
 mod token;
 
@@ -51,6 +52,8 @@ enum Command {
     TokenKey(token::TokenKeyArgs),
     /// Applies warehouse migrations and exits.
     Migrate(migrate::MigrateArgs),
+    /// Changes the vote stream's partition count, once it holds no vote and no service runs.
+    Repartition(repartition::RepartitionArgs),
     /// Asks a service on this host whether it is ready (exit 0) or not (exit 1): container
     /// healthchecks without curl.
     Healthcheck(healthcheck::HealthcheckArgs),
@@ -76,6 +79,7 @@ impl Cli {
             Command::Token(args) => args.run(),
             Command::TokenKey(args) => args.run(),
             Command::Migrate(args) => args.run().await,
+            Command::Repartition(args) => args.run().await,
             Command::Healthcheck(args) => args.run().await,
             Command::ConfigTable => {
                 print!("{}", config_table::markdown());

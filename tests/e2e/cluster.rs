@@ -434,6 +434,13 @@ impl Cluster {
         Ok(tally_nats::connect(url, Duration::from_secs(10)).await?)
     }
 
+    /// Runs `tally <args>` with this deployment's settings, to its end.
+    pub async fn tally_command(&self, args: &[&str]) -> Result<std::process::Output> {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"));
+        command.args(args).envs(&self.env).env("RUST_LOG", "warn");
+        Ok(tokio::time::timeout(Duration::from_secs(60), command.output()).await??)
+    }
+
     /// Who holds each partition's lease now (partition → processor id); distributed only.
     pub async fn lease_owners(&self) -> Result<BTreeMap<u16, String>> {
         use tally_core::ports::PartitionLeases;

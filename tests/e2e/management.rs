@@ -295,6 +295,15 @@ async fn a_finished_poll_leaves_the_log_and_late_retries_keep_their_answer(
             late_retries_keep_their_answer().await?;
             let answer = admin(&cluster, M::POST, "/v1/polls/finished/reopen", None).await?;
             expect("reopening a purged poll", answer, 409, "poll-purged")?;
+            // The open poll's votes (and the running processor) keep the partition count.
+            let refused = cluster.tally_command(&["repartition", "--to", "4"]).await?;
+            let stderr = String::from_utf8_lossy(&refused.stderr);
+            ensure!(
+                !refused.status.success()
+                    && stderr.contains(&format!("still holds {VOTERS} vote(s)")),
+                "repartition with votes in the stream: {:?}\n{stderr}",
+                refused.status
+            );
         }
         Deployment::Standalone => {
             tokio::time::sleep(Duration::from_secs(4)).await;

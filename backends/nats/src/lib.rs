@@ -16,12 +16,14 @@ mod leases;
 mod live;
 mod log;
 mod registry;
+mod repartition;
 
 pub use connect::{connect, ConnectSettings, TlsSettings};
 pub use leases::{KvLeases, LEASES_BUCKET};
 pub use live::{sign as sign_live_totals, NatsLiveFeed, SIGNATURE_HEADER};
 pub use log::{publish_together, Ack, JetStreamLog, ACKS_PER_SUBSCRIPTION};
 pub use registry::KvRegistry;
+pub use repartition::{repartition, Repartitioned};
 
 pub use async_nats::Client;
 pub use log::{check_shape, LogOptions, PARTITIONS_METADATA};
