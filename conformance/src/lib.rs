@@ -27,6 +27,7 @@
 pub mod live_feed;
 pub mod log_retention;
 pub mod poll_registry;
+pub mod rows;
 pub mod vote_log;
 pub mod warehouse;
 

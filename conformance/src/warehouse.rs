@@ -9,13 +9,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use arrow::util::display::{ArrayFormatter, FormatOptions};
 use tally_core::analyst::{self, SqlLimits};
 use tally_core::analytics::{BreakdownQuery, Dimension, TimeseriesQuery};
 use tally_core::ports::{AnalystRows, StoredVote, Warehouse, Watermarks, WindowRow};
 use tally_core::results::Tally;
 use tally_core::rollup::{RollupLevel, RollupRow, Rollups};
 
+use crate::rows::answer_of;
 use crate::vote;
 
 /// One `#[tokio::test]` per guarantee of this module, in a module named `$suite`, each on a
@@ -629,43 +629,6 @@ pub async fn a_reachable_warehouse_checks_ok(warehouse: Arc<dyn Warehouse>) {
 }
 
 // --- The analysts' tables (see `tally_core::analyst`) ----------------------------------------
-
-/// Rows of a finished answer as text, one `Vec` per row (NULL as the empty string;
-/// timestamps RFC 3339 in UTC, lists as `[a, b]`), or the error that ended it: from the call
-/// or from its stream, whichever came.
-pub async fn answer_of(
-    answer: tally_core::Result<AnalystRows>,
-) -> tally_core::Result<(AnalystRows, Vec<Vec<String>>)> {
-    use futures::StreamExt;
-    let mut answer = answer?;
-    let mut batches = Vec::new();
-    while let Some(batch) = answer.batches.next().await {
-        batches.push(batch?);
-    }
-    let options = FormatOptions::default();
-    let mut rows = Vec::new();
-    for batch in &batches {
-        assert_eq!(
-            batch.schema(),
-            answer.schema,
-            "every batch has the answer's schema"
-        );
-        let formatters: Vec<ArrayFormatter> = batch
-            .columns()
-            .iter()
-            .map(|column| ArrayFormatter::try_new(column.as_ref(), &options).expect("formattable"))
-            .collect();
-        for row in 0..batch.num_rows() {
-            rows.push(
-                formatters
-                    .iter()
-                    .map(|f| f.value(row).to_string())
-                    .collect(),
-            );
-        }
-    }
-    Ok((answer, rows))
-}
 
 /// The rows of an analyst query within the default limits; panics with the problem.
 async fn sql(warehouse: &dyn Warehouse, query: &str) -> Vec<Vec<String>> {

@@ -171,7 +171,7 @@ async fn readings(warehouse: &dyn Warehouse, poll: &str) -> Vec<String> {
     voters.sort();
     let ballots = warehouse.ballots(poll).await.expect("ballots");
     let ballots_as_of = ballots.as_of;
-    let (_, mut ballot_rows) = tally_conformance::warehouse::answer_of(Ok(ballots))
+    let (_, mut ballot_rows) = tally_conformance::rows::answer_of(Ok(ballots))
         .await
         .expect("ballot rows");
     // In storage order, which the shards' parallel reads do not keep.
@@ -234,7 +234,7 @@ async fn readings(warehouse: &dyn Warehouse, poll: &str) -> Vec<String> {
 
 async fn analyst_rows(warehouse: &dyn Warehouse, query: &str) -> Vec<Vec<String>> {
     let answer = warehouse.analyst_sql(query, &SqlLimits::default()).await;
-    match tally_conformance::warehouse::answer_of(answer).await {
+    match tally_conformance::rows::answer_of(answer).await {
         Ok((_, rows)) => rows,
         Err(err) => panic!("{query}: {}", err.chain()),
     }

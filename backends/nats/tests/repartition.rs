@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use tally_core::ports::{Appended, LogRetention, PartitionLeases, VoteLog};
+use tally_core::ports::{Appended, PartitionLeases, VoteLog};
 use tally_core::vote::Vote;
 use tally_nats::{
     self as nats, repartition, JetStreamLog, KvLeases, LogOptions, Repartitioned,
