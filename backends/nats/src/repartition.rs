@@ -37,24 +37,10 @@ pub async fn repartition(client: async_nats::Client, partitions: u16) -> Result<
         ));
     }
     let js = jetstream::new(client);
-    let mut stream = match js.get_stream(VOTES_STREAM).await {
-        Ok(stream) => stream,
-        Err(err)
-            if matches!(
-                err.kind(),
-                jetstream::context::GetStreamErrorKind::JetStream(ref js)
-                    if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-            ) =>
-        {
-            return Ok(Repartitioned::NoStream)
-        }
-        Err(err) => return Err(Error::unavailable("vote log", err)),
+    let Some(mut stream) = existing_stream(&js, VOTES_STREAM, "vote log").await? else {
+        return Ok(Repartitioned::NoStream);
     };
-    let info = stream
-        .info()
-        .await
-        .map_err(|e| Error::unavailable("vote log", e))?
-        .clone();
+    let info = stream.cached_info().clone();
     refuse_while_holding_votes(info.state.messages)?;
     refuse_while_processors_run(&js).await?;
     let from = info
@@ -110,11 +96,19 @@ fn refuse_while_holding_votes(messages: u64) -> Result<()> {
 /// Refuses while any partition lease is held: a running processor reads its partitions by
 /// the old count.
 async fn refuse_while_processors_run(js: &jetstream::Context) -> Result<()> {
-    let store = match js.get_key_value(LEASES_BUCKET).await {
-        Ok(store) => store,
-        // No lease bucket: processors run with fixed partitions or never ran.
-        Err(_) => return Ok(()),
-    };
+    // No lease bucket: processors run with fixed partitions or never ran. Any other
+    // failure to look is not taken for "none held".
+    let bucket = format!("KV_{LEASES_BUCKET}");
+    if existing_stream(js, &bucket, "partition leases")
+        .await?
+        .is_none()
+    {
+        return Ok(());
+    }
+    let store = js
+        .get_key_value(LEASES_BUCKET)
+        .await
+        .map_err(|e| Error::unavailable("partition leases", e))?;
     let keys: Vec<String> = store
         .keys()
         .await
@@ -139,4 +133,26 @@ async fn refuse_while_processors_run(js: &jetstream::Context) -> Result<()> {
             held.join(", ")
         ),
     ))
+}
+
+/// The stream `name`, or `None` when the server has no such stream; any other failure is
+/// the server's (`what` names it).
+async fn existing_stream(
+    js: &jetstream::Context,
+    name: &str,
+    what: &str,
+) -> Result<Option<jetstream::stream::Stream>> {
+    match js.get_stream(name).await {
+        Ok(stream) => Ok(Some(stream)),
+        Err(err)
+            if matches!(
+                err.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref js)
+                    if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(err) => Err(Error::unavailable(what, err)),
+    }
 }

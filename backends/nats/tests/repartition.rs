@@ -15,16 +15,15 @@ use tally_nats::{
 };
 use tally_testkit::{require, NatsServer};
 
+/// The sample vote of `voter` in `poll`.
 fn vote(poll: &str, voter: &str) -> Vote {
-    Vote {
-        vote_id: format!("v-{poll}-{voter}"),
-        poll_id: poll.into(),
-        voter_key: voter.into(),
-        choice: vec!["a".into()],
-        value: None,
-        segment: Default::default(),
-        received_at: 1_700_000_000_000,
-    }
+    tally_conformance::vote(
+        poll,
+        &format!("v-{poll}-{voter}"),
+        voter,
+        "a",
+        1_700_000_000_000,
+    )
 }
 
 fn options(partitions: u16) -> LogOptions {
@@ -128,4 +127,28 @@ async fn needs_nats_the_partition_count_changes_only_on_an_empty_stream_with_no_
         log.append(&again, "u1").await.expect("second vote"),
         Appended::AlreadyVoted
     );
+}
+
+/// Processors started with fixed partitions (or none ever started) leave no lease bucket:
+/// nothing holds a partition, and an empty stream is re-partitioned.
+#[tokio::test]
+async fn needs_nats_without_a_lease_bucket_an_empty_stream_is_repartitioned() {
+    require!(NatsServer);
+    let server = NatsServer::start().await.expect("nats-server");
+    let client = nats::connect(&server.url(), Duration::from_secs(10))
+        .await
+        .expect("connect");
+    JetStreamLog::open(client.clone(), options(1))
+        .await
+        .expect("created with 1 partition");
+    assert_eq!(
+        repartition(client.clone(), 3)
+            .await
+            .expect("re-partitioned"),
+        Repartitioned::Changed { from: Some(1) }
+    );
+    assert_eq!(recorded_count(&client).await.as_deref(), Some("3"));
+    let why = refusal(repartition(client.clone(), 0).await);
+    assert!(why.contains("at least 1"), "{why}");
+    assert_eq!(recorded_count(&client).await.as_deref(), Some("3"));
 }
