@@ -89,7 +89,7 @@ pub struct ClickHouseConfig {
 
 /// A warehouse spread over the shards of a ClickHouse cluster: every server keeps its
 /// shard's rows in `<database>_shard`, and `Distributed` tables of the same names over all
-/// of them in `<database>` ([`sql::Placement`]). A log partition's rows are written to shard
+/// of them in `<database>` ([`sql::migration_steps`]). A log partition's rows are written to shard
 /// `partition % shards` and nowhere else, with its watermarks and fences beside them, so a
 /// processor's exactly-once bookkeeping stays on one server; everything is read through
 /// the `Distributed` tables of the server at [`ClickHouseConfig::url`] (any of the cluster's).
@@ -470,6 +470,18 @@ impl ClickHouseWarehouse {
         Ok(())
     }
 
+    /// Every server this warehouse talks to, once each: the one read through, then each
+    /// shard's that is another.
+    fn servers(&self) -> Vec<(&str, &clickhouse::Client)> {
+        let mut servers = vec![(self.url.as_str(), &self.server)];
+        for writer in self.writers.iter() {
+            if !servers.iter().any(|(url, _)| *url == writer.url) {
+                servers.push((&writer.url, &writer.server));
+            }
+        }
+        servers
+    }
+
     /// Checks each shard against the cluster and the layout its rows were written with,
     /// then applies the migrations on every shard's server, and on the server read through
     /// when it is not one of them.
@@ -478,18 +490,10 @@ impl ClickHouseWarehouse {
         for (index, writer) in self.writers.iter().enumerate() {
             self.check_shard(writer, index, shards, cluster).await?;
         }
-        let mut servers: Vec<(&str, &clickhouse::Client)> = self
-            .writers
-            .iter()
-            .map(|writer| (writer.url.as_str(), &writer.server))
-            .collect();
-        if !servers.iter().any(|(url, _)| *url == self.url) {
-            servers.push((&self.url, &self.server));
-        }
         let local = &self.writers[0].database;
         let mut newly = BTreeSet::new();
-        for (url, server) in servers {
-            self.refuse_other_layout(url, server, true).await?;
+        for (url, server) in self.servers() {
+            self.refuse_other_layout(url, server).await?;
             newly.extend(
                 migrate_server(
                     server,
@@ -584,14 +588,10 @@ impl ClickHouseWarehouse {
     }
 
     /// Refuses a database laid out for the other kind of warehouse: unsharded tables where
-    /// the configuration says sharded (`sharded`), or `Distributed` ones where it does not;
+    /// the configuration says sharded, or `Distributed` ones where it does not;
     /// plain tables where it says replicated, or replicated ones where it does not.
-    async fn refuse_other_layout(
-        &self,
-        url: &str,
-        server: &clickhouse::Client,
-        sharded: bool,
-    ) -> Result<()> {
+    async fn refuse_other_layout(&self, url: &str, server: &clickhouse::Client) -> Result<()> {
+        let sharded = self.cluster.is_some();
         let engine_of = |database: &str| {
             server
                 .query_raw(&sql::table_engine(database, "votes"))
@@ -599,15 +599,12 @@ impl ClickHouseWarehouse {
         };
         let engine = engine_of(&self.database).await.map_err(warehouse_error)?;
         let database = &self.database;
-        let rows_database = if sharded {
-            &self.writers[0].database
-        } else {
-            database
-        };
-        let rows_engine = if sharded {
-            engine_of(rows_database).await.map_err(warehouse_error)?
-        } else {
+        // Where the rows are: the local database of a sharded one (every writer's is the same).
+        let rows_database = &self.writers[0].database;
+        let rows_engine = if rows_database == database {
             engine.clone()
+        } else {
+            engine_of(rows_database).await.map_err(warehouse_error)?
         };
         if let Some(rows_engine) = rows_engine {
             if rows_engine.starts_with("Replicated") != self.replicated {
@@ -739,9 +736,9 @@ impl ClickHouseWarehouse {
     }
 }
 
-/// Applies the pending migrations on one server: into `database` as they are, or, given the
-/// local database and the cluster of a sharded warehouse, placed as [`sql::placement`]
-/// says; with `replicated`, tables are made [`sql::replicated_table`]. Every step is idempotent, so services starting together may race through them.
+/// Applies the pending migrations on one server, as [`sql::migration_steps`] places them
+/// (`shard`: the local database and the cluster of a sharded warehouse). Every step is
+/// idempotent, so services starting together may race through them.
 async fn migrate_server(
     server: &clickhouse::Client,
     database: &str,
@@ -768,23 +765,12 @@ async fn migrate_server(
         if applied.contains(version) {
             continue;
         }
-        let steps: Vec<(&clickhouse::Client, &str, String)> = match (shard, &local) {
-            (Some((local_database, cluster)), Some(local)) => {
-                sql::placed(name, statement, local_database, cluster)
-                    .into_iter()
-                    .map(|(target, statement)| match target {
-                        sql::Target::Local => (local, local_database, statement),
-                        sql::Target::Read => (&main, database, statement),
-                    })
-                    .collect()
-            }
-            _ => vec![(&main, database, (*statement).to_owned())],
-        };
-        for (client, database, statement) in steps {
-            let statement = if replicated {
-                sql::replicated_table(&statement, database)
-            } else {
-                statement
+        for (target, statement) in
+            sql::migration_steps(name, statement, database, shard, replicated)
+        {
+            let client = match (target, &local) {
+                (sql::Target::Local, Some(local)) => local,
+                _ => &main,
             };
             match execute(client, &statement).await {
                 Ok(()) => {}
@@ -856,8 +842,7 @@ impl Warehouse for ClickHouseWarehouse {
     async fn migrate(&self) -> Result<Vec<u32>> {
         let applied = match &self.cluster {
             None => {
-                self.refuse_other_layout(&self.url, &self.server, false)
-                    .await?;
+                self.refuse_other_layout(&self.url, &self.server).await?;
                 migrate_server(&self.server, &self.database, None, self.replicated).await
             }
             Some(cluster) => self.migrate_sharded(cluster).await,
@@ -1030,11 +1015,7 @@ impl Warehouse for ClickHouseWarehouse {
     }
 
     async fn check(&self) -> Result<()> {
-        let mut servers = vec![&self.server];
-        if self.cluster.is_some() {
-            servers.extend(self.writers.iter().map(|writer| &writer.server));
-        }
-        for server in servers {
+        for (_, server) in self.servers() {
             server
                 .query_raw("SELECT 1")
                 .fetch_one::<u8>()

@@ -236,42 +236,6 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     ),
 ];
 
-/// Where a migration runs in a sharded warehouse: each server keeps its shard's rows in the
-/// local database (`<database>_shard`), and in `<database>` the `Distributed` tables of the
-/// same names over every shard's, and the views over those, which is what the services and
-/// analysts read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Placement {
-    /// A new table: the shard's own, and its `Distributed` twin.
-    Table,
-    /// A change to a table, made to both.
-    Both,
-    /// Only the shard's own: the fences its writes check, the positions its inserts record.
-    Local,
-    /// Only the database read through (views).
-    Read,
-}
-
-/// The [`Placement`] of a migration, by its statement.
-pub fn placement(name: &str, statement: &str) -> Placement {
-    if statement.starts_with("CREATE TABLE") {
-        // Fences are checked by the insert that writes, on the server that holds the rows.
-        if name == "partition_fences" {
-            Placement::Local
-        } else {
-            Placement::Table
-        }
-    } else if statement.starts_with("ALTER TABLE") {
-        Placement::Both
-    } else if statement.starts_with("CREATE MATERIALIZED VIEW") || statement.starts_with("INSERT") {
-        Placement::Local
-    } else if statement.starts_with("CREATE VIEW") {
-        Placement::Read
-    } else {
-        panic!("migration `{name}` has no placement in a sharded warehouse")
-    }
-}
-
 /// The table a `CREATE TABLE IF NOT EXISTS` statement creates.
 pub fn created_table(statement: &str) -> Option<&str> {
     let rest = statement.strip_prefix("CREATE TABLE IF NOT EXISTS ")?;
@@ -340,37 +304,68 @@ pub fn deduplication_window(table: &str) -> String {
     format!("ALTER TABLE {table} MODIFY SETTING non_replicated_deduplication_window = 1000")
 }
 
-/// Which database of a sharded warehouse's server a statement runs in.
+/// Which database of a server a migration statement runs in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
-    /// The shard's own rows (`<database>_shard`).
+    /// A sharded warehouse's own rows on this server (`<database>_shard`).
     Local,
-    /// What the services read (`<database>`).
+    /// What the services and analysts read (`<database>`; all of a one-server warehouse).
     Read,
 }
 
-/// The statements a migration takes on a server of a sharded warehouse, in order.
-pub fn placed(
+/// The statements a migration takes on one server, in order, each with where it runs.
+/// On one server: the statement, in `database`. On a server of a sharded warehouse (`shard`:
+/// its local database and the cluster's name), the shard's rows live in the local database
+/// and `database` holds `Distributed` twins of those tables and the views over them: a new
+/// table is made in both, a change to one is made to both, the fences its inserts check
+/// and the materialized view and backfill of its positions stay local, and views are read
+/// through. With `replicated`, tables are made [`replicated_table`].
+pub fn migration_steps(
     name: &str,
     statement: &str,
-    local_database: &str,
-    cluster: &str,
+    database: &str,
+    shard: Option<(&str, &str)>,
+    replicated: bool,
 ) -> Vec<(Target, String)> {
     let statement = statement.to_owned();
-    match placement(name, &statement) {
-        Placement::Table => {
-            let table = created_table(&statement)
-                .unwrap_or_else(|| panic!("migration `{name}` names no table"));
-            let twin = distributed_twin(table, &statement, local_database, cluster);
-            vec![(Target::Local, statement), (Target::Read, twin)]
-        }
-        Placement::Both => vec![
-            (Target::Local, statement.clone()),
-            (Target::Read, statement),
-        ],
-        Placement::Local => vec![(Target::Local, statement)],
-        Placement::Read => vec![(Target::Read, statement)],
+    let steps = match shard {
+        None => vec![(Target::Read, statement)],
+        Some((local, cluster)) => match created_table(&statement) {
+            // Fences are checked by the insert that writes, on the server that holds the rows.
+            Some(_) if name == "partition_fences" => vec![(Target::Local, statement)],
+            Some(table) => {
+                let twin = distributed_twin(table, &statement, local, cluster);
+                vec![(Target::Local, statement), (Target::Read, twin)]
+            }
+            None if statement.starts_with("ALTER TABLE") => {
+                vec![
+                    (Target::Local, statement.clone()),
+                    (Target::Read, statement),
+                ]
+            }
+            None if statement.starts_with("CREATE MATERIALIZED VIEW")
+                || statement.starts_with("INSERT") =>
+            {
+                vec![(Target::Local, statement)]
+            }
+            None if statement.starts_with("CREATE VIEW") => vec![(Target::Read, statement)],
+            None => panic!("migration `{name}` has no place in a sharded warehouse"),
+        },
+    };
+    if !replicated {
+        return steps;
     }
+    let local = shard.map_or(database, |(local, _)| local);
+    steps
+        .into_iter()
+        .map(|(target, statement)| {
+            let into = match target {
+                Target::Local => local,
+                Target::Read => database,
+            };
+            (target, replicated_table(&statement, into))
+        })
+        .collect()
 }
 
 /// The `Distributed` twin of a shard's table: the rows of a log partition live on shard
@@ -865,23 +860,19 @@ pub fn sharded_for_check(database: &str, cluster: &str, replicated: bool) -> Vec
         ("schema_migrations".to_owned(), MIGRATIONS_TABLE.to_owned()),
     ];
     for (version, name, statement) in MIGRATIONS {
-        for (target, statement) in placed(name, statement, &local, cluster) {
+        let shard = Some((local.as_str(), cluster));
+        for (target, statement) in migration_steps(name, statement, database, shard, replicated) {
+            // What is checked of replicated tables is that they are made: an in-memory
+            // Keeper takes no writes, and a change to a replicated table is one (the same
+            // statements are checked on plain tables).
+            let writes = statement.starts_with("INSERT")
+                || (target == Target::Local && statement.starts_with("ALTER"));
+            if replicated && writes {
+                continue;
+            }
             let (into, database) = match target {
                 Target::Local => ("local", local.as_str()),
                 Target::Read => ("read", database),
-            };
-            let statement = if replicated {
-                // What is checked is that the tables are made: an in-memory Keeper takes
-                // no writes, and a change to a replicated table is one (the same ALTER is
-                // checked on plain tables).
-                let writes = statement.starts_with("INSERT")
-                    || (target == Target::Local && statement.starts_with("ALTER"));
-                if writes {
-                    continue;
-                }
-                replicated_table(&statement, database)
-            } else {
-                statement
             };
             statements.push((format!("use {into}"), format!("USE {}", ident(database))));
             statements.push((format!("migration {version} {name} ({into})"), statement));
@@ -1139,35 +1130,54 @@ mod tests {
 
     #[test]
     fn every_migration_has_its_place_in_a_sharded_warehouse() {
+        use Target::{Local, Read};
         for (version, name, statement) in MIGRATIONS {
-            let steps = placed(name, statement, "t_shard", "c");
-            assert!(!steps.is_empty(), "migration {version}");
-            if placement(name, statement) == Placement::Table {
-                let table = created_table(statement).expect("a table");
-                assert_eq!(table, *name, "migration {version} is named after its table");
-                let twin = &steps[1].1;
-                assert!(
-                    twin.contains(&format!("Distributed('c', 't_shard', '{table}', ")),
-                    "{twin}"
-                );
-                // Rows by partition go where their partition's processor writes them.
-                let key = if statement.contains("log_partition UInt16") {
-                    "log_partition)"
+            let one_server = migration_steps(name, statement, "t", None, false);
+            assert_eq!(
+                one_server,
+                vec![(Read, (*statement).to_owned())],
+                "{version}"
+            );
+            let steps = migration_steps(name, statement, "t", Some(("t_shard", "c")), false);
+            let targets: Vec<Target> = steps.iter().map(|(target, _)| *target).collect();
+            match created_table(statement) {
+                // The fences are checked where the rows are written.
+                Some(_) if *name == "partition_fences" => assert_eq!(targets, [Local]),
+                Some(table) => {
+                    assert_eq!(table, *name, "migration {version} is named after its table");
+                    assert_eq!(targets, [Local, Read], "{name}");
+                    let twin = &steps[1].1;
+                    assert!(
+                        twin.contains(&format!("Distributed('c', 't_shard', '{table}', ")),
+                        "{twin}"
+                    );
+                    // Rows by partition go where their partition's processor writes them.
+                    let key = if statement.contains("log_partition UInt16") {
+                        "log_partition)"
+                    } else {
+                        "0)"
+                    };
+                    assert!(twin.ends_with(key), "{twin}");
+                }
+                None if statement.starts_with("CREATE VIEW") => {
+                    assert_eq!(targets, [Read], "{name}: views read through")
+                }
+                None => assert!(!targets.is_empty(), "{name}"),
+            }
+            // Replicated, each table's path names the database it is made in.
+            let replicated = migration_steps(name, statement, "t", Some(("t_shard", "c")), true);
+            for ((target, plain), (_, made)) in steps.iter().zip(&replicated) {
+                if created_table(plain).is_some() && plain.contains("MergeTree") {
+                    let into = if *target == Local { "t_shard" } else { "t" };
+                    assert!(
+                        made.contains(&format!("/clickhouse/tables/{{shard}}/{into}/{name}'")),
+                        "{made}"
+                    );
                 } else {
-                    "0)"
-                };
-                assert!(twin.ends_with(key), "{twin}");
+                    assert_eq!(made, plain);
+                }
             }
         }
-        // The fences are checked where the rows are written, and views read through.
-        assert_eq!(
-            placement("partition_fences", "CREATE TABLE IF NOT EXISTS partition_fences (x UInt8) ENGINE = MergeTree ORDER BY x"),
-            Placement::Local
-        );
-        assert_eq!(
-            placement("ballots", "CREATE VIEW IF NOT EXISTS ballots AS SELECT 1"),
-            Placement::Read
-        );
     }
 
     #[test]
