@@ -46,7 +46,9 @@ pub fn sample_poll(id: &str) -> Poll {
         .expect("valid poll")
 }
 
-fn vote(poll: &str, vote_id: &str, voter_key: &str, choice: &str, at: i64) -> Vote {
+/// A single-choice vote with no segment, received at `at` (epoch ms): the sample vote of
+/// the suites, and of back-end tests beside them.
+pub fn vote(poll: &str, vote_id: &str, voter_key: &str, choice: &str, at: i64) -> Vote {
     Vote {
         vote_id: vote_id.into(),
         poll_id: poll.into(),

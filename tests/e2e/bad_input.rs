@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use serde_json::{json, Value};
 
-use crate::cluster::{Cluster, Deployment, ADMIN_KEY, ANALYST_KEY};
+use crate::cluster::{slug, Cluster, Deployment, ADMIN_KEY, ANALYST_KEY};
 
 struct Case {
     name: &'static str,
@@ -420,13 +420,7 @@ async fn bad_input_gets_clear_errors_and_changes_nothing(deployment: Deployment)
             "{}: content type {content_type}",
             case.name
         );
-        let slug = body["type"]
-            .as_str()
-            .unwrap_or("")
-            .rsplit('/')
-            .next()
-            .unwrap_or("")
-            .to_owned();
+        let slug = slug(&body);
         ensure!(
             slug == case.slug,
             "{}: type {} (expected {})",

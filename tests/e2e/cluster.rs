@@ -721,17 +721,14 @@ impl Cluster {
     }
 }
 
-/// Per-option counts of a results document or a breakdown group, options with no votes
-/// left out.
 /// The slug of a problem+json answer (the last part of its `type`).
-pub fn slug(answer: &Value) -> String {
+pub fn slug(answer: &Value) -> &str {
     answer["type"]
         .as_str()
         .unwrap_or("")
         .rsplit('/')
         .next()
         .unwrap_or("")
-        .to_owned()
 }
 
 /// Expects `(status, slug)` of an answer, naming `what` when it is not.
@@ -745,6 +742,8 @@ pub fn expect(what: &str, got: (u16, Value), status: u16, wanted: &str) -> Resul
     Ok(got.1)
 }
 
+/// Per-option counts of a results document or a breakdown group, options with no votes
+/// left out.
 pub fn option_counts(doc: &Value) -> BTreeMap<String, u64> {
     doc["options"]
         .as_array()

@@ -366,7 +366,7 @@ async fn hostile_requests_are_refused_and_change_nothing(deployment: Deployment)
         let (status, answer_body) = cluster
             .vote("ballots", &json!({"voter_id": "panel-7", "choice": "yes", "token": token, "vote_id": format!("ballot-{attempt}")}))
             .await?;
-        used.push((status, slug(&answer_body)));
+        used.push((status, slug(&answer_body).to_owned()));
     }
     ensure!(
         used == [

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use serde_json::{json, Value};
 
-use crate::cluster::{Cluster, Deployment, ADMIN_KEY, SECRET};
+use crate::cluster::{slug, Cluster, Deployment, ADMIN_KEY, SECRET};
 
 async fn mint(cluster: &Cluster, poll: &str, voter: &str) -> Result<String> {
     let response = cluster
@@ -31,15 +31,6 @@ fn decode_hex(text: &str) -> Result<Vec<u8>> {
         .step_by(2)
         .map(|i| Ok(u8::from_str_radix(&text[i..i + 2], 16)?))
         .collect()
-}
-
-fn slug(answer: &Value) -> &str {
-    answer["type"]
-        .as_str()
-        .unwrap_or("")
-        .rsplit('/')
-        .next()
-        .unwrap_or("")
 }
 
 crate::for_each_deployment!(voter_tokens_gate_require_token_polls);

@@ -45,7 +45,6 @@ tally_conformance::warehouse_suite!(needs_clickhouse_sharded_warehouse, {
             cluster: tally_testkit::ClickHouseCluster::NAME.into(),
             shards: cluster.shards.clone(),
         }),
-
         replicated: false,
     };
     let warehouse = ClickHouseWarehouse::new(&config).expect("warehouse");

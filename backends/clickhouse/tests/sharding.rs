@@ -386,36 +386,25 @@ async fn needs_clickhouse_sharded_an_older_owner_is_fenced_on_its_shard() {
         .await
         .expect("the owner writes");
     let local = format!("{database}{SHARD_DATABASE_SUFFIX}");
+    // One number a shard's server answers about its own rows.
+    let on = |shard: usize, sql: String| async move {
+        let answer = server(&cluster.shards[shard]).query(&sql).await;
+        answer.expect("a shard's own rows").trim().to_owned()
+    };
     let counts = [
-        server(&cluster.shards[0])
-            .query(&format!("SELECT count() FROM {local}.votes"))
-            .await
-            .expect("count"),
-        server(&cluster.shards[1])
-            .query(&format!("SELECT count() FROM {local}.votes"))
-            .await
-            .expect("count"),
-        server(&cluster.shards[1])
-            .query(&format!("SELECT max(epoch) FROM {local}.partition_fences"))
-            .await
-            .expect("epoch"),
-        server(&cluster.shards[0])
-            .query(&format!("SELECT count() FROM {local}.partition_fences"))
-            .await
-            .expect("fences"),
+        on(0, format!("SELECT count() FROM {local}.votes")).await,
+        on(1, format!("SELECT count() FROM {local}.votes")).await,
+        on(
+            1,
+            format!("SELECT max(epoch) FROM {local}.partition_fences"),
+        )
+        .await,
+        on(0, format!("SELECT count() FROM {local}.partition_fences")).await,
     ];
-    assert_eq!(
-        counts[0].trim(),
-        "0",
-        "nothing on the shard that does not own it"
-    );
-    assert_eq!(
-        counts[1].trim(),
-        "10",
-        "the owner's batch once, on its shard"
-    );
-    assert_eq!(counts[2].trim(), "2", "the fence is on the owning shard");
-    assert_eq!(counts[3].trim(), "0", "and only there");
+    assert_eq!(counts[0], "0", "nothing on the shard that does not own it");
+    assert_eq!(counts[1], "10", "the owner's batch once, on its shard");
+    assert_eq!(counts[2], "2", "the fence is on the owning shard");
+    assert_eq!(counts[3], "0", "and only there");
 }
 
 /// The refusal a migration ends with, as text.

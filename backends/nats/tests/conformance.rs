@@ -15,6 +15,17 @@ async fn nats_client(server: &NatsServer) -> nats::Client {
         .expect("connect to the private nats-server")
 }
 
+/// A vote log over 4 partitions of the server's stream.
+async fn partitioned_log(server: &NatsServer) -> JetStreamLog {
+    let options = LogOptions {
+        partitions: 4,
+        ..LogOptions::default()
+    };
+    JetStreamLog::open(nats_client(server).await, options)
+        .await
+        .expect("open log")
+}
+
 // Each test of a suite starts its own nats-server after `require!`, so a machine without one
 // skips the test before anything starts.
 
@@ -30,30 +41,14 @@ tally_conformance::vote_log_suite!(needs_nats_jetstream_vote_log, {
 tally_conformance::vote_log_suite!(needs_nats_partitioned_jetstream_vote_log, {
     require!(NatsServer);
     let server = NatsServer::start().await.expect("nats-server");
-    let log = JetStreamLog::open(
-        nats_client(&server).await,
-        LogOptions {
-            partitions: 4,
-            ..LogOptions::default()
-        },
-    )
-    .await
-    .expect("open log");
+    let log = partitioned_log(&server).await;
     (Arc::new(log), server)
 });
 
 tally_conformance::log_retention_suite!(needs_nats_partitioned_jetstream_log_retention, {
     require!(NatsServer);
     let server = NatsServer::start().await.expect("nats-server");
-    let log = JetStreamLog::open(
-        nats_client(&server).await,
-        LogOptions {
-            partitions: 4,
-            ..LogOptions::default()
-        },
-    )
-    .await
-    .expect("open log");
+    let log = partitioned_log(&server).await;
     (Arc::new(log), server)
 });
 

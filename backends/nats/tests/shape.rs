@@ -74,16 +74,15 @@ async fn stream_config(client: &nats::Client) -> stream::Config {
         .clone()
 }
 
+/// The sample vote of `voter` in `poll`.
 fn vote(poll: &str, voter: &str) -> Vote {
-    Vote {
-        vote_id: format!("v-{voter}"),
-        poll_id: poll.into(),
-        voter_key: voter.into(),
-        choice: vec!["a".into()],
-        value: None,
-        segment: Default::default(),
-        received_at: 1_700_000_000_000,
-    }
+    tally_conformance::vote(
+        poll,
+        &format!("v-{poll}-{voter}"),
+        voter,
+        "a",
+        1_700_000_000_000,
+    )
 }
 
 #[tokio::test]
