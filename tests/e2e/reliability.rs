@@ -599,8 +599,12 @@ async fn needs_nats_clickhouse_processors_share_partitions_through_a_kill_and_a_
     }) {
         eprintln!("processor-c: {line}");
     }
+    // It finds out one of two ways, whichever comes first after it wakes: its renewal
+    // fails, or the warehouse's fence refuses its next write and its worker ends.
+    let log = third.log_text();
     ensure!(
-        third.log_text().contains("partition lease lost"),
+        log.contains("partition lease lost; its worker stopped")
+            || log.contains("partition worker ended: its lease was lost"),
         "the paused processor did not notice its leases were gone\n{}",
         third.log_tail()
     );
