@@ -13,6 +13,7 @@
 
 pub mod baseline;
 mod breakdown;
+pub mod fanout;
 mod load;
 mod mix;
 mod report;
@@ -213,7 +214,12 @@ fn schedule(args: &LoadgenArgs) -> load::Schedule {
 /// CPU time (user + system) this process has used so far, from `/proc/self/stat`; `None`
 /// where there is no such file.
 pub fn own_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_seconds_of("self")
+}
+
+/// CPU time (user + system) process `pid` (a number, or `self`) has used so far.
+pub fn cpu_seconds_of(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The fields after the command name (which may hold spaces) start with the state (3rd
     // field); utime and stime are the 14th and 15th, in clock ticks of 1/100 s on Linux.
     let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);

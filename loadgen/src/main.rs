@@ -53,6 +53,9 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
     },
+    /// Holds many live (SSE) clients of one poll while votes come in, and measures how long
+    /// each update takes to reach all of them, and what they cost the server.
+    Fanout(tally_loadgen::fanout::FanoutArgs),
     /// Sends single votes to a `serve-http-baseline` server, with the load's client.
     BenchHttp {
         /// The baseline server's base URL.
@@ -101,6 +104,16 @@ async fn main() -> anyhow::Result<()> {
         }) => tally_loadgen::baseline::publish(&nats_url, votes, in_flight, through_log).await,
         Some(Command::ServeHttpBaseline { listen }) => {
             tally_loadgen::baseline::serve_http(listen).await
+        }
+        Some(Command::Fanout(args)) => {
+            let json = args.json;
+            let summary = tally_loadgen::fanout::run(args).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print!("{summary}");
+            }
+            Ok(())
         }
         Some(Command::BenchHttp {
             url,
