@@ -51,6 +51,34 @@ struct PollLive {
     fresh_at: Mutex<Option<Instant>>,
     /// One warehouse read at a time per poll: concurrent requests wait for it and share it.
     refresh: tokio::sync::Mutex<()>,
+    /// The newest totals sent, as the JSON of an event's data: encoded once, for however
+    /// many clients stream the poll.
+    encoded: Mutex<Option<(Arc<Results>, Arc<str>)>>,
+}
+
+impl PollLive {
+    /// An event carrying `results`, whose JSON is shared with every other client sent the
+    /// same totals.
+    fn event(&self, kind: &str, results: &Arc<Results>) -> Event {
+        let data = {
+            let mut encoded = self.encoded.lock().expect("live hub lock");
+            match &*encoded {
+                Some((sent, data)) if Arc::ptr_eq(sent, results) => data.clone(),
+                _ => {
+                    let Ok(data) = serde_json::to_string(&**results) else {
+                        return Event::default().comment("encode error");
+                    };
+                    let data: Arc<str> = data.into();
+                    *encoded = Some((results.clone(), data.clone()));
+                    data
+                }
+            }
+        };
+        Event::default()
+            .event(kind)
+            .id(results.as_of.to_string())
+            .data(&*data)
+    }
 }
 
 #[derive(Default)]
@@ -68,6 +96,7 @@ impl LiveHub {
                     latest: watch::Sender::new(None),
                     fresh_at: Mutex::new(None),
                     refresh: tokio::sync::Mutex::new(()),
+                    encoded: Mutex::new(None),
                 })
             })
             .clone()
@@ -159,14 +188,6 @@ impl LiveHub {
     }
 }
 
-fn event(kind: &str, results: &Results) -> Event {
-    Event::default()
-        .event(kind)
-        .id(results.as_of.to_string())
-        .json_data(results)
-        .unwrap_or_else(|_| Event::default().comment("encode error"))
-}
-
 /// What a stream holds for its client while it lasts.
 struct Slots {
     _process: tokio::sync::OwnedSemaphorePermit,
@@ -203,7 +224,8 @@ fn stream(
     slots: Slots,
 ) -> impl axum::response::IntoResponse {
     let (outbox, rx) = Outbox::new(app.config.live_send_timeout);
-    let mut latest = app.live.subscribe(&poll_id);
+    let live = app.live.poll(&poll_id);
+    let mut latest = live.latest.subscribe();
     let mut poll_changes = app.polls.changes();
     let min_interval = app.config.live_min_interval;
     let heartbeat = app.config.live_heartbeat;
@@ -214,8 +236,8 @@ fn stream(
         let send = |event: Event| outbox.send(event);
         let mut sent = resume_after.unwrap_or(0);
         let first = match resume_after {
-            None => Some(event("snapshot", &initial)),
-            Some(after) if initial.as_of > after => Some(event("totals", &initial)),
+            None => Some(live.event("snapshot", &initial)),
+            Some(after) if initial.as_of > after => Some(live.event("totals", &initial)),
             Some(_) => None,
         };
         if let Some(first) = first {
@@ -225,6 +247,7 @@ fn stream(
             }
         }
         let mut closed_sent = false;
+        let mut wake = Wake::new();
         loop {
             let poll: Option<Arc<Poll>> = app.polls.cached(&poll_id);
             if let Some(poll) = &poll {
@@ -243,13 +266,13 @@ fn stream(
                 }
             }
             // Wake when a scheduled close or visibility change comes due.
-            let next_change = poll
-                .as_ref()
-                .and_then(|p| p.closes_at)
-                .map(|at| at - tally_core::time::now_ms())
-                .filter(|ms| *ms > 0 && !closed_sent)
-                .map(|ms| Duration::from_millis(ms as u64 + 5))
-                .unwrap_or(Duration::from_secs(3600));
+            wake.due_in(
+                poll.as_ref()
+                    .and_then(|p| p.closes_at)
+                    .map(|at| at - tally_core::time::now_ms())
+                    .filter(|ms| *ms > 0 && !closed_sent)
+                    .map(|ms| Duration::from_millis(ms as u64 + 5)),
+            );
             tokio::select! {
                 changed = latest.changed() => {
                     if changed.is_err() {
@@ -259,7 +282,7 @@ fn stream(
                     if let Some(current) = current {
                         if current.as_of > sent {
                             sent = current.as_of;
-                            if !send(event("totals", &current)).await {
+                            if !send(live.event("totals", &current)).await {
                                 return;
                             }
                             // Coalesce: whatever arrives meanwhile is sent as one update.
@@ -276,7 +299,7 @@ fn stream(
                     let _ = send(reconnect_event()).await;
                     return;
                 }
-                _ = tokio::time::sleep(next_change) => {}
+                () = wake.fired() => {}
                 _ = outbox.closed() => return,
             }
         }
@@ -297,12 +320,17 @@ impl Outbox {
         (Outbox { tx, timeout }, rx)
     }
 
-    /// Whether the client took `event` in time.
+    /// Whether the client took `event` in time. An outbox with room takes it at once, with
+    /// no timer: only a client that has fallen behind is waited for.
     async fn send(&self, event: Event) -> bool {
-        let sent = matches!(
-            tokio::time::timeout(self.timeout, self.tx.send(Ok(event))).await,
-            Ok(Ok(()))
-        );
+        let sent = match self.tx.try_send(Ok(event)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(event)) => matches!(
+                tokio::time::timeout(self.timeout, self.tx.send(event)).await,
+                Ok(Ok(()))
+            ),
+        };
         if sent {
             metrics::counter!("tally_live_events_total").increment(1);
         }
@@ -312,6 +340,49 @@ impl Outbox {
     /// Resolves when the client has gone.
     async fn closed(&self) {
         self.tx.closed().await
+    }
+}
+
+/// When a stream looks at its polls again though nothing told it to: a scheduled close
+/// coming due, or, lacking one, an hour from the last look. One timer per stream, moved
+/// only when its deadline does (not made anew for every event it sends).
+struct Wake {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Wake {
+    /// Without a scheduled change, a stream looks again this often.
+    const IDLE: Duration = Duration::from_secs(3600);
+    /// A deadline this close to the armed one is left as it is.
+    const SLACK: Duration = Duration::from_millis(20);
+
+    fn new() -> Wake {
+        Wake {
+            sleep: Box::pin(tokio::time::sleep(Self::IDLE)),
+        }
+    }
+
+    /// Fire `wait` from now, when there is a change due; otherwise keep the idle deadline.
+    fn due_in(&mut self, wait: Option<Duration>) {
+        let Some(wait) = wait else {
+            return;
+        };
+        let due = tokio::time::Instant::now() + wait;
+        let armed = self.sleep.deadline();
+        let apart = due
+            .saturating_duration_since(armed)
+            .max(armed.saturating_duration_since(due));
+        if apart > Self::SLACK {
+            self.sleep.as_mut().reset(due);
+        }
+    }
+
+    /// Resolves at the deadline, and re-arms for the idle time.
+    async fn fired(&mut self) {
+        (&mut self.sleep).await;
+        self.sleep
+            .as_mut()
+            .reset(tokio::time::Instant::now() + Self::IDLE);
     }
 }
 
@@ -617,10 +688,11 @@ fn stream_many(
                 return;
             }
         }
+        let mut wake = Wake::new();
         loop {
             // Visibility and closes, checked on start and whenever a poll changes.
             let now = tally_core::time::now_ms();
-            let mut next_change = Duration::from_secs(3600);
+            let mut next_change: Option<Duration> = None;
             for streamed in polls.iter_mut().filter(|p| !p.hidden) {
                 let Some(poll) = app.polls.cached(&streamed.id) else {
                     continue;
@@ -646,7 +718,8 @@ fn stream_many(
                 }
                 if let Some(ms) = poll.closes_at.map(|at| at - now).filter(|ms| *ms > 0) {
                     if !streamed.closed_sent {
-                        next_change = next_change.min(Duration::from_millis(ms as u64 + 5));
+                        let due = Duration::from_millis(ms as u64 + 5);
+                        next_change = Some(next_change.map_or(due, |next| next.min(due)));
                     }
                 }
             }
@@ -658,6 +731,7 @@ fn stream_many(
             if updates.is_empty() {
                 return;
             }
+            wake.due_in(next_change);
             tokio::select! {
                 update = updates.next() => {
                     let Some((index, latest)) = update else {
@@ -694,7 +768,7 @@ fn stream_many(
                     let _ = send(reconnect_event()).await;
                     return;
                 }
-                _ = tokio::time::sleep(next_change) => {}
+                () = wake.fired() => {}
                 _ = outbox.closed() => return,
             }
         }
@@ -720,6 +794,34 @@ fn note(polls: &mut [Streamed], index: usize, latest: Option<Arc<Results>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_stream_wakes_when_a_change_comes_due_and_otherwise_rests() {
+        let mut wake = Wake::new();
+        let idle = wake.sleep.deadline();
+        wake.due_in(None);
+        assert_eq!(
+            wake.sleep.deadline(),
+            idle,
+            "nothing due: the idle deadline stays"
+        );
+        wake.due_in(Some(Duration::from_millis(30)));
+        let armed = wake.sleep.deadline();
+        assert!(armed < idle);
+        wake.due_in(Some(Duration::from_millis(31)));
+        assert_eq!(
+            wake.sleep.deadline(),
+            armed,
+            "a deadline within the slack is left alone"
+        );
+        tokio::time::timeout(Duration::from_secs(5), wake.fired())
+            .await
+            .expect("fires when due");
+        assert!(
+            wake.sleep.deadline() > tokio::time::Instant::now() + Duration::from_secs(3000),
+            "re-armed for the idle time"
+        );
+    }
 
     #[test]
     fn multi_poll_ids_resume_only_with_the_same_polls() {
