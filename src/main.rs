@@ -3,7 +3,9 @@
 //! subcommand it runs `standalone`.
 
 // Vote handling allocates many small strings per vote; glibc's malloc/free took about a
-// fifth of the workers' CPU in profiles (docs/BENCHMARKS.md).
+// fifth of the workers' CPU in profiles (docs/BENCHMARKS.md). The `system-allocator`
+// feature leaves it out, for heap profilers that hook malloc (heaptrack).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
