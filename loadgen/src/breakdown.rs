@@ -84,14 +84,6 @@ pub struct ExportRun {
     pub server_rss_peak_mib: Option<f64>,
 }
 
-/// Resident memory of `pid` in MiB (`VmRSS` of /proc/<pid>/status).
-fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 /// Times `requests` SQL `GROUP BY` queries of `poll` and one export per format.
 pub async fn time_analysts(
     http: &reqwest::Client,
@@ -141,20 +133,9 @@ pub async fn time_analysts(
     });
     for format in ["csv", "parquet"] {
         use futures::StreamExt;
-        let before = server_pid.and_then(rss_mib);
-        let peak = std::sync::Arc::new(std::sync::Mutex::new(before));
-        let sampling = server_pid.map(|pid| {
-            let peak = peak.clone();
-            tokio::spawn(async move {
-                loop {
-                    if let Some(now) = rss_mib(pid) {
-                        let mut peak = peak.lock().expect("rss lock");
-                        *peak = Some(peak.map_or(now, |p: f64| p.max(now)));
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-            })
-        });
+        let before = server_pid.and_then(crate::rss_mib);
+        let sampling =
+            server_pid.map(|pid| crate::PeakRss::sample(pid, std::time::Duration::from_millis(20)));
         let started = Instant::now();
         let response = http
             .get(format!(
@@ -174,9 +155,7 @@ pub async fn time_analysts(
             lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
         }
         let seconds = started.elapsed().as_secs_f64();
-        if let Some(task) = sampling {
-            task.abort();
-        }
+        let peak = sampling.and_then(|sampling| sampling.peak());
         // CSV: a header line and one line per ballot; Parquet is binary, its rows are the
         // poll's ballots (the format tests check that).
         let rows = if format == "csv" {
@@ -187,7 +166,6 @@ pub async fn time_analysts(
         if format == "csv" && rows != votes {
             bail!("the CSV export held {rows} ballots of {votes}");
         }
-        let peak = *peak.lock().expect("rss lock");
         times.exports.insert(
             format,
             ExportRun {

@@ -31,6 +31,7 @@ use tokio::task::JoinSet;
 use crate::mix::{SegmentMix, DEFAULT_SEGMENT_MIX};
 use crate::report::percentile_ms;
 use crate::vote::{SyntheticVote, OPTIONS};
+use crate::{rss_mib, PeakRss};
 
 /// What to run.
 #[derive(clap::Args, Clone, Debug)]
@@ -252,14 +253,6 @@ impl Board {
     }
 }
 
-/// Resident memory of `pid` in MiB.
-pub fn rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 /// `host:port` of an `http://` URL of this machine.
 async fn address_of(url: &str) -> anyhow::Result<SocketAddr> {
     let rest = url
@@ -363,19 +356,9 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutSummary> {
     board.lock().expect("board").measuring = true;
     events.store(0, Ordering::Relaxed);
     let votes_started = Instant::now();
-    let peak = Arc::new(Mutex::new(rss_connected));
-    let sampler = args.server_pid.map(|pid| {
-        let peak = peak.clone();
-        tokio::spawn(async move {
-            loop {
-                if let Some(now) = rss_mib(pid) {
-                    let mut peak = peak.lock().expect("peak");
-                    *peak = Some(peak.map_or(now, |p: f64| p.max(now)));
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        })
-    });
+    let sampler = args
+        .server_pid
+        .map(|pid| PeakRss::sample(pid, Duration::from_millis(250)));
     let votes_sent = send_votes(&http, &args, &poll).await?;
     let voting = votes_started.elapsed().as_secs_f64();
     let events_seen = events.load(Ordering::Relaxed);
@@ -384,12 +367,9 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutSummary> {
     // Stop taking new updates, and give the last ones time to reach everyone.
     board.lock().expect("board").measuring = false;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    if let Some(sampler) = sampler {
-        sampler.abort();
-    }
+    let peak_rss = sampler.and_then(|sampler| sampler.peak());
     clients.abort_all();
 
-    let peak_rss = *peak.lock().expect("peak");
     let board = board.lock().expect("board");
     let mut spread = Vec::new();
     let mut age = Vec::new();

@@ -217,6 +217,51 @@ pub fn own_cpu_seconds() -> Option<f64> {
     cpu_seconds_of("self")
 }
 
+/// Resident memory of `pid` in MiB (`VmRSS` of /proc/<pid>/status).
+pub fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// The highest resident memory of a process while this lives, sampled every `every`;
+/// ends its sampling when dropped.
+pub struct PeakRss {
+    peak: std::sync::Arc<std::sync::Mutex<Option<f64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PeakRss {
+    pub fn sample(pid: u32, every: Duration) -> PeakRss {
+        let peak = std::sync::Arc::new(std::sync::Mutex::new(rss_mib(pid)));
+        let task = tokio::spawn({
+            let peak = peak.clone();
+            async move {
+                loop {
+                    if let Some(now) = rss_mib(pid) {
+                        let mut peak = peak.lock().expect("rss lock");
+                        *peak = Some(peak.map_or(now, |p: f64| p.max(now)));
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            }
+        });
+        PeakRss { peak, task }
+    }
+
+    /// The peak so far, in MiB.
+    pub fn peak(&self) -> Option<f64> {
+        *self.peak.lock().expect("rss lock")
+    }
+}
+
+impl Drop for PeakRss {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// CPU time (user + system) process `pid` (a number, or `self`) has used so far.
 pub fn cpu_seconds_of(pid: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

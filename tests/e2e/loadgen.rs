@@ -71,3 +71,42 @@ async fn loadgen_reports_what_the_deployment_counted(deployment: Deployment) -> 
     }
     Ok(())
 }
+
+crate::for_each_deployment!(fanout_sees_every_update_reach_every_client);
+
+/// `tally-loadgen fanout` holds its clients from several source addresses while votes come,
+/// and every update it saw reached every client.
+async fn fanout_sees_every_update_reach_every_client(deployment: Deployment) -> Result<()> {
+    let cluster = Cluster::start(deployment).await?;
+    let args = tally_loadgen::fanout::FanoutArgs {
+        query_url: cluster.query.url.clone(),
+        ingest_url: Some(cluster.ingest.url.clone()),
+        admin_key: ADMIN_KEY.to_owned(),
+        clients: 60,
+        per_address: 20,
+        rate: 300,
+        seconds: 2,
+        server_pid: None,
+        json: true,
+    };
+    let summary = tally_loadgen::fanout::run(args)
+        .await
+        .with_context(|| format!("running tally-loadgen fanout\n{}", cluster.logs()))?;
+    let shown = serde_json::to_string(&summary)?;
+    ensure!(summary.source_addresses == 3, "{shown}");
+    ensure!(summary.votes_sent >= 600, "the votes went in: {shown}");
+    ensure!(
+        summary.updates > 0,
+        "the totals moved while votes came: {shown}"
+    );
+    ensure!(
+        summary.dropped == 0 && summary.incomplete == 0,
+        "every update reached every client: {shown}"
+    );
+    ensure!(
+        summary.events >= summary.updates as u64,
+        "each update is at least one event: {shown}"
+    );
+    ensure!(summary.age_ms.max > 0.0 && summary.age_ms.p99 <= summary.age_ms.max);
+    Ok(())
+}
