@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tally_core::analyst::{self, SqlLimits};
 use tally_core::analytics::{BreakdownQuery, Dimension, TimeseriesQuery};
-use tally_core::ports::{AnalystRows, StoredVote, Warehouse, Watermarks, WindowRow};
+use tally_core::ports::{StoredVote, Warehouse, Watermarks, WindowRow};
 use tally_core::results::Tally;
 use tally_core::rollup::{RollupLevel, RollupRow, Rollups};
 
