@@ -761,12 +761,16 @@ async fn poll_page_stays_current_at_5000_votes_per_second(deployment: Deployment
     note_renders(&mut renders, log);
 
     let rate = accepted as f64 / elapsed;
+    // The server spaces a stream's events at least 100 ms apart; the page sees them as
+    // they arrive, and delivery jitter can bring two of them a few ms closer. So "at most
+    // ten a second" is checked over any 950 ms: eleven arrivals there mean events came
+    // faster than the server's spacing allows, not that one arrived late.
     let busiest = renders
         .iter()
         .map(|start| {
             renders
                 .iter()
-                .filter(|t| **t >= *start && **t < start + 1000.0)
+                .filter(|t| **t >= *start && **t < start + 950.0)
                 .count()
         })
         .max()
@@ -788,7 +792,7 @@ async fn poll_page_stays_current_at_5000_votes_per_second(deployment: Deployment
         .unwrap_or(0);
     eprintln!(
         "dashboard under load ({deployment:?}): {accepted} votes in {elapsed:.0} s ({rate:.0}/s), \
-         {} repaints sampled, at most {busiest} in a second, JS heap after GC (KiB) {:?}; results {}",
+         {} repaints sampled, at most {busiest} in 950 ms, JS heap after GC (KiB) {:?}; results {}",
         renders.len(),
         heap.iter().map(|b| b / 1024).collect::<Vec<_>>(),
         results["total_votes"]
@@ -799,7 +803,7 @@ async fn poll_page_stays_current_at_5000_votes_per_second(deployment: Deployment
     );
     ensure!(
         busiest <= 10,
-        "the page repainted {busiest} times in one second"
+        "the page repainted {busiest} times in 950 ms"
     );
     ensure!(
         renders.len() as f64 >= elapsed,
