@@ -23,14 +23,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use serde::Serialize;
-use tally_core::poll::{Dedupe, NewPoll, PollKind, PollOption};
+use tally_core::poll::Dedupe;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 use tokio::task::JoinSet;
 
 use crate::mix::{SegmentMix, DEFAULT_SEGMENT_MIX};
 use crate::report::percentile_ms;
-use crate::vote::{SyntheticVote, OPTIONS};
+use crate::vote::SyntheticVote;
 use crate::{rss_mib, PeakRss};
 
 /// What to run.
@@ -289,7 +289,21 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutSummary> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;
-    let poll = create_poll(&http, &args).await?;
+    // The clients watch a poll of their own; anyone may see its live totals.
+    let poll = format!(
+        "fanout-{}",
+        &uuid::Uuid::now_v7().simple().to_string()[20..]
+    );
+    let mix = mix()?;
+    crate::load::create_poll(
+        &http,
+        &args.query_url,
+        &args.admin_key,
+        &poll,
+        &mix,
+        Dedupe::None,
+    )
+    .await?;
     let server = address_of(&args.query_url).await?;
     let request: Arc<[u8]> = format!(
         "GET /v1/polls/{poll}/live HTTP/1.1\r\nHost: {server}\r\nAccept: text/event-stream\r\n\r\n"
@@ -359,7 +373,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutSummary> {
     let sampler = args
         .server_pid
         .map(|pid| PeakRss::sample(pid, Duration::from_millis(250)));
-    let votes_sent = send_votes(&http, &args, &poll).await?;
+    let votes_sent = send_votes(&http, &args, &poll, &mix).await?;
     let voting = votes_started.elapsed().as_secs_f64();
     let events_seen = events.load(Ordering::Relaxed);
     let server_cpu = pid.as_deref().and_then(crate::cpu_seconds_of);
@@ -412,52 +426,6 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutSummary> {
     })
 }
 
-/// Creates the poll the clients watch: anyone may see its live totals.
-async fn create_poll(http: &reqwest::Client, args: &FanoutArgs) -> anyhow::Result<String> {
-    let id = format!(
-        "fanout-{}",
-        &uuid::Uuid::now_v7().simple().to_string()[20..]
-    );
-    let poll = NewPoll {
-        id: Some(id.clone()),
-        title: "Fan-out".into(),
-        question: "Which colour?".into(),
-        kind: PollKind::Single,
-        options: OPTIONS
-            .iter()
-            .map(|option| PollOption {
-                id: (*option).into(),
-                label: (*option).into(),
-            })
-            .collect(),
-        max_choices: None,
-        scale: None,
-        campaign: None,
-        dimensions: mix()?.dimensions().into_iter().map(str::to_owned).collect(),
-        dedupe: Dedupe::None,
-        require_token: false,
-        results_visibility: Default::default(),
-        allowed_origins: Vec::new(),
-        opens_at: None,
-        closes_at: None,
-    };
-    let response = http
-        .post(format!("{}/v1/polls", args.query_url))
-        .bearer_auth(&args.admin_key)
-        .json(&poll)
-        .send()
-        .await
-        .context("creating the poll")?;
-    if response.status() != 201 {
-        bail!(
-            "creating poll {id} answered {}: {}",
-            response.status(),
-            response.text().await.unwrap_or_default()
-        );
-    }
-    Ok(id)
-}
-
 /// The segments the votes carry: the load's default mix.
 fn mix() -> anyhow::Result<SegmentMix> {
     DEFAULT_SEGMENT_MIX.parse().map_err(anyhow::Error::msg)
@@ -466,10 +434,14 @@ fn mix() -> anyhow::Result<SegmentMix> {
 /// Sends `rate` votes a second for `seconds`, as ten NDJSON batches a second (up to
 /// [`BATCHES_IN_FLIGHT`] at once, so a slow answer does not slow the rate); answers how
 /// many were accepted.
-async fn send_votes(http: &reqwest::Client, args: &FanoutArgs, poll: &str) -> anyhow::Result<u64> {
+async fn send_votes(
+    http: &reqwest::Client,
+    args: &FanoutArgs,
+    poll: &str,
+    mix: &SegmentMix,
+) -> anyhow::Result<u64> {
     let base = args.ingest_url.as_deref().unwrap_or(&args.query_url);
     let url: Arc<str> = format!("{base}/v1/votes:batch").into();
-    let mix = mix()?;
     let run = &uuid::Uuid::now_v7().simple().to_string()[20..];
     let per_batch = (args.rate / 10).max(1);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -485,7 +457,7 @@ async fn send_votes(http: &reqwest::Client, args: &FanoutArgs, poll: &str) -> an
         let mut body = Vec::with_capacity(per_batch as usize * 200);
         for _ in 0..per_batch {
             voter += 1;
-            SyntheticVote::random(0, voter, &mix).write_json(&mut body, poll, run, &mix);
+            SyntheticVote::random(0, voter, mix).write_json(&mut body, poll, run, mix);
             body.push(b'\n');
         }
         let request = http
@@ -524,6 +496,9 @@ async fn send_batch(request: reqwest::RequestBuilder) -> anyhow::Result<u64> {
     );
     Ok(answer.accepted)
 }
+
+/// The longest line a client keeps (a results document is well under it).
+const MAX_LINE: usize = 1 << 20;
 
 /// One live client: connects from `from`, asks for the stream, then reads it until it
 /// ends, telling the board each position it sees.
@@ -587,6 +562,10 @@ async fn client(
             chunk = &chunk[end + 1..];
         }
         line.extend_from_slice(chunk);
+        ensure!(
+            line.len() <= MAX_LINE,
+            "the stream sent a line over {MAX_LINE} bytes"
+        );
     }
 }
 

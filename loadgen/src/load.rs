@@ -13,7 +13,7 @@ use anyhow::{bail, ensure, Context};
 use rand::Rng;
 use serde::Deserialize;
 use tally_core::api::{Accepted, PollDoc};
-use tally_core::poll::{NewPoll, PollKind, PollOption};
+use tally_core::poll::{Dedupe, NewPoll, PollKind, PollOption};
 use tokio::task::JoinSet;
 
 use crate::mix::SegmentMix;
@@ -44,57 +44,74 @@ pub async fn create_polls(
     let mut polls = Vec::new();
     for i in 0..args.polls.max(1) {
         let id = format!("{prefix}-{i}");
-        let poll = NewPoll {
-            id: Some(id.clone()),
-            title: "Load test".into(),
-            question: "Which colour?".into(),
-            kind: PollKind::Single,
-            options: OPTIONS
-                .iter()
-                .map(|option| PollOption {
-                    id: (*option).into(),
-                    label: (*option).into(),
-                })
-                .collect(),
-            max_choices: None,
-            scale: None,
-            campaign: None,
-            dimensions: args
-                .segment_mix
-                .dimensions()
-                .into_iter()
-                .map(str::to_owned)
-                .collect(),
-            dedupe: args.dedupe,
-            require_token: false,
-            results_visibility: Default::default(),
-            allowed_origins: Vec::new(),
-            opens_at: None,
-            closes_at: None,
-        };
-        let response = http
-            .post(format!("{query_url}/v1/polls"))
-            .bearer_auth(&args.admin_key)
-            .json(&poll)
-            .send()
-            .await
-            .context("creating a poll")?;
-        if response.status() != 201 {
-            bail!(
-                "creating poll {id} answered {}: {}",
-                response.status(),
-                response.text().await.unwrap_or_default()
-            );
-        }
-        let created: PollDoc = response.json().await.context("reading a created poll")?;
-        ensure!(
-            created.poll.id == id,
-            "creating poll {id} made {}",
-            created.poll.id
-        );
+        create_poll(
+            http,
+            query_url,
+            &args.admin_key,
+            &id,
+            &args.segment_mix,
+            args.dedupe,
+        )
+        .await?;
         polls.push(id);
     }
     Ok(polls)
+}
+
+/// Creates a load poll: single choice over [`OPTIONS`], the mix's own keys as its
+/// dimensions, results anyone may see.
+pub async fn create_poll(
+    http: &reqwest::Client,
+    query_url: &str,
+    admin_key: &str,
+    id: &str,
+    mix: &SegmentMix,
+    dedupe: Dedupe,
+) -> anyhow::Result<()> {
+    let poll = NewPoll {
+        id: Some(id.to_owned()),
+        title: "Load test".into(),
+        question: "Which colour?".into(),
+        kind: PollKind::Single,
+        options: OPTIONS
+            .iter()
+            .map(|option| PollOption {
+                id: (*option).into(),
+                label: (*option).into(),
+            })
+            .collect(),
+        max_choices: None,
+        scale: None,
+        campaign: None,
+        dimensions: mix.dimensions().into_iter().map(str::to_owned).collect(),
+        dedupe,
+        require_token: false,
+        results_visibility: Default::default(),
+        allowed_origins: Vec::new(),
+        opens_at: None,
+        closes_at: None,
+    };
+    let response = http
+        .post(format!("{query_url}/v1/polls"))
+        .bearer_auth(admin_key)
+        .json(&poll)
+        .send()
+        .await
+        .context("creating a poll")?;
+    if response.status() != 201 {
+        bail!(
+            "creating poll {id} answered {}: {}",
+            response.status(),
+            response.text().await.unwrap_or_default()
+        );
+    }
+    let created: PollDoc = response.json().await.context("reading a created poll")?;
+    ensure!(
+        created.poll.id == id,
+        "creating poll {id} made {}",
+        created.poll.id
+    );
+    Ok(())
 }
 
 /// What the votes are, and how fast and how long they are sent.
