@@ -796,6 +796,38 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn an_outbox_takes_events_at_once_and_gives_up_on_a_client_that_stops_reading() {
+        let (outbox, mut rx) = Outbox::new(Duration::from_millis(50));
+        for _ in 0..8 {
+            assert!(outbox.send(Event::default().data("x")).await, "room: taken");
+        }
+        let started = Instant::now();
+        assert!(
+            !outbox.send(Event::default().data("x")).await,
+            "full and unread: not taken"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(50),
+            "waited its timeout"
+        );
+        let _ = rx.recv().await.expect("an event");
+        assert!(
+            outbox.send(Event::default().data("x")).await,
+            "read again: taken"
+        );
+        drop(rx);
+        let started = Instant::now();
+        assert!(
+            !outbox.send(Event::default().data("x")).await,
+            "gone: not taken"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(50),
+            "without waiting"
+        );
+    }
+
+    #[tokio::test]
     async fn a_stream_wakes_when_a_change_comes_due_and_otherwise_rests() {
         let mut wake = Wake::new();
         let idle = wake.sleep.deadline();
