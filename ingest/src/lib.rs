@@ -187,7 +187,12 @@ impl Ingest {
         }
         let started = std::time::Instant::now();
         let appended = self.log.append(&prepared.vote, &prepared.unique_key).await;
-        metrics::histogram!("tally_log_append_duration_seconds", "mode" => "single")
+        static APPEND: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
+        APPEND
+            .get_or_init(|| {
+                tally_service::http::observe::recorder();
+                metrics::histogram!("tally_log_append_duration_seconds", "mode" => "single")
+            })
             .record(started.elapsed().as_secs_f64());
         if let Err(err) = &appended {
             tracing::warn!(poll_id, error = %err.chain(), "vote not accepted: log unavailable");
@@ -442,8 +447,15 @@ impl Ingest {
 /// Counts a vote's answer: `tally_votes_accepted_total` for every 202 (a retry's too: it is
 /// one more 202), `tally_votes_rejected_total` by problem type otherwise.
 fn count_answer(answer: &Result<Accepted, Problem>) {
+    // Through a handle registered once: a registry lookup per vote showed in profiles.
+    static ACCEPTED: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
     match answer {
-        Ok(_) => metrics::counter!("tally_votes_accepted_total").increment(1),
+        Ok(_) => ACCEPTED
+            .get_or_init(|| {
+                tally_service::http::observe::recorder();
+                metrics::counter!("tally_votes_accepted_total")
+            })
+            .increment(1),
         Err(problem) => {
             metrics::counter!("tally_votes_rejected_total", "type" => problem.slug().to_owned())
                 .increment(1)

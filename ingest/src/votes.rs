@@ -20,7 +20,7 @@
 use std::sync::Arc;
 
 use axum::extract::{FromRequest, Path, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tally_core::api::Accepted;
@@ -34,6 +34,11 @@ use crate::Ingest;
 pub const VOTER_COOKIE: &str = "tally_voter";
 /// The header that carries a browser voter token: sent by the widget, answered by ingest.
 pub const VOTER_HEADER: &str = "tally-voter";
+/// The request headers a single vote reads, parsed once (a header looked up by `&str` is
+/// parsed again on every request).
+const VOTER_HEADER_NAME: HeaderName = HeaderName::from_static(VOTER_HEADER);
+const SEC_FETCH_MODE: HeaderName = HeaderName::from_static("sec-fetch-mode");
+const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// The version prefix of browser voter tokens.
 const VOTER_TOKEN_PREFIX: &str = "bv1";
 
@@ -113,15 +118,15 @@ impl BrowserVoter {
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|info| info.0.ip());
         let token = headers
-            .get(VOTER_HEADER)
+            .get(VOTER_HEADER_NAME)
             .and_then(|value| value.to_str().ok())
             .and_then(|token| verify_voter_token(ingest, token));
         BrowserVoter {
             known: token.or_else(|| cookie_voter(headers)),
-            browser: headers.contains_key("sec-fetch-mode") || headers.contains_key(header::ORIGIN),
+            browser: headers.contains_key(SEC_FETCH_MODE) || headers.contains_key(header::ORIGIN),
             tls: peer.is_some_and(|peer| ingest.guard.proxies().trusts(peer))
                 && headers
-                    .get("x-forwarded-proto")
+                    .get(FORWARDED_PROTO)
                     .is_some_and(|proto| proto.as_bytes().eq_ignore_ascii_case(b"https")),
             client: ingest.guard.client_ip(request),
         }

@@ -75,12 +75,13 @@ pub fn service(
         .route("/metrics", get(super::observe::metrics_route))
         .fallback(|| async { ApiError(problem::no_route()) })
         .method_not_allowed_fallback(|| async { ApiError(problem::method_not_allowed()) })
-        .layer(axum::middleware::from_fn(move |request, next| {
-            time_limit(timeout, request, next)
-        }))
-        .layer(axum::middleware::from_fn(move |request, next| {
-            super::observe::layer(name, request, next)
-        }))
+        .layer(axum::middleware::from_fn(
+            move |request, next: axum::middleware::Next| {
+                super::observe::layer(name, request, move |request| {
+                    time_limit(timeout, request, next)
+                })
+            },
+        ))
 }
 
 async fn time_limit(
