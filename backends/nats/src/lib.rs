@@ -11,6 +11,7 @@
 //! them. Each type implements its `tally_core::ports` trait and passes the
 //! `tally-conformance` suite against a real nats-server.
 
+mod acks;
 mod connect;
 mod leases;
 mod live;
@@ -110,16 +111,4 @@ pub(crate) async fn open_bucket(
         .num_replicas;
     check_replicas(what, &stream_name, found, replicas)?;
     Ok(store)
-}
-
-/// The JetStream error code behind a failed call, if the server sent one.
-pub(crate) fn jetstream_code(err: &(dyn std::error::Error + 'static)) -> Option<u64> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(err) = source {
-        if let Some(js) = err.downcast_ref::<async_nats::jetstream::Error>() {
-            return Some(js.error_code().0);
-        }
-        source = err.source();
-    }
-    None
 }

@@ -15,7 +15,8 @@ use async_nats::jetstream::{self, consumer, stream};
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 
-use super::{jetstream_code, VOTES_STREAM};
+use super::VOTES_STREAM;
+use crate::acks::AckRouter;
 use tally_core::ports::{Appended, LogEntry, LogReader, LogRetention, VoteLog};
 use tally_core::vote::Vote;
 use tally_core::{wire, Error, Result};
@@ -34,6 +35,8 @@ pub struct JetStreamLog {
     client: async_nats::Client,
     js: jetstream::Context,
     partitions: u16,
+    /// Single appends' acks, on one reply subscription ([`crate::acks`]).
+    acks: std::sync::Arc<AckRouter>,
 }
 
 #[derive(Debug, Clone)]
@@ -86,6 +89,7 @@ impl JetStreamLog {
         }
         Ok(JetStreamLog {
             client: js.client(),
+            acks: std::sync::Arc::new(AckRouter::new(js.client())),
             js,
             partitions,
         })
@@ -305,27 +309,16 @@ impl VoteLog for JetStreamLog {
             return Err(Error::unavailable("vote log", why));
         }
         let payload = wire::encode(vote).into();
-        // The first await hands the message to the connection; the second waits for the
-        // stream's ack, which JetStream sends once the message is stored.
         let ack = self
-            .js
-            .publish(self.subject(vote, unique_key), payload)
-            .await
-            .map_err(|e| Error::unavailable("vote log", e))?
-            .await;
+            .acks
+            .publish(self.subject(vote, unique_key), payload, ACK_TIMEOUT)
+            .await?;
         match ack {
-            Ok(ack) => Ok(Appended::Accepted {
-                seq: ack.sequence,
-                duplicate: ack.duplicate,
-            }),
-            Err(err) if jetstream_code(&err) == Some(ERR_PER_SUBJECT_LIMIT) => {
+            Ack::Stored(appended) => Ok(appended),
+            Ack::SubjectTaken => {
                 self.resolve_conflict(&self.subject(vote, unique_key), vote)
                     .await
             }
-            Err(err) => Err(Error::unavailable(
-                "vote log",
-                format!("publish not acknowledged: {err}"),
-            )),
         }
     }
 
@@ -538,7 +531,7 @@ pub enum Ack {
 
 /// Reads a JetStream publish ack: `{"stream":…,"seq":N[,"duplicate":true]}` or
 /// `{"error":{"code":…,"err_code":…,"description":…}}`.
-fn read_ack(status: Option<async_nats::StatusCode>, payload: &[u8]) -> Result<Ack> {
+pub(crate) fn read_ack(status: Option<async_nats::StatusCode>, payload: &[u8]) -> Result<Ack> {
     #[derive(serde::Deserialize)]
     struct Reply<'a> {
         seq: Option<u64>,
