@@ -105,6 +105,10 @@ pub struct Ingest {
     secrets: Secrets,
     /// Pseudonym hashers of per-poll polls, so a vote costs no key derivation; bounded.
     hashers: RwLock<HashMap<String, VoterHasher>>,
+    /// The per-vote metrics, registered once ([`describe_metrics`]): a registry lookup per
+    /// vote showed in profiles of single votes.
+    accepted: metrics::Counter,
+    append_single: metrics::Histogram,
     config: Config,
 }
 
@@ -139,6 +143,8 @@ impl Ingest {
             polls: PollCache::start(deps.registry, tasks),
             secrets,
             hashers: RwLock::new(HashMap::new()),
+            accepted: metrics::counter!("tally_votes_accepted_total"),
+            append_single: metrics::histogram!("tally_log_append_duration_seconds", "mode" => "single"),
             config,
         }))
     }
@@ -174,7 +180,7 @@ impl Ingest {
     /// Validates, hashes and appends one vote.
     pub async fn submit(&self, poll_id: &str, request: VoteRequest) -> Result<Accepted, Problem> {
         let answer = self.submit_one(poll_id, request).await;
-        count_answer(&answer);
+        self.count_answer(&answer);
         answer
     }
 
@@ -187,13 +193,7 @@ impl Ingest {
         }
         let started = std::time::Instant::now();
         let appended = self.log.append(&prepared.vote, &prepared.unique_key).await;
-        static APPEND: std::sync::OnceLock<metrics::Histogram> = std::sync::OnceLock::new();
-        APPEND
-            .get_or_init(|| {
-                tally_service::http::observe::recorder();
-                metrics::histogram!("tally_log_append_duration_seconds", "mode" => "single")
-            })
-            .record(started.elapsed().as_secs_f64());
+        self.append_single.record(started.elapsed().as_secs_f64());
         if let Err(err) = &appended {
             tracing::warn!(poll_id, error = %err.chain(), "vote not accepted: log unavailable");
         }
@@ -283,7 +283,7 @@ impl Ingest {
             .into_iter()
             .map(|answer| {
                 let answer = answer.expect("every vote is answered");
-                count_answer(&answer);
+                self.count_answer(&answer);
                 answer
             })
             .collect()
@@ -388,6 +388,18 @@ impl Ingest {
             .map(|stored| Appended::for_taken_key(&stored.vote, vote, stored.seq)))
     }
 
+    /// Counts a vote's answer: `tally_votes_accepted_total` for every 202 (a retry's too:
+    /// it is one more 202), `tally_votes_rejected_total` by problem type otherwise.
+    fn count_answer(&self, answer: &Result<Accepted, Problem>) {
+        match answer {
+            Ok(_) => self.accepted.increment(1),
+            Err(problem) => {
+                metrics::counter!("tally_votes_rejected_total", "type" => problem.slug().to_owned())
+                    .increment(1)
+            }
+        }
+    }
+
     /// The answer to a vote the log has had its say on.
     fn answer(
         &self,
@@ -440,25 +452,6 @@ impl Ingest {
             )
             .with_field("vote_id")),
             Err(_) => Err(Problem::unavailable("the vote was not accepted because the vote log is unreachable; retry with the same vote_id")),
-        }
-    }
-}
-
-/// Counts a vote's answer: `tally_votes_accepted_total` for every 202 (a retry's too: it is
-/// one more 202), `tally_votes_rejected_total` by problem type otherwise.
-fn count_answer(answer: &Result<Accepted, Problem>) {
-    // Through a handle registered once: a registry lookup per vote showed in profiles.
-    static ACCEPTED: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
-    match answer {
-        Ok(_) => ACCEPTED
-            .get_or_init(|| {
-                tally_service::http::observe::recorder();
-                metrics::counter!("tally_votes_accepted_total")
-            })
-            .increment(1),
-        Err(problem) => {
-            metrics::counter!("tally_votes_rejected_total", "type" => problem.slug().to_owned())
-                .increment(1)
         }
     }
 }
