@@ -70,16 +70,20 @@ pub fn service(
     timeout: std::time::Duration,
 ) -> Router {
     // Installed before any request, so every metric recorded is exposed.
-    super::observe::recorder();
+    let observed = std::sync::Arc::new(super::observe::Observed::new(name));
     api.merge(routes(probes))
         .route("/metrics", get(super::observe::metrics_route))
         .fallback(|| async { ApiError(problem::no_route()) })
         .method_not_allowed_fallback(|| async { ApiError(problem::method_not_allowed()) })
         .layer(axum::middleware::from_fn(
             move |request, next: axum::middleware::Next| {
-                super::observe::layer(name, request, move |request| {
-                    time_limit(timeout, request, next)
-                })
+                let observed = observed.clone();
+                async move {
+                    super::observe::layer(&observed, request, move |request| {
+                        time_limit(timeout, request, next)
+                    })
+                    .await
+                }
             },
         ))
 }
