@@ -3,7 +3,7 @@
 //! single writer thread that commits everything queued in one durable transaction (group
 //! commit), so a burst of votes costs one fsync, not one each.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -92,7 +92,7 @@ impl EmbeddedLog {
         let tips = Arc::new(tips);
         let (appends, queue) = mpsc::channel(GROUP_MAX * 4);
         let writer = Writer {
-            db: db.clone(),
+            db: Arc::downgrade(&db),
             tips: tips.clone(),
         };
         std::thread::Builder::new()
@@ -119,7 +119,10 @@ impl EmbeddedLog {
 }
 
 struct Writer {
-    db: Arc<Database>,
+    /// Weak, so the store closes when its last user drops it: redb marks the file clean
+    /// only when its `Database` is dropped, and a process that ends while this thread still
+    /// held it left the file to be repaired (every page read and checked) at the next start.
+    db: Weak<Database>,
     tips: Arc<Vec<watch::Sender<u64>>>,
 }
 
@@ -152,7 +155,11 @@ impl Writer {
 
     /// Applies a group in one durable transaction; returns each request's outcome.
     fn commit(&self, group: &[AppendRequest]) -> Result<Vec<Appended>> {
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        let db = self
+            .db
+            .upgrade()
+            .ok_or_else(|| storage("the store is closed"))?;
+        let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let mut outcomes = Vec::with_capacity(group.len());
         let mut tips: Vec<u64> = self.tips.iter().map(|tip| *tip.borrow()).collect();

@@ -92,9 +92,7 @@ async fn the_log_and_registry_survive_reopening() {
             .await
             .unwrap();
     }
-    // redb releases the file when the last handle goes; the writer thread holds one until
-    // its queue closes.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The file is closed when the store is dropped: it opens again at once.
     let store = open(dir.path(), 2);
     let v = vote(3);
     let again = store
@@ -366,4 +364,36 @@ async fn rollup_files_hold_one_row_per_segment_and_bucket() {
     assert_eq!(ballots, [("DE".to_owned(), 60), ("FR".to_owned(), 60)]);
     let de = &breakdown.groups[0].counts;
     assert_eq!(de.values().sum::<u64>(), 60);
+}
+
+/// Dropping the store closes its file there and then, marked clean: opened again at once,
+/// redb finds nothing to repair (a repair reads and checks every page of the file, which on a
+/// store of millions of votes is a slow start).
+#[tokio::test]
+async fn a_dropped_store_is_closed_at_once_and_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 2);
+    for i in 0..100 {
+        let v = vote(i);
+        store
+            .log
+            .append(&v, &v.unique_key(tally_core::poll::Dedupe::PerVoter))
+            .await
+            .unwrap();
+    }
+    drop(store);
+    let repaired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = repaired.clone();
+    let reopened = redb::Database::builder()
+        .set_repair_callback(move |_| seen.store(true, std::sync::atomic::Ordering::SeqCst))
+        .create(dir.path().join("tally.redb"));
+    assert!(
+        reopened.is_ok(),
+        "the file is free again: {:?}",
+        reopened.err()
+    );
+    assert!(
+        !repaired.load(std::sync::atomic::Ordering::SeqCst),
+        "a store closed by dropping it needs no repair"
+    );
 }
