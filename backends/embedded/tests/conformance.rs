@@ -73,19 +73,24 @@ fn vote(i: u64) -> Vote {
     }
 }
 
+/// Appends [`vote`]`(i)` for each `i`, one voter each.
+async fn append_votes(store: &tally_embedded::Embedded, votes: std::ops::Range<u64>) {
+    for i in votes {
+        let v = vote(i);
+        store
+            .log
+            .append(&v, &v.unique_key(tally_core::poll::Dedupe::PerVoter))
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn the_log_and_registry_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = open(dir.path(), 2);
-        for i in 0..10 {
-            let v = vote(i);
-            store
-                .log
-                .append(&v, &v.unique_key(tally_core::poll::Dedupe::PerVoter))
-                .await
-                .unwrap();
-        }
+        append_votes(&store, 0..10).await;
         store
             .registry
             .create(&tally_conformance::sample_poll("durable-poll"))
@@ -373,14 +378,7 @@ async fn rollup_files_hold_one_row_per_segment_and_bucket() {
 async fn a_dropped_store_is_closed_at_once_and_clean() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), 2);
-    for i in 0..100 {
-        let v = vote(i);
-        store
-            .log
-            .append(&v, &v.unique_key(tally_core::poll::Dedupe::PerVoter))
-            .await
-            .unwrap();
-    }
+    append_votes(&store, 0..100).await;
     drop(store);
     let repaired = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen = repaired.clone();

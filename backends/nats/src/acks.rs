@@ -45,6 +45,12 @@ pub(crate) const LINGER: Duration = Duration::from_millis(1);
 /// A publish not yet handed to the connection: subject, reply subject, payload, token.
 type Held = (String, String, bytes::Bytes, u64);
 
+/// The most publishes held at once. Held publishes whose callers stopped waiting are only
+/// dropped when the next group is taken, so while the connection takes nothing (a broker
+/// that stalls without disconnecting) every new vote would add one: past this many, a
+/// publish is refused at once (ingest answers 503) instead.
+const MAX_HELD: usize = 32 * 1024;
+
 /// One reply subscription and the publishes waiting on it.
 struct Route {
     inbox: String,
@@ -66,6 +72,21 @@ struct Route {
 }
 
 impl Route {
+    fn new(inbox: String) -> Route {
+        Route {
+            inbox,
+            next: AtomicU64::new(0),
+            waiting: Mutex::new(HashMap::new()),
+            ended: AtomicBool::new(false),
+            held: Mutex::new(Vec::new()),
+            more: Notify::new(),
+            group_first: AtomicU64::new(0),
+            group_open: AtomicUsize::new(0),
+            answered: Notify::new(),
+            groups: AtomicU64::new(0),
+        }
+    }
+
     fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
         // Nothing panics while holding the lock; a poisoned map is still a valid map.
         self.waiting
@@ -77,6 +98,30 @@ impl Route {
         self.held
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Holds a publish for the next group, or refuses it when [`MAX_HELD`] are held.
+    fn hold(&self, publish: Held) -> Result<()> {
+        let mut held = self.held();
+        if held.len() >= MAX_HELD {
+            return Err(Error::unavailable(
+                "vote log",
+                format!("{MAX_HELD} votes are already waiting to be sent to the broker"),
+            ));
+        }
+        held.push(publish);
+        drop(held);
+        self.more.notify_one();
+        Ok(())
+    }
+
+    /// Takes every held publish into `group` (empty), leaving out those whose callers no
+    /// longer wait; answers the smallest token taken.
+    fn take_group(&self, group: &mut Vec<Held>) -> Option<u64> {
+        std::mem::swap(&mut *self.held(), group);
+        let waiting = self.waiting();
+        group.retain(|held| waiting.contains_key(&held.3));
+        group.iter().map(|held| held.3).min()
     }
 
     /// The answer to publish `token` came (an ack, or the publish failed): one less open in
@@ -119,8 +164,7 @@ impl Route {
                     }
                 }
             }
-            std::mem::swap(&mut *self.held(), &mut group);
-            let Some(first) = group.iter().map(|held| held.3).min() else {
+            let Some(first) = self.take_group(&mut group) else {
                 continue;
             };
             // Set before the first publish, whose ack may come back before the last is
@@ -195,8 +239,7 @@ impl AckRouter {
         let mut reply = String::with_capacity(route.inbox.len() + 21);
         reply.push_str(&route.inbox);
         let _ = write!(reply, ".{token}");
-        route.held().push((subject, reply, payload, token));
-        route.more.notify_one();
+        route.hold((subject, reply, payload, token))?;
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(ack)) => ack,
             Ok(Err(_)) => Err(Error::unavailable(
@@ -225,18 +268,7 @@ impl AckRouter {
             .subscribe(format!("{inbox}.*"))
             .await
             .map_err(|err| Error::unavailable("vote log", format!("subscribe to acks: {err}")))?;
-        let route = Arc::new(Route {
-            inbox,
-            next: AtomicU64::new(0),
-            waiting: Mutex::new(HashMap::new()),
-            ended: AtomicBool::new(false),
-            held: Mutex::new(Vec::new()),
-            more: Notify::new(),
-            group_first: AtomicU64::new(0),
-            group_open: AtomicUsize::new(0),
-            answered: Notify::new(),
-            groups: AtomicU64::new(0),
-        });
+        let route = Arc::new(Route::new(inbox));
         tokio::spawn(route.clone().send_groups(self.client.clone()));
         let routing = route.clone();
         tokio::spawn(async move {
@@ -296,24 +328,74 @@ mod tests {
     use super::*;
     use tally_testkit::{require, NatsServer};
 
-    /// Every way a wait ends takes its token out of the table: answered (a stored message, a
-    /// subject nobody takes), timed out, or dropped by its caller.
-    #[tokio::test]
-    async fn needs_nats_a_publish_that_stops_waiting_leaves_no_token_behind() {
-        require!(NatsServer);
+    /// A private nats-server with a stream `name` taking `stored.>`, a client of it and a
+    /// router on that client.
+    async fn router_on_a_stream(
+        name: &str,
+    ) -> (
+        NatsServer,
+        async_nats::Client,
+        async_nats::jetstream::Context,
+        Arc<AckRouter>,
+    ) {
         let server = NatsServer::start().await.expect("nats-server");
         let client = crate::connect(&server.url(), Duration::from_secs(10))
             .await
             .expect("connect");
         let js = async_nats::jetstream::new(client.clone());
         js.create_stream(async_nats::jetstream::stream::Config {
-            name: "acks-test".into(),
+            name: name.into(),
             subjects: vec!["stored.>".into()],
             ..Default::default()
         })
         .await
         .expect("stream");
         let router = Arc::new(AckRouter::new(client.clone()));
+        (server, client, js, router)
+    }
+
+    /// Waits (up to `wait`) until `count` publishes wait for their acks.
+    async fn until_waiting(router: &AckRouter, count: usize, wait: Duration) {
+        let until = std::time::Instant::now() + wait;
+        while router.waiting() < count && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Held publishes are bounded, and a publish whose caller stopped waiting before its
+    /// group left is not sent.
+    #[test]
+    fn held_publishes_are_bounded_and_abandoned_ones_left_out() {
+        let route = Route::new("inbox".into());
+        let publish = |token: u64| ("s".to_owned(), "r".to_owned(), bytes::Bytes::new(), token);
+        for token in 0..MAX_HELD as u64 {
+            route.hold(publish(token)).expect("below the bound");
+        }
+        let refused = route.hold(publish(MAX_HELD as u64));
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|err| format!("{err:?}").contains("already waiting to be sent")),
+            "{refused:?}"
+        );
+        // Only tokens 5 and 7 still have callers waiting.
+        for token in [7, 5] {
+            route.waiting().insert(token, oneshot::channel().0);
+        }
+        let mut group = Vec::new();
+        assert_eq!(route.take_group(&mut group), Some(5));
+        let tokens: Vec<u64> = group.iter().map(|held| held.3).collect();
+        assert_eq!(tokens, [5, 7]);
+        assert!(route.held().is_empty());
+        route.hold(publish(9)).expect("room again");
+    }
+
+    /// Every way a wait ends takes its token out of the table: answered (a stored message, a
+    /// subject nobody takes), timed out, or dropped by its caller.
+    #[tokio::test]
+    async fn needs_nats_a_publish_that_stops_waiting_leaves_no_token_behind() {
+        require!(NatsServer);
+        let (_server, client, _js, router) = router_on_a_stream("acks-test").await;
         let wait = Duration::from_secs(5);
 
         let first = router.publish("stored.a".into(), "1".into(), wait).await;
@@ -358,10 +440,7 @@ mod tests {
             let router = router.clone();
             async move { router.publish("silent.b".into(), "x".into(), wait).await }
         });
-        let until = std::time::Instant::now() + wait;
-        while router.waiting() == 0 && std::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until_waiting(&router, 1, wait).await;
         assert_eq!(router.waiting(), 1, "the publish is waiting for its ack");
         waiting.abort();
         let _ = waiting.await;
@@ -373,19 +452,7 @@ mod tests {
     #[tokio::test]
     async fn needs_nats_publishes_made_together_go_out_in_groups() {
         require!(NatsServer);
-        let server = NatsServer::start().await.expect("nats-server");
-        let client = crate::connect(&server.url(), Duration::from_secs(10))
-            .await
-            .expect("connect");
-        let js = async_nats::jetstream::new(client.clone());
-        js.create_stream(async_nats::jetstream::stream::Config {
-            name: "groups-test".into(),
-            subjects: vec!["stored.>".into()],
-            ..Default::default()
-        })
-        .await
-        .expect("stream");
-        let router = Arc::new(AckRouter::new(client.clone()));
+        let (_server, client, js, router) = router_on_a_stream("groups-test").await;
         let wait = Duration::from_secs(5);
 
         const MANY: usize = 300;
@@ -434,10 +501,7 @@ mod tests {
             let router = router.clone();
             async move { router.publish("silent.a".into(), "x".into(), wait).await }
         });
-        let until = std::time::Instant::now() + wait;
-        while router.waiting() == 0 && std::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_waiting(&router, 1, wait).await;
         let after = router
             .publish("stored.after".into(), "y".into(), wait)
             .await;
