@@ -44,6 +44,7 @@ macro_rules! warehouse_suite {
                 breakdowns_group_by_several_dimensions,
                 largest_groups_come_first,
                 filters_and_time_range_apply,
+                breakdowns_read_from_the_cube_equal_the_votes,
                 the_windows_watermark_is_the_last_covered_seq,
                 partial_window_rows_add_up,
                 timeseries_points_are_aligned_to_the_step,
@@ -449,6 +450,150 @@ pub async fn filters_and_time_range_apply(warehouse: Arc<dyn Warehouse>) {
         filtered.groups[0].ballots, 10,
         "filters and time range apply"
     );
+}
+
+const CUBE_POLL: &str = "conf-cube";
+
+/// 60 votes of [`CUBE_POLL`] at seqs 10..=69, 10 s apart from [`T0`]: countries, devices
+/// and three answers in cycles of different lengths, and a `store` of seven values on
+/// three votes in four (the fourth has none).
+fn cube_votes() -> Vec<StoredVote> {
+    (0..60u64)
+        .map(|i| {
+            let mut v = vote(
+                CUBE_POLL,
+                &format!("c-{i}"),
+                &format!("k{i}"),
+                ["a", "b", "c"][(i % 5 % 3) as usize],
+                T0 + i as i64 * 10_000,
+            );
+            v.segment.country = ["DE", "FR"][(i % 2) as usize].into();
+            v.segment.device = ["mobile", "desktop", "tablet"][(i % 3) as usize].into();
+            if i % 4 != 0 {
+                v.segment
+                    .custom
+                    .insert("store".into(), format!("s{}", i % 7));
+            }
+            StoredVote {
+                seq: 10 + i,
+                vote: v,
+            }
+        })
+        .collect()
+}
+
+/// What a breakdown must answer, from the votes themselves: group values to ballots and
+/// answer counts.
+fn expected_breakdown(
+    votes: &[StoredVote],
+    query: &BreakdownQuery,
+) -> BTreeMap<Vec<String>, (u64, BTreeMap<String, u64>)> {
+    let value = |v: &tally_core::vote::Vote, dimension: &Dimension| -> String {
+        let s = &v.segment;
+        match dimension.0.as_str() {
+            "campaign" => s.campaign.clone(),
+            "channel" => s.channel.clone(),
+            "source" => s.source.clone(),
+            "medium" => s.medium.clone(),
+            "country" => s.country.clone(),
+            "device" => s.device.clone(),
+            key => s.custom.get(key).cloned().unwrap_or_default(),
+        }
+    };
+    let mut groups: BTreeMap<Vec<String>, (u64, BTreeMap<String, u64>)> = BTreeMap::new();
+    for stored in votes {
+        let v = &stored.vote;
+        let in_range = query.from_ms.is_none_or(|f| v.received_at >= f)
+            && query.to_ms.is_none_or(|t| v.received_at < t);
+        let allowed = query
+            .filters
+            .iter()
+            .all(|(dimension, values)| values.contains(&value(v, dimension)));
+        if !in_range || !allowed {
+            continue;
+        }
+        let key: Vec<String> = query.by.iter().map(|d| value(v, d)).collect();
+        let group = groups.entry(key).or_default();
+        group.0 += 1;
+        for answer in &v.choice {
+            *group.1.entry(answer.clone()).or_default() += 1;
+        }
+    }
+    groups
+}
+
+/// Breakdowns the cube answers (one dimension, a poll's own key with its absent value,
+/// two standard keys, with filters and cut time ranges) and ones it does not, on rollups
+/// written fresh, settled and fresh again: each equals the count of the votes themselves.
+pub async fn breakdowns_read_from_the_cube_equal_the_votes(warehouse: Arc<dyn Warehouse>) {
+    warehouse.migrate().await.expect("migrate");
+    let votes = cube_votes();
+    warehouse.insert_votes(0, &votes).await.expect("insert");
+    let (first, rest) = votes.split_at(30);
+    for (level, rows, covered) in [
+        (RollupLevel::Fresh, first, 39),
+        (RollupLevel::Settled, first, 39),
+        (RollupLevel::Fresh, rest, 69),
+    ] {
+        warehouse
+            .insert_rollups(0, level, &rollup_rows(rows, covered))
+            .await
+            .expect("insert rollups");
+    }
+    let d = |name: &str| Dimension(name.into());
+    let query =
+        |by: &[&str], filters: Vec<(Dimension, Vec<String>)>, range: (Option<i64>, Option<i64>)| {
+            BreakdownQuery {
+                poll_id: CUBE_POLL.into(),
+                by: by.iter().map(|name| d(name)).collect(),
+                filters,
+                from_ms: range.0.map(|f| T0 + f),
+                to_ms: range.1.map(|t| T0 + t),
+            }
+        };
+    let all = (None, None);
+    let cut = (Some(45_000), Some(455_000));
+    let values = |v: &[&str]| v.iter().map(|v| (*v).to_owned()).collect::<Vec<String>>();
+    let queries = [
+        query(&["store"], vec![], all),
+        query(&["store"], vec![], cut),
+        query(
+            &["store"],
+            vec![(d("store"), values(&["s1", "", "s5"]))],
+            all,
+        ),
+        query(&["store"], vec![(d("store"), values(&["s2"]))], cut),
+        query(&["store"], vec![(d("store"), vec![])], all),
+        query(&["country"], vec![], all),
+        query(
+            &["device"],
+            vec![(d("device"), values(&["mobile", "tablet"]))],
+            cut,
+        ),
+        query(&["device"], vec![(d("country"), values(&["FR"]))], all),
+        query(&["country", "device"], vec![], cut),
+        query(
+            &["device", "country"],
+            vec![(d("device"), values(&["desktop"]))],
+            all,
+        ),
+        query(&["store", "country"], vec![], all),
+        query(
+            &["country", "device", "store"],
+            vec![(d("store"), values(&["s3", ""]))],
+            cut,
+        ),
+    ];
+    for query in queries {
+        let got = warehouse.breakdown(&query).await.expect("breakdown");
+        assert_eq!(got.as_of, 69, "{query:?}");
+        let got: BTreeMap<Vec<String>, (u64, BTreeMap<String, u64>)> = got
+            .groups
+            .into_iter()
+            .map(|g| (g.values, (g.ballots, g.counts)))
+            .collect();
+        assert_eq!(got, expected_breakdown(&votes, &query), "{query:?}");
+    }
 }
 
 pub async fn the_windows_watermark_is_the_last_covered_seq(warehouse: Arc<dyn Warehouse>) {

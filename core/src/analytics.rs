@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dimension(pub String);
 
-/// The most groups a breakdown returns; more is refused as a bad request.
-pub const MAX_GROUPS: usize = 1_000;
+/// The most groups a breakdown returns; more is refused as a bad request. A breakdown by
+/// one dimension always fits: its values are capped ([`crate::segment::MAX_SEGMENT_VALUES`])
+/// and `other` and the absent value come on top.
+pub const MAX_GROUPS: usize = crate::segment::MAX_SEGMENT_VALUES + 2;
 
 /// The error for a breakdown over more than [`MAX_GROUPS`] groups.
 pub fn too_many_groups() -> crate::Error {

@@ -15,12 +15,28 @@
 //! poll's votes after `S`. The answer is exact as of `max(S, F)`. Time ranges that cut
 //! through a bucket are completed from the raw votes of the bucket's cut part, up to the
 //! same position, so the answer is exact at millisecond resolution.
+//!
+//! # The cube: rows per dimension set
+//!
+//! One row per whole segment stops helping once a poll has a dimension of thousands of
+//! values (a store id, a zip code): there are nearly as many segments as votes, and a
+//! breakdown by country would read them all. So every write also holds, in the same
+//! insert, rows per *dimension set* ([`RollupRow::dims`]): the poll's totals
+//! ([`TOTAL_SET`]), each standard key alone, each pair of standard keys, and each of the
+//! poll's own keys alone (only its non-empty values: a warehouse does not know which keys a
+//! poll declares, so the votes without the key are the totals less the rest, see
+//! [`complete_custom`]). A breakdown whose dimensions (grouped and filtered together) fit
+//! one set reads that set's few rows ([`cube_set`]); any other reads the whole segments.
+//! The sets are a fixed, small list rather than every combination: a vote adds
+//! 1 + 6 + 15 + (its own keys) rows before they are added up per write, and the whole
+//! segments still answer every other question exactly.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use crate::analytics::BreakdownQuery;
 use crate::analytics::{too_many_groups, Breakdown, GroupCounts, MAX_GROUPS};
-use crate::segment::Segment;
+use crate::segment::{Segment, STANDARD_KEYS};
 use crate::vote::Vote;
 
 /// Width of a rollup bucket.
@@ -57,6 +73,9 @@ pub const BREAKDOWN_ROW_LIMIT: usize = (MAX_GROUPS + 1) * (MAX_ANSWERS + 1);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RollupRow {
     pub poll_id: String,
+    /// The dimension set the row counts (see the module documentation): empty for a whole
+    /// segment, otherwise the set's name, and `segment` holds only the set's values.
+    pub dims: String,
     /// Bucket start, epoch seconds, a multiple of `bucket_seconds`.
     pub bucket_start: i64,
     pub bucket_seconds: u32,
@@ -181,18 +200,24 @@ impl Rollups {
         keys.sort();
         let mut rows = Vec::new();
         for (poll_id, bucket) in keys {
-            for (segment, counts) in &self.groups[poll_id][&bucket] {
-                rows.push(RollupRow {
-                    poll_id: poll_id.clone(),
-                    bucket_start: bucket,
-                    bucket_seconds: ROLLUP_SECONDS,
-                    segment: segment.clone(),
-                    ballots: counts.ballots,
-                    answers: counts.answers.keys().cloned().collect(),
-                    answer_votes: counts.answers.values().copied().collect(),
-                    last_seq: self.last_seq,
-                });
+            let segments = &self.groups[poll_id][&bucket];
+            let row = |dims: &str, segment: &Segment, counts: &Counts| RollupRow {
+                poll_id: poll_id.clone(),
+                dims: dims.to_owned(),
+                bucket_start: bucket,
+                bucket_seconds: ROLLUP_SECONDS,
+                segment: segment.clone(),
+                ballots: counts.ballots,
+                answers: counts.answers.keys().cloned().collect(),
+                answer_votes: counts.answers.values().copied().collect(),
+                last_seq: self.last_seq,
+            };
+            let whole = rows.len();
+            for (segment, counts) in segments {
+                rows.push(row("", segment, counts));
             }
+            let cube = cube_rows(&rows[whole..]);
+            rows.extend(cube);
         }
         rows
     }
@@ -201,6 +226,197 @@ impl Rollups {
     pub fn clear(&mut self) {
         *self = Rollups::default();
     }
+}
+
+/// The name of the dimension set holding a poll's totals per bucket.
+pub const TOTAL_SET: &str = "*";
+
+/// The pairs of standard keys the cube keeps, as `(name, first, second)` with the keys'
+/// positions in [`STANDARD_KEYS`]; a pair's name is its keys in that order, comma-joined.
+fn standard_pairs() -> impl Iterator<Item = (String, usize, usize)> {
+    (0..STANDARD_KEYS.len()).flat_map(|a| {
+        (a + 1..STANDARD_KEYS.len())
+            .map(move |b| (format!("{},{}", STANDARD_KEYS[a], STANDARD_KEYS[b]), a, b))
+    })
+}
+
+fn standard_value(segment: &Segment, key: usize) -> &str {
+    match key {
+        0 => &segment.campaign,
+        1 => &segment.channel,
+        2 => &segment.source,
+        3 => &segment.medium,
+        4 => &segment.country,
+        _ => &segment.device,
+    }
+}
+
+fn set_standard(segment: &mut Segment, key: usize, value: &str) {
+    let field = match key {
+        0 => &mut segment.campaign,
+        1 => &mut segment.channel,
+        2 => &mut segment.source,
+        3 => &mut segment.medium,
+        4 => &mut segment.country,
+        _ => &mut segment.device,
+    };
+    value.clone_into(field);
+}
+
+/// The cube rows a whole segment adds to: each dimension set's name with the segment
+/// reduced to the set's values.
+fn cube_projections(segment: &Segment) -> Vec<(String, Segment)> {
+    let mut out = Vec::with_capacity(1 + 6 + 15 + segment.custom.len());
+    out.push((TOTAL_SET.to_owned(), Segment::default()));
+    for (key, name) in STANDARD_KEYS.iter().enumerate() {
+        let mut projected = Segment::default();
+        set_standard(&mut projected, key, standard_value(segment, key));
+        out.push(((*name).to_owned(), projected));
+    }
+    for (name, a, b) in standard_pairs() {
+        let mut projected = Segment::default();
+        set_standard(&mut projected, a, standard_value(segment, a));
+        set_standard(&mut projected, b, standard_value(segment, b));
+        out.push((name, projected));
+    }
+    for (key, value) in &segment.custom {
+        if !value.is_empty() {
+            let projected = Segment {
+                custom: [(key.clone(), value.clone())].into(),
+                ..Default::default()
+            };
+            out.push((key.clone(), projected));
+        }
+    }
+    out
+}
+
+/// The cube rows of whole-segment rows: per poll, bucket and `last_seq` (one write), the
+/// rows of every dimension set, each adding up the whole segments it holds. Rows that are
+/// not whole segments are left out.
+pub fn cube_rows(whole: &[RollupRow]) -> Vec<RollupRow> {
+    type Key = (String, i64, u32, u64, String, Segment);
+    let mut cube: HashMap<Key, Counts> = HashMap::new();
+    for row in whole.iter().filter(|row| row.dims.is_empty()) {
+        let mut counts = Counts {
+            ballots: row.ballots,
+            answers: BTreeMap::new(),
+        };
+        for (answer, votes) in row.answers.iter().zip(&row.answer_votes) {
+            counts.count(answer, *votes);
+        }
+        for (dims, projected) in cube_projections(&row.segment) {
+            let key = (
+                row.poll_id.clone(),
+                row.bucket_start,
+                row.bucket_seconds,
+                row.last_seq,
+                dims,
+                projected,
+            );
+            cube.entry(key).or_default().add(&counts);
+        }
+    }
+    cube.into_iter()
+        .map(
+            |((poll_id, bucket_start, bucket_seconds, last_seq, dims, segment), counts)| {
+                RollupRow {
+                    poll_id,
+                    dims,
+                    bucket_start,
+                    bucket_seconds,
+                    segment,
+                    ballots: counts.ballots,
+                    answers: counts.answers.keys().cloned().collect(),
+                    answer_votes: counts.answers.into_values().collect(),
+                    last_seq,
+                }
+            },
+        )
+        .collect()
+}
+
+/// Where a breakdown can read its rows from the cube: the set holding every dimension it
+/// groups or filters by, and whether that set is one of the poll's own keys (whose rows
+/// lack the votes without the key, see [`complete_custom`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CubeSet {
+    pub dims: String,
+    pub custom: bool,
+}
+
+/// The dimension set of the cube that answers `query`, or `None` when only the whole
+/// segments do (three dimensions or more, or one of the poll's own keys with another).
+pub fn cube_set(query: &BreakdownQuery) -> Option<CubeSet> {
+    if query.by.is_empty() {
+        return None;
+    }
+    let mut needed: Vec<&str> = query
+        .by
+        .iter()
+        .chain(query.filters.iter().map(|(dimension, _)| dimension))
+        .map(|dimension| dimension.0.as_str())
+        .collect();
+    needed.sort_unstable();
+    needed.dedup();
+    let standard = |name: &str| STANDARD_KEYS.iter().position(|key| *key == name);
+    match needed.as_slice() {
+        [one] => Some(CubeSet {
+            dims: (*one).to_owned(),
+            custom: standard(one).is_none(),
+        }),
+        [a, b] => {
+            let (a, b) = (standard(a)?, standard(b)?);
+            let (a, b) = (a.min(b), a.max(b));
+            Some(CubeSet {
+                dims: format!("{},{}", STANDARD_KEYS[a], STANDARD_KEYS[b]),
+                custom: false,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// A breakdown by one of the poll's own keys from its cube rows: `groups` are the rows of
+/// its non-empty values (grouped by the key, as many times as `by` names it), `totals`
+/// the poll's totals (grouped by nothing) over the same buckets. Adds the group of the
+/// votes without the key — the totals less every other group — and keeps only the groups
+/// whose value `filters` allow.
+pub fn complete_custom(
+    query: &BreakdownQuery,
+    groups: Vec<BreakdownRow>,
+    totals: Vec<BreakdownRow>,
+) -> Vec<BreakdownRow> {
+    let width = query.by.len();
+    let mut absent: BTreeMap<String, u64> = BTreeMap::new();
+    for (_, answer, count) in totals {
+        *absent.entry(answer).or_default() += count;
+    }
+    for (_, answer, count) in &groups {
+        if let Some(left) = absent.get_mut(answer) {
+            *left = left.saturating_sub(*count);
+        }
+    }
+    let empty = vec![String::new(); width];
+    let allowed = |value: &str| {
+        query
+            .filters
+            .iter()
+            .all(|(_, values)| values.iter().any(|v| v == value))
+    };
+    let mut rows: Vec<BreakdownRow> = groups
+        .into_iter()
+        .filter(|(values, _, _)| values.first().is_none_or(|v| allowed(v)))
+        .collect();
+    if allowed("") {
+        rows.extend(
+            absent
+                .into_iter()
+                .filter(|(_, count)| *count > 0)
+                .map(|(answer, count)| (empty.clone(), answer, count)),
+        );
+    }
+    rows
 }
 
 /// A time range `[from, to)` in epoch ms; `None` is open.
@@ -326,7 +542,8 @@ mod tests {
         rollups.add(&vote("p", t + 60_000, "DE", &["b"]), 9);
         rollups.add(&vote("p", t, "FR", &["b"]), 9);
         assert_eq!(rollups.votes(), 4);
-        let rows = rollups.rows();
+        let all = rollups.rows();
+        let rows: Vec<&RollupRow> = all.iter().filter(|r| r.dims.is_empty()).collect();
         assert_eq!(rows.len(), 3);
         assert!(rows.iter().all(|r| r.last_seq == 9));
         let de_first = rows
@@ -365,13 +582,198 @@ mod tests {
                 (
                     row.poll_id.clone(),
                     row.bucket_start,
-                    row.segment.country.clone(),
+                    row.dims.clone(),
+                    format!("{:?}", row.segment),
                 )
             });
             rows
         };
         assert_eq!(sorted(&first), sorted(&all));
         assert_eq!((first.votes(), first.last_seq()), (4, 4));
+    }
+
+    fn custom(country: &str, device: &str, store: Option<&str>) -> Segment {
+        Segment {
+            country: country.into(),
+            device: device.into(),
+            custom: store
+                .map(|s| [("store".to_owned(), s.to_owned())].into())
+                .unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn every_write_holds_its_cube_rows_each_set_adding_up_to_the_totals() {
+        let t = 1_700_000_040_000;
+        let mut rollups = Rollups::default();
+        let segments = [
+            custom("DE", "mobile", Some("s1")),
+            custom("DE", "mobile", Some("s2")),
+            custom("DE", "desktop", None),
+            custom("FR", "mobile", Some("s1")),
+        ];
+        for (i, segment) in segments.iter().enumerate() {
+            let mut v = vote("p", t + i as i64, "", &["a", "b"][..1 + i % 2]);
+            v.segment = segment.clone();
+            rollups.add(&v, 10);
+        }
+        let rows = rollups.rows();
+        assert!(rows.iter().all(|r| r.last_seq == 10));
+        let set =
+            |dims: &str| -> Vec<&RollupRow> { rows.iter().filter(|r| r.dims == dims).collect() };
+        assert_eq!(set("").len(), 4, "whole segments");
+        let totals = set(TOTAL_SET);
+        assert_eq!(totals.len(), 1);
+        assert_eq!(
+            (totals[0].ballots, totals[0].segment.clone()),
+            (4, Segment::default())
+        );
+        assert_eq!(totals[0].answers, ["a", "b"]);
+        assert_eq!(totals[0].answer_votes, [4, 2]);
+        // 1 + 6 + 15 standard sets and the poll's own key.
+        let sets: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.dims.as_str()).collect();
+        assert_eq!(sets.len(), 1 + 1 + 6 + 15 + 1, "{sets:?}");
+        for dims in sets.iter().filter(|d| !d.is_empty()) {
+            let ballots: u64 = set(dims).iter().map(|r| r.ballots).sum();
+            let expected = if *dims == "store" { 3 } else { 4 };
+            assert_eq!(ballots, expected, "{dims}");
+        }
+        let country: BTreeMap<&str, u64> = set("country")
+            .iter()
+            .map(|r| (r.segment.country.as_str(), r.ballots))
+            .collect();
+        assert_eq!(country, [("DE", 3), ("FR", 1)].into());
+        let pairs: BTreeMap<(&str, &str), u64> = set("country,device")
+            .iter()
+            .map(|r| {
+                (
+                    (r.segment.country.as_str(), r.segment.device.as_str()),
+                    r.ballots,
+                )
+            })
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                (("DE", "desktop"), 1),
+                (("DE", "mobile"), 2),
+                (("FR", "mobile"), 1)
+            ]
+            .into()
+        );
+        let stores: BTreeMap<&str, u64> = set("store")
+            .iter()
+            .map(|r| (r.segment.custom["store"].as_str(), r.ballots))
+            .collect();
+        assert_eq!(stores, [("s1", 2), ("s2", 1)].into());
+        // Only the set's own values are kept.
+        assert!(set("country")
+            .iter()
+            .all(|r| r.segment.device.is_empty() && r.segment.custom.is_empty()));
+        // Cube rows made later from the stored whole segments are the same rows.
+        let mut again = cube_rows(&rows);
+        let mut cube: Vec<RollupRow> = rows
+            .iter()
+            .filter(|r| !r.dims.is_empty())
+            .cloned()
+            .collect();
+        let key = |r: &RollupRow| (r.dims.clone(), format!("{:?}", r.segment));
+        again.sort_by_key(key);
+        cube.sort_by_key(key);
+        assert_eq!(again, cube);
+    }
+
+    #[test]
+    fn a_breakdown_reads_the_cube_when_one_set_holds_all_its_dimensions() {
+        let query = |by: &[&str], filters: &[&str]| BreakdownQuery {
+            poll_id: "p".into(),
+            by: by
+                .iter()
+                .map(|d| crate::analytics::Dimension((*d).into()))
+                .collect(),
+            filters: filters
+                .iter()
+                .map(|d| (crate::analytics::Dimension((*d).into()), vec!["x".into()]))
+                .collect(),
+            ..Default::default()
+        };
+        let set = |dims: &str, custom: bool| {
+            Some(CubeSet {
+                dims: dims.into(),
+                custom,
+            })
+        };
+        assert_eq!(cube_set(&query(&["country"], &[])), set("country", false));
+        assert_eq!(
+            cube_set(&query(&["country"], &["country"])),
+            set("country", false)
+        );
+        assert_eq!(
+            cube_set(&query(&["device"], &["country"])),
+            set("country,device", false)
+        );
+        assert_eq!(
+            cube_set(&query(&["device", "country"], &[])),
+            set("country,device", false)
+        );
+        assert_eq!(cube_set(&query(&["store"], &["store"])), set("store", true));
+        assert_eq!(cube_set(&query(&["store"], &["country"])), None);
+        assert_eq!(
+            cube_set(&query(&["country", "device", "source"], &[])),
+            None
+        );
+        assert_eq!(cube_set(&query(&["country", "device"], &["source"])), None);
+        assert_eq!(cube_set(&query(&[], &["country"])), None);
+    }
+
+    #[test]
+    fn the_votes_without_a_custom_key_are_the_totals_less_the_rest() {
+        let row = |g: &[&str], answer: &str, n: u64| -> BreakdownRow {
+            (
+                g.iter().map(|v| (*v).to_owned()).collect(),
+                answer.to_owned(),
+                n,
+            )
+        };
+        let groups = vec![
+            row(&["s1"], "", 3),
+            row(&["s1"], "a", 3),
+            row(&["s2"], "", 1),
+            row(&["s2"], "b", 1),
+        ];
+        let totals = vec![row(&[], "", 6), row(&[], "a", 4), row(&[], "b", 2)];
+        let mut query = BreakdownQuery {
+            poll_id: "p".into(),
+            by: vec![crate::analytics::Dimension("store".into())],
+            ..Default::default()
+        };
+        let mut all = complete_custom(&query, groups.clone(), totals.clone());
+        all.sort();
+        let mut want = groups.clone();
+        want.extend([row(&[""], "", 2), row(&[""], "a", 1), row(&[""], "b", 1)]);
+        want.sort();
+        assert_eq!(all, want);
+        query.filters = vec![(
+            crate::analytics::Dimension("store".into()),
+            vec!["".into(), "s2".into()],
+        )];
+        let mut some = complete_custom(&query, groups.clone(), totals.clone());
+        some.sort();
+        let mut want = vec![
+            row(&["s2"], "", 1),
+            row(&["s2"], "b", 1),
+            row(&[""], "", 2),
+            row(&[""], "a", 1),
+            row(&[""], "b", 1),
+        ];
+        want.sort();
+        assert_eq!(some, want);
+        query.filters = vec![(
+            crate::analytics::Dimension("store".into()),
+            vec!["s1".into()],
+        )];
+        assert_eq!(complete_custom(&query, groups, totals).len(), 2);
     }
 
     #[test]

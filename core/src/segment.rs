@@ -14,10 +14,10 @@ pub const MAX_VALUE_CHARS: usize = 128;
 /// The most distinct values the processor counts for one dimension (a standard key or one
 /// of the poll's own) of one poll. A vote bringing a further value is counted, in the raw
 /// votes and the rollups alike, with [`OTHER_VALUE`] in its place, so a breakdown by one
-/// dimension has at most this many groups plus `other` and the absent value — well under
+/// dimension has at most this many groups plus `other` and the absent value — exactly
 /// [`crate::analytics::MAX_GROUPS`] — however many values voters invent. Which values are
 /// kept is decided by their order in the log, so a replay keeps the same ones.
-pub const MAX_SEGMENT_VALUES: usize = 500;
+pub const MAX_SEGMENT_VALUES: usize = 10_000;
 
 /// The value a vote is counted with when its own would exceed [`MAX_SEGMENT_VALUES`].
 /// A voter may send it too; it never counts towards the cap.

@@ -283,6 +283,8 @@
   /* --- segments ----------------------------------------------------------------------- */
 
   var breakdownForm = document.getElementById("breakdown-form");
+  // Rows a breakdown table shows at most (the API answers up to 10,002 groups).
+  var BREAKDOWN_ROWS_SHOWN = 500;
   var breakdownBox = document.getElementById("breakdown");
   var range = document.getElementById("range");
 
@@ -343,7 +345,9 @@
         })
       )
       .concat([el("th", { scope: "col", class: "n", text: "p" }), el("th", { scope: "col", text: "Flag" })]));
-    var body = doc.groups.map(function (group) {
+    // Largest groups first; a dimension of thousands of values shows its largest ones only.
+    var shown = doc.groups.slice(0, BREAKDOWN_ROWS_SHOWN);
+    var body = shown.map(function (group) {
       var name = doc.by
         .map(function (key) {
           return key + "=" + group.segment[key];
@@ -389,8 +393,9 @@
     var table = el("table", { class: "breakdown", "data-as-of": String(doc.as_of) }, [
       el("caption", {
         text:
-          "By " + doc.by.join(" and ") + ": " + Tally.count(doc.total_votes) + " votes, " + doc.groups.length +
-          " groups · shares with 95% intervals · " + doc.test + " test of each group against the rest · as of #" + doc.as_of,
+          "By " + doc.by.join(" and ") + ": " + Tally.count(doc.total_votes) + " votes, " + Tally.count(doc.groups.length) +
+          " groups" + (shown.length < doc.groups.length ? " (the " + Tally.count(shown.length) + " largest shown)" : "") +
+          " · shares with 95% intervals · " + doc.test + " test of each group against the rest · as of #" + doc.as_of,
       }),
       el("thead", {}, [head]),
       el("tbody", {}, body),

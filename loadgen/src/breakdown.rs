@@ -11,22 +11,25 @@ use tally_core::api::BreakdownDoc;
 
 use crate::report::{percentile_ms, BreakdownMs};
 
-/// The breakdown shapes timed: one dimension, and two.
-const SHAPES: [&str; 2] = ["country", "country,device"];
+/// The breakdown shapes timed unless `--breakdown-by` says otherwise: one dimension, and
+/// two.
+pub const DEFAULT_SHAPES: &str = "country;country,device";
 
-/// Times `requests` breakdowns of `poll` (which holds `votes` votes) per shape.
+/// Times `requests` breakdowns of `poll` (which holds `votes` votes) per shape (each a
+/// `by` list).
 pub async fn time(
     http: &reqwest::Client,
     query_url: &str,
     admin_key: &str,
     (poll, votes): (&str, u64),
     requests: usize,
-) -> anyhow::Result<BTreeMap<&'static str, BreakdownMs>> {
+    shapes: &[String],
+) -> anyhow::Result<BTreeMap<String, BreakdownMs>> {
     let mut per_shape = BTreeMap::new();
     if requests == 0 {
         return Ok(per_shape);
     }
-    for by in SHAPES {
+    for by in shapes {
         let url = format!("{query_url}/v1/polls/{poll}/breakdown?by={by}");
         let mut took_us = Vec::with_capacity(requests);
         for _ in 0..requests {
@@ -43,7 +46,7 @@ pub async fn time(
             }
             let doc: BreakdownDoc = serde_json::from_slice(&body)
                 .with_context(|| format!("the breakdown by {by} is not a breakdown"))?;
-            if doc.by.join(",") != by {
+            if doc.by.join(",") != *by {
                 bail!(
                     "asked for a breakdown by {by}, got one by {}",
                     doc.by.join(",")
@@ -52,7 +55,7 @@ pub async fn time(
         }
         took_us.sort_unstable();
         per_shape.insert(
-            by,
+            by.clone(),
             BreakdownMs {
                 p50: percentile_ms(&took_us, 0.50),
                 p99: percentile_ms(&took_us, 0.99),

@@ -104,6 +104,12 @@ pub struct LoadgenArgs {
     /// (`by=country`, `by=country,device`), one at a time.
     #[arg(long, default_value_t = 0)]
     breakdown_requests: usize,
+    /// The breakdowns `--breakdown-requests` times, `;`-separated, each a `by` list.
+    #[arg(long, default_value = breakdown::DEFAULT_SHAPES, value_delimiter = ';')]
+    breakdown_by: Vec<String>,
+    /// With `--breakdown-requests`, time the breakdowns only: no SQL, no exports.
+    #[arg(long)]
+    breakdowns_only: bool,
     /// The server's process id (on this machine): its resident memory is sampled during the
     /// exports timed with `--breakdown-requests`.
     #[arg(long)]
@@ -171,6 +177,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
         &args.admin_key,
         first_poll,
         args.breakdown_requests,
+        &args.breakdown_by,
     )
     .await?;
 
@@ -179,17 +186,17 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
         batch: args.batch,
         concurrency: args.concurrency,
     };
-    let analysts = breakdown::time_analysts(
-        &http,
-        &query_url,
-        &args.admin_key,
-        first_poll,
-        args.breakdown_requests,
-        args.server_pid,
-    )
-    .await?;
     let mut summary = Summary::new(setup, sent, counted, live, breakdowns);
-    if args.breakdown_requests > 0 {
+    if args.breakdown_requests > 0 && !args.breakdowns_only {
+        let analysts = breakdown::time_analysts(
+            &http,
+            &query_url,
+            &args.admin_key,
+            first_poll,
+            args.breakdown_requests,
+            args.server_pid,
+        )
+        .await?;
         summary.analysts = Some(analysts);
     }
     Ok(Report::new(summary, polls, args.retry_for))

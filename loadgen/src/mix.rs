@@ -13,10 +13,15 @@ pub const DEFAULT_SEGMENT_MIX: &str =
 pub const MAX_MIX_KEYS: usize = 8;
 
 /// One value index per key of the mix, in the mix's key order (unused slots are 0).
-pub type Pick = [u8; MAX_MIX_KEYS];
+pub type Pick = [u16; MAX_MIX_KEYS];
 
-/// `key=value[:weight],value[:weight],…;key=…` — weights are whole numbers (default 1).
-/// Keys that are not standard segment keys become the load polls' own dimensions.
+/// The most values one key of a mix may have: an index fits the `u16` of a [`Pick`].
+pub const MAX_MIX_VALUES: usize = u16::MAX as usize;
+
+/// `key=value[:weight],value[:weight],…;key=…` — weights are whole numbers (default 1);
+/// `key=*N` is N equally likely values `key-0` … `key-<N-1>` (a dimension of thousands of
+/// values, such as a store id). Keys that are not standard segment keys become the load
+/// polls' own dimensions.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SegmentMix {
     keys: Vec<MixKey>,
@@ -25,7 +30,7 @@ pub struct SegmentMix {
 #[derive(Debug, Clone, PartialEq)]
 struct MixKey {
     key: String,
-    /// At most 255, so that an index fits the `u8` of a [`Pick`].
+    /// At most [`MAX_MIX_VALUES`].
     values: Vec<String>,
     /// Running sums of the weights, for drawing a value.
     cumulative: Vec<u64>,
@@ -64,6 +69,19 @@ fn parse_key(part: &str) -> Result<MixKey, String> {
         values: Vec::new(),
         cumulative: Vec::new(),
     };
+    if let Some(count) = values.trim().strip_prefix('*') {
+        let count = match count.parse::<usize>() {
+            Ok(count) if (1..=MAX_MIX_VALUES).contains(&count) => count,
+            _ => {
+                return Err(format!(
+                    "`{key}=*{count}`: the number of values is a whole number from 1 to {MAX_MIX_VALUES}"
+                ))
+            }
+        };
+        mix.values = (0..count).map(|i| format!("{key}-{i}")).collect();
+        mix.cumulative = (1..=count as u64).collect();
+        return Ok(mix);
+    }
     for value in values.split(',').map(str::trim) {
         let (value, weight) = match value.rsplit_once(':') {
             Some((value, weight)) => match weight.parse::<u64>() {
@@ -83,8 +101,8 @@ fn parse_key(part: &str) -> Result<MixKey, String> {
         mix.values.push(value.to_owned());
         mix.cumulative.push(total);
     }
-    if mix.values.len() > usize::from(u8::MAX) {
-        return Err(format!("`{key}` has more than 255 values"));
+    if mix.values.len() > MAX_MIX_VALUES {
+        return Err(format!("`{key}` has more than {MAX_MIX_VALUES} values"));
     }
     Ok(mix)
 }
@@ -105,7 +123,7 @@ impl SegmentMix {
         for (slot, key) in picked.iter_mut().zip(&self.keys) {
             let total = key.cumulative.last().copied().unwrap_or(1);
             let draw = rng.random_range(0..total);
-            *slot = key.cumulative.partition_point(|&sum| sum <= draw) as u8;
+            *slot = key.cumulative.partition_point(|&sum| sum <= draw) as u16;
         }
         picked
     }
@@ -155,6 +173,23 @@ mod tests {
     }
 
     #[test]
+    fn a_counted_key_has_that_many_equally_likely_values() {
+        let mix: SegmentMix = "country=US;store=*10000".parse().expect("mix");
+        assert_eq!(mix.dimensions(), ["store"]);
+        assert_eq!(mix.keys[1].values.len(), 10_000);
+        assert_eq!(mix.keys[1].values[9_999], "store-9999");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let seen: std::collections::BTreeSet<String> = (0..200_000)
+            .map(|_| {
+                let picked = mix.pick(&mut rng);
+                let store = mix.values(&picked).nth(1).expect("a store").1.to_owned();
+                store
+            })
+            .collect();
+        assert!(seen.len() > 9_900, "{} stores came up", seen.len());
+    }
+
+    #[test]
     fn a_bad_mix_is_refused_with_what_to_fix() {
         for (spec, says) in [
             ("country", "expected key=value"),
@@ -164,6 +199,9 @@ mod tests {
             ("country=US;country=DE", "given twice"),
             ("country=US,,DE", "empty value"),
             ("a=1;b=1;c=1;d=1;e=1;f=1;g=1;h=1;i=1", "at most 8"),
+            ("store=*0", "from 1 to 65535"),
+            ("store=*70000", "from 1 to 65535"),
+            ("store=*x", "from 1 to 65535"),
         ] {
             let err = spec.parse::<SegmentMix>().expect_err(spec);
             assert!(err.contains(says), "{spec}: {err}");

@@ -46,7 +46,7 @@ pub struct Summary {
     pub live: LiveSummary,
     /// Breakdown request latency of the first poll after the load, per `by`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub breakdown_ms: BTreeMap<&'static str, BreakdownMs>,
+    pub breakdown_ms: BTreeMap<String, BreakdownMs>,
     /// The analysts' routes on the first poll after the load (with `--breakdown-requests`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub analysts: Option<crate::breakdown::AnalystTimes>,
@@ -89,7 +89,7 @@ impl Summary {
         mut sent: Sent,
         counted: Counted,
         (live, visible_us): (LiveSummary, Vec<u64>),
-        breakdown_ms: BTreeMap<&'static str, BreakdownMs>,
+        breakdown_ms: BTreeMap<String, BreakdownMs>,
     ) -> Summary {
         sent.latencies_us.sort_unstable();
         let latencies = &sent.latencies_us;

@@ -205,7 +205,7 @@ mod tests {
     use super::*;
     use crate::mix::MAX_MIX_KEYS;
 
-    fn vote(voter: u64, choice: usize, segment: u8) -> SyntheticVote {
+    fn vote(voter: u64, choice: usize, segment: u16) -> SyntheticVote {
         let mut pick = [0; MAX_MIX_KEYS];
         pick[0] = segment;
         SyntheticVote {

@@ -191,7 +191,12 @@ impl Warehouse for Recording {
         rows: &[RollupRow],
     ) -> tally_core::Result<()> {
         self.inner.insert_rollups(partition, level, rows).await?;
-        let votes = rows.iter().map(|row| row.ballots).sum();
+        // The votes a write covers: its whole segments' ballots (the cube counts them again).
+        let votes = rows
+            .iter()
+            .filter(|row| row.dims.is_empty())
+            .map(|row| row.ballots)
+            .sum();
         self.writes.lock().unwrap().push((level, votes));
         self.answer(level.table())
     }

@@ -31,7 +31,7 @@ fn vote(i: u64, device: &str) -> Vote {
     }
 }
 
-/// The store in `dir`, with one log partition and warehouse tails flushed every 64 rows:
+/// The store in `dir`, with one log partition and warehouse tails flushed every 640 rows:
 /// each table's files then end at a position of their own, which a crash makes visible.
 /// Waits for a previous store of `dir` to let go of it: the log's writer thread holds the
 /// database until its queue closes.
@@ -43,7 +43,7 @@ async fn open(dir: &tempfile::TempDir) -> Embedded {
             tally_embedded::Options {
                 partitions: 1,
                 warehouse: WarehouseOptions {
-                    flush_rows: 64,
+                    flush_rows: 640,
                     ..Default::default()
                 },
             },
@@ -90,9 +90,9 @@ fn start(store: &Embedded) -> Tasks {
             leases: None,
         },
         tally_processor::Config {
-            batch_max: 40,
-            rollup_votes: 100,
-            settle_votes: 250,
+            batch_max: 400,
+            rollup_votes: 1_000,
+            settle_votes: 2_500,
             ..Default::default()
         },
         &tasks,
@@ -148,8 +148,10 @@ async fn new_values_past_the_cap_count_as_other_across_restarts_and_crashes() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir).await;
 
-    // 600 distinct devices: the first 500 keep their value, the last 100 are `other`.
-    append(&store, 0, &devices("d", 0..600)).await;
+    // The cap and 100 more distinct devices: the first keep their value, the last 100 are
+    // `other`.
+    let first = MAX_SEGMENT_VALUES as u64 + 100;
+    append(&store, 0, &devices("d", 0..first as usize)).await;
     let processor = start(&store);
     let breakdown = processed(&store).await;
     processor.shutdown(Duration::from_secs(60)).await;
@@ -157,16 +159,16 @@ async fn new_values_past_the_cap_count_as_other_across_restarts_and_crashes() {
     assert_eq!(
         groups.len(),
         MAX_SEGMENT_VALUES + 1,
-        "500 devices and other"
+        "the cap's devices and other"
     );
     assert_eq!(groups[OTHER_VALUE], 100);
     assert!(
         (0..MAX_SEGMENT_VALUES).all(|i| groups[&format!("d{i}")] == 1),
-        "the first 500 devices keep their value"
+        "the first devices keep their value"
     );
     let tally = store.warehouse.tally(POLL).await.unwrap();
-    assert_eq!(tally.ballots, 600, "results count every vote");
-    assert_eq!(tally.counts.values().sum::<u64>(), 600);
+    assert_eq!(tally.ballots, first, "results count every vote");
+    assert_eq!(tally.counts.values().sum::<u64>(), first);
     assert_eq!(
         stored_devices(&store).await,
         MAX_SEGMENT_VALUES + 1,
@@ -175,8 +177,9 @@ async fn new_values_past_the_cap_count_as_other_across_restarts_and_crashes() {
 
     // A restart (new tasks, same store): 50 more new devices are `other`, 20 known ones
     // keep their value.
-    append(&store, 600, &devices("n", 0..50)).await;
-    append(&store, 650, &devices("d", 0..20)).await;
+    append(&store, first, &devices("n", 0..50)).await;
+    append(&store, first + 50, &devices("d", 0..20)).await;
+    let all = first + 70;
     let processor = start(&store);
     let restarted = processed(&store).await;
     processor.shutdown(Duration::from_secs(60)).await;
@@ -189,10 +192,10 @@ async fn new_values_past_the_cap_count_as_other_across_restarts_and_crashes() {
     assert!((0..20).all(|i| groups[&format!("d{i}")] == 2));
     assert_eq!(
         restarted.groups.iter().map(|g| g.ballots).sum::<u64>(),
-        670,
+        all,
         "each vote counted once"
     );
-    assert_eq!(store.warehouse.tally(POLL).await.unwrap().ballots, 670);
+    assert_eq!(store.warehouse.tally(POLL).await.unwrap().ballots, all);
 
     // A crash: the store is dropped with its in-memory tails, so each table falls back to
     // its last file, and the processor replays the log from the lowest of them, with the
@@ -224,6 +227,6 @@ async fn new_values_past_the_cap_count_as_other_across_restarts_and_crashes() {
             .map(|g| g.counts.clone())
             .collect::<Vec<_>>()
     );
-    assert_eq!(store.warehouse.tally(POLL).await.unwrap().ballots, 670);
+    assert_eq!(store.warehouse.tally(POLL).await.unwrap().ballots, all);
     assert_eq!(stored_devices(&store).await, MAX_SEGMENT_VALUES + 1);
 }

@@ -16,7 +16,7 @@ mod rowbinary;
 pub mod rows;
 pub mod sql;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -155,7 +155,12 @@ pub struct ClickHouseWarehouse {
     /// its first try landed; a batch written again by another (after a restart, or into
     /// tables rebuilt from the log) is the fence's and the watermarks' business.
     incarnation: String,
+    /// Polls whose cube holds every rollup write ([`ClickHouseWarehouse::cube_covers`]).
+    cubed: Arc<Mutex<HashSet<String>>>,
 }
+
+/// How many polls [`ClickHouseWarehouse::cube_covers`] remembers before it starts over.
+const CUBED_POLLS_REMEMBERED: usize = 100_000;
 
 /// How long [`Warehouse::fence`] waits after recording an epoch before it returns: an
 /// insert of the earlier owner that passed its check just before is written by then (the
@@ -221,6 +226,7 @@ struct RollupRowCh {
     answers: Vec<String>,
     answer_votes: Vec<u64>,
     last_seq: u64,
+    dims: String,
 }
 
 impl VoteRow {
@@ -313,11 +319,51 @@ impl RollupRowCh {
             answers: row.answers.clone(),
             answer_votes: row.answer_votes.clone(),
             last_seq: row.last_seq,
+            dims: row.dims.clone(),
         }
     }
 }
 
 impl ClickHouseWarehouse {
+    async fn breakdown_rows(&self, statement: &str) -> Result<Vec<BreakdownRow>> {
+        self.client
+            .query_raw(statement)
+            .fetch_all()
+            .await
+            .map_err(warehouse_error)
+    }
+
+    /// The newest settled and fresh positions of a poll's cube rows, and whether each
+    /// level's cube holds every write of the poll ([`sql::cube_positions`]).
+    async fn cube_positions(&self, poll_id: &str) -> Result<(u64, u8, u64, u8)> {
+        self.client
+            .query_raw(&sql::cube_positions(poll_id))
+            .fetch_one::<(u64, u8, u64, u8)>()
+            .await
+            .map_err(warehouse_error)
+    }
+
+    /// Whether the cube holds every rollup write of a poll, so a breakdown may read it. A
+    /// poll with rollups written before the cube existed is read from its whole segments.
+    /// Once true it stays true (every write since holds its cube rows), so it is asked of
+    /// the warehouse once per poll and process.
+    async fn cube_covers(&self, poll_id: &str) -> Result<bool> {
+        if self.cubed.lock().expect("cubed polls").contains(poll_id) {
+            return Ok(true);
+        }
+        let (settled, settled_whole, fresh, fresh_whole) = self.cube_positions(poll_id).await?;
+        let covers = settled_whole == 1 && fresh_whole == 1;
+        // A poll without rows at either level is asked again when it has them.
+        if covers && settled > 0 && fresh > 0 {
+            let mut cubed = self.cubed.lock().expect("cubed polls");
+            if cubed.len() >= CUBED_POLLS_REMEMBERED {
+                cubed.clear();
+            }
+            cubed.insert(poll_id.to_owned());
+        }
+        Ok(covers)
+    }
+
     pub fn new(config: &ClickHouseConfig) -> Result<Self> {
         let valid_name = !config.database.is_empty()
             && config
@@ -415,6 +461,7 @@ impl ClickHouseWarehouse {
             password: config.password.clone(),
             fences: Arc::default(),
             incarnation: uuid::Uuid::new_v4().simple().to_string(),
+            cubed: Arc::default(),
         })
     }
 
@@ -951,29 +998,58 @@ impl Warehouse for ClickHouseWarehouse {
     }
 
     async fn breakdown(&self, query: &BreakdownQuery) -> Result<Breakdown> {
-        let (settled, fresh) = self
-            .client
-            .query_raw(&sql::rollup_positions(&query.poll_id))
-            .fetch_one::<(u64, u64)>()
-            .await
-            .map_err(warehouse_error)?;
-        let as_of = settled.max(fresh);
         let plan = BreakdownPlan::new(query.from_ms, query.to_ms);
-        let mut statements = Vec::new();
+        let cube = match rollup::cube_set(query) {
+            Some(set) if self.cube_covers(&query.poll_id).await? => Some(set),
+            _ => None,
+        };
+        let (settled, fresh) = match cube {
+            Some(_) => {
+                let (settled, _, fresh, _) = self.cube_positions(&query.poll_id).await?;
+                (settled, fresh)
+            }
+            None => self
+                .client
+                .query_raw(&sql::rollup_positions(&query.poll_id))
+                .fetch_one::<(u64, u64)>()
+                .await
+                .map_err(warehouse_error)?,
+        };
+        let as_of = settled.max(fresh);
+        let mut parts: Vec<Vec<BreakdownRow>> = Vec::new();
         if let Some(buckets) = plan.buckets {
-            statements.push(sql::breakdown_rollups(query, settled, fresh, buckets));
+            let source = match &cube {
+                None => sql::RollupSource::Whole,
+                Some(set) => sql::RollupSource::Cube {
+                    dims: &set.dims,
+                    filtered: !set.custom,
+                },
+            };
+            let rows = self
+                .breakdown_rows(&sql::breakdown_rollups(
+                    query, source, settled, fresh, buckets,
+                ))
+                .await?;
+            if cube.as_ref().is_some_and(|set| set.custom) {
+                // The set holds the key's non-empty values only; the votes without it are
+                // the totals less the rest, and filters apply after.
+                let totals = sql::breakdown_rollups(
+                    query,
+                    sql::RollupSource::Totals,
+                    settled,
+                    fresh,
+                    buckets,
+                );
+                let totals = self.breakdown_rows(&totals).await?;
+                parts.push(rollup::complete_custom(query, rows, totals));
+            } else {
+                parts.push(rows);
+            }
         }
         if !plan.raw.is_empty() {
-            statements.push(sql::breakdown_votes(query, as_of, &plan.raw));
-        }
-        let mut parts: Vec<Vec<BreakdownRow>> = Vec::new();
-        for statement in statements {
             parts.push(
-                self.client
-                    .query_raw(&statement)
-                    .fetch_all()
-                    .await
-                    .map_err(warehouse_error)?,
+                self.breakdown_rows(&sql::breakdown_votes(query, as_of, &plan.raw))
+                    .await?,
             );
         }
         rollup::assemble(parts, as_of)

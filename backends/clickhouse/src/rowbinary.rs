@@ -106,6 +106,7 @@ impl RowBinary for RollupRowCh {
         strings(out, &self.answers);
         numbers(out, &self.answer_votes);
         out.extend_from_slice(&self.last_seq.to_le_bytes());
+        string(out, &self.dims);
     }
 }
 

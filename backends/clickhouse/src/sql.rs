@@ -4,7 +4,7 @@
 //! fixed column list or from validated dimension names.
 
 use tally_core::analytics::{BreakdownQuery, Dimension, TimeseriesQuery};
-use tally_core::rollup::{MsRange, RollupLevel, BREAKDOWN_ROW_LIMIT};
+use tally_core::rollup::{MsRange, RollupLevel, BREAKDOWN_ROW_LIMIT, TOTAL_SET};
 use tally_core::segment::STANDARD_KEYS;
 
 /// A ClickHouse string literal.
@@ -60,6 +60,14 @@ macro_rules! rollup_column_defs {
             segment_column_defs!(),
             ", ballots UInt64, answers Array(String), answer_votes Array(UInt64), last_seq UInt64"
         )
+    };
+}
+
+/// The names of the columns `rollup_column_defs!` declares, as a literal for `concat!`.
+macro_rules! rollup_column_names {
+    () => {
+        "log_partition, poll_id, bucket_start, bucket_seconds, campaign, channel, source, medium, \
+         country, device, dim_keys, dim_values, ballots, answers, answer_votes, last_seq"
     };
 }
 
@@ -234,7 +242,65 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "CREATE TABLE IF NOT EXISTS partition_fences (log_partition UInt16, epoch UInt64, \
          fenced_at DateTime('UTC')) ENGINE = ReplacingMergeTree(epoch) ORDER BY log_partition",
     ),
+    // The cube (see `tally_core::rollup`): each rollup write also holds rows per dimension
+    // set, marked by `dims` ('' for a whole segment, so rows written before are whole), in
+    // the same insert. A materialized view copies them to a table ordered by set, so a
+    // breakdown by country reads a few rows instead of every whole segment.
+    (
+        16,
+        "segment_rollups dims",
+        "ALTER TABLE segment_rollups ADD COLUMN dims String",
+    ),
+    (
+        17,
+        "segment_rollups_fresh dims",
+        "ALTER TABLE segment_rollups_fresh ADD COLUMN dims String",
+    ),
+    (
+        18,
+        "segment_cube",
+        concat!(
+            "CREATE TABLE IF NOT EXISTS segment_cube (",
+            rollup_column_defs!(),
+            ", dims String) ENGINE = MergeTree ORDER BY (poll_id, dims, bucket_start, last_seq)"
+        ),
+    ),
+    (
+        19,
+        "segment_cube_fresh",
+        concat!(
+            "CREATE TABLE IF NOT EXISTS segment_cube_fresh (",
+            rollup_column_defs!(),
+            ", dims String) ENGINE = MergeTree ORDER BY (poll_id, dims, last_seq)"
+        ),
+    ),
+    (
+        20,
+        "segment_cube_mv",
+        concat!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS segment_cube_mv TO segment_cube AS SELECT ",
+            rollup_column_names!(),
+            ", dims FROM segment_rollups WHERE dims != ''"
+        ),
+    ),
+    (
+        21,
+        "segment_cube_fresh_mv",
+        concat!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS segment_cube_fresh_mv TO segment_cube_fresh AS SELECT ",
+            rollup_column_names!(),
+            ", dims FROM segment_rollups_fresh WHERE dims != ''"
+        ),
+    ),
 ];
+
+/// The cube table holding a rollup level's rows per dimension set.
+pub fn cube_table(level: RollupLevel) -> &'static str {
+    match level {
+        RollupLevel::Fresh => "segment_cube_fresh",
+        RollupLevel::Settled => "segment_cube",
+    }
+}
 
 /// The table a `CREATE TABLE IF NOT EXISTS` statement creates.
 pub fn created_table(statement: &str) -> Option<&str> {
@@ -565,7 +631,7 @@ pub const WINDOW_COLUMNS: &[&str] = &[
 pub fn rollup_columns() -> Vec<&'static str> {
     let mut columns = vec!["log_partition", "poll_id", "bucket_start", "bucket_seconds"];
     columns.extend(segment_columns());
-    columns.extend(["ballots", "answers", "answer_votes", "last_seq"]);
+    columns.extend(["ballots", "answers", "answer_votes", "last_seq", "dims"]);
     columns
 }
 
@@ -596,7 +662,18 @@ pub fn external_structure(table: &str) -> Option<String> {
     let (_, _, statement) = MIGRATIONS.iter().find(|(_, name, _)| *name == table)?;
     let start = statement.find('(')? + 1;
     let end = statement.find(") ENGINE")?;
-    Some(statement[start..end].replace("DateTime('UTC')", "UInt32"))
+    let mut structure = statement[start..end].to_owned();
+    // Columns later migrations add, but not aliases (they hold no data).
+    let added = format!("ALTER TABLE {table} ADD COLUMN ");
+    for (_, _, statement) in MIGRATIONS {
+        if let Some(column) = statement.strip_prefix(&added) {
+            if !column.contains(" ALIAS ") {
+                structure.push_str(", ");
+                structure.push_str(column);
+            }
+        }
+    }
+    Some(structure.replace("DateTime('UTC')", "UInt32"))
 }
 
 /// An INSERT of the rows of the external table `batch` into `table`, refused by the server
@@ -668,6 +745,29 @@ pub fn rollup_positions(poll_id: &str) -> String {
     )
 }
 
+/// How far a poll's settled and fresh cube rows cover the log (from its totals rows, a
+/// few per write), and whether the cube holds every write of the poll: the first write of
+/// each level has its cube rows (writes made before the cube existed have none; every
+/// write since has them, so the first one tells).
+pub fn cube_positions(poll_id: &str) -> String {
+    let poll = lit(poll_id);
+    let level = |level: RollupLevel| {
+        format!(
+            "(SELECT max(last_seq) FROM {cube} WHERE poll_id = {poll} AND dims = {total}), \
+             (SELECT min(last_seq) FROM {cube} WHERE poll_id = {poll} AND dims = {total}) = \
+             (SELECT min(last_seq) FROM {whole} WHERE poll_id = {poll})",
+            cube = cube_table(level),
+            whole = level.table(),
+            total = lit(TOTAL_SET),
+        )
+    };
+    format!(
+        "SELECT {}, {}",
+        level(RollupLevel::Settled),
+        level(RollupLevel::Fresh)
+    )
+}
+
 /// ` AND` the segment filters of a breakdown (columns common to votes and rollups): one
 /// `IN` list per dimension, a set lookup however many values it holds (never a chain of
 /// `OR`s, which grows the statement's syntax tree one level per value).
@@ -694,11 +794,27 @@ fn group_key(query: &BreakdownQuery) -> String {
     format!("[{}]", exprs.join(", "))
 }
 
+/// Where a breakdown reads its rollup rows: the whole segments, or one dimension set of
+/// the cube.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RollupSource<'a> {
+    Whole,
+    /// The set's rows (its name), grouped by the query's dimensions and filtered by its
+    /// filters when `filtered`.
+    Cube {
+        dims: &'a str,
+        filtered: bool,
+    },
+    /// The poll's totals, grouped by nothing.
+    Totals,
+}
+
 /// `(group, answer, count)` rows of a breakdown from the rollups whose bucket starts in
 /// `[from, to)` (epoch seconds): settled rows up to `settled`, fresh rows after it up to
 /// `fresh`. Answer `''` holds the group's ballots.
 pub fn breakdown_rollups(
     query: &BreakdownQuery,
+    source: RollupSource,
     settled: u64,
     fresh: u64,
     (from, to): (Option<i64>, Option<i64>),
@@ -710,14 +826,25 @@ pub fn breakdown_rollups(
     if let Some(to) = to {
         common.push_str(&format!(" AND toUInt32(bucket_start) < {}", to.max(0)));
     }
-    common.push_str(&segment_filter(query));
+    let (dims, group, filtered) = match source {
+        RollupSource::Whole => ("", group_key(query), true),
+        RollupSource::Cube { dims, filtered } => (dims, group_key(query), filtered),
+        RollupSource::Totals => (TOTAL_SET, "[]".to_owned(), false),
+    };
+    common.push_str(&format!(" AND dims = {}", lit(dims)));
+    if filtered {
+        common.push_str(&segment_filter(query));
+    }
+    let table = |level: RollupLevel| match source {
+        RollupSource::Whole => level.table(),
+        _ => cube_table(level),
+    };
     let part = |level: RollupLevel, positions: String| {
         format!(
-            "SELECT {} AS g, opt, sum(c) AS n FROM {} \
+            "SELECT {group} AS g, opt, sum(c) AS n FROM {} \
              ARRAY JOIN arrayConcat([''], answers) AS opt, arrayConcat([ballots], answer_votes) AS c \
              WHERE poll_id = {} AND {positions}{common} GROUP BY g, opt",
-            group_key(query),
-            level.table(),
+            table(level),
             lit(&query.poll_id)
         )
     };
@@ -867,7 +994,10 @@ pub fn sharded_for_check(database: &str, cluster: &str, replicated: bool) -> Vec
             // statements are checked on plain tables).
             let writes = statement.starts_with("INSERT")
                 || (target == Target::Local && statement.starts_with("ALTER"));
-            if replicated && writes {
+            // The cube's views read the `dims` column such a change adds.
+            let reads_a_change = statement.starts_with("CREATE MATERIALIZED VIEW")
+                && statement.contains("segment_cube");
+            if replicated && (writes || reads_a_change) {
                 continue;
             }
             let (into, database) = match target {
@@ -912,9 +1042,17 @@ pub fn all_for_check() -> Vec<(String, String)> {
         statements.push((
             format!("insert {}", level.table()),
             format!(
-                "INSERT INTO {} ({}) VALUES (0, 'p', 1700000040, 60, {segment}, 2, ['blue', 'red'], [1, 2], 7)",
+                "INSERT INTO {} ({}) VALUES (0, 'p', 1700000040, 60, {segment}, 2, ['blue', 'red'], [1, 2], 7, ''), \
+                 (0, 'p', 1700000040, 60, {segment}, 2, ['blue', 'red'], [1, 2], 7, '*')",
                 level.table(),
                 rollup_columns().join(", ")
+            ),
+        ));
+        statements.push((
+            format!("the cube copy of {}", level.table()),
+            format!(
+                "SELECT throwIf(count() != 1, 'the cube row was not copied') FROM {} WHERE dims = '*'",
+                cube_table(level)
             ),
         ));
         statements.push((
@@ -979,6 +1117,7 @@ pub fn all_for_check() -> Vec<(String, String)> {
     statements.push(("voter keys".into(), voter_keys("p")));
     statements.push(("window widths".into(), window_widths("p")));
     statements.push(("rollup positions".into(), rollup_positions("p")));
+    statements.push(("cube positions".into(), cube_positions("p")));
     statements.push(("segment values".into(), segment_values("p")));
     statements.push((
         "insert poll_records".into(),
@@ -1025,11 +1164,29 @@ pub fn all_for_check() -> Vec<(String, String)> {
     };
     statements.push((
         "breakdown rollups".into(),
-        breakdown_rollups(&query, 5, 7, (Some(1_699_999_980), Some(1_800_000_000))),
+        breakdown_rollups(
+            &query,
+            RollupSource::Whole,
+            5,
+            7,
+            (Some(1_699_999_980), Some(1_800_000_000)),
+        ),
     ));
     statements.push((
         "breakdown rollups, all buckets".into(),
-        breakdown_rollups(&query, 0, 7, (None, None)),
+        breakdown_rollups(&query, RollupSource::Whole, 0, 7, (None, None)),
+    ));
+    let cube = RollupSource::Cube {
+        dims: "country,device",
+        filtered: true,
+    };
+    statements.push((
+        "breakdown cube".into(),
+        breakdown_rollups(&query, cube, 5, 7, (Some(1_699_999_980), None)),
+    ));
+    statements.push((
+        "breakdown cube totals".into(),
+        breakdown_rollups(&query, RollupSource::Totals, 5, 7, (None, None)),
     ));
     statements.push((
         "breakdown votes".into(),
@@ -1192,8 +1349,15 @@ mod tests {
         assert_eq!(created("votes"), vote_columns());
         assert_eq!(created("vote_windows"), WINDOW_COLUMNS);
         for level in RollupLevel::ALL {
-            assert_eq!(created(level.table()), rollup_columns());
+            // `dims` came later, added by a migration of its own.
+            let mut columns = created(level.table());
+            columns.push("dims");
+            assert_eq!(columns, rollup_columns());
+            assert_eq!(created(cube_table(level)), rollup_columns());
+            let structure = external_structure(level.table()).expect("a rollup table");
+            assert!(structure.ends_with(", dims String"), "{structure}");
         }
+        assert!(!external_structure("votes").unwrap().contains("choices"));
     }
 
     #[test]

@@ -126,6 +126,7 @@ async fn needs_clickhouse_an_older_owner_writes_nothing_once_fenced() {
     );
     let rollup = RollupRow {
         poll_id: "poll-1".into(),
+        dims: String::new(),
         bucket_start: 1_700_000_000 - 1_700_000_000 % 60,
         bucket_seconds: 60,
         segment: Segment {

@@ -321,6 +321,8 @@ async fn rollup_files_hold_one_row_per_segment_and_bucket() {
     .unwrap();
     // 12 flushes of 10 votes each, all in one minute and two countries.
     let mut seq = 0;
+    // The rows of one write: two whole segments and the cube's.
+    let mut per_write = 0;
     for flush in 0..12 {
         let mut rollups = Rollups::default();
         for _ in 0..10 {
@@ -329,7 +331,9 @@ async fn rollup_files_hold_one_row_per_segment_and_bucket() {
             v.segment.country = if seq % 2 == 0 { "DE" } else { "FR" }.into();
             rollups.add(&v, seq);
         }
-        assert_eq!(rollups.rows().len(), 2);
+        let rows = rollups.rows();
+        assert_eq!(rows.iter().filter(|r| r.dims.is_empty()).count(), 2);
+        per_write = rows.len();
         warehouse
             .insert_rollups(0, RollupLevel::Settled, &rollups.rows())
             .await
@@ -349,8 +353,13 @@ async fn rollup_files_hold_one_row_per_segment_and_bucket() {
             })
             .unwrap();
     }
-    // Six files of two flushes each; four of them merged into one: 2 + 2 + 2 rows.
-    assert_eq!(on_disk, 6, "each file holds one row per segment");
+    // Six files of two flushes each; four of them merged into one: three files, each
+    // holding the rows of one write.
+    assert_eq!(
+        on_disk,
+        3 * per_write as i64,
+        "each file holds one row per segment"
+    );
     assert_eq!(warehouse.watermarks(0).await.unwrap().settled, 120);
     let breakdown = warehouse
         .breakdown(&BreakdownQuery {
@@ -394,4 +403,141 @@ async fn a_dropped_store_is_closed_at_once_and_clean() {
         !repaired.load(std::sync::atomic::Ordering::SeqCst),
         "a store closed by dropping it needs no repair"
     );
+}
+
+/// A store written before the cube (rollup files of whole segments only, without the
+/// `dims` column) is given its cube when it opens: breakdowns the cube answers count every
+/// vote, and the files now hold the column.
+#[tokio::test]
+async fn rollup_files_written_before_the_cube_get_it_when_the_store_opens() {
+    use arrow::array::{Array, StringArray};
+    use tally_core::analytics::{BreakdownQuery, Dimension};
+    use tally_core::rollup::{RollupLevel, Rollups};
+
+    let dir = tempfile::tempdir().unwrap();
+    let options = WarehouseOptions {
+        flush_rows: 1,
+        ..Default::default()
+    };
+    {
+        let warehouse =
+            tally_embedded::ParquetWarehouse::open(dir.path(), options.clone()).unwrap();
+        let rows = |range: std::ops::Range<u64>, covered: u64| {
+            let mut rollups = Rollups::default();
+            for i in range {
+                let mut v = vote(i);
+                v.segment.country = if i % 2 == 0 { "DE" } else { "FR" }.into();
+                if i % 3 != 0 {
+                    v.segment
+                        .custom
+                        .insert("store".into(), format!("s{}", i % 4));
+                }
+                rollups.add(&v, covered);
+            }
+            rollups.rows()
+        };
+        for (level, range, covered) in [
+            (RollupLevel::Fresh, 1..13, 12),
+            (RollupLevel::Settled, 1..13, 12),
+            (RollupLevel::Fresh, 13..25, 24),
+        ] {
+            warehouse
+                .insert_rollups(0, level, &rows(range, covered))
+                .await
+                .unwrap();
+        }
+        warehouse.flush_all().await.unwrap();
+    }
+    // Rewrite every rollup file as an earlier version wrote it.
+    let mut rewritten = 0;
+    for level in RollupLevel::ALL {
+        for entry in std::fs::read_dir(dir.path().join(level.table())).unwrap() {
+            let path = entry.unwrap().path();
+            let file = std::fs::File::open(&path).unwrap();
+            let batches: Vec<arrow::array::RecordBatch> =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                    .unwrap()
+                    .build()
+                    .unwrap()
+                    .map(|b| b.unwrap())
+                    .collect();
+            let dims = batches[0].schema().index_of("dims").unwrap();
+            let old: Vec<arrow::array::RecordBatch> = batches
+                .iter()
+                .map(|batch| {
+                    let column = batch
+                        .column(dims)
+                        .as_any()
+                        .downcast_ref::<StringArray>()
+                        .unwrap();
+                    let whole: arrow::array::BooleanArray = (0..column.len())
+                        .map(|i| Some(column.value(i).is_empty()))
+                        .collect();
+                    let batch = arrow::compute::filter_record_batch(batch, &whole).unwrap();
+                    let keep: Vec<usize> =
+                        (0..batch.num_columns()).filter(|c| *c != dims).collect();
+                    batch.project(&keep).unwrap()
+                })
+                .collect();
+            let out = std::fs::File::create(&path).unwrap();
+            let mut writer =
+                parquet::arrow::ArrowWriter::try_new(out, old[0].schema(), None).unwrap();
+            for batch in &old {
+                writer.write(batch).unwrap();
+            }
+            writer.close().unwrap();
+            rewritten += 1;
+        }
+    }
+    assert_eq!(rewritten, 3);
+    let warehouse = tally_embedded::ParquetWarehouse::open(dir.path(), options).unwrap();
+    let breakdown = |by: &str| {
+        let warehouse = warehouse.clone();
+        let by = by.to_owned();
+        async move {
+            let breakdown = warehouse
+                .breakdown(&BreakdownQuery {
+                    poll_id: "durable".into(),
+                    by: vec![Dimension(by)],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(breakdown.as_of, 24);
+            let mut groups: Vec<(String, u64)> = breakdown
+                .groups
+                .into_iter()
+                .map(|g| (g.values[0].clone(), g.ballots))
+                .collect();
+            groups.sort();
+            groups
+        }
+    };
+    assert_eq!(
+        breakdown("country").await,
+        [("DE".to_owned(), 12), ("FR".to_owned(), 12)]
+    );
+    // 1..25: multiples of 3 have no store; the rest s0..s3 by i % 4.
+    let stores = breakdown("store").await;
+    let expected = |value: &str| {
+        (1..25u64)
+            .filter(|i| match value {
+                "" => i % 3 == 0,
+                store => i % 3 != 0 && format!("s{}", i % 4) == store,
+            })
+            .count() as u64
+    };
+    assert_eq!(stores.len(), 5, "{stores:?}");
+    for (store, ballots) in &stores {
+        assert_eq!(*ballots, expected(store), "{store}");
+    }
+    for level in RollupLevel::ALL {
+        for entry in std::fs::read_dir(dir.path().join(level.table())).unwrap() {
+            let file = std::fs::File::open(entry.unwrap().path()).unwrap();
+            let builder =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                    .unwrap();
+            assert!(builder.schema().column_with_name("dims").is_some());
+        }
+    }
 }

@@ -82,9 +82,15 @@ pub(super) fn rollups_schema() -> SchemaRef {
             false,
         ),
         Field::new("last_seq", DataType::UInt64, false),
+        // The row's dimension set (`RollupRow::dims`). Last, and nullable: files written
+        // before the cube lack it, and are given their cube rows when the store opens.
+        Field::new("dims", DataType::Utf8, true),
     ]);
     Arc::new(Schema::new(fields))
 }
+
+/// The column of the rollup tables holding each row's dimension set.
+pub(super) const ROLLUP_DIMS_COLUMN: usize = 16;
 
 // Batches are built a column at a time, each column in the order of its schema.
 
@@ -197,6 +203,7 @@ pub(super) fn rollups_batch(
         Arc::new(UInt64Array::from_iter_values(
             rows.iter().map(|r| r.last_seq),
         )),
+        text_column(rows.iter().map(|r| &r.dims)),
     ]);
     RecordBatch::try_new(schema.clone(), columns).map_err(storage)
 }
@@ -216,6 +223,12 @@ pub(super) fn rollup_rows(batch: &RecordBatch) -> Result<Vec<RollupRow>> {
         a.values().to_vec()
     })?;
     let last_seqs = u64s(batches, 15)?;
+    // A file written before the cube has whole segments only.
+    let dims = if batch.num_columns() > ROLLUP_DIMS_COLUMN {
+        strings(batches, ROLLUP_DIMS_COLUMN)?
+    } else {
+        vec![String::new(); batch.num_rows()]
+    };
     Ok(segments
         .into_iter()
         .zip(answers)
@@ -223,6 +236,7 @@ pub(super) fn rollup_rows(batch: &RecordBatch) -> Result<Vec<RollupRow>> {
         .enumerate()
         .map(|(row, ((segment, answers), answer_votes))| RollupRow {
             poll_id: polls[row].clone(),
+            dims: dims[row].clone(),
             bucket_start: starts[row],
             bucket_seconds: widths[row],
             segment,

@@ -138,6 +138,13 @@ pub(super) fn write_file(
     Ok(path)
 }
 
+/// Whether the file's schema has a column of this name (read from its footer only).
+pub(super) fn has_column(path: &Path, name: &str) -> Result<bool> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path).map_err(storage)?)
+        .map_err(storage)?;
+    Ok(builder.schema().column_with_name(name).is_some())
+}
+
 pub(super) fn read_file(path: &Path) -> Result<Vec<RecordBatch>> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path).map_err(storage)?)
         .map_err(storage)?

@@ -161,17 +161,22 @@ impl ParquetWarehouse {
     pub fn open(root: impl Into<PathBuf>, options: WarehouseOptions) -> Result<ParquetWarehouse> {
         let root = root.into();
         let mut tables = HashMap::new();
+        let rollups_schema = columns::rollups_schema();
         for kind in Kind::ALL {
             let dir = root.join(kind.table());
             std::fs::create_dir_all(&dir).map_err(storage)?;
-            tables.insert(kind, files::load_table(&dir)?);
+            let mut table = files::load_table(&dir)?;
+            if matches!(kind, Kind::Rollups(_)) {
+                tail::add_cube_rows(kind, &rollups_schema, &mut table)?;
+            }
+            tables.insert(kind, table);
         }
         let inner = Arc::new(Inner {
             root,
             options,
             votes_schema: columns::votes_schema(),
             windows_schema: columns::windows_schema(),
-            rollups_schema: columns::rollups_schema(),
+            rollups_schema,
             tables: RwLock::new(tables),
             maintenance: Default::default(),
             executor: Executor::start()?,

@@ -16,7 +16,9 @@ use datafusion::execution::context::{SessionConfig, SessionContext};
 use datafusion::prelude::ParquetReadOptions;
 use tally_core::analytics::{Breakdown, BreakdownQuery, Dimension, TimePoint, TimeseriesQuery};
 use tally_core::results::Tally;
-use tally_core::rollup::{self, BreakdownPlan, BreakdownRow, RollupLevel, BREAKDOWN_ROW_LIMIT};
+use tally_core::rollup::{
+    self, BreakdownPlan, BreakdownRow, RollupLevel, BREAKDOWN_ROW_LIMIT, TOTAL_SET,
+};
 use tally_core::segment::STANDARD_KEYS;
 use tally_core::{Error, Result};
 
@@ -234,11 +236,13 @@ impl Snapshot {
             Kind::Rollups(RollupLevel::Fresh),
             Kind::Rollups(RollupLevel::Settled),
         );
+        // Every write holds the poll's totals rows, a few per write: the newest of each
+        // level is how far its rows go.
         let positions = self
             .query(
                 &format!(
-                    "SELECT (SELECT max(last_seq) FROM {} WHERE poll_id = $1), \
-                     (SELECT max(last_seq) FROM {} WHERE poll_id = $1)",
+                    "SELECT (SELECT max(last_seq) FROM {} WHERE poll_id = $1 AND dims = '{TOTAL_SET}'), \
+                     (SELECT max(last_seq) FROM {} WHERE poll_id = $1 AND dims = '{TOTAL_SET}')",
                     settled_kind.table(),
                     fresh_kind.table()
                 ),
@@ -248,6 +252,7 @@ impl Snapshot {
         let settled = u64s(&positions, 0)?.first().copied().unwrap_or_default();
         let fresh = u64s(&positions, 1)?.first().copied().unwrap_or_default();
         let as_of = settled.max(fresh);
+        let cube = rollup::cube_set(query);
         let (filter, params) = segment_filter(query)?;
         let exprs = query
             .by
@@ -265,22 +270,68 @@ impl Snapshot {
         let groups = groups.join(", ");
 
         // Rows of (group values…, answer, count); answer '' holds the ballots.
-        let mut parts = Vec::new();
+        let mut rows: Vec<Vec<BreakdownRow>> = Vec::new();
         if let Some(buckets) = plan.buckets {
-            let mut inner = select.clone();
-            inner.push("unnest(array_prepend('', answers)) AS opt".into());
-            inner.push("unnest(array_prepend(ballots, answer_votes)) AS n".into());
-            let inner = inner.join(", ");
             let buckets = range_clause("bucket_start", buckets);
-            parts.push(format!(
-                "SELECT {groups}, sum(n) FROM (\
-                 SELECT {inner} FROM {} WHERE poll_id = $1 AND last_seq <= {settled} AND {buckets}{filter} \
-                 UNION ALL \
-                 SELECT {inner} FROM {} WHERE poll_id = $1 AND last_seq > {settled} AND last_seq <= {fresh} AND {buckets}{filter}\
-                 ) GROUP BY {groups} LIMIT {BREAKDOWN_ROW_LIMIT}",
-                settled_kind.table(),
-                fresh_kind.table(),
-            ));
+            // One level's rows of a dimension set (names are checked segment keys), with
+            // `select` and `where` on top, added up by `group`.
+            let rollups = |set: &str, select: &[String], filter: &str, group: &str| {
+                let mut inner = select.to_vec();
+                inner.push("unnest(array_prepend('', answers)) AS opt".into());
+                inner.push("unnest(array_prepend(ballots, answer_votes)) AS n".into());
+                let inner = inner.join(", ");
+                let level = |kind: Kind, positions: String| {
+                    format!(
+                        "SELECT {inner} FROM {} WHERE poll_id = $1 AND dims = '{set}' \
+                         AND {positions} AND {buckets}{filter}",
+                        kind.table()
+                    )
+                };
+                format!(
+                    "SELECT {group}, sum(n) FROM ({} UNION ALL {}) GROUP BY {group} \
+                     LIMIT {BREAKDOWN_ROW_LIMIT}",
+                    level(settled_kind, format!("last_seq <= {settled}")),
+                    level(
+                        fresh_kind,
+                        format!("last_seq > {settled} AND last_seq <= {fresh}")
+                    ),
+                )
+            };
+            match cube {
+                Some(set) if set.custom => {
+                    // The set holds the key's non-empty values only; the votes without it
+                    // are the totals less the rest, and filters apply after.
+                    let part = self
+                        .query(
+                            &rollups(&set.dims, &select, "", &groups),
+                            vec![text(&query.poll_id)],
+                        )
+                        .await?;
+                    let totals = self
+                        .query(
+                            &rollups(TOTAL_SET, &[], "", "opt"),
+                            vec![text(&query.poll_id)],
+                        )
+                        .await?;
+                    let totals: Vec<BreakdownRow> = strings(&totals, 0)?
+                        .into_iter()
+                        .zip(u64s(&totals, 1)?)
+                        .map(|(answer, count)| (Vec::new(), answer, count))
+                        .collect();
+                    rows.push(rollup::complete_custom(
+                        query,
+                        breakdown_rows(&part, dims)?,
+                        totals,
+                    ));
+                }
+                cube => {
+                    let set = cube.map_or(String::new(), |set| set.dims);
+                    let part = self
+                        .query(&rollups(&set, &select, &filter, &groups), params.clone())
+                        .await?;
+                    rows.push(breakdown_rows(&part, dims)?);
+                }
+            }
         }
         if !plan.raw.is_empty() {
             let ranges: Vec<String> = plan
@@ -289,25 +340,19 @@ impl Snapshot {
                 .map(|range| range_clause("received_ms", *range))
                 .collect();
             select.push("unnest(array_prepend('', choice)) AS opt".into());
-            parts.push(format!(
-                "SELECT {groups}, count(*) FROM (SELECT {} FROM votes \
-                 WHERE poll_id = $1 AND seq <= {as_of} AND ({}){filter}) \
-                 GROUP BY {groups} LIMIT {BREAKDOWN_ROW_LIMIT}",
-                select.join(", "),
-                ranges.join(" OR "),
-            ));
-        }
-        let mut rows: Vec<Vec<BreakdownRow>> = Vec::new();
-        for sql in parts {
-            let part = self.query(&sql, params.clone()).await?;
-            rows.push(
-                group_keys(&part, dims)?
-                    .into_iter()
-                    .zip(strings(&part, dims)?)
-                    .zip(u64s(&part, dims + 1)?)
-                    .map(|((group, answer), count)| (group, answer, count))
-                    .collect(),
-            );
+            let part = self
+                .query(
+                    &format!(
+                        "SELECT {groups}, count(*) FROM (SELECT {} FROM votes \
+                         WHERE poll_id = $1 AND seq <= {as_of} AND ({}){filter}) \
+                         GROUP BY {groups} LIMIT {BREAKDOWN_ROW_LIMIT}",
+                        select.join(", "),
+                        ranges.join(" OR "),
+                    ),
+                    params.clone(),
+                )
+                .await?;
+            rows.push(breakdown_rows(&part, dims)?);
         }
         rollup::assemble(rows, as_of)
     }
@@ -373,6 +418,17 @@ impl Snapshot {
         }
         Ok(values)
     }
+}
+
+/// `(group, answer, count)` rows of a breakdown part: `dims` group columns, then the
+/// answer and its count.
+fn breakdown_rows(part: &[RecordBatch], dims: usize) -> Result<Vec<BreakdownRow>> {
+    Ok(group_keys(part, dims)?
+        .into_iter()
+        .zip(strings(part, dims)?)
+        .zip(u64s(part, dims + 1)?)
+        .map(|((group, answer), count)| (group, answer, count))
+        .collect())
 }
 
 fn text(value: &str) -> ScalarValue {

@@ -225,6 +225,44 @@ impl Inner {
     }
 }
 
+/// Gives the rollup files written before the cube (those without its `dims` column) their
+/// cube rows ([`tally_core::rollup::cube_rows`]), each file rewritten in place, so every
+/// breakdown the cube answers finds all of a poll's votes in it. Runs once, when a store
+/// written by an earlier version opens; a crash midway leaves each file old or new, and
+/// the next open finishes.
+pub(super) fn add_cube_rows(
+    kind: Kind,
+    schema: &SchemaRef,
+    table: &mut super::Table,
+) -> Result<()> {
+    for file in table.files.iter_mut() {
+        if files::has_column(&file.path, "dims")? {
+            continue;
+        }
+        let batches = files::read_file(&file.path)?;
+        let mut rows = Vec::new();
+        for batch in &batches {
+            rows.extend(columns::rollup_rows(batch)?);
+        }
+        let cube = tally_core::rollup::cube_rows(&rows);
+        rows.extend(cube);
+        let batch = columns::rollups_batch(schema, file.partition, &rows)?;
+        let batch = sort_for_storage(kind, &batch)?;
+        let dir = file.path.parent().expect("a file in a table's directory");
+        let name = DataFile::name(file.partition, file.first, file.last);
+        files::write_file(schema, dir, &name, &batch)?;
+        tracing::info!(path = %file.path.display(), rows = batch.num_rows(), "added the cube rows to a rollup file");
+        *file = Arc::new(DataFile::new(
+            file.path.clone(),
+            file.partition,
+            file.first,
+            file.last,
+            batch.num_rows(),
+        ));
+    }
+    Ok(())
+}
+
 /// The highest and lowest log position in a batch.
 fn seq_range(kind: Kind, batch: &RecordBatch) -> Option<(u64, u64)> {
     let seqs = batch
@@ -236,18 +274,19 @@ fn seq_range(kind: Kind, batch: &RecordBatch) -> Option<(u64, u64)> {
     Some((min, max))
 }
 
-/// Sorts rows by poll and position, so Parquet row-group statistics prune other polls.
-fn sort_for_storage(kind: Kind, batch: &RecordBatch) -> Result<RecordBatch> {
-    let columns = [
-        SortColumn {
-            values: batch.column(kind.poll_column()).clone(),
-            options: None,
-        },
-        SortColumn {
-            values: batch.column(kind.seq_column()).clone(),
-            options: None,
-        },
-    ];
+/// Sorts rows by poll and position, so Parquet row-group statistics prune other polls;
+/// rollups by poll, dimension set and position, so they also prune the rows of other sets
+/// (a breakdown by country reads no whole segments).
+pub(super) fn sort_for_storage(kind: Kind, batch: &RecordBatch) -> Result<RecordBatch> {
+    let column = |index: usize| SortColumn {
+        values: batch.column(index).clone(),
+        options: None,
+    };
+    let mut columns = vec![column(kind.poll_column())];
+    if matches!(kind, Kind::Rollups(_)) {
+        columns.push(column(columns::ROLLUP_DIMS_COLUMN));
+    }
+    columns.push(column(kind.seq_column()));
     let indices = lexsort_to_indices(&columns, None).map_err(storage)?;
     take_record_batch(batch, &indices).map_err(storage)
 }
@@ -260,11 +299,12 @@ fn compact_rollups(schema: &SchemaRef, partition: u16, batch: &RecordBatch) -> R
     if batch.num_rows() == 0 {
         return Ok(batch.clone());
     }
-    type Key = (String, i64, u32, Segment);
+    type Key = (String, String, i64, u32, Segment);
     let mut merged: HashMap<Key, (u64, BTreeMap<String, u64>, u64)> = HashMap::new();
     for row in columns::rollup_rows(batch)? {
         let key = (
             row.poll_id,
+            row.dims,
             row.bucket_start,
             row.bucket_seconds,
             row.segment,
@@ -279,9 +319,13 @@ fn compact_rollups(schema: &SchemaRef, partition: u16, batch: &RecordBatch) -> R
     let rows: Vec<RollupRow> = merged
         .into_iter()
         .map(
-            |((poll_id, bucket_start, bucket_seconds, segment), (ballots, answers, last_seq))| {
+            |(
+                (poll_id, dims, bucket_start, bucket_seconds, segment),
+                (ballots, answers, last_seq),
+            )| {
                 RollupRow {
                     poll_id,
+                    dims,
                     bucket_start,
                     bucket_seconds,
                     segment,
