@@ -263,77 +263,100 @@ fn set_standard(segment: &mut Segment, key: usize, value: &str) {
     value.clone_into(field);
 }
 
-/// The cube rows a whole segment adds to: each dimension set's name with the segment
-/// reduced to the set's values.
-fn cube_projections(segment: &Segment) -> Vec<(String, Segment)> {
-    let mut out = Vec::with_capacity(1 + 6 + 15 + segment.custom.len());
-    out.push((TOTAL_SET.to_owned(), Segment::default()));
-    for (key, name) in STANDARD_KEYS.iter().enumerate() {
-        let mut projected = Segment::default();
-        set_standard(&mut projected, key, standard_value(segment, key));
-        out.push(((*name).to_owned(), projected));
+/// The cube rows of whole-segment rows: per poll, bucket and `last_seq` (one write), the
+/// rows of every dimension set, each adding up the whole segments it holds. Rows that are
+/// not whole segments are left out. Keys borrow from the rows, so a whole segment costs
+/// its sets' hash lookups and nothing is allocated but the rows made.
+pub fn cube_rows(whole: &[RollupRow]) -> Vec<RollupRow> {
+    let mut writes: HashMap<(&str, i64, u32, u64), Vec<&RollupRow>> = HashMap::new();
+    for row in whole.iter().filter(|row| row.dims.is_empty()) {
+        writes
+            .entry((
+                &row.poll_id,
+                row.bucket_start,
+                row.bucket_seconds,
+                row.last_seq,
+            ))
+            .or_default()
+            .push(row);
     }
-    for (name, a, b) in standard_pairs() {
-        let mut projected = Segment::default();
-        set_standard(&mut projected, a, standard_value(segment, a));
-        set_standard(&mut projected, b, standard_value(segment, b));
-        out.push((name, projected));
-    }
-    for (key, value) in &segment.custom {
-        if !value.is_empty() {
-            let projected = Segment {
-                custom: [(key.clone(), value.clone())].into(),
-                ..Default::default()
+    let pairs: Vec<(String, usize, usize)> = standard_pairs().collect();
+    let mut out = Vec::new();
+    for ((poll_id, bucket_start, bucket_seconds, last_seq), rows) in writes {
+        let mut sets: HashMap<SetValues<'_>, Counts> = HashMap::new();
+        for row in rows {
+            let segment = &row.segment;
+            add_to_set(&mut sets, (CubeKey::Total, "", ""), row);
+            for key in 0..STANDARD_KEYS.len() {
+                let value = standard_value(segment, key);
+                add_to_set(&mut sets, (CubeKey::Key(key), value, ""), row);
+            }
+            for (pair, (_, a, b)) in pairs.iter().enumerate() {
+                let values = (standard_value(segment, *a), standard_value(segment, *b));
+                add_to_set(&mut sets, (CubeKey::Pair(pair), values.0, values.1), row);
+            }
+            for (key, value) in &segment.custom {
+                if !value.is_empty() {
+                    add_to_set(&mut sets, (CubeKey::Custom(key), value, ""), row);
+                }
+            }
+        }
+        for ((set, first, second), counts) in sets {
+            let mut segment = Segment::default();
+            let dims = match set {
+                CubeKey::Total => TOTAL_SET.to_owned(),
+                CubeKey::Key(key) => {
+                    set_standard(&mut segment, key, first);
+                    STANDARD_KEYS[key].to_owned()
+                }
+                CubeKey::Pair(pair) => {
+                    let (name, a, b) = &pairs[pair];
+                    set_standard(&mut segment, *a, first);
+                    set_standard(&mut segment, *b, second);
+                    name.clone()
+                }
+                CubeKey::Custom(key) => {
+                    segment.custom.insert(key.to_owned(), first.to_owned());
+                    key.to_owned()
+                }
             };
-            out.push((key.clone(), projected));
+            out.push(RollupRow {
+                poll_id: poll_id.to_owned(),
+                dims,
+                bucket_start,
+                bucket_seconds,
+                segment,
+                ballots: counts.ballots,
+                answers: counts.answers.keys().cloned().collect(),
+                answer_votes: counts.answers.into_values().collect(),
+                last_seq,
+            });
         }
     }
     out
 }
 
-/// The cube rows of whole-segment rows: per poll, bucket and `last_seq` (one write), the
-/// rows of every dimension set, each adding up the whole segments it holds. Rows that are
-/// not whole segments are left out.
-pub fn cube_rows(whole: &[RollupRow]) -> Vec<RollupRow> {
-    type Key = (String, i64, u32, u64, String, Segment);
-    let mut cube: HashMap<Key, Counts> = HashMap::new();
-    for row in whole.iter().filter(|row| row.dims.is_empty()) {
-        let mut counts = Counts {
-            ballots: row.ballots,
-            answers: BTreeMap::new(),
-        };
-        for (answer, votes) in row.answers.iter().zip(&row.answer_votes) {
-            counts.count(answer, *votes);
-        }
-        for (dims, projected) in cube_projections(&row.segment) {
-            let key = (
-                row.poll_id.clone(),
-                row.bucket_start,
-                row.bucket_seconds,
-                row.last_seq,
-                dims,
-                projected,
-            );
-            cube.entry(key).or_default().add(&counts);
-        }
+/// A set's values in one write, as [`cube_rows`] adds whole segments up by them.
+type SetValues<'a> = (CubeKey<'a>, &'a str, &'a str);
+
+fn add_to_set<'a>(sets: &mut HashMap<SetValues<'a>, Counts>, key: SetValues<'a>, row: &RollupRow) {
+    let counts = sets.entry(key).or_default();
+    counts.ballots += row.ballots;
+    for (answer, votes) in row.answers.iter().zip(&row.answer_votes) {
+        counts.count(answer, *votes);
     }
-    cube.into_iter()
-        .map(
-            |((poll_id, bucket_start, bucket_seconds, last_seq, dims, segment), counts)| {
-                RollupRow {
-                    poll_id,
-                    dims,
-                    bucket_start,
-                    bucket_seconds,
-                    segment,
-                    ballots: counts.ballots,
-                    answers: counts.answers.keys().cloned().collect(),
-                    answer_votes: counts.answers.into_values().collect(),
-                    last_seq,
-                }
-            },
-        )
-        .collect()
+}
+
+/// A dimension set of the cube, as [`cube_rows`] groups by it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum CubeKey<'a> {
+    Total,
+    /// A standard key, by its position in [`STANDARD_KEYS`].
+    Key(usize),
+    /// A pair of standard keys, by its position in [`standard_pairs`].
+    Pair(usize),
+    /// One of the poll's own keys.
+    Custom(&'a str),
 }
 
 /// Where a breakdown can read its rows from the cube: the set holding every dimension it
