@@ -333,12 +333,11 @@ impl ClickHouseWarehouse {
             .map_err(warehouse_error)
     }
 
-    /// The newest settled and fresh positions of a poll's cube rows, and whether each
-    /// level's cube holds every write of the poll ([`sql::cube_positions`]).
-    async fn cube_positions(&self, poll_id: &str) -> Result<(u64, u8, u64, u8)> {
+    /// The newest settled and fresh positions of a poll's cube rows.
+    async fn cube_positions(&self, poll_id: &str) -> Result<(u64, u64)> {
         self.client
             .query_raw(&sql::cube_positions(poll_id))
-            .fetch_one::<(u64, u8, u64, u8)>()
+            .fetch_one::<(u64, u64)>()
             .await
             .map_err(warehouse_error)
     }
@@ -351,9 +350,15 @@ impl ClickHouseWarehouse {
         if self.cubed.lock().expect("cubed polls").contains(poll_id) {
             return Ok(true);
         }
-        let (settled, settled_whole, fresh, fresh_whole) = self.cube_positions(poll_id).await?;
+        let (settled_whole, fresh_whole) = self
+            .client
+            .query_raw(&sql::cube_coverage(poll_id))
+            .fetch_one::<(u8, u8)>()
+            .await
+            .map_err(warehouse_error)?;
         let covers = settled_whole == 1 && fresh_whole == 1;
         // A poll without rows at either level is asked again when it has them.
+        let (settled, fresh) = self.cube_positions(poll_id).await?;
         if covers && settled > 0 && fresh > 0 {
             let mut cubed = self.cubed.lock().expect("cubed polls");
             if cubed.len() >= CUBED_POLLS_REMEMBERED {
@@ -1004,10 +1009,7 @@ impl Warehouse for ClickHouseWarehouse {
             _ => None,
         };
         let (settled, fresh) = match cube {
-            Some(_) => {
-                let (settled, _, fresh, _) = self.cube_positions(&query.poll_id).await?;
-                (settled, fresh)
-            }
+            Some(_) => self.cube_positions(&query.poll_id).await?,
             None => self
                 .client
                 .query_raw(&sql::rollup_positions(&query.poll_id))

@@ -745,16 +745,28 @@ pub fn rollup_positions(poll_id: &str) -> String {
     )
 }
 
-/// How far a poll's settled and fresh cube rows cover the log (from its totals rows, a
-/// few per write), and whether the cube holds every write of the poll: the first write of
-/// each level has its cube rows (writes made before the cube existed have none; every
-/// write since has them, so the first one tells).
+/// How far a poll's settled and fresh cube rows cover the log, from its totals rows (a few
+/// per write, found by the cube's sort key).
 pub fn cube_positions(poll_id: &str) -> String {
+    let poll = lit(poll_id);
+    let total = lit(TOTAL_SET);
+    format!(
+        "SELECT (SELECT max(last_seq) FROM {} WHERE poll_id = {poll} AND dims = {total}), \
+         (SELECT max(last_seq) FROM {} WHERE poll_id = {poll} AND dims = {total})",
+        cube_table(RollupLevel::Settled),
+        cube_table(RollupLevel::Fresh)
+    )
+}
+
+/// Whether the cube holds every rollup write of a poll, per level (settled, fresh): the
+/// first write of the level has its cube rows. Writes made before the cube existed have
+/// none and every write since has them, so the first one tells. Reads every whole segment
+/// of the poll's `last_seq`: asked once per poll and process.
+pub fn cube_coverage(poll_id: &str) -> String {
     let poll = lit(poll_id);
     let level = |level: RollupLevel| {
         format!(
-            "(SELECT max(last_seq) FROM {cube} WHERE poll_id = {poll} AND dims = {total}), \
-             (SELECT min(last_seq) FROM {cube} WHERE poll_id = {poll} AND dims = {total}) = \
+            "(SELECT min(last_seq) FROM {cube} WHERE poll_id = {poll} AND dims = {total}) = \
              (SELECT min(last_seq) FROM {whole} WHERE poll_id = {poll})",
             cube = cube_table(level),
             whole = level.table(),
@@ -1118,6 +1130,7 @@ pub fn all_for_check() -> Vec<(String, String)> {
     statements.push(("window widths".into(), window_widths("p")));
     statements.push(("rollup positions".into(), rollup_positions("p")));
     statements.push(("cube positions".into(), cube_positions("p")));
+    statements.push(("cube coverage".into(), cube_coverage("p")));
     statements.push(("segment values".into(), segment_values("p")));
     statements.push((
         "insert poll_records".into(),
