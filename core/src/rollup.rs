@@ -200,21 +200,19 @@ impl Rollups {
         keys.sort();
         let mut rows = Vec::new();
         for (poll_id, bucket) in keys {
-            let segments = &self.groups[poll_id][&bucket];
-            let row = |dims: &str, segment: &Segment, counts: &Counts| RollupRow {
-                poll_id: poll_id.clone(),
-                dims: dims.to_owned(),
-                bucket_start: bucket,
-                bucket_seconds: ROLLUP_SECONDS,
-                segment: segment.clone(),
-                ballots: counts.ballots,
-                answers: counts.answers.keys().cloned().collect(),
-                answer_votes: counts.answers.values().copied().collect(),
-                last_seq: self.last_seq,
-            };
             let whole = rows.len();
-            for (segment, counts) in segments {
-                rows.push(row("", segment, counts));
+            for (segment, counts) in &self.groups[poll_id][&bucket] {
+                rows.push(RollupRow {
+                    poll_id: poll_id.clone(),
+                    dims: String::new(),
+                    bucket_start: bucket,
+                    bucket_seconds: ROLLUP_SECONDS,
+                    segment: segment.clone(),
+                    ballots: counts.ballots,
+                    answers: counts.answers.keys().cloned().collect(),
+                    answer_votes: counts.answers.values().copied().collect(),
+                    last_seq: self.last_seq,
+                });
             }
             let cube = cube_rows(&rows[whole..]);
             rows.extend(cube);
@@ -234,33 +232,13 @@ pub const TOTAL_SET: &str = "*";
 /// The pairs of standard keys the cube keeps, as `(name, first, second)` with the keys'
 /// positions in [`STANDARD_KEYS`]; a pair's name is its keys in that order, comma-joined.
 fn standard_pairs() -> impl Iterator<Item = (String, usize, usize)> {
-    (0..STANDARD_KEYS.len()).flat_map(|a| {
-        (a + 1..STANDARD_KEYS.len())
-            .map(move |b| (format!("{},{}", STANDARD_KEYS[a], STANDARD_KEYS[b]), a, b))
-    })
+    (0..STANDARD_KEYS.len())
+        .flat_map(|a| (a + 1..STANDARD_KEYS.len()).map(move |b| (pair_name(a, b), a, b)))
 }
 
-fn standard_value(segment: &Segment, key: usize) -> &str {
-    match key {
-        0 => &segment.campaign,
-        1 => &segment.channel,
-        2 => &segment.source,
-        3 => &segment.medium,
-        4 => &segment.country,
-        _ => &segment.device,
-    }
-}
-
-fn set_standard(segment: &mut Segment, key: usize, value: &str) {
-    let field = match key {
-        0 => &mut segment.campaign,
-        1 => &mut segment.channel,
-        2 => &mut segment.source,
-        3 => &mut segment.medium,
-        4 => &mut segment.country,
-        _ => &mut segment.device,
-    };
-    value.clone_into(field);
+/// The name of the set of the standard keys at `a` < `b`.
+fn pair_name(a: usize, b: usize) -> String {
+    format!("{},{}", STANDARD_KEYS[a], STANDARD_KEYS[b])
 }
 
 /// The cube rows of whole-segment rows: per poll, bucket and `last_seq` (one write), the
@@ -288,11 +266,11 @@ pub fn cube_rows(whole: &[RollupRow]) -> Vec<RollupRow> {
             let segment = &row.segment;
             add_to_set(&mut sets, (CubeKey::Total, "", ""), row);
             for key in 0..STANDARD_KEYS.len() {
-                let value = standard_value(segment, key);
+                let value = segment.standard(key);
                 add_to_set(&mut sets, (CubeKey::Key(key), value, ""), row);
             }
             for (pair, (_, a, b)) in pairs.iter().enumerate() {
-                let values = (standard_value(segment, *a), standard_value(segment, *b));
+                let values = (segment.standard(*a), segment.standard(*b));
                 add_to_set(&mut sets, (CubeKey::Pair(pair), values.0, values.1), row);
             }
             for (key, value) in &segment.custom {
@@ -306,13 +284,13 @@ pub fn cube_rows(whole: &[RollupRow]) -> Vec<RollupRow> {
             let dims = match set {
                 CubeKey::Total => TOTAL_SET.to_owned(),
                 CubeKey::Key(key) => {
-                    set_standard(&mut segment, key, first);
+                    first.clone_into(segment.standard_mut(key));
                     STANDARD_KEYS[key].to_owned()
                 }
                 CubeKey::Pair(pair) => {
                     let (name, a, b) = &pairs[pair];
-                    set_standard(&mut segment, *a, first);
-                    set_standard(&mut segment, *b, second);
+                    first.clone_into(segment.standard_mut(*a));
+                    second.clone_into(segment.standard_mut(*b));
                     name.clone()
                 }
                 CubeKey::Custom(key) => {
@@ -390,9 +368,8 @@ pub fn cube_set(query: &BreakdownQuery) -> Option<CubeSet> {
         }),
         [a, b] => {
             let (a, b) = (standard(a)?, standard(b)?);
-            let (a, b) = (a.min(b), a.max(b));
             Some(CubeSet {
-                dims: format!("{},{}", STANDARD_KEYS[a], STANDARD_KEYS[b]),
+                dims: pair_name(a.min(b), a.max(b)),
                 custom: false,
             })
         }

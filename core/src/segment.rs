@@ -166,14 +166,35 @@ impl Segment {
     }
 
     pub fn get(&self, key: &str) -> &str {
-        match key {
-            "campaign" => &self.campaign,
-            "channel" => &self.channel,
-            "source" => &self.source,
-            "medium" => &self.medium,
-            "country" => &self.country,
-            "device" => &self.device,
-            custom => self.custom.get(custom).map(String::as_str).unwrap_or(""),
+        match STANDARD_KEYS.iter().position(|standard| *standard == key) {
+            Some(index) => self.standard(index),
+            None => self.custom.get(key).map(String::as_str).unwrap_or(""),
+        }
+    }
+
+    /// The value of the standard key at `index` in [`STANDARD_KEYS`].
+    pub fn standard(&self, index: usize) -> &str {
+        match index {
+            0 => &self.campaign,
+            1 => &self.channel,
+            2 => &self.source,
+            3 => &self.medium,
+            4 => &self.country,
+            5 => &self.device,
+            _ => panic!("no standard segment key at {index}"),
+        }
+    }
+
+    /// The standard key at `index` in [`STANDARD_KEYS`], to set.
+    pub fn standard_mut(&mut self, index: usize) -> &mut String {
+        match index {
+            0 => &mut self.campaign,
+            1 => &mut self.channel,
+            2 => &mut self.source,
+            3 => &mut self.medium,
+            4 => &mut self.country,
+            5 => &mut self.device,
+            _ => panic!("no standard segment key at {index}"),
         }
     }
 }

@@ -16,7 +16,7 @@ mod rowbinary;
 pub mod rows;
 pub mod sql;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -155,12 +155,26 @@ pub struct ClickHouseWarehouse {
     /// its first try landed; a batch written again by another (after a restart, or into
     /// tables rebuilt from the log) is the fence's and the watermarks' business.
     incarnation: String,
-    /// Polls whose cube holds every rollup write ([`ClickHouseWarehouse::cube_covers`]).
-    cubed: Arc<Mutex<HashSet<String>>>,
+    /// What is known of each poll's cube ([`ClickHouseWarehouse::cube_positions`]).
+    cubes: Arc<Mutex<HashMap<String, CubeCoverage>>>,
 }
 
-/// How many polls [`ClickHouseWarehouse::cube_covers`] remembers before it starts over.
-const CUBED_POLLS_REMEMBERED: usize = 100_000;
+/// Whether a poll's cube holds every rollup write of it.
+#[derive(Debug, Clone, Copy)]
+enum CubeCoverage {
+    /// It does, and always will: every write since the first holds its cube rows.
+    Whole,
+    /// It did not when asked at this time. Asked again after [`CUBE_RECHECK`]: a poll's
+    /// first write read between its insert and its view's copy looks uncovered for a moment.
+    Partial(std::time::Instant),
+}
+
+/// How long a poll whose cube was found not to hold every write is read from its whole
+/// segments before the warehouse is asked again.
+const CUBE_RECHECK: Duration = Duration::from_secs(60);
+
+/// How many polls [`ClickHouseWarehouse::cube_positions`] remembers before it starts over.
+const CUBE_POLLS_REMEMBERED: usize = 100_000;
 
 /// How long [`Warehouse::fence`] waits after recording an epoch before it returns: an
 /// insert of the earlier owner that passed its check just before is written by then (the
@@ -333,40 +347,48 @@ impl ClickHouseWarehouse {
             .map_err(warehouse_error)
     }
 
-    /// The newest settled and fresh positions of a poll's cube rows.
-    async fn cube_positions(&self, poll_id: &str) -> Result<(u64, u64)> {
-        self.client
-            .query_raw(&sql::cube_positions(poll_id))
-            .fetch_one::<(u64, u64)>()
-            .await
-            .map_err(warehouse_error)
-    }
-
-    /// Whether the cube holds every rollup write of a poll, so a breakdown may read it. A
-    /// poll with rollups written before the cube existed is read from its whole segments.
-    /// Once true it stays true (every write since holds its cube rows), so it is asked of
-    /// the warehouse once per poll and process.
-    async fn cube_covers(&self, poll_id: &str) -> Result<bool> {
-        if self.cubed.lock().expect("cubed polls").contains(poll_id) {
-            return Ok(true);
+    /// The newest settled and fresh positions of a poll's cube rows when its cube holds
+    /// every rollup write of it, so a breakdown may read it; `None` for a poll with rollups
+    /// written before the cube existed, read from its whole segments. Whether the cube holds
+    /// them all is asked of the warehouse with the positions, in one statement, once per
+    /// poll and process (while the answer is yes; a no is asked again after
+    /// [`CUBE_RECHECK`]).
+    async fn cube_positions(&self, poll_id: &str) -> Result<Option<(u64, u64)>> {
+        let known = self.cubes.lock().expect("cubes").get(poll_id).copied();
+        match known {
+            Some(CubeCoverage::Whole) => {
+                let positions = self
+                    .client
+                    .query_raw(&sql::cube_positions(poll_id))
+                    .fetch_one::<(u64, u64)>()
+                    .await
+                    .map_err(warehouse_error)?;
+                return Ok(Some(positions));
+            }
+            Some(CubeCoverage::Partial(at)) if at.elapsed() < CUBE_RECHECK => return Ok(None),
+            _ => {}
         }
-        let (settled_whole, fresh_whole) = self
+        let (settled, fresh, settled_whole, fresh_whole) = self
             .client
             .query_raw(&sql::cube_coverage(poll_id))
-            .fetch_one::<(u8, u8)>()
+            .fetch_one::<(u64, u64, u8, u8)>()
             .await
             .map_err(warehouse_error)?;
         let covers = settled_whole == 1 && fresh_whole == 1;
         // A poll without rows at either level is asked again when it has them.
-        let (settled, fresh) = self.cube_positions(poll_id).await?;
-        if covers && settled > 0 && fresh > 0 {
-            let mut cubed = self.cubed.lock().expect("cubed polls");
-            if cubed.len() >= CUBED_POLLS_REMEMBERED {
-                cubed.clear();
+        let learnt = match (covers, settled > 0 && fresh > 0) {
+            (true, true) => Some(CubeCoverage::Whole),
+            (true, false) => None,
+            (false, _) => Some(CubeCoverage::Partial(std::time::Instant::now())),
+        };
+        if let Some(learnt) = learnt {
+            let mut cubes = self.cubes.lock().expect("cubes");
+            if cubes.len() >= CUBE_POLLS_REMEMBERED {
+                cubes.clear();
             }
-            cubed.insert(poll_id.to_owned());
+            cubes.insert(poll_id.to_owned(), learnt);
         }
-        Ok(covers)
+        Ok(covers.then_some((settled, fresh)))
     }
 
     pub fn new(config: &ClickHouseConfig) -> Result<Self> {
@@ -466,7 +488,7 @@ impl ClickHouseWarehouse {
             password: config.password.clone(),
             fences: Arc::default(),
             incarnation: uuid::Uuid::new_v4().simple().to_string(),
-            cubed: Arc::default(),
+            cubes: Arc::default(),
         })
     }
 
@@ -1005,11 +1027,14 @@ impl Warehouse for ClickHouseWarehouse {
     async fn breakdown(&self, query: &BreakdownQuery) -> Result<Breakdown> {
         let plan = BreakdownPlan::new(query.from_ms, query.to_ms);
         let cube = match rollup::cube_set(query) {
-            Some(set) if self.cube_covers(&query.poll_id).await? => Some(set),
-            _ => None,
+            Some(set) => self
+                .cube_positions(&query.poll_id)
+                .await?
+                .map(|positions| (set, positions)),
+            None => None,
         };
-        let (settled, fresh) = match cube {
-            Some(_) => self.cube_positions(&query.poll_id).await?,
+        let (settled, fresh) = match &cube {
+            Some((_, positions)) => *positions,
             None => self
                 .client
                 .query_raw(&sql::rollup_positions(&query.poll_id))
@@ -1017,6 +1042,7 @@ impl Warehouse for ClickHouseWarehouse {
                 .await
                 .map_err(warehouse_error)?,
         };
+        let cube = cube.map(|(set, _)| set);
         let as_of = settled.max(fresh);
         let mut parts: Vec<Vec<BreakdownRow>> = Vec::new();
         if let Some(buckets) = plan.buckets {

@@ -758,10 +758,11 @@ pub fn cube_positions(poll_id: &str) -> String {
     )
 }
 
-/// Whether the cube holds every rollup write of a poll, per level (settled, fresh): the
-/// first write of the level has its cube rows. Writes made before the cube existed have
-/// none and every write since has them, so the first one tells. Reads every whole segment
-/// of the poll's `last_seq`: asked once per poll and process.
+/// [`cube_positions`], then whether the cube holds every rollup write of the poll, per
+/// level (settled, fresh): the first write of the level has its cube rows. Writes made
+/// before the cube existed have none and every write since has them, so the first one
+/// tells. Reads the `last_seq` of every whole segment of the poll: asked once per poll and
+/// process.
 pub fn cube_coverage(poll_id: &str) -> String {
     let poll = lit(poll_id);
     let level = |level: RollupLevel| {
@@ -774,7 +775,8 @@ pub fn cube_coverage(poll_id: &str) -> String {
         )
     };
     format!(
-        "SELECT {}, {}",
+        "{}, {}, {}",
+        cube_positions(poll_id),
         level(RollupLevel::Settled),
         level(RollupLevel::Fresh)
     )

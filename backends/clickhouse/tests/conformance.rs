@@ -7,24 +7,29 @@ use std::sync::Arc;
 use tally_clickhouse::{ClickHouseConfig, ClickHouseWarehouse};
 use tally_testkit::require;
 
-tally_conformance::warehouse_suite!(needs_clickhouse_warehouse, {
-    require!(ClickHouse);
+/// A warehouse in a private database (named from `prefix`) on the suite's
+/// clickhouse-server, read by the analyst user of scripts/clickhouse/users.xml, as in
+/// production.
+async fn one_server_warehouse(prefix: &str) -> ClickHouseWarehouse {
     let clickhouse = tally_testkit::clickhouse()
         .await
         .expect("clickhouse-server");
     let config = ClickHouseConfig {
         url: clickhouse.url.clone(),
-        database: tally_testkit::unique_name("conf"),
+        database: tally_testkit::unique_name(prefix),
         user: None,
         password: None,
-        // The analyst user of scripts/clickhouse/users.xml, as in production.
         analyst_user: Some("tally_analyst".into()),
         analyst_password: None,
         sharding: None,
         replicated: false,
     };
-    let warehouse = ClickHouseWarehouse::new(&config).expect("warehouse");
-    (Arc::new(warehouse), ())
+    ClickHouseWarehouse::new(&config).expect("warehouse")
+}
+
+tally_conformance::warehouse_suite!(needs_clickhouse_warehouse, {
+    require!(ClickHouse);
+    (Arc::new(one_server_warehouse("conf").await), ())
 });
 
 // The same suite on a warehouse sharded over the two servers of a test cluster: every
@@ -62,20 +67,7 @@ async fn needs_clickhouse_a_poll_rolled_up_before_the_cube_is_read_whole() {
     use tally_core::rollup::{RollupLevel, Rollups};
 
     require!(ClickHouse);
-    let clickhouse = tally_testkit::clickhouse()
-        .await
-        .expect("clickhouse-server");
-    let config = ClickHouseConfig {
-        url: clickhouse.url.clone(),
-        database: tally_testkit::unique_name("precube"),
-        user: None,
-        password: None,
-        analyst_user: None,
-        analyst_password: None,
-        sharding: None,
-        replicated: false,
-    };
-    let warehouse = ClickHouseWarehouse::new(&config).expect("warehouse");
+    let warehouse = one_server_warehouse("precube").await;
     warehouse.migrate().await.expect("migrate");
     let votes: Vec<tally_core::vote::Vote> = (0..20)
         .map(|i| {

@@ -84,13 +84,14 @@ pub(super) fn rollups_schema() -> SchemaRef {
         Field::new("last_seq", DataType::UInt64, false),
         // The row's dimension set (`RollupRow::dims`). Last, and nullable: files written
         // before the cube lack it, and are given their cube rows when the store opens.
-        Field::new("dims", DataType::Utf8, true),
+        Field::new(ROLLUP_DIMS_NAME, DataType::Utf8, true),
     ]);
     Arc::new(Schema::new(fields))
 }
 
-/// The column of the rollup tables holding each row's dimension set.
+/// The column of the rollup tables holding each row's dimension set, and its name.
 pub(super) const ROLLUP_DIMS_COLUMN: usize = 16;
+pub(super) const ROLLUP_DIMS_NAME: &str = "dims";
 
 // Batches are built a column at a time, each column in the order of its schema.
 

@@ -75,8 +75,11 @@ impl Drop for DataFile {
 
 /// Reads a table's directory: parses file names, drops leftovers of interrupted writes and
 /// merges, and derives the watermarks.
-pub(super) fn load_table(dir: &Path) -> Result<Table> {
+/// The table whose files are in `dir`, and the paths of those (kept) files whose schema
+/// lacks the column `wanted`: a file's footer is read once for both.
+pub(super) fn load_table(dir: &Path, wanted: Option<&str>) -> Result<(Table, Vec<PathBuf>)> {
     let mut files = Vec::new();
+    let mut lacking = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(storage)? {
         let path = entry.map_err(storage)?.path();
         if path.extension().is_some_and(|e| e == "tmp") {
@@ -86,11 +89,12 @@ pub(super) fn load_table(dir: &Path) -> Result<Table> {
         let Some((partition, first, last)) = DataFile::parse(&path) else {
             continue;
         };
-        let rows = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).map_err(storage)?)
-            .map_err(storage)?
-            .metadata()
-            .file_metadata()
-            .num_rows() as usize;
+        let footer = ParquetRecordBatchReaderBuilder::try_new(File::open(&path).map_err(storage)?)
+            .map_err(storage)?;
+        let rows = footer.metadata().file_metadata().num_rows() as usize;
+        if wanted.is_some_and(|column| footer.schema().column_with_name(column).is_none()) {
+            lacking.push(path.clone());
+        }
         files.push(DataFile::new(path, partition, first, last, rows));
     }
     let covered: Vec<bool> = files
@@ -109,7 +113,8 @@ pub(super) fn load_table(dir: &Path) -> Result<Table> {
         table.files.push(Arc::new(file));
     }
     table.files.sort_by_key(|f| (f.partition, f.first));
-    Ok(table)
+    lacking.retain(|path| table.files.iter().any(|f| &f.path == path));
+    Ok((table, lacking))
 }
 
 /// Writes `batch` to `dir/name` atomically: a temp file, fsync, rename, fsync of the dir.
@@ -136,13 +141,6 @@ pub(super) fn write_file(
         .and_then(|d| d.sync_all())
         .map_err(storage)?;
     Ok(path)
-}
-
-/// Whether the file's schema has a column of this name (read from its footer only).
-pub(super) fn has_column(path: &Path, name: &str) -> Result<bool> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path).map_err(storage)?)
-        .map_err(storage)?;
-    Ok(builder.schema().column_with_name(name).is_some())
 }
 
 pub(super) fn read_file(path: &Path) -> Result<Vec<RecordBatch>> {

@@ -165,10 +165,10 @@ impl ParquetWarehouse {
         for kind in Kind::ALL {
             let dir = root.join(kind.table());
             std::fs::create_dir_all(&dir).map_err(storage)?;
-            let mut table = files::load_table(&dir)?;
-            if matches!(kind, Kind::Rollups(_)) {
-                tail::add_cube_rows(kind, &rollups_schema, &mut table)?;
-            }
+            let rollups = matches!(kind, Kind::Rollups(_));
+            let (mut table, without_cube) =
+                files::load_table(&dir, rollups.then_some(columns::ROLLUP_DIMS_NAME))?;
+            tail::add_cube_rows(kind, &rollups_schema, &mut table, &without_cube)?;
             tables.insert(kind, table);
         }
         let inner = Arc::new(Inner {

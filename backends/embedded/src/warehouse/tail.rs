@@ -225,18 +225,19 @@ impl Inner {
     }
 }
 
-/// Gives the rollup files written before the cube (those without its `dims` column) their
-/// cube rows ([`tally_core::rollup::cube_rows`]), each file rewritten in place, so every
-/// breakdown the cube answers finds all of a poll's votes in it. Runs once, when a store
-/// written by an earlier version opens; a crash midway leaves each file old or new, and
-/// the next open finishes.
+/// Gives the rollup files written before the cube (`without_cube`: those without its
+/// `dims` column) their cube rows ([`tally_core::rollup::cube_rows`]), each file rewritten
+/// in place, so every breakdown the cube answers finds all of a poll's votes in it. Has
+/// work only when a store written by an earlier version opens; a crash midway leaves each
+/// file old or new, and the next open finishes.
 pub(super) fn add_cube_rows(
     kind: Kind,
     schema: &SchemaRef,
     table: &mut super::Table,
+    without_cube: &[PathBuf],
 ) -> Result<()> {
     for file in table.files.iter_mut() {
-        if files::has_column(&file.path, "dims")? {
+        if !without_cube.contains(&file.path) {
             continue;
         }
         let batches = files::read_file(&file.path)?;
