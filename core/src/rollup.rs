@@ -25,8 +25,9 @@
 //! ([`TOTAL_SET`]), each standard key alone, each pair of standard keys, and each of the
 //! poll's own keys alone (only its non-empty values: a warehouse does not know which keys a
 //! poll declares, so the votes without the key are the totals less the rest, see
-//! [`complete_custom`]). A breakdown whose dimensions (grouped and filtered together) fit
-//! one set reads that set's few rows ([`cube_set`]); any other reads the whole segments.
+//! [`GroupSums::complete_custom`]). A breakdown whose dimensions (grouped and filtered
+//! together) fit one set reads that set's few rows ([`cube_set`]); any other reads the
+//! whole segments.
 //! The sets are a fixed, small list rather than every combination: a vote adds
 //! 1 + 6 + 15 + (its own keys) rows before they are added up per write, and the whole
 //! segments still answer every other question exactly.
@@ -339,7 +340,7 @@ enum CubeKey<'a> {
 
 /// Where a breakdown can read its rows from the cube: the set holding every dimension it
 /// groups or filters by, and whether that set is one of the poll's own keys (whose rows
-/// lack the votes without the key, see [`complete_custom`]).
+/// lack the votes without the key, see [`GroupSums::complete_custom`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CubeSet {
     pub dims: String,
@@ -375,48 +376,6 @@ pub fn cube_set(query: &BreakdownQuery) -> Option<CubeSet> {
         }
         _ => None,
     }
-}
-
-/// A breakdown by one of the poll's own keys from its cube rows: `groups` are the rows of
-/// its non-empty values (grouped by the key, as many times as `by` names it), `totals`
-/// the poll's totals (grouped by nothing) over the same buckets. Adds the group of the
-/// votes without the key — the totals less every other group — and keeps only the groups
-/// whose value `filters` allow.
-pub fn complete_custom(
-    query: &BreakdownQuery,
-    groups: Vec<BreakdownRow>,
-    totals: Vec<BreakdownRow>,
-) -> Vec<BreakdownRow> {
-    let width = query.by.len();
-    let mut absent: BTreeMap<String, u64> = BTreeMap::new();
-    for (_, answer, count) in totals {
-        *absent.entry(answer).or_default() += count;
-    }
-    for (_, answer, count) in &groups {
-        if let Some(left) = absent.get_mut(answer) {
-            *left = left.saturating_sub(*count);
-        }
-    }
-    let empty = vec![String::new(); width];
-    let allowed = |value: &str| {
-        query
-            .filters
-            .iter()
-            .all(|(_, values)| values.iter().any(|v| v == value))
-    };
-    let mut rows: Vec<BreakdownRow> = groups
-        .into_iter()
-        .filter(|(values, _, _)| values.first().is_none_or(|v| allowed(v)))
-        .collect();
-    if allowed("") {
-        rows.extend(
-            absent
-                .into_iter()
-                .filter(|(_, count)| *count > 0)
-                .map(|(answer, count)| (empty.clone(), answer, count)),
-        );
-    }
-    rows
 }
 
 /// A time range `[from, to)` in epoch ms; `None` is open.
@@ -478,45 +437,158 @@ impl BreakdownPlan {
 /// carries the group's ballots.
 pub type BreakdownRow = (Vec<String>, String, u64);
 
-/// Puts a breakdown together from the rows of its parts (rollups, cut buckets). A part
-/// read with the limit [`BREAKDOWN_ROW_LIMIT`] that comes back full has more than
-/// [`MAX_GROUPS`] groups. Groups come largest first.
-pub fn assemble(parts: Vec<Vec<BreakdownRow>>, as_of: u64) -> crate::Result<Breakdown> {
-    if parts.iter().any(|part| part.len() >= BREAKDOWN_ROW_LIMIT) {
-        return Err(too_many_groups());
-    }
-    let mut groups: BTreeMap<Vec<String>, Counts> = BTreeMap::new();
-    for (values, answer, count) in parts.into_iter().flatten() {
-        let counts = groups.entry(values).or_default();
+/// The groups of a breakdown, added up as their rows come (from any number of parts and in
+/// any order): at most [`MAX_GROUPS`], each found by its values with one hash lookup and
+/// nothing allocated once it exists.
+#[derive(Default)]
+pub struct GroupSums {
+    /// The groups' values, encoded as one string (see [`GroupSums::group`]), to their place
+    /// in `groups`.
+    index: HashMap<String, usize>,
+    groups: Vec<(Vec<String>, Counts)>,
+    /// The key being looked up, kept to reuse its allocation.
+    key: String,
+}
+
+/// One group's ballots and votes per answer, as [`GroupSums`] holds them.
+pub struct GroupSum<'a>(&'a mut Counts);
+
+impl GroupSum<'_> {
+    /// `n` more for `answer`; answer `""` is the group's ballots.
+    pub fn add(&mut self, answer: &str, n: u64) {
         if answer.is_empty() {
-            counts.ballots += count;
+            self.0.ballots += n;
         } else {
-            *counts.answers.entry(answer).or_default() += count;
+            self.0.count(answer, n);
         }
-        if groups.len() > MAX_GROUPS {
+    }
+}
+
+impl GroupSums {
+    /// The group of `values`, made when first seen; an error once there would be more than
+    /// [`MAX_GROUPS`].
+    pub fn group<S: AsRef<str>>(&mut self, values: &[S]) -> crate::Result<GroupSum<'_>> {
+        // One value is its own key; several are each written after their length, so no
+        // two lists of values share a key whatever they hold.
+        self.key.clear();
+        if let [one] = values {
+            self.key.push_str(one.as_ref());
+        } else {
+            for value in values {
+                let value = value.as_ref();
+                self.key.push_str(&value.len().to_string());
+                self.key.push(':');
+                self.key.push_str(value);
+            }
+        }
+        let at = match self.index.get(self.key.as_str()) {
+            Some(at) => *at,
+            None => {
+                if self.groups.len() >= MAX_GROUPS {
+                    return Err(too_many_groups());
+                }
+                let values = values.iter().map(|v| v.as_ref().to_owned()).collect();
+                self.groups.push((values, Counts::default()));
+                self.index.insert(self.key.clone(), self.groups.len() - 1);
+                self.groups.len() - 1
+            }
+        };
+        Ok(GroupSum(&mut self.groups[at].1))
+    }
+
+    /// Adds the rows of one part. A part read with the limit [`BREAKDOWN_ROW_LIMIT`] that
+    /// came back full has more than [`MAX_GROUPS`] groups.
+    pub fn add_rows(&mut self, rows: Vec<BreakdownRow>) -> crate::Result<()> {
+        if rows.len() >= BREAKDOWN_ROW_LIMIT {
             return Err(too_many_groups());
         }
+        for (values, answer, count) in rows {
+            self.group(&values)?.add(&answer, count);
+        }
+        Ok(())
     }
-    let mut groups: Vec<GroupCounts> = groups
-        .into_iter()
-        .filter(|(_, c)| c.ballots > 0)
-        .map(|(values, c)| GroupCounts {
-            values,
-            ballots: c.ballots,
-            counts: c.answers,
-        })
-        .collect();
-    groups.sort_by(|a, b| {
-        b.ballots
-            .cmp(&a.ballots)
-            .then_with(|| a.values.cmp(&b.values))
-    });
-    Ok(Breakdown { groups, as_of })
+
+    /// The ballots and answers of every group together.
+    fn sum(&self) -> Counts {
+        let mut all = Counts::default();
+        for (_, counts) in &self.groups {
+            all.add(counts);
+        }
+        all
+    }
+
+    /// Completes a breakdown by one of the poll's own keys read from its cube rows: these
+    /// sums hold the groups of the key's non-empty values (the key as many times as `by`
+    /// names it), and `totals` the poll's totals over the same buckets (grouped by nothing).
+    /// Adds the group of the votes without the key — the totals less every other group —
+    /// and keeps only the groups whose value the query's filters allow.
+    pub fn complete_custom(&mut self, query: &BreakdownQuery, totals: GroupSums) {
+        let mut absent = totals.sum();
+        let seen = self.sum();
+        absent.ballots = absent.ballots.saturating_sub(seen.ballots);
+        for (answer, count) in &seen.answers {
+            if let Some(left) = absent.answers.get_mut(answer) {
+                *left = left.saturating_sub(*count);
+            }
+        }
+        absent.answers.retain(|_, count| *count > 0);
+        let allowed = |value: &str| {
+            query
+                .filters
+                .iter()
+                .all(|(_, values)| values.iter().any(|v| v == value))
+        };
+        self.groups
+            .retain(|(values, _)| values.first().is_none_or(|v| allowed(v)));
+        self.index.clear();
+        let groups = std::mem::take(&mut self.groups);
+        for (values, counts) in groups {
+            self.group(&values)
+                .expect("no more groups than before")
+                .0
+                .add(&counts);
+        }
+        if allowed("") {
+            let empty = vec![""; query.by.len()];
+            if let Ok(group) = self.group(&empty) {
+                group.0.add(&absent);
+            }
+        }
+    }
+
+    /// The breakdown: groups with ballots, largest first.
+    pub fn into_breakdown(self, as_of: u64) -> Breakdown {
+        let mut groups: Vec<GroupCounts> = self
+            .groups
+            .into_iter()
+            .filter(|(_, c)| c.ballots > 0)
+            .map(|(values, c)| GroupCounts {
+                values,
+                ballots: c.ballots,
+                counts: c.answers,
+            })
+            .collect();
+        groups.sort_unstable_by(|a, b| {
+            b.ballots
+                .cmp(&a.ballots)
+                .then_with(|| a.values.cmp(&b.values))
+        });
+        Breakdown { groups, as_of }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A breakdown from the rows of its parts.
+    fn assemble(parts: Vec<Vec<BreakdownRow>>, as_of: u64) -> crate::Result<Breakdown> {
+        let mut sums = GroupSums::default();
+        for part in parts {
+            sums.add_rows(part)?;
+        }
+        Ok(sums.into_breakdown(as_of))
+    }
 
     fn vote(poll: &str, at: i64, country: &str, choice: &[&str]) -> Vote {
         Vote {
@@ -748,18 +820,30 @@ mod tests {
             by: vec![crate::analytics::Dimension("store".into())],
             ..Default::default()
         };
-        let mut all = complete_custom(&query, groups.clone(), totals.clone());
-        all.sort();
+        let complete = |query: &BreakdownQuery| {
+            let mut sums = GroupSums::default();
+            sums.add_rows(groups.clone()).unwrap();
+            let mut all = GroupSums::default();
+            all.add_rows(totals.clone()).unwrap();
+            sums.complete_custom(query, all);
+            let mut rows: Vec<BreakdownRow> = Vec::new();
+            for group in sums.into_breakdown(0).groups {
+                rows.push((group.values.clone(), String::new(), group.ballots));
+                for (answer, n) in group.counts {
+                    rows.push((group.values.clone(), answer, n));
+                }
+            }
+            rows.sort();
+            rows
+        };
         let mut want = groups.clone();
         want.extend([row(&[""], "", 2), row(&[""], "a", 1), row(&[""], "b", 1)]);
         want.sort();
-        assert_eq!(all, want);
+        assert_eq!(complete(&query), want);
         query.filters = vec![(
             crate::analytics::Dimension("store".into()),
             vec!["".into(), "s2".into()],
         )];
-        let mut some = complete_custom(&query, groups.clone(), totals.clone());
-        some.sort();
         let mut want = vec![
             row(&["s2"], "", 1),
             row(&["s2"], "b", 1),
@@ -768,12 +852,35 @@ mod tests {
             row(&[""], "b", 1),
         ];
         want.sort();
-        assert_eq!(some, want);
+        assert_eq!(complete(&query), want);
         query.filters = vec![(
             crate::analytics::Dimension("store".into()),
             vec!["s1".into()],
         )];
-        assert_eq!(complete_custom(&query, groups, totals).len(), 2);
+        assert_eq!(complete(&query).len(), 2);
+        // `by` naming the key twice groups by it twice.
+        query.filters.clear();
+        query.by.push(crate::analytics::Dimension("store".into()));
+        let mut sums = GroupSums::default();
+        sums.group(&["s1", "s1"]).unwrap().add("", 3);
+        let mut all = GroupSums::default();
+        all.group::<&str>(&[]).unwrap().add("", 5);
+        sums.complete_custom(&query, all);
+        let groups = sums.into_breakdown(0).groups;
+        assert_eq!(groups[1].values, ["", ""]);
+        assert_eq!(groups[1].ballots, 2);
+    }
+
+    #[test]
+    fn group_sums_tell_apart_values_that_join_alike() {
+        let mut sums = GroupSums::default();
+        sums.group(&["a:b", "c"]).unwrap().add("", 1);
+        sums.group(&["a", "b:c"]).unwrap().add("", 2);
+        sums.group(&["a", "b:c"]).unwrap().add("x", 2);
+        let groups = sums.into_breakdown(0).groups;
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0].values, ["a", "b:c"]);
+        assert_eq!(groups[0].counts, [("x".to_owned(), 2)].into());
     }
 
     #[test]

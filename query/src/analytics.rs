@@ -187,6 +187,10 @@ pub(crate) async fn breakdown(
         }
     }
     let answer_keys = poll.answer_keys();
+    // Votes per answer, in the order of `all`, of the whole selection and of each group.
+    let totals: Vec<u64> = all.values().copied().collect();
+    let mut counts: Vec<u64> = Vec::with_capacity(all.len());
+    let mut rest: Vec<u64> = Vec::with_capacity(all.len());
     let mut groups: Vec<BreakdownGroup> = breakdown
         .groups
         .iter()
@@ -209,10 +213,13 @@ pub(crate) async fn breakdown(
                     }
                 })
                 .collect();
-            let rest: BTreeMap<String, u64> = all
-                .iter()
-                .map(|(k, v)| (k.clone(), v - group.counts.get(k).copied().unwrap_or(0)))
-                .collect();
+            counts.clear();
+            counts.extend(
+                all.keys()
+                    .map(|k| group.counts.get(k).copied().unwrap_or(0)),
+            );
+            rest.clear();
+            rest.extend(totals.iter().zip(&counts).map(|(all, own)| all - own));
             let difference = if group.ballots < stats::MIN_GROUP_VOTES {
                 // Below the minimum size: marked, and no test reported.
                 stats::Difference {
@@ -220,14 +227,9 @@ pub(crate) async fn breakdown(
                     small_sample: true,
                 }
             } else if poll.kind == PollKind::Multi {
-                stats::proportions(
-                    &group.counts,
-                    group.ballots,
-                    &rest,
-                    total_ballots - group.ballots,
-                )
+                stats::proportions(&counts, group.ballots, &rest, total_ballots - group.ballots)
             } else {
-                stats::chi_square(&group.counts, &rest)
+                stats::chi_square(&counts, &rest)
             };
             BreakdownGroup {
                 segment,

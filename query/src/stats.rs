@@ -2,8 +2,6 @@
 //! answered differently from everyone else (chi-square test of independence for
 //! single-answer polls, Bonferroni-corrected two-proportion z-tests for multi-choice).
 
-use std::collections::BTreeMap;
-
 use statrs::distribution::{ChiSquared, ContinuousCDF, Normal};
 
 const Z95: f64 = 1.959_963_984_540_054;
@@ -56,23 +54,16 @@ pub struct Difference {
 }
 
 /// Chi-square test of independence between "in the segment" and the answer, on a 2×k table
-/// of the segment's counts against the rest's.
-pub fn chi_square(group: &BTreeMap<String, u64>, rest: &BTreeMap<String, u64>) -> Difference {
-    let keys: Vec<&String> = group
-        .keys()
-        .chain(rest.keys())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let row = |m: &BTreeMap<String, u64>| {
-        keys.iter()
-            .map(|k| m.get(*k).copied().unwrap_or(0) as f64)
-            .collect::<Vec<f64>>()
-    };
-    let (a, b) = (row(group), row(rest));
-    let (total_a, total_b): (f64, f64) = (a.iter().sum(), b.iter().sum());
+/// of the segment's counts against the rest's (both per answer, in the same order).
+pub fn chi_square(group: &[u64], rest: &[u64]) -> Difference {
+    let (total_a, total_b) = (sum(group), sum(rest));
     let total = total_a + total_b;
-    let columns: Vec<usize> = (0..keys.len()).filter(|&i| a[i] + b[i] > 0.0).collect();
+    let columns: Vec<(f64, f64)> = group
+        .iter()
+        .zip(rest)
+        .map(|(a, b)| (*a as f64, *b as f64))
+        .filter(|(a, b)| a + b > 0.0)
+        .collect();
     if total_a == 0.0 || total_b == 0.0 || columns.len() < 2 {
         return Difference {
             p_value: None,
@@ -81,9 +72,9 @@ pub fn chi_square(group: &BTreeMap<String, u64>, rest: &BTreeMap<String, u64>) -
     }
     let mut statistic = 0.0;
     let mut small_sample = false;
-    for &i in &columns {
-        let column = a[i] + b[i];
-        for (observed, row_total) in [(a[i], total_a), (b[i], total_b)] {
+    for &(a, b) in &columns {
+        let column = a + b;
+        for (observed, row_total) in [(a, total_a), (b, total_b)] {
             let expected = row_total * column / total;
             small_sample |= expected < MIN_EXPECTED;
             statistic += (observed - expected).powi(2) / expected;
@@ -100,12 +91,17 @@ pub fn chi_square(group: &BTreeMap<String, u64>, rest: &BTreeMap<String, u64>) -
     }
 }
 
+fn sum(counts: &[u64]) -> f64 {
+    counts.iter().map(|c| *c as f64).sum()
+}
+
 /// For multi-choice polls: per option, the share of ballots choosing it in the segment vs the
 /// rest (two-proportion z-test); the smallest p-value, Bonferroni-corrected for the options.
+/// `group` and `rest` are votes per option, in the same order.
 pub fn proportions(
-    group: &BTreeMap<String, u64>,
+    group: &[u64],
     group_ballots: u64,
-    rest: &BTreeMap<String, u64>,
+    rest: &[u64],
     rest_ballots: u64,
 ) -> Difference {
     if group_ballots == 0 || rest_ballots == 0 {
@@ -115,14 +111,12 @@ pub fn proportions(
         };
     }
     let normal = Normal::standard();
-    let keys: std::collections::BTreeSet<&String> = group.keys().chain(rest.keys()).collect();
     let (n1, n2) = (group_ballots as f64, rest_ballots as f64);
     let mut smallest: Option<f64> = None;
     let mut small_sample = false;
     let mut tests = 0usize;
-    for key in &keys {
-        let x1 = group.get(*key).copied().unwrap_or(0) as f64;
-        let x2 = rest.get(*key).copied().unwrap_or(0) as f64;
+    for (x1, x2) in group.iter().zip(rest) {
+        let (x1, x2) = (*x1 as f64, *x2 as f64);
         let pooled = (x1 + x2) / (n1 + n2);
         small_sample |= n1 * pooled < MIN_EXPECTED || n1 * (1.0 - pooled) < MIN_EXPECTED;
         let se = (pooled * (1.0 - pooled) * (1.0 / n1 + 1.0 / n2)).sqrt();
@@ -144,8 +138,9 @@ pub fn proportions(
 mod tests {
     use super::*;
 
-    fn counts(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+    /// Votes per option, in the order named (every call names the same options alike).
+    fn counts(pairs: &[(&str, u64)]) -> Vec<u64> {
+        pairs.iter().map(|(_, v)| *v).collect()
     }
 
     #[test]

@@ -34,7 +34,7 @@ use tally_core::analytics::{Breakdown, BreakdownQuery, TimePoint, TimeseriesQuer
 use tally_core::poll::Poll;
 use tally_core::ports::{AnalystRows, BoxStream, StoredVote, Warehouse, Watermarks, WindowRow};
 use tally_core::results::Tally;
-use tally_core::rollup::{self, BreakdownPlan, BreakdownRow, RollupLevel, RollupRow};
+use tally_core::rollup::{self, BreakdownPlan, BreakdownRow, GroupSums, RollupLevel, RollupRow};
 use tally_core::segment::Segment;
 use tally_core::vote::Vote;
 use tally_core::{Error, Result};
@@ -1044,7 +1044,7 @@ impl Warehouse for ClickHouseWarehouse {
         };
         let cube = cube.map(|(set, _)| set);
         let as_of = settled.max(fresh);
-        let mut parts: Vec<Vec<BreakdownRow>> = Vec::new();
+        let mut sums = GroupSums::default();
         if let Some(buckets) = plan.buckets {
             let source = match &cube {
                 None => sql::RollupSource::Whole,
@@ -1058,6 +1058,7 @@ impl Warehouse for ClickHouseWarehouse {
                     query, source, settled, fresh, buckets,
                 ))
                 .await?;
+            sums.add_rows(rows)?;
             if cube.as_ref().is_some_and(|set| set.custom) {
                 // The set holds the key's non-empty values only; the votes without it are
                 // the totals less the rest, and filters apply after.
@@ -1068,19 +1069,18 @@ impl Warehouse for ClickHouseWarehouse {
                     fresh,
                     buckets,
                 );
-                let totals = self.breakdown_rows(&totals).await?;
-                parts.push(rollup::complete_custom(query, rows, totals));
-            } else {
-                parts.push(rows);
+                let mut all = GroupSums::default();
+                all.add_rows(self.breakdown_rows(&totals).await?)?;
+                sums.complete_custom(query, all);
             }
         }
         if !plan.raw.is_empty() {
-            parts.push(
+            sums.add_rows(
                 self.breakdown_rows(&sql::breakdown_votes(query, as_of, &plan.raw))
                     .await?,
-            );
+            )?;
         }
-        rollup::assemble(parts, as_of)
+        Ok(sums.into_breakdown(as_of))
     }
 
     async fn window_widths(&self, poll_id: &str) -> Result<Vec<u32>> {

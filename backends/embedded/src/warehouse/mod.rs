@@ -134,6 +134,9 @@ struct Inner {
     /// Serialises flushes and merges of one table and partition.
     maintenance: std::sync::Mutex<HashMap<(Kind, u16), MaintenanceLock>>,
     executor: Executor,
+    /// What the snapshots of the service's own reads share: the Parquet footers and file
+    /// statistics they have read (see [`sql::read_runtime`]).
+    runtime: Arc<datafusion::execution::runtime_env::RuntimeEnv>,
     /// The poll definitions of the analysts' `polls` and `poll_options`, newest version of
     /// each (in memory: the registry is their durable home; see `analyst`).
     polls: RwLock<BTreeMap<String, Arc<Poll>>>,
@@ -180,6 +183,7 @@ impl ParquetWarehouse {
             tables: RwLock::new(tables),
             maintenance: Default::default(),
             executor: Executor::start()?,
+            runtime: sql::read_runtime()?,
             polls: RwLock::default(),
         });
         Ok(ParquetWarehouse { inner })

@@ -8,16 +8,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
-use arrow::datatypes::SchemaRef;
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, SchemaRef, UInt64Type};
 use datafusion::common::ScalarValue;
 use datafusion::datasource::MemTable;
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::context::{SessionConfig, SessionContext};
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::prelude::ParquetReadOptions;
+use futures::StreamExt;
 use tally_core::analytics::{Breakdown, BreakdownQuery, Dimension, TimePoint, TimeseriesQuery};
 use tally_core::results::Tally;
 use tally_core::rollup::{
-    self, BreakdownPlan, BreakdownRow, RollupLevel, BREAKDOWN_ROW_LIMIT, TOTAL_SET,
+    self, BreakdownPlan, BreakdownRow, GroupSums, RollupLevel, BREAKDOWN_ROW_LIMIT, TOTAL_SET,
 };
 use tally_core::segment::STANDARD_KEYS;
 use tally_core::{Error, Result};
@@ -64,6 +68,17 @@ pub(super) async fn register_tables(
     Ok(kept)
 }
 
+/// The runtime the service's own reads share, so each Parquet footer and file's statistics
+/// are read once, not in every query that plans over the file. Both caches check an
+/// entry against the file's size and time of change; the list of files is never cached
+/// (each snapshot names its files, and a merge replaces them).
+pub(super) fn read_runtime() -> Result<Arc<RuntimeEnv>> {
+    RuntimeEnvBuilder::new()
+        .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
+        .build_arc()
+        .map_err(storage)
+}
+
 /// A query context over a consistent view of some tables.
 struct Snapshot {
     ctx: SessionContext,
@@ -73,8 +88,10 @@ struct Snapshot {
 
 impl Snapshot {
     /// A context in which each table of `tables` is a view of its files and in-memory rows.
-    async fn open(tables: Vec<TableView>) -> Result<Snapshot> {
-        let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(2));
+    async fn open(tables: Vec<TableView>, runtime: Arc<RuntimeEnv>) -> Result<Snapshot> {
+        let mut config = SessionConfig::new().with_target_partitions(2);
+        config.options_mut().execution.parquet.pushdown_filters = true;
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
         let kept = register_tables(&ctx, tables).await?;
         Ok(Snapshot { ctx, _files: kept })
     }
@@ -121,8 +138,9 @@ impl Inner {
         T: Send + 'static,
     {
         let tables = self.view(kinds);
+        let runtime = self.runtime.clone();
         self.executor
-            .run(async move { read(Snapshot::open(tables).await?).await })
+            .run(async move { read(Snapshot::open(tables, runtime).await?).await })
             .await
     }
 
@@ -265,31 +283,25 @@ impl Snapshot {
             .enumerate()
             .map(|(i, expr)| format!("{expr} AS g{i}"))
             .collect();
-        let mut groups: Vec<String> = (0..dims).map(|i| format!("g{i}")).collect();
-        groups.push("opt".into());
-        let groups = groups.join(", ");
-
-        // Rows of (group values…, answer, count); answer '' holds the ballots.
-        let mut rows: Vec<Vec<BreakdownRow>> = Vec::new();
+        let mut sums = GroupSums::default();
         if let Some(buckets) = plan.buckets {
             let buckets = range_clause("bucket_start", buckets);
-            // One level's rows of a dimension set (names are checked segment keys), with
-            // `select` and `where` on top, added up by `group`.
-            let rollups = |set: &str, select: &[String], filter: &str, group: &str| {
-                let mut inner = select.to_vec();
-                inner.push("unnest(array_prepend('', answers)) AS opt".into());
-                inner.push("unnest(array_prepend(ballots, answer_votes)) AS n".into());
-                let inner = inner.join(", ");
+            // Both levels' rows of a dimension set (names are checked segment keys), with
+            // `select` and `where` on top, then each row's ballots and answers: added up
+            // here as they are read (see `add_rollups`).
+            let rollups = |set: &str, select: &[String], filter: &str| {
+                let mut columns = select.to_vec();
+                columns.extend(["ballots", "answers", "answer_votes"].map(String::from));
+                let columns = columns.join(", ");
                 let level = |kind: Kind, positions: String| {
                     format!(
-                        "SELECT {inner} FROM {} WHERE poll_id = $1 AND dims = '{set}' \
+                        "SELECT {columns} FROM {} WHERE poll_id = $1 AND dims = '{set}' \
                          AND {positions} AND {buckets}{filter}",
                         kind.table()
                     )
                 };
                 format!(
-                    "SELECT {group}, sum(n) FROM ({} UNION ALL {}) GROUP BY {group} \
-                     LIMIT {BREAKDOWN_ROW_LIMIT}",
+                    "{} UNION ALL {}",
                     level(settled_kind, format!("last_seq <= {settled}")),
                     level(
                         fresh_kind,
@@ -301,35 +313,18 @@ impl Snapshot {
                 Some(set) if set.custom => {
                     // The set holds the key's non-empty values only; the votes without it
                     // are the totals less the rest, and filters apply after.
-                    let part = self
-                        .query(
-                            &rollups(&set.dims, &select, "", &groups),
-                            vec![text(&query.poll_id)],
-                        )
+                    let poll = vec![text(&query.poll_id)];
+                    self.add_rollups(&rollups(&set.dims, &select, ""), poll.clone(), &mut sums)
                         .await?;
-                    let totals = self
-                        .query(
-                            &rollups(TOTAL_SET, &[], "", "opt"),
-                            vec![text(&query.poll_id)],
-                        )
+                    let mut totals = GroupSums::default();
+                    self.add_rollups(&rollups(TOTAL_SET, &[], ""), poll, &mut totals)
                         .await?;
-                    let totals: Vec<BreakdownRow> = strings(&totals, 0)?
-                        .into_iter()
-                        .zip(u64s(&totals, 1)?)
-                        .map(|(answer, count)| (Vec::new(), answer, count))
-                        .collect();
-                    rows.push(rollup::complete_custom(
-                        query,
-                        breakdown_rows(&part, dims)?,
-                        totals,
-                    ));
+                    sums.complete_custom(query, totals);
                 }
                 cube => {
                     let set = cube.map_or(String::new(), |set| set.dims);
-                    let part = self
-                        .query(&rollups(&set, &select, &filter, &groups), params.clone())
+                    self.add_rollups(&rollups(&set, &select, &filter), params.clone(), &mut sums)
                         .await?;
-                    rows.push(breakdown_rows(&part, dims)?);
                 }
             }
         }
@@ -340,6 +335,9 @@ impl Snapshot {
                 .map(|range| range_clause("received_ms", *range))
                 .collect();
             select.push("unnest(array_prepend('', choice)) AS opt".into());
+            let mut groups: Vec<String> = (0..dims).map(|i| format!("g{i}")).collect();
+            groups.push("opt".into());
+            let groups = groups.join(", ");
             let part = self
                 .query(
                     &format!(
@@ -352,9 +350,29 @@ impl Snapshot {
                     params.clone(),
                 )
                 .await?;
-            rows.push(breakdown_rows(&part, dims)?);
+            sums.add_rows(breakdown_rows(&part, dims)?)?;
         }
-        rollup::assemble(rows, as_of)
+        Ok(sums.into_breakdown(as_of))
+    }
+
+    /// Adds the rollup rows `sql` selects to `sums`, a batch at a time as they are read: the
+    /// group's values (`sums`' width of text columns), then `ballots`, `answers` and
+    /// `answer_votes`. Added up here rather than by the engine: a group is one hash lookup
+    /// per row, where the engine would unnest every row's answers and group by two text
+    /// columns; and at most the groups are held, however many rows there are.
+    async fn add_rollups(
+        &self,
+        sql: &str,
+        params: Vec<ScalarValue>,
+        sums: &mut GroupSums,
+    ) -> Result<()> {
+        let frame = self.ctx.sql(sql).await.map_err(storage)?;
+        let frame = frame.with_param_values(params).map_err(storage)?;
+        let mut batches = frame.execute_stream().await.map_err(storage)?;
+        while let Some(batch) = batches.next().await {
+            add_rollup_batch(&batch.map_err(storage)?, sums)?;
+        }
+        Ok(())
     }
 
     async fn timeseries(&self, query: &TimeseriesQuery) -> Result<Vec<TimePoint>> {
@@ -429,6 +447,51 @@ fn breakdown_rows(part: &[RecordBatch], dims: usize) -> Result<Vec<BreakdownRow>
         .zip(u64s(part, dims + 1)?)
         .map(|((group, answer), count)| (group, answer, count))
         .collect())
+}
+
+/// One batch of [`Snapshot::add_rollups`]: the columns before the last three are the
+/// group's values.
+fn add_rollup_batch(batch: &RecordBatch, sums: &mut GroupSums) -> Result<()> {
+    let dims = batch
+        .num_columns()
+        .checked_sub(3)
+        .ok_or_else(|| storage("a rollup read lacks its counts"))?;
+    let as_text = |array: &ArrayRef| cast(array, &DataType::Utf8).map_err(storage);
+    let groups: Vec<ArrayRef> = batch.columns()[..dims]
+        .iter()
+        .map(as_text)
+        .collect::<Result<_>>()?;
+    let groups: Vec<&StringArray> = groups.iter().map(|g| g.as_string::<i32>()).collect();
+    let ballots = cast(batch.column(dims), &DataType::UInt64).map_err(storage)?;
+    let ballots = ballots.as_primitive::<UInt64Type>();
+    let (Some(answers), Some(votes)) = (
+        batch.column(dims + 1).as_list_opt::<i32>(),
+        batch.column(dims + 2).as_list_opt::<i32>(),
+    ) else {
+        return Err(storage("a rollup read's answers are not lists"));
+    };
+    let answer_names = as_text(answers.values())?;
+    let answer_names = answer_names.as_string::<i32>();
+    let answer_votes = cast(votes.values(), &DataType::UInt64).map_err(storage)?;
+    let answer_votes = answer_votes.as_primitive::<UInt64Type>();
+    let (names_at, votes_at) = (answers.value_offsets(), votes.value_offsets());
+    let mut values: Vec<&str> = Vec::with_capacity(dims);
+    for row in 0..batch.num_rows() {
+        values.clear();
+        values.extend(
+            groups
+                .iter()
+                .map(|g| if g.is_null(row) { "" } else { g.value(row) }),
+        );
+        let mut group = sums.group(&values)?;
+        group.add("", ballots.value(row));
+        let names = names_at[row] as usize..names_at[row + 1] as usize;
+        let counts = votes_at[row] as usize..votes_at[row + 1] as usize;
+        for (name, count) in names.zip(counts) {
+            group.add(answer_names.value(name), answer_votes.value(count));
+        }
+    }
+    Ok(())
 }
 
 fn text(value: &str) -> ScalarValue {
@@ -585,7 +648,7 @@ mod tests {
                     .build()
                     .unwrap();
                 runtime.block_on(async move {
-                    let snapshot = Snapshot::open(vec![votes_view()]).await?;
+                    let snapshot = Snapshot::open(vec![votes_view()], read_runtime()?).await?;
                     let rows = snapshot.query(&sql, Vec::new()).await?;
                     u64s(&rows, 0)
                 })
