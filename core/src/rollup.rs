@@ -33,6 +33,7 @@
 //! segments still answer every other question exactly.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use crate::analytics::BreakdownQuery;
@@ -476,9 +477,7 @@ impl GroupSums {
         } else {
             for value in values {
                 let value = value.as_ref();
-                self.key.push_str(&value.len().to_string());
-                self.key.push(':');
-                self.key.push_str(value);
+                let _ = write!(self.key, "{}:{value}", value.len());
             }
         }
         let at = match self.index.get(self.key.as_str()) {
