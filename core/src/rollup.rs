@@ -465,21 +465,25 @@ impl GroupSum<'_> {
     }
 }
 
+/// Writes `values` as one key into `key`: one value is its own key; several are each
+/// written after their length, so no two lists of values share a key whatever they hold.
+fn encode_key<S: AsRef<str>>(key: &mut String, values: &[S]) {
+    key.clear();
+    if let [one] = values {
+        key.push_str(one.as_ref());
+    } else {
+        for value in values {
+            let value = value.as_ref();
+            let _ = write!(key, "{}:{value}", value.len());
+        }
+    }
+}
+
 impl GroupSums {
     /// The group of `values`, made when first seen; an error once there would be more than
     /// [`MAX_GROUPS`].
     pub fn group<S: AsRef<str>>(&mut self, values: &[S]) -> crate::Result<GroupSum<'_>> {
-        // One value is its own key; several are each written after their length, so no
-        // two lists of values share a key whatever they hold.
-        self.key.clear();
-        if let [one] = values {
-            self.key.push_str(one.as_ref());
-        } else {
-            for value in values {
-                let value = value.as_ref();
-                let _ = write!(self.key, "{}:{value}", value.len());
-            }
-        }
+        encode_key(&mut self.key, values);
         let at = match self.index.get(self.key.as_str()) {
             Some(at) => *at,
             None => {
@@ -520,8 +524,13 @@ impl GroupSums {
     /// sums hold the groups of the key's non-empty values (the key as many times as `by`
     /// names it), and `totals` the poll's totals over the same buckets (grouped by nothing).
     /// Adds the group of the votes without the key — the totals less every other group —
-    /// and keeps only the groups whose value the query's filters allow.
-    pub fn complete_custom(&mut self, query: &BreakdownQuery, totals: GroupSums) {
+    /// and keeps only the groups whose value the query's filters allow; an error when that
+    /// group would be one more than [`MAX_GROUPS`].
+    pub fn complete_custom(
+        &mut self,
+        query: &BreakdownQuery,
+        totals: GroupSums,
+    ) -> crate::Result<()> {
         let mut absent = totals.sum();
         let seen = self.sum();
         absent.ballots = absent.ballots.saturating_sub(seen.ballots);
@@ -540,19 +549,16 @@ impl GroupSums {
         self.groups
             .retain(|(values, _)| values.first().is_none_or(|v| allowed(v)));
         self.index.clear();
-        let groups = std::mem::take(&mut self.groups);
-        for (values, counts) in groups {
-            self.group(&values)
-                .expect("no more groups than before")
-                .0
-                .add(&counts);
+        for (at, (values, _)) in self.groups.iter().enumerate() {
+            let mut key = String::new();
+            encode_key(&mut key, values);
+            self.index.insert(key, at);
         }
-        if allowed("") {
-            let empty = vec![""; query.by.len()];
-            if let Ok(group) = self.group(&empty) {
-                group.0.add(&absent);
-            }
+        let votes_without = absent.ballots > 0 || !absent.answers.is_empty();
+        if votes_without && allowed("") {
+            self.group(&vec![""; query.by.len()])?.0.add(&absent);
         }
+        Ok(())
     }
 
     /// The breakdown: groups with ballots, largest first.
@@ -824,7 +830,7 @@ mod tests {
             sums.add_rows(groups.clone()).unwrap();
             let mut all = GroupSums::default();
             all.add_rows(totals.clone()).unwrap();
-            sums.complete_custom(query, all);
+            sums.complete_custom(query, all).unwrap();
             let mut rows: Vec<BreakdownRow> = Vec::new();
             for group in sums.into_breakdown(0).groups {
                 rows.push((group.values.clone(), String::new(), group.ballots));
@@ -864,10 +870,35 @@ mod tests {
         sums.group(&["s1", "s1"]).unwrap().add("", 3);
         let mut all = GroupSums::default();
         all.group::<&str>(&[]).unwrap().add("", 5);
-        sums.complete_custom(&query, all);
+        sums.complete_custom(&query, all).unwrap();
         let groups = sums.into_breakdown(0).groups;
         assert_eq!(groups[1].values, ["", ""]);
         assert_eq!(groups[1].ballots, 2);
+    }
+
+    #[test]
+    fn the_group_without_a_custom_key_counts_against_the_cap() {
+        let query = BreakdownQuery {
+            poll_id: "p".into(),
+            by: vec![crate::analytics::Dimension("store".into())],
+            ..Default::default()
+        };
+        let full = |votes_without: u64| {
+            let mut sums = GroupSums::default();
+            for i in 0..MAX_GROUPS {
+                sums.group(&[format!("s{i}")]).unwrap().add("", 1);
+            }
+            let mut totals = GroupSums::default();
+            totals
+                .group::<&str>(&[])
+                .unwrap()
+                .add("", MAX_GROUPS as u64 + votes_without);
+            sums.complete_custom(&query, totals).map(|()| sums)
+        };
+        // Every vote has the key: no group is added, and the cap is not passed.
+        assert_eq!(full(0).unwrap().into_breakdown(0).groups.len(), MAX_GROUPS);
+        // Votes without it make one group more than the cap: refused, not left out.
+        assert!(full(3).is_err());
     }
 
     #[test]

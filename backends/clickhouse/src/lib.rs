@@ -1071,7 +1071,7 @@ impl Warehouse for ClickHouseWarehouse {
                 );
                 let mut all = GroupSums::default();
                 all.add_rows(self.breakdown_rows(&totals).await?)?;
-                sums.complete_custom(query, all);
+                sums.complete_custom(query, all)?;
             }
         }
         if !plan.raw.is_empty() {

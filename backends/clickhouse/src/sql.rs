@@ -40,6 +40,14 @@ pub fn dimension_expr(dimension: &Dimension) -> String {
     }
 }
 
+/// The columns [`dimension_expr`] reads.
+fn dimension_columns(dimension: &Dimension) -> &'static [&'static str] {
+    match STANDARD_KEYS.iter().find(|k| **k == dimension.0) {
+        Some(column) => std::slice::from_ref(column),
+        None => &["dim_keys", "dim_values"],
+    }
+}
+
 pub const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, applied_at DateTime('UTC')) ENGINE = MergeTree ORDER BY version";
 
 /// The segment columns of votes and of both rollup tables ([`segment_columns`] names
@@ -859,12 +867,7 @@ pub fn breakdown_rollups(
     // a constant one (the totals' `[]`) from a subquery.
     let mut columns: Vec<&str> = Vec::new();
     if !matches!(source, RollupSource::Totals) {
-        for dimension in &query.by {
-            match STANDARD_KEYS.iter().find(|k| **k == dimension.0) {
-                Some(column) => columns.push(column),
-                None => columns.extend(["dim_keys", "dim_values"]),
-            }
-        }
+        columns.extend(query.by.iter().flat_map(dimension_columns));
     }
     columns.extend(["ballots", "answers", "answer_votes"]);
     columns.sort_unstable();

@@ -319,7 +319,7 @@ impl Snapshot {
                     let mut totals = GroupSums::default();
                     self.add_rollups(&rollups(TOTAL_SET, &[], ""), poll, &mut totals)
                         .await?;
-                    sums.complete_custom(query, totals);
+                    sums.complete_custom(query, totals)?;
                 }
                 cube => {
                     let set = cube.map_or(String::new(), |set| set.dims);
