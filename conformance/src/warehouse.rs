@@ -455,9 +455,9 @@ pub async fn filters_and_time_range_apply(warehouse: Arc<dyn Warehouse>) {
 
 const CUBE_POLL: &str = "conf-cube";
 
-/// 60 votes of [`CUBE_POLL`] at seqs 10..=69, 10 s apart from [`T0`]: countries, devices
-/// and three answers in cycles of different lengths, and a `store` of seven values on
-/// three votes in four (the fourth has none).
+/// 60 votes of [`CUBE_POLL`] at seqs 10..=69, 190 s apart from [`T0`] (800 s into an hour),
+/// so over four hours: countries, devices and three answers in cycles of different
+/// lengths, and a `store` of seven values on three votes in four (the fourth has none).
 fn cube_votes() -> Vec<StoredVote> {
     (0..60u64)
         .map(|i| {
@@ -466,7 +466,7 @@ fn cube_votes() -> Vec<StoredVote> {
                 &format!("c-{i}"),
                 &format!("k{i}"),
                 ["a", "b", "c"][(i % 5 % 3) as usize],
-                T0 + i as i64 * 10_000,
+                T0 + i as i64 * 190_000,
             );
             v.segment.country = ["DE", "FR"][(i % 2) as usize].into();
             v.segment.device = ["mobile", "desktop", "tablet"][(i % 3) as usize].into();
@@ -515,8 +515,10 @@ fn expected_breakdown(
 }
 
 /// Breakdowns the cube answers (one dimension, a poll's own key with its absent value,
-/// two standard keys, with filters and cut time ranges) and ones it does not, on rollups
-/// written fresh, settled and fresh again: each equals the count of the votes themselves.
+/// two standard keys, with filters and cut time ranges: one across whole hours, whose
+/// edges a poll's own key takes from the whole segments and the raw votes, one inside an
+/// hour) and ones it does not, on rollups written fresh, settled and fresh again: each
+/// equals the count of the votes themselves.
 pub async fn breakdowns_read_from_the_cube_equal_the_votes(warehouse: Arc<dyn Warehouse>) {
     warehouse.migrate().await.expect("migrate");
     let votes = cube_votes();
@@ -544,7 +546,10 @@ pub async fn breakdowns_read_from_the_cube_equal_the_votes(warehouse: Arc<dyn Wa
             }
         };
     let all = (None, None);
-    let cut = (Some(45_000), Some(455_000));
+    // From 185 s (a vote at 190 s) to 9,315 s (one at 9,310 s): the whole hour from 2,800 s,
+    // the whole minutes around it, the cut ones; and 45 s to 1,455 s, in the first hour.
+    let cut = (Some(185_000), Some(9_315_000));
+    let short = (Some(45_000), Some(1_455_000));
     let values = |v: &[&str]| v.iter().map(|v| (*v).to_owned()).collect::<Vec<String>>();
     let queries = [
         query(&["store"], vec![], all),
@@ -555,6 +560,13 @@ pub async fn breakdowns_read_from_the_cube_equal_the_votes(warehouse: Arc<dyn Wa
             all,
         ),
         query(&["store"], vec![(d("store"), values(&["s2"]))], cut),
+        query(&["store"], vec![], short),
+        query(&["store"], vec![(d("store"), values(&["", "s4"]))], cut),
+        query(
+            &["store"],
+            vec![(d("store"), values(&["s1"]))],
+            (Some(2_800_000), None),
+        ),
         query(&["store"], vec![(d("store"), vec![])], all),
         query(&["country"], vec![], all),
         query(

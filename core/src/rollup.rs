@@ -31,6 +31,13 @@
 //! The sets are a fixed, small list rather than every combination: a vote adds
 //! 1 + 6 + 15 + (its own keys) rows before they are added up per write, and the whole
 //! segments still answer every other question exactly.
+//!
+//! The sets of the poll's own keys are kept per hour ([`CUSTOM_SET_SECONDS`]), not per
+//! minute: a key of 10,000 values makes a row per value and bucket of every write, and a
+//! breakdown by it reads them all. A time range then takes its whole hours from the set,
+//! the whole minutes at its edges from the whole segments, and the rest from the raw votes
+//! ([`BreakdownPlan::for_query`]). Rows kept per minute by earlier versions lie inside
+//! their hour, so both widths are read alike.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -43,6 +50,12 @@ use crate::vote::Vote;
 
 /// Width of a rollup bucket.
 pub const ROLLUP_SECONDS: u32 = 60;
+
+/// Width of the buckets of the sets of the poll's own keys: an hour, so a breakdown by a
+/// key of thousands of values reads a row per value and hour, not per value and minute (a
+/// poll that votes for a day: 24 rows per value instead of 1,440). A time range takes its
+/// whole hours from them and the minutes at its edges from the whole segments.
+pub const CUSTOM_SET_SECONDS: u32 = 3600;
 
 /// The two layers of rollup rows (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -192,7 +205,7 @@ impl Rollups {
         self.last_seq
     }
 
-    /// The pending rows, in (poll, bucket) order.
+    /// The pending rows: the whole segments in (poll, bucket) order, then their cube rows.
     pub fn rows(&self) -> Vec<RollupRow> {
         let mut keys: Vec<(&String, i64)> = self
             .groups
@@ -202,7 +215,6 @@ impl Rollups {
         keys.sort();
         let mut rows = Vec::new();
         for (poll_id, bucket) in keys {
-            let whole = rows.len();
             for (segment, counts) in &self.groups[poll_id][&bucket] {
                 rows.push(RollupRow {
                     poll_id: poll_id.clone(),
@@ -216,9 +228,10 @@ impl Rollups {
                     last_seq: self.last_seq,
                 });
             }
-            let cube = cube_rows(&rows[whole..]);
-            rows.extend(cube);
         }
+        // All buckets at once: a set kept per hour adds its minutes up.
+        let cube = cube_rows(&rows);
+        rows.extend(cube);
         rows
     }
 
@@ -262,8 +275,13 @@ pub fn cube_rows(whole: &[RollupRow]) -> Vec<RollupRow> {
     }
     let pairs: Vec<(String, usize, usize)> = standard_pairs().collect();
     let mut out = Vec::new();
+    // The poll's own keys per write and hour (see [`CUSTOM_SET_SECONDS`]), across the
+    // write's minutes.
+    let mut custom: HashMap<(&str, i64, u64, &str, &str), Counts> = HashMap::new();
     for ((poll_id, bucket_start, bucket_seconds, last_seq), rows) in writes {
         let mut sets: HashMap<SetValues<'_>, Counts> = HashMap::new();
+        let hour =
+            bucket_start.div_euclid(i64::from(CUSTOM_SET_SECONDS)) * i64::from(CUSTOM_SET_SECONDS);
         for row in rows {
             let segment = &row.segment;
             add_to_set(&mut sets, (CubeKey::Total, "", ""), row);
@@ -277,7 +295,10 @@ pub fn cube_rows(whole: &[RollupRow]) -> Vec<RollupRow> {
             }
             for (key, value) in &segment.custom {
                 if !value.is_empty() {
-                    add_to_set(&mut sets, (CubeKey::Custom(key), value, ""), row);
+                    let counts = custom
+                        .entry((poll_id, hour, last_seq, key, value))
+                        .or_default();
+                    add_counts(counts, row);
                 }
             }
         }
@@ -295,10 +316,6 @@ pub fn cube_rows(whole: &[RollupRow]) -> Vec<RollupRow> {
                     second.clone_into(segment.standard_mut(*b));
                     name.clone()
                 }
-                CubeKey::Custom(key) => {
-                    segment.custom.insert(key.to_owned(), first.to_owned());
-                    key.to_owned()
-                }
             };
             out.push(RollupRow {
                 poll_id: poll_id.to_owned(),
@@ -313,14 +330,32 @@ pub fn cube_rows(whole: &[RollupRow]) -> Vec<RollupRow> {
             });
         }
     }
+    for ((poll_id, hour, last_seq, key, value), counts) in custom {
+        let mut segment = Segment::default();
+        segment.custom.insert(key.to_owned(), value.to_owned());
+        out.push(RollupRow {
+            poll_id: poll_id.to_owned(),
+            dims: key.to_owned(),
+            bucket_start: hour,
+            bucket_seconds: CUSTOM_SET_SECONDS,
+            segment,
+            ballots: counts.ballots,
+            answers: counts.answers.keys().cloned().collect(),
+            answer_votes: counts.answers.into_values().collect(),
+            last_seq,
+        });
+    }
     out
 }
 
 /// A set's values in one write, as [`cube_rows`] adds whole segments up by them.
-type SetValues<'a> = (CubeKey<'a>, &'a str, &'a str);
+type SetValues<'a> = (CubeKey, &'a str, &'a str);
 
 fn add_to_set<'a>(sets: &mut HashMap<SetValues<'a>, Counts>, key: SetValues<'a>, row: &RollupRow) {
-    let counts = sets.entry(key).or_default();
+    add_counts(sets.entry(key).or_default(), row);
+}
+
+fn add_counts(counts: &mut Counts, row: &RollupRow) {
     counts.ballots += row.ballots;
     for (answer, votes) in row.answers.iter().zip(&row.answer_votes) {
         counts.count(answer, *votes);
@@ -329,14 +364,12 @@ fn add_to_set<'a>(sets: &mut HashMap<SetValues<'a>, Counts>, key: SetValues<'a>,
 
 /// A dimension set of the cube, as [`cube_rows`] groups by it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-enum CubeKey<'a> {
+enum CubeKey {
     Total,
     /// A standard key, by its position in [`STANDARD_KEYS`].
     Key(usize),
     /// A pair of standard keys, by its position in [`standard_pairs`].
     Pair(usize),
-    /// One of the poll's own keys.
-    Custom(&'a str),
 }
 
 /// Where a breakdown can read its rows from the cube: the set holding every dimension it
@@ -386,51 +419,73 @@ pub type MsRange = (Option<i64>, Option<i64>);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BreakdownPlan {
     /// Rollup buckets whose start lies in `[from, to)` (epoch seconds), if any are whole
-    /// inside the range.
+    /// inside the range: read from the set the breakdown reads (or the whole segments).
     pub buckets: Option<(Option<i64>, Option<i64>)>,
+    /// Bucket ranges (epoch seconds, whole minutes) read from the whole segments: those a
+    /// set kept per hour ([`CUSTOM_SET_SECONDS`]) cannot answer, at the range's edges.
+    pub segments: Vec<(Option<i64>, Option<i64>)>,
     /// Ranges read from the raw votes: the parts of cut buckets.
     pub raw: Vec<MsRange>,
 }
 
+/// The whole widths inside a range, if any, and the parts of cut ones.
+type Split = (Option<(Option<i64>, Option<i64>)>, Vec<MsRange>);
+
+/// `[from, to)` split at multiples of `width`: the whole widths inside it, if any, and the
+/// parts of cut ones (none when the range is empty, all of it when no width is whole).
+fn split(from: Option<i64>, to: Option<i64>, width: i64) -> Split {
+    if let (Some(from), Some(to)) = (from, to) {
+        if from >= to {
+            return (None, Vec::new());
+        }
+    }
+    // The whole widths: from `from` rounded up to `to` rounded down.
+    let inner_from = from.map(|f| -(-f).div_euclid(width) * width);
+    let inner_to = to.map(|t| t.div_euclid(width) * width);
+    if let (Some(a), Some(b)) = (inner_from, inner_to) {
+        if a >= b {
+            return (None, vec![(from, to)]);
+        }
+    }
+    let mut cut = Vec::new();
+    if let (Some(from), Some(a)) = (from, inner_from) {
+        if from < a {
+            cut.push((Some(from), Some(a)));
+        }
+    }
+    if let (Some(b), Some(to)) = (inner_to, to) {
+        if b < to {
+            cut.push((Some(b), Some(to)));
+        }
+    }
+    (Some((inner_from, inner_to)), cut)
+}
+
 impl BreakdownPlan {
+    /// Whole minutes from the rollups, the rest from the raw votes.
     pub fn new(from_ms: Option<i64>, to_ms: Option<i64>) -> BreakdownPlan {
-        if let (Some(from), Some(to)) = (from_ms, to_ms) {
-            if from >= to {
-                return BreakdownPlan {
-                    buckets: None,
-                    raw: Vec::new(),
-                };
-            }
-        }
-        let width = i64::from(ROLLUP_SECONDS) * 1000;
-        // The whole buckets: from `from` rounded up to `to` rounded down.
-        let inner_from = from_ms.map(|f| -(-f).div_euclid(width) * width);
-        let inner_to = to_ms.map(|t| t.div_euclid(width) * width);
-        let whole = match (inner_from, inner_to) {
-            (Some(a), Some(b)) => a < b,
-            _ => true,
-        };
-        if !whole {
-            return BreakdownPlan {
-                buckets: None,
-                raw: vec![(from_ms, to_ms)],
-            };
-        }
-        let mut raw = Vec::new();
-        if let (Some(from), Some(a)) = (from_ms, inner_from) {
-            if from < a {
-                raw.push((Some(from), Some(a)));
-            }
-        }
-        if let (Some(b), Some(to)) = (inner_to, to_ms) {
-            if b < to {
-                raw.push((Some(b), Some(to)));
-            }
-        }
+        let (minutes, raw) = split(from_ms, to_ms, i64::from(ROLLUP_SECONDS) * 1000);
         BreakdownPlan {
-            buckets: Some((inner_from.map(|a| a / 1000), inner_to.map(|b| b / 1000))),
+            buckets: minutes.map(|(a, b)| (a.map(|a| a / 1000), b.map(|b| b / 1000))),
+            segments: Vec::new(),
             raw,
         }
+    }
+
+    /// The plan of `query`: when the set it reads is one of the poll's own keys, kept per
+    /// hour, the whole hours from it, the other whole minutes from the whole segments and
+    /// the rest from the raw votes; otherwise [`BreakdownPlan::new`].
+    pub fn for_query(query: &BreakdownQuery) -> BreakdownPlan {
+        let mut plan = BreakdownPlan::new(query.from_ms, query.to_ms);
+        if !cube_set(query).is_some_and(|set| set.custom) {
+            return plan;
+        }
+        if let Some((from, to)) = plan.buckets {
+            let (hours, minutes) = split(from, to, i64::from(CUSTOM_SET_SECONDS));
+            plan.buckets = hours;
+            plan.segments = minutes;
+        }
+        plan
     }
 }
 
@@ -762,6 +817,103 @@ mod tests {
     }
 
     #[test]
+    fn the_sets_of_a_polls_own_keys_are_kept_per_hour_and_write() {
+        let hour = 1_699_999_200_000; // a whole hour, in ms
+        let minute = 60_000;
+        let mut rollups = Rollups::default();
+        // Two minutes of one hour, and the next hour, in one write.
+        for (i, at) in [hour + minute, hour + 30 * minute, hour + 60 * minute]
+            .into_iter()
+            .enumerate()
+        {
+            let mut v = vote("p", at + i as i64, "DE", &["a"]);
+            v.segment = custom("DE", "mobile", Some("s1"));
+            rollups.add(&v, 10);
+        }
+        let rows = rollups.rows();
+        let stores: Vec<(i64, u32, u64)> = {
+            let mut stores: Vec<_> = rows
+                .iter()
+                .filter(|r| r.dims == "store")
+                .map(|r| (r.bucket_start, r.bucket_seconds, r.ballots))
+                .collect();
+            stores.sort_unstable();
+            stores
+        };
+        let h = hour / 1000;
+        assert_eq!(stores, [(h, 3600, 2), (h + 3600, 3600, 1)]);
+        // The standard sets keep their minutes.
+        let countries = rows.iter().filter(|r| r.dims == "country").count();
+        assert_eq!(countries, 3);
+        assert!(rows
+            .iter()
+            .filter(|r| r.dims == "country")
+            .all(|r| r.bucket_seconds == ROLLUP_SECONDS));
+        // A second write of the same hour is a row of its own, at its own position.
+        let mut later = Rollups::default();
+        let mut v = vote("p", hour + 2 * minute, "DE", &["a"]);
+        v.segment = custom("DE", "mobile", Some("s1"));
+        later.add(&v, 11);
+        let later: Vec<RollupRow> = later
+            .rows()
+            .into_iter()
+            .filter(|r| r.dims == "store")
+            .collect();
+        assert_eq!(later.len(), 1);
+        assert_eq!((later[0].bucket_start, later[0].last_seq), (h, 11));
+    }
+
+    #[test]
+    fn a_breakdown_by_a_polls_own_key_takes_whole_hours_from_its_set() {
+        let (h, m) = (3_600_000, 60_000);
+        let query = |by: &str, from: Option<i64>, to: Option<i64>| BreakdownQuery {
+            poll_id: "p".into(),
+            by: vec![crate::analytics::Dimension(by.into())],
+            from_ms: from,
+            to_ms: to,
+            ..Default::default()
+        };
+        // The whole poll: all from the set.
+        assert_eq!(
+            BreakdownPlan::for_query(&query("store", None, None)),
+            BreakdownPlan::new(None, None)
+        );
+        // Hours 2 and 3 from the set; the whole minutes of hour 1 and 4 from the whole
+        // segments; the cut minutes from the raw votes.
+        let plan = BreakdownPlan::for_query(&query(
+            "store",
+            Some(h + 10 * m + 5),
+            Some(3 * h + 20 * m + 7),
+        ));
+        assert_eq!(
+            plan,
+            BreakdownPlan {
+                buckets: Some((Some(7200), Some(10800))),
+                segments: vec![(Some(4260), Some(7200)), (Some(10800), Some(12000))],
+                raw: vec![
+                    (Some(h + 10 * m + 5), Some(h + 11 * m)),
+                    (Some(3 * h + 20 * m), Some(3 * h + 20 * m + 7))
+                ],
+            }
+        );
+        // Open at one end: the set from the first whole hour on.
+        let plan = BreakdownPlan::for_query(&query("store", Some(h + 10 * m), None));
+        assert_eq!(plan.buckets, Some((Some(7200), None)));
+        assert_eq!(plan.segments, [(Some(4200), Some(7200))]);
+        assert!(plan.raw.is_empty());
+        // No whole hour inside: whole segments only.
+        let plan = BreakdownPlan::for_query(&query("store", Some(h + 10 * m), Some(h + 50 * m)));
+        assert_eq!(plan.buckets, None);
+        assert_eq!(plan.segments, [(Some(4200), Some(6600))]);
+        // A standard key's set keeps its minutes.
+        let range = (Some(h + 10 * m), Some(3 * h));
+        assert_eq!(
+            BreakdownPlan::for_query(&query("country", range.0, range.1)),
+            BreakdownPlan::new(range.0, range.1)
+        );
+    }
+
+    #[test]
     fn a_breakdown_reads_the_cube_when_one_set_holds_all_its_dimensions() {
         let query = |by: &[&str], filters: &[&str]| BreakdownQuery {
             poll_id: "p".into(),
@@ -920,6 +1072,7 @@ mod tests {
             BreakdownPlan::new(None, None),
             BreakdownPlan {
                 buckets: Some((None, None)),
+                segments: vec![],
                 raw: vec![]
             }
         );
@@ -927,6 +1080,7 @@ mod tests {
             BreakdownPlan::new(Some(10 * m), Some(20 * m)),
             BreakdownPlan {
                 buckets: Some((Some(600), Some(1200))),
+                segments: vec![],
                 raw: vec![]
             }
         );
@@ -934,6 +1088,7 @@ mod tests {
             BreakdownPlan::new(Some(10 * m + 5), Some(20 * m + 7)),
             BreakdownPlan {
                 buckets: Some((Some(660), Some(1200))),
+                segments: vec![],
                 raw: vec![
                     (Some(10 * m + 5), Some(11 * m)),
                     (Some(20 * m), Some(20 * m + 7))
@@ -944,6 +1099,7 @@ mod tests {
             BreakdownPlan::new(Some(10 * m + 5), None),
             BreakdownPlan {
                 buckets: Some((Some(660), None)),
+                segments: vec![],
                 raw: vec![(Some(10 * m + 5), Some(11 * m))]
             }
         );
@@ -952,6 +1108,7 @@ mod tests {
             BreakdownPlan::new(Some(10 * m + 5), Some(11 * m + 5)),
             BreakdownPlan {
                 buckets: None,
+                segments: vec![],
                 raw: vec![(Some(10 * m + 5), Some(11 * m + 5))]
             }
         );
@@ -959,6 +1116,7 @@ mod tests {
             BreakdownPlan::new(Some(5), Some(5)),
             BreakdownPlan {
                 buckets: None,
+                segments: vec![],
                 raw: vec![]
             }
         );

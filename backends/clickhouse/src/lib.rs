@@ -1025,7 +1025,7 @@ impl Warehouse for ClickHouseWarehouse {
     }
 
     async fn breakdown(&self, query: &BreakdownQuery) -> Result<Breakdown> {
-        let plan = BreakdownPlan::new(query.from_ms, query.to_ms);
+        let plan = BreakdownPlan::for_query(query);
         let cube = match rollup::cube_set(query) {
             Some(set) => self
                 .cube_positions(&query.poll_id)
@@ -1073,6 +1073,12 @@ impl Warehouse for ClickHouseWarehouse {
                 all.add_rows(self.breakdown_rows(&totals).await?)?;
                 sums.complete_custom(query, all)?;
             }
+        }
+        // The whole minutes a set kept per hour does not answer, from the whole segments.
+        for range in &plan.segments {
+            let part =
+                sql::breakdown_rollups(query, sql::RollupSource::Whole, settled, fresh, *range);
+            sums.add_rows(self.breakdown_rows(&part).await?)?;
         }
         if !plan.raw.is_empty() {
             sums.add_rows(

@@ -167,7 +167,7 @@ impl Inner {
     }
 
     pub(super) async fn breakdown(&self, query: &BreakdownQuery) -> Result<Breakdown> {
-        let plan = BreakdownPlan::new(query.from_ms, query.to_ms);
+        let plan = BreakdownPlan::for_query(query);
         let kinds: &[Kind] = if plan.raw.is_empty() {
             &SEGMENT_KINDS[..2]
         } else {
@@ -284,12 +284,12 @@ impl Snapshot {
             .map(|(i, expr)| format!("{expr} AS g{i}"))
             .collect();
         let mut sums = GroupSums::default();
-        if let Some(buckets) = plan.buckets {
-            let buckets = range_clause("bucket_start", buckets);
-            // Both levels' rows of a dimension set (names are checked segment keys), with
-            // `select` and `where` on top, then each row's ballots and answers: added up
-            // here as they are read (see `add_rollups`).
-            let rollups = |set: &str, select: &[String], filter: &str| {
+        // Both levels' rows of a dimension set (names are checked segment keys) in a range of
+        // buckets, with `select` and `where` on top, then each row's ballots and answers:
+        // added up here as they are read (see `add_rollups`).
+        let rollups =
+            |set: &str, select: &[String], filter: &str, buckets: (Option<i64>, Option<i64>)| {
+                let buckets = range_clause("bucket_start", buckets);
                 let mut columns = select.to_vec();
                 columns.extend(["ballots", "answers", "answer_votes"].map(String::from));
                 let columns = columns.join(", ");
@@ -309,24 +309,30 @@ impl Snapshot {
                     ),
                 )
             };
+        if let Some(buckets) = plan.buckets {
             match cube {
                 Some(set) if set.custom => {
                     // The set holds the key's non-empty values only; the votes without it
                     // are the totals less the rest, and filters apply after.
                     let poll = vec![text(&query.poll_id)];
-                    self.add_rollups(&rollups(&set.dims, &select, ""), poll.clone(), &mut sums)
-                        .await?;
+                    let part = rollups(&set.dims, &select, "", buckets);
+                    self.add_rollups(&part, poll.clone(), &mut sums).await?;
                     let mut totals = GroupSums::default();
-                    self.add_rollups(&rollups(TOTAL_SET, &[], ""), poll, &mut totals)
-                        .await?;
+                    let part = rollups(TOTAL_SET, &[], "", buckets);
+                    self.add_rollups(&part, poll, &mut totals).await?;
                     sums.complete_custom(query, totals)?;
                 }
                 cube => {
                     let set = cube.map_or(String::new(), |set| set.dims);
-                    self.add_rollups(&rollups(&set, &select, &filter), params.clone(), &mut sums)
-                        .await?;
+                    let part = rollups(&set, &select, &filter, buckets);
+                    self.add_rollups(&part, params.clone(), &mut sums).await?;
                 }
             }
+        }
+        // The whole minutes a set kept per hour does not answer, from the whole segments.
+        for range in &plan.segments {
+            let part = rollups("", &select, &filter, *range);
+            self.add_rollups(&part, params.clone(), &mut sums).await?;
         }
         if !plan.raw.is_empty() {
             let ranges: Vec<String> = plan
