@@ -45,6 +45,7 @@ macro_rules! warehouse_suite {
                 largest_groups_come_first,
                 filters_and_time_range_apply,
                 breakdowns_read_from_the_cube_equal_the_votes,
+                set_rows_kept_per_minute_by_an_earlier_version_are_read_alike,
                 a_breakdown_one_set_answers_reads_that_sets_rows,
                 the_windows_watermark_is_the_last_covered_seq,
                 partial_window_rows_add_up,
@@ -520,17 +521,65 @@ fn expected_breakdown(
 /// hour) and ones it does not, on rollups written fresh, settled and fresh again: each
 /// equals the count of the votes themselves.
 pub async fn breakdowns_read_from_the_cube_equal_the_votes(warehouse: Arc<dyn Warehouse>) {
-    warehouse.migrate().await.expect("migrate");
     let votes = cube_votes();
-    warehouse.insert_votes(0, &votes).await.expect("insert");
     let (first, rest) = votes.split_at(30);
-    for (level, rows, covered) in [
-        (RollupLevel::Fresh, first, 39),
-        (RollupLevel::Settled, first, 39),
-        (RollupLevel::Fresh, rest, 69),
-    ] {
+    let writes = [
+        (RollupLevel::Fresh, rollup_rows(first, 39)),
+        (RollupLevel::Settled, rollup_rows(first, 39)),
+        (RollupLevel::Fresh, rollup_rows(rest, 69)),
+    ];
+    cube_breakdowns_equal_the_votes(warehouse, &votes, writes).await;
+}
+
+/// The same with the first half's rollups as an earlier version wrote them, the sets of a
+/// poll's own keys per minute (one row per whole segment that has the key): a breakdown by
+/// the key, over whole hours or cut ones, still equals the votes.
+pub async fn set_rows_kept_per_minute_by_an_earlier_version_are_read_alike(
+    warehouse: Arc<dyn Warehouse>,
+) {
+    let votes = cube_votes();
+    let (first, rest) = votes.split_at(30);
+    let per_minute = |rows: Vec<RollupRow>| -> Vec<RollupRow> {
+        let mut kept: Vec<RollupRow> = rows.iter().filter(|r| r.dims != "store").cloned().collect();
+        let minute_sets = rows
+            .iter()
+            .filter(|r| r.dims.is_empty())
+            .filter_map(|whole| {
+                let store = whole.segment.custom.get("store")?;
+                let mut segment = tally_core::segment::Segment::default();
+                segment.custom.insert("store".into(), store.clone());
+                Some(RollupRow {
+                    dims: "store".into(),
+                    segment,
+                    ..whole.clone()
+                })
+            });
+        kept.extend(minute_sets);
+        assert!(kept
+            .iter()
+            .any(|r| r.dims == "store" && r.bucket_seconds == 60));
+        kept
+    };
+    let writes = [
+        (RollupLevel::Fresh, per_minute(rollup_rows(first, 39))),
+        (RollupLevel::Settled, per_minute(rollup_rows(first, 39))),
+        (RollupLevel::Fresh, rollup_rows(rest, 69)),
+    ];
+    cube_breakdowns_equal_the_votes(warehouse, &votes, writes).await;
+}
+
+/// Writes `writes` (each a level and its rows, of `votes` up to seq 69), then asks the
+/// breakdowns the cube answers and ones it does not: each must equal the votes counted.
+async fn cube_breakdowns_equal_the_votes(
+    warehouse: Arc<dyn Warehouse>,
+    votes: &[StoredVote],
+    writes: [(RollupLevel, Vec<RollupRow>); 3],
+) {
+    warehouse.migrate().await.expect("migrate");
+    warehouse.insert_votes(0, votes).await.expect("insert");
+    for (level, rows) in writes {
         warehouse
-            .insert_rollups(0, level, &rollup_rows(rows, covered))
+            .insert_rollups(0, level, &rows)
             .await
             .expect("insert rollups");
     }
@@ -596,7 +645,7 @@ pub async fn breakdowns_read_from_the_cube_equal_the_votes(warehouse: Arc<dyn Wa
             .into_iter()
             .map(|g| (g.values, (g.ballots, g.counts)))
             .collect();
-        assert_eq!(got, expected_breakdown(&votes, &query), "{query:?}");
+        assert_eq!(got, expected_breakdown(votes, &query), "{query:?}");
     }
 }
 

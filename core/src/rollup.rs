@@ -36,7 +36,7 @@
 //! minute: a key of 10,000 values makes a row per value and bucket of every write, and a
 //! breakdown by it reads them all. A time range then takes its whole hours from the set,
 //! the whole minutes at its edges from the whole segments, and the rest from the raw votes
-//! ([`BreakdownPlan::for_query`]). Rows kept per minute by earlier versions lie inside
+//! ([`BreakdownPlan::for_set`]). Rows kept per minute by earlier versions lie inside
 //! their hour, so both widths are read alike.
 
 use std::collections::{BTreeMap, HashMap};
@@ -472,12 +472,13 @@ impl BreakdownPlan {
         }
     }
 
-    /// The plan of `query`: when the set it reads is one of the poll's own keys, kept per
-    /// hour, the whole hours from it, the other whole minutes from the whole segments and
-    /// the rest from the raw votes; otherwise [`BreakdownPlan::new`].
-    pub fn for_query(query: &BreakdownQuery) -> BreakdownPlan {
+    /// The plan of `query` read from `set` (`None`: the whole segments): when the set is
+    /// one of the poll's own keys, kept per hour, the whole hours from it, the other whole
+    /// minutes from the whole segments and the rest from the raw votes; otherwise
+    /// [`BreakdownPlan::new`].
+    pub fn for_set(query: &BreakdownQuery, set: Option<&CubeSet>) -> BreakdownPlan {
         let mut plan = BreakdownPlan::new(query.from_ms, query.to_ms);
-        if !cube_set(query).is_some_and(|set| set.custom) {
+        if !set.is_some_and(|set| set.custom) {
             return plan;
         }
         if let Some((from, to)) = plan.buckets {
@@ -873,14 +874,16 @@ mod tests {
             to_ms: to,
             ..Default::default()
         };
+        let plan_of =
+            |query: BreakdownQuery| BreakdownPlan::for_set(&query, cube_set(&query).as_ref());
         // The whole poll: all from the set.
         assert_eq!(
-            BreakdownPlan::for_query(&query("store", None, None)),
+            plan_of(query("store", None, None)),
             BreakdownPlan::new(None, None)
         );
         // Hours 2 and 3 from the set; the whole minutes of hour 1 and 4 from the whole
         // segments; the cut minutes from the raw votes.
-        let plan = BreakdownPlan::for_query(&query(
+        let plan = plan_of(query(
             "store",
             Some(h + 10 * m + 5),
             Some(3 * h + 20 * m + 7),
@@ -897,18 +900,23 @@ mod tests {
             }
         );
         // Open at one end: the set from the first whole hour on.
-        let plan = BreakdownPlan::for_query(&query("store", Some(h + 10 * m), None));
+        let plan = plan_of(query("store", Some(h + 10 * m), None));
         assert_eq!(plan.buckets, Some((Some(7200), None)));
         assert_eq!(plan.segments, [(Some(4200), Some(7200))]);
         assert!(plan.raw.is_empty());
         // No whole hour inside: whole segments only.
-        let plan = BreakdownPlan::for_query(&query("store", Some(h + 10 * m), Some(h + 50 * m)));
+        let plan = plan_of(query("store", Some(h + 10 * m), Some(h + 50 * m)));
         assert_eq!(plan.buckets, None);
         assert_eq!(plan.segments, [(Some(4200), Some(6600))]);
         // A standard key's set keeps its minutes.
         let range = (Some(h + 10 * m), Some(3 * h));
         assert_eq!(
-            BreakdownPlan::for_query(&query("country", range.0, range.1)),
+            plan_of(query("country", range.0, range.1)),
+            BreakdownPlan::new(range.0, range.1)
+        );
+        // The key read from the whole segments (a poll the cube does not cover): minutes.
+        assert_eq!(
+            BreakdownPlan::for_set(&query("store", range.0, range.1), None),
             BreakdownPlan::new(range.0, range.1)
         );
     }

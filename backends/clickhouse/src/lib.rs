@@ -1025,7 +1025,6 @@ impl Warehouse for ClickHouseWarehouse {
     }
 
     async fn breakdown(&self, query: &BreakdownQuery) -> Result<Breakdown> {
-        let plan = BreakdownPlan::for_query(query);
         let cube = match rollup::cube_set(query) {
             Some(set) => self
                 .cube_positions(&query.poll_id)
@@ -1043,6 +1042,7 @@ impl Warehouse for ClickHouseWarehouse {
                 .map_err(warehouse_error)?,
         };
         let cube = cube.map(|(set, _)| set);
+        let plan = BreakdownPlan::for_set(query, cube.as_ref());
         let as_of = settled.max(fresh);
         let mut sums = GroupSums::default();
         if let Some(buckets) = plan.buckets {

@@ -21,7 +21,8 @@ use futures::StreamExt;
 use tally_core::analytics::{Breakdown, BreakdownQuery, Dimension, TimePoint, TimeseriesQuery};
 use tally_core::results::Tally;
 use tally_core::rollup::{
-    self, BreakdownPlan, BreakdownRow, GroupSums, RollupLevel, BREAKDOWN_ROW_LIMIT, TOTAL_SET,
+    self, BreakdownPlan, BreakdownRow, CubeSet, GroupSums, RollupLevel, BREAKDOWN_ROW_LIMIT,
+    TOTAL_SET,
 };
 use tally_core::segment::STANDARD_KEYS;
 use tally_core::{Error, Result};
@@ -167,7 +168,8 @@ impl Inner {
     }
 
     pub(super) async fn breakdown(&self, query: &BreakdownQuery) -> Result<Breakdown> {
-        let plan = BreakdownPlan::for_query(query);
+        let cube = rollup::cube_set(query);
+        let plan = BreakdownPlan::for_set(query, cube.as_ref());
         let kinds: &[Kind] = if plan.raw.is_empty() {
             &SEGMENT_KINDS[..2]
         } else {
@@ -175,7 +177,7 @@ impl Inner {
         };
         let query = query.clone();
         self.read(kinds, move |snapshot| async move {
-            snapshot.breakdown(&query, plan).await
+            snapshot.breakdown(&query, cube, plan).await
         })
         .await
     }
@@ -249,7 +251,14 @@ impl Snapshot {
         })
     }
 
-    async fn breakdown(&self, query: &BreakdownQuery, plan: BreakdownPlan) -> Result<Breakdown> {
+    /// `query` read from the dimension set `cube` (`None`: the whole segments) as `plan`
+    /// says ([`BreakdownPlan::for_set`]).
+    async fn breakdown(
+        &self,
+        query: &BreakdownQuery,
+        cube: Option<CubeSet>,
+        plan: BreakdownPlan,
+    ) -> Result<Breakdown> {
         let (fresh_kind, settled_kind) = (
             Kind::Rollups(RollupLevel::Fresh),
             Kind::Rollups(RollupLevel::Settled),
@@ -270,7 +279,6 @@ impl Snapshot {
         let settled = u64s(&positions, 0)?.first().copied().unwrap_or_default();
         let fresh = u64s(&positions, 1)?.first().copied().unwrap_or_default();
         let as_of = settled.max(fresh);
-        let cube = rollup::cube_set(query);
         let (filter, params) = segment_filter(query)?;
         let exprs = query
             .by
