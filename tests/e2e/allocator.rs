@@ -1,5 +1,6 @@
-//! The binary runs with its allocator's settings (see `allocator_settings` in `src/main.rs`):
-//! set when the environment lacks them, kept when it has them.
+//! The binary runs with its allocator's settings (see `allocator_settings` in
+//! `src/main.rs`): set when the environment lacks them, kept when it has them. Linux only:
+//! the tests read a process's environment from `/proc`.
 
 use std::time::{Duration, Instant};
 

@@ -2,6 +2,7 @@
 //! deployment (real nats-server and clickhouse-server processes, the three tally services as
 //! processes) and against one `tally standalone` process.
 
+#[cfg(target_os = "linux")]
 mod allocator;
 mod bad_input;
 mod browser;
