@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
@@ -144,11 +144,15 @@ pub(super) fn write_file(
 }
 
 pub(super) fn read_file(path: &Path) -> Result<Vec<RecordBatch>> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path).map_err(storage)?)
+    read_batches(path)?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(storage)
+}
+
+/// The batches of a file, read one at a time.
+pub(super) fn read_batches(path: &Path) -> Result<ParquetRecordBatchReader> {
+    ParquetRecordBatchReaderBuilder::try_new(File::open(path).map_err(storage)?)
         .map_err(storage)?
         .build()
-        .map_err(storage)?;
-    reader
-        .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(storage)
 }

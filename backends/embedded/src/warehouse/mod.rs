@@ -15,6 +15,7 @@
 //! - `columns`: Arrow schemas, batches built from rows, columns read back;
 //! - `files`: Parquet files on disk, their names, and loading a table's directory;
 //! - `tail`: the in-memory tail, flushes and merges;
+//! - `rollup_merge`: settled rollup rows added up by group, in columnar form;
 //! - `sql`: the DataFusion snapshot and the statements behind each query;
 //! - `executor`: the runtime queries run on, apart from request handling;
 //! - `analyst`: the analysts' tables (views over the votes, the recorded polls), their SQL
@@ -24,6 +25,7 @@ mod analyst;
 mod columns;
 mod executor;
 mod files;
+mod rollup_merge;
 mod sql;
 mod tail;
 

@@ -1,6 +1,5 @@
 //! The in-memory tail of each table and partition, its flushes to files, and merges of files.
 
-use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,11 +8,11 @@ use std::time::Instant;
 use arrow::array::{RecordBatch, UInt64Array};
 use arrow::compute::{concat_batches, lexsort_to_indices, take_record_batch, SortColumn};
 use arrow::datatypes::SchemaRef;
-use tally_core::rollup::{RollupLevel, RollupRow};
-use tally_core::segment::Segment;
+use tally_core::rollup::RollupLevel;
 use tally_core::Result;
 
 use super::files::{self, DataFile};
+use super::rollup_merge::RollupMerge;
 use super::{columns, storage, Inner, Kind};
 
 /// Inserted rows of one table and partition not yet in a file.
@@ -110,7 +109,7 @@ impl Inner {
         let written = batches.len();
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
         let file = self
-            .write_data_file(kind, partition, (first, last), batches)
+            .write_data_file(kind, partition, (first, last), Rows::Batches(batches))
             .await?;
         {
             let mut tables = self.tables.write().expect("warehouse lock");
@@ -154,17 +153,8 @@ impl Inner {
         let last = run.last().map(|f| f.last).unwrap_or_default();
         let inputs: Vec<PathBuf> = run.iter().map(|f| f.path.clone()).collect();
         let started = Instant::now();
-        let batches = tokio::task::spawn_blocking(move || -> Result<Vec<RecordBatch>> {
-            let mut batches = Vec::new();
-            for input in &inputs {
-                batches.extend(files::read_file(input)?);
-            }
-            Ok(batches)
-        })
-        .await
-        .map_err(storage)??;
         let merged = self
-            .write_data_file(kind, partition, (first, last), batches)
+            .write_data_file(kind, partition, (first, last), Rows::Files(inputs))
             .await?;
         let rows = merged.rows;
         {
@@ -198,16 +188,27 @@ impl Inner {
         kind: Kind,
         partition: u16,
         (first, last): (u64, u64),
-        batches: Vec<RecordBatch>,
+        rows: Rows,
     ) -> Result<DataFile> {
         let dir = self.root.join(kind.table());
         let schema = self.schema(kind).clone();
         tokio::task::spawn_blocking(move || {
-            let batch = concat_batches(&schema, &batches).map_err(storage)?;
-            // Fresh rollups keep their rows: a breakdown tells them apart by `last_seq`.
             let batch = match kind {
-                Kind::Rollups(RollupLevel::Settled) => compact_rollups(&schema, partition, &batch)?,
-                _ => batch,
+                // Added up as they are read: a merge holds the rows it writes, not all it reads.
+                Kind::Rollups(RollupLevel::Settled) => {
+                    let mut merge = RollupMerge::new(&schema)?;
+                    rows.for_each(|batch| merge.add(&batch))?;
+                    merge.finish(partition)?
+                }
+                // Fresh rollups keep their rows: a breakdown tells them apart by `last_seq`.
+                _ => {
+                    let mut batches = Vec::new();
+                    rows.for_each(|batch| {
+                        batches.push(batch);
+                        Ok(())
+                    })?;
+                    concat_batches(&schema, &batches).map_err(storage)?
+                }
             };
             let batch = sort_for_storage(kind, &batch)?;
             let name = DataFile::name(partition, first, last);
@@ -222,6 +223,29 @@ impl Inner {
         })
         .await
         .map_err(storage)?
+    }
+}
+
+/// The rows a new file is written from: a tail's batches, or the files a merge replaces.
+enum Rows {
+    Batches(Vec<RecordBatch>),
+    /// Read a batch at a time.
+    Files(Vec<PathBuf>),
+}
+
+impl Rows {
+    fn for_each(self, mut each: impl FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+        match self {
+            Rows::Batches(batches) => batches.into_iter().try_for_each(each),
+            Rows::Files(paths) => {
+                for path in &paths {
+                    for batch in files::read_batches(path)? {
+                        each(batch.map_err(storage)?)?;
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -290,53 +314,4 @@ pub(super) fn sort_for_storage(kind: Kind, batch: &RecordBatch) -> Result<Record
     columns.push(column(kind.seq_column()));
     let indices = lexsort_to_indices(&columns, None).map_err(storage)?;
     take_record_batch(batch, &indices).map_err(storage)
-}
-
-/// Adds up the rollup rows of one poll, bucket and segment, so a file holds one row per
-/// segment and bucket however many flushes it covers. A row keeps the highest `last_seq` of
-/// its inputs: breakdowns read every row of a poll up to its newest `last_seq`, and the
-/// file's name, not its rows, records the log range it covers.
-fn compact_rollups(schema: &SchemaRef, partition: u16, batch: &RecordBatch) -> Result<RecordBatch> {
-    if batch.num_rows() == 0 {
-        return Ok(batch.clone());
-    }
-    type Key = (String, String, i64, u32, Segment);
-    let mut merged: HashMap<Key, (u64, BTreeMap<String, u64>, u64)> = HashMap::new();
-    for row in columns::rollup_rows(batch)? {
-        let key = (
-            row.poll_id,
-            row.dims,
-            row.bucket_start,
-            row.bucket_seconds,
-            row.segment,
-        );
-        let entry = merged.entry(key).or_default();
-        entry.0 += row.ballots;
-        for (answer, votes) in row.answers.into_iter().zip(row.answer_votes) {
-            *entry.1.entry(answer).or_default() += votes;
-        }
-        entry.2 = entry.2.max(row.last_seq);
-    }
-    let rows: Vec<RollupRow> = merged
-        .into_iter()
-        .map(
-            |(
-                (poll_id, dims, bucket_start, bucket_seconds, segment),
-                (ballots, answers, last_seq),
-            )| {
-                RollupRow {
-                    poll_id,
-                    dims,
-                    bucket_start,
-                    bucket_seconds,
-                    segment,
-                    ballots,
-                    answers: answers.keys().cloned().collect(),
-                    answer_votes: answers.into_values().collect(),
-                    last_seq,
-                }
-            },
-        )
-        .collect();
-    columns::rollups_batch(schema, partition, &rows)
 }
