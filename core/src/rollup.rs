@@ -39,7 +39,7 @@
 //! ([`BreakdownPlan::for_set`]). Rows kept per minute by earlier versions lie inside
 //! their hour, so both widths are read alike.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -348,6 +348,19 @@ pub fn cube_rows(whole: &[RollupRow]) -> Vec<RollupRow> {
     out
 }
 
+/// The sets of polls' own keys among `rows` (rows of [`cube_rows`] whose segment holds one
+/// of the poll's own keys), as distinct `(poll, set)` pairs in order.
+pub fn custom_sets(rows: &[RollupRow]) -> Vec<(String, String)> {
+    let sets: BTreeSet<(&str, &str)> = rows
+        .iter()
+        .filter(|row| !row.dims.is_empty() && !row.segment.custom.is_empty())
+        .map(|row| (row.poll_id.as_str(), row.dims.as_str()))
+        .collect();
+    sets.into_iter()
+        .map(|(poll, set)| (poll.to_owned(), set.to_owned()))
+        .collect()
+}
+
 /// A set's values in one write, as [`cube_rows`] adds whole segments up by them.
 type SetValues<'a> = (CubeKey, &'a str, &'a str);
 
@@ -494,6 +507,10 @@ impl BreakdownPlan {
 /// carries the group's ballots.
 pub type BreakdownRow = (Vec<String>, String, u64);
 
+/// One `(group values, ballots, answers, votes per answer)` row of a part of a breakdown:
+/// some of a group's rows added up (a group may come in several).
+pub type BreakdownListRow = (Vec<String>, u64, Vec<String>, Vec<u64>);
+
 /// The groups of a breakdown, added up as their rows come (from any number of parts and in
 /// any order): at most [`MAX_GROUPS`], each found by its values with one hash lookup and
 /// nothing allocated once it exists.
@@ -553,6 +570,20 @@ impl GroupSums {
             }
         };
         Ok(GroupSum(&mut self.groups[at].1))
+    }
+
+    /// Adds rows that each hold a group's ballots and answers; a group may come in any
+    /// number of them. Their number says nothing of the groups': an error only once there
+    /// would be more than [`MAX_GROUPS`].
+    pub fn add_list_rows(&mut self, rows: Vec<BreakdownListRow>) -> crate::Result<()> {
+        for (values, ballots, answers, votes) in rows {
+            let mut group = self.group(&values)?;
+            group.add("", ballots);
+            for (answer, n) in answers.iter().zip(votes) {
+                group.add(answer, n);
+            }
+        }
+        Ok(())
     }
 
     /// Adds the rows of one part. A part read with the limit [`BREAKDOWN_ROW_LIMIT`] that

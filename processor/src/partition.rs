@@ -13,7 +13,7 @@ use tally_core::poll::Dedupe;
 use tally_core::ports::{LogEntry, StoredVote, Watermarks};
 use tally_core::results::{Results, Tally};
 use tally_core::retry::Backoff;
-use tally_core::rollup::{RollupLevel, Rollups};
+use tally_core::rollup::{self, RollupLevel, RollupRow, Rollups};
 use tally_core::wire;
 use tally_service::tasks::CancellationToken;
 use tally_service::PollCache;
@@ -57,6 +57,9 @@ pub(crate) struct Partition {
     /// Votes after each rollup watermark not yet written as rollup rows.
     fresh: Rollups,
     settled: Rollups,
+    /// The running [`compact_sets`](tally_core::ports::Warehouse::compact_sets) of this
+    /// partition, if any.
+    compacting: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Partition {
@@ -81,6 +84,7 @@ impl Partition {
             segment_values: HashMap::new(),
             fresh: Rollups::default(),
             settled: Rollups::default(),
+            compacting: None,
         }
     }
 
@@ -371,9 +375,35 @@ impl Partition {
             RollupLevel::Settled => {
                 self.watermarks.settled = covered;
                 self.settled.clear();
+                self.compact_sets(&rows, covered);
             }
         }
         Ok(())
+    }
+
+    /// Has the warehouse add up the settled rows of polls' own keys this settled write
+    /// added to ([`compact_sets`](tally_core::ports::Warehouse::compact_sets)), in the background: it counts nothing anew, so
+    /// processing goes on meanwhile, and a run still going when the next write ends lets
+    /// that write pass (the one after asks again).
+    fn compact_sets(&mut self, rows: &[RollupRow], covered: u64) {
+        if self
+            .compacting
+            .as_ref()
+            .is_some_and(|run| !run.is_finished())
+        {
+            return;
+        }
+        let sets = rollup::custom_sets(rows);
+        if sets.is_empty() {
+            return;
+        }
+        let warehouse = self.deps.warehouse.clone();
+        let partition = self.partition;
+        self.compacting = Some(tokio::spawn(async move {
+            if let Err(err) = warehouse.compact_sets(partition, &sets, covered).await {
+                tracing::warn!(partition, error = %err, "adding up the settled rows of polls' own keys failed; a later settled write tries again");
+            }
+        }));
     }
 
     /// Loads the counting state of polls seen for the first time, from the warehouse as it

@@ -140,14 +140,23 @@ async fn settled_rows_ahead_of_fresh_ones_count_once() {
 struct Recording {
     inner: Arc<dyn Warehouse>,
     writes: Mutex<Vec<(RollupLevel, u64)>>,
+    /// The position each settled write ended at.
+    settled_at: Mutex<Vec<u64>>,
+    /// Each call of `compact_sets`: its sets and position.
+    compactions: Mutex<Vec<Compaction>>,
     lose_answers: Mutex<Vec<&'static str>>,
 }
+
+/// A call of `compact_sets`: its `(poll, set)` pairs and position.
+type Compaction = (Vec<(String, String)>, u64);
 
 impl Recording {
     fn new(inner: Arc<dyn Warehouse>, lose_answers: &[&'static str]) -> Arc<Recording> {
         Arc::new(Recording {
             inner,
             writes: Mutex::new(Vec::new()),
+            settled_at: Mutex::new(Vec::new()),
+            compactions: Mutex::new(Vec::new()),
             lose_answers: Mutex::new(lose_answers.to_vec()),
         })
     }
@@ -198,7 +207,23 @@ impl Warehouse for Recording {
             .map(|row| row.ballots)
             .sum();
         self.writes.lock().unwrap().push((level, votes));
+        if level == RollupLevel::Settled {
+            let at = rows.iter().map(|row| row.last_seq).max().unwrap_or(0);
+            self.settled_at.lock().unwrap().push(at);
+        }
         self.answer(level.table())
+    }
+    async fn compact_sets(
+        &self,
+        partition: u16,
+        sets: &[(String, String)],
+        covered: u64,
+    ) -> tally_core::Result<()> {
+        self.compactions
+            .lock()
+            .unwrap()
+            .push((sets.to_vec(), covered));
+        self.inner.compact_sets(partition, sets, covered).await
     }
     async fn tally(&self, poll_id: &str) -> tally_core::Result<Tally> {
         self.inner.tally(poll_id).await
@@ -299,6 +324,70 @@ async fn rollups_in_memory_stay_within_their_limits() {
             && settled.iter().all(|&votes| votes <= settled_most),
         "settled writes must come every {settle_votes} votes or so: {settled:?}"
     );
+    assert!(
+        recording.compactions.lock().unwrap().is_empty(),
+        "a poll without keys of its own has no sets to add up"
+    );
+}
+
+/// After a settled write the processor asks the warehouse to add up the settled rows of the
+/// poll's own keys it wrote, naming the poll, the key's set and where the write ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_writes_ask_for_the_poll_own_keys_to_be_added_up() {
+    const VOTES: u64 = 1_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = one_partition(&dir);
+    let backlog: Vec<(Vote, String)> = (1..=VOTES)
+        .map(|i| {
+            let mut v = vote(i);
+            v.segment
+                .custom
+                .insert("store".into(), format!("s{}", i % 40));
+            let key = v.unique_key(Dedupe::PerVoter);
+            (v, key)
+        })
+        .collect();
+    for answer in store.log.append_many(&backlog).await {
+        assert!(
+            matches!(answer, Ok(Appended::Accepted { .. })),
+            "{answer:?}"
+        );
+    }
+    let recording = Recording::new(store.warehouse.clone(), &[]);
+    let processor = Tasks::new();
+    tally_processor::start(
+        tally_processor::Deps {
+            log: store.log.clone(),
+            registry: store.registry.clone(),
+            warehouse: recording.clone(),
+            live: store.live.clone(),
+            leases: None,
+        },
+        tally_processor::Config {
+            batch_max: 50,
+            rollup_votes: 100,
+            rollup_interval: Duration::from_secs(600),
+            settle_votes: 200,
+            settle_interval: Duration::from_secs(600),
+            ..Default::default()
+        },
+        &processor,
+    )
+    .unwrap();
+    breakdown_at(recording.as_ref(), store.log.tip(0)).await;
+    processor.shutdown(Duration::from_secs(60)).await;
+
+    let settled_at = recording.settled_at.lock().unwrap().clone();
+    let compactions = recording.compactions.lock().unwrap().clone();
+    assert!(settled_at.len() >= 3, "settled writes: {settled_at:?}");
+    assert!(!compactions.is_empty(), "no settled rows were added up");
+    for (sets, covered) in &compactions {
+        assert_eq!(sets, &[("aligned".to_owned(), "store".to_owned())]);
+        assert!(
+            settled_at.contains(covered),
+            "asked up to {covered}, where no settled write ended ({settled_at:?})"
+        );
+    }
 }
 
 /// Every insert lands but its answer is lost once per table: the processor must not write

@@ -159,6 +159,31 @@ pub struct ClickHouseWarehouse {
     cubes: Arc<Mutex<HashMap<String, CubeCoverage>>>,
 }
 
+/// A row of [`sql::RowShape::PerAnswerList`], as RowBinary gives it.
+#[derive(Row, Deserialize)]
+struct ListRow {
+    group: Vec<String>,
+    ballots: u64,
+    answers: Vec<String>,
+    votes: Vec<u64>,
+}
+
+/// A part of a breakdown read from rollup rows, in the shape it was read in
+/// ([`sql::RowShape`]).
+enum RollupPart {
+    Lists(Vec<rollup::BreakdownListRow>),
+    Answers(Vec<BreakdownRow>),
+}
+
+impl RollupPart {
+    fn add_to(self, sums: &mut GroupSums) -> Result<()> {
+        match self {
+            RollupPart::Lists(rows) => sums.add_list_rows(rows),
+            RollupPart::Answers(rows) => sums.add_rows(rows),
+        }
+    }
+}
+
 /// Whether a poll's cube holds every rollup write of it.
 #[derive(Debug, Clone, Copy)]
 enum CubeCoverage {
@@ -172,6 +197,12 @@ enum CubeCoverage {
 /// How long a poll whose cube was found not to hold every write is read from its whole
 /// segments before the warehouse is asked again.
 const CUBE_RECHECK: Duration = Duration::from_secs(60);
+
+/// The settled rows of a poll's own key's set that come after its newest added-up run before
+/// [`Warehouse::compact_sets`] adds them up again: at least this many, and at least as many
+/// as that run holds — so a breakdown reads under about twice the rows of one run and one
+/// settled write, and each run writes no more than the rows that came since the last.
+const COMPACT_SET_ROWS: u64 = 2_000;
 
 /// How many polls [`ClickHouseWarehouse::cube_positions`] remembers before it starts over.
 const CUBE_POLLS_REMEMBERED: usize = 100_000;
@@ -347,6 +378,40 @@ impl ClickHouseWarehouse {
             .map_err(warehouse_error)
     }
 
+    /// A breakdown's rollup rows ([`sql::breakdown_rollups`]), added up per answer list
+    /// where its group is not a constant; read again one row per answer when that fills the
+    /// row limit, so a full result means too many groups.
+    async fn rollup_part(
+        &self,
+        query: &BreakdownQuery,
+        source: sql::RollupSource<'_>,
+        settled: u64,
+        fresh: u64,
+        buckets: (Option<i64>, Option<i64>),
+    ) -> Result<RollupPart> {
+        let statement =
+            |shape| sql::breakdown_rollups(query, source, settled, fresh, buckets, shape);
+        if sql::reads_answer_lists(query, source) {
+            let rows: Vec<ListRow> = self
+                .client
+                .query_raw(&statement(sql::RowShape::PerAnswerList))
+                .fetch_all()
+                .await
+                .map_err(warehouse_error)?;
+            if rows.len() < rollup::BREAKDOWN_ROW_LIMIT {
+                let rows = rows
+                    .into_iter()
+                    .map(|r| (r.group, r.ballots, r.answers, r.votes))
+                    .collect();
+                return Ok(RollupPart::Lists(rows));
+            }
+        }
+        let rows = self
+            .breakdown_rows(&statement(sql::RowShape::PerAnswer))
+            .await?;
+        Ok(RollupPart::Answers(rows))
+    }
+
     /// The newest settled and fresh positions of a poll's cube rows when its cube holds
     /// every rollup write of it, so a breakdown may read it; `None` for a poll with rollups
     /// written before the cube existed, read from its whole segments. Whether the cube holds
@@ -468,9 +533,13 @@ impl ClickHouseWarehouse {
                 }
             }
         }
+        // Idle connections are let go before the server closes them (`keep_alive_timeout`,
+        // 3 s by default), as the ClickHouse client does: reusing one the server closed
+        // failed the next insert with "Broken pipe" (retried, but a warning and a delay).
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(300))
+            .pool_idle_timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| Error::failed("warehouse", e))?;
         Ok(ClickHouseWarehouse {
@@ -985,6 +1054,59 @@ impl Warehouse for ClickHouseWarehouse {
             .await
     }
 
+    async fn compact_sets(
+        &self,
+        partition: u16,
+        sets: &[(String, String)],
+        covered: u64,
+    ) -> Result<()> {
+        // On the server holding the partition's rows, in its own tables.
+        let client = &self.writer(partition).client;
+        for (poll_id, set) in sets {
+            let since: Option<(u64, String, u64)> = client
+                .query_raw(&sql::newest_compaction(poll_id, set))
+                .fetch_optional()
+                .await
+                .map_err(warehouse_error)?;
+            let (after, held) = since
+                .as_ref()
+                .map_or((0, 0), |(upto, _, rows)| (*upto, *rows));
+            if after >= covered {
+                continue;
+            }
+            let new =
+                fetch_u64(client, &sql::set_rows_between(poll_id, set, after, covered)).await?;
+            if new < held.max(COMPACT_SET_ROWS) {
+                continue;
+            }
+            let started = std::time::Instant::now();
+            let run = uuid::Uuid::new_v4().to_string();
+            let since = since.as_ref().map(|(upto, run, _)| (*upto, run.as_str()));
+            execute(
+                client,
+                &sql::compact_set(poll_id, set, since, covered, &run),
+            )
+            .await?;
+            let rows = fetch_u64(client, &sql::compacted_rows(poll_id, set, covered, &run)).await?;
+            execute(
+                client,
+                &sql::record_compaction(partition, poll_id, set, covered, &run, rows),
+            )
+            .await?;
+            tracing::debug!(
+                partition,
+                poll_id,
+                set,
+                upto = covered,
+                read = held + new,
+                rows,
+                ms = started.elapsed().as_millis() as u64,
+                "added up the settled rows of a poll's own key"
+            );
+        }
+        Ok(())
+    }
+
     async fn tally(&self, poll_id: &str) -> Result<Tally> {
         let (ballots, unique_voters, as_of) = self
             .client
@@ -1025,13 +1147,28 @@ impl Warehouse for ClickHouseWarehouse {
     }
 
     async fn breakdown(&self, query: &BreakdownQuery) -> Result<Breakdown> {
-        let cube = match rollup::cube_set(query) {
-            Some(set) => self
-                .cube_positions(&query.poll_id)
-                .await?
-                .map(|positions| (set, positions)),
-            None => None,
+        let set = rollup::cube_set(query);
+        // Whether the cube answers, and (for a set of the poll's own keys) its newest
+        // added-up run, asked at once.
+        let positions = async {
+            match &set {
+                Some(_) => self.cube_positions(&query.poll_id).await,
+                None => Ok(None),
+            }
         };
+        let compaction = async {
+            match &set {
+                Some(set) if set.custom => self
+                    .client
+                    .query_raw(&sql::newest_compaction(&query.poll_id, &set.dims))
+                    .fetch_optional::<(u64, String, u64)>()
+                    .await
+                    .map_err(warehouse_error),
+                _ => Ok(None),
+            }
+        };
+        let (positions, compacted) = futures::try_join!(positions, compaction)?;
+        let cube = set.zip(positions);
         let (settled, fresh) = match &cube {
             Some((_, positions)) => *positions,
             None => self
@@ -1051,34 +1188,33 @@ impl Warehouse for ClickHouseWarehouse {
                 Some(set) => sql::RollupSource::Cube {
                     dims: &set.dims,
                     filtered: !set.custom,
+                    compacted: compacted
+                        .as_ref()
+                        .filter(|_| set.custom)
+                        .map(|(upto, run, _)| (*upto, run.as_str())),
                 },
             };
-            let rows = self
-                .breakdown_rows(&sql::breakdown_rollups(
-                    query, source, settled, fresh, buckets,
-                ))
-                .await?;
-            sums.add_rows(rows)?;
+            let part = self.rollup_part(query, source, settled, fresh, buckets);
             if cube.as_ref().is_some_and(|set| set.custom) {
                 // The set holds the key's non-empty values only; the votes without it are
-                // the totals less the rest, and filters apply after.
-                let totals = sql::breakdown_rollups(
-                    query,
-                    sql::RollupSource::Totals,
-                    settled,
-                    fresh,
-                    buckets,
-                );
+                // the totals less the rest, and filters apply after. Both read at once.
+                let totals = sql::RollupSource::Totals;
+                let totals = self.rollup_part(query, totals, settled, fresh, buckets);
+                let (part, totals) = futures::try_join!(part, totals)?;
+                part.add_to(&mut sums)?;
                 let mut all = GroupSums::default();
-                all.add_rows(self.breakdown_rows(&totals).await?)?;
+                totals.add_to(&mut all)?;
                 sums.complete_custom(query, all)?;
+            } else {
+                part.await?.add_to(&mut sums)?;
             }
         }
         // The whole minutes a set kept per hour does not answer, from the whole segments.
         for range in &plan.segments {
-            let part =
-                sql::breakdown_rollups(query, sql::RollupSource::Whole, settled, fresh, *range);
-            sums.add_rows(self.breakdown_rows(&part).await?)?;
+            let whole = sql::RollupSource::Whole;
+            self.rollup_part(query, whole, settled, fresh, *range)
+                .await?
+                .add_to(&mut sums)?;
         }
         if !plan.raw.is_empty() {
             sums.add_rows(

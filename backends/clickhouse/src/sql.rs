@@ -300,6 +300,26 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
             ", dims FROM segment_rollups_fresh WHERE dims != ''"
         ),
     ),
+    // The settled rows of a poll's own keys' sets added up, up to a position (`upto`), by one
+    // run (`run`: a run that did not finish is never read), and each finished run; see
+    // [`compact_set`]. Sharded by partition like the rows they add up.
+    (
+        22,
+        "segment_cube_compact",
+        concat!(
+            "CREATE TABLE IF NOT EXISTS segment_cube_compact (",
+            rollup_column_defs!(),
+            ", dims String, upto UInt64, run String) \
+             ENGINE = MergeTree ORDER BY (poll_id, dims, upto, run, bucket_start)"
+        ),
+    ),
+    (
+        23,
+        "segment_cube_compactions",
+        "CREATE TABLE IF NOT EXISTS segment_cube_compactions (log_partition UInt16, \
+         poll_id String, dims String, upto UInt64, run String, rows UInt64, \
+         made_at DateTime('UTC')) ENGINE = MergeTree ORDER BY (poll_id, dims, upto)",
+    ),
 ];
 
 /// The cube table holding a rollup level's rows per dimension set.
@@ -766,6 +786,103 @@ pub fn cube_positions(poll_id: &str) -> String {
     )
 }
 
+/// The newest finished run adding up a poll's settled rows of one of its own keys' sets:
+/// `(upto, run, rows)`; no row before the first.
+pub fn newest_compaction(poll_id: &str, set: &str) -> String {
+    format!(
+        "SELECT upto, run, rows FROM segment_cube_compactions WHERE poll_id = {} AND dims = {} \
+         ORDER BY upto DESC, run LIMIT 1",
+        lit(poll_id),
+        lit(set)
+    )
+}
+
+/// How many settled rows of a poll's set lie in `(after, upto]`.
+pub fn set_rows_between(poll_id: &str, set: &str, after: u64, upto: u64) -> String {
+    format!(
+        "SELECT count() FROM {} WHERE poll_id = {} AND dims = {} AND last_seq > {after} \
+         AND last_seq <= {upto}",
+        cube_table(RollupLevel::Settled),
+        lit(poll_id),
+        lit(set)
+    )
+}
+
+/// The key columns of a set row: what [`compact_set`] adds rows up by.
+const SET_KEY_COLUMNS: &str = "log_partition, poll_id, bucket_start, bucket_seconds, campaign, \
+     channel, source, medium, country, device, dim_keys, dim_values, dims";
+
+/// One run (`run`) adding up a poll's settled rows of one of its own keys' sets up to
+/// position `upto` into `segment_cube_compact`: the rows of the newest finished run before
+/// it (`since`: its `upto` and `run`) and the settled rows after that, one row per bucket and
+/// value, answers in key order. 18.16 has no `sumMap` over strings: answers are spread one
+/// per row, added up, and gathered again.
+pub fn compact_set(
+    poll_id: &str,
+    set: &str,
+    since: Option<(u64, &str)>,
+    upto: u64,
+    run: &str,
+) -> String {
+    let (poll, set) = (lit(poll_id), lit(set));
+    let columns = format!("{SET_KEY_COLUMNS}, ballots, answers, answer_votes, last_seq");
+    let after = since.map_or(0, |(upto, _)| upto);
+    let mut rows = format!(
+        "SELECT {columns} FROM {} WHERE poll_id = {poll} AND dims = {set} \
+         AND last_seq > {after} AND last_seq <= {upto}",
+        cube_table(RollupLevel::Settled)
+    );
+    if let Some((before, before_run)) = since {
+        rows.push_str(&format!(
+            " UNION ALL SELECT {columns} FROM segment_cube_compact WHERE poll_id = {poll} \
+             AND dims = {set} AND upto = {before} AND run = {}",
+            lit(before_run)
+        ));
+    }
+    format!(
+        "INSERT INTO segment_cube_compact ({SET_KEY_COLUMNS}, ballots, answers, answer_votes, \
+         last_seq, upto, run) \
+         SELECT {SET_KEY_COLUMNS}, sumIf(n, o = '') AS ballots, \
+         arraySort(groupArrayIf(o, o != '')) AS answers, \
+         arraySort((v, a) -> a, groupArrayIf(n, o != ''), groupArrayIf(o, o != '')) AS answer_votes, \
+         max(ls) AS last_seq, {upto} AS upto, {} AS run \
+         FROM (SELECT {SET_KEY_COLUMNS}, o, sum(c) AS n, max(last_seq) AS ls FROM ({rows}) \
+         ARRAY JOIN arrayConcat([''], answers) AS o, arrayConcat([ballots], answer_votes) AS c \
+         GROUP BY {SET_KEY_COLUMNS}, o) \
+         GROUP BY {SET_KEY_COLUMNS}",
+        lit(run)
+    )
+}
+
+/// How many rows a run of [`compact_set`] wrote.
+pub fn compacted_rows(poll_id: &str, set: &str, upto: u64, run: &str) -> String {
+    format!(
+        "SELECT count() FROM segment_cube_compact WHERE poll_id = {} AND dims = {} \
+         AND upto = {upto} AND run = {}",
+        lit(poll_id),
+        lit(set),
+        lit(run)
+    )
+}
+
+/// Records a finished run of [`compact_set`]: from then on breakdowns read its rows.
+pub fn record_compaction(
+    partition: u16,
+    poll_id: &str,
+    set: &str,
+    upto: u64,
+    run: &str,
+    rows: u64,
+) -> String {
+    format!(
+        "INSERT INTO segment_cube_compactions (log_partition, poll_id, dims, upto, run, rows, \
+         made_at) VALUES ({partition}, {}, {}, {upto}, {}, {rows}, now())",
+        lit(poll_id),
+        lit(set),
+        lit(run)
+    )
+}
+
 /// [`cube_positions`], then whether the cube holds every rollup write of the poll, per
 /// level (settled, fresh): the first write of the level has its cube rows. Writes made
 /// before the cube existed have none and every write since has them, so the first one
@@ -826,20 +943,49 @@ pub enum RollupSource<'a> {
     Cube {
         dims: &'a str,
         filtered: bool,
+        /// The newest finished run adding up the set's settled rows ([`compact_set`]), its
+        /// `upto` and `run`, read in place of the settled rows it holds.
+        compacted: Option<(u64, &'a str)>,
     },
     /// The poll's totals, grouped by nothing.
     Totals,
 }
 
-/// `(group, answer, count)` rows of a breakdown from the rollups whose bucket starts in
+/// How a breakdown statement over rollup rows gives its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowShape {
+    /// `(group, ballots, answers, votes per answer)` rows
+    /// ([`tally_core::rollup::BreakdownListRow`]): the rows added up per group and answer
+    /// list, so a group comes once per distinct answer list of its rows and the reader adds
+    /// them up. A quarter of the rows of [`RowShape::PerAnswer`], in half the engine's time
+    /// on a key of 10,000 values (each row's answers added up as one array instead of one
+    /// row each); but the rows are not bounded by the groups: a result that fills the row
+    /// limit is read again per answer.
+    PerAnswerList,
+    /// `(group, answer, count)` rows, one per group and answer: at most one per answer key
+    /// and one for the ballots per group, so a full result means too many groups.
+    PerAnswer,
+}
+
+/// Whether [`breakdown_rollups`] reads `source` per answer list when asked to: not the
+/// totals, nor a breakdown by nothing (a few rows, grouped by a constant).
+pub fn reads_answer_lists(query: &BreakdownQuery, source: RollupSource) -> bool {
+    !query.by.is_empty() && !matches!(source, RollupSource::Totals)
+}
+
+/// The rows ([`RowShape`]) of a breakdown from the rollups whose bucket starts in
 /// `[from, to)` (epoch seconds): settled rows up to `settled`, fresh rows after it up to
-/// `fresh`. Answer `''` holds the group's ballots.
+/// `fresh`; of a set with a finished run adding up its settled rows up to a position at or
+/// before `settled`, that run's rows and the settled rows after it. Per answer, answer `''`
+/// holds the group's ballots. The totals (and a breakdown by nothing) are always read
+/// [`RowShape::PerAnswer`]: a few rows.
 pub fn breakdown_rollups(
     query: &BreakdownQuery,
     source: RollupSource,
     settled: u64,
     fresh: u64,
     (from, to): (Option<i64>, Option<i64>),
+    shape: RowShape,
 ) -> String {
     let mut common = String::new();
     if let Some(from) = from {
@@ -850,7 +996,7 @@ pub fn breakdown_rollups(
     }
     let (dims, group, filtered) = match source {
         RollupSource::Whole => ("", group_key(query), true),
-        RollupSource::Cube { dims, filtered } => (dims, group_key(query), filtered),
+        RollupSource::Cube { dims, filtered, .. } => (dims, group_key(query), filtered),
         RollupSource::Totals => (TOTAL_SET, "[]".to_owned(), false),
     };
     common.push_str(&format!(" AND dims = {}", lit(dims)));
@@ -880,16 +1026,46 @@ pub fn breakdown_rollups(
             lit(&query.poll_id)
         )
     };
-    format!(
-        "SELECT {group} AS g, opt, sum(c) FROM ({} UNION ALL {}) \
-         ARRAY JOIN arrayConcat([''], answers) AS opt, arrayConcat([ballots], answer_votes) AS c \
-         GROUP BY g, opt LIMIT {BREAKDOWN_ROW_LIMIT}",
-        part(RollupLevel::Settled, format!("last_seq <= {settled}")),
+    let compacted = match source {
+        RollupSource::Cube {
+            compacted: Some((upto, run)),
+            ..
+        } if upto <= settled => Some((upto, run)),
+        _ => None,
+    };
+    let mut rows = format!(
+        "{} UNION ALL {}",
+        part(
+            RollupLevel::Settled,
+            format!(
+                "last_seq > {} AND last_seq <= {settled}",
+                compacted.map_or(0, |(upto, _)| upto)
+            )
+        ),
         part(
             RollupLevel::Fresh,
             format!("last_seq > {settled} AND last_seq <= {fresh}")
         ),
-    )
+    );
+    if let Some((upto, run)) = compacted {
+        rows.push_str(&format!(
+            " UNION ALL SELECT {columns} FROM segment_cube_compact WHERE poll_id = {} \
+             AND upto = {upto} AND run = {}{common}",
+            lit(&query.poll_id),
+            lit(run)
+        ));
+    }
+    match shape {
+        RowShape::PerAnswerList if reads_answer_lists(query, source) => format!(
+            "SELECT {group} AS g, sum(ballots) AS b, answers, sumForEach(answer_votes) AS v \
+             FROM ({rows}) GROUP BY g, answers LIMIT {BREAKDOWN_ROW_LIMIT}"
+        ),
+        _ => format!(
+            "SELECT {group} AS g, opt, sum(c) FROM ({rows}) \
+             ARRAY JOIN arrayConcat([''], answers) AS opt, arrayConcat([ballots], answer_votes) AS c \
+             GROUP BY g, opt LIMIT {BREAKDOWN_ROW_LIMIT}"
+        ),
+    }
 }
 
 /// Epoch ms as DateTime seconds, within what a DateTime holds. The `received_at`
@@ -1153,6 +1329,27 @@ pub fn all_for_check() -> Vec<(String, String)> {
     statements.push(("rollup positions".into(), rollup_positions("p")));
     statements.push(("cube positions".into(), cube_positions("p")));
     statements.push(("cube coverage".into(), cube_coverage("p")));
+    statements.push(("newest compaction".into(), newest_compaction("p", "plan")));
+    statements.push((
+        "set rows between".into(),
+        set_rows_between("p", "plan", 3, 7),
+    ));
+    statements.push((
+        "compact a set".into(),
+        compact_set("p", "plan", None, 7, "run-1"),
+    ));
+    statements.push((
+        "compact a set again".into(),
+        compact_set("p", "plan", Some((7, "run-1")), 9, "run-2"),
+    ));
+    statements.push((
+        "compacted rows".into(),
+        compacted_rows("p", "plan", 9, "run-2"),
+    ));
+    statements.push((
+        "record a compaction".into(),
+        record_compaction(0, "p", "plan", 9, "run-2", 3),
+    ));
     statements.push(("segment values".into(), segment_values("p")));
     statements.push((
         "insert poll_records".into(),
@@ -1197,32 +1394,45 @@ pub fn all_for_check() -> Vec<(String, String)> {
         from_ms: Some(1_699_999_999_000),
         to_ms: Some(1_800_000_000_000),
     };
-    statements.push((
-        "breakdown rollups".into(),
-        breakdown_rollups(
-            &query,
-            RollupSource::Whole,
-            5,
-            7,
-            (Some(1_699_999_980), Some(1_800_000_000)),
-        ),
-    ));
-    statements.push((
-        "breakdown rollups, all buckets".into(),
-        breakdown_rollups(&query, RollupSource::Whole, 0, 7, (None, None)),
-    ));
-    let cube = RollupSource::Cube {
-        dims: "country,device",
-        filtered: true,
-    };
-    statements.push((
-        "breakdown cube".into(),
-        breakdown_rollups(&query, cube, 5, 7, (Some(1_699_999_980), None)),
-    ));
-    statements.push((
-        "breakdown cube totals".into(),
-        breakdown_rollups(&query, RollupSource::Totals, 5, 7, (None, None)),
-    ));
+    for shape in [RowShape::PerAnswerList, RowShape::PerAnswer] {
+        statements.push((
+            format!("breakdown rollups {shape:?}"),
+            breakdown_rollups(
+                &query,
+                RollupSource::Whole,
+                5,
+                7,
+                (Some(1_699_999_980), Some(1_800_000_000)),
+                shape,
+            ),
+        ));
+        statements.push((
+            format!("breakdown rollups, all buckets {shape:?}"),
+            breakdown_rollups(&query, RollupSource::Whole, 0, 7, (None, None), shape),
+        ));
+        let cube = RollupSource::Cube {
+            dims: "country,device",
+            filtered: true,
+            compacted: None,
+        };
+        statements.push((
+            format!("breakdown cube {shape:?}"),
+            breakdown_rollups(&query, cube, 5, 7, (Some(1_699_999_980), None), shape),
+        ));
+        let compacted = RollupSource::Cube {
+            dims: "plan",
+            filtered: false,
+            compacted: Some((4, "run-1")),
+        };
+        statements.push((
+            format!("breakdown compacted set {shape:?}"),
+            breakdown_rollups(&query, compacted, 5, 7, (Some(1_699_999_980), None), shape),
+        ));
+        statements.push((
+            format!("breakdown cube totals {shape:?}"),
+            breakdown_rollups(&query, RollupSource::Totals, 5, 7, (None, None), shape),
+        ));
+    }
     statements.push((
         "breakdown votes".into(),
         breakdown_votes(

@@ -11,10 +11,15 @@ use tally_testkit::require;
 /// clickhouse-server, read by the analyst user of scripts/clickhouse/users.xml, as in
 /// production.
 async fn one_server_warehouse(prefix: &str) -> ClickHouseWarehouse {
+    ClickHouseWarehouse::new(&one_server_config(prefix).await).expect("warehouse")
+}
+
+/// The configuration of [`one_server_warehouse`].
+async fn one_server_config(prefix: &str) -> ClickHouseConfig {
     let clickhouse = tally_testkit::clickhouse()
         .await
         .expect("clickhouse-server");
-    let config = ClickHouseConfig {
+    ClickHouseConfig {
         url: clickhouse.url.clone(),
         database: tally_testkit::unique_name(prefix),
         user: None,
@@ -23,8 +28,7 @@ async fn one_server_warehouse(prefix: &str) -> ClickHouseWarehouse {
         analyst_password: None,
         sharding: None,
         replicated: false,
-    };
-    ClickHouseWarehouse::new(&config).expect("warehouse")
+    }
 }
 
 tally_conformance::warehouse_suite!(needs_clickhouse_warehouse, {
@@ -118,5 +122,352 @@ async fn needs_clickhouse_a_poll_rolled_up_before_the_cube_is_read_whole() {
     assert_eq!(
         ballots,
         [(vec!["DE".to_owned()], 10), (vec!["FR".to_owned()], 10)]
+    );
+}
+
+/// Breakdowns read rollup rows added up per group and answer list
+/// (`RowShape::PerAnswerList`), which gives a group and answer once per distinct answer
+/// list of its rows. Over multiple-choice votes whose rows of one group hold many different
+/// lists, at both levels, a breakdown by one of the poll's own keys (its cube set) and by
+/// that key with a standard one (the whole segments) equals the votes, and the statement
+/// read per answer (the fallback for a full result) gives the same sums.
+#[tokio::test]
+async fn needs_clickhouse_rows_added_up_per_answer_list_equal_the_votes() {
+    use std::collections::BTreeMap;
+
+    use tally_clickhouse::sql::{self, RollupSource, RowShape};
+    use tally_core::analytics::{BreakdownQuery, Dimension};
+    use tally_core::ports::Warehouse;
+    use tally_core::rollup::{RollupLevel, Rollups};
+
+    require!(ClickHouse);
+    let config = one_server_config("lists").await;
+    let warehouse = ClickHouseWarehouse::new(&config).expect("warehouse");
+    warehouse.migrate().await.expect("migrate");
+    let options = ["a", "b", "c"];
+    let votes: Vec<tally_core::vote::Vote> = (0..600u64)
+        .map(|i| {
+            let mut v = tally_conformance::vote(
+                "lists",
+                &format!("v{i}"),
+                &format!("k{i}"),
+                "a",
+                1_700_000_000_000 + i as i64 * 1000,
+            );
+            // The votes of one store in one write of 100 choose one non-empty subset of
+            // the options, another in each write: the store's rows hold six lists.
+            let subset = (i / 100 + i % 5) % 7 + 1;
+            v.choice = (0..3)
+                .filter(|bit| subset & (1 << bit) != 0)
+                .map(|bit| options[bit].to_owned())
+                .collect();
+            v.segment.country = if i % 3 == 0 { "DE" } else { "FR" }.into();
+            v.segment
+                .custom
+                .insert("store".into(), format!("s{}", i % 5));
+            v
+        })
+        .collect();
+    // Six writes of 100 votes: five settled, the last fresh.
+    for (write, chunk) in votes.chunks(100).enumerate() {
+        let mut rollups = Rollups::default();
+        for (i, v) in chunk.iter().enumerate() {
+            rollups.add(v, (write * 100 + i + 1) as u64);
+        }
+        let level = if write < 5 {
+            RollupLevel::Settled
+        } else {
+            RollupLevel::Fresh
+        };
+        warehouse
+            .insert_rollups(0, level, &rollups.rows())
+            .await
+            .expect("insert rollups");
+    }
+    let truth = |by: &[&str]| {
+        let mut groups: BTreeMap<Vec<String>, (u64, BTreeMap<String, u64>)> = BTreeMap::new();
+        for v in &votes {
+            let values = by
+                .iter()
+                .map(|key| match *key {
+                    "country" => v.segment.country.clone(),
+                    key => v.segment.custom[key].clone(),
+                })
+                .collect();
+            let group = groups.entry(values).or_default();
+            group.0 += 1;
+            for option in &v.choice {
+                *group.1.entry(option.clone()).or_default() += 1;
+            }
+        }
+        groups
+    };
+    let query = |by: &[&str]| BreakdownQuery {
+        poll_id: "lists".into(),
+        by: by.iter().map(|key| Dimension((*key).into())).collect(),
+        ..Default::default()
+    };
+    for by in [&["store"][..], &["store", "country"]] {
+        let breakdown = warehouse.breakdown(&query(by)).await.expect("breakdown");
+        assert_eq!(breakdown.as_of, 600);
+        let got: BTreeMap<Vec<String>, (u64, BTreeMap<String, u64>)> = breakdown
+            .groups
+            .into_iter()
+            .filter(|g| g.ballots > 0)
+            .map(|g| {
+                let counts = g.counts.into_iter().filter(|(_, n)| *n > 0).collect();
+                (g.values, (g.ballots, counts))
+            })
+            .collect();
+        assert_eq!(got, truth(by), "by {by:?}");
+    }
+
+    // The two shapes of the statement, side by side, over the store's set.
+    let clickhouse = tally_testkit::clickhouse()
+        .await
+        .expect("clickhouse-server");
+    let database = &config.database;
+    let set = tally_core::rollup::cube_set(&query(&["store"])).expect("a cube set");
+    let source = RollupSource::Cube {
+        dims: &set.dims,
+        filtered: false,
+        compacted: None,
+    };
+    let mut sums = Vec::new();
+    for shape in [RowShape::PerAnswerList, RowShape::PerAnswer] {
+        let mut statement =
+            sql::breakdown_rollups(&query(&["store"]), source, 500, 600, (None, None), shape);
+        if shape == RowShape::PerAnswerList {
+            // A row per group and answer list, spread here one per answer.
+            statement = format!(
+                "SELECT g, opt, c FROM ({statement}) ARRAY JOIN arrayConcat([''], answers) \
+                 AS opt, arrayConcat([b], v) AS c"
+            );
+        }
+        let body = reqwest::Client::new()
+            .post(format!("{}/?database={database}", clickhouse.url))
+            .body(format!("{statement} FORMAT TSV"))
+            .send()
+            .await
+            .expect("send")
+            .error_for_status()
+            .expect("the statement runs")
+            .text()
+            .await
+            .expect("body");
+        let lines: Vec<&str> = body.lines().collect();
+        let mut sum: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for line in &lines {
+            let mut fields = line.split('\t');
+            let (group, answer, count) = (
+                fields.next().unwrap().to_owned(),
+                fields.next().unwrap().to_owned(),
+                fields.next().unwrap().parse::<u64>().unwrap(),
+            );
+            *sum.entry((group, answer)).or_default() += count;
+        }
+        sums.push((lines.len(), sum));
+    }
+    let (per_list, per_answer) = (&sums[0], &sums[1]);
+    assert_eq!(per_list.1, per_answer.1, "both shapes add up alike");
+    assert_eq!(
+        per_answer.0,
+        per_answer.1.len(),
+        "one row per group and answer"
+    );
+    assert!(
+        per_list.0 > per_answer.0,
+        "a group's rows hold several answer lists ({} rows against {})",
+        per_list.0,
+        per_answer.0
+    );
+}
+
+/// Runs `sql` in `database` on the server at `url`; the rows as tab-separated text.
+async fn run_sql(url: &str, database: &str, sql: &str) -> String {
+    reqwest::Client::new()
+        .post(format!("{url}/?database={database}"))
+        .body(sql.to_owned())
+        .send()
+        .await
+        .expect("send")
+        .error_for_status()
+        .expect("the statement runs")
+        .text()
+        .await
+        .expect("body")
+}
+
+/// A breakdown by one of the poll's own keys reads its set's added-up runs
+/// (`Warehouse::compact_sets`) in place of the settled rows they hold: the same answer as
+/// the votes before and after each run, a run started only once enough rows came since the
+/// last, and a run that never finished (no record) not read.
+async fn added_up_sets_read_alike(
+    warehouse: &ClickHouseWarehouse,
+    url: &str,
+    database: &str,
+    partition: u16,
+) {
+    use std::collections::BTreeMap;
+
+    use tally_core::analytics::{BreakdownQuery, Dimension};
+    use tally_core::ports::Warehouse;
+    use tally_core::rollup::{RollupLevel, Rollups};
+
+    warehouse.migrate().await.expect("migrate");
+    const WRITE: u64 = 2_500;
+    let votes: Vec<tally_core::vote::Vote> = (0..6 * WRITE)
+        .map(|i| {
+            let mut v = tally_conformance::vote(
+                "compacted",
+                &format!("v{i}"),
+                &format!("k{i}"),
+                ["a", "b", "c"][(i % 3) as usize],
+                // Two hours: the set keeps a row per value and hour.
+                1_700_000_000_000 + i as i64 * 500,
+            );
+            v.segment
+                .custom
+                .insert("store".into(), format!("s{}", i * 7 % 3_000));
+            v
+        })
+        .collect();
+    let query = BreakdownQuery {
+        poll_id: "compacted".into(),
+        by: vec![Dimension("store".into())],
+        ..Default::default()
+    };
+    let sets = vec![("compacted".to_owned(), "store".to_owned())];
+    let runs = || async {
+        run_sql(
+            url,
+            database,
+            "SELECT upto FROM segment_cube_compactions WHERE poll_id = 'compacted' ORDER BY upto",
+        )
+        .await
+        .lines()
+        .map(|line| line.parse::<u64>().unwrap())
+        .collect::<Vec<_>>()
+    };
+    // The breakdown equals the first `counted` votes.
+    let check = |counted: usize| {
+        let mut truth: BTreeMap<String, (u64, BTreeMap<String, u64>)> = BTreeMap::new();
+        for v in &votes[..counted] {
+            let group = truth.entry(v.segment.custom["store"].clone()).or_default();
+            group.0 += 1;
+            *group.1.entry(v.choice[0].clone()).or_default() += 1;
+        }
+        let query = query.clone();
+        async move {
+            let breakdown = warehouse.breakdown(&query).await.expect("breakdown");
+            assert_eq!(breakdown.as_of, counted as u64);
+            let got: BTreeMap<String, (u64, BTreeMap<String, u64>)> = breakdown
+                .groups
+                .into_iter()
+                .filter(|g| g.ballots > 0)
+                .map(|g| {
+                    let counts = g.counts.into_iter().filter(|(_, n)| *n > 0).collect();
+                    (g.values[0].clone(), (g.ballots, counts))
+                })
+                .collect();
+            assert_eq!(got, truth, "after {counted} votes");
+        }
+    };
+    for (write, chunk) in votes.chunks(WRITE as usize).enumerate() {
+        let mut rollups = Rollups::default();
+        for (i, v) in chunk.iter().enumerate() {
+            rollups.add(v, write as u64 * WRITE + i as u64 + 1);
+        }
+        let covered = (write as u64 + 1) * WRITE;
+        let level = if write < 5 {
+            RollupLevel::Settled
+        } else {
+            RollupLevel::Fresh
+        };
+        warehouse
+            .insert_rollups(partition, level, &rollups.rows())
+            .await
+            .expect("insert rollups");
+        if level == RollupLevel::Settled {
+            warehouse
+                .compact_sets(partition, &sets, covered)
+                .await
+                .expect("add up");
+        }
+        check(covered as usize).await;
+        if write == 0 {
+            // 2,500 rows: enough for a first run.
+            assert_eq!(runs().await, [WRITE]);
+            // A run that did not finish: rows without a record, which a read would count
+            // twice.
+            let statement =
+                tally_clickhouse::sql::compact_set("compacted", "store", None, WRITE, "unfinished");
+            run_sql(url, database, &statement).await;
+            check(covered as usize).await;
+        }
+    }
+    // A run starts once the rows since the last run are at least 2,000 and at least as many
+    // as that run holds. Every write holds 2,500 rows (a store per vote; the first 5,600
+    // votes in one hour, the rest in the next). First write: a run (2,500 rows). Second:
+    // 2,500 more, a run (3,000: every store once). Third: 2,500 < 3,000, none. Fourth:
+    // 5,000 since, a run (6,000: every store in both hours). Fifth: 2,500 < 6,000, none.
+    assert_eq!(runs().await, [WRITE, 2 * WRITE, 4 * WRITE]);
+}
+
+#[tokio::test]
+async fn needs_clickhouse_a_set_added_up_reads_alike() {
+    require!(ClickHouse);
+    let config = one_server_config("added_up").await;
+    let warehouse = ClickHouseWarehouse::new(&config).expect("warehouse");
+    added_up_sets_read_alike(&warehouse, &config.url, &config.database, 0).await;
+}
+
+/// The same on a warehouse sharded over two servers, the poll's partition on the second:
+/// the runs are made on that shard, beside the rows they add up, and read through the
+/// `Distributed` tables.
+#[tokio::test]
+async fn needs_clickhouse_sharded_a_set_added_up_reads_alike() {
+    require!(ClickHouseServer);
+    let cluster = tally_testkit::clickhouse_cluster()
+        .await
+        .expect("clickhouse cluster");
+    let config = ClickHouseConfig {
+        url: cluster.shards[0].clone(),
+        database: tally_testkit::unique_name("added_up_sharded"),
+        user: None,
+        password: None,
+        analyst_user: Some("tally_analyst".into()),
+        analyst_password: None,
+        sharding: Some(tally_clickhouse::Sharding {
+            cluster: tally_testkit::ClickHouseCluster::NAME.into(),
+            shards: cluster.shards.clone(),
+        }),
+        replicated: false,
+    };
+    let warehouse = ClickHouseWarehouse::new(&config).expect("warehouse");
+    added_up_sets_read_alike(&warehouse, &config.url, &config.database, 1).await;
+    let local = format!(
+        "{}{}",
+        config.database,
+        tally_clickhouse::SHARD_DATABASE_SUFFIX
+    );
+    let held = |url: String| {
+        let local = local.clone();
+        async move {
+            run_sql(&url, &local, "SELECT count() FROM segment_cube_compact")
+                .await
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        held(cluster.shards[0].clone()).await,
+        0,
+        "nothing on the first shard"
+    );
+    assert!(
+        held(cluster.shards[1].clone()).await > 0,
+        "the runs are on the second"
     );
 }

@@ -119,6 +119,23 @@ pub trait Warehouse: Send + Sync + 'static {
         level: RollupLevel,
         rows: &[RollupRow],
     ) -> Result<()>;
+    /// Adds up the settled rows of the sets of polls' own keys (`sets`: poll and set name,
+    /// see [`crate::rollup::custom_sets`]) that `partition`'s settled writes up to `covered`
+    /// hold, when enough have come since the last time, so a breakdown by such a key reads
+    /// about a row per value and hour instead of one per settled write. Called by the
+    /// partition's processor after a settled write ends at `covered`. Counts nothing anew: a
+    /// breakdown is the same with or without it, and a failure (or a stale caller) loses
+    /// nothing. A warehouse whose reads add those rows up already (the embedded one, whose
+    /// merges do) has nothing to do.
+    async fn compact_sets(
+        &self,
+        partition: u16,
+        sets: &[(String, String)],
+        covered: u64,
+    ) -> Result<()> {
+        let _ = (partition, sets, covered);
+        Ok(())
+    }
     /// The exact tally of a poll over every stored vote.
     async fn tally(&self, poll_id: &str) -> Result<Tally>;
     /// The distinct non-empty voter keys of a poll.
