@@ -251,18 +251,19 @@ impl Warehouse for Recording {
     }
 }
 
-/// A backlog many times the rollup limits, read without a pause (so neither the time
-/// limits nor a quiet log ever write the rollups): every write covers at most the vote
-/// limit plus one batch, so the accumulators never hold more, however long the log.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rollups_in_memory_stay_within_their_limits() {
-    const VOTES: u64 = 3_000;
-    let (batch_max, rollup_votes, settle_votes) = (50, 100, 300);
+/// Appends `votes` to an empty log of one partition, then has the processor read the backlog
+/// without a pause (the rollup limits in votes, never in time) until the rollups reach its
+/// end; the warehouse calls it made, recorded.
+async fn process_backlog(
+    votes: impl Iterator<Item = Vote>,
+    batch_max: usize,
+    rollup_votes: usize,
+    settle_votes: usize,
+) -> Arc<Recording> {
     let dir = tempfile::tempdir().unwrap();
     let store = one_partition(&dir);
-    let backlog: Vec<(Vote, String)> = (1..=VOTES)
-        .map(|i| {
-            let v = vote(i);
+    let backlog: Vec<(Vote, String)> = votes
+        .map(|v| {
             let key = v.unique_key(Dedupe::PerVoter);
             (v, key)
         })
@@ -296,6 +297,18 @@ async fn rollups_in_memory_stay_within_their_limits() {
     .unwrap();
     breakdown_at(recording.as_ref(), store.log.tip(0)).await;
     processor.shutdown(Duration::from_secs(60)).await;
+    recording
+}
+
+/// A backlog many times the rollup limits, read without a pause (so neither the time
+/// limits nor a quiet log ever write the rollups): every write covers at most the vote
+/// limit plus one batch, so the accumulators never hold more, however long the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_in_memory_stay_within_their_limits() {
+    const VOTES: u64 = 3_000;
+    let (batch_max, rollup_votes, settle_votes) = (50, 100, 300);
+    let recording =
+        process_backlog((1..=VOTES).map(vote), batch_max, rollup_votes, settle_votes).await;
 
     let writes = recording.writes.lock().unwrap().clone();
     let fresh: Vec<u64> = writes
@@ -334,48 +347,14 @@ async fn rollups_in_memory_stay_within_their_limits() {
 /// poll's own keys it wrote, naming the poll, the key's set and where the write ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settled_writes_ask_for_the_poll_own_keys_to_be_added_up() {
-    const VOTES: u64 = 1_000;
-    let dir = tempfile::tempdir().unwrap();
-    let store = one_partition(&dir);
-    let backlog: Vec<(Vote, String)> = (1..=VOTES)
-        .map(|i| {
-            let mut v = vote(i);
-            v.segment
-                .custom
-                .insert("store".into(), format!("s{}", i % 40));
-            let key = v.unique_key(Dedupe::PerVoter);
-            (v, key)
-        })
-        .collect();
-    for answer in store.log.append_many(&backlog).await {
-        assert!(
-            matches!(answer, Ok(Appended::Accepted { .. })),
-            "{answer:?}"
-        );
-    }
-    let recording = Recording::new(store.warehouse.clone(), &[]);
-    let processor = Tasks::new();
-    tally_processor::start(
-        tally_processor::Deps {
-            log: store.log.clone(),
-            registry: store.registry.clone(),
-            warehouse: recording.clone(),
-            live: store.live.clone(),
-            leases: None,
-        },
-        tally_processor::Config {
-            batch_max: 50,
-            rollup_votes: 100,
-            rollup_interval: Duration::from_secs(600),
-            settle_votes: 200,
-            settle_interval: Duration::from_secs(600),
-            ..Default::default()
-        },
-        &processor,
-    )
-    .unwrap();
-    breakdown_at(recording.as_ref(), store.log.tip(0)).await;
-    processor.shutdown(Duration::from_secs(60)).await;
+    let votes = (1..=1_000).map(|i| {
+        let mut v = vote(i);
+        v.segment
+            .custom
+            .insert("store".into(), format!("s{}", i % 40));
+        v
+    });
+    let recording = process_backlog(votes, 50, 100, 200).await;
 
     let settled_at = recording.settled_at.lock().unwrap().clone();
     let compactions = recording.compactions.lock().unwrap().clone();

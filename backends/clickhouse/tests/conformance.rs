@@ -19,8 +19,14 @@ async fn one_server_config(prefix: &str) -> ClickHouseConfig {
     let clickhouse = tally_testkit::clickhouse()
         .await
         .expect("clickhouse-server");
+    config_at(&clickhouse.url, prefix)
+}
+
+/// A warehouse's configuration: a private database named from `prefix` on the server at
+/// `url`, read by the analyst user of scripts/clickhouse/users.xml, not sharded.
+fn config_at(url: &str, prefix: &str) -> ClickHouseConfig {
     ClickHouseConfig {
-        url: clickhouse.url.clone(),
+        url: url.to_owned(),
         database: tally_testkit::unique_name(prefix),
         user: None,
         password: None,
@@ -40,25 +46,25 @@ tally_conformance::warehouse_suite!(needs_clickhouse_warehouse, {
 // answer read back through the `Distributed` tables (partition 1 lives on the second shard).
 tally_conformance::warehouse_suite!(needs_clickhouse_sharded_warehouse, {
     require!(ClickHouseServer);
+    let config = sharded_config("conf_sharded", 1).await;
+    let warehouse = ClickHouseWarehouse::new(&config).expect("warehouse");
+    (Arc::new(warehouse), ())
+});
+
+/// A warehouse in a private database (named from `prefix`) sharded over the two servers of
+/// the test cluster, read through the server of shard `read_from`.
+async fn sharded_config(prefix: &str, read_from: usize) -> ClickHouseConfig {
     let cluster = tally_testkit::clickhouse_cluster()
         .await
         .expect("clickhouse cluster");
-    let config = ClickHouseConfig {
-        url: cluster.shards[1].clone(),
-        database: tally_testkit::unique_name("conf_sharded"),
-        user: None,
-        password: None,
-        analyst_user: Some("tally_analyst".into()),
-        analyst_password: None,
+    ClickHouseConfig {
         sharding: Some(tally_clickhouse::Sharding {
             cluster: tally_testkit::ClickHouseCluster::NAME.into(),
             shards: cluster.shards.clone(),
         }),
-        replicated: false,
-    };
-    let warehouse = ClickHouseWarehouse::new(&config).expect("warehouse");
-    (Arc::new(warehouse), ())
-});
+        ..config_at(&cluster.shards[read_from], prefix)
+    }
+}
 
 /// A poll whose first rollups were written before the cube existed (whole segments only:
 /// what a warehouse migrated from an earlier version holds) is broken down from its whole
@@ -244,17 +250,12 @@ async fn needs_clickhouse_rows_added_up_per_answer_list_equal_the_votes() {
                  AS opt, arrayConcat([b], v) AS c"
             );
         }
-        let body = reqwest::Client::new()
-            .post(format!("{}/?database={database}", clickhouse.url))
-            .body(format!("{statement} FORMAT TSV"))
-            .send()
-            .await
-            .expect("send")
-            .error_for_status()
-            .expect("the statement runs")
-            .text()
-            .await
-            .expect("body");
+        let body = run_sql(
+            &clickhouse.url,
+            database,
+            &format!("{statement} FORMAT TSV"),
+        )
+        .await;
         let lines: Vec<&str> = body.lines().collect();
         let mut sum: BTreeMap<(String, String), u64> = BTreeMap::new();
         for line in &lines {
@@ -431,19 +432,7 @@ async fn needs_clickhouse_sharded_a_set_added_up_reads_alike() {
     let cluster = tally_testkit::clickhouse_cluster()
         .await
         .expect("clickhouse cluster");
-    let config = ClickHouseConfig {
-        url: cluster.shards[0].clone(),
-        database: tally_testkit::unique_name("added_up_sharded"),
-        user: None,
-        password: None,
-        analyst_user: Some("tally_analyst".into()),
-        analyst_password: None,
-        sharding: Some(tally_clickhouse::Sharding {
-            cluster: tally_testkit::ClickHouseCluster::NAME.into(),
-            shards: cluster.shards.clone(),
-        }),
-        replicated: false,
-    };
+    let config = sharded_config("added_up_sharded", 0).await;
     let warehouse = ClickHouseWarehouse::new(&config).expect("warehouse");
     added_up_sets_read_alike(&warehouse, &config.url, &config.database, 1).await;
     let local = format!(

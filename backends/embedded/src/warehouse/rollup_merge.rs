@@ -21,7 +21,7 @@ use arrow::datatypes::{DataType, SchemaRef, UInt64Type};
 use arrow::row::{RowConverter, SortField};
 use tally_core::Result;
 
-use super::columns::ROLLUP_DIMS_COLUMN;
+use super::columns::{u64s, ROLLUP_DIMS_COLUMN};
 use super::storage;
 
 /// The columns of [`super::columns::rollups_schema`] that name a row's group, in the order
@@ -91,33 +91,27 @@ impl RollupMerge {
             })
             .collect::<Result<Vec<ArrayRef>>>()?;
         let keys = self.converter.convert_columns(&keys).map_err(storage)?;
-        let ballots = u64_column(batch, BALLOTS)?;
-        let last_seqs = u64_column(batch, LAST_SEQ)?;
+        let batches = std::slice::from_ref(batch);
+        let ballots = u64s(batches, BALLOTS)?;
+        let last_seqs = u64s(batches, LAST_SEQ)?;
         let answers = list_column(batch, ANSWERS)?;
         let answer_names = cast(answers.values(), &DataType::Utf8).map_err(storage)?;
-        let answer_names = answer_names
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .ok_or_else(|| storage("expected a list of strings"))?;
+        let answer_names = downcast::<StringArray>(&answer_names)?;
         let answer_votes = list_column(batch, ANSWER_VOTES)?;
         let votes = cast(answer_votes.values(), &DataType::UInt64).map_err(storage)?;
-        let votes = votes
-            .as_any()
-            .downcast_ref::<UInt64Array>()
-            .ok_or_else(|| storage("expected a list of counts"))?;
+        let votes = downcast::<UInt64Array>(&votes)?;
+        let (name_offsets, vote_offsets) = (answers.value_offsets(), answer_votes.value_offsets());
         for row in 0..rows {
             let key = keys.row(row);
             let sums = match self.groups.get_mut(key.as_ref()) {
                 Some(sums) => sums,
                 None => self.groups.entry(key.as_ref().into()).or_default(),
             };
-            sums.ballots += ballots.value(row);
-            sums.last_seq = sums.last_seq.max(last_seqs.value(row));
-            let names = answers.value_offsets();
-            let counts = answer_votes.value_offsets();
+            sums.ballots += ballots[row];
+            sums.last_seq = sums.last_seq.max(last_seqs[row]);
             let (names, counts) = (
-                names[row] as usize..names[row + 1] as usize,
-                counts[row] as usize..counts[row + 1] as usize,
+                name_offsets[row] as usize..name_offsets[row + 1] as usize,
+                vote_offsets[row] as usize..vote_offsets[row + 1] as usize,
             );
             for (name, count) in names.zip(counts) {
                 let name = answer_names.value(name);
@@ -217,13 +211,11 @@ fn dims_column(batch: &RecordBatch) -> ArrayRef {
     ))
 }
 
-fn u64_column(batch: &RecordBatch, index: usize) -> Result<UInt64Array> {
-    let array = cast(batch.column(index), &DataType::UInt64).map_err(storage)?;
+fn downcast<A: Array + 'static>(array: &ArrayRef) -> Result<&A> {
     array
         .as_any()
-        .downcast_ref::<UInt64Array>()
-        .cloned()
-        .ok_or_else(|| storage("expected a count column"))
+        .downcast_ref::<A>()
+        .ok_or_else(|| storage(format!("expected a {} array", array.data_type())))
 }
 
 fn list_column(batch: &RecordBatch, index: usize) -> Result<&ListArray> {
