@@ -183,28 +183,10 @@ pub(crate) async fn breakdown(
     let breakdown = app.warehouse.breakdown(&query).await?;
 
     let answers: Vec<String> = poll.answer_keys().into_iter().map(|(id, _)| id).collect();
-    let tests = group_tests(&breakdown, poll.kind);
-    let doc = BreakdownView {
-        poll_id: &poll.id,
-        by: Names(&query.by),
-        total_votes: breakdown.groups.iter().map(|g| g.ballots).sum(),
-        test: if poll.kind == PollKind::Multi {
-            "two_proportion_z_bonferroni"
-        } else {
-            "chi_square"
-        },
-        groups: GroupsView {
-            by: &query.by,
-            answers: &answers,
-            groups: &breakdown.groups,
-            tests: &tests,
-        },
-        as_of: breakdown.as_of,
-    };
-    let body = breakdown_json(&doc)?;
+    let body = breakdown_json(&poll.id, poll.kind, &query.by, &answers, &breakdown)?;
     if breakdown.groups.len() >= DROP_APART_GROUPS {
         // Tens of thousands of small allocations: freed off the answer's path.
-        tokio::task::spawn_blocking(move || drop((breakdown, tests)));
+        tokio::task::spawn_blocking(move || drop(breakdown));
     }
     Ok(([(CONTENT_TYPE, "application/json")], body).into_response())
 }
@@ -271,12 +253,42 @@ struct GroupTest {
     small_sample: bool,
 }
 
-/// The JSON of a breakdown, written in one buffer sized for it up front: a breakdown by a
-/// key of 10,000 values is some 5 MB.
-fn breakdown_json(doc: &BreakdownView<'_>) -> Result<Vec<u8>, Problem> {
-    let per_group = 160 + 110 * doc.groups.answers.len();
-    let mut body = Vec::with_capacity(256 + per_group * doc.groups.groups.len());
-    serde_json::to_writer(&mut body, doc).map_err(|e| {
+/// The largest buffer reserved for a breakdown's JSON before it is written; a larger one
+/// grows as it is written.
+const MAX_RESERVED_JSON: usize = 16 << 20;
+
+/// The JSON of `breakdown` of a poll (its `kind` and every answer of it, in its order) by
+/// the dimensions `by`: a [`BreakdownDoc`], written in one buffer sized for it up front (a
+/// breakdown by a key of 10,000 values is some 5 MB).
+fn breakdown_json(
+    poll_id: &str,
+    kind: PollKind,
+    by: &[Dimension],
+    answers: &[String],
+    breakdown: &Breakdown,
+) -> Result<Vec<u8>, Problem> {
+    let tests = group_tests(breakdown, kind);
+    let doc = BreakdownView {
+        poll_id,
+        by: Names(by),
+        total_votes: breakdown.groups.iter().map(|g| g.ballots).sum(),
+        test: if kind == PollKind::Multi {
+            "two_proportion_z_bonferroni"
+        } else {
+            "chi_square"
+        },
+        groups: GroupsView {
+            by,
+            answers,
+            groups: &breakdown.groups,
+            tests: &tests,
+        },
+        as_of: breakdown.as_of,
+    };
+    let per_group = 160 + 110 * answers.len();
+    let size = 256 + per_group * breakdown.groups.len();
+    let mut body = Vec::with_capacity(size.min(MAX_RESERVED_JSON));
+    serde_json::to_writer(&mut body, &doc).map_err(|e| {
         tracing::error!(error = %e, "writing a breakdown");
         Problem::internal()
     })?;
@@ -583,27 +595,18 @@ mod tests {
         };
         let by = ["device", "country", "device"].map(|d| Dimension(d.to_owned()));
         let answers = ["red", "green", "blue"].map(String::from);
-        let tests = group_tests(&breakdown, PollKind::Single);
-        let view = BreakdownView {
-            poll_id: "p",
-            by: Names(&by),
-            total_votes: 624,
-            test: "chi_square",
-            groups: GroupsView {
-                by: &by,
-                answers: &answers,
-                groups: &breakdown.groups,
-                tests: &tests,
-            },
-            as_of: 42,
-        };
-        let body = breakdown_json(&view).unwrap();
+        let body = breakdown_json("p", PollKind::Single, &by, &answers, &breakdown).unwrap();
         let doc: BreakdownDoc = serde_json::from_slice(&body).unwrap();
         assert_eq!(serde_json::to_vec(&doc).unwrap(), body);
 
         assert_eq!(
-            (doc.poll_id.as_str(), doc.total_votes, doc.as_of),
-            ("p", 624, 42)
+            (
+                doc.poll_id.as_str(),
+                doc.test.as_str(),
+                doc.total_votes,
+                doc.as_of
+            ),
+            ("p", "chi_square", 624, 42)
         );
         assert_eq!(doc.by, ["device", "country", "device"]);
         let first = &doc.groups[0];
