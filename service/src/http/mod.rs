@@ -6,6 +6,7 @@ pub mod health;
 pub mod observe;
 mod problem;
 pub mod serve;
+pub mod streams;
 
 pub use guard::Guard;
 pub use health::{service, Probe, REQUEST_TIMEOUT};

@@ -11,6 +11,9 @@
 //! - **Drain.** When `shutdown` resolves the listener closes, in-flight requests finish, and
 //!   connections are asked to close after their current response; whatever has not ended
 //!   after `drain` is dropped.
+//! - **Live streams off hyper.** The first request of a connection is read here; a live
+//!   stream's is answered without hyper's per-connection buffers (see [`super::streams`]),
+//!   everything else is served by hyper.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,8 +28,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use super::streams::{self, After, First, Rewind};
 use crate::limits::limit_key;
 
 /// The limits of one listener.
@@ -115,6 +120,10 @@ pub async fn serve(
     let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
     let per_address = Arc::new(PerAddress::default());
     let graceful = GracefulShutdown::new();
+    // Cancelled when the server stops: connections still reading their first request close.
+    let stopping = CancellationToken::new();
+    // Every connection's task holds a sender; the drain waits until none is left.
+    let (running, mut all_ended) = tokio::sync::mpsc::channel::<()>(1);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -145,30 +154,51 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = app
-            .clone()
-            .map_request(move |mut request: hyper::Request<Incoming>| {
+        let app = app.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let stopping = stopping.clone();
+        let running = running.clone();
+        let header_read_timeout = config.header_read_timeout;
+        tokio::spawn(async move {
+            // Held for the connection's life: the caps count it, and the drain waits for it.
+            let _held = (permit, place, running);
+            let mut stream = stream;
+            let first =
+                match streams::first_request(&mut stream, header_read_timeout, &stopping).await {
+                    First::Gone => return,
+                    First::Hyper(first) => first,
+                    First::Stream(lean) => {
+                        match streams::serve(&stream, app.clone(), *lean, peer, &stopping).await {
+                            After::Close => return,
+                            After::Hyper(rest) => rest,
+                        }
+                    }
+                };
+            let service = app.map_request(move |mut request: hyper::Request<Incoming>| {
                 request
                     .extensions_mut()
                     .insert(ConnectInfo::<SocketAddr>(peer));
                 request
             });
-        let connection =
-            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            // Held for the connection's life: the caps count it.
-            let _held = (permit, place);
-            if let Err(err) = connection.await {
+            let connection = builder.serve_connection(
+                TokioIo::new(Rewind::new(first, stream)),
+                TowerToHyperService::new(service),
+            );
+            // Boxed: a live stream's task does not carry room for a hyper connection.
+            if let Err(err) = Box::pin(watcher.watch(connection)).await {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(config.drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    stopping.cancel();
+    drop(running);
+    let drained = async {
+        graceful.shutdown().await;
+        let _ = all_ended.recv().await;
+    };
+    if tokio::time::timeout(config.drain, drained).await.is_err() {
         tracing::warn!(
             drain_seconds = config.drain.as_secs_f64(),
             "connections still open after the drain time; closing them"
@@ -286,5 +316,218 @@ mod tests {
             tokio::net::TcpStream::connect(addr).await.is_err(),
             "the listener is closed"
         );
+    }
+
+    /// Serves `app` with `config`; the handle ends when the drain does.
+    async fn serve_app(
+        app: Router,
+        config: ServeConfig,
+    ) -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(serve(listener, app, config, async move {
+            let _ = stopped.await;
+        }));
+        (addr, stop, served)
+    }
+
+    /// Routes whose answers stream: `/s/live` three chunks then the end, `/forever/live` one
+    /// chunk then nothing, telling `left` when its body is dropped; `/` the peer's address.
+    fn streaming_app(left: tokio::sync::oneshot::Sender<()>) -> Router {
+        use axum::body::{Body, Bytes};
+        use futures::StreamExt;
+        let left = Arc::new(Mutex::new(Some(left)));
+        Router::new()
+            .route(
+                "/",
+                get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.ip().to_string() }),
+            )
+            .route(
+                "/s/live",
+                get(|| async {
+                    let chunks = ["a", "bb", "ccc"].map(|c| Ok::<_, std::convert::Infallible>(Bytes::from(c)));
+                    ([("content-type", "text/event-stream")], Body::from_stream(futures::stream::iter(chunks)))
+                }),
+            )
+            .route(
+                "/forever/live",
+                get(move || {
+                    let guard = left.lock().unwrap().take();
+                    async move {
+                        let body = futures::stream::once(async { Ok::<_, std::convert::Infallible>(Bytes::from("a")) })
+                            .chain(futures::stream::pending())
+                            .map(move |chunk| {
+                                let _held = &guard;
+                                chunk
+                            });
+                        Body::from_stream(body)
+                    }
+                }),
+            )
+    }
+
+    /// Everything the server sends until it closes the connection (at most `wait`).
+    async fn read_all(stream: &mut tokio::net::TcpStream, wait: Duration) -> String {
+        let mut all = Vec::new();
+        let _ = tokio::time::timeout(wait, stream.read_to_end(&mut all)).await;
+        String::from_utf8_lossy(&all).into_owned()
+    }
+
+    #[tokio::test]
+    async fn live_streams_are_written_chunked_and_close_the_connection() {
+        let (left, _) = tokio::sync::oneshot::channel();
+        let (addr, _stop, _served) = serve_app(streaming_app(left), ServeConfig::default()).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /s/live?x=1 HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_all(&mut stream, Duration::from_secs(5)).await;
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        let lines: Vec<&str> = head.lines().collect();
+        for expected in [
+            "content-type: text/event-stream",
+            "transfer-encoding: chunked",
+            "connection: close",
+        ] {
+            assert!(lines.contains(&expected), "{expected} in {answer}");
+        }
+        assert!(lines.iter().any(|l| l.starts_with("date: ")), "{answer}");
+        assert_eq!(body, "1\r\na\r\n2\r\nbb\r\n3\r\nccc\r\n0\r\n\r\n");
+
+        // HTTP/1.0 has no chunks: the body as it is, then the end of the connection.
+        let mut old = tokio::net::TcpStream::connect(addr).await.unwrap();
+        old.write_all(b"GET /s/live HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_all(&mut old, Duration::from_secs(5)).await;
+        assert!(!answer.contains("transfer-encoding"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nabbccc"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_ends_its_live_stream() {
+        let (left, dropped) = tokio::sync::oneshot::channel();
+        let (addr, _stop, _served) = serve_app(streaming_app(left), ServeConfig::default()).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /forever/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buffer = [0u8; 1024];
+        let mut seen = String::new();
+        while !seen.ends_with("1\r\na\r\n") {
+            let n = stream.read(&mut buffer).await.unwrap();
+            assert!(n > 0, "closed early: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buffer[..n]));
+        }
+        drop(stream);
+        let ended = tokio::time::timeout(Duration::from_secs(3), dropped).await;
+        assert!(
+            matches!(ended, Ok(Err(_))),
+            "the stream's body is dropped when its client goes"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_of_known_length_leaves_the_connection_to_hyper() {
+        let (left, _) = tokio::sync::oneshot::channel();
+        let (addr, _stop, _served) = serve_app(streaming_app(left), ServeConfig::default()).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // A live route that does not exist, and a second request sent with it.
+        stream
+            .write_all(
+                b"GET /nothing/live HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut seen = String::new();
+        let mut buffer = [0u8; 1024];
+        while !seen.ends_with("127.0.0.1") {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
+                .await
+                .expect("both answers in time")
+                .unwrap();
+            assert!(n > 0, "closed early: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buffer[..n]));
+        }
+        assert!(seen.starts_with("HTTP/1.1 404 Not Found\r\n"), "{seen}");
+        assert!(seen.contains("content-length: 0\r\n"), "{seen}");
+        assert_eq!(seen.matches("HTTP/1.1 200 OK").count(), 1, "{seen}");
+        // And the connection stays open for more.
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let n = stream.read(&mut buffer).await.unwrap();
+        assert!(buffer[..n].starts_with(b"HTTP/1.1 200"));
+    }
+
+    #[tokio::test]
+    async fn a_live_request_too_long_to_read_here_is_served_by_hyper() {
+        let (left, _) = tokio::sync::oneshot::channel();
+        let (addr, _stop, _served) = serve_app(streaming_app(left), ServeConfig::default()).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "GET /s/live HTTP/1.1\r\nHost: x\r\nX-Long: {}\r\n\r\n",
+            "a".repeat(super::streams::HEAD_MAX)
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut seen = String::new();
+        let mut buffer = [0u8; 1024];
+        while !seen.ends_with("0\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            assert!(n > 0, "closed early: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buffer[..n]));
+        }
+        assert!(seen.starts_with("HTTP/1.1 200 OK\r\n"), "{seen}");
+        // hyper's answer: the connection is kept.
+        assert!(!seen.contains("connection: close"), "{seen}");
+        assert!(
+            seen.ends_with("1\r\na\r\n2\r\nbb\r\n3\r\nccc\r\n0\r\n\r\n"),
+            "{seen}"
+        );
+    }
+
+    #[tokio::test]
+    async fn stopping_closes_silent_connections_and_waits_for_streams_within_the_drain() {
+        let (left, dropped) = tokio::sync::oneshot::channel();
+        let (addr, stop, served) = serve_app(
+            streaming_app(left),
+            ServeConfig {
+                drain: Duration::from_millis(500),
+                ..Default::default()
+            },
+        )
+        .await;
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut live = tokio::net::TcpStream::connect(addr).await.unwrap();
+        live.write_all(b"GET /forever/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buffer = [0u8; 1024];
+        assert!(live.read(&mut buffer).await.unwrap() > 0);
+        let started = std::time::Instant::now();
+        stop.send(()).unwrap();
+        // A connection that has sent nothing is closed at once, not after the header timeout.
+        assert!(closed_within(&mut silent, Duration::from_secs(2)).await);
+        // A stream that does not end holds the drain up to its time, no longer.
+        served.await.unwrap().unwrap();
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        drop(live);
+        let _ = tokio::time::timeout(Duration::from_secs(3), dropped).await;
     }
 }
