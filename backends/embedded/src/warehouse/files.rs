@@ -124,23 +124,56 @@ pub(super) fn write_file(
     name: &str,
     batch: &RecordBatch,
 ) -> Result<PathBuf> {
-    let path = dir.join(name);
-    let tmp = dir.join(format!("{name}.tmp"));
-    let file = File::create(&tmp).map_err(storage)?;
-    let properties = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .set_max_row_group_row_count(Some(64 * 1024))
-        .build();
-    let mut writer =
-        ArrowWriter::try_new(file, schema.clone(), Some(properties)).map_err(storage)?;
-    writer.write(batch).map_err(storage)?;
-    let file = writer.into_inner().map_err(storage)?;
-    file.sync_all().map_err(storage)?;
-    std::fs::rename(&tmp, &path).map_err(storage)?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(storage)?;
-    Ok(path)
+    let mut writer = Writer::create(schema, dir, name)?;
+    writer.write(batch)?;
+    Ok(writer.finish()?.0)
+}
+
+/// A file written a batch at a time, in place at `dir/name` only when finished: a temp
+/// file, fsync, rename, fsync of the dir.
+pub(super) struct Writer {
+    writer: ArrowWriter<File>,
+    dir: PathBuf,
+    path: PathBuf,
+    tmp: PathBuf,
+    rows: usize,
+}
+
+impl Writer {
+    pub(super) fn create(schema: &SchemaRef, dir: &Path, name: &str) -> Result<Writer> {
+        let path = dir.join(name);
+        let tmp = dir.join(format!("{name}.tmp"));
+        let file = File::create(&tmp).map_err(storage)?;
+        let properties = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(64 * 1024))
+            .build();
+        let writer =
+            ArrowWriter::try_new(file, schema.clone(), Some(properties)).map_err(storage)?;
+        Ok(Writer {
+            writer,
+            dir: dir.to_owned(),
+            path,
+            tmp,
+            rows: 0,
+        })
+    }
+
+    pub(super) fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.rows += batch.num_rows();
+        self.writer.write(batch).map_err(storage)
+    }
+
+    /// The file's path and its number of rows.
+    pub(super) fn finish(self) -> Result<(PathBuf, usize)> {
+        let file = self.writer.into_inner().map_err(storage)?;
+        file.sync_all().map_err(storage)?;
+        std::fs::rename(&self.tmp, &self.path).map_err(storage)?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(storage)?;
+        Ok((self.path, self.rows))
+    }
 }
 
 pub(super) fn read_file(path: &Path) -> Result<Vec<RecordBatch>> {
@@ -153,6 +186,15 @@ pub(super) fn read_file(path: &Path) -> Result<Vec<RecordBatch>> {
 pub(super) fn read_batches(path: &Path) -> Result<ParquetRecordBatchReader> {
     ParquetRecordBatchReaderBuilder::try_new(File::open(path).map_err(storage)?)
         .map_err(storage)?
+        .build()
+        .map_err(storage)
+}
+
+/// The batches of a file, `rows` at a time.
+pub(super) fn read_batches_of(path: &Path, rows: usize) -> Result<ParquetRecordBatchReader> {
+    ParquetRecordBatchReaderBuilder::try_new(File::open(path).map_err(storage)?)
+        .map_err(storage)?
+        .with_batch_size(rows)
         .build()
         .map_err(storage)
 }

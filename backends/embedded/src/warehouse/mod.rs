@@ -26,6 +26,7 @@ mod columns;
 mod executor;
 mod files;
 mod rollup_merge;
+mod sorted_merge;
 mod sql;
 mod tail;
 

@@ -13,6 +13,7 @@ use tally_core::Result;
 
 use super::files::{self, DataFile};
 use super::rollup_merge::RollupMerge;
+use super::sorted_merge::merge_sorted;
 use super::{columns, storage, Inner, Kind};
 
 /// Inserted rows of one table and partition not yet in a file.
@@ -193,25 +194,27 @@ impl Inner {
         let dir = self.root.join(kind.table());
         let schema = self.schema(kind).clone();
         tokio::task::spawn_blocking(move || {
-            let batch = match kind {
+            let name = DataFile::name(partition, first, last);
+            let batch = match (kind, rows) {
                 // Added up as they are read: a merge holds the rows it writes, not all it reads.
-                Kind::Rollups(RollupLevel::Settled) => {
+                (Kind::Rollups(RollupLevel::Settled), rows) => {
                     let mut merge = RollupMerge::new(&schema)?;
                     rows.for_each(|batch| merge.add(&batch))?;
                     merge.finish(partition)?
                 }
+                // Files already sorted: merged a batch of each at a time, written as they go.
                 // Fresh rollups keep their rows: a breakdown tells them apart by `last_seq`.
-                _ => {
-                    let mut batches = Vec::new();
-                    rows.for_each(|batch| {
-                        batches.push(batch);
-                        Ok(())
-                    })?;
+                (_, Rows::Files(paths)) => {
+                    let mut writer = files::Writer::create(&schema, &dir, &name)?;
+                    merge_sorted(kind, &schema, &paths, |batch| writer.write(batch))?;
+                    let (path, rows) = writer.finish()?;
+                    return Ok(DataFile::new(path, partition, first, last, rows));
+                }
+                (_, Rows::Batches(batches)) => {
                     concat_batches(&schema, &batches).map_err(storage)?
                 }
             };
             let batch = sort_for_storage(kind, &batch)?;
-            let name = DataFile::name(partition, first, last);
             let path = files::write_file(&schema, &dir, &name, &batch)?;
             Ok(DataFile::new(
                 path,
@@ -299,19 +302,27 @@ fn seq_range(kind: Kind, batch: &RecordBatch) -> Option<(u64, u64)> {
     Some((min, max))
 }
 
-/// Sorts rows by poll and position, so Parquet row-group statistics prune other polls;
-/// rollups by poll, dimension set and position, so they also prune the rows of other sets
-/// (a breakdown by country reads no whole segments).
-pub(super) fn sort_for_storage(kind: Kind, batch: &RecordBatch) -> Result<RecordBatch> {
-    let column = |index: usize| SortColumn {
-        values: batch.column(index).clone(),
-        options: None,
-    };
-    let mut columns = vec![column(kind.poll_column())];
+/// The columns rows are stored sorted by: poll and position, so Parquet row-group
+/// statistics prune other polls; rollups by poll, dimension set and position, so they also
+/// prune the rows of other sets (a breakdown by country reads no whole segments).
+pub(super) fn sort_columns(kind: Kind) -> Vec<usize> {
+    let mut columns = vec![kind.poll_column()];
     if matches!(kind, Kind::Rollups(_)) {
-        columns.push(column(columns::ROLLUP_DIMS_COLUMN));
+        columns.push(columns::ROLLUP_DIMS_COLUMN);
     }
-    columns.push(column(kind.seq_column()));
+    columns.push(kind.seq_column());
+    columns
+}
+
+/// Sorts rows by [`sort_columns`].
+pub(super) fn sort_for_storage(kind: Kind, batch: &RecordBatch) -> Result<RecordBatch> {
+    let columns: Vec<SortColumn> = sort_columns(kind)
+        .into_iter()
+        .map(|index| SortColumn {
+            values: batch.column(index).clone(),
+            options: None,
+        })
+        .collect();
     let indices = lexsort_to_indices(&columns, None).map_err(storage)?;
     take_record_batch(batch, &indices).map_err(storage)
 }
