@@ -126,7 +126,7 @@ impl Counts {
 /// scale's values), so a sorted list: one small allocation per group, where a `BTreeMap`
 /// took a node of eleven slots (~370 bytes) for the first answer. The processor holds one
 /// per segment seen between its writes.
-#[derive(Default, Debug, Clone, PartialEq, Eq)]
+#[derive(Default, Clone)]
 struct Answers(Vec<(String, u64)>);
 
 impl Answers {

@@ -122,8 +122,6 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     // Cancelled when the server stops: connections still reading their first request close.
     let stopping = CancellationToken::new();
-    // Every connection's task holds a sender; the drain waits until none is left.
-    let (running, mut all_ended) = tokio::sync::mpsc::channel::<()>(1);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -158,11 +156,11 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let stopping = stopping.clone();
-        let running = running.clone();
         let header_read_timeout = config.header_read_timeout;
         tokio::spawn(async move {
-            // Held for the connection's life: the caps count it, and the drain waits for it.
-            let _held = (permit, place, running);
+            // Held for the connection's life: the caps count it. So is `watcher`, which the
+            // drain waits for, whoever serves the connection.
+            let _held = (permit, place);
             let mut stream = stream;
             let first =
                 match streams::first_request(&mut stream, header_read_timeout, &stopping).await {
@@ -193,12 +191,10 @@ pub async fn serve(
     }
     drop(listener);
     stopping.cancel();
-    drop(running);
-    let drained = async {
-        graceful.shutdown().await;
-        let _ = all_ended.recv().await;
-    };
-    if tokio::time::timeout(config.drain, drained).await.is_err() {
+    if tokio::time::timeout(config.drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             drain_seconds = config.drain.as_secs_f64(),
             "connections still open after the drain time; closing them"
@@ -378,6 +374,21 @@ mod tests {
         String::from_utf8_lossy(&all).into_owned()
     }
 
+    /// What the server sends until it has sent something ending in `end` (within 5 s).
+    async fn read_until(stream: &mut tokio::net::TcpStream, end: &str) -> String {
+        let mut seen = String::new();
+        let mut buffer = [0u8; 1024];
+        while !seen.ends_with(end) {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
+                .await
+                .unwrap_or_else(|_| panic!("no {end:?} in time: {seen}"))
+                .unwrap();
+            assert!(n > 0, "closed early: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buffer[..n]));
+        }
+        seen
+    }
+
     #[tokio::test]
     async fn live_streams_are_written_chunked_and_close_the_connection() {
         let (left, _) = tokio::sync::oneshot::channel();
@@ -420,13 +431,7 @@ mod tests {
             .write_all(b"GET /forever/live HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
-        let mut buffer = [0u8; 1024];
-        let mut seen = String::new();
-        while !seen.ends_with("1\r\na\r\n") {
-            let n = stream.read(&mut buffer).await.unwrap();
-            assert!(n > 0, "closed early: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buffer[..n]));
-        }
+        read_until(&mut stream, "1\r\na\r\n").await;
         drop(stream);
         let ended = tokio::time::timeout(Duration::from_secs(3), dropped).await;
         assert!(
@@ -447,16 +452,7 @@ mod tests {
             )
             .await
             .unwrap();
-        let mut seen = String::new();
-        let mut buffer = [0u8; 1024];
-        while !seen.ends_with("127.0.0.1") {
-            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
-                .await
-                .expect("both answers in time")
-                .unwrap();
-            assert!(n > 0, "closed early: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buffer[..n]));
-        }
+        let seen = read_until(&mut stream, "127.0.0.1").await;
         assert!(seen.starts_with("HTTP/1.1 404 Not Found\r\n"), "{seen}");
         assert!(seen.contains("content-length: 0\r\n"), "{seen}");
         assert_eq!(seen.matches("HTTP/1.1 200 OK").count(), 1, "{seen}");
@@ -465,8 +461,8 @@ mod tests {
             .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
-        let n = stream.read(&mut buffer).await.unwrap();
-        assert!(buffer[..n].starts_with(b"HTTP/1.1 200"));
+        let again = read_until(&mut stream, "127.0.0.1").await;
+        assert!(again.starts_with("HTTP/1.1 200"), "{again}");
     }
 
     #[tokio::test]
@@ -479,16 +475,7 @@ mod tests {
             "a".repeat(super::streams::HEAD_MAX)
         );
         stream.write_all(request.as_bytes()).await.unwrap();
-        let mut seen = String::new();
-        let mut buffer = [0u8; 1024];
-        while !seen.ends_with("0\r\n\r\n") {
-            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
-                .await
-                .expect("an answer in time")
-                .unwrap();
-            assert!(n > 0, "closed early: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buffer[..n]));
-        }
+        let seen = read_until(&mut stream, "0\r\n\r\n").await;
         assert!(seen.starts_with("HTTP/1.1 200 OK\r\n"), "{seen}");
         // hyper's answer: the connection is kept.
         assert!(!seen.contains("connection: close"), "{seen}");
@@ -529,5 +516,57 @@ mod tests {
         );
         drop(live);
         let _ = tokio::time::timeout(Duration::from_secs(3), dropped).await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_talks_over_its_live_stream_is_cut_off() {
+        let (left, dropped) = tokio::sync::oneshot::channel();
+        let (addr, _stop, _served) = serve_app(streaming_app(left), ServeConfig::default()).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /forever/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        read_until(&mut stream, "1\r\na\r\n").await;
+        // Up to 64 KiB is read and dropped; more ends the stream.
+        let chatter = vec![b'x'; 16 * 1024];
+        for _ in 0..8 {
+            if stream.write_all(&chatter).await.is_err() {
+                break;
+            }
+        }
+        assert!(closed_within(&mut stream, Duration::from_secs(3)).await);
+        let ended = tokio::time::timeout(Duration::from_secs(3), dropped).await;
+        assert!(matches!(ended, Ok(Err(_))), "the stream's body is dropped");
+    }
+
+    #[tokio::test]
+    async fn malformed_live_requests_are_answered_by_hyper() {
+        let (left, _) = tokio::sync::oneshot::channel();
+        let (addr, _stop, _served) = serve_app(streaming_app(left), ServeConfig::default()).await;
+        for request in [
+            &b"GET /s/live HTTP/1.1\r\nHost: x\r\nX: a\x01b\r\n\r\n"[..],
+            b"GET /s/live HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+            b"GET /s/live HTTP/2.0\r\n\r\n",
+            b"GET /s/live\r\n\r\n",
+        ] {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(request).await.unwrap();
+            let answer = read_all(&mut stream, Duration::from_secs(5)).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+                "{:?}: {answer}",
+                String::from_utf8_lossy(request)
+            );
+        }
+        // The server goes on.
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_until(&mut stream, "127.0.0.1")
+            .await
+            .starts_with("HTTP/1.1 200"));
     }
 }

@@ -71,15 +71,14 @@ pub enum After {
 }
 
 /// Whether the bytes read so far decide where the request goes.
-#[derive(Debug, PartialEq)]
 enum Verdict {
     NeedMore,
     Hyper,
-    /// A live route's request whose head is this long.
-    Stream(usize),
+    Stream(Box<Lean>),
 }
 
-/// Where a request that starts with `bytes` goes.
+/// Where a request that starts with `bytes` goes: its request line says whether it may be
+/// a live route's, then its head is parsed (once) into the request served here.
 fn classify(bytes: &[u8]) -> Verdict {
     const GET: &[u8] = b"GET /";
     if bytes.len() < GET.len() {
@@ -108,8 +107,14 @@ fn classify(bytes: &[u8]) -> Verdict {
         return Verdict::Hyper;
     }
     let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
-    match httparse::Request::new(&mut headers).parse(bytes) {
-        Ok(httparse::Status::Complete(len)) if len <= HEAD_MAX => Verdict::Stream(len),
+    let mut head = httparse::Request::new(&mut headers);
+    match head.parse(bytes) {
+        Ok(httparse::Status::Complete(len)) if len <= HEAD_MAX => {
+            match lean(&head, &bytes[len..]) {
+                Some(lean) => Verdict::Stream(Box::new(lean)),
+                None => Verdict::Hyper,
+            }
+        }
         Ok(httparse::Status::Partial) if bytes.len() < HEAD_MAX => Verdict::NeedMore,
         _ => Verdict::Hyper,
     }
@@ -139,22 +144,14 @@ pub async fn first_request(
         match classify(&bytes) {
             Verdict::NeedMore => continue,
             Verdict::Hyper => return First::Hyper(bytes.freeze()),
-            Verdict::Stream(len) => {
-                return match lean(&bytes, len) {
-                    Some(lean) => First::Stream(Box::new(lean)),
-                    None => First::Hyper(bytes.freeze()),
-                }
-            }
+            Verdict::Stream(lean) => return First::Stream(lean),
         }
     }
 }
 
-/// The request of a head `bytes[..len]` that [`classify`] found complete, or `None` when
-/// hyper should answer it (a body, an upgrade, something not understood here).
-fn lean(bytes: &[u8], len: usize) -> Option<Lean> {
-    let mut parsed = [httparse::EMPTY_HEADER; HEADERS_MAX];
-    let mut head = httparse::Request::new(&mut parsed);
-    head.parse(&bytes[..len]).ok()?;
+/// The request of a whole `head` (`rest`: what followed it), or `None` when hyper should
+/// answer it (a body, an upgrade, something not understood here).
+fn lean(head: &httparse::Request, rest: &[u8]) -> Option<Lean> {
     let version = match head.version? {
         0 => Version::HTTP_10,
         1 => Version::HTTP_11,
@@ -175,23 +172,20 @@ fn lean(bytes: &[u8], len: usize) -> Option<Lean> {
         return None;
     }
     let close = version == Version::HTTP_10 || has_token(&headers, header::CONNECTION, "close");
+    // The path starts with `/` (see `classify`): origin-form, never a scheme or authority.
     let mut request = Request::builder()
         .method(Method::GET)
         .uri(head.path?)
         .version(version)
         .body(Body::empty())
         .ok()?;
-    if request.uri().scheme().is_some() || request.uri().authority().is_some() {
-        return None;
-    }
     *request.headers_mut() = headers;
-    let rest = match &bytes[len..] {
-        [] => Bytes::new(),
-        rest => Bytes::copy_from_slice(rest),
-    };
     Some(Lean {
         request,
-        rest,
+        rest: match rest {
+            [] => Bytes::new(),
+            rest => Bytes::copy_from_slice(rest),
+        },
         http10: version == Version::HTTP_10,
         close,
     })
@@ -274,7 +268,7 @@ pub async fn serve(
         head
     };
     drop(parts);
-    if write_all(stream, &head).await.is_err() {
+    if write_all(stream, &head, WRITE_STALL).await.is_err() {
         return After::Close;
     }
     drop(head);
@@ -297,15 +291,15 @@ pub async fn serve(
             chunk.extend_from_slice(format!("{:X}\r\n", data.len()).as_bytes());
             chunk.extend_from_slice(&data);
             chunk.extend_from_slice(b"\r\n");
-            write_all(stream, &chunk).await
+            write_all(stream, &chunk, WRITE_STALL).await
         } else {
-            write_all(stream, &data).await
+            write_all(stream, &data, WRITE_STALL).await
         };
         if written.is_err() {
             return After::Close;
         }
     }
-    if chunked && write_all(stream, b"0\r\n\r\n").await.is_err() {
+    if chunked && write_all(stream, b"0\r\n\r\n", WRITE_STALL).await.is_err() {
         return After::Close;
     }
     if close || stopping.is_cancelled() {
@@ -323,15 +317,15 @@ fn is_framing(name: &HeaderName) -> bool {
         || name.as_str() == "keep-alive"
 }
 
-/// Writes all of `bytes`, waiting for room at most [`WRITE_STALL`] at a time. Only a write
-/// that finds the socket full sets a timer.
-async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+/// Writes all of `bytes`, waiting for room at most `stall` at a time ([`WRITE_STALL`]).
+/// Only a write that finds the socket full sets a timer.
+async fn write_all(stream: &TcpStream, mut bytes: &[u8], stall: Duration) -> io::Result<()> {
     while !bytes.is_empty() {
         match stream.try_write(bytes) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => bytes = &bytes[n..],
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                match tokio::time::timeout(WRITE_STALL, stream.writable()).await {
+                match tokio::time::timeout(stall, stream.writable()).await {
                     Ok(ready) => ready?,
                     Err(_) => return Err(io::ErrorKind::TimedOut.into()),
                 }
@@ -435,38 +429,59 @@ impl AsyncWrite for Rewind {
 mod tests {
     use super::*;
 
+    /// Where `bytes` go: `"more"`, `"hyper"`, or `"stream"` and what followed the head.
+    fn verdict(bytes: &[u8]) -> (&'static str, Bytes) {
+        match classify(bytes) {
+            Verdict::NeedMore => ("more", Bytes::new()),
+            Verdict::Hyper => ("hyper", Bytes::new()),
+            Verdict::Stream(lean) => ("stream", lean.rest),
+        }
+    }
+
+    fn lean_of(head: &str) -> Option<Box<Lean>> {
+        match classify(head.as_bytes()) {
+            Verdict::Stream(lean) => Some(lean),
+            _ => None,
+        }
+    }
+
     #[test]
     fn only_gets_of_live_routes_with_a_whole_head_are_served_here() {
-        assert_eq!(classify(b"GE"), Verdict::NeedMore);
-        assert_eq!(classify(b"POST /v1/votes"), Verdict::Hyper);
-        assert_eq!(classify(b"GET /v1/polls/p/li"), Verdict::NeedMore);
+        assert_eq!(verdict(b"GE").0, "more");
+        assert_eq!(verdict(b"POST /v1/votes").0, "hyper");
+        assert_eq!(verdict(b"GET /v1/polls/p/li").0, "more");
+        assert_eq!(verdict(b"GET /v1/polls/p/results HTTP/1.1\r\n").0, "hyper");
         assert_eq!(
-            classify(b"GET /v1/polls/p/results HTTP/1.1\r\n"),
-            Verdict::Hyper
-        );
-        assert_eq!(
-            classify(b"GET /v1/polls/p/live HTTP/1.1\r\nHost: x\r\n"),
-            Verdict::NeedMore
+            verdict(b"GET /v1/polls/p/live HTTP/1.1\r\nHost: x\r\n").0,
+            "more"
         );
         let head = b"GET /v1/polls/p/live?results_token=t HTTP/1.1\r\nHost: x\r\n\r\n";
-        assert_eq!(classify(head), Verdict::Stream(head.len()));
+        assert_eq!(verdict(head), ("stream", Bytes::new()));
+        let lean =
+            lean_of("GET /v1/polls/p/live?results_token=t HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert_eq!(lean.request.uri(), "/v1/polls/p/live?results_token=t");
+        assert_eq!(lean.request.headers()["host"], "x");
         assert_eq!(
-            classify(b"GET /v1/live?polls=a,b HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n"),
-            Verdict::Stream(35)
+            verdict(b"GET /v1/live?polls=a,b HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n"),
+            ("stream", Bytes::from_static(b"GET / HTTP/1.1\r\n"))
         );
         assert_eq!(
-            classify(b"GET /v1/polls/p/live HTTP/1.1\r\nBad Header\r\n\r\n"),
-            Verdict::Hyper
+            verdict(b"GET /v1/polls/p/live HTTP/1.1\r\nBad Header\r\n\r\n").0,
+            "hyper"
         );
         let long = format!("GET /live HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(HEAD_MAX));
-        assert_eq!(classify(long.as_bytes()), Verdict::Hyper);
+        assert_eq!(verdict(long.as_bytes()).0, "hyper");
         let long_line = format!("GET /{}", "a".repeat(HEAD_MAX));
-        assert_eq!(classify(long_line.as_bytes()), Verdict::Hyper);
+        assert_eq!(verdict(long_line.as_bytes()).0, "hyper");
+        assert_eq!(
+            verdict(b"GET http://example.com/live HTTP/1.1\r\n\r\n").0,
+            "hyper"
+        );
     }
 
     #[test]
     fn requests_with_a_body_or_an_upgrade_go_to_hyper() {
-        let served = |head: &str| lean(head.as_bytes(), head.len()).is_some();
+        let served = |head: &str| lean_of(head).is_some();
         assert!(served(
             "GET /live HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
         ));
@@ -480,11 +495,33 @@ mod tests {
         assert!(!served(
             "GET /live HTTP/1.1\r\nExpect: 100-continue\r\n\r\n"
         ));
-        assert!(!served("GET http://example.com/live HTTP/1.1\r\n\r\n"));
-        let closing = "GET /live HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n";
-        assert!(lean(closing.as_bytes(), closing.len()).unwrap().close);
-        let old = "GET /live HTTP/1.0\r\n\r\n";
-        let old = lean(old.as_bytes(), old.len()).unwrap();
+        assert!(!served("GET /live HTTP/1.1\r\nX: a\x01b\r\n\r\n"));
+        let closing = lean_of("GET /live HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n");
+        assert!(closing.unwrap().close);
+        let kept = lean_of("GET /live HTTP/1.1\r\nConnection: keep-alive\r\n\r\n");
+        assert!(!kept.unwrap().close);
+        let old = lean_of("GET /live HTTP/1.0\r\n\r\n").unwrap();
         assert!(old.http10 && old.close);
+    }
+
+    /// A client that stops reading holds its stream only for the stall time: the write
+    /// gives up, and the stream ends (a slow client is dropped, not waited for).
+    #[tokio::test]
+    async fn a_write_to_a_client_that_reads_nothing_gives_up_after_the_stall_time() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        // Far more than the socket buffers of both ends hold.
+        let event = vec![b'x'; 64 * 1024 * 1024];
+        let written = tokio::time::timeout(
+            Duration::from_secs(10),
+            write_all(&server, &event, Duration::from_millis(300)),
+        )
+        .await
+        .expect("the write gives up instead of waiting on");
+        assert_eq!(written.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        drop(client);
     }
 }

@@ -184,17 +184,14 @@ pub(super) fn read_file(path: &Path) -> Result<Vec<RecordBatch>> {
 
 /// The batches of a file, read one at a time.
 pub(super) fn read_batches(path: &Path) -> Result<ParquetRecordBatchReader> {
-    ParquetRecordBatchReaderBuilder::try_new(File::open(path).map_err(storage)?)
-        .map_err(storage)?
-        .build()
-        .map_err(storage)
+    reader(path)?.build().map_err(storage)
 }
 
 /// The batches of a file, `rows` at a time.
 pub(super) fn read_batches_of(path: &Path, rows: usize) -> Result<ParquetRecordBatchReader> {
-    ParquetRecordBatchReaderBuilder::try_new(File::open(path).map_err(storage)?)
-        .map_err(storage)?
-        .with_batch_size(rows)
-        .build()
-        .map_err(storage)
+    reader(path)?.with_batch_size(rows).build().map_err(storage)
+}
+
+fn reader(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
+    ParquetRecordBatchReaderBuilder::try_new(File::open(path).map_err(storage)?).map_err(storage)
 }
