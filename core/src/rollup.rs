@@ -149,16 +149,9 @@ impl Answers {
         self.0.iter().map(|(a, n)| (a.as_str(), *n))
     }
 
-    fn keys(&self) -> impl Iterator<Item = &String> {
-        self.0.iter().map(|(a, _)| a)
-    }
-
-    fn values(&self) -> impl Iterator<Item = &u64> {
-        self.0.iter().map(|(_, n)| n)
-    }
-
-    fn into_values(self) -> impl Iterator<Item = u64> {
-        self.0.into_iter().map(|(_, n)| n)
+    /// The answers and their votes as a row's two lists, in answer order.
+    fn into_columns(self) -> (Vec<String>, Vec<u64>) {
+        self.0.into_iter().unzip()
     }
 
     fn retain(&mut self, mut keep: impl FnMut(&str, u64) -> bool) {
@@ -263,6 +256,11 @@ impl Rollups {
         let mut rows = Vec::new();
         for (poll_id, bucket) in keys {
             for (segment, counts) in &self.groups[poll_id][&bucket] {
+                let (answers, answer_votes) = counts
+                    .answers
+                    .iter()
+                    .map(|(a, n)| (a.to_owned(), n))
+                    .unzip();
                 rows.push(RollupRow {
                     poll_id: poll_id.clone(),
                     dims: String::new(),
@@ -270,8 +268,8 @@ impl Rollups {
                     bucket_seconds: ROLLUP_SECONDS,
                     segment: segment.clone(),
                     ballots: counts.ballots,
-                    answers: counts.answers.keys().cloned().collect(),
-                    answer_votes: counts.answers.values().copied().collect(),
+                    answers,
+                    answer_votes,
                     last_seq: self.last_seq,
                 });
             }
@@ -364,6 +362,7 @@ pub fn cube_rows(whole: &[RollupRow]) -> Vec<RollupRow> {
                     name.clone()
                 }
             };
+            let (answers, answer_votes) = counts.answers.into_columns();
             out.push(RollupRow {
                 poll_id: poll_id.to_owned(),
                 dims,
@@ -371,8 +370,8 @@ pub fn cube_rows(whole: &[RollupRow]) -> Vec<RollupRow> {
                 bucket_seconds,
                 segment,
                 ballots: counts.ballots,
-                answers: counts.answers.keys().cloned().collect(),
-                answer_votes: counts.answers.into_values().collect(),
+                answers,
+                answer_votes,
                 last_seq,
             });
         }
@@ -380,6 +379,7 @@ pub fn cube_rows(whole: &[RollupRow]) -> Vec<RollupRow> {
     for ((poll_id, hour, last_seq, key, value), counts) in custom {
         let mut segment = Segment::default();
         segment.custom.insert(key.to_owned(), value.to_owned());
+        let (answers, answer_votes) = counts.answers.into_columns();
         out.push(RollupRow {
             poll_id: poll_id.to_owned(),
             dims: key.to_owned(),
@@ -387,8 +387,8 @@ pub fn cube_rows(whole: &[RollupRow]) -> Vec<RollupRow> {
             bucket_seconds: CUSTOM_SET_SECONDS,
             segment,
             ballots: counts.ballots,
-            answers: counts.answers.keys().cloned().collect(),
-            answer_votes: counts.answers.into_values().collect(),
+            answers,
+            answer_votes,
             last_seq,
         });
     }
@@ -738,8 +738,9 @@ mod tests {
             map.into_iter().collect::<Vec<_>>(),
             [("".into(), 5), ("a".into(), 6), ("c".into(), 7)]
         );
-        assert_eq!(answers.keys().collect::<Vec<_>>(), ["", "a", "c"]);
-        assert_eq!(answers.into_values().collect::<Vec<_>>(), [5, 6, 7]);
+        let (names, votes) = answers.into_columns();
+        assert_eq!(names, ["", "a", "c"]);
+        assert_eq!(votes, [5, 6, 7]);
     }
 
     /// A breakdown from the rows of its parts.

@@ -389,6 +389,17 @@ mod tests {
         seen
     }
 
+    /// A connection holding `/forever/live` open, its first event already read.
+    async fn forever_stream(addr: SocketAddr) -> tokio::net::TcpStream {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /forever/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        read_until(&mut stream, "1\r\na\r\n").await;
+        stream
+    }
+
     #[tokio::test]
     async fn live_streams_are_written_chunked_and_close_the_connection() {
         let (left, _) = tokio::sync::oneshot::channel();
@@ -426,12 +437,7 @@ mod tests {
     async fn a_client_that_leaves_ends_its_live_stream() {
         let (left, dropped) = tokio::sync::oneshot::channel();
         let (addr, _stop, _served) = serve_app(streaming_app(left), ServeConfig::default()).await;
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(b"GET /forever/live HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        read_until(&mut stream, "1\r\na\r\n").await;
+        let stream = forever_stream(addr).await;
         drop(stream);
         let ended = tokio::time::timeout(Duration::from_secs(3), dropped).await;
         assert!(
@@ -497,12 +503,7 @@ mod tests {
         )
         .await;
         let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut live = tokio::net::TcpStream::connect(addr).await.unwrap();
-        live.write_all(b"GET /forever/live HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buffer = [0u8; 1024];
-        assert!(live.read(&mut buffer).await.unwrap() > 0);
+        let live = forever_stream(addr).await;
         let started = std::time::Instant::now();
         stop.send(()).unwrap();
         // A connection that has sent nothing is closed at once, not after the header timeout.
@@ -522,12 +523,7 @@ mod tests {
     async fn a_client_that_talks_over_its_live_stream_is_cut_off() {
         let (left, dropped) = tokio::sync::oneshot::channel();
         let (addr, _stop, _served) = serve_app(streaming_app(left), ServeConfig::default()).await;
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(b"GET /forever/live HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        read_until(&mut stream, "1\r\na\r\n").await;
+        let mut stream = forever_stream(addr).await;
         // Up to 64 KiB is read and dropped; more ends the stream.
         let chatter = vec![b'x'; 16 * 1024];
         for _ in 0..8 {
