@@ -18,7 +18,7 @@ use tally_core::wire;
 use tally_service::tasks::CancellationToken;
 use tally_service::PollCache;
 
-use crate::windows::{Pick, WindowEngine};
+use crate::windows::{Picks, WindowEngine};
 use crate::{Config, Deps};
 use segments::SegmentValues;
 
@@ -253,18 +253,14 @@ impl Partition {
         }
         stages[1] = started.elapsed();
 
-        let picks: Vec<Pick> = window_votes
-            .iter()
-            .flat_map(|v| {
-                v.vote.choice.iter().map(|option| Pick {
-                    poll_id: v.vote.poll_id.clone(),
-                    received_ms: v.vote.received_at,
-                    option: option.clone(),
-                })
-            })
-            .collect();
+        let mut picks = Picks::new();
+        for v in window_votes {
+            for option in &v.vote.choice {
+                picks.push(&v.vote.poll_id, v.vote.received_at, option);
+            }
+        }
         if !picks.is_empty() {
-            let picks = Arc::new(picks);
+            let picks = picks.finish();
             let rows = loop {
                 match self.engine.windows(picks.clone(), last_seq).await {
                     Ok(rows) => break rows,
