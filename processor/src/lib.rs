@@ -36,7 +36,7 @@ use tally_service::http::health;
 use tally_service::{PollCache, Tasks};
 use tokio::net::TcpListener;
 
-pub use windows::{Picks, WindowEngine};
+pub use windows::{PickBatch, Picks, WindowEngine};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

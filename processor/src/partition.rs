@@ -253,7 +253,7 @@ impl Partition {
         }
         stages[1] = started.elapsed();
 
-        let mut picks = Picks::new();
+        let mut picks = Picks::default();
         for v in window_votes {
             for option in &v.vote.choice {
                 picks.push(&v.vote.poll_id, v.vote.received_at, option);

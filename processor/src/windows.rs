@@ -12,11 +12,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use arrow::array::{
-    Array, ArrayBuilder, Int64Array, Int64Builder, RecordBatch, StringArray, StringBuilder,
-};
+use arrow::array::{ArrayBuilder, AsArray, Int64Builder, RecordBatch, StringBuilder};
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use datafusion::catalog::streaming::StreamingTable;
 use datafusion::error::DataFusionError;
 use datafusion::execution::TaskContext;
@@ -32,7 +30,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{Error, Result};
 
 /// The answers of a micro-batch's votes, one row per (vote, chosen option): the unit a
-/// window counts. Built with [`Picks::push`], handed to the engine as one Arrow batch.
+/// window counts. Built with [`Picks::push`], handed to the engine as one [`PickBatch`].
+#[derive(Default)]
 pub struct Picks {
     polls: StringBuilder,
     received_ms: Int64Builder,
@@ -40,14 +39,6 @@ pub struct Picks {
 }
 
 impl Picks {
-    pub fn new() -> Picks {
-        Picks {
-            polls: StringBuilder::new(),
-            received_ms: Int64Builder::new(),
-            options: StringBuilder::new(),
-        }
-    }
-
     /// One answer: `option`, chosen in a vote on `poll_id` received at `received_ms`.
     pub fn push(&mut self, poll_id: &str, received_ms: i64, option: &str) {
         self.polls.append_value(poll_id);
@@ -60,8 +51,8 @@ impl Picks {
     }
 
     /// The answers as the batch the plan reads.
-    pub fn finish(mut self) -> RecordBatch {
-        RecordBatch::try_new(
+    pub fn finish(mut self) -> PickBatch {
+        let batch = RecordBatch::try_new(
             picks_schema(),
             vec![
                 Arc::new(self.polls.finish()),
@@ -69,15 +60,15 @@ impl Picks {
                 Arc::new(self.options.finish()),
             ],
         )
-        .expect("three columns of equal length, as the schema says")
+        .expect("three columns of equal length, as the schema says");
+        PickBatch(batch)
     }
 }
 
-impl Default for Picks {
-    fn default() -> Self {
-        Picks::new()
-    }
-}
+/// A finished [`Picks`]: an Arrow batch of the schema the window plan was made for, which
+/// only [`Picks::finish`] builds. Cloning it shares the columns.
+#[derive(Clone)]
+pub struct PickBatch(RecordBatch);
 
 fn picks_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -88,7 +79,7 @@ fn picks_schema() -> SchemaRef {
 }
 
 type Job = (
-    RecordBatch,
+    PickBatch,
     oneshot::Sender<Result<Vec<(String, i64, String, u64)>>>,
 );
 
@@ -134,8 +125,8 @@ impl WindowEngine {
     }
 
     /// Counts picks per (poll, window, option); every row covers the log up to `last_seq`.
-    pub async fn windows(&self, picks: RecordBatch, last_seq: u64) -> Result<Vec<WindowRow>> {
-        if picks.num_rows() == 0 {
+    pub async fn windows(&self, picks: PickBatch, last_seq: u64) -> Result<Vec<WindowRow>> {
+        if picks.0.num_rows() == 0 {
             return Ok(Vec::new());
         }
         let (reply, answer) = oneshot::channel();
@@ -224,9 +215,9 @@ impl Plan {
         })
     }
 
-    async fn aggregate(&self, picks: RecordBatch) -> Result<Vec<(String, i64, String, u64)>> {
+    async fn aggregate(&self, picks: PickBatch) -> Result<Vec<(String, i64, String, u64)>> {
         let df_err = |e: DataFusionError| Error::Window(e.into());
-        *self.current.batch.lock().expect("picks slot") = Some(picks);
+        *self.current.batch.lock().expect("picks slot") = Some(picks.0);
         // A fresh copy of the plan for each run: operators keep metrics (and may keep
         // state) per execution, which must neither pile up nor carry over.
         let run = async {
@@ -240,29 +231,15 @@ impl Plan {
 
         let mut rows = Vec::new();
         for batch in batches {
+            // The plan's output types, cast in case a DataFusion release widens one.
             let column = |i: usize, to: &DataType| {
                 cast(batch.column(i), to).map_err(|e| Error::Window(e.into()))
             };
-            let polls = column(0, &DataType::Utf8)?;
-            let starts = column(1, &DataType::Int64)?;
-            let options = column(2, &DataType::Utf8)?;
-            let votes = column(3, &DataType::Int64)?;
-            let polls = polls
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .expect("cast to Utf8");
-            let starts = starts
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .expect("cast to Int64");
-            let options = options
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .expect("cast to Utf8");
-            let votes = votes
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .expect("cast to Int64");
+            let (polls, starts) = (column(0, &DataType::Utf8)?, column(1, &DataType::Int64)?);
+            let (options, votes) = (column(2, &DataType::Utf8)?, column(3, &DataType::Int64)?);
+            let (polls, options) = (polls.as_string::<i32>(), options.as_string::<i32>());
+            let starts = starts.as_primitive::<Int64Type>();
+            let votes = votes.as_primitive::<Int64Type>();
             for i in 0..batch.num_rows() {
                 rows.push((
                     polls.value(i).to_owned(),
@@ -289,8 +266,8 @@ mod tests {
         option: String,
     }
 
-    fn batch(picks: &[Pick]) -> RecordBatch {
-        let mut batch = Picks::new();
+    fn batch(picks: &[Pick]) -> PickBatch {
+        let mut batch = Picks::default();
         for p in picks {
             batch.push(&p.poll_id, p.received_ms, &p.option);
         }
@@ -340,29 +317,27 @@ mod tests {
         }
     }
 
+    /// The plan itself, not the engine (which answers an empty batch without it): a run
+    /// over no rows gives none, and the run after it counts its own batch.
     #[test]
     fn an_empty_batch_is_no_rows_and_the_next_batch_counts() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let tasks = Tasks::new();
-        let engine = runtime
-            .block_on(async { WindowEngine::start(10, &tasks) })
-            .unwrap();
-        let empty = runtime
-            .block_on(engine.windows(Picks::new().finish(), 1))
-            .unwrap();
-        assert!(empty.is_empty());
-        let picks = picks(&[(0, 0, 0), (0, 0, 0), (0, 10_000, 1)]);
-        let rows = runtime.block_on(engine.windows(batch(&picks), 2)).unwrap();
-        let got: Vec<_> = rows
-            .iter()
-            .map(|r| (r.window_start, r.option.as_str(), r.votes))
-            .collect();
-        assert_eq!(
-            got,
-            vec![(1_700_000_000, "o0", 2), (1_700_000_010, "o1", 1)]
-        );
+        runtime.block_on(async {
+            let plan = Plan::new(10).await.unwrap();
+            let empty = plan.aggregate(Picks::default().finish()).await.unwrap();
+            assert!(empty.is_empty());
+            let picks = picks(&[(0, 0, 0), (0, 0, 0), (0, 10_000, 1)]);
+            let rows = plan.aggregate(batch(&picks)).await.unwrap();
+            assert_eq!(
+                rows,
+                vec![
+                    ("p0".to_owned(), 1_700_000_000, "o0".to_owned(), 2),
+                    ("p0".to_owned(), 1_700_000_010, "o1".to_owned(), 1),
+                ]
+            );
+        });
     }
 }
