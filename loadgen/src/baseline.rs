@@ -15,14 +15,16 @@ use futures::StreamExt;
 use tally_core::poll::Dedupe;
 use tally_core::ports::VoteLog;
 use tally_core::segment::Segment;
-use tally_core::vote::Vote;
+use tally_core::vote::{Vote, VoterHasher};
 
 /// A vote like the load generator's: four segment values, one choice.
 fn sample_vote(i: u64) -> Vote {
     Vote {
         vote_id: format!("baseline-{i}-0123456789"),
         poll_id: format!("baseline-{}", i % 4),
-        voter_key: format!("{i:032x}"),
+        // Keyed hashes, as ingest makes them: in no order, as a real electorate's keys land
+        // in the log's uniqueness index.
+        voter_key: VoterHasher::new(b"baseline").voter_key(&format!("voter-{i}")),
         choice: vec!["green".into()],
         value: None,
         segment: Segment {

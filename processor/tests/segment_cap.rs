@@ -46,6 +46,7 @@ async fn open(dir: &tempfile::TempDir) -> Embedded {
                     flush_rows: 640,
                     ..Default::default()
                 },
+                ..Default::default()
             },
         );
         match opened {

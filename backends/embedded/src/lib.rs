@@ -29,6 +29,10 @@ use tally_core::{Error, Result};
 pub struct Options {
     /// Partitions of the vote log: how many processor workers run side by side.
     pub partitions: u16,
+    /// Uniqueness keys the vote log holds in memory (each also written beside its entry)
+    /// before it writes them into its index in one go; 0 for the default (200,000). Tests
+    /// set it low, so their few votes cross merges.
+    pub log_merge_at: usize,
     pub warehouse: WarehouseOptions,
 }
 
@@ -64,7 +68,11 @@ pub fn open(dir: &Path, options: Options) -> Result<Embedded> {
         })?;
     let db = Arc::new(db);
     Ok(Embedded {
-        log: Arc::new(EmbeddedLog::open(db.clone(), options.partitions)?),
+        log: Arc::new(EmbeddedLog::open(
+            db.clone(),
+            options.partitions,
+            options.log_merge_at,
+        )?),
         registry: Arc::new(EmbeddedRegistry::open(db)?),
         warehouse: Arc::new(ParquetWarehouse::open(
             dir.join("warehouse"),

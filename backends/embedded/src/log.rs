@@ -2,8 +2,22 @@
 //! keyed by `poll \0 unique_key` holds where each key's first vote is. Appends go through a
 //! single writer thread that commits everything queued in one durable transaction (group
 //! commit), so a burst of votes costs one fsync, not one each.
+//!
+//! The uniqueness index is written in bulk. Voter keys are keyed hashes, so each new key
+//! lands on a random leaf of the index's B-tree, and redb copies and writes every leaf a
+//! transaction touches: written one group at a time, the index cost about one 4 KiB page
+//! per vote once it outgrew a group (docs/BENCHMARKS.md, run of 2026-12-06 (5)). So an
+//! append writes its key beside its entry, in `vote_log_keys` (keyed by the entry's
+//! position, so in order), and the writer keeps the keys not yet in the index in memory.
+//! Once [`MERGE_AT`] of them are pending, it writes them into the index in key order, an
+//! eighth ([`MERGE_STEPS`]) after each group it commits (each slice a narrow range of keys,
+//! so a few of the index's leaves, and a short pause for appends), then drops them from
+//! `vote_log_keys`. A lookup asks the keys in memory, then the index. After a crash, the
+//! keys of `vote_log_keys` are pending again, some perhaps in the index already, where
+//! writing them again changes nothing.
 
-use std::sync::{Arc, Weak};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,10 +30,46 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub(crate) const LOG: TableDefinition<(u16, u64), &[u8]> = TableDefinition::new("vote_log");
 pub(crate) const UNIQUE: TableDefinition<&str, (u16, u64)> = TableDefinition::new("vote_unique");
+/// The uniqueness key of each entry the index does not hold yet, by the entry's position.
+const KEYS: TableDefinition<(u16, u64), &str> = TableDefinition::new("vote_log_keys");
 const LOG_META: TableDefinition<&str, u64> = TableDefinition::new("vote_log_meta");
 
 /// Appends one writer transaction takes at most.
 const GROUP_MAX: usize = 4096;
+
+/// Keys pending (appended, not yet in the index) that make the writer merge them into it:
+/// about 25 MiB of memory at most. The more go in at once, the fewer times each of the
+/// index's leaves is written.
+pub(crate) const MERGE_AT: usize = 200_000;
+
+/// The steps a merge takes, one after each group commit: 25,000 keys each by default.
+const MERGE_STEPS: usize = 8;
+
+/// The uniqueness keys appended but not yet (all) in the index, with where each one's
+/// entry is: the writer's, shared with [`VoteLog::find`].
+#[derive(Default)]
+struct Unindexed {
+    pending: HashMap<String, (u16, u64)>,
+    /// A merge under way: its keys in key order, the first `merged` of them in the index.
+    merging: Vec<(String, (u16, u64))>,
+    merged: usize,
+    /// The newest position of each partition when the merge began: `vote_log_keys` up to
+    /// there holds its keys (and only its), dropped when it ends.
+    merging_through: Vec<u64>,
+}
+
+impl Unindexed {
+    fn get(&self, key: &str) -> Option<(u16, u64)> {
+        self.pending.get(key).copied().or_else(|| {
+            self.merging
+                .binary_search_by(|(held, _)| held.as_str().cmp(key))
+                .ok()
+                .map(|at| self.merging[at].1)
+        })
+    }
+}
+
+type Pending = Arc<Mutex<Unindexed>>;
 
 fn storage(err: impl Into<tally_core::error::BoxError>) -> Error {
     Error::unavailable("embedded vote log", err)
@@ -39,15 +89,20 @@ pub struct EmbeddedLog {
     appends: mpsc::Sender<AppendRequest>,
     /// The newest sequence of each partition, for readers waiting on new entries.
     tips: Arc<Vec<watch::Sender<u64>>>,
+    pending: Pending,
 }
 
 impl EmbeddedLog {
-    pub(crate) fn open(db: Arc<Database>, partitions: u16) -> Result<EmbeddedLog> {
+    /// Opens the log in `db`; it merges pending keys into its index once `merge_at` are
+    /// (0: [`MERGE_AT`]).
+    pub(crate) fn open(db: Arc<Database>, partitions: u16, merge_at: usize) -> Result<EmbeddedLog> {
         let partitions = partitions.max(1);
+        let merge_at = if merge_at == 0 { MERGE_AT } else { merge_at };
         let txn = db.begin_write().map_err(storage)?;
         {
             txn.open_table(LOG).map_err(storage)?;
             txn.open_table(UNIQUE).map_err(storage)?;
+            txn.open_table(KEYS).map_err(storage)?;
             // A poll's partition depends on the count: a store keeps the count it began with.
             let mut meta = txn.open_table(LOG_META).map_err(storage)?;
             let stored = meta
@@ -87,13 +142,33 @@ impl EmbeddedLog {
             tips.push(watch::Sender::new(last));
         }
         drop(log);
+        // The keys appended after the last merge (or before a crash) are pending again.
+        let mut pending = Unindexed::default();
+        for item in read
+            .open_table(KEYS)
+            .map_err(storage)?
+            .iter()
+            .map_err(storage)?
+        {
+            let (at, key) = item.map_err(storage)?;
+            pending.pending.insert(key.value().to_owned(), at.value());
+        }
         drop(read);
+        if !pending.pending.is_empty() {
+            tracing::info!(
+                keys = pending.pending.len(),
+                "vote log: uniqueness keys pending a merge into the index"
+            );
+        }
 
         let tips = Arc::new(tips);
+        let pending: Pending = Arc::new(Mutex::new(pending));
         let (appends, queue) = mpsc::channel(GROUP_MAX * 4);
         let writer = Writer {
             db: Arc::downgrade(&db),
             tips: tips.clone(),
+            pending: pending.clone(),
+            merge_at,
         };
         std::thread::Builder::new()
             .name("tally-log-writer".into())
@@ -104,6 +179,7 @@ impl EmbeddedLog {
             partitions,
             appends,
             tips,
+            pending,
         })
     }
 }
@@ -124,6 +200,8 @@ struct Writer {
     /// held it left the file to be repaired (every page read and checked) at the next start.
     db: Weak<Database>,
     tips: Arc<Vec<watch::Sender<u64>>>,
+    pending: Pending,
+    merge_at: usize,
 }
 
 impl Writer {
@@ -150,7 +228,69 @@ impl Writer {
                     }
                 }
             }
+            if let Err(err) = self.merge_step() {
+                // Nothing is lost: the keys stay where lookups find them, and the next group
+                // tries again.
+                tracing::error!(error = %err.chain(), "merging keys into the vote log's index failed");
+            }
         }
+    }
+
+    /// Writes the next slice of a merge into the index, beginning one when enough keys are
+    /// pending. Not durable on its own: the next group's commit makes it so, and a crash
+    /// before that finds the keys still in `vote_log_keys`. Holds the keys in memory
+    /// throughout, so a lookup that misses them finds them in the index.
+    fn merge_step(&self) -> Result<()> {
+        let mut unindexed = self.pending.lock().expect("pending keys");
+        if unindexed.merging.is_empty() {
+            if unindexed.pending.len() < self.merge_at {
+                return Ok(());
+            }
+            let mut keys: Vec<(String, (u16, u64))> = unindexed.pending.drain().collect();
+            keys.sort_unstable();
+            unindexed.merging = keys;
+            unindexed.merged = 0;
+            unindexed.merging_through = self.tips.iter().map(|tip| *tip.borrow()).collect();
+        }
+        let db = self
+            .db
+            .upgrade()
+            .ok_or_else(|| storage("the store is closed"))?;
+        let started = std::time::Instant::now();
+        let from = unindexed.merged;
+        let to = (from + self.merge_at.div_ceil(MERGE_STEPS)).min(unindexed.merging.len());
+        let last = to == unindexed.merging.len();
+        let mut txn = db.begin_write().map_err(storage)?;
+        txn.set_durability(Durability::None).map_err(storage)?;
+        {
+            let mut unique = txn.open_table(UNIQUE).map_err(storage)?;
+            for (key, at) in &unindexed.merging[from..to] {
+                unique.insert(key.as_str(), *at).map_err(storage)?;
+            }
+            if last {
+                // Every key appended before the merge began is in the index now.
+                let mut positions = txn.open_table(KEYS).map_err(storage)?;
+                for (partition, through) in unindexed.merging_through.iter().enumerate() {
+                    let partition = partition as u16;
+                    positions
+                        .retain_in((partition, 0)..=(partition, *through), |_, _| false)
+                        .map_err(storage)?;
+                }
+            }
+        }
+        txn.commit().map_err(storage)?;
+        unindexed.merged = to;
+        if last {
+            unindexed.merging = Vec::new();
+            unindexed.merged = 0;
+        }
+        tracing::debug!(
+            keys = to - from,
+            last,
+            ms = started.elapsed().as_millis() as u64,
+            "merged uniqueness keys into the vote log's index"
+        );
+        Ok(())
     }
 
     /// Applies a group in one durable transaction; returns each request's outcome.
@@ -163,14 +303,20 @@ impl Writer {
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let mut outcomes = Vec::with_capacity(group.len());
         let mut tips: Vec<u64> = self.tips.iter().map(|tip| *tip.borrow()).collect();
+        // Held through the commit: a lookup that misses a key of this group then finds it.
+        let mut unindexed = self.pending.lock().expect("pending keys");
+        // The keys this group adds, pending once it is committed.
+        let mut added: HashMap<&str, (u16, u64)> = HashMap::new();
         {
             let mut log = txn.open_table(LOG).map_err(storage)?;
-            let mut unique = txn.open_table(UNIQUE).map_err(storage)?;
+            let unique = txn.open_table(UNIQUE).map_err(storage)?;
+            let mut positions = txn.open_table(KEYS).map_err(storage)?;
             for request in group {
-                let held = unique
-                    .get(request.unique.as_str())
-                    .map_err(storage)?
-                    .map(|guard| guard.value());
+                let key = request.unique.as_str();
+                let held = match unindexed.get(key).or_else(|| added.get(key).copied()) {
+                    Some(at) => Some(at),
+                    None => unique.get(key).map_err(storage)?.map(|guard| guard.value()),
+                };
                 let outcome = match held {
                     Some(at) => {
                         let stored = log.get(at).map_err(storage)?.ok_or_else(|| {
@@ -184,11 +330,11 @@ impl Writer {
                     None => {
                         let partition = request.partition as usize;
                         let seq = tips[partition] + 1;
-                        log.insert((request.partition, seq), request.payload.as_slice())
+                        let at = (request.partition, seq);
+                        log.insert(at, request.payload.as_slice())
                             .map_err(storage)?;
-                        unique
-                            .insert(request.unique.as_str(), (request.partition, seq))
-                            .map_err(storage)?;
+                        positions.insert(at, key).map_err(storage)?;
+                        added.insert(key, at);
                         tips[partition] = seq;
                         Appended::Accepted {
                             seq,
@@ -200,6 +346,10 @@ impl Writer {
             }
         }
         txn.commit().map_err(storage)?;
+        unindexed
+            .pending
+            .extend(added.into_iter().map(|(key, at)| (key.to_owned(), at)));
+        drop(unindexed);
         for (tip, seq) in self.tips.iter().zip(tips) {
             tip.send_if_modified(|current| {
                 let moved = *current != seq;
@@ -268,16 +418,22 @@ impl VoteLog for EmbeddedLog {
 
     async fn find(&self, vote: &Vote, unique: &str) -> Result<Option<Appended>> {
         let db = self.db.clone();
+        let pending = self.pending.clone();
         let key = unique_key(&vote.poll_id, unique);
         let vote = vote.clone();
         tokio::task::spawn_blocking(move || {
+            // The pending keys first: a key leaves them only once the index holds it.
+            let pending_at = pending.lock().expect("pending keys").get(&key);
             let read = db.begin_read().map_err(storage)?;
-            let held = read
-                .open_table(UNIQUE)
-                .map_err(storage)?
-                .get(key.as_str())
-                .map_err(storage)?
-                .map(|guard| guard.value());
+            let held = match pending_at {
+                Some(at) => Some(at),
+                None => read
+                    .open_table(UNIQUE)
+                    .map_err(storage)?
+                    .get(key.as_str())
+                    .map_err(storage)?
+                    .map(|guard| guard.value()),
+            };
             let Some(at) = held else {
                 return Ok(None);
             };

@@ -30,6 +30,22 @@ tally_conformance::vote_log_suite!(partitioned_embedded_vote_log, {
     (open(dir.path(), 4).log, dir)
 });
 
+// Every other append makes the log merge its pending keys into its index: the suite must
+// hold for keys on either side of a merge.
+tally_conformance::vote_log_suite!(embedded_vote_log_merging_often, {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tally_embedded::open(
+        dir.path(),
+        Options {
+            partitions: 2,
+            log_merge_at: 2,
+            ..Default::default()
+        },
+    )
+    .expect("open the store");
+    (store.log, dir)
+});
+
 tally_conformance::poll_registry_suite!(embedded_registry, {
     let dir = tempfile::tempdir().unwrap();
     (open(dir.path(), 1).registry, dir)
@@ -143,6 +159,85 @@ async fn the_log_and_registry_survive_reopening() {
         message.contains("--partitions 2"),
         "a store keeps its partition count: {message}"
     );
+}
+
+/// The vote log writes uniqueness keys into its index in bulk; a key is never free again,
+/// whether it was merged into the index, still pending when the store closed, or both
+/// (some of each), and whatever the voter's partition.
+#[tokio::test]
+async fn keys_hold_across_index_merges_and_reopening() {
+    use tally_core::poll::Dedupe;
+    use tally_core::ports::Appended;
+    let dir = tempfile::tempdir().unwrap();
+    let open_merging = || {
+        tally_embedded::open(
+            dir.path(),
+            Options {
+                partitions: 2,
+                // A merge begins at 8 pending keys and writes one after each commit.
+                log_merge_at: 8,
+                ..Default::default()
+            },
+        )
+        .expect("open the store")
+    };
+    let taken = |answer: Appended| {
+        matches!(
+            answer,
+            Appended::Accepted {
+                duplicate: true,
+                ..
+            }
+        )
+    };
+    let other_vote = |i: u64| Vote {
+        vote_id: format!("other-{i}"),
+        ..vote(i)
+    };
+    {
+        let store = open_merging();
+        // The 8th vote begins a merge: after the 10th, 3 of its keys are in the index and 5
+        // wait for their turn, the 9th and 10th are pending; each is refused at once.
+        append_votes(&store, 0..10).await;
+        // Newest first: the merge writes keys in key order, one per commit.
+        for i in (0..10).rev() {
+            let v = vote(i);
+            let again = store
+                .log
+                .append(&v, &v.unique_key(Dedupe::PerVoter))
+                .await
+                .unwrap();
+            assert!(taken(again), "vote {i} again: {again:?}");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let store = open_merging();
+    for i in 0..10 {
+        let v = vote(i);
+        let key = v.unique_key(Dedupe::PerVoter);
+        let found = store.log.find(&v, &key).await.unwrap();
+        assert!(
+            found.is_some_and(taken),
+            "vote {i} found after reopening: {found:?}"
+        );
+        let again = store.log.append(&v, &key).await.unwrap();
+        assert!(taken(again), "vote {i} again after reopening: {again:?}");
+        let other = other_vote(i);
+        let second = store.log.append(&other, &key).await.unwrap();
+        assert_eq!(second, Appended::AlreadyVoted, "a second vote of voter {i}");
+    }
+    // New voters still count, and cross another merge.
+    append_votes(&store, 10..30).await;
+    let mut entries = 0;
+    for partition in 0..2 {
+        let mut reader = store.log.reader(partition, 0).await.unwrap();
+        entries += reader
+            .next_batch(100, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .len();
+    }
+    assert_eq!(entries, 30, "one entry per voter");
 }
 
 #[tokio::test]

@@ -49,6 +49,9 @@ impl Harness {
             dir.path(),
             tally_embedded::Options {
                 partitions: 1,
+                // Every few votes the log merges its pending keys into its index: the
+                // rules hold on either side of it.
+                log_merge_at: 8,
                 ..Default::default()
             },
         )
