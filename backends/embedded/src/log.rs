@@ -9,8 +9,8 @@
 //! per vote once it outgrew a group (docs/BENCHMARKS.md, run of 2026-12-06 (5)). So an
 //! append writes its key beside its entry, in `vote_log_keys` (keyed by the entry's
 //! position, so in order), and the writer keeps the keys not yet in the index in memory.
-//! Once [`MERGE_AT`] of them are pending, it writes them into the index in key order, an
-//! eighth ([`MERGE_STEPS`]) after each group it commits (each slice a narrow range of keys,
+//! Once [`MERGE_AT`] of them are pending, it writes them into the index in key order, a
+//! sixteenth ([`MERGE_STEPS`]) after each group it commits (each slice a narrow range of keys,
 //! so a few of the index's leaves, and a short pause for appends), then drops them from
 //! `vote_log_keys`. A lookup asks the keys in memory, then the index. After a crash, the
 //! keys of `vote_log_keys` are pending again, some perhaps in the index already, where
@@ -42,8 +42,8 @@ const GROUP_MAX: usize = 4096;
 /// index's leaves is written.
 pub(crate) const MERGE_AT: usize = 200_000;
 
-/// The steps a merge takes, one after each group commit: 25,000 keys each by default.
-const MERGE_STEPS: usize = 8;
+/// The steps a merge takes, one after each group commit: 12,500 keys each by default.
+const MERGE_STEPS: usize = 16;
 
 /// The uniqueness keys appended but not yet (all) in the index, with where each one's
 /// entry is: the writer's, shared with [`VoteLog::find`].
