@@ -17,6 +17,10 @@ use tally_core::ports::VoteLog;
 use tally_core::segment::Segment;
 use tally_core::vote::{Vote, VoterHasher};
 
+/// The baseline's voter keys are hashed with this key, made once.
+static HASHER: std::sync::LazyLock<VoterHasher> =
+    std::sync::LazyLock::new(|| VoterHasher::new(b"baseline"));
+
 /// A vote like the load generator's: four segment values, one choice.
 fn sample_vote(i: u64) -> Vote {
     Vote {
@@ -24,7 +28,7 @@ fn sample_vote(i: u64) -> Vote {
         poll_id: format!("baseline-{}", i % 4),
         // Keyed hashes, as ingest makes them: in no order, as a real electorate's keys land
         // in the log's uniqueness index.
-        voter_key: VoterHasher::new(b"baseline").voter_key(&format!("voter-{i}")),
+        voter_key: HASHER.voter_key(&format!("voter-{i}")),
         choice: vec!["green".into()],
         value: None,
         segment: Segment {

@@ -37,6 +37,12 @@ pub struct StandaloneArgs {
     /// Vote log partitions: processor workers that run side by side.
     #[arg(long, env = "TALLY_PARTITIONS", default_value_t = 2)]
     partitions: u16,
+    /// Voters' keys the vote log holds in memory (~130 bytes each) before it writes them into
+    /// its uniqueness index, in key order: more make fewer index writes per vote once it
+    /// holds millions
+    #[arg(long, env = "TALLY_LOG_MERGE_AT", default_value_t = 200_000,
+          value_parser = clap::value_parser!(u32).range(1..=5_000_000))]
+    log_merge_at: u32,
     #[command(flatten)]
     keys: Keys,
     /// Server secret for hashing voter ids and signing voter tokens; generated and kept in
@@ -146,6 +152,7 @@ async fn run(
         dir,
         tally_embedded::Options {
             partitions: settings.partitions.max(1),
+            log_merge_at: settings.log_merge_at as usize,
             ..Default::default()
         },
     )

@@ -813,7 +813,10 @@ async fn replay_of_every_vote(deployment: Deployment) -> Result<()> {
 /// 7. Standalone: kill -9 the whole process three times under load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn standalone_killed_three_times() -> Result<()> {
-    let cluster = Cluster::start(Deployment::Standalone).await?;
+    // The vote log writes its uniqueness index every few hundred votes, so the kills land
+    // between (and during) its merges: a retry must still find its original vote.
+    let cluster =
+        Cluster::start_with(Deployment::Standalone, &[("TALLY_LOG_MERGE_AT", "300")]).await?;
     let (rate, seconds) = scale((800, 25), (4_000, 35));
     let load = Load::start_counting(
         &cluster,

@@ -30,8 +30,8 @@ pub struct Options {
     /// Partitions of the vote log: how many processor workers run side by side.
     pub partitions: u16,
     /// Uniqueness keys the vote log holds in memory (each also written beside its entry)
-    /// before it writes them into its index in one go; 0 for the default (200,000). Tests
-    /// set it low, so their few votes cross merges.
+    /// before it writes them into its index in key order; 0 for the default (200,000).
+    /// Tests set it low, so their few votes cross merges.
     pub log_merge_at: usize,
     pub warehouse: WarehouseOptions,
 }

@@ -53,9 +53,6 @@ struct Unindexed {
     /// A merge under way: its keys in key order, the first `merged` of them in the index.
     merging: Vec<(String, (u16, u64))>,
     merged: usize,
-    /// The newest position of each partition when the merge began: `vote_log_keys` up to
-    /// there holds its keys (and only its), dropped when it ends.
-    merging_through: Vec<u64>,
 }
 
 impl Unindexed {
@@ -157,7 +154,7 @@ impl EmbeddedLog {
         if !pending.pending.is_empty() {
             tracing::info!(
                 keys = pending.pending.len(),
-                "vote log: uniqueness keys pending a merge into the index"
+                "vote log: read back the voters' keys not yet in its uniqueness index"
             );
         }
 
@@ -250,7 +247,6 @@ impl Writer {
             keys.sort_unstable();
             unindexed.merging = keys;
             unindexed.merged = 0;
-            unindexed.merging_through = self.tips.iter().map(|tip| *tip.borrow()).collect();
         }
         let db = self
             .db
@@ -268,12 +264,18 @@ impl Writer {
                 unique.insert(key.as_str(), *at).map_err(storage)?;
             }
             if last {
-                // Every key appended before the merge began is in the index now.
+                // Every key appended before the merge began is in the index now. They were
+                // all of `vote_log_keys` then, and every key appended since is further on
+                // in its partition: what goes is each partition up to the run's last key.
+                let mut through: HashMap<u16, u64> = HashMap::new();
+                for (_, (partition, seq)) in &unindexed.merging {
+                    let newest = through.entry(*partition).or_default();
+                    *newest = (*newest).max(*seq);
+                }
                 let mut positions = txn.open_table(KEYS).map_err(storage)?;
-                for (partition, through) in unindexed.merging_through.iter().enumerate() {
-                    let partition = partition as u16;
+                for (partition, seq) in through {
                     positions
-                        .retain_in((partition, 0)..=(partition, *through), |_, _| false)
+                        .retain_in((partition, 0)..=(partition, seq), |_, _| false)
                         .map_err(storage)?;
                 }
             }
