@@ -37,9 +37,10 @@ const LOG_META: TableDefinition<&str, u64> = TableDefinition::new("vote_log_meta
 /// Appends one writer transaction takes at most.
 const GROUP_MAX: usize = 4096;
 
-/// Keys pending (appended, not yet in the index) that make the writer merge them into it:
-/// about 25 MiB of memory at most. The more go in at once, the fewer times each of the
-/// index's leaves is written.
+/// Keys pending (appended, not yet in the index) that make the writer merge them into it,
+/// unless the store says otherwise (`TALLY_LOG_MERGE_AT`): ~130 bytes of memory each, ~25
+/// MiB, plus the keys that come while a merge runs. The more go in at once, the fewer times
+/// each of the index's leaves is written.
 pub(crate) const MERGE_AT: usize = 200_000;
 
 /// The steps a merge takes, one after each group commit: 12,500 keys each by default.
