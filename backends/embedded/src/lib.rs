@@ -23,7 +23,21 @@ pub use log::EmbeddedLog;
 pub use registry::EmbeddedRegistry;
 pub use warehouse::{ParquetWarehouse, WarehouseOptions};
 
+use redb::{ReadableDatabase, TableDefinition};
 use tally_core::{Error, Result};
+
+/// The layout of a data directory this build writes. Raised when a change makes a
+/// directory unsafe for an earlier build to open; a build refuses a directory of a newer
+/// layout than its own instead of misreading it.
+///
+/// 1: the layout before the stamp (no `format` key).
+/// 2: uniqueness keys wait in `vote_log_keys` for the index, which a build of layout 1
+///    would not look in, and so would accept a vote twice.
+pub const DATA_FORMAT: u64 = 2;
+
+/// Store-wide values (the poll registry's revision, the data directory's layout).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const FORMAT: &str = "format";
 
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -66,6 +80,7 @@ pub fn open(dir: &Path, options: Options) -> Result<Embedded> {
                 e,
             )
         })?;
+    stamp_format(&db, dir)?;
     let db = Arc::new(db);
     Ok(Embedded {
         log: Arc::new(EmbeddedLog::open(
@@ -80,4 +95,39 @@ pub fn open(dir: &Path, options: Options) -> Result<Embedded> {
         )?),
         live: Arc::new(LocalLiveFeed::default()),
     })
+}
+
+/// Refuses a data directory written by a newer build (a layout above [`DATA_FORMAT`]);
+/// otherwise stamps it with this build's layout, before anything else is written.
+fn stamp_format(db: &redb::Database, dir: &Path) -> Result<()> {
+    let what = || format!("reading the data directory {}", dir.display());
+    let storage = |e: redb::Error| Error::failed(what(), e);
+    let stored = {
+        let read = db.begin_read().map_err(|e| storage(e.into()))?;
+        match read.open_table(META) {
+            Ok(meta) => meta
+                .get(FORMAT)
+                .map_err(|e| storage(e.into()))?
+                .map(|guard| guard.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(storage(e.into())),
+        }
+    };
+    match stored {
+        Some(format) if format > DATA_FORMAT => Err(Error::failed(
+            what(),
+            format!(
+                "it was written by a newer tally (data format {format}; this build reads formats up to {DATA_FORMAT}): run that version or a newer one"
+            ),
+        )),
+        Some(format) if format == DATA_FORMAT => Ok(()),
+        _ => {
+            let txn = db.begin_write().map_err(|e| storage(e.into()))?;
+            txn.open_table(META)
+                .map_err(|e| storage(e.into()))?
+                .insert(FORMAT, DATA_FORMAT)
+                .map_err(|e| storage(e.into()))?;
+            txn.commit().map_err(|e| storage(e.into()))
+        }
+    }
 }

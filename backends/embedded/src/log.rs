@@ -43,8 +43,18 @@ const GROUP_MAX: usize = 4096;
 /// each of the index's leaves is written.
 pub(crate) const MERGE_AT: usize = 200_000;
 
-/// The steps a merge takes, one after each group commit: 12,500 keys each by default.
+/// The steps a merge takes, one after each group commit, each a sixteenth of the keys it
+/// began with (~12,500 by default).
 const MERGE_STEPS: usize = 16;
+
+/// The most keys that may wait for the index before appends are refused. A healthy writer
+/// stays under it: at most `merge_at` plus a group wait when a merge begins, and each of the
+/// merge's steps follows a group of at most [`GROUP_MAX`]. Only merges failing again and
+/// again while commits succeed reach it, and then the log stops taking new votes (they are
+/// refused as unavailable, so clients retry) instead of holding keys in memory without end.
+fn pending_cap(merge_at: usize) -> usize {
+    2 * (merge_at + (MERGE_STEPS + 1) * GROUP_MAX)
+}
 
 /// The uniqueness keys appended but not yet (all) in the index, with where each one's
 /// entry is: the writer's, shared with [`VoteLog::find`].
@@ -255,7 +265,8 @@ impl Writer {
             .ok_or_else(|| storage("the store is closed"))?;
         let started = std::time::Instant::now();
         let from = unindexed.merged;
-        let to = (from + self.merge_at.div_ceil(MERGE_STEPS)).min(unindexed.merging.len());
+        let to =
+            (from + unindexed.merging.len().div_ceil(MERGE_STEPS)).min(unindexed.merging.len());
         let last = to == unindexed.merging.len();
         let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::None).map_err(storage)?;
@@ -302,12 +313,18 @@ impl Writer {
             .db
             .upgrade()
             .ok_or_else(|| storage("the store is closed"))?;
+        // Held through the commit: a lookup that misses a key of this group then finds it.
+        let mut unindexed = self.pending.lock().expect("pending keys");
+        let waiting = unindexed.pending.len() + unindexed.merging.len() - unindexed.merged;
+        if waiting >= pending_cap(self.merge_at) {
+            return Err(storage(format!(
+                "{waiting} voters' keys wait for the uniqueness index, which is not being written (see the errors before this one); no vote is taken until it is"
+            )));
+        }
         let mut txn = db.begin_write().map_err(storage)?;
         txn.set_durability(Durability::Immediate).map_err(storage)?;
         let mut outcomes = Vec::with_capacity(group.len());
         let mut tips: Vec<u64> = self.tips.iter().map(|tip| *tip.borrow()).collect();
-        // Held through the commit: a lookup that misses a key of this group then finds it.
-        let mut unindexed = self.pending.lock().expect("pending keys");
         // The keys this group adds, pending once it is committed.
         let mut added: HashMap<&str, (u16, u64)> = HashMap::new();
         {
@@ -524,5 +541,67 @@ impl LogReader for EmbeddedReader {
 
     async fn commit(&mut self, _seq: u64) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(unique: &str) -> (AppendRequest, oneshot::Receiver<Result<Appended>>) {
+        let (reply, answer) = oneshot::channel();
+        let request = AppendRequest {
+            partition: 0,
+            unique: unique.to_owned(),
+            payload: b"entry".to_vec(),
+            reply,
+        };
+        (request, answer)
+    }
+
+    /// Keys that pile up while merges fail stop the log taking votes, until merges succeed.
+    #[test]
+    fn keys_that_cannot_be_indexed_stop_appends_until_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("log.redb")).unwrap());
+        let merge_at = 1;
+        let cap = pending_cap(merge_at);
+        let writer = Writer {
+            db: Arc::downgrade(&db),
+            tips: Arc::new(vec![watch::Sender::new(0)]),
+            pending: Pending::default(),
+            merge_at,
+        };
+        {
+            let txn = db.begin_write().unwrap();
+            txn.open_table(LOG).unwrap();
+            txn.open_table(UNIQUE).unwrap();
+            txn.open_table(KEYS).unwrap();
+            txn.commit().unwrap();
+        }
+        // As merges that failed again and again would leave it: one key short of the cap.
+        writer.pending.lock().unwrap().pending = (0..cap as u64 - 1)
+            .map(|i| (format!("k{i}"), (0, i + 1)))
+            .collect();
+        writer.tips[0].send_replace(cap as u64 - 1);
+
+        let (last, _) = request("last-taken");
+        assert!(writer.commit(std::slice::from_ref(&last)).is_ok());
+        let (refused, _) = request("refused");
+        let error = writer.commit(&[refused]).unwrap_err().chain().to_string();
+        assert!(
+            error.contains(&format!("{cap} voters' keys wait")),
+            "{error}"
+        );
+        assert_eq!(writer.tips[0].borrow().to_owned(), cap as u64);
+
+        // Once merges succeed again the waiting keys drain and appends are taken.
+        writer.merge_step().unwrap();
+        while !writer.pending.lock().unwrap().merging.is_empty() {
+            writer.merge_step().unwrap();
+        }
+        let (again, _) = request("refused");
+        assert!(writer.commit(&[again]).is_ok());
+        assert_eq!(writer.tips[0].borrow().to_owned(), cap as u64 + 1);
     }
 }

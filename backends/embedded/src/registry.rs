@@ -13,8 +13,9 @@ use tokio::sync::broadcast;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 
+use crate::META;
+
 const POLLS: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("polls");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REVISION: &str = "poll_revision";
 
 fn storage(err: impl Into<tally_core::error::BoxError>) -> Error {
