@@ -1163,6 +1163,38 @@ mod tests {
     }
 
     #[test]
+    fn group_sums_give_each_group_the_answers_its_rows_gave_it() {
+        let mut sums = GroupSums::default();
+        let mut a = sums.group(&["a"]).unwrap();
+        a.add("", 5);
+        a.add("yes", 3);
+        a.add("no", 2);
+        // Answers first seen in another order, one with no votes, one another group has.
+        let mut b = sums.group(&["b"]).unwrap();
+        b.add("", 1);
+        b.add("maybe", 0);
+        b.add("yes", 1);
+        sums.group(&["a"]).unwrap().add("yes", 4);
+        let groups = sums.into_breakdown(7);
+        assert_eq!(groups.as_of, 7);
+        let counts: Vec<(Vec<String>, u64, Vec<(String, u64)>)> = groups
+            .groups
+            .into_iter()
+            .map(|g| (g.values, g.ballots, g.counts.into_iter().collect()))
+            .collect();
+        let owned = |pairs: &[(&str, u64)]| -> Vec<(String, u64)> {
+            pairs.iter().map(|(a, n)| (a.to_string(), *n)).collect()
+        };
+        assert_eq!(
+            counts,
+            vec![
+                (vec!["a".into()], 5, owned(&[("no", 2), ("yes", 7)])),
+                (vec!["b".into()], 1, owned(&[("maybe", 0), ("yes", 1)])),
+            ]
+        );
+    }
+
+    #[test]
     fn group_sums_tell_apart_values_that_join_alike() {
         let mut sums = GroupSums::default();
         sums.group(&["a:b", "c"]).unwrap().add("", 1);
