@@ -1177,19 +1177,16 @@ mod tests {
         sums.group(&["a"]).unwrap().add("yes", 4);
         let groups = sums.into_breakdown(7);
         assert_eq!(groups.as_of, 7);
-        let counts: Vec<(Vec<String>, u64, Vec<(String, u64)>)> = groups
-            .groups
-            .into_iter()
-            .map(|g| (g.values, g.ballots, g.counts.into_iter().collect()))
-            .collect();
-        let owned = |pairs: &[(&str, u64)]| -> Vec<(String, u64)> {
-            pairs.iter().map(|(a, n)| (a.to_string(), *n)).collect()
+        let group = |values: &str, ballots: u64, counts: &[(&str, u64)]| GroupCounts {
+            values: vec![values.to_owned()],
+            ballots,
+            counts: counts.iter().map(|(a, n)| (a.to_string(), *n)).collect(),
         };
         assert_eq!(
-            counts,
-            vec![
-                (vec!["a".into()], 5, owned(&[("no", 2), ("yes", 7)])),
-                (vec!["b".into()], 1, owned(&[("maybe", 0), ("yes", 1)])),
+            groups.groups,
+            [
+                group("a", 5, &[("no", 2), ("yes", 7)]),
+                group("b", 1, &[("maybe", 0), ("yes", 1)]),
             ]
         );
     }
