@@ -23,7 +23,7 @@ pub use log::EmbeddedLog;
 pub use registry::EmbeddedRegistry;
 pub use warehouse::{ParquetWarehouse, WarehouseOptions};
 
-use redb::{ReadableDatabase, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 use tally_core::{Error, Result};
 
 /// The layout of a data directory this build writes. Raised when a change makes a
@@ -97,37 +97,35 @@ pub fn open(dir: &Path, options: Options) -> Result<Embedded> {
     })
 }
 
-/// Refuses a data directory written by a newer build (a layout above [`DATA_FORMAT`]);
-/// otherwise stamps it with this build's layout, before anything else is written.
+/// Refuses a data directory written by a newer build (a layout above [`DATA_FORMAT`]),
+/// writing nothing to it; otherwise stamps it with this build's layout, before anything
+/// else is written.
 fn stamp_format(db: &redb::Database, dir: &Path) -> Result<()> {
     let what = || format!("reading the data directory {}", dir.display());
     let storage = |e: redb::Error| Error::failed(what(), e);
-    let stored = {
-        let read = db.begin_read().map_err(|e| storage(e.into()))?;
-        match read.open_table(META) {
-            Ok(meta) => meta
-                .get(FORMAT)
-                .map_err(|e| storage(e.into()))?
-                .map(|guard| guard.value()),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(storage(e.into())),
-        }
-    };
-    match stored {
-        Some(format) if format > DATA_FORMAT => Err(Error::failed(
-            what(),
-            format!(
-                "it was written by a newer tally (data format {format}; this build reads formats up to {DATA_FORMAT}): run that version or a newer one"
-            ),
-        )),
-        Some(format) if format == DATA_FORMAT => Ok(()),
-        _ => {
-            let txn = db.begin_write().map_err(|e| storage(e.into()))?;
-            txn.open_table(META)
-                .map_err(|e| storage(e.into()))?
-                .insert(FORMAT, DATA_FORMAT)
-                .map_err(|e| storage(e.into()))?;
-            txn.commit().map_err(|e| storage(e.into()))
+    let txn = db.begin_write().map_err(|e| storage(e.into()))?;
+    {
+        let mut meta = txn.open_table(META).map_err(|e| storage(e.into()))?;
+        let stored = meta
+            .get(FORMAT)
+            .map_err(|e| storage(e.into()))?
+            .map(|guard| guard.value());
+        match stored {
+            // Returning drops the transaction uncommitted: nothing is written.
+            Some(format) if format > DATA_FORMAT => {
+                return Err(Error::failed(
+                    what(),
+                    format!(
+                        "it was written by a newer tally (data format {format}; this build reads formats up to {DATA_FORMAT}): run that version or a newer one"
+                    ),
+                ))
+            }
+            Some(DATA_FORMAT) => {}
+            _ => {
+                meta.insert(FORMAT, DATA_FORMAT)
+                    .map_err(|e| storage(e.into()))?;
+            }
         }
     }
+    txn.commit().map_err(|e| storage(e.into()))
 }
