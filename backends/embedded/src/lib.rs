@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use live::LocalLiveFeed;
-pub use log::EmbeddedLog;
+pub use log::{EmbeddedLog, GROUP_WAIT as LOG_GROUP_WAIT};
 pub use registry::EmbeddedRegistry;
 pub use warehouse::{ParquetWarehouse, WarehouseOptions};
 
@@ -47,6 +47,10 @@ pub struct Options {
     /// before it writes them into its index in key order; 0 for the default (200,000).
     /// Tests set it low, so their few votes cross merges.
     pub log_merge_at: usize,
+    /// How long the vote log's writer waits for more votes to join a group commit while
+    /// votes come side by side; `None` for the default ([`LOG_GROUP_WAIT`], 2 ms), zero
+    /// never waits.
+    pub log_group_wait: Option<std::time::Duration>,
     pub warehouse: WarehouseOptions,
 }
 
@@ -87,6 +91,7 @@ pub fn open(dir: &Path, options: Options) -> Result<Embedded> {
             db.clone(),
             options.partitions,
             options.log_merge_at,
+            options.log_group_wait.unwrap_or(log::GROUP_WAIT),
         )?),
         registry: Arc::new(EmbeddedRegistry::open(db)?),
         warehouse: Arc::new(ParquetWarehouse::open(

@@ -1,7 +1,9 @@
 //! The vote log on redb: one table keyed by `(partition, seq)` holds the encoded votes, one
 //! keyed by `poll \0 unique_key` holds where each key's first vote is. Appends go through a
 //! single writer thread that commits everything queued in one durable transaction (group
-//! commit), so a burst of votes costs one fsync, not one each.
+//! commit), so a burst of votes costs one fsync, not one each. While votes come side by
+//! side it waits a moment for more to join a group ([`gather`]): single votes arrive one
+//! request at a time, and each commit costs about the same whatever it holds.
 //!
 //! The uniqueness index is written in bulk. Voter keys are keyed hashes, so each new key
 //! lands on a random leaf of the index's B-tree, and redb copies and writes every leaf a
@@ -36,6 +38,13 @@ const LOG_META: TableDefinition<&str, u64> = TableDefinition::new("vote_log_meta
 
 /// Appends one writer transaction takes at most.
 const GROUP_MAX: usize = 4096;
+
+/// How long the writer waits, by default, for more appends to join a group while votes come
+/// side by side (see [`gather`]).
+pub const GROUP_WAIT: Duration = Duration::from_millis(2);
+
+/// A group this large is committed without waiting for more.
+const GROUP_WAIT_UNTIL: usize = 256;
 
 /// Keys pending (appended, not yet in the index) that make the writer merge them into it,
 /// unless the store says otherwise (`TALLY_LOG_MERGE_AT`): ~130 bytes of memory each, ~25
@@ -102,8 +111,14 @@ pub struct EmbeddedLog {
 
 impl EmbeddedLog {
     /// Opens the log in `db`; it merges pending keys into its index once `merge_at` are
-    /// (0: [`MERGE_AT`]).
-    pub(crate) fn open(db: Arc<Database>, partitions: u16, merge_at: usize) -> Result<EmbeddedLog> {
+    /// (0: [`MERGE_AT`]), and waits up to `group_wait` for appends to join a group (see
+    /// [`gather`]; zero never waits).
+    pub(crate) fn open(
+        db: Arc<Database>,
+        partitions: u16,
+        merge_at: usize,
+        group_wait: Duration,
+    ) -> Result<EmbeddedLog> {
         let partitions = partitions.max(1);
         let merge_at = if merge_at == 0 { MERGE_AT } else { merge_at };
         let txn = db.begin_write().map_err(storage)?;
@@ -177,6 +192,7 @@ impl EmbeddedLog {
             tips: tips.clone(),
             pending: pending.clone(),
             merge_at,
+            group_wait,
         };
         std::thread::Builder::new()
             .name("tally-log-writer".into())
@@ -210,19 +226,51 @@ struct Writer {
     tips: Arc<Vec<watch::Sender<u64>>>,
     pending: Pending,
     merge_at: usize,
+    group_wait: Duration,
+}
+
+/// Completes a group begun by one append: takes every append queued, and when the last
+/// group held more than one (appends come side by side) and this one is still under
+/// [`GROUP_WAIT_UNTIL`], `pause`s for `wait` once and takes what came meanwhile. A commit
+/// costs about the same for one vote as for a hundred (redb's pages and the fsync), so under
+/// a steady stream of single votes this is a fraction of the CPU per vote for at most `wait`
+/// more latency. An append that comes alone is never held.
+fn gather(
+    queue: &mut mpsc::Receiver<AppendRequest>,
+    group: &mut Vec<AppendRequest>,
+    last: usize,
+    wait: Duration,
+    pause: impl FnOnce(Duration),
+) {
+    let take_queued = |queue: &mut mpsc::Receiver<AppendRequest>, group: &mut Vec<_>| {
+        while group.len() < GROUP_MAX {
+            match queue.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+    };
+    take_queued(queue, group);
+    if !wait.is_zero() && last > 1 && group.len() < GROUP_WAIT_UNTIL {
+        pause(wait);
+        take_queued(queue, group);
+    }
 }
 
 impl Writer {
     fn run(self, mut queue: mpsc::Receiver<AppendRequest>) {
         let mut group = Vec::with_capacity(GROUP_MAX);
+        let mut last = 0;
         while let Some(first) = queue.blocking_recv() {
             group.push(first);
-            while group.len() < GROUP_MAX {
-                match queue.try_recv() {
-                    Ok(next) => group.push(next),
-                    Err(_) => break,
-                }
-            }
+            gather(
+                &mut queue,
+                &mut group,
+                last,
+                self.group_wait,
+                std::thread::sleep,
+            );
+            last = group.len();
             match self.commit(&group) {
                 Ok(outcomes) => {
                     for (request, outcome) in group.drain(..).zip(outcomes) {
@@ -479,6 +527,7 @@ impl VoteLog for EmbeddedLog {
             partition,
             after,
             tip,
+            fill_wait: READ_FILL_WAIT,
         }))
     }
 
@@ -490,11 +539,21 @@ impl VoteLog for EmbeddedLog {
     }
 }
 
+/// A reader's batch that holds fewer entries than this (or than the caller's most) waits up
+/// to [`READ_FILL_WAIT`] for more. The processor's cost is mostly per batch (decoding, the
+/// window aggregation, a warehouse insert, a live update), and single votes reach the log
+/// a group commit at a time; so a few milliseconds of live latency buy a fifth less of
+/// standalone's CPU per vote at 5,000 votes/s (docs/BENCHMARKS.md, run of 2026-12-06 (7)).
+const READ_FILL: usize = 1024;
+const READ_FILL_WAIT: Duration = Duration::from_millis(20);
+
 struct EmbeddedReader {
     db: Arc<Database>,
     partition: u16,
     after: u64,
     tip: watch::Receiver<u64>,
+    /// How long a batch short of a full one waits for more ([`READ_FILL_WAIT`]).
+    fill_wait: Duration,
 }
 
 #[async_trait]
@@ -506,6 +565,12 @@ impl LogReader for EmbeddedReader {
             if *self.tip.borrow() <= after {
                 return Ok(Vec::new());
             }
+        }
+        // Entries came, but fewer than a full batch: give more a moment to join them.
+        let fill = after + (max.clamp(1, READ_FILL) as u64);
+        if *self.tip.borrow() < fill {
+            let _ =
+                tokio::time::timeout(self.fill_wait, self.tip.wait_for(|tip| *tip >= fill)).await;
         }
         let (db, partition) = (self.db.clone(), self.partition);
         let entries = tokio::task::spawn_blocking(move || -> Result<Vec<LogEntry>> {
@@ -559,6 +624,123 @@ mod tests {
         (request, answer)
     }
 
+    /// A queue holding `count` appends.
+    fn queued(
+        count: usize,
+    ) -> (
+        mpsc::Sender<AppendRequest>,
+        mpsc::Receiver<AppendRequest>,
+        Vec<oneshot::Receiver<Result<Appended>>>,
+    ) {
+        let (appends, queue) = mpsc::channel(GROUP_MAX * 4);
+        let answers = (0..count)
+            .map(|i| {
+                let (request, answer) = request(&format!("k{i}"));
+                appends.try_send(request).unwrap();
+                answer
+            })
+            .collect();
+        (appends, queue, answers)
+    }
+
+    /// A group takes what is queued; it waits once for more only while appends come side
+    /// by side (the last group held several) and it is still small.
+    #[test]
+    fn a_group_waits_for_more_appends_only_while_they_come_side_by_side() {
+        let wait = Duration::from_millis(2);
+        // Side by side: the pause is taken, and what came during it joins the group.
+        let (appends, mut queue, _answers) = queued(3);
+        let mut group = Vec::new();
+        let mut paused = None;
+        gather(&mut queue, &mut group, 5, wait, |pause| {
+            paused = Some(pause);
+            for i in 0..4 {
+                appends.try_send(request(&format!("late{i}")).0).unwrap();
+            }
+        });
+        assert_eq!(paused, Some(wait));
+        assert_eq!(group.len(), 7);
+        assert_eq!(group[6].unique, "late3");
+
+        // After a group of one (a vote that came alone), and with no wait set: no pause.
+        for (last, wait) in [(1, wait), (0, wait), (5, Duration::ZERO)] {
+            let (_appends, mut queue, _answers) = queued(3);
+            let mut group = Vec::new();
+            gather(&mut queue, &mut group, last, wait, |_| {
+                panic!("paused after a group of {last}, wait {wait:?}")
+            });
+            assert_eq!(group.len(), 3);
+        }
+
+        // A group already large enough is committed at once.
+        let (_appends, mut queue, _answers) = queued(GROUP_WAIT_UNTIL);
+        let mut group = Vec::new();
+        gather(&mut queue, &mut group, 5, wait, |_| {
+            panic!("paused with a full group")
+        });
+        assert_eq!(group.len(), GROUP_WAIT_UNTIL);
+
+        // Never more than a transaction takes, waiting or not.
+        let (appends, mut queue, _answers) = queued(GROUP_MAX + 10);
+        let mut group = Vec::new();
+        gather(&mut queue, &mut group, 5, wait, |_| unreachable!());
+        assert_eq!(group.len(), GROUP_MAX);
+        drop(appends);
+    }
+
+    /// A reader that finds fewer entries than a batch holds waits for more to join them,
+    /// and returns at once when the batch is full.
+    #[tokio::test]
+    async fn a_short_batch_waits_for_entries_to_fill_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("log.redb")).unwrap());
+        let append = |seqs: std::ops::RangeInclusive<u64>| {
+            let txn = db.begin_write().unwrap();
+            {
+                let mut log = txn.open_table(LOG).unwrap();
+                for seq in seqs {
+                    log.insert((0, seq), b"entry".as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        };
+        let tip = watch::Sender::new(0);
+        let mut reader = EmbeddedReader {
+            db: db.clone(),
+            partition: 0,
+            after: 0,
+            tip: tip.subscribe(),
+            // So long that only a full batch can end the wait.
+            fill_wait: Duration::from_secs(3600),
+        };
+
+        append(1..=1);
+        tip.send_replace(1);
+        let wait = Duration::from_secs(30);
+        {
+            let mut batch = std::pin::pin!(reader.next_batch(3, wait));
+            assert!(
+                tokio::time::timeout(Duration::from_millis(100), &mut batch)
+                    .await
+                    .is_err(),
+                "a batch of one of three was read without waiting for more"
+            );
+            append(2..=2);
+            tip.send_replace(2);
+            append(3..=4);
+            tip.send_replace(4);
+            let entries = tokio::time::timeout(wait, batch).await.unwrap().unwrap();
+            let seqs: Vec<u64> = entries.iter().map(|entry| entry.seq).collect();
+            assert_eq!(seqs, [1, 2, 3]);
+        }
+        // One entry is left, and the most asked for is one: a full batch, read at once.
+        let entries = tokio::time::timeout(wait, reader.next_batch(1, wait))
+            .await
+            .expect("a full batch waited")
+            .unwrap();
+        assert_eq!(entries[0].seq, 4);
+    }
+
     /// Keys that pile up while merges fail stop the log taking votes, until merges succeed.
     #[test]
     fn keys_that_cannot_be_indexed_stop_appends_until_they_are() {
@@ -571,6 +753,7 @@ mod tests {
             tips: Arc::new(vec![watch::Sender::new(0)]),
             pending: Pending::default(),
             merge_at,
+            group_wait: Duration::ZERO,
         };
         {
             let txn = db.begin_write().unwrap();
