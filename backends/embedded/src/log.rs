@@ -542,8 +542,8 @@ impl VoteLog for EmbeddedLog {
 /// A reader's batch that holds fewer entries than this (or than the caller's most) waits up
 /// to [`READ_FILL_WAIT`] for more. The processor's cost is mostly per batch (decoding, the
 /// window aggregation, a warehouse insert, a live update), and single votes reach the log
-/// a group commit at a time; so a few milliseconds of live latency buy a fifth less of
-/// standalone's CPU per vote at 5,000 votes/s (docs/BENCHMARKS.md, run of 2026-12-06 (7)).
+/// a group commit at a time; so up to 20 ms more before live totals move buys a fifth less
+/// of standalone's CPU per vote at 5,000 votes/s (docs/BENCHMARKS.md, run of 2026-12-06 (7)).
 const READ_FILL: usize = 1024;
 const READ_FILL_WAIT: Duration = Duration::from_millis(20);
 
