@@ -125,7 +125,8 @@ fn stamp_format(db: &redb::Database, dir: &Path) -> Result<()> {
                     ),
                 ))
             }
-            Some(DATA_FORMAT) => {}
+            // Already stamped: nothing to write, so no commit (and no fsync) at each start.
+            Some(DATA_FORMAT) => return Ok(()),
             _ => {
                 meta.insert(FORMAT, DATA_FORMAT)
                     .map_err(|e| storage(e.into()))?;

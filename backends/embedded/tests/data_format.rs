@@ -68,4 +68,7 @@ fn a_directory_of_the_layout_before_the_stamp_opens_and_is_stamped() {
     assert_eq!(stored_format(dir.path()), None);
     drop(tally_embedded::open(dir.path(), Options::default()).expect("an older layout opens"));
     assert_eq!(stored_format(dir.path()), Some(DATA_FORMAT));
+    // Stamped now: it opens again as it is.
+    drop(tally_embedded::open(dir.path(), Options::default()).expect("a stamped directory opens"));
+    assert_eq!(stored_format(dir.path()), Some(DATA_FORMAT));
 }

@@ -132,7 +132,10 @@ pub trait LogRetention: Send + Sync {
 #[async_trait]
 pub trait LogReader: Send {
     /// Waits up to `wait` for entries and returns up to `max` of them in sequence order
-    /// (empty when none came). After an error, calling again resumes where it stood.
+    /// (empty when none came). Once entries have come, a reader may gather a little longer
+    /// (each log says how long, tens of milliseconds at most) so that batches grow with the
+    /// load: a batch costs the processor about the same for ten entries as for a thousand.
+    /// After an error, calling again resumes where it stood.
     async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<LogEntry>>;
 
     /// Tells the log everything up to `seq` is processed. An optimisation: after a restart
