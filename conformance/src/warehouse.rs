@@ -47,6 +47,7 @@ macro_rules! warehouse_suite {
                 breakdowns_read_from_the_cube_equal_the_votes,
                 set_rows_kept_per_minute_by_an_earlier_version_are_read_alike,
                 a_breakdown_one_set_answers_reads_that_sets_rows,
+                a_poll_over_several_partitions_counts_each_as_far_as_it_goes,
                 the_windows_watermark_is_the_last_covered_seq,
                 partial_window_rows_add_up,
                 timeseries_points_are_aligned_to_the_step,
@@ -568,8 +569,9 @@ pub async fn set_rows_kept_per_minute_by_an_earlier_version_are_read_alike(
     cube_breakdowns_equal_the_votes(warehouse, &votes, writes).await;
 }
 
-/// Writes `writes` (each a level and its rows, of `votes` up to seq 69), then asks the
-/// breakdowns the cube answers and ones it does not: each must equal the votes counted.
+/// Writes `writes` (each a level and its rows, of `votes` up to seq 69) in partition 0,
+/// then asks the breakdowns the cube answers and ones it does not: each must equal the
+/// votes counted.
 async fn cube_breakdowns_equal_the_votes(
     warehouse: Arc<dyn Warehouse>,
     votes: &[StoredVote],
@@ -583,6 +585,12 @@ async fn cube_breakdowns_equal_the_votes(
             .await
             .expect("insert rollups");
     }
+    breakdowns_equal_the_votes(warehouse.as_ref(), votes, 69).await;
+}
+
+/// Asks [`CUBE_POLL`]'s breakdowns the cube answers and ones it does not: each must equal
+/// `votes` counted, as of `as_of`.
+async fn breakdowns_equal_the_votes(warehouse: &dyn Warehouse, votes: &[StoredVote], as_of: u64) {
     let d = |name: &str| Dimension(name.into());
     let query =
         |by: &[&str], filters: Vec<(Dimension, Vec<String>)>, range: (Option<i64>, Option<i64>)| {
@@ -639,7 +647,7 @@ async fn cube_breakdowns_equal_the_votes(
     ];
     for query in queries {
         let got = warehouse.breakdown(&query).await.expect("breakdown");
-        assert_eq!(got.as_of, 69, "{query:?}");
+        assert_eq!(got.as_of, as_of, "{query:?}");
         let got: BTreeMap<Vec<String>, (u64, BTreeMap<String, u64>)> = got
             .groups
             .into_iter()
@@ -647,6 +655,93 @@ async fn cube_breakdowns_equal_the_votes(
             .collect();
         assert_eq!(got, expected_breakdown(votes, &query), "{query:?}");
     }
+}
+
+/// A poll whose votes come from two partitions of the log, each numbering its own entries
+/// (as the embedded log does; NATS numbers the stream's, so theirs interleave), with rollups
+/// written by each partition's processor at its own pace: partition 0 settled up to 10 and
+/// fresh up to 30, partition 1 settled up to 30 — so neither partition's positions bound
+/// the other's rows. The tally, every breakdown and the poll's ballots count each partition
+/// as far as its own rows go, and their `as_of` is the sum of the partitions' positions
+/// (which only grows as any of them does).
+pub async fn a_poll_over_several_partitions_counts_each_as_far_as_it_goes(
+    warehouse: Arc<dyn Warehouse>,
+) {
+    warehouse.migrate().await.expect("migrate");
+    let mut parts: [Vec<StoredVote>; 2] = Default::default();
+    for (i, stored) in cube_votes().into_iter().enumerate() {
+        let part = &mut parts[i % 2];
+        part.push(StoredVote {
+            seq: part.len() as u64 + 1,
+            vote: stored.vote,
+        });
+    }
+    // A vote of partition 1 that no rollup holds yet, received inside the first cut minute
+    // of the breakdowns' cut range: the raw reads must stop at partition 1's position (30),
+    // not at a position of the poll as a whole.
+    let late = StoredVote {
+        seq: 31,
+        vote: vote(CUBE_POLL, "c-late", "k-late", "a", T0 + 200_000),
+    };
+    for (partition, votes) in [(0, &parts[0][..]), (1, &parts[1][..])] {
+        warehouse
+            .insert_votes(partition, votes)
+            .await
+            .expect("insert");
+    }
+    warehouse
+        .insert_votes(1, std::slice::from_ref(&late))
+        .await
+        .expect("insert");
+    let [zero, one] = &parts;
+    let writes = [
+        (0, RollupLevel::Fresh, rollup_rows(&zero[..10], 10)),
+        (1, RollupLevel::Fresh, rollup_rows(&one[..15], 15)),
+        (0, RollupLevel::Settled, rollup_rows(&zero[..10], 10)),
+        (0, RollupLevel::Fresh, rollup_rows(&zero[10..], 30)),
+        (1, RollupLevel::Settled, rollup_rows(one, 30)),
+    ];
+    for (partition, level, rows) in writes {
+        warehouse
+            .insert_rollups(partition, level, &rows)
+            .await
+            .expect("insert rollups");
+    }
+    let mut counted: Vec<StoredVote> = zero.clone();
+    counted.extend(one.iter().cloned());
+    breakdowns_equal_the_votes(warehouse.as_ref(), &counted, 30 + 30).await;
+
+    let tally = warehouse.tally(CUBE_POLL).await.expect("tally");
+    counted.push(late.clone());
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    for stored in &counted {
+        for answer in &stored.vote.choice {
+            *counts.entry(answer.clone()).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        tally,
+        Tally {
+            ballots: 61,
+            unique_voters: 61,
+            counts,
+            as_of: 30 + 31,
+        }
+    );
+
+    let answer = warehouse.ballots(CUBE_POLL).await.expect("ballots");
+    assert_eq!(answer.as_of, 30 + 31);
+    assert_eq!(
+        answer.positions,
+        BTreeMap::from([(0, 30), (1, 31)]),
+        "each partition's last vote"
+    );
+    let (_, rows) = answer_of(Ok(answer)).await.expect("rows");
+    let mut ids: Vec<&str> = rows.iter().map(|row| row[1].as_str()).collect();
+    ids.sort_unstable();
+    let mut want: Vec<&str> = counted.iter().map(|v| v.vote.vote_id.as_str()).collect();
+    want.sort_unstable();
+    assert_eq!(ids, want, "every vote of both partitions, once");
 }
 
 /// A breakdown one set of the cube answers reads that set's rows, not the whole segments:

@@ -32,7 +32,10 @@ use serde::{Deserialize, Serialize};
 use tally_core::analyst::{self as model, Limit, SqlLimits};
 use tally_core::analytics::{Breakdown, BreakdownQuery, TimePoint, TimeseriesQuery};
 use tally_core::poll::Poll;
-use tally_core::ports::{AnalystRows, BoxStream, StoredVote, Warehouse, Watermarks, WindowRow};
+use tally_core::ports::{
+    newer_positions, poll_as_of, AnalystRows, BoxStream, Positions, StoredVote, Warehouse,
+    Watermarks, WindowRow,
+};
 use tally_core::results::Tally;
 use tally_core::rollup::{self, BreakdownPlan, BreakdownRow, GroupSums, RollupLevel, RollupRow};
 use tally_core::segment::Segment;
@@ -385,8 +388,8 @@ impl ClickHouseWarehouse {
         &self,
         query: &BreakdownQuery,
         source: sql::RollupSource<'_>,
-        settled: u64,
-        fresh: u64,
+        settled: &[(u16, u64)],
+        fresh: &[(u16, u64)],
         buckets: (Option<i64>, Option<i64>),
     ) -> Result<RollupPart> {
         let statement =
@@ -412,36 +415,57 @@ impl ClickHouseWarehouse {
         Ok(RollupPart::Answers(rows))
     }
 
-    /// The newest settled and fresh positions of a poll's cube rows when its cube holds
-    /// every rollup write of it, so a breakdown may read it; `None` for a poll with rollups
-    /// written before the cube existed, read from its whole segments. Whether the cube holds
-    /// them all is asked of the warehouse with the positions, in one statement, once per
-    /// poll and process (while the answer is yes; a no is asked again after
-    /// [`CUBE_RECHECK`]).
-    async fn cube_positions(&self, poll_id: &str) -> Result<Option<(u64, u64)>> {
+    /// How far a poll's rollup rows of `level` cover each partition: its whole segments,
+    /// or (`totals`) its cube's totals rows.
+    async fn rollup_positions(
+        &self,
+        poll_id: &str,
+        level: RollupLevel,
+        totals: bool,
+    ) -> Result<Vec<(u16, u64)>> {
+        self.client
+            .query_raw(&sql::rollup_positions(poll_id, level, totals))
+            .fetch_all()
+            .await
+            .map_err(warehouse_error)
+    }
+
+    /// The settled and fresh positions of a poll's rollup rows per partition, of its cube
+    /// (`cube`) or its whole segments, both read at once.
+    async fn level_positions(&self, poll_id: &str, cube: bool) -> Result<(Positions, Positions)> {
+        let (settled, fresh) = futures::try_join!(
+            self.rollup_positions(poll_id, RollupLevel::Settled, cube),
+            self.rollup_positions(poll_id, RollupLevel::Fresh, cube),
+        )?;
+        Ok((settled.into_iter().collect(), fresh.into_iter().collect()))
+    }
+
+    /// The settled and fresh positions of a poll's cube rows per partition when its cube
+    /// holds every rollup write of it, so a breakdown may read it; `None` for a poll with
+    /// rollups written before the cube existed, read from its whole segments. Whether the
+    /// cube holds them all is asked of the warehouse once per poll and process (while the
+    /// answer is yes; a no is asked again after [`CUBE_RECHECK`]).
+    async fn cube_positions(&self, poll_id: &str) -> Result<Option<(Positions, Positions)>> {
         let known = self.cubes.lock().expect("cubes").get(poll_id).copied();
         match known {
             Some(CubeCoverage::Whole) => {
-                let positions = self
-                    .client
-                    .query_raw(&sql::cube_positions(poll_id))
-                    .fetch_one::<(u64, u64)>()
-                    .await
-                    .map_err(warehouse_error)?;
-                return Ok(Some(positions));
+                return Ok(Some(self.level_positions(poll_id, true).await?));
             }
             Some(CubeCoverage::Partial(at)) if at.elapsed() < CUBE_RECHECK => return Ok(None),
             _ => {}
         }
-        let (settled, fresh, settled_whole, fresh_whole) = self
-            .client
-            .query_raw(&sql::cube_coverage(poll_id))
-            .fetch_one::<(u64, u64, u8, u8)>()
-            .await
-            .map_err(warehouse_error)?;
+        let coverage = async {
+            self.client
+                .query_raw(&sql::cube_coverage(poll_id))
+                .fetch_one::<(u8, u8)>()
+                .await
+                .map_err(warehouse_error)
+        };
+        let ((settled, fresh), (settled_whole, fresh_whole)) =
+            futures::try_join!(self.level_positions(poll_id, true), coverage)?;
         let covers = settled_whole == 1 && fresh_whole == 1;
         // A poll without rows at either level is asked again when it has them.
-        let learnt = match (covers, settled > 0 && fresh > 0) {
+        let learnt = match (covers, !settled.is_empty() && !fresh.is_empty()) {
             (true, true) => Some(CubeCoverage::Whole),
             (true, false) => None,
             (false, _) => Some(CubeCoverage::Partial(std::time::Instant::now())),
@@ -586,8 +610,13 @@ impl ClickHouseWarehouse {
             .copied()
     }
 
-    async fn fetch_u64(&self, sql: &str) -> Result<u64> {
-        fetch_u64(&self.client, sql).await
+    /// Where a poll's stored votes end in each partition ([`sql::poll_positions`]).
+    async fn poll_positions(&self, poll_id: &str) -> Result<Vec<(u16, u64)>> {
+        self.client
+            .query_raw(&sql::poll_positions(poll_id))
+            .fetch_all()
+            .await
+            .map_err(warehouse_error)
     }
 
     /// Where `partition`'s rows, watermarks and fences are.
@@ -1063,19 +1092,20 @@ impl Warehouse for ClickHouseWarehouse {
         // On the server holding the partition's rows, in its own tables.
         let client = &self.writer(partition).client;
         for (poll_id, set) in sets {
-            let since: Option<(u64, String, u64)> = client
-                .query_raw(&sql::newest_compaction(poll_id, set))
+            let since: Option<(u16, u64, String, u64)> = client
+                .query_raw(&sql::newest_compactions(poll_id, set, Some(partition)))
                 .fetch_optional()
                 .await
                 .map_err(warehouse_error)?;
+            let since = since.map(|(_, upto, run, rows)| (upto, run, rows));
             let (after, held) = since
                 .as_ref()
                 .map_or((0, 0), |(upto, _, rows)| (*upto, *rows));
             if after >= covered {
                 continue;
             }
-            let new =
-                fetch_u64(client, &sql::set_rows_between(poll_id, set, after, covered)).await?;
+            let between = sql::set_rows_between(poll_id, set, partition, after, covered);
+            let new = fetch_u64(client, &between).await?;
             if new < held.max(COMPACT_SET_ROWS) {
                 continue;
             }
@@ -1084,7 +1114,7 @@ impl Warehouse for ClickHouseWarehouse {
             let since = since.as_ref().map(|(upto, run, _)| (*upto, run.as_str()));
             execute(
                 client,
-                &sql::compact_set(poll_id, set, since, covered, &run),
+                &sql::compact_set(poll_id, set, partition, since, covered, &run),
             )
             .await?;
             let rows = fetch_u64(client, &sql::compacted_rows(poll_id, set, covered, &run)).await?;
@@ -1108,24 +1138,28 @@ impl Warehouse for ClickHouseWarehouse {
     }
 
     async fn tally(&self, poll_id: &str) -> Result<Tally> {
-        let (ballots, unique_voters, as_of) = self
+        let positions = self.poll_positions(poll_id).await?;
+        // Counted up to those positions, so the counts agree with them whatever is
+        // inserted meanwhile.
+        let rows: Vec<(String, u64, u64)> = self
             .client
-            .query_raw(&sql::tally_totals(poll_id))
-            .fetch_one::<(u64, u64, u64)>()
-            .await
-            .map_err(warehouse_error)?;
-        let counts: Vec<(String, u64)> = self
-            .client
-            .query_raw(&sql::tally_counts(poll_id, as_of))
+            .query_raw(&sql::tally_counts(poll_id, &positions))
             .fetch_all()
             .await
             .map_err(warehouse_error)?;
-        Ok(Tally {
-            ballots,
-            unique_voters,
-            counts: counts.into_iter().collect(),
-            as_of,
-        })
+        let mut tally = Tally {
+            as_of: poll_as_of(&positions.into_iter().collect()),
+            ..Tally::default()
+        };
+        for (answer, count, voters) in rows {
+            if answer.is_empty() {
+                tally.ballots = count;
+                tally.unique_voters = voters;
+            } else {
+                tally.counts.insert(answer, count);
+            }
+        }
+        Ok(tally)
     }
 
     async fn counted_vote(&self, poll_id: &str, vote_id: &str) -> Result<Option<StoredVote>> {
@@ -1160,27 +1194,31 @@ impl Warehouse for ClickHouseWarehouse {
             match &set {
                 Some(set) if set.custom => self
                     .client
-                    .query_raw(&sql::newest_compaction(&query.poll_id, &set.dims))
-                    .fetch_optional::<(u64, String, u64)>()
+                    .query_raw(&sql::newest_compactions(&query.poll_id, &set.dims, None))
+                    .fetch_all::<(u16, u64, String, u64)>()
                     .await
+                    .map(|runs| {
+                        runs.into_iter()
+                            .map(|(partition, upto, run, _)| (partition, upto, run))
+                            .collect::<Vec<_>>()
+                    })
                     .map_err(warehouse_error),
-                _ => Ok(None),
+                _ => Ok(Vec::new()),
             }
         };
         let (positions, compacted) = futures::try_join!(positions, compaction)?;
         let cube = set.zip(positions);
-        let (settled, fresh) = match &cube {
-            Some((_, positions)) => *positions,
-            None => self
-                .client
-                .query_raw(&sql::rollup_positions(&query.poll_id))
-                .fetch_one::<(u64, u64)>()
-                .await
-                .map_err(warehouse_error)?,
+        let (settled, fresh) = match cube {
+            Some((_, ref positions)) => positions.clone(),
+            None => self.level_positions(&query.poll_id, false).await?,
         };
         let cube = cube.map(|(set, _)| set);
         let plan = BreakdownPlan::for_set(query, cube.as_ref());
-        let as_of = settled.max(fresh);
+        let covered = newer_positions(&settled, &fresh);
+        let as_of = poll_as_of(&covered);
+        let covered: Vec<(u16, u64)> = covered.into_iter().collect();
+        let (settled, fresh): (Vec<(u16, u64)>, Vec<(u16, u64)>) =
+            (settled.into_iter().collect(), fresh.into_iter().collect());
         let mut sums = GroupSums::default();
         if let Some(buckets) = plan.buckets {
             let source = match &cube {
@@ -1188,18 +1226,15 @@ impl Warehouse for ClickHouseWarehouse {
                 Some(set) => sql::RollupSource::Cube {
                     dims: &set.dims,
                     filtered: !set.custom,
-                    compacted: compacted
-                        .as_ref()
-                        .filter(|_| set.custom)
-                        .map(|(upto, run, _)| (*upto, run.as_str())),
+                    compacted: if set.custom { &compacted } else { &[] },
                 },
             };
-            let part = self.rollup_part(query, source, settled, fresh, buckets);
+            let part = self.rollup_part(query, source, &settled, &fresh, buckets);
             if cube.as_ref().is_some_and(|set| set.custom) {
                 // The set holds the key's non-empty values only; the votes without it are
                 // the totals less the rest, and filters apply after. Both read at once.
                 let totals = sql::RollupSource::Totals;
-                let totals = self.rollup_part(query, totals, settled, fresh, buckets);
+                let totals = self.rollup_part(query, totals, &settled, &fresh, buckets);
                 let (part, totals) = futures::try_join!(part, totals)?;
                 part.add_to(&mut sums)?;
                 let mut all = GroupSums::default();
@@ -1212,13 +1247,13 @@ impl Warehouse for ClickHouseWarehouse {
         // The whole minutes a set kept per hour does not answer, from the whole segments.
         for range in &plan.segments {
             let whole = sql::RollupSource::Whole;
-            self.rollup_part(query, whole, settled, fresh, *range)
+            self.rollup_part(query, whole, &settled, &fresh, *range)
                 .await?
                 .add_to(&mut sums)?;
         }
         if !plan.raw.is_empty() {
             sums.add_rows(
-                self.breakdown_rows(&sql::breakdown_votes(query, as_of, &plan.raw))
+                self.breakdown_rows(&sql::breakdown_votes(query, &covered, &plan.raw))
                     .await?,
             )?;
         }
@@ -1338,17 +1373,18 @@ impl Warehouse for ClickHouseWarehouse {
     }
 
     async fn ballots(&self, poll_id: &str) -> Result<AnalystRows> {
-        let as_of = self.fetch_u64(&sql::last_seq(poll_id)).await?;
+        let positions = self.poll_positions(poll_id).await?;
         let cursor = self
             .client
-            .query_raw(&sql::ballots_of_poll(poll_id, as_of))
+            .query_raw(&sql::ballots_of_poll(poll_id, &positions))
             .fetch::<BallotRow>()
             .map_err(warehouse_error)?;
         let rows_read = Arc::new(AtomicU64::new(0));
+        let positions: Positions = positions.into_iter().collect();
         Ok(AnalystRows {
             schema: model::ballot_schema(),
-            as_of,
-            positions: BTreeMap::new(),
+            as_of: poll_as_of(&positions),
+            positions,
             batches: ballot_batches(cursor, rows_read.clone()),
             rows_read,
         })

@@ -558,27 +558,45 @@ pub fn pinned(table: &str, positions: &[(u16, u64)]) -> Option<String> {
         "ballot_dimensions" => ballot_dimensions_body!(),
         _ => return None,
     };
-    let pin = match positions {
+    Some(format!("{body} WHERE {}", at_most("seq", positions)))
+}
+
+/// Each partition's bound in `bounds`, as an expression of a row's `log_partition`: one
+/// array lookup per row, however many partitions (an `OR` per partition made the analysts'
+/// pin ~1.6× dearer at 16 partitions, docs/BENCHMARKS.md run 7). A partition without a
+/// bound reads 0 (in a gap, or past the array's end).
+fn bound_of_partition(bounds: &[(u16, u64)]) -> String {
+    let last = bounds
+        .iter()
+        .map(|(p, _)| usize::from(*p))
+        .max()
+        .unwrap_or(0);
+    let mut array = vec![0u64; last + 1];
+    for (partition, bound) in bounds {
+        array[usize::from(*partition)] = *bound;
+    }
+    let array: Vec<String> = array.iter().map(u64::to_string).collect();
+    format!("[{}][log_partition + 1]", array.join(", "))
+}
+
+/// `column` at most the bound of its row's partition in `bounds`: none of the rows of a
+/// partition without one.
+pub fn at_most(column: &str, bounds: &[(u16, u64)]) -> String {
+    match bounds {
         [] => "0".to_owned(),
-        [(partition, seq)] => format!("(log_partition = {partition} AND seq <= {seq})"),
-        // One array lookup per row, however many partitions (an `OR` per partition made
-        // the pin ~1.6× dearer at 16 partitions, docs/BENCHMARKS.md run 7). A partition
-        // without a position reads 0 (in a gap, or past the array's end): none of its rows.
-        _ => {
-            let last = positions
-                .iter()
-                .map(|(p, _)| usize::from(*p))
-                .max()
-                .unwrap_or(0);
-            let mut bounds = vec![0u64; last + 1];
-            for (partition, seq) in positions {
-                bounds[usize::from(*partition)] = *seq;
-            }
-            let bounds: Vec<String> = bounds.iter().map(u64::to_string).collect();
-            format!("seq <= [{}][log_partition + 1]", bounds.join(", "))
-        }
-    };
-    Some(format!("{body} WHERE {pin}"))
+        [(partition, bound)] => format!("(log_partition = {partition} AND {column} <= {bound})"),
+        _ => format!("{column} <= {}", bound_of_partition(bounds)),
+    }
+}
+
+/// `column` above the bound of its row's partition in `bounds`: every row of a partition
+/// without one.
+fn above(column: &str, bounds: &[(u16, u64)]) -> String {
+    match bounds {
+        [] => "1".to_owned(),
+        [(partition, bound)] => format!("(log_partition != {partition} OR {column} > {bound})"),
+        _ => format!("{column} > {}", bound_of_partition(bounds)),
+    }
 }
 
 /// How far `votes` holds each partition, from `vote_positions`.
@@ -587,10 +605,11 @@ pub fn vote_positions() -> String {
         .to_owned()
 }
 
-/// The sequence of a poll's last stored vote (0 before its first).
-pub fn last_seq(poll_id: &str) -> String {
+/// Where a poll's stored votes end in each partition of the log: `(partition, seq)` rows.
+pub fn poll_positions(poll_id: &str) -> String {
     format!(
-        "SELECT max(seq) FROM votes WHERE poll_id = {}",
+        "SELECT log_partition, max(seq) FROM votes WHERE poll_id = {} \
+         GROUP BY log_partition ORDER BY log_partition",
         lit(poll_id)
     )
 }
@@ -614,12 +633,13 @@ pub const BALLOT_COLUMNS: &[&str] = &[
     "dim_values",
 ];
 
-/// A poll's ballots up to `as_of`, in storage order.
-pub fn ballots_of_poll(poll_id: &str, as_of: u64) -> String {
+/// A poll's ballots up to each partition's position in `positions`, in storage order.
+pub fn ballots_of_poll(poll_id: &str, positions: &[(u16, u64)]) -> String {
     format!(
-        "SELECT {} FROM votes WHERE poll_id = {} AND seq <= {as_of}",
+        "SELECT {} FROM votes WHERE poll_id = {} AND {}",
         BALLOT_COLUMNS.join(", "),
-        lit(poll_id)
+        lit(poll_id),
+        at_most("seq", positions)
     )
 }
 
@@ -732,16 +752,16 @@ pub fn rollups_watermark(partition: u16, level: RollupLevel) -> String {
     )
 }
 
-/// Ballots, distinct voters and the newest sequence of a poll, from one consistent read.
-pub fn tally_totals(poll_id: &str) -> String {
-    format!("SELECT count(), uniqExactIf(voter_key, voter_key != ''), max(seq) FROM votes WHERE poll_id = {}", lit(poll_id))
-}
-
-/// Per-answer counts up to `as_of`, so they agree with the totals read just before.
-pub fn tally_counts(poll_id: &str, as_of: u64) -> String {
+/// A poll's ballots and distinct voters (the row of answer `''`) and its counts per answer,
+/// each partition up to its position in `positions` ([`poll_positions`], read just before),
+/// so they agree with each other and with those positions: `(answer, count, voters)` rows.
+pub fn tally_counts(poll_id: &str, positions: &[(u16, u64)]) -> String {
     format!(
-        "SELECT opt, count() FROM votes ARRAY JOIN choice AS opt WHERE poll_id = {} AND seq <= {as_of} GROUP BY opt ORDER BY opt",
-        lit(poll_id)
+        "SELECT opt, count(), uniqExactIf(voter_key, opt = '' AND voter_key != '') FROM votes \
+         ARRAY JOIN arrayConcat([''], choice) AS opt WHERE poll_id = {} AND {} \
+         GROUP BY opt ORDER BY opt",
+        lit(poll_id),
+        at_most("seq", positions)
     )
 }
 
@@ -762,46 +782,41 @@ pub fn counted_vote(poll_id: &str, vote_id: &str) -> String {
     )
 }
 
-/// How far a poll's settled and fresh rollup rows cover the log.
-pub fn rollup_positions(poll_id: &str) -> String {
-    let poll = lit(poll_id);
+/// How far a poll's rollup rows of `level` cover each partition of the log: its whole
+/// segments, or (`totals`) the totals rows of its cube (a few per write, found by the
+/// cube's sort key). `(partition, last_seq)` rows.
+pub fn rollup_positions(poll_id: &str, level: RollupLevel, totals: bool) -> String {
+    let (table, set) = if totals {
+        (cube_table(level), format!(" AND dims = {}", lit(TOTAL_SET)))
+    } else {
+        (level.table(), String::new())
+    };
     format!(
-        "SELECT (SELECT max(last_seq) FROM {} WHERE poll_id = {poll}), \
-         (SELECT max(last_seq) FROM {} WHERE poll_id = {poll})",
-        RollupLevel::Settled.table(),
-        RollupLevel::Fresh.table()
+        "SELECT log_partition, max(last_seq) FROM {table} WHERE poll_id = {}{set} \
+         GROUP BY log_partition ORDER BY log_partition",
+        lit(poll_id)
     )
 }
 
-/// How far a poll's settled and fresh cube rows cover the log, from its totals rows (a few
-/// per write, found by the cube's sort key).
-pub fn cube_positions(poll_id: &str) -> String {
-    let poll = lit(poll_id);
-    let total = lit(TOTAL_SET);
+/// The newest finished run adding up a poll's settled rows of one of its own keys' sets,
+/// per partition: `(partition, upto, run, rows)`, no row for a partition before its first.
+/// With `partition`, that partition's only.
+pub fn newest_compactions(poll_id: &str, set: &str, partition: Option<u16>) -> String {
+    let only = partition.map_or(String::new(), |p| format!(" AND log_partition = {p}"));
     format!(
-        "SELECT (SELECT max(last_seq) FROM {} WHERE poll_id = {poll} AND dims = {total}), \
-         (SELECT max(last_seq) FROM {} WHERE poll_id = {poll} AND dims = {total})",
-        cube_table(RollupLevel::Settled),
-        cube_table(RollupLevel::Fresh)
-    )
-}
-
-/// The newest finished run adding up a poll's settled rows of one of its own keys' sets:
-/// `(upto, run, rows)`; no row before the first.
-pub fn newest_compaction(poll_id: &str, set: &str) -> String {
-    format!(
-        "SELECT upto, run, rows FROM segment_cube_compactions WHERE poll_id = {} AND dims = {} \
-         ORDER BY upto DESC, run LIMIT 1",
+        "SELECT log_partition, upto, run, rows FROM segment_cube_compactions \
+         WHERE poll_id = {} AND dims = {}{only} \
+         ORDER BY log_partition, upto DESC, run LIMIT 1 BY log_partition",
         lit(poll_id),
         lit(set)
     )
 }
 
-/// How many settled rows of a poll's set lie in `(after, upto]`.
-pub fn set_rows_between(poll_id: &str, set: &str, after: u64, upto: u64) -> String {
+/// How many settled rows of a poll's set that `partition` wrote lie in `(after, upto]`.
+pub fn set_rows_between(poll_id: &str, set: &str, partition: u16, after: u64, upto: u64) -> String {
     format!(
-        "SELECT count() FROM {} WHERE poll_id = {} AND dims = {} AND last_seq > {after} \
-         AND last_seq <= {upto}",
+        "SELECT count() FROM {} WHERE poll_id = {} AND dims = {} AND log_partition = {partition} \
+         AND last_seq > {after} AND last_seq <= {upto}",
         cube_table(RollupLevel::Settled),
         lit(poll_id),
         lit(set)
@@ -812,14 +827,15 @@ pub fn set_rows_between(poll_id: &str, set: &str, after: u64, upto: u64) -> Stri
 const SET_KEY_COLUMNS: &str = "log_partition, poll_id, bucket_start, bucket_seconds, campaign, \
      channel, source, medium, country, device, dim_keys, dim_values, dims";
 
-/// One run (`run`) adding up a poll's settled rows of one of its own keys' sets up to
-/// position `upto` into `segment_cube_compact`: the rows of the newest finished run before
-/// it (`since`: its `upto` and `run`) and the settled rows after that, one row per bucket and
-/// value, answers in key order. 18.16 has no `sumMap` over strings: answers are spread one
-/// per row, added up, and gathered again.
+/// One run (`run`) adding up the settled rows `partition` wrote of a poll's set of one of
+/// its own keys, up to position `upto`, into `segment_cube_compact`: the rows of the
+/// partition's newest finished run before it (`since`: its `upto` and `run`) and the
+/// settled rows after that, one row per bucket and value, answers in key order. 18.16 has
+/// no `sumMap` over strings: answers are spread one per row, added up, and gathered again.
 pub fn compact_set(
     poll_id: &str,
     set: &str,
+    partition: u16,
     since: Option<(u64, &str)>,
     upto: u64,
     run: &str,
@@ -829,7 +845,7 @@ pub fn compact_set(
     let after = since.map_or(0, |(upto, _)| upto);
     let mut rows = format!(
         "SELECT {columns} FROM {} WHERE poll_id = {poll} AND dims = {set} \
-         AND last_seq > {after} AND last_seq <= {upto}",
+         AND log_partition = {partition} AND last_seq > {after} AND last_seq <= {upto}",
         cube_table(RollupLevel::Settled)
     );
     if let Some((before, before_run)) = since {
@@ -883,11 +899,10 @@ pub fn record_compaction(
     )
 }
 
-/// [`cube_positions`], then whether the cube holds every rollup write of the poll, per
-/// level (settled, fresh): the first write of the level has its cube rows. Writes made
-/// before the cube existed have none and every write since has them, so the first one
-/// tells. Reads the `last_seq` of every whole segment of the poll: asked once per poll and
-/// process.
+/// Whether the cube holds every rollup write of a poll, per level (settled, fresh): the
+/// first write of the level has its cube rows. Writes made before the cube existed have
+/// none and every write since has them, so the first one tells. Reads the `last_seq` of
+/// every whole segment of the poll: asked once per poll and process.
 pub fn cube_coverage(poll_id: &str) -> String {
     let poll = lit(poll_id);
     let level = |level: RollupLevel| {
@@ -900,8 +915,7 @@ pub fn cube_coverage(poll_id: &str) -> String {
         )
     };
     format!(
-        "{}, {}, {}",
-        cube_positions(poll_id),
+        "SELECT {}, {}",
         level(RollupLevel::Settled),
         level(RollupLevel::Fresh)
     )
@@ -943,9 +957,10 @@ pub enum RollupSource<'a> {
     Cube {
         dims: &'a str,
         filtered: bool,
-        /// The newest finished run adding up the set's settled rows ([`compact_set`]), its
-        /// `upto` and `run`, read in place of the settled rows it holds.
-        compacted: Option<(u64, &'a str)>,
+        /// The newest finished run adding up the set's settled rows ([`compact_set`]) of
+        /// each partition that has one, its `upto` and `run`, read in place of the settled
+        /// rows it holds.
+        compacted: &'a [(u16, u64, String)],
     },
     /// The poll's totals, grouped by nothing.
     Totals,
@@ -974,16 +989,17 @@ pub fn reads_answer_lists(query: &BreakdownQuery, source: RollupSource) -> bool 
 }
 
 /// The rows ([`RowShape`]) of a breakdown from the rollups whose bucket starts in
-/// `[from, to)` (epoch seconds): settled rows up to `settled`, fresh rows after it up to
-/// `fresh`; of a set with a finished run adding up its settled rows up to a position at or
-/// before `settled`, that run's rows and the settled rows after it. Per answer, answer `''`
-/// holds the group's ballots. The totals (and a breakdown by nothing) are always read
-/// [`RowShape::PerAnswer`]: a few rows.
+/// `[from, to)` (epoch seconds), each partition of the log as far as its own positions go:
+/// settled rows up to its position in `settled`, fresh rows after it up to its position in
+/// `fresh`; of a set with a finished run adding up a partition's settled rows up to a
+/// position at or before its settled one, that run's rows and the settled rows after it.
+/// Per answer, answer `''` holds the group's ballots. The totals (and a breakdown by
+/// nothing) are always read [`RowShape::PerAnswer`]: a few rows.
 pub fn breakdown_rollups(
     query: &BreakdownQuery,
     source: RollupSource,
-    settled: u64,
-    fresh: u64,
+    settled: &[(u16, u64)],
+    fresh: &[(u16, u64)],
     (from, to): (Option<i64>, Option<i64>),
     shape: RowShape,
 ) -> String {
@@ -1026,33 +1042,45 @@ pub fn breakdown_rollups(
             lit(&query.poll_id)
         )
     };
-    let compacted = match source {
-        RollupSource::Cube {
-            compacted: Some((upto, run)),
-            ..
-        } if upto <= settled => Some((upto, run)),
-        _ => None,
+    // The runs that hold no more than their partition's settled rows.
+    let compacted: Vec<&(u16, u64, String)> = match source {
+        RollupSource::Cube { compacted, .. } => compacted
+            .iter()
+            .filter(|(partition, upto, _)| {
+                settled
+                    .iter()
+                    .any(|(p, position)| p == partition && upto <= position)
+            })
+            .collect(),
+        _ => Vec::new(),
     };
+    let added_up: Vec<(u16, u64)> = compacted.iter().map(|(p, upto, _)| (*p, *upto)).collect();
     let mut rows = format!(
         "{} UNION ALL {}",
         part(
             RollupLevel::Settled,
             format!(
-                "last_seq > {} AND last_seq <= {settled}",
-                compacted.map_or(0, |(upto, _)| upto)
+                "{} AND {}",
+                above("last_seq", &added_up),
+                at_most("last_seq", settled)
             )
         ),
         part(
             RollupLevel::Fresh,
-            format!("last_seq > {settled} AND last_seq <= {fresh}")
+            format!(
+                "{} AND {}",
+                above("last_seq", settled),
+                at_most("last_seq", fresh)
+            )
         ),
     );
-    if let Some((upto, run)) = compacted {
+    if !compacted.is_empty() {
+        let runs: Vec<String> = compacted.iter().map(|(_, _, run)| lit(run)).collect();
         rows.push_str(&format!(
             " UNION ALL SELECT {columns} FROM segment_cube_compact WHERE poll_id = {} \
-             AND upto = {upto} AND run = {}{common}",
+             AND run IN ({}){common}",
             lit(&query.poll_id),
-            lit(run)
+            runs.join(", ")
         ));
     }
     match shape {
@@ -1074,8 +1102,9 @@ fn seconds(ms: &i64) -> i64 {
     (ms / 1000).min(i64::from(u32::MAX))
 }
 
-/// The same rows from the raw votes up to `as_of` received in any of `ranges`.
-pub fn breakdown_votes(query: &BreakdownQuery, as_of: u64, ranges: &[MsRange]) -> String {
+/// The same rows from the raw votes, each partition up to its position in `as_of`,
+/// received in any of `ranges`.
+pub fn breakdown_votes(query: &BreakdownQuery, as_of: &[(u16, u64)], ranges: &[MsRange]) -> String {
     let ranges: Vec<String> = ranges
         .iter()
         .map(|(from, to)| {
@@ -1104,9 +1133,10 @@ pub fn breakdown_votes(query: &BreakdownQuery, as_of: u64, ranges: &[MsRange]) -
     };
     format!(
         "SELECT {} AS g, opt, count() FROM votes ARRAY JOIN arrayConcat([''], choice) AS opt \
-         WHERE poll_id = {} AND seq <= {as_of} AND ({ranges}){} GROUP BY g, opt LIMIT {BREAKDOWN_ROW_LIMIT}",
+         WHERE poll_id = {} AND {} AND ({ranges}){} GROUP BY g, opt LIMIT {BREAKDOWN_ROW_LIMIT}",
         group_key(query),
         lit(&query.poll_id),
+        at_most("seq", as_of),
         segment_filter(query)
     )
 }
@@ -1322,25 +1352,43 @@ pub fn all_for_check() -> Vec<(String, String)> {
     statements.push(("drop the external batch".into(), "DROP TABLE batch".into()));
     statements.push(("votes watermark".into(), votes_watermark(0)));
     statements.push(("windows watermark".into(), windows_watermark(0)));
-    statements.push(("tally totals".into(), tally_totals("p")));
-    statements.push(("tally counts".into(), tally_counts("p", 7)));
+    statements.push(("poll positions".into(), poll_positions("p")));
+    for positions in [&[][..], &[(0, 7)], &[(0, 7), (1, 3)]] {
+        statements.push((
+            format!("tally counts at {positions:?}"),
+            tally_counts("p", positions),
+        ));
+    }
     statements.push(("voter keys".into(), voter_keys("p")));
     statements.push(("window widths".into(), window_widths("p")));
-    statements.push(("rollup positions".into(), rollup_positions("p")));
-    statements.push(("cube positions".into(), cube_positions("p")));
+    for level in RollupLevel::ALL {
+        for totals in [false, true] {
+            statements.push((
+                format!("rollup positions {level:?} (totals: {totals})"),
+                rollup_positions("p", level, totals),
+            ));
+        }
+    }
     statements.push(("cube coverage".into(), cube_coverage("p")));
-    statements.push(("newest compaction".into(), newest_compaction("p", "plan")));
+    statements.push((
+        "newest compactions".into(),
+        newest_compactions("p", "plan", None),
+    ));
+    statements.push((
+        "newest compaction of a partition".into(),
+        newest_compactions("p", "plan", Some(0)),
+    ));
     statements.push((
         "set rows between".into(),
-        set_rows_between("p", "plan", 3, 7),
+        set_rows_between("p", "plan", 0, 3, 7),
     ));
     statements.push((
         "compact a set".into(),
-        compact_set("p", "plan", None, 7, "run-1"),
+        compact_set("p", "plan", 0, None, 7, "run-1"),
     ));
     statements.push((
         "compact a set again".into(),
-        compact_set("p", "plan", Some((7, "run-1")), 9, "run-2"),
+        compact_set("p", "plan", 0, Some((7, "run-1")), 9, "run-2"),
     ));
     statements.push((
         "compacted rows".into(),
@@ -1359,8 +1407,12 @@ pub fn all_for_check() -> Vec<(String, String)> {
         ),
     ));
     statements.push(("vote positions".into(), vote_positions()));
-    statements.push(("last seq".into(), last_seq("p")));
-    statements.push(("ballots of a poll".into(), ballots_of_poll("p", 7)));
+    for positions in [&[(0, 7)][..], &[(0, 7), (1, 3)]] {
+        statements.push((
+            format!("ballots of a poll at {positions:?}"),
+            ballots_of_poll("p", positions),
+        ));
+    }
     for table in ["ballots", "answers", "ballot_dimensions"] {
         for positions in [&[][..], &[(0, 7)], &[(0, 7), (1, 3)], &[(1, 3), (4, 9)]] {
             let body = pinned(table, positions).expect("a pinned table");
@@ -1400,44 +1452,74 @@ pub fn all_for_check() -> Vec<(String, String)> {
             breakdown_rollups(
                 &query,
                 RollupSource::Whole,
-                5,
-                7,
+                &[(0, 5)],
+                &[(0, 7)],
                 (Some(1_699_999_980), Some(1_800_000_000)),
                 shape,
             ),
         ));
         statements.push((
             format!("breakdown rollups, all buckets {shape:?}"),
-            breakdown_rollups(&query, RollupSource::Whole, 0, 7, (None, None), shape),
+            breakdown_rollups(
+                &query,
+                RollupSource::Whole,
+                &[],
+                &[(0, 7)],
+                (None, None),
+                shape,
+            ),
         ));
         let cube = RollupSource::Cube {
             dims: "country,device",
             filtered: true,
-            compacted: None,
+            compacted: &[],
         };
+        let (settled, fresh) = (&[(0, 5), (1, 9)][..], &[(0, 7), (2, 4)][..]);
         statements.push((
             format!("breakdown cube {shape:?}"),
-            breakdown_rollups(&query, cube, 5, 7, (Some(1_699_999_980), None), shape),
+            breakdown_rollups(
+                &query,
+                cube,
+                settled,
+                fresh,
+                (Some(1_699_999_980), None),
+                shape,
+            ),
         ));
+        let runs = [(0, 4, "run-1".to_owned()), (1, 9, "run-2".to_owned())];
         let compacted = RollupSource::Cube {
             dims: "plan",
             filtered: false,
-            compacted: Some((4, "run-1")),
+            compacted: &runs,
         };
         statements.push((
             format!("breakdown compacted set {shape:?}"),
-            breakdown_rollups(&query, compacted, 5, 7, (Some(1_699_999_980), None), shape),
+            breakdown_rollups(
+                &query,
+                compacted,
+                settled,
+                fresh,
+                (Some(1_699_999_980), None),
+                shape,
+            ),
         ));
         statements.push((
             format!("breakdown cube totals {shape:?}"),
-            breakdown_rollups(&query, RollupSource::Totals, 5, 7, (None, None), shape),
+            breakdown_rollups(
+                &query,
+                RollupSource::Totals,
+                settled,
+                fresh,
+                (None, None),
+                shape,
+            ),
         ));
     }
     statements.push((
         "breakdown votes".into(),
         breakdown_votes(
             &query,
-            7,
+            &[(0, 7), (1, 9)],
             &[
                 (Some(1_699_999_999_000), Some(1_700_000_040_000)),
                 (Some(1_800_000_000_000), None),

@@ -2,6 +2,7 @@
 //! clickhouse-server for each test. Every test here needs one (`needs_clickhouse` in its
 //! name).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tally_clickhouse::{ClickHouseConfig, ClickHouseWarehouse};
@@ -237,12 +238,18 @@ async fn needs_clickhouse_rows_added_up_per_answer_list_equal_the_votes() {
     let source = RollupSource::Cube {
         dims: &set.dims,
         filtered: false,
-        compacted: None,
+        compacted: &[],
     };
     let mut sums = Vec::new();
     for shape in [RowShape::PerAnswerList, RowShape::PerAnswer] {
-        let mut statement =
-            sql::breakdown_rollups(&query(&["store"]), source, 500, 600, (None, None), shape);
+        let mut statement = sql::breakdown_rollups(
+            &query(&["store"]),
+            source,
+            &[(0, 500)],
+            &[(0, 600)],
+            (None, None),
+            shape,
+        );
         if shape == RowShape::PerAnswerList {
             // A row per group and answer list, spread here one per answer.
             statement = format!(
@@ -302,15 +309,15 @@ async fn run_sql(url: &str, database: &str, sql: &str) -> String {
 /// A breakdown by one of the poll's own keys reads its set's added-up runs
 /// (`Warehouse::compact_sets`) in place of the settled rows they hold: the same answer as
 /// the votes before and after each run, a run started only once enough rows came since the
-/// last, and a run that never finished (no record) not read.
+/// last, and a run that never finished (no record) not read. The poll's rollups are written
+/// by `partitions` in turn, each numbering its own positions from 1, and each adds up only
+/// its own rows. Answers each partition's runs (their `upto`).
 async fn added_up_sets_read_alike(
     warehouse: &ClickHouseWarehouse,
     url: &str,
     database: &str,
-    partition: u16,
-) {
-    use std::collections::BTreeMap;
-
+    partitions: &[u16],
+) -> BTreeMap<u16, Vec<u64>> {
     use tally_core::analytics::{BreakdownQuery, Dimension};
     use tally_core::ports::Warehouse;
     use tally_core::rollup::{RollupLevel, Rollups};
@@ -340,15 +347,21 @@ async fn added_up_sets_read_alike(
     };
     let sets = vec![("compacted".to_owned(), "store".to_owned())];
     let runs = || async {
-        run_sql(
+        let mut runs: BTreeMap<u16, Vec<u64>> = BTreeMap::new();
+        let rows = run_sql(
             url,
             database,
-            "SELECT upto FROM segment_cube_compactions WHERE poll_id = 'compacted' ORDER BY upto",
+            "SELECT log_partition, upto FROM segment_cube_compactions \
+             WHERE poll_id = 'compacted' ORDER BY log_partition, upto",
         )
-        .await
-        .lines()
-        .map(|line| line.parse::<u64>().unwrap())
-        .collect::<Vec<_>>()
+        .await;
+        for line in rows.lines() {
+            let (partition, upto) = line.split_once('\t').expect("two columns");
+            runs.entry(partition.parse().unwrap())
+                .or_default()
+                .push(upto.parse().unwrap());
+        }
+        runs
     };
     // The breakdown equals the first `counted` votes.
     let check = |counted: usize| {
@@ -374,12 +387,17 @@ async fn added_up_sets_read_alike(
             assert_eq!(got, truth, "after {counted} votes");
         }
     };
+    // How far each partition's writes go.
+    let mut positions: BTreeMap<u16, u64> = BTreeMap::new();
     for (write, chunk) in votes.chunks(WRITE as usize).enumerate() {
+        let partition = partitions[write % partitions.len()];
+        let position = positions.entry(partition).or_default();
         let mut rollups = Rollups::default();
         for (i, v) in chunk.iter().enumerate() {
-            rollups.add(v, write as u64 * WRITE + i as u64 + 1);
+            rollups.add(v, *position + i as u64 + 1);
         }
-        let covered = (write as u64 + 1) * WRITE;
+        *position += WRITE;
+        let covered = *position;
         let level = if write < 5 {
             RollupLevel::Settled
         } else {
@@ -395,32 +413,61 @@ async fn added_up_sets_read_alike(
                 .await
                 .expect("add up");
         }
-        check(covered as usize).await;
+        let counted = (write + 1) * WRITE as usize;
+        check(counted).await;
         if write == 0 {
             // 2,500 rows: enough for a first run.
-            assert_eq!(runs().await, [WRITE]);
+            assert_eq!(runs().await, BTreeMap::from([(partition, vec![WRITE])]));
             // A run that did not finish: rows without a record, which a read would count
             // twice.
-            let statement =
-                tally_clickhouse::sql::compact_set("compacted", "store", None, WRITE, "unfinished");
+            let statement = tally_clickhouse::sql::compact_set(
+                "compacted",
+                "store",
+                partition,
+                None,
+                WRITE,
+                "unfinished",
+            );
             run_sql(url, database, &statement).await;
-            check(covered as usize).await;
+            check(counted).await;
         }
     }
-    // A run starts once the rows since the last run are at least 2,000 and at least as many
-    // as that run holds. Every write holds 2,500 rows (a store per vote; the first 5,600
-    // votes in one hour, the rest in the next). First write: a run (2,500 rows). Second:
-    // 2,500 more, a run (3,000: every store once). Third: 2,500 < 3,000, none. Fourth:
-    // 5,000 since, a run (6,000: every store in both hours). Fifth: 2,500 < 6,000, none.
-    assert_eq!(runs().await, [WRITE, 2 * WRITE, 4 * WRITE]);
+    runs().await
 }
+
+/// Each partition's runs when one partition writes every rollup of the poll: a run starts
+/// once the rows since the last run are at least 2,000 and at least as many as that run
+/// holds. Every write holds 2,500 rows (a store per vote; the first 5,600 votes in one
+/// hour, the rest in the next). First write: a run (2,500 rows). Second: 2,500 more, a run
+/// (3,000: every store once). Third: 2,500 < 3,000, none. Fourth: 5,000 since, a run
+/// (6,000: every store in both hours). Fifth: 2,500 < 6,000, none.
+const ONE_PARTITIONS_RUNS: [u64; 3] = [2_500, 5_000, 10_000];
 
 #[tokio::test]
 async fn needs_clickhouse_a_set_added_up_reads_alike() {
     require!(ClickHouse);
     let config = one_server_config("added_up").await;
     let warehouse = ClickHouseWarehouse::new(&config).expect("warehouse");
-    added_up_sets_read_alike(&warehouse, &config.url, &config.database, 0).await;
+    let runs = added_up_sets_read_alike(&warehouse, &config.url, &config.database, &[0]).await;
+    assert_eq!(runs, BTreeMap::from([(0, ONE_PARTITIONS_RUNS.to_vec())]));
+}
+
+/// The same with the poll's rollups written by two partitions in turn (as a poll spread
+/// over partitions has them), each numbering its positions from 1: each partition adds up
+/// its own rows only, and a breakdown reads each partition's runs and rows as far as its
+/// own positions go. Partition 0 writes 1, 3 and 5 (settled), partition 1 writes 2 and 4
+/// (settled) and 6 (fresh): each makes a run at its first write (2,500 rows) and at its
+/// second (2,500 since ≥ 2,500 held), none at its third.
+#[tokio::test]
+async fn needs_clickhouse_a_set_of_a_poll_over_two_partitions_added_up_reads_alike() {
+    require!(ClickHouse);
+    let config = one_server_config("added_up_two").await;
+    let warehouse = ClickHouseWarehouse::new(&config).expect("warehouse");
+    let runs = added_up_sets_read_alike(&warehouse, &config.url, &config.database, &[0, 1]).await;
+    assert_eq!(
+        runs,
+        BTreeMap::from([(0, vec![2_500, 5_000]), (1, vec![2_500, 5_000])])
+    );
 }
 
 /// The same on a warehouse sharded over two servers, the poll's partition on the second:
@@ -434,7 +481,8 @@ async fn needs_clickhouse_sharded_a_set_added_up_reads_alike() {
         .expect("clickhouse cluster");
     let config = sharded_config("added_up_sharded", 0).await;
     let warehouse = ClickHouseWarehouse::new(&config).expect("warehouse");
-    added_up_sets_read_alike(&warehouse, &config.url, &config.database, 1).await;
+    let runs = added_up_sets_read_alike(&warehouse, &config.url, &config.database, &[1]).await;
+    assert_eq!(runs, BTreeMap::from([(1, ONE_PARTITIONS_RUNS.to_vec())]));
     let local = format!(
         "{}{}",
         config.database,

@@ -20,6 +20,9 @@ pub use log::{
     partition_of, Appended, LogEntry, LogReader, LogRetention, VoteLog, APPEND_MANY_IN_FLIGHT,
 };
 pub use registry::{PollChange, PollRegistry};
-pub use warehouse::{AnalystRows, StoredVote, Warehouse, Watermarks, WindowRow};
+pub use warehouse::{
+    newer_positions, poll_as_of, AnalystRows, Positions, StoredVote, Warehouse, Watermarks,
+    WindowRow,
+};
 
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = T> + Send>>;

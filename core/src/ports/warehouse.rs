@@ -61,18 +61,45 @@ impl Watermarks {
     }
 }
 
+/// The position of each partition of the log a poll's rows were read at.
+pub type Positions = BTreeMap<u16, u64>;
+
+/// What a read of a poll at `positions` reports as its `as_of`: for a poll whose votes go
+/// to one partition of the log, its position there; for a poll whose votes come from
+/// several, the sum of theirs. Each partition's position only grows, so the sum grows
+/// whenever any of them does and a newer read never reports less — while the counts
+/// themselves are read per partition, each as far as its own rows go (partitions number
+/// their entries independently, so no one position bounds them all).
+pub fn poll_as_of(positions: &Positions) -> u64 {
+    positions
+        .values()
+        .fold(0u64, |sum, position| sum.saturating_add(*position))
+}
+
+/// Per partition, the newer of its two positions in `a` and `b` (either, where the other
+/// has none): how far a poll's rollups of both levels go in each partition.
+pub fn newer_positions(a: &Positions, b: &Positions) -> Positions {
+    let mut newer = a.clone();
+    for (partition, position) in b {
+        let at = newer.entry(*partition).or_default();
+        *at = (*at).max(*position);
+    }
+    newer
+}
+
 /// Rows for analysts — the answer to an analyst query, or a poll's ballots for an export —
 /// as Arrow batches streamed while the engine makes them, exact as of one position of the
 /// log. Dropping it (or its stream) cancels the work behind it.
 pub struct AnalystRows {
     pub schema: SchemaRef,
-    /// The log position the rows are exact as of: for a poll's ballots, the sequence of its
-    /// last counted vote (what its results call `as_of`); for an analyst query, the highest
-    /// of `positions`.
+    /// The log position the rows are exact as of: for a poll's ballots, [`poll_as_of`] its
+    /// `positions` (what its results call `as_of`); for an analyst query, the highest of
+    /// `positions`.
     pub as_of: u64,
-    /// An analyst query: the position each partition of the log was read at (every counted
-    /// vote of the partition up to it, none after). Empty for a poll's ballots.
-    pub positions: BTreeMap<u16, u64>,
+    /// The position each partition of the log was read at (every counted vote of the
+    /// partition up to it, none after): for a poll's ballots, the partitions that hold its
+    /// votes, each at its last counted vote of the poll.
+    pub positions: Positions,
     /// The batches, each of `schema`; an error ends the stream (a limit hit while rows were
     /// coming is a `sql-limit-exceeded` problem).
     pub batches: BoxStream<Result<RecordBatch>>,
@@ -136,13 +163,15 @@ pub trait Warehouse: Send + Sync + 'static {
         let _ = (partition, sets, covered);
         Ok(())
     }
-    /// The exact tally of a poll over every stored vote.
+    /// The exact tally of a poll over every stored vote, of every partition its votes come
+    /// from; `as_of` is [`poll_as_of`] the last stored vote of each.
     async fn tally(&self, poll_id: &str) -> Result<Tally>;
     /// The distinct non-empty voter keys of a poll.
     async fn voter_keys(&self, poll_id: &str) -> Result<Vec<String>>;
-    /// Ballots and answer counts per group, exact as of the poll's newest rollup row
-    /// (`as_of`): read from [`RollupRow`]s, with cut buckets of a time range completed from
-    /// the raw votes (see [`crate::rollup`]).
+    /// Ballots and answer counts per group, exact as of the poll's newest rollup row in
+    /// each partition its votes come from (`as_of`: [`poll_as_of`] those): read from
+    /// [`RollupRow`]s, with cut buckets of a time range completed from the raw votes (see
+    /// [`crate::rollup`]).
     async fn breakdown(&self, query: &BreakdownQuery) -> Result<Breakdown>;
     /// The widths of the tumbling windows a poll's window rows were written with (the
     /// processor's setting when it wrote them), smallest first; empty before its first vote.
@@ -189,10 +218,41 @@ pub trait Warehouse: Send + Sync + 'static {
     }
 
     /// Every counted ballot of a poll, as [`crate::analyst::ballot_schema`] rows in no
-    /// particular order, exact as of the poll's last counted vote when the call was made
-    /// (`as_of`): a vote counted while the rows stream is not among them.
+    /// particular order, exact as of the poll's last counted vote in each partition when
+    /// the call was made (`positions`, and `as_of` as its results report it): a vote
+    /// counted while the rows stream is not among them.
     async fn ballots(&self, poll_id: &str) -> Result<AnalystRows> {
         let _ = poll_id;
         Err(no_analyst_tables("exporting ballots"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_polls_position_adds_up_its_partitions() {
+        assert_eq!(poll_as_of(&Positions::new()), 0);
+        assert_eq!(poll_as_of(&Positions::from([(3, 41)])), 41);
+        assert_eq!(poll_as_of(&Positions::from([(0, 30), (1, 31)])), 61);
+        assert_eq!(
+            poll_as_of(&Positions::from([(0, u64::MAX), (1, 1)])),
+            u64::MAX
+        );
+    }
+
+    #[test]
+    fn newer_positions_take_each_partitions_newer() {
+        let settled = Positions::from([(0, 5), (1, 3)]);
+        let fresh = Positions::from([(1, 7), (2, 1)]);
+        assert_eq!(
+            newer_positions(&settled, &fresh),
+            Positions::from([(0, 5), (1, 7), (2, 1)])
+        );
+        assert_eq!(
+            newer_positions(&fresh, &settled),
+            newer_positions(&settled, &fresh)
+        );
     }
 }

@@ -99,6 +99,8 @@ const BALLOTS_OF_POLL: &str = "SELECT seq, vote_id, nullif(voter_key, '') AS vot
 struct Head {
     schema: SchemaRef,
     as_of: u64,
+    /// The positions the rows are exact as of, when the work learns them.
+    positions: BTreeMap<u16, u64>,
 }
 
 impl Inner {
@@ -184,6 +186,7 @@ impl Inner {
             let _ = head.send(Head {
                 schema: physical.schema(),
                 as_of,
+                positions: BTreeMap::new(),
             });
             let mut taken = Taken::default();
             pump(stream, &out, |batch| taken.add(batch, &limits), &limits).await;
@@ -214,17 +217,17 @@ impl Inner {
             let _files = register_tables(&ctx, vec![votes]).await?;
             let poll = || vec![ScalarValue::Utf8(Some(poll_id.clone()))];
             let last = ctx
-                .sql("SELECT max(seq) FROM votes WHERE poll_id = $1")
+                .sql(
+                    "SELECT log_partition, max(seq) FROM votes WHERE poll_id = $1 \
+                     GROUP BY log_partition",
+                )
                 .await
                 .and_then(|frame| frame.with_param_values(poll()))
                 .map_err(storage)?
                 .collect()
                 .await
                 .map_err(storage)?;
-            let as_of = super::columns::u64s(&last, 0)?
-                .first()
-                .copied()
-                .unwrap_or(0);
+            let positions = super::sql::partition_positions(&last)?;
             let frame = ctx
                 .sql(BALLOTS_OF_POLL)
                 .await
@@ -235,7 +238,8 @@ impl Inner {
             let schema = analyst::ballot_schema();
             let _ = head.send(Head {
                 schema: schema.clone(),
-                as_of,
+                as_of: tally_core::ports::poll_as_of(&positions),
+                positions,
             });
             let reshape = move |batch: RecordBatch| as_ballots(&schema, batch);
             pump(stream, &out, reshape, &unlimited).await;
@@ -301,7 +305,7 @@ impl Inner {
         Ok(AnalystRows {
             schema: head.schema,
             as_of: head.as_of,
-            positions: BTreeMap::new(),
+            positions: head.positions,
             batches: batches(out_rx, task),
             rows_read,
         })

@@ -19,6 +19,7 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::prelude::ParquetReadOptions;
 use futures::StreamExt;
 use tally_core::analytics::{Breakdown, BreakdownQuery, Dimension, TimePoint, TimeseriesQuery};
+use tally_core::ports::{newer_positions, poll_as_of, Positions};
 use tally_core::results::Tally;
 use tally_core::rollup::{
     self, BreakdownPlan, BreakdownRow, CubeSet, GroupSums, RollupLevel, BREAKDOWN_ROW_LIMIT,
@@ -216,6 +217,59 @@ impl Inner {
     }
 }
 
+/// `(log_partition, position)` rows as positions.
+pub(super) fn partition_positions(rows: &[RecordBatch]) -> Result<Positions> {
+    let partitions = u64s(rows, 0)?;
+    let positions = u64s(rows, 1)?;
+    partitions
+        .into_iter()
+        .zip(positions)
+        .map(|(partition, position)| {
+            let partition = u16::try_from(partition).map_err(storage)?;
+            Ok((partition, position))
+        })
+        .collect()
+}
+
+/// Each partition's bound in `bounds`, as an expression of a row's `log_partition`; 0 for
+/// a partition without one.
+fn bound_of_partition(bounds: &Positions) -> String {
+    let cases: Vec<String> = bounds
+        .iter()
+        .map(|(partition, bound)| format!("WHEN {partition} THEN {bound}"))
+        .collect();
+    format!(
+        "CAST(CASE log_partition {} ELSE 0 END AS BIGINT UNSIGNED)",
+        cases.join(" ")
+    )
+}
+
+/// `column` at most the bound of its row's partition in `bounds`: none of the rows of a
+/// partition without one.
+fn at_most(column: &str, bounds: &Positions) -> String {
+    match bounds.len() {
+        0 => "false".to_owned(),
+        1 => {
+            let (partition, bound) = bounds.iter().next().expect("one bound");
+            format!("(log_partition = {partition} AND {column} <= {bound})")
+        }
+        _ => format!("{column} <= {}", bound_of_partition(bounds)),
+    }
+}
+
+/// `column` above the bound of its row's partition in `bounds`: every row of a partition
+/// without one.
+fn above(column: &str, bounds: &Positions) -> String {
+    match bounds.len() {
+        0 => "true".to_owned(),
+        1 => {
+            let (partition, bound) = bounds.iter().next().expect("one bound");
+            format!("(log_partition <> {partition} OR {column} > {bound})")
+        }
+        _ => format!("{column} > {}", bound_of_partition(bounds)),
+    }
+}
+
 /// The tables that hold segments: the rollups of both levels (all a breakdown of whole
 /// buckets reads) and the raw votes (for the cut buckets of a time range).
 const SEGMENT_KINDS: [Kind; 3] = [
@@ -228,7 +282,7 @@ impl Snapshot {
     async fn tally(&self, poll_id: &str) -> Result<Tally> {
         let totals = self
             .query(
-                "SELECT count(*), count(DISTINCT nullif(voter_key, '')), max(seq) FROM votes WHERE poll_id = $1",
+                "SELECT count(*), count(DISTINCT nullif(voter_key, '')) FROM votes WHERE poll_id = $1",
                 vec![text(poll_id)],
             )
             .await?;
@@ -238,6 +292,7 @@ impl Snapshot {
                 vec![text(poll_id)],
             )
             .await?;
+        let positions = self.positions("votes", "seq", poll_id, "").await?;
         let options = strings(&counts, 0)?;
         let numbers = u64s(&counts, 1)?;
         let first = |column| -> Result<u64> {
@@ -247,8 +302,28 @@ impl Snapshot {
             ballots: first(0)?,
             unique_voters: first(1)?,
             counts: options.into_iter().zip(numbers).collect(),
-            as_of: first(2)?,
+            as_of: poll_as_of(&positions),
         })
+    }
+
+    /// The highest `column` of a poll's rows of `table` (and `filter`) in each partition.
+    async fn positions(
+        &self,
+        table: &str,
+        column: &str,
+        poll_id: &str,
+        filter: &str,
+    ) -> Result<Positions> {
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT log_partition, max({column}) FROM {table} WHERE poll_id = $1{filter} \
+                     GROUP BY log_partition"
+                ),
+                vec![text(poll_id)],
+            )
+            .await?;
+        partition_positions(&rows)
     }
 
     /// `query` read from the dimension set `cube` (`None`: the whole segments) as `plan`
@@ -264,21 +339,16 @@ impl Snapshot {
             Kind::Rollups(RollupLevel::Settled),
         );
         // Every write holds the poll's totals rows, a few per write: the newest of each
-        // level is how far its rows go.
-        let positions = self
-            .query(
-                &format!(
-                    "SELECT (SELECT max(last_seq) FROM {} WHERE poll_id = $1 AND dims = '{TOTAL_SET}'), \
-                     (SELECT max(last_seq) FROM {} WHERE poll_id = $1 AND dims = '{TOTAL_SET}')",
-                    settled_kind.table(),
-                    fresh_kind.table()
-                ),
-                vec![text(&query.poll_id)],
-            )
+        // level in each partition is how far the partition's rows of the level go.
+        let totals = format!(" AND dims = '{TOTAL_SET}'");
+        let settled = self
+            .positions(settled_kind.table(), "last_seq", &query.poll_id, &totals)
             .await?;
-        let settled = u64s(&positions, 0)?.first().copied().unwrap_or_default();
-        let fresh = u64s(&positions, 1)?.first().copied().unwrap_or_default();
-        let as_of = settled.max(fresh);
+        let fresh = self
+            .positions(fresh_kind.table(), "last_seq", &query.poll_id, &totals)
+            .await?;
+        let covered = newer_positions(&settled, &fresh);
+        let as_of = poll_as_of(&covered);
         let (filter, params) = segment_filter(query)?;
         let exprs = query
             .by
@@ -310,10 +380,14 @@ impl Snapshot {
                 };
                 format!(
                     "{} UNION ALL {}",
-                    level(settled_kind, format!("last_seq <= {settled}")),
+                    level(settled_kind, at_most("last_seq", &settled)),
                     level(
                         fresh_kind,
-                        format!("last_seq > {settled} AND last_seq <= {fresh}")
+                        format!(
+                            "{} AND {}",
+                            above("last_seq", &settled),
+                            at_most("last_seq", &fresh)
+                        )
                     ),
                 )
             };
@@ -356,9 +430,10 @@ impl Snapshot {
                 .query(
                     &format!(
                         "SELECT {groups}, count(*) FROM (SELECT {} FROM votes \
-                         WHERE poll_id = $1 AND seq <= {as_of} AND ({}){filter}) \
+                         WHERE poll_id = $1 AND {} AND ({}){filter}) \
                          GROUP BY {groups} LIMIT {BREAKDOWN_ROW_LIMIT}",
                         select.join(", "),
+                        at_most("seq", &covered),
                         ranges.join(" OR "),
                     ),
                     params.clone(),
