@@ -32,7 +32,12 @@ pub async fn a_purged_poll_leaves_the_log_up_to_its_bound(log: Arc<dyn VoteLog>)
         .retention()
         .expect("a log run by this suite lets finished polls go");
     const OTHER: &str = "conf-log-kept";
-    assert_eq!(retention.poll_tip(POLL).await.expect("tip"), None, "empty");
+    let (at, other_at) = (log.partition_of(POLL), log.partition_of(OTHER));
+    assert_eq!(
+        retention.poll_tip(POLL, at).await.expect("tip"),
+        None,
+        "empty"
+    );
     let (first, key) = first_vote();
     let seq1 = append_first(log.as_ref(), &first, &key).await;
     let kept = vote(OTHER, "o-1", "k1", "a", 1_000);
@@ -41,30 +46,30 @@ pub async fn a_purged_poll_leaves_the_log_up_to_its_bound(log: Arc<dyn VoteLog>)
     let late = vote(POLL, "v-3", "k3", "a", 1_002);
     let late_key = late.unique_key(Dedupe::PerVoter);
     let seq3 = append_first(log.as_ref(), &late, &late_key).await;
-    assert_eq!(retention.poll_tip(POLL).await.expect("tip"), Some(seq3));
+    assert_eq!(retention.poll_tip(POLL, at).await.expect("tip"), Some(seq3));
     assert_eq!(
-        retention.poll_tip(OTHER).await.expect("tip"),
+        retention.poll_tip(OTHER, other_at).await.expect("tip"),
         Some(kept_seq)
     );
 
     // Up to the first vote only: the one after the bound stays.
-    let purged = retention.purge_poll(POLL, seq1).await.expect("purge");
+    let purged = retention.purge_poll(POLL, at, seq1).await.expect("purge");
     assert_eq!(purged, 1, "one entry up to the bound");
     assert_eq!(log.find(&first, &key).await.expect("find"), None, "purged");
     assert!(
         log.find(&late, &late_key).await.expect("find").is_some(),
         "an entry after the bound stays"
     );
-    assert_eq!(retention.poll_tip(POLL).await.expect("tip"), Some(seq3));
-    let purged = retention.purge_poll(POLL, seq3).await.expect("purge");
+    assert_eq!(retention.poll_tip(POLL, at).await.expect("tip"), Some(seq3));
+    let purged = retention.purge_poll(POLL, at, seq3).await.expect("purge");
     assert_eq!(purged, 1);
     assert_eq!(
-        retention.poll_tip(POLL).await.expect("tip"),
+        retention.poll_tip(POLL, at).await.expect("tip"),
         None,
         "all gone"
     );
     assert_eq!(
-        retention.poll_tip(OTHER).await.expect("tip"),
+        retention.poll_tip(OTHER, other_at).await.expect("tip"),
         Some(kept_seq),
         "another poll keeps its entries"
     );

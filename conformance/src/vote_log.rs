@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tally_core::poll::Dedupe;
-use tally_core::ports::{Appended, LogEntry, VoteLog};
+use tally_core::ports::{spread_key, spread_partitions, Appended, LogEntry, VoteLog};
 use tally_core::vote::Vote;
 use tally_core::wire;
 
@@ -36,6 +36,7 @@ macro_rules! vote_log_suite {
                 append_many_gives_each_new_vote_its_own_sequence,
                 append_many_stores_each_new_vote_once,
                 find_answers_as_append_would_and_appends_nothing,
+                a_spread_polls_votes_are_kept_once_per_voter_on_its_partitions,
             }
         );
     };
@@ -441,4 +442,69 @@ pub async fn find_answers_as_append_would_and_appends_nothing(log: Arc<dyn VoteL
     // Finding appended nothing: the partition holds the first vote only.
     let stored = read_all(log.as_ref(), log.partition_of(POLL), 0, 1).await;
     assert_eq!(stored.len(), 1, "find appends nothing");
+}
+
+/// A poll spread over four partitions: each voter's votes go to one of its partitions (all
+/// of them used when the log has as many), where the second vote is refused and a retry
+/// finds the first, and each partition's reader sees exactly the votes placed on it.
+pub async fn a_spread_polls_votes_are_kept_once_per_voter_on_its_partitions(log: Arc<dyn VoteLog>) {
+    const SPREAD_POLL: &str = "conf-log-spread";
+    const VOTERS: usize = 40;
+    let partitions = spread_partitions(SPREAD_POLL, 4, log.partitions());
+    let mut placed: std::collections::BTreeMap<u16, Vec<String>> = Default::default();
+    for i in 0..VOTERS {
+        let first = vote(SPREAD_POLL, &format!("s-{i}"), &format!("k{i}"), "a", 1_000);
+        let key = spread_key(4, &first.unique_key(Dedupe::PerVoter));
+        let at = log.placement(SPREAD_POLL, &key);
+        assert!(partitions.contains(&at), "{key} placed on {at}");
+        let answer = log.append(&first, &key).await.expect("append");
+        assert!(
+            matches!(
+                answer,
+                Appended::Accepted {
+                    duplicate: false,
+                    ..
+                }
+            ),
+            "{answer:?}"
+        );
+        let second = vote(
+            SPREAD_POLL,
+            &format!("s2-{i}"),
+            &format!("k{i}"),
+            "b",
+            2_000,
+        );
+        let answer = log.append(&second, &key).await.expect("append");
+        assert_eq!(answer, Appended::AlreadyVoted, "the voter's second vote");
+        let found = log.find(&first, &key).await.expect("find");
+        assert!(
+            matches!(
+                found,
+                Some(Appended::Accepted {
+                    duplicate: true,
+                    ..
+                })
+            ),
+            "{found:?}"
+        );
+        placed.entry(at).or_default().push(first.vote_id.clone());
+    }
+    assert_eq!(
+        placed.len(),
+        partitions.len(),
+        "every partition of the spread takes votes: {placed:?}"
+    );
+    for partition in 0..log.partitions() {
+        let want = placed.get(&partition).cloned().unwrap_or_default();
+        let entries = read_all(log.as_ref(), partition, 0, want.len()).await;
+        let mut got: Vec<String> = entries
+            .iter()
+            .map(|entry| wire::decode(&entry.payload).expect("decode").vote_id)
+            .collect();
+        got.sort_unstable();
+        let mut want = want;
+        want.sort_unstable();
+        assert_eq!(got, want, "partition {partition}");
+    }
 }

@@ -729,6 +729,37 @@ pub async fn a_poll_over_several_partitions_counts_each_as_far_as_it_goes(
         }
     );
 
+    // Each partition's share: its own votes, as of its own last.
+    let shares = warehouse
+        .tally_by_partition(CUBE_POLL)
+        .await
+        .expect("tally by partition");
+    let share = |votes: &[StoredVote]| {
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        for stored in votes {
+            for answer in &stored.vote.choice {
+                *counts.entry(answer.clone()).or_default() += 1;
+            }
+        }
+        Tally {
+            ballots: votes.len() as u64,
+            unique_voters: votes.len() as u64,
+            counts,
+            as_of: votes.last().map_or(0, |v| v.seq),
+        }
+    };
+    let mut one_and_late = one.clone();
+    one_and_late.push(late.clone());
+    assert_eq!(
+        shares,
+        BTreeMap::from([(0, share(zero)), (1, share(&one_and_late))])
+    );
+    assert!(warehouse
+        .tally_by_partition("conf-none")
+        .await
+        .expect("tally by partition")
+        .is_empty());
+
     let answer = warehouse.ballots(CUBE_POLL).await.expect("ballots");
     assert_eq!(answer.as_of, 30 + 31);
     assert_eq!(

@@ -162,6 +162,22 @@ pub struct Poll {
     #[serde(default)]
     #[schema(value_type = u8, minimum = 1, maximum = 2)]
     pub voter_key_scheme: PseudonymScheme,
+    /// How many partitions of the vote log the poll's votes are spread over, by voter, so a
+    /// hot poll's intake and counting use that many processors (each counts its share, and
+    /// results and live totals add the shares up); at most the deployment's partition
+    /// count is used. Set at creation, never changed: a voter's partition depends on it.
+    /// 1, the default: all its votes in one partition.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[schema(minimum = 1, maximum = 64)]
+    pub spread: u16,
+}
+
+fn one() -> u16 {
+    1
+}
+
+fn is_one(n: &u16) -> bool {
+    *n == 1
 }
 
 /// A poll as the API shows it: the record plus its derived status.
@@ -315,6 +331,11 @@ pub struct NewPoll {
     )]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub closes_at: Option<i64>,
+    /// Partitions of the vote log to spread the poll's votes over, for a poll expected to
+    /// take more votes than one processor counts (docs/SCALING.md); `per_voter` polls only.
+    #[serde(default = "one")]
+    #[schema(minimum = 1, maximum = 64)]
+    pub spread: u16,
 }
 
 impl NewPoll {
@@ -350,6 +371,7 @@ impl NewPoll {
             updated_at: now_ms,
             version: 0,
             voter_key_scheme: PseudonymScheme::PerPoll,
+            spread: self.spread,
         };
         validate(&poll)?;
         Ok(poll)
@@ -547,6 +569,23 @@ fn check_text(field: &str, text: &str, max: usize) -> Result<(), Problem> {
 /// Every rule of a poll definition, for creation and for patches.
 pub fn validate(poll: &Poll) -> Result<(), Problem> {
     check_text("title", &poll.title, 200)?;
+    if !(1..=crate::ports::MAX_SPREAD).contains(&poll.spread) {
+        return Err(Problem::invalid(
+            "spread",
+            format!(
+                "a poll's votes are spread over 1 to {} partitions; {} given",
+                crate::ports::MAX_SPREAD,
+                poll.spread
+            ),
+        ));
+    }
+    if poll.spread > 1 && poll.dedupe != Dedupe::PerVoter {
+        return Err(Problem::invalid(
+            "spread",
+            "only a poll with one vote per voter (`dedupe: per_voter`) is spread over \
+             partitions: a voter's votes must meet in one partition to be counted once",
+        ));
+    }
     check_text("question", &poll.question, 1000)?;
     if let Some(campaign) = &poll.campaign {
         check_text("campaign", campaign, 128)?;
@@ -773,11 +812,50 @@ mod tests {
                 r#"{"title":"t","question":"q","kind":"nps","colour":"red"}"#,
                 "colour",
             ),
+            (
+                r#"{"title":"t","question":"q","kind":"nps","spread":0}"#,
+                "spread",
+            ),
+            (
+                r#"{"title":"t","question":"q","kind":"nps","spread":65}"#,
+                "spread",
+            ),
+            (
+                r#"{"title":"t","question":"q","kind":"nps","spread":4,"dedupe":"none"}"#,
+                "spread",
+            ),
+            (
+                r#"{"title":"t","question":"q","kind":"nps","spread":70000}"#,
+                "spread",
+            ),
         ];
         for (json, field) in cases {
             let problem = new_poll(json).unwrap_err();
             assert_eq!(problem.field.as_deref(), Some(field), "{json}: {problem:?}");
         }
+    }
+
+    /// A spread is kept with the poll, and only shown when it is more than one partition;
+    /// a patch cannot change it.
+    #[test]
+    fn a_spread_is_kept_and_never_patched() {
+        let spread = new_poll(r#"{"title":"t","question":"q","kind":"nps","spread":8}"#).unwrap();
+        assert_eq!(spread.spread, 8);
+        let stored = serde_json::to_value(&spread).unwrap();
+        assert_eq!(stored["spread"], 8);
+        let plain = new_poll(r#"{"title":"t","question":"q","kind":"nps"}"#).unwrap();
+        assert_eq!(plain.spread, 1);
+        assert!(serde_json::to_value(&plain)
+            .unwrap()
+            .get("spread")
+            .is_none());
+        let read: Poll = serde_json::from_value(serde_json::to_value(&plain).unwrap()).unwrap();
+        assert_eq!(
+            read.spread, 1,
+            "a record without one reads as one partition"
+        );
+        let patch: Result<PollPatch, _> = crate::problem::parse_json(br#"{"spread":2}"#);
+        assert_eq!(patch.unwrap_err().field.as_deref(), Some("spread"));
     }
 
     #[test]

@@ -75,6 +75,13 @@ pub struct Results {
     pub nps: Option<NpsResult>,
     pub as_of: u64,
     pub updated_at: String,
+    /// The partition of the log these totals count, when they are one partition's share of
+    /// a poll's votes (what a processor counts and publishes; the warehouse reads them per
+    /// partition too): [`Results::merge`] adds a poll's shares up. `None` for a whole poll,
+    /// as the API serves them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
+    pub partition: Option<u16>,
 }
 
 pub fn share(count: u64, total: u64) -> f64 {
@@ -157,7 +164,62 @@ impl Results {
             nps,
             as_of: tally.as_of,
             updated_at: crate::time::format_ms(now_ms),
+            partition: None,
         }
+    }
+
+    /// A poll's totals from its shares, one per partition of the log its votes come from:
+    /// the counts added up (ballots, voters, each answer, and the rating and NPS counts),
+    /// shares of ballots, the mean and the score computed again, `as_of` the sum of theirs
+    /// (see [`crate::ports::poll_as_of`]), the newest share's `updated_at` and status.
+    /// Voters add up because a voter's votes go to one partition. `None` without shares.
+    pub fn merge<'a>(shares: impl IntoIterator<Item = &'a Results>) -> Option<Results> {
+        let mut shares = shares.into_iter();
+        let first = shares.next()?;
+        let mut merged = first.clone();
+        merged.partition = None;
+        for share in shares {
+            merged.total_votes += share.total_votes;
+            merged.unique_voters += share.unique_voters;
+            merged.as_of = merged.as_of.saturating_add(share.as_of);
+            if share.updated_at > merged.updated_at {
+                merged.updated_at.clone_from(&share.updated_at);
+                merged.status = share.status;
+            }
+            for option in &share.options {
+                match merged.options.iter_mut().find(|o| o.id == option.id) {
+                    Some(held) => held.count += option.count,
+                    None => merged.options.push(option.clone()),
+                }
+            }
+            if let (Some(held), Some(nps)) = (&mut merged.nps, &share.nps) {
+                held.promoters += nps.promoters;
+                held.passives += nps.passives;
+                held.detractors += nps.detractors;
+            }
+        }
+        let total = merged.total_votes;
+        for option in &mut merged.options {
+            option.share = share(option.count, total);
+        }
+        if let Some(rating) = &mut merged.rating {
+            rating.distribution = merged
+                .options
+                .iter()
+                .map(|o| (o.id.clone(), o.count))
+                .collect();
+            let sum: i64 = rating
+                .distribution
+                .iter()
+                .map(|(value, count)| value.parse::<i64>().unwrap_or(0) * *count as i64)
+                .sum();
+            rating.mean = (total > 0).then(|| sum as f64 / total as f64);
+        }
+        if let Some(nps) = &mut merged.nps {
+            nps.score = (total > 0)
+                .then(|| (nps.promoters as f64 - nps.detractors as f64) * 100.0 / total as f64);
+        }
+        Some(merged)
     }
 }
 
@@ -188,5 +250,52 @@ mod tests {
         assert_eq!(nps.score, Some(25.0));
         assert_eq!(results.rating.unwrap().mean, Some(27.0 / 4.0));
         assert_eq!(results.options.len(), 11);
+    }
+
+    /// A poll's shares add up to the results of all its votes counted at once.
+    #[test]
+    fn shares_merge_into_the_whole() {
+        let tally = |counts: &[(&str, u64)], voters: u64, as_of: u64| Tally {
+            ballots: counts.iter().map(|(_, n)| n).sum(),
+            unique_voters: voters,
+            counts: counts.iter().map(|(k, n)| ((*k).to_owned(), *n)).collect(),
+            as_of,
+        };
+        for kind in ["nps", "rating", "single"] {
+            let body = match kind {
+                "single" => r#"{"title":"t","question":"q","kind":"single","options":[{"id":"a","label":"A"},{"id":"b","label":"B"}]}"#.to_owned(),
+                "rating" => r#"{"title":"t","question":"q","kind":"rating","scale":{"min":1,"max":5}}"#.to_owned(),
+                _ => r#"{"title":"t","question":"q","kind":"nps"}"#.to_owned(),
+            };
+            let new: NewPoll = serde_json::from_str(&body).unwrap();
+            let poll = new.into_poll(0, || "p".into()).unwrap();
+            let (one, two) = match kind {
+                "single" => (
+                    tally(&[("a", 3), ("b", 1)], 4, 7),
+                    tally(&[("b", 2), ("gone", 1)], 3, 5),
+                ),
+                "rating" => (tally(&[("1", 2), ("5", 1)], 3, 7), tally(&[("4", 2)], 2, 5)),
+                _ => (
+                    tally(&[("10", 2), ("7", 1)], 3, 7),
+                    tally(&[("0", 3), ("9", 1)], 4, 5),
+                ),
+            };
+            let mut whole = one.clone();
+            whole.ballots += two.ballots;
+            whole.unique_voters += two.unique_voters;
+            whole.as_of += two.as_of;
+            for (key, n) in &two.counts {
+                *whole.counts.entry(key.clone()).or_default() += n;
+            }
+            let mut first = Results::new(&poll, &one, 1_000);
+            first.partition = Some(0);
+            let mut second = Results::new(&poll, &two, 2_000);
+            second.partition = Some(3);
+            let merged = Results::merge([&first, &second]).unwrap();
+            let expected = Results::new(&poll, &whole, 2_000);
+            assert_eq!(merged, expected, "{kind}");
+            assert_eq!(Results::merge([&first]).unwrap().partition, None);
+        }
+        assert_eq!(Results::merge([]), None);
     }
 }

@@ -28,7 +28,7 @@ use futures::StreamExt;
 use tally_core::api::{Accepted, VoteStatus};
 use tally_core::auth::ApiKeys;
 use tally_core::poll::{Dedupe, Poll, PollStatus, ResultsVisibility};
-use tally_core::ports::{Appended, PollRegistry, VoteLog, Warehouse};
+use tally_core::ports::{spread_key, Appended, PollRegistry, VoteLog, Warehouse};
 use tally_core::problem::Problem;
 use tally_core::secrets::{PseudonymScheme, Secrets};
 use tally_core::vote::{build_vote, token_unique_key, Vote, VoteRequest, VoterHasher};
@@ -338,6 +338,12 @@ impl Ingest {
         let (unique_key, by_token) = match token {
             Some(token) => (token_unique_key(token), true),
             None => (vote.unique_key(poll.dedupe), false),
+        };
+        // A poll spread over partitions: the key says so, and where it goes.
+        let unique_key = if poll.spread > 1 {
+            spread_key(poll.spread, &unique_key)
+        } else {
+            unique_key
         };
         Ok(Prepared {
             vote,

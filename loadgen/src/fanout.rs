@@ -302,6 +302,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<FanoutSummary> {
         &poll,
         &mix,
         Dedupe::None,
+        1,
     )
     .await?;
     let server = address_of(&args.query_url).await?;

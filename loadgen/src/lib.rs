@@ -83,6 +83,10 @@ pub struct LoadgenArgs {
     /// counts; unique voters are counted apart).
     #[arg(long, default_value = "per_voter", value_parser = parse_dedupe)]
     dedupe: Dedupe,
+    /// Partitions of the vote log each load poll's votes are spread over (a hot poll's
+    /// `spread`; `per_voter` polls only).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    spread: u16,
     /// Requests in flight.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,

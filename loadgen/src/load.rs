@@ -51,6 +51,7 @@ pub async fn create_polls(
             &id,
             &args.segment_mix,
             args.dedupe,
+            args.spread,
         )
         .await?;
         polls.push(id);
@@ -67,6 +68,7 @@ pub async fn create_poll(
     id: &str,
     mix: &SegmentMix,
     dedupe: Dedupe,
+    spread: u16,
 ) -> anyhow::Result<()> {
     let poll = NewPoll {
         id: Some(id.to_owned()),
@@ -90,6 +92,7 @@ pub async fn create_poll(
         allowed_origins: Vec::new(),
         opens_at: None,
         closes_at: None,
+        spread,
     };
     let response = http
         .post(format!("{query_url}/v1/polls"))

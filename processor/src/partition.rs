@@ -32,6 +32,8 @@ type Step<T = ()> = Result<T, Stopped>;
 
 /// Counting state of one poll, as of the `votes` table's watermark.
 struct PollState {
+    /// This partition's share of the poll's votes (its live totals are published as such,
+    /// and the query service adds a poll's shares up).
     tally: Tally,
     /// Voter keys seen, only for `dedupe: none` polls (on `per_voter` polls every counted
     /// vote is a new voter, which the log guarantees).
@@ -414,12 +416,15 @@ impl Partition {
             let poll = self.polls.get(poll_id).await.ok().flatten();
             let count_voters = poll.as_ref().is_none_or(|p| p.dedupe == Dedupe::None);
             let warehouse = self.deps.warehouse.clone();
+            let partition = self.partition;
             let (tally, voters) = self
                 .retry("load tally", || {
                     let warehouse = warehouse.clone();
                     let poll_id = poll_id.to_owned();
                     async move {
-                        let tally = warehouse.tally(&poll_id).await?;
+                        // This partition's share of the poll: what it counts on from.
+                        let mut shares = warehouse.tally_by_partition(&poll_id).await?;
+                        let tally = shares.remove(&partition).unwrap_or_default();
                         let voters: Option<HashSet<String>> = if count_voters {
                             Some(warehouse.voter_keys(&poll_id).await?.into_iter().collect())
                         } else {
@@ -477,7 +482,8 @@ impl Partition {
                 tracing::warn!(poll_id = %poll_id, "votes for a poll the registry does not know; totals not published");
                 continue;
             };
-            let results = Results::new(&poll, &self.states[&poll_id].tally, now);
+            let mut results = Results::new(&poll, &self.states[&poll_id].tally, now);
+            results.partition = Some(self.partition);
             if let Err(err) = self.deps.live.publish(&results).await {
                 tracing::warn!(poll_id = %poll_id, error = %err.chain(), "publishing live totals failed");
             }

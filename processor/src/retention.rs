@@ -1,9 +1,10 @@
 //! Letting go of finished polls in the log. A broker that enforces one vote per voter keeps
 //! an index entry for every vote it ever stored; a poll closed for longer than
 //! [`Config::purge_closed_after`] (or archived) whose votes are all counted no longer needs
-//! them. The owner of the poll's partition then marks the poll `log_purged_at` in the
+//! them. The owner of the poll's (home) partition then marks the poll `log_purged_at` in the
 //! registry — from then on it can never take a vote again, since the log could not refuse a
-//! voter's second one — and purges the poll's entries up to the last one it saw counted.
+//! voter's second one — and purges the poll's entries, in each partition its votes go to, up
+//! to the last one it saw counted there.
 //! A late retry on such a poll is answered from the warehouse (see ingest).
 
 use std::collections::HashSet;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tally_core::poll::{Poll, PollStatus};
-use tally_core::ports::LogRetention;
+use tally_core::ports::{spread_partitions, LogRetention};
 use tally_core::{time, Error, Result};
 use tally_service::PollCache;
 
@@ -80,27 +81,28 @@ impl Retention {
         }
     }
 
-    /// Purges one due poll once every vote of it is counted; `false` when some are not yet.
+    /// Purges one due poll once every vote of it is counted, in each partition its votes
+    /// go to; `false` when some are not yet.
     async fn purge(&self, retention: &dyn LogRetention, poll: &Poll) -> Result<bool> {
-        let tip = retention.poll_tip(&poll.id).await?;
-        if let Some(tip) = tip {
-            let counted = self
-                .deps
-                .warehouse
-                .watermarks(self.partition)
-                .await?
-                .lowest();
+        let partitions = spread_partitions(&poll.id, poll.spread, self.deps.log.partitions());
+        let mut tips = Vec::new();
+        for partition in partitions {
+            let Some(tip) = retention.poll_tip(&poll.id, partition).await? else {
+                continue;
+            };
+            let counted = self.deps.warehouse.watermarks(partition).await?.lowest();
             if counted < tip {
                 return Ok(false);
             }
+            tips.push((partition, tip));
         }
         if poll.log_purged_at.is_none() && !self.mark(&poll.id).await? {
             return Ok(false);
         }
-        if let Some(tip) = tip {
-            let purged = retention.purge_poll(&poll.id, tip).await?;
+        for (partition, tip) in tips {
+            let purged = retention.purge_poll(&poll.id, partition, tip).await?;
             metrics::counter!("tally_log_purged_votes_total").increment(purged);
-            tracing::info!(partition = self.partition, poll_id = %poll.id, votes = purged, through = tip, "a finished poll's votes left the log");
+            tracing::info!(partition, poll_id = %poll.id, votes = purged, through = tip, "a finished poll's votes left the log");
         }
         Ok(true)
     }

@@ -228,6 +228,12 @@ impl Warehouse for Recording {
     async fn tally(&self, poll_id: &str) -> tally_core::Result<Tally> {
         self.inner.tally(poll_id).await
     }
+    async fn tally_by_partition(
+        &self,
+        poll_id: &str,
+    ) -> tally_core::Result<std::collections::BTreeMap<u16, Tally>> {
+        self.inner.tally_by_partition(poll_id).await
+    }
     async fn voter_keys(&self, poll_id: &str) -> tally_core::Result<Vec<String>> {
         self.inner.voter_keys(poll_id).await
     }

@@ -555,6 +555,7 @@ mod tests {
             allowed_origins: Vec::new(),
             opens_at: None,
             closes_at: None,
+            spread: 1,
         }
         .into_poll(0, || "p".into())
         .unwrap();

@@ -46,9 +46,12 @@ use crate::{query_params, App};
 
 /// The newest totals of one poll, and when they were last known fresh.
 struct PollLive {
+    /// The poll's totals: its shares added up ([`Results::merge`]).
     latest: watch::Sender<Option<Arc<Results>>>,
-    /// When the totals last came from the feed or were read from the warehouse.
-    fresh_at: Mutex<Option<Instant>>,
+    /// The newest share of each partition of the log the poll's votes come from (a
+    /// processor's totals, or the warehouse's count of the partition), and when each was
+    /// last known fresh; key `None` for whole-poll totals.
+    shares: Mutex<std::collections::BTreeMap<Option<u16>, Share>>,
     /// One warehouse read at a time per poll: concurrent requests wait for it and share it.
     refresh: tokio::sync::Mutex<()>,
     /// The newest totals sent, as the JSON of an event's data: encoded once, for however
@@ -81,6 +84,13 @@ impl PollLive {
     }
 }
 
+/// One partition's share of a poll's totals.
+struct Share {
+    results: Results,
+    /// When it last came from the feed or was read from the warehouse.
+    fresh_at: Instant,
+}
+
 #[derive(Default)]
 pub struct LiveHub {
     polls: Mutex<HashMap<String, Arc<PollLive>>>,
@@ -94,7 +104,7 @@ impl LiveHub {
             .or_insert_with(|| {
                 Arc::new(PollLive {
                     latest: watch::Sender::new(None),
-                    fresh_at: Mutex::new(None),
+                    shares: Mutex::default(),
                     refresh: tokio::sync::Mutex::new(()),
                     encoded: Mutex::new(None),
                 })
@@ -102,15 +112,55 @@ impl LiveHub {
             .clone()
     }
 
-    /// Keeps `results` if newer than what the poll holds: totals never go back. Either way
-    /// the poll's totals are now known to be current.
+    /// Keeps `results` — a partition's share of a poll's totals, or a whole poll's — if
+    /// newer than what the poll holds of it, and the poll's totals become its shares added
+    /// up: each share only moves forward, so the totals never go back. Either way that share
+    /// is now known to be current.
     pub fn offer(&self, results: Results) {
         let poll = self.poll(&results.poll_id);
-        *poll.fresh_at.lock().expect("live hub lock") = Some(Instant::now());
+        let merged = {
+            let mut shares = poll.shares.lock().expect("live hub lock");
+            let now = Instant::now();
+            let key = results.partition;
+            // Whole-poll totals (from a processor of an earlier version) and shares of the
+            // same votes must not be added up: a share replaces whole totals of a poll, the
+            // only partition's, and whole totals replace all shares when they are ahead.
+            let held = match key {
+                Some(_) => shares
+                    .get(&key)
+                    .or_else(|| shares.get(&None))
+                    .map(|share| share.results.as_of),
+                None => Results::merge(shares.values().map(|share| &share.results))
+                    .map(|merged| merged.as_of),
+            };
+            match held {
+                Some(as_of) if results.as_of <= as_of => {
+                    if let Some(share) = shares.get_mut(&key) {
+                        share.fresh_at = now;
+                    }
+                    return;
+                }
+                _ => {}
+            }
+            if key.is_none() {
+                shares.clear();
+            } else {
+                shares.remove(&None);
+            }
+            shares.insert(
+                key,
+                Share {
+                    results,
+                    fresh_at: now,
+                },
+            );
+            Results::merge(shares.values().map(|share| &share.results))
+        };
+        let Some(merged) = merged else { return };
         poll.latest.send_if_modified(|current| {
-            let newer = current.as_ref().is_none_or(|c| results.as_of > c.as_of);
+            let newer = current.as_ref().is_none_or(|c| merged.as_of > c.as_of);
             if newer {
-                *current = Some(Arc::new(results));
+                *current = Some(Arc::new(merged));
             }
             newer
         });
@@ -120,18 +170,23 @@ impl LiveHub {
         self.poll(poll_id).latest.subscribe()
     }
 
-    /// The poll's newest totals if they are at most `max_age` old.
+    /// The poll's newest totals if each of its shares is at most `max_age` old.
     fn fresh(&self, poll_id: &str, max_age: Duration) -> Option<Arc<Results>> {
         let poll = self.poll(poll_id);
-        let fresh_at = *poll.fresh_at.lock().expect("live hub lock");
-        fresh_at
-            .filter(|at| at.elapsed() <= max_age)
-            .and_then(|_| poll.latest.borrow().clone())
+        let shares = poll.shares.lock().expect("live hub lock");
+        let fresh = !shares.is_empty()
+            && shares
+                .values()
+                .all(|share| share.fresh_at.elapsed() <= max_age);
+        drop(shares);
+        fresh.then(|| poll.latest.borrow().clone()).flatten()
     }
 
     /// The poll's totals, from memory when they are at most `max_age` old, else read once
     /// with `read` (concurrent callers wait for that one read) and kept. So however many
-    /// requests come, the warehouse is asked at most once per `max_age` per poll.
+    /// requests come, the warehouse is asked at most once per `max_age` per poll. `read`
+    /// answers the poll's whole totals and its shares, one per partition its votes come
+    /// from (none before its first vote).
     pub async fn totals<F, Fut, E>(
         &self,
         poll_id: &str,
@@ -140,7 +195,7 @@ impl LiveHub {
     ) -> Result<Arc<Results>, E>
     where
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<Results, E>>,
+        Fut: std::future::Future<Output = Result<(Results, Vec<Results>), E>>,
     {
         if let Some(results) = self.fresh(poll_id, max_age) {
             return Ok(results);
@@ -150,9 +205,14 @@ impl LiveHub {
         if let Some(results) = self.fresh(poll_id, max_age) {
             return Ok(results);
         }
-        let results = read().await?;
-        let fallback = Arc::new(results.clone());
-        self.offer(results);
+        let (whole, shares) = read().await?;
+        let fallback = Arc::new(whole.clone());
+        if shares.is_empty() {
+            self.offer(whole);
+        }
+        for share in shares {
+            self.offer(share);
+        }
         let latest = poll.latest.borrow().clone();
         Ok(latest.unwrap_or(fallback))
     }
@@ -876,6 +936,7 @@ mod tests {
             nps: None,
             as_of,
             updated_at: String::new(),
+            partition: None,
         }
     }
 
@@ -891,7 +952,7 @@ mod tests {
                 let n = reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                 // A read that takes a while, so the other requests arrive during it.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                Ok::<_, ()>(results(n * 10))
+                Ok::<_, ()>((results(n * 10), Vec::new()))
             })
             .await
             .expect("read")
@@ -913,6 +974,68 @@ mod tests {
         tokio::time::sleep(max_age + Duration::from_millis(50)).await;
         assert_eq!(ask(hub.clone(), reads.clone()).await.as_of, 20);
         assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    fn share(partition: u16, votes: u64, as_of: u64) -> Results {
+        Results {
+            total_votes: votes,
+            unique_voters: votes,
+            partition: Some(partition),
+            ..results(as_of)
+        }
+    }
+
+    fn latest(hub: &LiveHub) -> (u64, u64) {
+        let latest = hub.subscribe("p").borrow().clone().expect("totals");
+        assert_eq!(latest.partition, None, "served totals are whole");
+        (latest.total_votes, latest.as_of)
+    }
+
+    /// A poll's totals are its partitions' shares added up; a share that is not newer than
+    /// the one held is ignored, so the totals never go back; whole totals of an earlier
+    /// processor give way to a share, and replace the shares only when ahead of them.
+    #[test]
+    fn shares_add_up_and_never_go_back() {
+        let hub = LiveHub::default();
+        hub.offer(results(4));
+        assert_eq!(latest(&hub), (4, 4));
+        hub.offer(share(0, 5, 6));
+        assert_eq!(latest(&hub), (5, 6), "the share replaced the whole totals");
+        hub.offer(share(1, 3, 9));
+        assert_eq!(latest(&hub), (8, 15));
+        hub.offer(share(1, 2, 8));
+        assert_eq!(latest(&hub), (8, 15), "an older share is ignored");
+        hub.offer(share(0, 6, 7));
+        assert_eq!(latest(&hub), (9, 16));
+        hub.offer(results(12));
+        assert_eq!(
+            latest(&hub),
+            (9, 16),
+            "whole totals behind the shares are ignored"
+        );
+        hub.offer(results(20));
+        assert_eq!(latest(&hub), (20, 20));
+    }
+
+    /// The totals are fresh only while every share is: a partition that stopped sending
+    /// makes the next request read the warehouse, however busy the others are.
+    #[test]
+    fn totals_are_fresh_while_every_share_is() {
+        let hub = LiveHub::default();
+        let max_age = Duration::from_millis(200);
+        assert!(hub.fresh("p", max_age).is_none());
+        hub.offer(share(0, 1, 1));
+        hub.offer(share(1, 1, 1));
+        assert_eq!(hub.fresh("p", max_age).expect("fresh").as_of, 2);
+        std::thread::sleep(max_age + Duration::from_millis(20));
+        hub.offer(share(0, 2, 2));
+        assert!(hub.fresh("p", max_age).is_none(), "partition 1 went quiet");
+        hub.offer(share(1, 1, 1));
+        assert_eq!(
+            hub.fresh("p", max_age).expect("fresh again").as_of,
+            3,
+            "a share that is not newer still says it is current"
+        );
     }
 
     #[test]

@@ -26,10 +26,24 @@ use crate::{query_params, App};
 /// How old the in-memory totals may be before a request reads the warehouse again.
 const TOTALS_MAX_AGE: Duration = Duration::from_secs(1);
 
-/// The poll's exact results over every counted vote, from the warehouse.
-async fn counted(app: &App, poll: &Poll) -> Result<Results, ApiError> {
-    let tally = app.warehouse.tally(&poll.id).await?;
-    Ok(Results::new(poll, &tally, time::now_ms()))
+/// The poll's exact results over every counted vote, from the warehouse: whole, and each
+/// partition's share (what the hub adds the processors' live shares up with).
+async fn counted(app: &App, poll: &Poll) -> Result<(Results, Vec<Results>), ApiError> {
+    let now = time::now_ms();
+    let shares: Vec<Results> = app
+        .warehouse
+        .tally_by_partition(&poll.id)
+        .await?
+        .into_iter()
+        .map(|(partition, tally)| {
+            let mut share = Results::new(poll, &tally, now);
+            share.partition = Some(partition);
+            share
+        })
+        .collect();
+    let whole = Results::merge(&shares)
+        .unwrap_or_else(|| Results::new(poll, &tally_core::results::Tally::default(), now));
+    Ok((whole, shares))
 }
 
 /// The poll's results as served: the newest totals (at most [`TOTALS_MAX_AGE`] old), with

@@ -449,17 +449,22 @@ impl Cluster {
         Ok(leases.owners().await?)
     }
 
-    /// The sequence of a poll's newest vote in the NATS stream; `None` when the stream
-    /// holds none of its votes. Distributed only.
+    /// The sequence of a poll's newest vote in the NATS stream, in whichever partition;
+    /// `None` when the stream holds none of its votes. Distributed only.
     pub async fn poll_tip_in_log(&self, poll: &str) -> Result<Option<u64>> {
         use tally_core::ports::VoteLog;
+        let partitions = self.setting("TALLY_PARTITIONS", 1)?;
         let options = tally_nats::LogOptions {
-            partitions: self.setting("TALLY_PARTITIONS", 1)?,
+            partitions,
             replicas: 1,
         };
         let log = tally_nats::JetStreamLog::open(self.nats_client().await?, options).await?;
         let retention = log.retention().context("the NATS log purges")?;
-        Ok(retention.poll_tip(poll).await?)
+        let mut tip = None;
+        for partition in 0..partitions {
+            tip = tip.max(retention.poll_tip(poll, partition).await?);
+        }
+        Ok(tip)
     }
 
     /// The index of the clustered nats-server leading the vote stream now; see

@@ -22,6 +22,7 @@ mod openapi;
 mod pipeline;
 mod reliability;
 mod roles;
+mod spread;
 mod sql;
 mod tokens;
 mod visibility;

@@ -510,7 +510,7 @@ async fn needs_nats_clickhouse_clickhouse_down_for_a_minute() -> Result<()> {
 
 /// Holders of the partition leases, checked: every one of `partitions` held, only by
 /// `live` processors, each of which holds between `least` and `most`.
-async fn leases_spread(
+pub(crate) async fn leases_spread(
     cluster: &Cluster,
     partitions: u16,
     live: &[&str],

@@ -90,7 +90,7 @@ async fn load(cluster: &Cluster) -> Result<Truth> {
 }
 
 /// `POST /v1/sql` as the analyst: the JSON document.
-async fn sql(cluster: &Cluster, query: &str) -> Result<Value> {
+pub(crate) async fn sql(cluster: &Cluster, query: &str) -> Result<Value> {
     let response = cluster
         .http
         .post(format!("{}/v1/sql", cluster.query.url))

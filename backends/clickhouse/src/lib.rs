@@ -1162,6 +1162,36 @@ impl Warehouse for ClickHouseWarehouse {
         Ok(tally)
     }
 
+    async fn tally_by_partition(&self, poll_id: &str) -> Result<BTreeMap<u16, Tally>> {
+        let positions = self.poll_positions(poll_id).await?;
+        let rows: Vec<(u16, String, u64, u64)> = self
+            .client
+            .query_raw(&sql::tally_counts_by_partition(poll_id, &positions))
+            .fetch_all()
+            .await
+            .map_err(warehouse_error)?;
+        let mut tallies: BTreeMap<u16, Tally> = positions
+            .into_iter()
+            .map(|(partition, as_of)| {
+                let tally = Tally {
+                    as_of,
+                    ..Tally::default()
+                };
+                (partition, tally)
+            })
+            .collect();
+        for (partition, answer, count, voters) in rows {
+            let tally = tallies.entry(partition).or_default();
+            if answer.is_empty() {
+                tally.ballots = count;
+                tally.unique_voters = voters;
+            } else {
+                tally.counts.insert(answer, count);
+            }
+        }
+        Ok(tallies)
+    }
+
     async fn counted_vote(&self, poll_id: &str, vote_id: &str) -> Result<Option<StoredVote>> {
         let row = self
             .client

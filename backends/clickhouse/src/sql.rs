@@ -765,6 +765,17 @@ pub fn tally_counts(poll_id: &str, positions: &[(u16, u64)]) -> String {
     )
 }
 
+/// [`tally_counts`] per partition: `(partition, answer, count, voters)` rows.
+pub fn tally_counts_by_partition(poll_id: &str, positions: &[(u16, u64)]) -> String {
+    format!(
+        "SELECT log_partition, opt, count(), uniqExactIf(voter_key, opt = '' AND voter_key != '') \
+         FROM votes ARRAY JOIN arrayConcat([''], choice) AS opt WHERE poll_id = {} AND {} \
+         GROUP BY log_partition, opt ORDER BY log_partition, opt",
+        lit(poll_id),
+        at_most("seq", positions)
+    )
+}
+
 pub fn voter_keys(poll_id: &str) -> String {
     format!(
         "SELECT DISTINCT voter_key FROM votes WHERE poll_id = {} AND voter_key != ''",
@@ -1359,6 +1370,10 @@ pub fn all_for_check() -> Vec<(String, String)> {
             tally_counts("p", positions),
         ));
     }
+    statements.push((
+        "tally counts by partition".into(),
+        tally_counts_by_partition("p", &[(0, 7), (1, 3)]),
+    ));
     statements.push(("voter keys".into(), voter_keys("p")));
     statements.push(("window widths".into(), window_widths("p")));
     for level in RollupLevel::ALL {

@@ -434,7 +434,7 @@ impl EmbeddedLog {
     async fn send(&self, vote: &Vote, unique: &str) -> Result<oneshot::Receiver<Result<Appended>>> {
         let (reply, outcome) = oneshot::channel();
         let request = AppendRequest {
-            partition: self.partition_of(&vote.poll_id),
+            partition: self.placement(&vote.poll_id, unique),
             unique: unique_key(&vote.poll_id, unique),
             payload: wire::encode(vote),
             reply,

@@ -98,7 +98,11 @@ impl JetStreamLog {
     fn subject(&self, vote: &Vote, unique_key: &str) -> String {
         use std::fmt::Write;
         let mut subject = String::with_capacity(13 + vote.poll_id.len() + unique_key.len());
-        let _ = write!(subject, "votes.{}.", self.partition_of(&vote.poll_id));
+        let _ = write!(
+            subject,
+            "votes.{}.",
+            self.placement(&vote.poll_id, unique_key)
+        );
         subject.push_str(&vote.poll_id);
         subject.push('.');
         subject.push_str(unique_key);
@@ -188,9 +192,9 @@ impl JetStreamLog {
         }
     }
 
-    /// The subjects of every vote of a poll.
-    fn poll_subjects(&self, poll_id: &str) -> String {
-        format!("votes.{}.{poll_id}.>", self.partition_of(poll_id))
+    /// The subjects of every vote of a poll in `partition`.
+    fn poll_subjects(poll_id: &str, partition: u16) -> String {
+        format!("votes.{partition}.{poll_id}.>")
     }
 }
 
@@ -278,16 +282,18 @@ async fn check_partitions_by_sample(
             }
         };
         let mut parts = message.subject.splitn(4, '.');
-        let (Some(_), Some(stored), Some(poll)) = (parts.next(), parts.next(), parts.next()) else {
+        let (Some(_), Some(stored), Some(poll), Some(key)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             continue;
         };
-        let wanted = tally_core::ports::partition_of(poll, partitions);
+        let wanted = tally_core::ports::placement(poll, key, partitions);
         if stored.parse::<u16>().ok() != Some(wanted) {
             return Err(Error::failed(
                 "vote log",
                 format!(
-                    "the stream {VOTES_STREAM} holds poll `{poll}`'s votes in partition \
-                     {stored}, and TALLY_PARTITIONS={partitions} puts that poll in partition \
+                    "the stream {VOTES_STREAM} holds a vote of poll `{poll}` in partition \
+                     {stored}, and TALLY_PARTITIONS={partitions} puts that vote in partition \
                      {wanted}: its voters could vote again. Set TALLY_PARTITIONS to the count \
                      the votes were written with on every service (docs/OPERATIONS.md, \
                      \"The broker's shape\")"
@@ -409,14 +415,14 @@ impl VoteLog for JetStreamLog {
 /// memory; a closed poll's subjects are purged once its votes are counted.
 #[async_trait]
 impl LogRetention for JetStreamLog {
-    async fn poll_tip(&self, poll_id: &str) -> Result<Option<u64>> {
+    async fn poll_tip(&self, poll_id: &str, partition: u16) -> Result<Option<u64>> {
         Ok(self
-            .last_of(&self.poll_subjects(poll_id))
+            .last_of(&Self::poll_subjects(poll_id, partition))
             .await?
             .map(|stored| stored.sequence))
     }
 
-    async fn purge_poll(&self, poll_id: &str, through: u64) -> Result<u64> {
+    async fn purge_poll(&self, poll_id: &str, partition: u16, through: u64) -> Result<u64> {
         let stream = self
             .js
             .get_stream_no_info(VOTES_STREAM)
@@ -424,7 +430,7 @@ impl LogRetention for JetStreamLog {
             .map_err(|e| Error::unavailable("vote log", e))?;
         let purged = stream
             .purge()
-            .filter(self.poll_subjects(poll_id))
+            .filter(Self::poll_subjects(poll_id, partition))
             // JetStream purges below this sequence.
             .sequence(through + 1)
             .await

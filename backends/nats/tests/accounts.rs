@@ -288,16 +288,17 @@ async fn run_services(server: &NatsServer, first: Service) -> anyhow::Result<()>
 
     // A finished poll: the processor marks it and purges its votes from the stream.
     let retention = log_reader.retention().context("the stream purges")?;
+    let at = log_reader.partition_of("layout");
     let tip = retention
-        .poll_tip("layout")
+        .poll_tip("layout", at)
         .await?
         .context("the poll has votes")?;
     let mut finished = processor_polls.get("layout").await?.context("the poll")?;
     finished.closed_at = Some(1);
     finished.log_purged_at = Some(2);
     processor_polls.update(&finished).await?;
-    anyhow::ensure!(retention.purge_poll("layout", tip).await? == votes.len() as u64);
-    anyhow::ensure!(retention.poll_tip("layout").await?.is_none());
+    anyhow::ensure!(retention.purge_poll("layout", at, tip).await? == votes.len() as u64);
+    anyhow::ensure!(retention.poll_tip("layout", at).await?.is_none());
     Ok(())
 }
 

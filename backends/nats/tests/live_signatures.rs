@@ -35,6 +35,7 @@ fn totals(poll_id: &str, as_of: u64) -> Results {
         nps: None,
         as_of,
         updated_at: "2026-01-01T00:00:00Z".into(),
+        partition: None,
     }
 }
 

@@ -77,12 +77,16 @@ async fn needs_nats_the_partition_count_changes_only_on_an_empty_stream_with_no_
 
     // Once the finished poll's votes left the log, a processor holding a lease still stops it.
     let retention = log.retention().expect("the NATS log purges");
+    let at = log.partition_of("spring");
     let tip = retention
-        .poll_tip("spring")
+        .poll_tip("spring", at)
         .await
         .expect("tip")
         .expect("a vote");
-    retention.purge_poll("spring", tip).await.expect("purge");
+    retention
+        .purge_poll("spring", at, tip)
+        .await
+        .expect("purge");
     let leases = KvLeases::open(client.clone(), 1, Duration::from_secs(30))
         .await
         .expect("leases");

@@ -50,15 +50,23 @@ pub struct LogEntry {
 /// Guarantees: `append` resolves `Accepted` only once the vote is durable; the log holds at
 /// most one entry per `(poll, unique_key)` — the first one — and a repeat of the same
 /// `vote_id` with the same ballot ([`Vote::same_ballot`]) resolves to the original entry's
-/// sequence, while the same `vote_id` with another ballot is [`Appended::VoteIdConflict`]. Entries of one poll always land in
-/// the same partition, which a reader sees in sequence order.
+/// sequence, while the same `vote_id` with another ballot is [`Appended::VoteIdConflict`].
+/// Entries of one uniqueness key always land in the same partition ([`placement`]: a poll's
+/// home partition, or one of several for a poll spread over them), which a reader sees in
+/// sequence order.
 #[async_trait]
 pub trait VoteLog: Send + Sync + 'static {
     fn partitions(&self) -> u16;
 
-    /// The partition a poll's votes go to. Stable for a given partition count.
+    /// A poll's home partition: where all its votes go, unless they are spread. Stable for
+    /// a given partition count.
     fn partition_of(&self, poll_id: &str) -> u16 {
         partition_of(poll_id, self.partitions())
+    }
+
+    /// The partition a vote of `poll_id` with this uniqueness key goes to ([`placement`]).
+    fn placement(&self, poll_id: &str, unique_key: &str) -> u16 {
+        placement(poll_id, unique_key, self.partitions())
     }
 
     async fn append(&self, vote: &Vote, unique_key: &str) -> Result<Appended>;
@@ -105,28 +113,87 @@ pub trait VoteLog: Send + Sync + 'static {
 /// How many appends the default [`VoteLog::append_many`] keeps in flight.
 pub const APPEND_MANY_IN_FLIGHT: usize = 512;
 
-/// Stable FNV-1a hash of the poll id, so every process maps a poll to the same partition.
+/// Stable FNV-1a hash of the poll id, so every process maps a poll to the same partition:
+/// its home partition.
 pub fn partition_of(poll_id: &str, partitions: u16) -> u16 {
+    (fnv1a(poll_id) % partitions.max(1) as u32) as u16
+}
+
+fn fnv1a(text: &str) -> u32 {
     let mut hash: u32 = 0x811c_9dc5;
-    for byte in poll_id.bytes() {
+    for byte in text.bytes() {
         hash ^= byte as u32;
         hash = hash.wrapping_mul(0x0100_0193);
     }
-    (hash % partitions.max(1) as u32) as u16
+    hash
+}
+
+/// The most partitions one poll's votes may be spread over.
+pub const MAX_SPREAD: u16 = 64;
+
+/// The uniqueness key of a vote of a poll whose votes are spread over `spread` partitions
+/// of the log: `key` behind a prefix naming the spread (`~4~v…`), so the key alone says
+/// which partition its vote goes to ([`placement`]) wherever it is read — appending, late
+/// retries, the stream's shape check. With a spread of 1, the key as it is. The keys tally
+/// makes never begin with `~` otherwise.
+pub fn spread_key(spread: u16, key: &str) -> String {
+    if spread <= 1 {
+        key.to_owned()
+    } else {
+        format!("~{spread}~{key}")
+    }
+}
+
+/// The spread a uniqueness key names ([`spread_key`]); 1 for a key without one.
+pub fn spread_of(unique_key: &str) -> u16 {
+    unique_key
+        .strip_prefix('~')
+        .and_then(|rest| rest.split_once('~'))
+        .and_then(|(spread, _)| spread.parse::<u16>().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// The partition a vote goes to, of `partitions`: its poll's home partition
+/// ([`partition_of`]); for a poll spread over several (its uniqueness key says how many,
+/// [`spread_key`]), one of that many partitions from the home one on, chosen by a hash of
+/// the key. The same key always lands on the same partition (and subject), so the log
+/// still holds one vote per voter; a spread beyond the partition count uses them all.
+pub fn placement(poll_id: &str, unique_key: &str, partitions: u16) -> u16 {
+    let partitions = partitions.max(1);
+    let home = partition_of(poll_id, partitions);
+    let spread = spread_of(unique_key).min(partitions);
+    if spread <= 1 {
+        return home;
+    }
+    let offset = fnv1a(unique_key) % u32::from(spread);
+    ((u32::from(home) + offset) % u32::from(partitions)) as u16
+}
+
+/// The partitions a poll whose votes are spread over `spread` of `partitions` uses: its
+/// home partition and the ones after it ([`placement`]).
+pub fn spread_partitions(poll_id: &str, spread: u16, partitions: u16) -> Vec<u16> {
+    let partitions = partitions.max(1);
+    let home = partition_of(poll_id, partitions);
+    (0..spread.clamp(1, partitions))
+        .map(|i| ((u32::from(home) + u32::from(i)) % u32::from(partitions)) as u16)
+        .collect()
 }
 
 /// Removing a finished poll's entries from a log whose every entry costs broker memory.
 ///
 /// Guarantees: after [`LogRetention::purge_poll`] returns, the log holds no entry of the
-/// poll up to its bound, and those entries' keys are free again — so only a poll that can never take a vote
-/// again may be purged (its caller marks it so first), and only once every entry is counted.
+/// poll in the partition up to its bound, and those entries' keys are free again — so only
+/// a poll that can never take a vote again may be purged (its caller marks it so first),
+/// and only once every entry is counted.
 #[async_trait]
 pub trait LogRetention: Send + Sync {
-    /// The sequence of the poll's newest entry; `None` when the log holds none.
-    async fn poll_tip(&self, poll_id: &str) -> Result<Option<u64>>;
-    /// Removes the poll's entries up to and including sequence `through` (one appended
-    /// after the caller checked what is counted stays); answers how many it removed.
-    async fn purge_poll(&self, poll_id: &str, through: u64) -> Result<u64>;
+    /// The sequence of the poll's newest entry in `partition`; `None` when it holds none.
+    async fn poll_tip(&self, poll_id: &str, partition: u16) -> Result<Option<u64>>;
+    /// Removes the poll's entries in `partition` up to and including sequence `through`
+    /// (one appended after the caller checked what is counted stays); answers how many it
+    /// removed.
+    async fn purge_poll(&self, poll_id: &str, partition: u16, through: u64) -> Result<u64>;
 }
 
 #[async_trait]
@@ -157,5 +224,34 @@ mod tests {
         let p = partition_of("spring-launch", 8);
         assert!(p < 8);
         assert_eq!(p, partition_of("spring-launch", 8));
+    }
+
+    /// A spread poll's keys go to its spread partitions, from its home one on, each key
+    /// always to the same one, all of them used; an unspread poll's to its home partition.
+    #[test]
+    fn spread_keys_land_on_the_polls_spread_partitions() {
+        let home = partition_of("hot", 8);
+        for key in ["v1", "vabc", "i00ff", "t9"] {
+            assert_eq!(placement("hot", key, 8), home, "{key}");
+            assert_eq!(spread_of(key), 1);
+        }
+        let partitions = spread_partitions("hot", 4, 8);
+        assert_eq!(partitions.len(), 4);
+        assert_eq!(partitions[0], home);
+        let mut used = std::collections::BTreeSet::new();
+        for i in 0..400 {
+            let key = spread_key(4, &format!("v{i}"));
+            assert_eq!(spread_of(&key), 4);
+            let at = placement("hot", &key, 8);
+            assert_eq!(at, placement("hot", &key, 8));
+            assert!(partitions.contains(&at), "{key} -> {at}");
+            used.insert(at);
+        }
+        assert_eq!(used.len(), 4, "every spread partition takes votes");
+        // More than there are: every partition, once.
+        assert_eq!(spread_partitions("hot", 64, 3).len(), 3);
+        assert!(placement("hot", &spread_key(64, "v1"), 3) < 3);
+        assert_eq!(spread_key(1, "v1"), "v1");
+        assert_eq!(spread_of("~x~v1"), 1, "an unreadable spread is none");
     }
 }

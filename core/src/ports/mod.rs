@@ -17,7 +17,8 @@ use futures::Stream;
 pub use leases::PartitionLeases;
 pub use live::LiveFeed;
 pub use log::{
-    partition_of, Appended, LogEntry, LogReader, LogRetention, VoteLog, APPEND_MANY_IN_FLIGHT,
+    partition_of, placement, spread_key, spread_of, spread_partitions, Appended, LogEntry,
+    LogReader, LogRetention, VoteLog, APPEND_MANY_IN_FLIGHT, MAX_SPREAD,
 };
 pub use registry::{PollChange, PollRegistry};
 pub use warehouse::{

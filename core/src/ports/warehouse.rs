@@ -166,6 +166,12 @@ pub trait Warehouse: Send + Sync + 'static {
     /// The exact tally of a poll over every stored vote, of every partition its votes come
     /// from; `as_of` is [`poll_as_of`] the last stored vote of each.
     async fn tally(&self, poll_id: &str) -> Result<Tally>;
+    /// A poll's tally in each partition of the log its votes come from, each over that
+    /// partition's stored votes (`as_of`: the partition's last one, `unique_voters`: the
+    /// distinct voters among them): the shares a processor of each partition counts on from,
+    /// and that live totals add up (see [`crate::results::Results::merge`]). Empty before
+    /// the poll's first vote.
+    async fn tally_by_partition(&self, poll_id: &str) -> Result<BTreeMap<u16, Tally>>;
     /// The distinct non-empty voter keys of a poll.
     async fn voter_keys(&self, poll_id: &str) -> Result<Vec<String>>;
     /// Ballots and answer counts per group, exact as of the poll's newest rollup row in

@@ -281,6 +281,10 @@ impl Warehouse for ParquetWarehouse {
         self.inner.tally(poll_id).await
     }
 
+    async fn tally_by_partition(&self, poll_id: &str) -> Result<BTreeMap<u16, Tally>> {
+        self.inner.tally_by_partition(poll_id).await
+    }
+
     async fn voter_keys(&self, poll_id: &str) -> Result<Vec<String>> {
         self.inner.voter_keys(poll_id).await
     }

@@ -154,6 +154,14 @@ impl Inner {
         .await
     }
 
+    pub(super) async fn tally_by_partition(&self, poll_id: &str) -> Result<BTreeMap<u16, Tally>> {
+        let poll_id = poll_id.to_owned();
+        self.read(&[Kind::Votes], move |snapshot| async move {
+            snapshot.tally_by_partition(&poll_id).await
+        })
+        .await
+    }
+
     pub(super) async fn voter_keys(&self, poll_id: &str) -> Result<Vec<String>> {
         let poll_id = poll_id.to_owned();
         self.read(&[Kind::Votes], move |snapshot| async move {
@@ -304,6 +312,57 @@ impl Snapshot {
             counts: options.into_iter().zip(numbers).collect(),
             as_of: poll_as_of(&positions),
         })
+    }
+
+    async fn tally_by_partition(&self, poll_id: &str) -> Result<BTreeMap<u16, Tally>> {
+        let totals = self
+            .query(
+                "SELECT log_partition, count(*), count(DISTINCT nullif(voter_key, '')), max(seq) \
+                 FROM votes WHERE poll_id = $1 GROUP BY log_partition",
+                vec![text(poll_id)],
+            )
+            .await?;
+        let counts = self
+            .query(
+                "SELECT log_partition, opt, count(*) FROM \
+                 (SELECT log_partition, unnest(choice) AS opt FROM votes WHERE poll_id = $1) \
+                 GROUP BY log_partition, opt",
+                vec![text(poll_id)],
+            )
+            .await?;
+        let partition = |batches: &[RecordBatch]| -> Result<Vec<u16>> {
+            u64s(batches, 0)?
+                .into_iter()
+                .map(|p| u16::try_from(p).map_err(storage))
+                .collect()
+        };
+        let mut tallies = BTreeMap::new();
+        for (((partition, ballots), voters), as_of) in partition(&totals)?
+            .into_iter()
+            .zip(u64s(&totals, 1)?)
+            .zip(u64s(&totals, 2)?)
+            .zip(u64s(&totals, 3)?)
+        {
+            let tally = Tally {
+                ballots,
+                unique_voters: voters,
+                counts: BTreeMap::new(),
+                as_of,
+            };
+            tallies.insert(partition, tally);
+        }
+        for ((partition, option), count) in partition(&counts)?
+            .into_iter()
+            .zip(strings(&counts, 1)?)
+            .zip(u64s(&counts, 2)?)
+        {
+            tallies
+                .entry(partition)
+                .or_insert_with(Tally::default)
+                .counts
+                .insert(option, count);
+        }
+        Ok(tallies)
     }
 
     /// The highest `column` of a poll's rows of `table` (and `filter`) in each partition.
