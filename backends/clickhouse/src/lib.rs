@@ -1163,31 +1163,42 @@ impl Warehouse for ClickHouseWarehouse {
     }
 
     async fn tally_by_partition(&self, poll_id: &str) -> Result<BTreeMap<u16, Tally>> {
-        let positions = self.poll_positions(poll_id).await?;
-        let rows: Vec<(u16, String, u64, u64)> = self
+        let totals: Vec<(u16, u64, u64, u64)> = self
+            .client
+            .query_raw(&sql::tally_totals_by_partition(poll_id))
+            .fetch_all()
+            .await
+            .map_err(warehouse_error)?;
+        let positions: Vec<(u16, u64)> = totals
+            .iter()
+            .map(|(partition, _, _, seq)| (*partition, *seq))
+            .collect();
+        // Counted up to those positions, so the counts agree with the totals whatever is
+        // inserted meanwhile.
+        let counts: Vec<(u16, String, u64)> = self
             .client
             .query_raw(&sql::tally_counts_by_partition(poll_id, &positions))
             .fetch_all()
             .await
             .map_err(warehouse_error)?;
-        let mut tallies: BTreeMap<u16, Tally> = positions
+        let mut tallies: BTreeMap<u16, Tally> = totals
             .into_iter()
-            .map(|(partition, as_of)| {
+            .map(|(partition, ballots, unique_voters, as_of)| {
                 let tally = Tally {
+                    ballots,
+                    unique_voters,
+                    counts: BTreeMap::new(),
                     as_of,
-                    ..Tally::default()
                 };
                 (partition, tally)
             })
             .collect();
-        for (partition, answer, count, voters) in rows {
-            let tally = tallies.entry(partition).or_default();
-            if answer.is_empty() {
-                tally.ballots = count;
-                tally.unique_voters = voters;
-            } else {
-                tally.counts.insert(answer, count);
-            }
+        for (partition, answer, count) in counts {
+            tallies
+                .entry(partition)
+                .or_default()
+                .counts
+                .insert(answer, count);
         }
         Ok(tallies)
     }

@@ -765,12 +765,25 @@ pub fn tally_counts(poll_id: &str, positions: &[(u16, u64)]) -> String {
     )
 }
 
-/// [`tally_counts`] per partition: `(partition, answer, count, voters)` rows.
+/// A poll's ballots, distinct voters and newest sequence in each partition, from one
+/// consistent read: `(partition, ballots, voters, seq)` rows. (Its positions and counts per
+/// answer in one statement, voters counted beside the array-joined answers, took ~20% longer
+/// over 3M votes on 18.16.)
+pub fn tally_totals_by_partition(poll_id: &str) -> String {
+    format!(
+        "SELECT log_partition, count(), uniqExactIf(voter_key, voter_key != ''), max(seq) \
+         FROM votes WHERE poll_id = {} GROUP BY log_partition ORDER BY log_partition",
+        lit(poll_id)
+    )
+}
+
+/// A poll's counts per answer in each partition, up to the partition's position in
+/// `positions` ([`tally_totals_by_partition`], read just before), so they agree with those
+/// totals: `(partition, answer, count)` rows.
 pub fn tally_counts_by_partition(poll_id: &str, positions: &[(u16, u64)]) -> String {
     format!(
-        "SELECT log_partition, opt, count(), uniqExactIf(voter_key, opt = '' AND voter_key != '') \
-         FROM votes ARRAY JOIN arrayConcat([''], choice) AS opt WHERE poll_id = {} AND {} \
-         GROUP BY log_partition, opt ORDER BY log_partition, opt",
+        "SELECT log_partition, opt, count() FROM votes ARRAY JOIN choice AS opt \
+         WHERE poll_id = {} AND {} GROUP BY log_partition, opt ORDER BY log_partition, opt",
         lit(poll_id),
         at_most("seq", positions)
     )
@@ -1370,6 +1383,10 @@ pub fn all_for_check() -> Vec<(String, String)> {
             tally_counts("p", positions),
         ));
     }
+    statements.push((
+        "tally totals by partition".into(),
+        tally_totals_by_partition("p"),
+    ));
     statements.push((
         "tally counts by partition".into(),
         tally_counts_by_partition("p", &[(0, 7), (1, 3)]),
