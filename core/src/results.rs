@@ -24,6 +24,23 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// A poll's tally from its shares, one per partition of the log its votes come from
+    /// (see [`crate::ports::Warehouse::tally_by_partition`]): everything added up, `as_of`
+    /// the sum of theirs ([`crate::ports::poll_as_of`]). Voters add up because a voter's
+    /// votes go to one partition (only `per_voter` polls are spread over several).
+    pub fn merged<'a>(shares: impl IntoIterator<Item = &'a Tally>) -> Tally {
+        let mut whole = Tally::default();
+        for share in shares {
+            whole.ballots += share.ballots;
+            whole.unique_voters += share.unique_voters;
+            whole.as_of = whole.as_of.saturating_add(share.as_of);
+            for (answer, count) in &share.counts {
+                *whole.counts.entry(answer.clone()).or_default() += count;
+            }
+        }
+        whole
+    }
+
     /// Counts one vote. `new_voter` says whether its voter key was not seen before.
     pub fn add(&mut self, vote: &Vote, seq: u64, new_voter: bool) {
         debug_assert!(seq > self.as_of, "votes are counted in log order");

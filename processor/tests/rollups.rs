@@ -225,9 +225,6 @@ impl Warehouse for Recording {
             .push((sets.to_vec(), covered));
         self.inner.compact_sets(partition, sets, covered).await
     }
-    async fn tally(&self, poll_id: &str) -> tally_core::Result<Tally> {
-        self.inner.tally(poll_id).await
-    }
     async fn tally_by_partition(
         &self,
         poll_id: &str,

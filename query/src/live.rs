@@ -130,8 +130,11 @@ impl LiveHub {
                     .get(&key)
                     .or_else(|| shares.get(&None))
                     .map(|share| share.results.as_of),
-                None => Results::merge(shares.values().map(|share| &share.results))
-                    .map(|merged| merged.as_of),
+                None => (!shares.is_empty()).then(|| {
+                    shares
+                        .values()
+                        .fold(0u64, |sum, share| sum.saturating_add(share.results.as_of))
+                }),
             };
             match held {
                 Some(as_of) if results.as_of <= as_of => {

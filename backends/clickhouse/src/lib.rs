@@ -1137,31 +1137,6 @@ impl Warehouse for ClickHouseWarehouse {
         Ok(())
     }
 
-    async fn tally(&self, poll_id: &str) -> Result<Tally> {
-        let positions = self.poll_positions(poll_id).await?;
-        // Counted up to those positions, so the counts agree with them whatever is
-        // inserted meanwhile.
-        let rows: Vec<(String, u64, u64)> = self
-            .client
-            .query_raw(&sql::tally_counts(poll_id, &positions))
-            .fetch_all()
-            .await
-            .map_err(warehouse_error)?;
-        let mut tally = Tally {
-            as_of: poll_as_of(&positions.into_iter().collect()),
-            ..Tally::default()
-        };
-        for (answer, count, voters) in rows {
-            if answer.is_empty() {
-                tally.ballots = count;
-                tally.unique_voters = voters;
-            } else {
-                tally.counts.insert(answer, count);
-            }
-        }
-        Ok(tally)
-    }
-
     async fn tally_by_partition(&self, poll_id: &str) -> Result<BTreeMap<u16, Tally>> {
         let totals: Vec<(u16, u64, u64, u64)> = self
             .client

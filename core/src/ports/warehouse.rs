@@ -164,8 +164,12 @@ pub trait Warehouse: Send + Sync + 'static {
         Ok(())
     }
     /// The exact tally of a poll over every stored vote, of every partition its votes come
-    /// from; `as_of` is [`poll_as_of`] the last stored vote of each.
-    async fn tally(&self, poll_id: &str) -> Result<Tally>;
+    /// from: its shares ([`Warehouse::tally_by_partition`]) added up ([`Tally::merged`]);
+    /// `as_of` is [`poll_as_of`] the last stored vote of each.
+    async fn tally(&self, poll_id: &str) -> Result<Tally> {
+        let shares = self.tally_by_partition(poll_id).await?;
+        Ok(Tally::merged(shares.values()))
+    }
     /// A poll's tally in each partition of the log its votes come from, each over that
     /// partition's stored votes (`as_of`: the partition's last one, `unique_voters`: the
     /// distinct voters among them): the shares a processor of each partition counts on from,

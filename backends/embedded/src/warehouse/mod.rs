@@ -277,10 +277,6 @@ impl Warehouse for ParquetWarehouse {
         Ok(())
     }
 
-    async fn tally(&self, poll_id: &str) -> Result<Tally> {
-        self.inner.tally(poll_id).await
-    }
-
     async fn tally_by_partition(&self, poll_id: &str) -> Result<BTreeMap<u16, Tally>> {
         self.inner.tally_by_partition(poll_id).await
     }

@@ -146,14 +146,6 @@ impl Inner {
             .await
     }
 
-    pub(super) async fn tally(&self, poll_id: &str) -> Result<Tally> {
-        let poll_id = poll_id.to_owned();
-        self.read(&[Kind::Votes], move |snapshot| async move {
-            snapshot.tally(&poll_id).await
-        })
-        .await
-    }
-
     pub(super) async fn tally_by_partition(&self, poll_id: &str) -> Result<BTreeMap<u16, Tally>> {
         let poll_id = poll_id.to_owned();
         self.read(&[Kind::Votes], move |snapshot| async move {
@@ -287,33 +279,6 @@ const SEGMENT_KINDS: [Kind; 3] = [
 ];
 
 impl Snapshot {
-    async fn tally(&self, poll_id: &str) -> Result<Tally> {
-        let totals = self
-            .query(
-                "SELECT count(*), count(DISTINCT nullif(voter_key, '')) FROM votes WHERE poll_id = $1",
-                vec![text(poll_id)],
-            )
-            .await?;
-        let counts = self
-            .query(
-                "SELECT opt, count(*) FROM (SELECT unnest(choice) AS opt FROM votes WHERE poll_id = $1) GROUP BY opt",
-                vec![text(poll_id)],
-            )
-            .await?;
-        let positions = self.positions("votes", "seq", poll_id, "").await?;
-        let options = strings(&counts, 0)?;
-        let numbers = u64s(&counts, 1)?;
-        let first = |column| -> Result<u64> {
-            Ok(u64s(&totals, column)?.first().copied().unwrap_or_default())
-        };
-        Ok(Tally {
-            ballots: first(0)?,
-            unique_voters: first(1)?,
-            counts: options.into_iter().zip(numbers).collect(),
-            as_of: poll_as_of(&positions),
-        })
-    }
-
     async fn tally_by_partition(&self, poll_id: &str) -> Result<BTreeMap<u16, Tally>> {
         let totals = self
             .query(
