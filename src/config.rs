@@ -155,6 +155,12 @@ pub struct Bus {
     /// loss of one server); a service finding fewer refuses to start.
     #[arg(long, env = "TALLY_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
     pub replicas: u8,
+    /// Partitions to a vote stream: the log becomes streams `VOTES`, `VOTES_1`, … of this
+    /// many partitions each, whose leaders a NATS cluster spreads over its servers, so
+    /// intake grows with servers. Unset or 0: one stream (must agree across all services,
+    /// and with the streams found; `tally repartition` changes it).
+    #[arg(long, env = "TALLY_PARTITIONS_PER_STREAM")]
+    pub partitions_per_stream: Option<u16>,
 }
 
 impl Bus {
@@ -185,6 +191,7 @@ impl Bus {
         let options = LogOptions {
             partitions: self.partitions,
             replicas: self.replicas.into(),
+            per_stream: self.partitions_per_stream.unwrap_or(0),
         };
         let log = while_electing(|| JetStreamLog::open(client.clone(), options.clone()))
             .await

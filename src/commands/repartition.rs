@@ -1,6 +1,6 @@
-//! `tally repartition --to N`: changes the partition count of the vote stream, once every
-//! poll that took votes has left it and no service runs (docs/OPERATIONS.md, "The
-//! broker's shape").
+//! `tally repartition --to N [--partitions-per-stream K]`: changes the partition count of
+//! the vote log (and how many partitions a stream holds), once every poll that took votes
+//! has left it and no service runs (docs/OPERATIONS.md, "The broker's shape").
 
 use clap::Args;
 
@@ -19,16 +19,23 @@ impl RepartitionArgs {
     pub async fn run(self) -> anyhow::Result<()> {
         let client = self.bus.connect().await?;
         let to = self.to;
-        match tally_nats::repartition(client, to).await? {
+        match tally_nats::repartition(client, to, self.bus.partitions_per_stream).await? {
             tally_nats::Repartitioned::NoStream => println!(
                 "there is no vote stream yet: start every service with TALLY_PARTITIONS={to} \
                  and the first one creates it with that count"
             ),
-            tally_nats::Repartitioned::Changed { from } => {
+            tally_nats::Repartitioned::Changed { from, layout } => {
                 let from = from.map_or_else(|| "unrecorded".to_owned(), |n| n.to_string());
+                let (laid, setting) = match layout.streams() {
+                    1 => ("one stream".to_owned(), String::new()),
+                    n => (
+                        format!("{n} streams of {} partitions", layout.per_stream()),
+                        format!(" TALLY_PARTITIONS_PER_STREAM={}", layout.per_stream()),
+                    ),
+                };
                 println!(
-                    "the vote stream's votes are now written with {to} partitions (was \
-                     {from}): start every service with TALLY_PARTITIONS={to}"
+                    "the vote log's votes are now written with {to} partitions (was {from}) \
+                     over {laid}: start every service with TALLY_PARTITIONS={to}{setting}"
                 );
             }
         }

@@ -456,7 +456,8 @@ impl Cluster {
         let partitions = self.setting("TALLY_PARTITIONS", 1)?;
         let options = tally_nats::LogOptions {
             partitions,
-            replicas: 1,
+            per_stream: self.setting("TALLY_PARTITIONS_PER_STREAM", 0)?,
+            ..Default::default()
         };
         let log = tally_nats::JetStreamLog::open(self.nats_client().await?, options).await?;
         let retention = log.retention().context("the NATS log purges")?;
@@ -465,6 +466,17 @@ impl Cluster {
             tip = tip.max(retention.poll_tip(poll, partition).await?);
         }
         Ok(tip)
+    }
+
+    /// The votes each stream of the vote log holds now (by stream name); distributed only.
+    pub async fn vote_streams(&self) -> Result<BTreeMap<String, u64>> {
+        let options = tally_nats::LogOptions {
+            partitions: self.setting("TALLY_PARTITIONS", 1)?,
+            per_stream: self.setting("TALLY_PARTITIONS_PER_STREAM", 0)?,
+            ..Default::default()
+        };
+        let log = tally_nats::JetStreamLog::open(self.nats_client().await?, options).await?;
+        Ok(log.held_per_stream().await?.into_iter().collect())
     }
 
     /// The index of the clustered nats-server leading the vote stream now; see

@@ -299,8 +299,7 @@ async fn a_finished_poll_leaves_the_log_and_late_retries_keep_their_answer(
             let refused = cluster.tally_command(&["repartition", "--to", "4"]).await?;
             let stderr = String::from_utf8_lossy(&refused.stderr);
             ensure!(
-                !refused.status.success()
-                    && stderr.contains(&format!("still holds {VOTERS} vote(s)")),
+                !refused.status.success() && stderr.contains(&format!("VOTES holds {VOTERS}")),
                 "repartition with votes in the stream: {:?}\n{stderr}",
                 refused.status
             );

@@ -1,6 +1,7 @@
 //! A hot poll spread over partitions of the log (`spread`): its voters' votes land on four
 //! partitions, counted by whichever processors own them (two processes sharing them by
-//! lease, in the distributed deployment); results, live totals, a breakdown, the analysts'
+//! lease, and two streams of two partitions each holding them, in the distributed
+//! deployment); results, live totals, a breakdown, the analysts'
 //! SQL and an export add the partitions up exactly, and one vote per voter still holds
 //! across them.
 
@@ -27,6 +28,8 @@ async fn a_poll_spread_over_partitions_counts_exactly(deployment: Deployment) ->
             deployment,
             &[
                 ("TALLY_PARTITIONS", "4"),
+                // Distributed, the log is two streams of two partitions each.
+                ("TALLY_PARTITIONS_PER_STREAM", "2"),
                 ("TALLY_LEASE_SECONDS", "4"),
                 ("TALLY_PURGE_CLOSED_AFTER_SECONDS", "2"),
             ],
@@ -163,6 +166,17 @@ async fn a_poll_spread_over_partitions_counts_exactly(deployment: Deployment) ->
         in_partitions == VOTERS as u64 && rows.iter().all(|row| row[1].as_u64() > Some(0)),
         "{spread}"
     );
+
+    // Distributed, the poll's votes came in through both streams of the log.
+    if deployment == Deployment::Distributed {
+        let held = cluster.vote_streams().await?;
+        ensure!(
+            held.len() == 2
+                && held.values().all(|&n| n > 0)
+                && held.values().sum::<u64>() == VOTERS as u64,
+            "votes per stream: {held:?}"
+        );
+    }
 
     // Live totals: never back, every event id above the last, ending at the results.
     let end = tokio::time::Instant::now() + Duration::from_secs(60);

@@ -1,5 +1,5 @@
-//! tally's NATS back ends, for the distributed deployment: the vote log on a JetStream
-//! stream ([`JetStreamLog`]), the poll registry on a JetStream key-value bucket
+//! tally's NATS back ends, for the distributed deployment: the vote log on JetStream
+//! streams ([`JetStreamLog`], laid out by [`StreamLayout`]), the poll registry on a JetStream key-value bucket
 //! ([`KvRegistry`]), processors' partition leases on another ([`KvLeases`]), and live
 //! totals on a core NATS subject ([`NatsLiveFeed`]), over a connection made by [`connect`]
 //! from [`ConnectSettings`] (servers, credentials, TLS).
@@ -13,6 +13,7 @@
 
 mod acks;
 mod connect;
+mod layout;
 mod leases;
 mod live;
 mod log;
@@ -20,6 +21,7 @@ mod registry;
 mod repartition;
 
 pub use connect::{connect, ConnectSettings, TlsSettings};
+pub use layout::{stream_name, StreamLayout};
 pub use leases::{KvLeases, LEASES_BUCKET};
 pub use live::{sign as sign_live_totals, NatsLiveFeed, SIGNATURE_HEADER};
 pub use log::{publish_together, Ack, JetStreamLog, ACKS_PER_SUBSCRIPTION};

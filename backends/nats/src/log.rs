@@ -15,8 +15,8 @@ use async_nats::jetstream::{self, consumer, stream};
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 
-use super::VOTES_STREAM;
 use crate::acks::AckRouter;
+use crate::layout::StreamLayout;
 use tally_core::ports::{Appended, LogEntry, LogReader, LogRetention, VoteLog};
 use tally_core::vote::Vote;
 use tally_core::{wire, Error, Result};
@@ -34,7 +34,8 @@ pub const ACKS_PER_SUBSCRIPTION: usize = 4096;
 pub struct JetStreamLog {
     client: async_nats::Client,
     js: jetstream::Context,
-    partitions: u16,
+    /// Which stream holds each partition.
+    layout: StreamLayout,
     /// Single appends' acks, on one reply subscription ([`crate::acks`]).
     acks: std::sync::Arc<AckRouter>,
 }
@@ -45,6 +46,8 @@ pub struct LogOptions {
     /// Copies of the stream a NATS cluster keeps (1, 3 or 5): with 3, the stream outlives
     /// one server. A stream found with fewer is refused; one with more is kept as it is.
     pub replicas: usize,
+    /// Partitions to a stream (0: all in one stream, `VOTES`); see [`StreamLayout`].
+    pub per_stream: u16,
 }
 
 impl Default for LogOptions {
@@ -52,6 +55,7 @@ impl Default for LogOptions {
         LogOptions {
             partitions: 1,
             replicas: 1,
+            per_stream: 0,
         }
     }
 }
@@ -60,49 +64,80 @@ impl Default for LogOptions {
 pub const PARTITIONS_METADATA: &str = "tally.partitions";
 
 impl JetStreamLog {
-    /// Opens the stream, creating it when missing, and refuses one whose shape would break
-    /// a guarantee (see [`check_shape`]).
+    /// Opens the log's streams, creating those missing, and refuses one whose shape would
+    /// break a guarantee (see [`check_shape`]).
     pub async fn open(client: async_nats::Client, options: LogOptions) -> Result<Self> {
         let js = jetstream::new(client);
-        let partitions = options.partitions.max(1);
+        let layout = StreamLayout::new(options.partitions, options.per_stream);
         let replicas = options.replicas.max(1);
-        let config = stream::Config {
-            name: VOTES_STREAM.to_owned(),
-            subjects: vec!["votes.>".to_owned()],
-            storage: stream::StorageType::File,
-            retention: stream::RetentionPolicy::Limits,
-            max_messages_per_subject: 1,
-            discard: stream::DiscardPolicy::New,
-            discard_new_per_subject: true,
-            num_replicas: replicas,
-            metadata: [(PARTITIONS_METADATA.to_owned(), partitions.to_string())].into(),
-            ..Default::default()
-        };
-        let stream = js
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| Error::unavailable("vote log", e))?;
-        let info = stream.cached_info();
-        check_shape(&info.config, partitions, replicas)?;
-        if !info.config.metadata.contains_key(PARTITIONS_METADATA) && info.state.messages > 0 {
-            check_partitions_by_sample(&stream, &info.state, partitions).await?;
+        // Streams found first: a missing one is made to number its votes after all of theirs.
+        let mut found = Vec::new();
+        for stream in 0..layout.streams() {
+            found.push(existing_stream(&js, &layout.name(stream)).await?);
+        }
+        let newest = found
+            .iter()
+            .flatten()
+            .map(|stream| stream.cached_info().state.last_sequence)
+            .max();
+        // Every stream found is checked before any is made: a log laid out otherwise is
+        // refused as it is, with nothing added to it.
+        for (index, stream) in (0..).zip(&found) {
+            if let Some(stream) = stream {
+                check_stream(stream, &layout, index, replicas).await?;
+            }
+        }
+        for (index, existing) in (0..).zip(found) {
+            if existing.is_none() {
+                let mut config = stream_config(&layout, index, replicas);
+                config.first_sequence = newest.filter(|&seq| seq > 0).map(|seq| seq + 1);
+                let stream = js
+                    .get_or_create_stream(config)
+                    .await
+                    .map_err(|e| Error::unavailable("vote log", e))?;
+                check_stream(&stream, &layout, index, replicas).await?;
+            }
         }
         Ok(JetStreamLog {
             client: js.client(),
             acks: std::sync::Arc::new(AckRouter::new(js.client())),
             js,
-            partitions,
+            layout,
         })
     }
 
+    /// Which stream holds each partition.
+    pub fn layout(&self) -> StreamLayout {
+        self.layout
+    }
+
+    /// The votes each of the log's streams holds now, by name.
+    pub async fn held_per_stream(&self) -> Result<Vec<(String, u64)>> {
+        let mut held = Vec::new();
+        for name in self.layout.names() {
+            let mut stream = self
+                .js
+                .get_stream(&name)
+                .await
+                .map_err(|e| Error::unavailable("vote log", e))?;
+            let info = stream
+                .info()
+                .await
+                .map_err(|e| Error::unavailable("vote log", e))?;
+            held.push((name, info.state.messages));
+        }
+        Ok(held)
+    }
+
     fn subject(&self, vote: &Vote, unique_key: &str) -> String {
+        Self::subject_in(self.placement(&vote.poll_id, unique_key), vote, unique_key)
+    }
+
+    /// The subject of `vote` in `partition`.
+    fn subject_in(partition: u16, vote: &Vote, unique_key: &str) -> String {
         use std::fmt::Write;
         let mut subject = String::with_capacity(13 + vote.poll_id.len() + unique_key.len());
-        let _ = write!(
-            subject,
-            "votes.{}.",
-            self.placement(&vote.poll_id, unique_key)
-        );
+        let _ = write!(subject, "votes.{partition}.");
         subject.push_str(&vote.poll_id);
         subject.push('.');
         subject.push_str(unique_key);
@@ -140,10 +175,7 @@ impl JetStreamLog {
         let resolved: Vec<(usize, Result<Appended>)> = futures::stream::iter(taken)
             .map(|i| {
                 let (vote, unique_key) = &votes[i];
-                async move {
-                    let subject = self.subject(vote, unique_key);
-                    (i, self.resolve_conflict(&subject, vote).await)
-                }
+                async move { (i, self.resolve_conflict(vote, unique_key).await) }
             })
             .buffer_unordered(64)
             .collect()
@@ -156,18 +188,23 @@ impl JetStreamLog {
 
     /// After a per-subject refusal: the same vote (a late retry), the same vote id with
     /// another ballot, or another vote of the voter?
-    async fn resolve_conflict(&self, subject: &str, vote: &Vote) -> Result<Appended> {
-        self.held(subject, vote).await?.ok_or_else(|| {
+    async fn resolve_conflict(&self, vote: &Vote, unique_key: &str) -> Result<Appended> {
+        self.held(vote, unique_key).await?.ok_or_else(|| {
             Error::unavailable(
                 "vote log",
-                format!("{subject} refused a vote as taken and then held none"),
+                format!(
+                    "{} refused a vote as taken and then held none",
+                    self.subject(vote, unique_key)
+                ),
             )
         })
     }
 
-    /// What the stream holds under `subject`, as the answer for `vote`.
-    async fn held(&self, subject: &str, vote: &Vote) -> Result<Option<Appended>> {
-        let Some(stored) = self.last_of(subject).await? else {
+    /// What the log holds under the subject of `vote`, as the answer for it.
+    async fn held(&self, vote: &Vote, unique_key: &str) -> Result<Option<Appended>> {
+        let partition = self.placement(&vote.poll_id, unique_key);
+        let subject = Self::subject_in(partition, vote, unique_key);
+        let Some(stored) = self.last_of(partition, &subject).await? else {
             return Ok(None);
         };
         let existing = wire::decode(&stored.payload)?;
@@ -178,11 +215,16 @@ impl JetStreamLog {
         )))
     }
 
-    /// The newest message of the subjects `filter` matches (it may hold wildcards).
-    async fn last_of(&self, filter: &str) -> Result<Option<jetstream::message::StreamMessage>> {
+    /// The newest message of the subjects `filter` (of `partition`; it may hold wildcards)
+    /// matches.
+    async fn last_of(
+        &self,
+        partition: u16,
+        filter: &str,
+    ) -> Result<Option<jetstream::message::StreamMessage>> {
         let stream = self
             .js
-            .get_stream_no_info(VOTES_STREAM)
+            .get_stream_no_info(self.layout.name_of(partition))
             .await
             .map_err(|e| Error::unavailable("vote log", e))?;
         match stream.get_last_raw_message_by_subject(filter).await {
@@ -198,25 +240,91 @@ impl JetStreamLog {
     }
 }
 
-/// Refuses a stream whose settings break what tally promises, saying how to fix it: one
-/// message per subject, new ones refused per subject and nothing expiring (one vote per
-/// voter), every vote subject, at least the configured replicas, and the partition count
-/// the votes were written with (a poll's subject depends on it, so a voter moved to another
-/// partition could vote again).
-pub fn check_shape(config: &stream::Config, partitions: u16, replicas: usize) -> Result<()> {
+/// [`check_shape`], and for a stream made before its partition count was recorded,
+/// [`check_partitions_by_sample`].
+async fn check_stream(
+    stream: &stream::Stream,
+    layout: &StreamLayout,
+    index: u16,
+    replicas: usize,
+) -> Result<()> {
+    let info = stream.cached_info();
+    check_shape(&info.config, layout, index, replicas)?;
+    if !info.config.metadata.contains_key(PARTITIONS_METADATA) && info.state.messages > 0 {
+        check_partitions_by_sample(stream, &info.state, layout.partitions()).await?;
+    }
+    Ok(())
+}
+
+/// Refuses stream `stream` of `layout` when its settings break what tally promises, saying
+/// how to fix it: one message per subject, new ones refused per subject and nothing
+/// expiring (one vote per voter), the vote subjects the layout gives it, at least the
+/// configured replicas, and the partition count the votes were written with (a poll's
+/// subject depends on it, so a voter moved to another partition could vote again).
+pub fn check_shape(
+    config: &stream::Config,
+    layout: &StreamLayout,
+    stream: u16,
+    replicas: usize,
+) -> Result<()> {
+    let name = layout.name(stream);
+    let partitions = layout.partitions();
     let refuse = |what: String| {
         Err(Error::failed(
             "vote log",
             format!(
-                "the stream {VOTES_STREAM} {what}. One vote per voter depends on the \
+                "the stream {name} {what}. One vote per voter depends on the \
                  stream's shape; see docs/OPERATIONS.md, \"The broker's shape\""
             ),
         ))
     };
-    if !config.subjects.iter().any(|s| s == "votes.>") {
+    if let Some(written) = config.metadata.get(PARTITIONS_METADATA) {
+        if written.parse::<u16>().ok() != Some(partitions) {
+            return refuse(format!(
+                "holds votes written with {written} partitions (its metadata \
+                 `{PARTITIONS_METADATA}`) and this service has TALLY_PARTITIONS={partitions}: \
+                 set TALLY_PARTITIONS={written} on every service"
+            ));
+        }
+    }
+    let wanted = layout.subjects(stream);
+    let subjects_fit = if layout.streams() == 1 {
+        config.subjects.iter().any(|s| s == "votes.>")
+    } else {
+        let mut found = config.subjects.clone();
+        found.sort();
+        let mut wanted = wanted.clone();
+        wanted.sort();
+        found == wanted
+    };
+    if !subjects_fit {
+        // Subjects tally gives a stream, with one layout or another.
+        let laid_out = !config.subjects.is_empty()
+            && config.subjects.iter().all(|subject| {
+                subject == "votes.>"
+                    || subject
+                        .strip_prefix("votes.")
+                        .and_then(|rest| rest.strip_suffix(".>"))
+                        .is_some_and(|partition| partition.parse::<u16>().is_ok())
+            });
+        if !laid_out {
+            let quoted: Vec<String> = wanted.iter().map(|s| format!("'{s}'")).collect();
+            return refuse(format!(
+                "takes the subjects {:?}, not {wanted:?}: \
+                 `nats stream edit {name} --subjects {}`",
+                config.subjects,
+                quoted.join(" ")
+            ));
+        }
+        let per_stream = match layout.streams() {
+            1 => "unset (one stream)".to_owned(),
+            _ => layout.per_stream().to_string(),
+        };
         return refuse(format!(
-            "takes the subjects {:?}, not `votes.>`: \
-             `nats stream edit {VOTES_STREAM} --subjects 'votes.>'`",
+            "takes the subjects {:?} where this service, with TALLY_PARTITIONS={partitions} \
+             and TALLY_PARTITIONS_PER_STREAM {per_stream}, would put {wanted:?} in it: start \
+             every service with the partitions per stream the log was made with, or change \
+             them with `tally repartition --to N --partitions-per-stream K` once the log is empty",
             config.subjects
         ));
     }
@@ -230,7 +338,7 @@ pub fn check_shape(config: &stream::Config, partitions: u16, replicas: usize) ->
     if config.max_messages_per_subject != 1 {
         return refuse(format!(
             "keeps {} messages per subject where tally needs 1: \
-             `nats stream edit {VOTES_STREAM} --max-msgs-per-subject 1`",
+             `nats stream edit {name} --max-msgs-per-subject 1`",
             config.max_messages_per_subject
         ));
     }
@@ -238,28 +346,59 @@ pub fn check_shape(config: &stream::Config, partitions: u16, replicas: usize) ->
         return refuse(format!(
             "replaces a voter's stored vote with a new one (discard {:?}, per subject {}) \
              where tally needs new votes refused: \
-             `nats stream edit {VOTES_STREAM} --discard new --discard-per-subject`",
+             `nats stream edit {name} --discard new --discard-per-subject`",
             config.discard, config.discard_new_per_subject
         ));
     }
     if !config.max_age.is_zero() {
         return refuse(format!(
             "lets votes expire after {:?}, after which their voters could vote again: \
-             `nats stream edit {VOTES_STREAM} --max-age 0`",
+             `nats stream edit {name} --max-age 0`",
             config.max_age
         ));
     }
-    super::check_replicas("vote log", VOTES_STREAM, config.num_replicas, replicas)?;
-    if let Some(written) = config.metadata.get(PARTITIONS_METADATA) {
-        if written.parse::<u16>().ok() != Some(partitions) {
-            return refuse(format!(
-                "holds votes written with {written} partitions (its metadata \
-                 `{PARTITIONS_METADATA}`) and this service has TALLY_PARTITIONS={partitions}: \
-                 set TALLY_PARTITIONS={written} on every service"
-            ));
-        }
+    super::check_replicas("vote log", &name, config.num_replicas, replicas)
+}
+
+/// The configuration tally creates stream `stream` of `layout` with.
+pub(crate) fn stream_config(layout: &StreamLayout, stream: u16, replicas: usize) -> stream::Config {
+    stream::Config {
+        name: layout.name(stream),
+        subjects: layout.subjects(stream),
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_messages_per_subject: 1,
+        discard: stream::DiscardPolicy::New,
+        discard_new_per_subject: true,
+        num_replicas: replicas,
+        metadata: [(
+            PARTITIONS_METADATA.to_owned(),
+            layout.partitions().to_string(),
+        )]
+        .into(),
+        ..Default::default()
     }
-    Ok(())
+}
+
+/// The stream `name`, or `None` when the server has no such stream; any other failure is
+/// the server's.
+pub(crate) async fn existing_stream(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<Option<stream::Stream>> {
+    match js.get_stream(name).await {
+        Ok(stream) => Ok(Some(stream)),
+        Err(err)
+            if matches!(
+                err.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref js)
+                    if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(err) => Err(Error::unavailable("vote log", err)),
+    }
 }
 
 /// For a stream made before its partition count was recorded: its first and last votes
@@ -292,11 +431,12 @@ async fn check_partitions_by_sample(
             return Err(Error::failed(
                 "vote log",
                 format!(
-                    "the stream {VOTES_STREAM} holds a vote of poll `{poll}` in partition \
+                    "the stream {} holds a vote of poll `{poll}` in partition \
                      {stored}, and TALLY_PARTITIONS={partitions} puts that vote in partition \
                      {wanted}: its voters could vote again. Set TALLY_PARTITIONS to the count \
                      the votes were written with on every service (docs/OPERATIONS.md, \
-                     \"The broker's shape\")"
+                     \"The broker's shape\")",
+                    stream.cached_info().config.name
                 ),
             ));
         }
@@ -307,7 +447,7 @@ async fn check_partitions_by_sample(
 #[async_trait]
 impl VoteLog for JetStreamLog {
     fn partitions(&self) -> u16 {
-        self.partitions
+        self.layout.partitions()
     }
 
     async fn append(&self, vote: &Vote, unique_key: &str) -> Result<Appended> {
@@ -321,10 +461,7 @@ impl VoteLog for JetStreamLog {
             .await?;
         match ack {
             Ack::Stored(appended) => Ok(appended),
-            Ack::SubjectTaken => {
-                self.resolve_conflict(&self.subject(vote, unique_key), vote)
-                    .await
-            }
+            Ack::SubjectTaken => self.resolve_conflict(vote, unique_key).await,
         }
     }
 
@@ -349,7 +486,7 @@ impl VoteLog for JetStreamLog {
     }
 
     async fn find(&self, vote: &Vote, unique_key: &str) -> Result<Option<Appended>> {
-        self.held(&self.subject(vote, unique_key), vote).await
+        self.held(vote, unique_key).await
     }
 
     fn retention(&self) -> Option<&dyn LogRetention> {
@@ -357,11 +494,31 @@ impl VoteLog for JetStreamLog {
     }
 
     async fn reader(&self, partition: u16, after: u64) -> Result<Box<dyn LogReader>> {
-        let stream = self
+        let mut stream = self
             .js
-            .get_stream(VOTES_STREAM)
+            .get_stream(self.layout.name_of(partition))
             .await
             .map_err(|e| Error::unavailable("vote log", e))?;
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| Error::unavailable("vote log", e))?
+            .state
+            .last_sequence;
+        if after > last {
+            // Reading on would skip every vote numbered up to `after`.
+            return Err(Error::failed(
+                "vote log",
+                format!(
+                    "partition {partition} is counted up to entry {after}, and its stream {} \
+                     has numbered only {last}: the stream was made anew (deleted by hand, or \
+                     another broker) and its new votes would be passed over. Restore the \
+                     stream, or give it a first sequence above {after} (docs/OPERATIONS.md, \
+                     \"The broker's shape\")",
+                    self.layout.name_of(partition)
+                ),
+            ));
+        }
         let name = format!("processor-p{partition}");
         // The durable consumer is recreated at the caller's watermark: the warehouse, not the
         // consumer's ack floor, says where processing stands, and a fresh consumer delivers
@@ -403,10 +560,12 @@ impl VoteLog for JetStreamLog {
     }
 
     async fn check(&self) -> Result<()> {
-        self.js
-            .get_stream_no_info(VOTES_STREAM)
-            .await
-            .map_err(|e| Error::unavailable("vote log", e))?;
+        for name in self.layout.names() {
+            self.js
+                .get_stream_no_info(name)
+                .await
+                .map_err(|e| Error::unavailable("vote log", e))?;
+        }
         Ok(())
     }
 }
@@ -417,7 +576,7 @@ impl VoteLog for JetStreamLog {
 impl LogRetention for JetStreamLog {
     async fn poll_tip(&self, poll_id: &str, partition: u16) -> Result<Option<u64>> {
         Ok(self
-            .last_of(&Self::poll_subjects(poll_id, partition))
+            .last_of(partition, &Self::poll_subjects(poll_id, partition))
             .await?
             .map(|stored| stored.sequence))
     }
@@ -425,7 +584,7 @@ impl LogRetention for JetStreamLog {
     async fn purge_poll(&self, poll_id: &str, partition: u16, through: u64) -> Result<u64> {
         let stream = self
             .js
-            .get_stream_no_info(VOTES_STREAM)
+            .get_stream_no_info(self.layout.name_of(partition))
             .await
             .map_err(|e| Error::unavailable("vote log", e))?;
         let purged = stream
@@ -560,7 +719,7 @@ pub(crate) fn read_ack(status: Option<async_nats::StatusCode>, payload: &[u8]) -
         ))
     };
     if status == Some(async_nats::StatusCode::NO_RESPONDERS) {
-        return failed(format!("no stream takes `{VOTES_STREAM}` subjects"));
+        return failed("no stream takes the vote's subject".to_owned());
     }
     match serde_json::from_slice::<Reply>(payload) {
         Ok(Reply {

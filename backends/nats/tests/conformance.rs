@@ -45,6 +45,32 @@ tally_conformance::vote_log_suite!(needs_nats_partitioned_jetstream_vote_log, {
     (Arc::new(log), server)
 });
 
+/// A vote log over 4 partitions in two streams (`VOTES`, `VOTES_1`) of two partitions each.
+async fn log_over_streams(server: &NatsServer) -> JetStreamLog {
+    let options = LogOptions {
+        partitions: 4,
+        per_stream: 2,
+        ..LogOptions::default()
+    };
+    JetStreamLog::open(nats_client(server).await, options)
+        .await
+        .expect("open log")
+}
+
+tally_conformance::vote_log_suite!(needs_nats_jetstream_vote_log_over_streams, {
+    require!(NatsServer);
+    let server = NatsServer::start().await.expect("nats-server");
+    let log = log_over_streams(&server).await;
+    (Arc::new(log), server)
+});
+
+tally_conformance::log_retention_suite!(needs_nats_jetstream_log_retention_over_streams, {
+    require!(NatsServer);
+    let server = NatsServer::start().await.expect("nats-server");
+    let log = log_over_streams(&server).await;
+    (Arc::new(log), server)
+});
+
 tally_conformance::log_retention_suite!(needs_nats_partitioned_jetstream_log_retention, {
     require!(NatsServer);
     let server = NatsServer::start().await.expect("nats-server");

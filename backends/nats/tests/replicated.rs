@@ -39,6 +39,7 @@ async fn open(client: &nats::Client) -> anyhow::Result<JetStreamLog> {
         let options = LogOptions {
             partitions: 1,
             replicas: 3,
+            per_stream: 0,
         };
         match JetStreamLog::open(client.clone(), options).await {
             Ok(log) => return Ok(log),

@@ -21,6 +21,7 @@ fn options(partitions: u16, replicas: usize) -> LogOptions {
     LogOptions {
         partitions,
         replicas,
+        per_stream: 0,
     }
 }
 
