@@ -482,8 +482,13 @@ impl Cluster {
     /// The index of the clustered nats-server leading the vote stream now; see
     /// [`Options::nats_servers`].
     pub async fn nats_stream_leader(&self) -> Result<usize> {
+        self.nats_stream_leader_of("VOTES").await
+    }
+
+    /// The index of the clustered nats-server leading stream `stream` now.
+    pub async fn nats_stream_leader_of(&self, stream: &str) -> Result<usize> {
         let servers = self.nats_cluster.as_ref().context("no NATS cluster")?;
-        servers.lock().await.stream_leader("VOTES").await
+        servers.lock().await.stream_leader(stream).await
     }
 
     /// Member `index` of the clustered nats-servers, to kill or restart.

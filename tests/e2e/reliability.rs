@@ -41,6 +41,8 @@ enum Dedupe {
     /// Every vote counts, and a fifth of the votes come from voters who voted before, so
     /// unique voters differ from votes (and are rebuilt from the warehouse after a crash).
     NoneWithRepeats,
+    /// One vote per voter, each poll spread over two partitions (`spread: 2`).
+    PerVoterSpreadOverTwo,
 }
 
 /// A `tally-loadgen` run against a cluster, as a task of the test's runtime; dropping it
@@ -93,6 +95,7 @@ impl Load {
     ) -> Result<Load> {
         let dedupe_args: &[&str] = match dedupe {
             Dedupe::PerVoter => &[],
+            Dedupe::PerVoterSpreadOverTwo => &["--spread", "2"],
             Dedupe::NoneWithRepeats => &["--dedupe", "none", "--repeat-ratio", "0.2"],
         };
         let dir = tempfile::tempdir()?;
@@ -674,6 +677,59 @@ async fn needs_nats_clickhouse_a_replicated_broker_loses_its_leader_twice() -> R
     report(
         &format!("R3 broker, stream leaders n{killed:?} killed"),
         &summary,
+    );
+    verify(&cluster, &truth).await
+}
+
+/// 5c'. The vote log laid over two streams of one partition each
+///     (`TALLY_PARTITIONS_PER_STREAM=1`), each in three copies on three clustered
+///     nats-servers; polls spread over both partitions, so every poll's votes go through
+///     both streams' leaders. Under load each stream's leader is killed -9 and started
+///     again in turn. Every acknowledged vote is counted once, through both streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn needs_nats_clickhouse_a_replicated_log_over_two_streams_loses_each_leader() -> Result<()> {
+    tally_testkit::require!(NatsServer, ClickHouse);
+    let settings = [
+        ("TALLY_PARTITIONS", "2"),
+        ("TALLY_PARTITIONS_PER_STREAM", "1"),
+    ];
+    let cluster = Cluster::launch(
+        Deployment::Distributed,
+        Options {
+            nats_servers: 3,
+            settings: &settings,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let (rate, seconds) = scale((400, 40), (3_000, 90));
+    let load = Load::start_counting(
+        &cluster,
+        &[&cluster.ingest.url],
+        rate,
+        seconds,
+        2,
+        Dedupe::PerVoterSpreadOverTwo,
+    )
+    .await?;
+    let mut killed = Vec::new();
+    for stream in ["VOTES", "VOTES_1"] {
+        random_pause(Duration::from_secs(4), Duration::from_secs(6)).await;
+        let leader = cluster.nats_stream_leader_of(stream).await?;
+        cluster.kill_nats_member(leader).await?;
+        killed.push((stream, leader));
+        random_pause(Duration::from_secs(4), Duration::from_secs(6)).await;
+        cluster.restart_nats_member(leader).await?;
+    }
+    let (summary, truth) = load.finish(&cluster).await?;
+    report(
+        &format!("R3 log over two streams, leaders {killed:?} killed"),
+        &summary,
+    );
+    let held = cluster.vote_streams().await?;
+    ensure!(
+        held.len() == 2 && held.values().all(|&n| n > 0),
+        "votes per stream: {held:?}"
     );
     verify(&cluster, &truth).await
 }
