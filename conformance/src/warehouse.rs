@@ -56,6 +56,7 @@ macro_rules! warehouse_suite {
                 segment_values_are_the_distinct_values_of_each_dimension,
                 segment_values_include_rollup_rows_of_both_levels,
                 segment_values_are_those_of_the_poll_only,
+                segment_values_are_those_of_the_partition_only,
                 a_reachable_warehouse_checks_ok,
                 analyst_tables_have_the_documented_columns,
                 recorded_polls_keep_their_newest_version,
@@ -916,7 +917,7 @@ pub async fn segment_values_are_the_distinct_values_of_each_dimension(
     with_votes(warehouse.as_ref()).await;
     assert_eq!(
         warehouse
-            .segment_values(POLL)
+            .segment_values(POLL, 0)
             .await
             .expect("segment values"),
         values_map(&[("country", &["DE", "FR"]), ("plan", &["free", "pro"])]),
@@ -948,7 +949,7 @@ pub async fn segment_values_include_rollup_rows_of_both_levels(warehouse: Arc<dy
         .expect("insert settled rollups");
     assert_eq!(
         warehouse
-            .segment_values(POLL)
+            .segment_values(POLL, 0)
             .await
             .expect("segment values"),
         values_map(&[("device", &["kiosk", "tv"]), ("plan", &["team"])]),
@@ -974,7 +975,7 @@ pub async fn segment_values_are_those_of_the_poll_only(warehouse: Arc<dyn Wareho
         .await
         .expect("insert");
     let values = warehouse
-        .segment_values(POLL)
+        .segment_values(POLL, 0)
         .await
         .expect("segment values");
     assert_eq!(
@@ -984,11 +985,55 @@ pub async fn segment_values_are_those_of_the_poll_only(warehouse: Arc<dyn Wareho
     );
     assert_eq!(
         warehouse
-            .segment_values("conf-none")
+            .segment_values("conf-none", 0)
             .await
             .expect("segment values"),
         BTreeMap::new(),
         "a poll without rows has no values"
+    );
+}
+
+/// A spread poll's rows in another partition are not the partition's: each partition's
+/// processor caps its own share of the poll's values.
+pub async fn segment_values_are_those_of_the_partition_only(warehouse: Arc<dyn Warehouse>) {
+    with_votes(warehouse.as_ref()).await;
+    let mut elsewhere = vote(POLL, "p1-1", "z", "a", T0);
+    elsewhere.segment.country = "IT".into();
+    elsewhere.segment.device = "watch".into();
+    warehouse
+        .insert_votes(
+            1,
+            &[StoredVote {
+                seq: 100,
+                vote: elsewhere.clone(),
+            }],
+        )
+        .await
+        .expect("insert");
+    let mut settled = Rollups::default();
+    let mut kiosk = elsewhere;
+    kiosk.vote_id = "p1-2".into();
+    kiosk.segment.device = "kiosk".into();
+    settled.add(&kiosk, 101);
+    warehouse
+        .insert_rollups(1, RollupLevel::Settled, &settled.rows())
+        .await
+        .expect("insert settled rollups");
+    assert_eq!(
+        warehouse
+            .segment_values(POLL, 0)
+            .await
+            .expect("segment values"),
+        values_map(&[("country", &["DE", "FR"]), ("plan", &["free", "pro"])]),
+        "partition 1's values are not partition 0's"
+    );
+    assert_eq!(
+        warehouse
+            .segment_values(POLL, 1)
+            .await
+            .expect("segment values"),
+        values_map(&[("country", &["IT"]), ("device", &["kiosk", "watch"])]),
+        "partition 1's values, of its raw votes and rollups"
     );
 }
 

@@ -449,9 +449,11 @@ impl Partition {
             .filter(|id| !self.segment_values.contains_key(*id))
             .collect();
         for poll_id in missing {
-            let warehouse = self.deps.warehouse.clone();
+            let (warehouse, partition) = (self.deps.warehouse.clone(), self.partition);
             let stored = self
-                .retry("load segment values", || warehouse.segment_values(poll_id))
+                .retry("load segment values", || {
+                    warehouse.segment_values(poll_id, partition)
+                })
                 .await?;
             self.segment_values
                 .insert(poll_id.to_owned(), SegmentValues::from_stored(stored));

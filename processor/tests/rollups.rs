@@ -246,8 +246,9 @@ impl Warehouse for Recording {
     async fn segment_values(
         &self,
         poll_id: &str,
+        partition: u16,
     ) -> tally_core::Result<BTreeMap<String, BTreeSet<String>>> {
-        self.inner.segment_values(poll_id).await
+        self.inner.segment_values(poll_id, partition).await
     }
     async fn check(&self) -> tally_core::Result<()> {
         self.inner.check().await

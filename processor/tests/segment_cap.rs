@@ -141,7 +141,7 @@ fn devices(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
 
 /// The device values stored anywhere for the poll (raw votes and rollups).
 async fn stored_devices(store: &Embedded) -> usize {
-    store.warehouse.segment_values(POLL).await.unwrap()["device"].len()
+    store.warehouse.segment_values(POLL, 0).await.unwrap()["device"].len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1297,10 +1297,14 @@ impl Warehouse for ClickHouseWarehouse {
         ))
     }
 
-    async fn segment_values(&self, poll_id: &str) -> Result<BTreeMap<String, BTreeSet<String>>> {
+    async fn segment_values(
+        &self,
+        poll_id: &str,
+        partition: u16,
+    ) -> Result<BTreeMap<String, BTreeSet<String>>> {
         let pairs: Vec<(String, String)> = self
             .client
-            .query_raw(&sql::segment_values(poll_id))
+            .query_raw(&sql::segment_values(poll_id, partition))
             .fetch_all()
             .await
             .map_err(warehouse_error)?;

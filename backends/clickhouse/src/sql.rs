@@ -1155,7 +1155,7 @@ pub fn breakdown_votes(query: &BreakdownQuery, as_of: &[(u16, u64)], ranges: &[M
 /// The distinct `(dimension, value)` pairs of a poll's votes and rollup rows of both levels,
 /// empty values left out: the standard columns and the poll's own keys side by side, array
 /// joined together.
-pub fn segment_values(poll_id: &str) -> String {
+pub fn segment_values(poll_id: &str, partition: u16) -> String {
     let names: Vec<String> = STANDARD_KEYS.iter().map(|key| lit(key)).collect();
     let keys = format!("arrayConcat([{}], dim_keys)", names.join(", "));
     let values = format!("arrayConcat([{}], dim_values)", STANDARD_KEYS.join(", "));
@@ -1170,7 +1170,7 @@ pub fn segment_values(poll_id: &str) -> String {
         .map(|table| {
             format!(
                 "SELECT DISTINCT k, v FROM {table} ARRAY JOIN {keys} AS k, {values} AS v \
-                 WHERE poll_id = {poll} AND v != ''"
+                 WHERE poll_id = {poll} AND log_partition = {partition} AND v != ''"
             )
         })
         .collect();
@@ -1413,7 +1413,7 @@ pub fn all_for_check() -> Vec<(String, String)> {
         "record a compaction".into(),
         record_compaction(0, "p", "plan", 9, "run-2", 3),
     ));
-    statements.push(("segment values".into(), segment_values("p")));
+    statements.push(("segment values".into(), segment_values("p", 0)));
     statements.push((
         "insert poll_records".into(),
         format!(

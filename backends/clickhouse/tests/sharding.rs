@@ -158,8 +158,8 @@ fn server(url: &str) -> ClickHouse {
     }
 }
 
-/// Everything the services read of a poll, as text to compare.
-async fn readings(warehouse: &dyn Warehouse, poll: &str) -> Vec<String> {
+/// Everything the services read of a poll (in `partition`), as text to compare.
+async fn readings(warehouse: &dyn Warehouse, poll: &str, partition: u16) -> Vec<String> {
     let breakdown = |by: &[&str], from_ms, to_ms| BreakdownQuery {
         poll_id: poll.into(),
         by: by.iter().map(|d| Dimension((*d).into())).collect(),
@@ -212,7 +212,7 @@ async fn readings(warehouse: &dyn Warehouse, poll: &str) -> Vec<String> {
         format!(
             "{:?}",
             warehouse
-                .segment_values(poll)
+                .segment_values(poll, partition)
                 .await
                 .expect("segment values")
         ),
@@ -310,8 +310,12 @@ async fn needs_clickhouse_sharded_rows_land_on_their_shard_and_read_back_exact()
     // are the counts the votes give.
     for partition in 0..PARTITIONS {
         let poll = poll_of(partition);
-        let through_shards = readings(&sharded, &poll).await;
-        assert_eq!(through_shards, readings(&single, &poll).await, "{poll}");
+        let through_shards = readings(&sharded, &poll, partition).await;
+        assert_eq!(
+            through_shards,
+            readings(&single, &poll, partition).await,
+            "{poll}"
+        );
         let tally = sharded.tally(&poll).await.expect("tally");
         let votes = votes_of(partition);
         let expected_a = votes

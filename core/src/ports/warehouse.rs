@@ -188,11 +188,16 @@ pub trait Warehouse: Send + Sync + 'static {
     async fn window_widths(&self, poll_id: &str) -> Result<Vec<u32>>;
     async fn timeseries(&self, query: &TimeseriesQuery) -> Result<Vec<TimePoint>>;
     /// The distinct values each segment dimension (standard key or the poll's own) takes in
-    /// every row stored for a poll — raw votes and rollups of both levels — leaving out the
-    /// empty value; a dimension without values is absent. The processor starts from them to
-    /// cap the values it counts per dimension (see
-    /// [`crate::segment::MAX_SEGMENT_VALUES`]).
-    async fn segment_values(&self, poll_id: &str) -> Result<BTreeMap<String, BTreeSet<String>>>;
+    /// every row stored for a poll in `partition` — raw votes and rollups of both levels —
+    /// leaving out the empty value; a dimension without values is absent. A partition's
+    /// processor starts from them to cap the values it counts per dimension (see
+    /// [`crate::segment::MAX_SEGMENT_VALUES`]); a spread poll's partitions cap their shares
+    /// each on its own, so each starts from its own rows only.
+    async fn segment_values(
+        &self,
+        poll_id: &str,
+        partition: u16,
+    ) -> Result<BTreeMap<String, BTreeSet<String>>>;
     async fn check(&self) -> Result<()>;
 
     /// The counted vote of a poll with this vote id (the first, if a `dedupe: none` poll

@@ -29,6 +29,14 @@
 //! Rows written before the cap existed may hold more values than the cap: they are all
 //! kept, and every new value is `other` — still the same answer on every pass.
 //!
+//! A poll spread over partitions is capped per partition: each partition's worker maps its
+//! share in its own log order, so `C` above is the partition's, and a restarted worker
+//! starts from the rows of its own partition only ([`Warehouse::segment_values`] takes
+//! it). Starting from every partition's rows would break `S ⊆ C(∞)`: a value another
+//! partition kept would be kept here on a replay where the first pass made it `other`.
+//! So a spread poll keeps up to N × the cap values of a dimension, and past the cap a value
+//! may be kept in one partition and `other` in another.
+//!
 //! [`Warehouse::segment_values`]: tally_core::ports::Warehouse::segment_values
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};

@@ -297,8 +297,12 @@ impl Warehouse for ParquetWarehouse {
         self.inner.timeseries(query).await
     }
 
-    async fn segment_values(&self, poll_id: &str) -> Result<BTreeMap<String, BTreeSet<String>>> {
-        self.inner.segment_values(poll_id).await
+    async fn segment_values(
+        &self,
+        poll_id: &str,
+        partition: u16,
+    ) -> Result<BTreeMap<String, BTreeSet<String>>> {
+        self.inner.segment_values(poll_id, partition).await
     }
 
     async fn check(&self) -> Result<()> {

@@ -208,10 +208,11 @@ impl Inner {
     pub(super) async fn segment_values(
         &self,
         poll_id: &str,
+        partition: u16,
     ) -> Result<BTreeMap<String, BTreeSet<String>>> {
         let poll_id = poll_id.to_owned();
         self.read(&SEGMENT_KINDS, move |snapshot| async move {
-            snapshot.segment_values(&poll_id).await
+            snapshot.segment_values(&poll_id, partition).await
         })
         .await
     }
@@ -520,7 +521,11 @@ impl Snapshot {
 
     /// Every (dimension, value) pair of the poll's votes and rollup rows: the six standard
     /// columns and the poll's own keys side by side, unnested together.
-    async fn segment_values(&self, poll_id: &str) -> Result<BTreeMap<String, BTreeSet<String>>> {
+    async fn segment_values(
+        &self,
+        poll_id: &str,
+        partition: u16,
+    ) -> Result<BTreeMap<String, BTreeSet<String>>> {
         let names: Vec<String> = STANDARD_KEYS.iter().map(|k| format!("'{k}'")).collect();
         let segment = format!(
             "make_array({}) AS keys, make_array({}) AS vals, dim_keys, dim_values",
@@ -529,7 +534,12 @@ impl Snapshot {
         );
         let tables: Vec<String> = SEGMENT_KINDS
             .iter()
-            .map(|kind| format!("SELECT {segment} FROM {} WHERE poll_id = $1", kind.table()))
+            .map(|kind| {
+                format!(
+                    "SELECT {segment} FROM {} WHERE poll_id = $1 AND log_partition = {partition}",
+                    kind.table()
+                )
+            })
             .collect();
         let rows = self
             .query(
