@@ -16,7 +16,8 @@ pub const MAX_VALUE_CHARS: usize = 128;
 /// votes and the rollups alike, with [`OTHER_VALUE`] in its place, so a breakdown by one
 /// dimension has at most this many groups plus `other` and the absent value — exactly
 /// [`crate::analytics::MAX_GROUPS`] — however many values voters invent. Which values are
-/// kept is decided by their order in the log, so a replay keeps the same ones.
+/// kept is decided by their order in the log, so a replay keeps the same ones. A poll spread
+/// over N partitions shares it: each partition keeps its first `MAX_SEGMENT_VALUES / N`.
 pub const MAX_SEGMENT_VALUES: usize = 10_000;
 
 /// The value a vote is counted with when its own would exceed [`MAX_SEGMENT_VALUES`].

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tally_core::poll::Dedupe;
-use tally_core::ports::{LogEntry, StoredVote, Watermarks};
+use tally_core::ports::{spread_partitions, LogEntry, StoredVote, Watermarks};
 use tally_core::results::{Results, Tally};
 use tally_core::retry::Backoff;
 use tally_core::rollup::{self, RollupLevel, RollupRow, Rollups};
@@ -20,7 +20,7 @@ use tally_service::PollCache;
 
 use crate::windows::{Picks, WindowEngine};
 use crate::{Config, Deps};
-use segments::SegmentValues;
+use segments::{cap_of, SegmentValues};
 
 /// The worker was asked to stop before it could finish a step. Everything it wrote so far
 /// is whole (each insert is atomic) and the next start resumes from the watermarks.
@@ -455,8 +455,18 @@ impl Partition {
                     warehouse.segment_values(poll_id, partition)
                 })
                 .await?;
+            // A spread poll's partitions share the cap (a poll the registry does not know
+            // is taken as not spread).
+            let polls = self.polls.clone();
+            let poll = self
+                .retry("look up the poll", || polls.get(poll_id))
+                .await?;
+            let spread = poll.map_or(1, |poll| {
+                spread_partitions(&poll.id, poll.spread, self.deps.log.partitions()).len()
+            });
+            let cap = cap_of(u16::try_from(spread).unwrap_or(u16::MAX));
             self.segment_values
-                .insert(poll_id.to_owned(), SegmentValues::from_stored(stored));
+                .insert(poll_id.to_owned(), SegmentValues::from_stored(stored, cap));
         }
         Ok(())
     }

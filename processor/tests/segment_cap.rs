@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tally_core::analytics::{Breakdown, BreakdownQuery, Dimension};
 use tally_core::poll::Dedupe;
-use tally_core::ports::{Appended, VoteLog, Warehouse};
+use tally_core::ports::{Appended, PollRegistry, VoteLog, Warehouse};
 use tally_core::segment::{Segment, MAX_SEGMENT_VALUES, OTHER_VALUE};
 use tally_core::vote::Vote;
 use tally_embedded::{Embedded, WarehouseOptions};
@@ -36,12 +36,17 @@ fn vote(i: u64, device: &str) -> Vote {
 /// Waits for a previous store of `dir` to let go of it: the log's writer thread holds the
 /// database until its queue closes.
 async fn open(dir: &tempfile::TempDir) -> Embedded {
+    open_with(dir, 1).await
+}
+
+/// [`open`] with `partitions` log partitions.
+async fn open_with(dir: &tempfile::TempDir, partitions: u16) -> Embedded {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let opened = tally_embedded::open(
             dir.path(),
             tally_embedded::Options {
-                partitions: 1,
+                partitions,
                 warehouse: WarehouseOptions {
                     flush_rows: 640,
                     ..Default::default()
@@ -230,4 +235,116 @@ async fn new_values_past_the_cap_count_as_other_across_restarts_and_crashes() {
     );
     assert_eq!(store.warehouse.tally(POLL).await.unwrap().ballots, all);
     assert_eq!(stored_devices(&store).await, MAX_SEGMENT_VALUES + 1);
+}
+
+/// A spread poll's partitions share the cap (each counts `MAX_SEGMENT_VALUES / spread`
+/// values as themselves), each on its own, and a restarted worker starts from its own
+/// partition's values only: partition 0 filling its share leaves partition 1 counting its
+/// new values as themselves, before a restart and after it, as an uninterrupted run would;
+/// a breakdown by the dimension fits in one answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spread_polls_partitions_share_the_cap_each_on_its_own_across_a_restart() {
+    use tally_core::ports::{placement, spread_key};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(&dir, 2).await;
+    let new: tally_core::poll::NewPoll = serde_json::from_value(serde_json::json!({
+        "id": POLL, "title": "T", "question": "Q?", "kind": "single", "spread": 2,
+        "options": [{"id": "a", "label": "A"}, {"id": "b", "label": "B"}]
+    }))
+    .unwrap();
+    let poll = new
+        .into_poll(tally_core::time::now_ms(), || unreachable!())
+        .unwrap();
+    store.registry.create(&poll).await.unwrap();
+    let share = MAX_SEGMENT_VALUES / 2;
+    // Votes of distinct voters with devices `{prefix}0`, `{prefix}1`, …, each landing on
+    // the partition its key gives: `count` of them for `partition`, numbered from `first`.
+    let votes_in = |partition: u16, first: u64, count: usize, prefix: &str| {
+        let mut picked = Vec::new();
+        let mut i = first;
+        while picked.len() < count {
+            let mut v = vote(i, &format!("{prefix}{}", picked.len()));
+            v.voter_key = format!("voter-{i}");
+            let key = spread_key(2, &v.unique_key(Dedupe::PerVoter));
+            if placement(POLL, &key, 2) == partition {
+                picked.push((v, key));
+            }
+            i += 1;
+        }
+        picked
+    };
+    let append_all = |votes: Vec<(Vote, String)>| {
+        let log = store.log.clone();
+        async move {
+            for answer in log.append_many(&votes).await {
+                assert!(
+                    matches!(answer, Ok(Appended::Accepted { .. })),
+                    "{answer:?}"
+                );
+            }
+        }
+    };
+    let processed_all = |total: u64| {
+        let warehouse = store.warehouse.clone();
+        async move {
+            let query = BreakdownQuery {
+                poll_id: POLL.into(),
+                by: vec![Dimension("device".into())],
+                ..Default::default()
+            };
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let breakdown = warehouse.breakdown(&query).await.unwrap();
+                let counted: u64 = breakdown.groups.iter().map(|g| g.ballots).sum();
+                if counted == total && warehouse.tally(POLL).await.unwrap().ballots == total {
+                    return breakdown;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "counted {counted} of {total}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    // Partition 0 takes its share of devices and 10 more, partition 1 fifty of its own.
+    append_all(votes_in(0, 0, share + 10, "d")).await;
+    append_all(votes_in(1, 1_000_000, 50, "e")).await;
+    let total = share as u64 + 60;
+    let processor = start(&store);
+    processed_all(total).await;
+    processor.shutdown(Duration::from_secs(60)).await;
+
+    // After a restart partition 1 holds 50 values, far below its share: 50 more new ones
+    // are still themselves there (a worker starting from both partitions' values would find
+    // the share full and count them `other`).
+    let more: Vec<(Vote, String)> = votes_in(1, 2_000_000, 100, "e")
+        .into_iter()
+        .skip(50)
+        .collect();
+    append_all(more).await;
+    let total = total + 50;
+    let processor = start(&store);
+    let breakdown = processed_all(total).await;
+    processor.shutdown(Duration::from_secs(60)).await;
+    let groups = ballots(&breakdown);
+    assert_eq!(
+        groups.get(OTHER_VALUE),
+        Some(&10),
+        "partition 0's devices past its share, only"
+    );
+    assert!(
+        (0..share).all(|i| groups.get(&format!("d{i}")) == Some(&1)),
+        "partition 0's first devices keep their value"
+    );
+    assert!(
+        (0..100).all(|i| groups.get(&format!("e{i}")) == Some(&1)),
+        "partition 1's devices keep their value after the restart"
+    );
+    assert_eq!(groups.len(), share + 100 + 1);
+    assert_eq!(
+        store.warehouse.segment_values(POLL, 1).await.unwrap()["device"].len(),
+        100
+    );
 }

@@ -29,13 +29,15 @@
 //! Rows written before the cap existed may hold more values than the cap: they are all
 //! kept, and every new value is `other` — still the same answer on every pass.
 //!
-//! A poll spread over partitions is capped per partition: each partition's worker maps its
-//! share in its own log order, so `C` above is the partition's, and a restarted worker
-//! starts from the rows of its own partition only ([`Warehouse::segment_values`] takes
-//! it). Starting from every partition's rows would break `S ⊆ C(∞)`: a value another
-//! partition kept would be kept here on a replay where the first pass made it `other`.
-//! So a spread poll keeps up to N × the cap values of a dimension, and past the cap a value
-//! may be kept in one partition and `other` in another.
+//! A poll spread over N partitions is capped per partition, at `MAX_SEGMENT_VALUES / N`
+//! ([`cap_of`]; a poll's spread never changes, so neither does its cap): each partition's
+//! worker maps its share in its own log order, so `C` above is the partition's, and a
+//! restarted worker starts from the rows of its own partition only
+//! ([`Warehouse::segment_values`] takes it). Starting from every partition's rows would
+//! break `S ⊆ C(∞)`: a value another partition kept would be kept here on a replay where
+//! the first pass made it `other`. The partitions together keep at most the cap, so a
+//! breakdown by one dimension still fits in [`tally_core::analytics::MAX_GROUPS`]; past its
+//! share, a value may be counted as itself in one partition and as `other` in another.
 //!
 //! [`Warehouse::segment_values`]: tally_core::ports::Warehouse::segment_values
 
@@ -43,16 +45,37 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use tally_core::segment::{Segment, MAX_SEGMENT_VALUES, OTHER_VALUE};
 
+/// The values one partition counts per dimension of a poll spread over `spread` partitions
+/// (1 for a poll that is not spread): its share of [`MAX_SEGMENT_VALUES`].
+pub(crate) fn cap_of(spread: u16) -> usize {
+    MAX_SEGMENT_VALUES / usize::from(spread.max(1))
+}
+
 /// The values counted so far for each dimension of one poll.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct SegmentValues {
     counted: HashMap<String, HashSet<String>>,
+    /// The most values of a dimension this partition counts as themselves.
+    cap: usize,
+}
+
+impl Default for SegmentValues {
+    fn default() -> Self {
+        SegmentValues {
+            counted: HashMap::new(),
+            cap: MAX_SEGMENT_VALUES,
+        }
+    }
 }
 
 impl SegmentValues {
     /// The values stored for the poll, as [`tally_core::ports::Warehouse::segment_values`]
-    /// reads them. `other` takes no place under the cap.
-    pub(crate) fn from_stored(stored: BTreeMap<String, BTreeSet<String>>) -> SegmentValues {
+    /// reads them, with the partition's `cap` ([`cap_of`]). `other` takes no place under
+    /// the cap.
+    pub(crate) fn from_stored(
+        stored: BTreeMap<String, BTreeSet<String>>,
+        cap: usize,
+    ) -> SegmentValues {
         let counted = stored
             .into_iter()
             .map(|(dimension, values)| {
@@ -60,7 +83,7 @@ impl SegmentValues {
                 (dimension, values)
             })
             .collect();
-        SegmentValues { counted }
+        SegmentValues { counted, cap }
     }
 
     /// Replaces each value of `segment` that the cap does not let in by `other`, and notes
@@ -102,7 +125,7 @@ impl SegmentValues {
         if counted.contains(value.as_str()) {
             return;
         }
-        if counted.len() < MAX_SEGMENT_VALUES {
+        if counted.len() < self.cap {
             counted.insert(value.clone());
         } else {
             *value = OTHER_VALUE.to_owned();
@@ -120,6 +143,22 @@ mod tests {
             device: value.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_spread_polls_partitions_share_the_cap() {
+        assert_eq!(cap_of(0), MAX_SEGMENT_VALUES);
+        assert_eq!(cap_of(1), MAX_SEGMENT_VALUES);
+        assert_eq!(cap_of(2), MAX_SEGMENT_VALUES / 2);
+        for spread in 1..=64u16 {
+            // Every partition's share together stays within the cap, so a breakdown by one
+            // dimension fits in `MAX_GROUPS`.
+            assert!(cap_of(spread) * usize::from(spread) <= MAX_SEGMENT_VALUES);
+            assert!(cap_of(spread) > 0);
+        }
+        let mut values = SegmentValues::from_stored(BTreeMap::new(), 2);
+        let devices: Vec<String> = ["a", "b", "c", "a"].map(String::from).to_vec();
+        assert_eq!(mapped(&mut values, &devices), ["a", "b", OTHER_VALUE, "a"]);
     }
 
     /// The devices of `values` mapped in order from `start`.
@@ -192,7 +231,7 @@ mod tests {
                 .collect(),
         )]
         .into();
-        let mut values = SegmentValues::from_stored(stored);
+        let mut values = SegmentValues::from_stored(stored, MAX_SEGMENT_VALUES);
         let mut last = device("last");
         values.cap(&mut last);
         assert_eq!(last.device, "last", "one place was left");
@@ -220,7 +259,7 @@ mod tests {
             let held = from + (ahead * (devices.len() - from) as f64) as usize;
             let mut rows: Vec<String> = first_pass[..held].to_vec();
             rows.extend(first_pass[held..].iter().step_by(every).cloned());
-            let mut restarted = SegmentValues::from_stored(stored(&rows));
+            let mut restarted = SegmentValues::from_stored(stored(&rows), MAX_SEGMENT_VALUES);
             let replay = mapped(&mut restarted, &devices[from..]);
             prop_assert_eq!(&replay[..], &first_pass[from..]);
         }
