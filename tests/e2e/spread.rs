@@ -167,6 +167,14 @@ async fn a_poll_spread_over_partitions_counts_exactly(deployment: Deployment) ->
         "{spread}"
     );
 
+    // The analysts' `polls` shows the spread.
+    let polls = crate::sql::sql(
+        &cluster,
+        "SELECT poll_id, spread FROM polls WHERE poll_id = 'hot'",
+    )
+    .await?;
+    ensure!(polls["rows"] == json!([["hot", 4]]), "{polls}");
+
     // Distributed, the poll's votes came in through both streams of the log.
     if deployment == Deployment::Distributed {
         let held = cluster.vote_streams().await?;

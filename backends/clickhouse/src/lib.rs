@@ -1435,6 +1435,7 @@ struct PollRecordRow {
     closed_at: Option<u32>,
     archived_at: Option<u32>,
     version: u64,
+    spread: u16,
 }
 
 /// Epoch ms as a `DateTime` (seconds, within what it holds).
@@ -1468,6 +1469,7 @@ impl PollRecordRow {
             closed_at: poll.closed_at.map(date_time),
             archived_at: poll.archived_at.map(date_time),
             version: poll.version,
+            spread: poll.spread,
         }
     }
 }

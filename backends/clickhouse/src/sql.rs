@@ -320,6 +320,27 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
          poll_id String, dims String, upto UInt64, run String, rows UInt64, \
          made_at DateTime('UTC')) ENGINE = MergeTree ORDER BY (poll_id, dims, upto)",
     ),
+    // A poll's spread over log partitions (`spread`), for the analysts' `polls`: records
+    // written before hold 0, which `polls` shows as 1 (not spread). The view is made again
+    // with the column (a view's columns cannot be altered on 18.16).
+    (
+        24,
+        "poll_records spread",
+        "ALTER TABLE poll_records ADD COLUMN spread UInt16",
+    ),
+    (25, "polls without spread", "DROP TABLE IF EXISTS polls"),
+    (
+        26,
+        "polls with spread",
+        "CREATE VIEW IF NOT EXISTS polls AS SELECT poll_id, title, question, kind, campaign, \
+         multiIf(archived_at IS NOT NULL, 'archived', \
+                 closed_at IS NOT NULL OR closes_at <= now(), 'closed', \
+                 opens_at > now(), 'scheduled', 'open') AS status, \
+         dedupe, results_visibility, require_token, max_choices, scale_min, scale_max, dimensions, \
+         created_at, updated_at, opens_at, closes_at, closed_at, archived_at, version, \
+         greatest(spread, toUInt16(1)) AS spread \
+         FROM poll_records FINAL",
+    ),
 ];
 
 /// The cube table holding a rollup level's rows per dimension set.
@@ -442,7 +463,11 @@ pub fn migration_steps(
             {
                 vec![(Target::Local, statement)]
             }
-            None if statement.starts_with("CREATE VIEW") => vec![(Target::Read, statement)],
+            None if statement.starts_with("CREATE VIEW")
+                || statement.starts_with("DROP TABLE IF EXISTS") =>
+            {
+                vec![(Target::Read, statement)]
+            }
             None => panic!("migration `{name}` has no place in a sharded warehouse"),
         },
     };
@@ -546,6 +571,7 @@ pub const POLL_RECORD_COLUMNS: &[&str] = &[
     "closed_at",
     "archived_at",
     "version",
+    "spread",
 ];
 
 /// The body of a pinned analyst table (`ballots`, `answers`, `ballot_dimensions`) reading

@@ -84,6 +84,7 @@ pub const POLLS: Table = Table {
         null("closed_at", "timestamp"),
         null("archived_at", "timestamp"),
         col("version", "uint64"),
+        col("spread", "uint16"),
     ],
 };
 

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use arrow::array::Int32Array;
 use arrow::array::{
     ArrayRef, ListBuilder, RecordBatch, StringArray, StringBuilder, TimestampSecondArray,
-    UInt32Array, UInt64Array, UInt8Array,
+    UInt16Array, UInt32Array, UInt64Array, UInt8Array,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::{DataFusionError, ScalarValue};
@@ -560,6 +560,9 @@ fn polls_batch(polls: &[Arc<Poll>], now_ms: i64) -> Result<RecordBatch> {
         time(&|p| p.archived_at),
         Arc::new(UInt64Array::from_iter_values(
             polls.iter().map(|p| p.version),
+        )),
+        Arc::new(UInt16Array::from_iter_values(
+            polls.iter().map(|p| p.spread),
         )),
     ];
     RecordBatch::try_new(schema_of(&analyst::POLLS), columns).map_err(storage)
