@@ -1443,7 +1443,7 @@ pub fn all_for_check() -> Vec<(String, String)> {
     statements.push((
         "insert poll_records".into(),
         format!(
-            "INSERT INTO poll_records ({}) VALUES ('p', 'T', 'Q?', 'single', NULL, 'per_voter', 'live', 0, NULL, NULL, NULL, ['plan'], ['red', 'blue'], ['Red', 'Blue'], 1700000000, 1700000001, NULL, 1800000000, NULL, NULL, 3)",
+            "INSERT INTO poll_records ({}) VALUES ('p', 'T', 'Q?', 'single', NULL, 'per_voter', 'live', 0, NULL, NULL, NULL, ['plan'], ['red', 'blue'], ['Red', 'Blue'], 1700000000, 1700000001, NULL, 1800000000, NULL, NULL, 3, 2)",
             POLL_RECORD_COLUMNS.join(", ")
         ),
     ));
