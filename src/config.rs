@@ -195,7 +195,7 @@ impl Bus {
         };
         let log = while_electing(|| JetStreamLog::open(client.clone(), options.clone()))
             .await
-            .context("opening the vote stream")?;
+            .context("opening the vote log")?;
         Ok(Arc::new(log))
     }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tally_core::poll::Dedupe;
-use tally_core::ports::{spread_partitions, LogEntry, StoredVote, Watermarks};
+use tally_core::ports::{LogEntry, StoredVote, Watermarks};
 use tally_core::results::{Results, Tally};
 use tally_core::retry::Backoff;
 use tally_core::rollup::{self, RollupLevel, RollupRow, Rollups};
@@ -461,10 +461,8 @@ impl Partition {
             let poll = self
                 .retry("look up the poll", || polls.get(poll_id))
                 .await?;
-            let spread = poll.map_or(1, |poll| {
-                spread_partitions(&poll.id, poll.spread, self.deps.log.partitions()).len()
-            });
-            let cap = cap_of(u16::try_from(spread).unwrap_or(u16::MAX));
+            let partitions = self.deps.log.partitions().max(1);
+            let cap = cap_of(poll.map_or(1, |poll| poll.spread.clamp(1, partitions)));
             self.segment_values
                 .insert(poll_id.to_owned(), SegmentValues::from_stored(stored, cap));
         }

@@ -75,7 +75,12 @@ async fn append(store: &Embedded, first: u64, devices: &[String]) {
             (v, key)
         })
         .collect();
-    for answer in store.log.append_many(&votes).await {
+    append_keyed(store, &votes).await;
+}
+
+/// Appends `(vote, uniqueness key)` pairs, each accepted.
+async fn append_keyed(store: &Embedded, votes: &[(Vote, String)]) {
+    for answer in store.log.append_many(votes).await {
         assert!(
             matches!(answer, Ok(Appended::Accepted { .. })),
             "{answer:?}"
@@ -107,9 +112,10 @@ fn start(store: &Embedded) -> Tasks {
     tasks
 }
 
-/// The breakdown by device once the raw votes and the rollups hold the whole log.
+/// The breakdown by device once the raw votes and the rollups hold the whole log (every
+/// partition of it: a poll's positions add up).
 async fn processed(store: &Embedded) -> Breakdown {
-    let tip = store.log.tip(0);
+    let tip: u64 = (0..store.log.partitions()).map(|p| store.log.tip(p)).sum();
     let query = BreakdownQuery {
         poll_id: POLL.into(),
         by: vec![Dimension("device".into())],
@@ -273,47 +279,11 @@ async fn a_spread_polls_partitions_share_the_cap_each_on_its_own_across_a_restar
         }
         picked
     };
-    let append_all = |votes: Vec<(Vote, String)>| {
-        let log = store.log.clone();
-        async move {
-            for answer in log.append_many(&votes).await {
-                assert!(
-                    matches!(answer, Ok(Appended::Accepted { .. })),
-                    "{answer:?}"
-                );
-            }
-        }
-    };
-    let processed_all = |total: u64| {
-        let warehouse = store.warehouse.clone();
-        async move {
-            let query = BreakdownQuery {
-                poll_id: POLL.into(),
-                by: vec![Dimension("device".into())],
-                ..Default::default()
-            };
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                let breakdown = warehouse.breakdown(&query).await.unwrap();
-                let counted: u64 = breakdown.groups.iter().map(|g| g.ballots).sum();
-                if counted == total && warehouse.tally(POLL).await.unwrap().ballots == total {
-                    return breakdown;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "counted {counted} of {total}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
-
     // Partition 0 takes its share of devices and 10 more, partition 1 fifty of its own.
-    append_all(votes_in(0, 0, share + 10, "d")).await;
-    append_all(votes_in(1, 1_000_000, 50, "e")).await;
-    let total = share as u64 + 60;
+    append_keyed(&store, &votes_in(0, 0, share + 10, "d")).await;
+    append_keyed(&store, &votes_in(1, 1_000_000, 50, "e")).await;
     let processor = start(&store);
-    processed_all(total).await;
+    processed(&store).await;
     processor.shutdown(Duration::from_secs(60)).await;
 
     // After a restart partition 1 holds 50 values, far below its share: 50 more new ones
@@ -323,10 +293,9 @@ async fn a_spread_polls_partitions_share_the_cap_each_on_its_own_across_a_restar
         .into_iter()
         .skip(50)
         .collect();
-    append_all(more).await;
-    let total = total + 50;
+    append_keyed(&store, &more).await;
     let processor = start(&store);
-    let breakdown = processed_all(total).await;
+    let breakdown = processed(&store).await;
     processor.shutdown(Duration::from_secs(60)).await;
     let groups = ballots(&breakdown);
     assert_eq!(

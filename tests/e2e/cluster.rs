@@ -453,13 +453,8 @@ impl Cluster {
     /// `None` when the stream holds none of its votes. Distributed only.
     pub async fn poll_tip_in_log(&self, poll: &str) -> Result<Option<u64>> {
         use tally_core::ports::VoteLog;
-        let partitions = self.setting("TALLY_PARTITIONS", 1)?;
-        let options = tally_nats::LogOptions {
-            partitions,
-            per_stream: self.setting("TALLY_PARTITIONS_PER_STREAM", 0)?,
-            ..Default::default()
-        };
-        let log = tally_nats::JetStreamLog::open(self.nats_client().await?, options).await?;
+        let log = self.vote_log().await?;
+        let partitions = log.partitions();
         let retention = log.retention().context("the NATS log purges")?;
         let mut tip = None;
         for partition in 0..partitions {
@@ -470,23 +465,23 @@ impl Cluster {
 
     /// The votes each stream of the vote log holds now (by stream name); distributed only.
     pub async fn vote_streams(&self) -> Result<BTreeMap<String, u64>> {
+        let log = self.vote_log().await?;
+        Ok(log.held_per_stream().await?.into_iter().collect())
+    }
+
+    /// The cluster's vote log, laid out as its services have it; distributed only.
+    async fn vote_log(&self) -> Result<tally_nats::JetStreamLog> {
         let options = tally_nats::LogOptions {
             partitions: self.setting("TALLY_PARTITIONS", 1)?,
             per_stream: self.setting("TALLY_PARTITIONS_PER_STREAM", 0)?,
             ..Default::default()
         };
-        let log = tally_nats::JetStreamLog::open(self.nats_client().await?, options).await?;
-        Ok(log.held_per_stream().await?.into_iter().collect())
+        Ok(tally_nats::JetStreamLog::open(self.nats_client().await?, options).await?)
     }
 
-    /// The index of the clustered nats-server leading the vote stream now; see
+    /// The index of the clustered nats-server leading stream `stream` (`VOTES`, …) now; see
     /// [`Options::nats_servers`].
-    pub async fn nats_stream_leader(&self) -> Result<usize> {
-        self.nats_stream_leader_of("VOTES").await
-    }
-
-    /// The index of the clustered nats-server leading stream `stream` now.
-    pub async fn nats_stream_leader_of(&self, stream: &str) -> Result<usize> {
+    pub async fn nats_stream_leader(&self, stream: &str) -> Result<usize> {
         let servers = self.nats_cluster.as_ref().context("no NATS cluster")?;
         servers.lock().await.stream_leader(stream).await
     }

@@ -664,21 +664,28 @@ async fn needs_nats_clickhouse_a_replicated_broker_loses_its_leader_twice() -> R
         Dedupe::NoneWithRepeats,
     )
     .await?;
-    let mut killed = Vec::new();
-    for _ in 0..2 {
-        random_pause(Duration::from_secs(4), Duration::from_secs(6)).await;
-        let leader = cluster.nats_stream_leader().await?;
-        cluster.kill_nats_member(leader).await?;
-        killed.push(leader);
-        random_pause(Duration::from_secs(4), Duration::from_secs(6)).await;
-        cluster.restart_nats_member(leader).await?;
-    }
+    let killed = kill_stream_leaders(&cluster, &["VOTES", "VOTES"]).await?;
     let (summary, truth) = load.finish(&cluster).await?;
     report(
         &format!("R3 broker, stream leaders n{killed:?} killed"),
         &summary,
     );
     verify(&cluster, &truth).await
+}
+
+/// For each of `streams` in turn, under load: the clustered nats-server leading it then is
+/// killed -9 after 4–6 s and started again 4–6 s later. Answers the servers killed.
+async fn kill_stream_leaders(cluster: &Cluster, streams: &[&str]) -> Result<Vec<usize>> {
+    let mut killed = Vec::new();
+    for stream in streams {
+        random_pause(Duration::from_secs(4), Duration::from_secs(6)).await;
+        let leader = cluster.nats_stream_leader(stream).await?;
+        cluster.kill_nats_member(leader).await?;
+        killed.push(leader);
+        random_pause(Duration::from_secs(4), Duration::from_secs(6)).await;
+        cluster.restart_nats_member(leader).await?;
+    }
+    Ok(killed)
 }
 
 /// 5c'. The vote log laid over two streams of one partition each
@@ -712,15 +719,9 @@ async fn needs_nats_clickhouse_a_replicated_log_over_two_streams_loses_each_lead
         Dedupe::PerVoterSpreadOverTwo,
     )
     .await?;
-    let mut killed = Vec::new();
-    for stream in ["VOTES", "VOTES_1"] {
-        random_pause(Duration::from_secs(4), Duration::from_secs(6)).await;
-        let leader = cluster.nats_stream_leader_of(stream).await?;
-        cluster.kill_nats_member(leader).await?;
-        killed.push((stream, leader));
-        random_pause(Duration::from_secs(4), Duration::from_secs(6)).await;
-        cluster.restart_nats_member(leader).await?;
-    }
+    let streams = ["VOTES", "VOTES_1"];
+    let leaders = kill_stream_leaders(&cluster, &streams).await?;
+    let killed: Vec<_> = streams.iter().zip(leaders).collect();
     let (summary, truth) = load.finish(&cluster).await?;
     report(
         &format!("R3 log over two streams, leaders {killed:?} killed"),

@@ -110,6 +110,19 @@ macro_rules! ballot_dimensions_body {
     };
 }
 
+/// The columns of the analysts' `polls` view as migration 10 made it, each poll's newest
+/// record with its status as of now; migration 26 adds `spread` after them.
+macro_rules! polls_columns {
+    () => {
+        "poll_id, title, question, kind, campaign, \
+         multiIf(archived_at IS NOT NULL, 'archived', \
+                 closed_at IS NOT NULL OR closes_at <= now(), 'closed', \
+                 opens_at > now(), 'scheduled', 'open') AS status, \
+         dedupe, results_visibility, require_token, max_choices, scale_min, scale_max, dimensions, \
+         created_at, updated_at, opens_at, closes_at, closed_at, archived_at, version"
+    };
+}
+
 /// Versioned schema migrations, applied in order. Each is idempotent so services starting
 /// together may race through them safely (an `ALTER … ADD COLUMN`, which 18.16 cannot make
 /// conditional, fails only with "already exists" when raced, which `migrate` accepts).
@@ -209,13 +222,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (
         10,
         "polls",
-        "CREATE VIEW IF NOT EXISTS polls AS SELECT poll_id, title, question, kind, campaign, \
-         multiIf(archived_at IS NOT NULL, 'archived', \
-                 closed_at IS NOT NULL OR closes_at <= now(), 'closed', \
-                 opens_at > now(), 'scheduled', 'open') AS status, \
-         dedupe, results_visibility, require_token, max_choices, scale_min, scale_max, dimensions, \
-         created_at, updated_at, opens_at, closes_at, closed_at, archived_at, version \
-         FROM poll_records FINAL",
+        concat!(
+            "CREATE VIEW IF NOT EXISTS polls AS SELECT ",
+            polls_columns!(),
+            " FROM poll_records FINAL"
+        ),
     ),
     (
         11,
@@ -332,14 +343,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (
         26,
         "polls with spread",
-        "CREATE VIEW IF NOT EXISTS polls AS SELECT poll_id, title, question, kind, campaign, \
-         multiIf(archived_at IS NOT NULL, 'archived', \
-                 closed_at IS NOT NULL OR closes_at <= now(), 'closed', \
-                 opens_at > now(), 'scheduled', 'open') AS status, \
-         dedupe, results_visibility, require_token, max_choices, scale_min, scale_max, dimensions, \
-         created_at, updated_at, opens_at, closes_at, closed_at, archived_at, version, \
-         greatest(spread, toUInt16(1)) AS spread \
-         FROM poll_records FINAL",
+        concat!(
+            "CREATE VIEW IF NOT EXISTS polls AS SELECT ",
+            polls_columns!(),
+            ", greatest(spread, toUInt16(1)) AS spread FROM poll_records FINAL"
+        ),
     ),
 ];
 

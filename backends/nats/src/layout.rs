@@ -49,25 +49,31 @@ impl StreamLayout {
         partition / self.per_stream
     }
 
-    /// The name of stream `stream`: the first is `VOTES`, as with one stream.
+    /// The name of stream `stream`: `VOTES` for the first, as with one stream, then
+    /// `VOTES_<n>`.
     pub fn name(&self, stream: u16) -> String {
-        stream_name(stream)
+        match stream {
+            0 => VOTES_STREAM.to_owned(),
+            n => format!("{VOTES_STREAM}_{n}"),
+        }
     }
 
     /// The name of the stream holding `partition`.
     pub fn name_of(&self, partition: u16) -> String {
-        stream_name(self.stream_of(partition))
+        self.name(self.stream_of(partition))
     }
 
     /// Every stream's name, in order.
     pub fn names(&self) -> Vec<String> {
-        (0..self.streams()).map(stream_name).collect()
+        (0..self.streams())
+            .map(|stream| self.name(stream))
+            .collect()
     }
 
     /// The partitions stream `stream` holds.
     pub fn partitions_of(&self, stream: u16) -> std::ops::Range<u16> {
-        let first = stream * self.per_stream;
-        first..(first + self.per_stream).min(self.partitions)
+        let first = stream.saturating_mul(self.per_stream).min(self.partitions);
+        first..first.saturating_add(self.per_stream).min(self.partitions)
     }
 
     /// The subjects stream `stream` takes: `votes.>` when one stream holds the log (as
@@ -91,14 +97,6 @@ impl StreamLayout {
         let per_stream = u16::try_from(subjects.len()).ok().filter(|&n| n > 0)?;
         let layout = StreamLayout::new(partitions, per_stream);
         (layout.subjects(0) == subjects).then_some(layout)
-    }
-}
-
-/// `VOTES` for the first stream, `VOTES_<n>` for the others.
-pub fn stream_name(stream: u16) -> String {
-    match stream {
-        0 => VOTES_STREAM.to_owned(),
-        n => format!("{VOTES_STREAM}_{n}"),
     }
 }
 
@@ -145,6 +143,11 @@ mod tests {
             }
         }
         assert_eq!(StreamLayout::new(4, 1).names().len(), 4);
+        // The largest counts: the last stream's run ends at the last partition.
+        let widest = StreamLayout::new(u16::MAX, 40_000);
+        assert_eq!(widest.streams(), 2);
+        assert_eq!(widest.partitions_of(1), 40_000..u16::MAX);
+        assert_eq!(widest.stream_of(u16::MAX - 1), 1);
     }
 
     #[test]

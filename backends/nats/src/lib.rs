@@ -21,7 +21,7 @@ mod registry;
 mod repartition;
 
 pub use connect::{connect, ConnectSettings, TlsSettings};
-pub use layout::{stream_name, StreamLayout};
+pub use layout::StreamLayout;
 pub use leases::{KvLeases, LEASES_BUCKET};
 pub use live::{sign as sign_live_totals, NatsLiveFeed, SIGNATURE_HEADER};
 pub use log::{publish_together, Ack, JetStreamLog, ACKS_PER_SUBSCRIPTION};

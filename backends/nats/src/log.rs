@@ -106,25 +106,16 @@ impl JetStreamLog {
         })
     }
 
-    /// Which stream holds each partition.
-    pub fn layout(&self) -> StreamLayout {
-        self.layout
-    }
-
     /// The votes each of the log's streams holds now, by name.
     pub async fn held_per_stream(&self) -> Result<Vec<(String, u64)>> {
         let mut held = Vec::new();
         for name in self.layout.names() {
-            let mut stream = self
+            let stream = self
                 .js
                 .get_stream(&name)
                 .await
                 .map_err(|e| Error::unavailable("vote log", e))?;
-            let info = stream
-                .info()
-                .await
-                .map_err(|e| Error::unavailable("vote log", e))?;
-            held.push((name, info.state.messages));
+            held.push((name, stream.cached_info().state.messages));
         }
         Ok(held)
     }
@@ -317,12 +308,12 @@ pub fn check_shape(
             ));
         }
         let per_stream = match layout.streams() {
-            1 => "unset (one stream)".to_owned(),
-            _ => layout.per_stream().to_string(),
+            1 => " unset (one stream)".to_owned(),
+            _ => format!("={}", layout.per_stream()),
         };
         return refuse(format!(
             "takes the subjects {:?} where this service, with TALLY_PARTITIONS={partitions} \
-             and TALLY_PARTITIONS_PER_STREAM {per_stream}, would put {wanted:?} in it: start \
+             and TALLY_PARTITIONS_PER_STREAM{per_stream}, would put {wanted:?} in it: start \
              every service with the partitions per stream the log was made with, or change \
              them with `tally repartition --to N --partitions-per-stream K` once the log is empty",
             config.subjects
@@ -494,17 +485,12 @@ impl VoteLog for JetStreamLog {
     }
 
     async fn reader(&self, partition: u16, after: u64) -> Result<Box<dyn LogReader>> {
-        let mut stream = self
+        let stream = self
             .js
             .get_stream(self.layout.name_of(partition))
             .await
             .map_err(|e| Error::unavailable("vote log", e))?;
-        let last = stream
-            .info()
-            .await
-            .map_err(|e| Error::unavailable("vote log", e))?
-            .state
-            .last_sequence;
+        let last = stream.cached_info().state.last_sequence;
         if after > last {
             // Reading on would skip every vote numbered up to `after`.
             return Err(Error::failed(

@@ -10,6 +10,8 @@
 //! the new count comes after every vote the warehouse holds, whatever partition or stream
 //! either is in.
 
+use std::collections::BTreeSet;
+
 use async_nats::jetstream;
 use futures::TryStreamExt;
 
@@ -87,12 +89,15 @@ pub async fn repartition(
         _ => current.per_stream(),
     });
     let wanted = StreamLayout::new(partitions, per_stream);
-    let same_streams = streams.len() == usize::from(wanted.streams())
-        && streams.iter().all(|info| {
-            (0..wanted.streams()).any(|n| {
-                info.config.name == wanted.name(n) && info.config.subjects == wanted.subjects(n)
-            })
-        });
+    // The streams and their subjects, found and wanted.
+    let found: BTreeSet<(String, Vec<String>)> = streams
+        .iter()
+        .map(|info| (info.config.name.clone(), info.config.subjects.clone()))
+        .collect();
+    let laid_out: BTreeSet<(String, Vec<String>)> = (0..wanted.streams())
+        .map(|n| (wanted.name(n), wanted.subjects(n)))
+        .collect();
+    let same_streams = found == laid_out;
     if same_streams {
         record_count(&js, &streams, partitions).await?;
     } else {
@@ -151,12 +156,8 @@ async fn vote_streams(js: &jetstream::Context) -> Result<Vec<jetstream::stream::
     names.sort();
     let mut infos = Vec::new();
     for name in names {
-        if let Some(mut stream) = existing_stream(js, &name).await? {
-            let info = stream
-                .info()
-                .await
-                .map_err(|e| Error::unavailable("vote log", e))?;
-            infos.push(info.clone());
+        if let Some(stream) = existing_stream(js, &name).await? {
+            infos.push(stream.cached_info().clone());
         }
     }
     Ok(infos)
@@ -190,7 +191,6 @@ async fn lay_anew(
     first: &jetstream::stream::Info,
     wanted: StreamLayout,
 ) -> Result<()> {
-    let unavailable = |e: String| Error::unavailable("vote log", e);
     let reached = streams
         .iter()
         .map(|info| info.state.last_sequence)
@@ -199,14 +199,14 @@ async fn lay_anew(
     let votes = js
         .get_stream_no_info(VOTES_STREAM)
         .await
-        .map_err(|e| unavailable(e.to_string()))?;
+        .map_err(|e| Error::unavailable("vote log", e))?;
     if first.state.last_sequence < reached {
         // Purging an empty stream up to a sequence past its end numbers its next message so.
         votes
             .purge()
             .sequence(reached + 1)
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
+            .map_err(|e| Error::unavailable("vote log", e))?;
     }
     for info in streams
         .iter()
@@ -214,14 +214,14 @@ async fn lay_anew(
     {
         js.delete_stream(&info.config.name)
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
+            .map_err(|e| Error::unavailable("vote log", e))?;
     }
     // Processors' consumers of partitions that may now be elsewhere; they are made again.
     let consumers: Vec<String> = votes
         .consumer_names()
         .try_collect()
         .await
-        .map_err(|e| unavailable(e.to_string()))?;
+        .map_err(|e| Error::unavailable("vote log", e))?;
     for name in consumers
         .iter()
         .filter(|name| name.starts_with("processor-p"))
@@ -229,7 +229,7 @@ async fn lay_anew(
         votes
             .delete_consumer(name)
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
+            .map_err(|e| Error::unavailable("vote log", e))?;
     }
     let mut config = first.config.clone();
     config.subjects = wanted.subjects(0);
@@ -239,7 +239,7 @@ async fn lay_anew(
     );
     js.update_stream(&config)
         .await
-        .map_err(|e| unavailable(e.to_string()))?;
+        .map_err(|e| Error::unavailable("vote log", e))?;
     for stream in 1..wanted.streams() {
         let mut config = config.clone();
         config.name = wanted.name(stream);
