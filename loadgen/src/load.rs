@@ -17,7 +17,7 @@ use tally_core::poll::{Dedupe, NewPoll, PollKind, PollOption};
 use tokio::task::JoinSet;
 
 use crate::mix::SegmentMix;
-use crate::truth::Truth;
+use crate::truth::{Tally, Truth};
 use crate::vote::{SyntheticVote, OPTIONS};
 use crate::LoadgenArgs;
 
@@ -199,6 +199,10 @@ pub struct Sent {
     /// When each vote to the first poll (the one whose vote→live latency is measured) was
     /// acknowledged with 202.
     pub watched_acks: Vec<Instant>,
+    /// The accepted votes, counted by index while the load runs.
+    tally: Tally,
+    /// The accepted votes by name: made from the tally when the load ends (and the votes
+    /// kept with `--truth`, as they come).
     pub truth: Truth,
     /// When the first vote was sent, how long the load took, and the CPU time this process
     /// used meanwhile (`None` where it cannot be read).
@@ -219,6 +223,7 @@ impl Sent {
             answers: BTreeMap::new(),
             latencies_us: Vec::new(),
             watched_acks: Vec::new(),
+            tally: Tally::default(),
             truth: Truth::new(polls),
             started,
             seconds: 0.0,
@@ -238,6 +243,7 @@ impl Sent {
         }
         self.latencies_us.extend(other.latencies_us);
         self.watched_acks.extend(other.watched_acks);
+        self.tally.merge(other.tally);
         self.truth.merge(other.truth);
     }
 }
@@ -278,6 +284,8 @@ pub async fn send(target: Arc<Target>, schedule: Schedule) -> anyhow::Result<Sen
     sent.cpu_seconds = cpu_before
         .zip(crate::own_cpu_seconds())
         .map(|(before, after)| after - before);
+    let tally = std::mem::take(&mut sent.tally);
+    sent.truth.add_tally(&tally, &target.polls, &target.mix);
     if schedule.progress {
         progress.shutdown().await;
         eprintln!();
@@ -348,9 +356,11 @@ impl Sender {
                     if vote.poll == 0 {
                         sent.watched_acks.push(acked_at);
                     }
-                    let poll = &target.polls[vote.poll];
-                    let keep = self.schedule.keep_votes;
-                    sent.truth.add(vote, poll, (&target.run, &target.mix), keep);
+                    sent.tally.add(vote, target.mix.key_count());
+                    if self.schedule.keep_votes {
+                        let poll = &target.polls[vote.poll];
+                        sent.truth.keep(vote, poll, &target.run, &target.mix);
+                    }
                 }
                 Some(_) => {}
                 None => sent.unresolved += 1,

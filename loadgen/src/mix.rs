@@ -128,6 +128,17 @@ impl SegmentMix {
         picked
     }
 
+    /// How many keys the mix has (a pick's first slots).
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The key at `slot` and its value at `value` (indices of a pick).
+    pub fn value(&self, slot: usize, value: u16) -> (&str, &str) {
+        let key = &self.keys[slot];
+        (key.key.as_str(), key.values[usize::from(value)].as_str())
+    }
+
     /// The (key, value) pairs of a pick.
     pub fn values<'a>(&'a self, picked: &'a Pick) -> impl Iterator<Item = (&'a str, &'a str)> {
         self.keys

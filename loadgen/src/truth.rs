@@ -1,7 +1,8 @@
 //! The ground truth — what the accepted votes add up to — and the check of `/results`
 //! against it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use tally_core::results::Results;
 use tally_core::vote::VoteRequest;
 
 use crate::mix::SegmentMix;
-use crate::vote::SyntheticVote;
+use crate::vote::{SyntheticVote, OPTIONS};
 
 /// What the accepted votes add up to (`--truth` writes it as JSON).
 #[derive(Serialize, Default)]
@@ -31,6 +32,78 @@ pub struct PollTruth {
     pub segments: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>>,
 }
 
+/// What one sender saw accepted, counted by the indices a [`SyntheticVote`] is made of
+/// (poll, option, and each segment key's value), one map entry per combination seen: no
+/// name is looked up or compared per vote, so the load generator spends little of the
+/// machine it shares with the deployment. [`Truth::add_tally`] names the counts once, at
+/// the end. (Counting into `Truth`'s maps of names per vote was ~10% of the client's CPU
+/// per single vote.)
+#[derive(Default)]
+pub struct Tally {
+    counts: HashMap<u64, u64, BuildHasherDefault<PackedKeyHasher>>,
+}
+
+impl Tally {
+    /// Counts an accepted vote; `keys` is the number of keys in the mix its pick is from.
+    pub fn add(&mut self, vote: &SyntheticVote, keys: usize) {
+        *self
+            .counts
+            .entry(pack(vote.poll, vote.choice, 0, 0))
+            .or_default() += 1;
+        for (slot, &value) in vote.segment.iter().take(keys).enumerate() {
+            let key = pack(vote.poll, vote.choice, slot + 1, value);
+            *self.counts.entry(key).or_default() += 1;
+        }
+    }
+
+    pub fn merge(&mut self, other: Tally) {
+        for (key, count) in other.counts {
+            *self.counts.entry(key).or_default() += count;
+        }
+    }
+}
+
+/// A [`Tally`]'s key: the poll's index (bits 32–63), the option's (24–31), the segment
+/// key's slot (16–23: 0 for the poll's own count, 1 + the key's index in the mix) and the
+/// value's index (0–15).
+fn pack(poll: usize, choice: usize, slot: usize, value: u16) -> u64 {
+    ((poll as u64) << 32)
+        | ((choice as u64 & 0xff) << 24)
+        | ((slot as u64 & 0xff) << 16)
+        | u64::from(value)
+}
+
+fn unpack(key: u64) -> (usize, usize, usize, u16) {
+    (
+        (key >> 32) as usize,
+        ((key >> 24) & 0xff) as usize,
+        ((key >> 16) & 0xff) as usize,
+        key as u16,
+    )
+}
+
+/// Hashes a [`Tally`]'s packed keys: one folded multiplication, which spreads every bit of
+/// the key over the hash (the map's keys are the load's own, so no hostile input).
+#[derive(Default)]
+struct PackedKeyHasher(u64);
+
+impl Hasher for PackedKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u64(&mut self, key: u64) {
+        let product = u128::from(self.0 ^ key) * 0x9E37_79B9_7F4A_7C15;
+        self.0 = (product as u64) ^ ((product >> 64) as u64);
+    }
+}
+
 impl Truth {
     pub fn new(polls: &[String]) -> Truth {
         Truth {
@@ -42,32 +115,32 @@ impl Truth {
         }
     }
 
-    /// Counts an accepted vote of the poll `poll_id`, and keeps it when `keep`. Called once
-    /// per accepted vote: keys are allocated only the first time they are seen.
-    pub fn add(
-        &mut self,
-        vote: &SyntheticVote,
-        poll_id: &str,
-        (run, mix): (&str, &SegmentMix),
-        keep: bool,
-    ) {
-        fn slot<'a, T: Default>(map: &'a mut BTreeMap<String, T>, key: &str) -> &'a mut T {
-            if !map.contains_key(key) {
-                map.insert(key.to_owned(), T::default());
+    /// Adds what a sender's [`Tally`] counted; `polls` and `mix` name its indices.
+    pub fn add_tally(&mut self, tally: &Tally, polls: &[String], mix: &SegmentMix) {
+        for (&key, &count) in &tally.counts {
+            let (poll, choice, slot, value) = unpack(key);
+            let poll = self.polls.entry(polls[poll].clone()).or_default();
+            let option = OPTIONS[choice];
+            if slot == 0 {
+                poll.accepted += count;
+                *poll.options.entry(option.to_owned()).or_default() += count;
+            } else {
+                let (dimension, value) = mix.value(slot - 1, value);
+                *poll
+                    .segments
+                    .entry(dimension.to_owned())
+                    .or_default()
+                    .entry(value.to_owned())
+                    .or_default()
+                    .entry(option.to_owned())
+                    .or_default() += count;
             }
-            map.get_mut(key).expect("inserted above")
         }
-        let poll = slot(&mut self.polls, poll_id);
-        let option = vote.option();
-        poll.accepted += 1;
-        *slot(&mut poll.options, option) += 1;
-        for (dimension, value) in mix.values(&vote.segment) {
-            let options = slot(slot(&mut poll.segments, dimension), value);
-            *slot(options, option) += 1;
-        }
-        if keep {
-            self.votes.push(vote.to_request(poll_id, run, mix));
-        }
+    }
+
+    /// Keeps an accepted vote as it was sent (`--truth`).
+    pub fn keep(&mut self, vote: &SyntheticVote, poll_id: &str, run: &str, mix: &SegmentMix) {
+        self.votes.push(vote.to_request(poll_id, run, mix));
     }
 
     pub fn merge(&mut self, other: Truth) {
@@ -228,16 +301,29 @@ mod tests {
         .expect("results")
     }
 
+    /// The truth of `votes` counted by one tally per share, merged.
+    fn truth_of(shares: &[&[SyntheticVote]], polls: &[String], mix: &SegmentMix) -> Truth {
+        let mut tally = Tally::default();
+        for share in shares {
+            let mut counted = Tally::default();
+            for vote in *share {
+                counted.add(vote, mix.key_count());
+            }
+            tally.merge(counted);
+        }
+        let mut truth = Truth::new(polls);
+        truth.add_tally(&tally, polls, mix);
+        truth
+    }
+
     #[test]
     fn workers_shares_add_up_per_option_and_segment() {
         let mix: SegmentMix = "country=US,DE".parse().expect("mix");
         let polls = ["p".to_owned()];
-        let (mut one, mut two) = (Truth::new(&polls), Truth::new(&polls));
-        one.add(&vote(1, 0, 0), "p", ("run", &mix), true);
-        one.add(&vote(2, 1, 1), "p", ("run", &mix), true);
-        two.add(&vote(3, 0, 1), "p", ("run", &mix), false);
-        one.merge(two);
-        let poll = &one.polls["p"];
+        let one = [vote(1, 0, 0), vote(2, 1, 1)];
+        let two = [vote(3, 0, 1)];
+        let truth = truth_of(&[&one, &two], &polls, &mix);
+        let poll = &truth.polls["p"];
         assert_eq!(poll.accepted, 3);
         assert_eq!(
             poll.options,
@@ -246,15 +332,52 @@ mod tests {
         assert_eq!(poll.segments["country"]["DE"]["red"], 1);
         assert_eq!(poll.segments["country"]["DE"]["green"], 1);
         assert_eq!(poll.segments["country"]["US"]["red"], 1);
-        assert_eq!(one.votes.len(), 2, "only the votes asked to be kept");
+        assert_eq!(poll.segments.len(), 1, "only the mix's keys");
+    }
+
+    #[test]
+    fn a_tally_names_every_poll_option_key_and_value_as_counting_by_name_would() {
+        use rand::Rng;
+        let mix: SegmentMix = "country=US,DE:3,GB;device=mobile,desktop;store=*1000;plan=a,b,c"
+            .parse()
+            .expect("mix");
+        let polls: Vec<String> = (0..3).map(|i| format!("p-{i}")).collect();
+        let mut rng = rand::rng();
+        let votes: Vec<SyntheticVote> = (0..5_000)
+            .map(|voter| SyntheticVote::random(rng.random_range(0..polls.len()), voter, &mix))
+            .collect();
+        let (first, rest) = votes.split_at(1_234);
+        let truth = truth_of(&[first, rest], &polls, &mix);
+        // Counted by name, vote by vote.
+        let mut want: BTreeMap<String, PollTruth> = BTreeMap::new();
+        for vote in &votes {
+            let poll = want.entry(polls[vote.poll].clone()).or_default();
+            poll.accepted += 1;
+            *poll.options.entry(vote.option().into()).or_default() += 1;
+            for (key, value) in mix.values(&vote.segment) {
+                *poll
+                    .segments
+                    .entry(key.into())
+                    .or_default()
+                    .entry(value.into())
+                    .or_default()
+                    .entry(vote.option().into())
+                    .or_default() += 1;
+            }
+        }
+        assert_eq!(truth.accepted(), 5_000);
+        for (id, poll) in &want {
+            let got = &truth.polls[id];
+            assert_eq!(got.accepted, poll.accepted, "{id}");
+            assert_eq!(got.options, poll.options, "{id}");
+            assert_eq!(got.segments, poll.segments, "{id}");
+        }
     }
 
     #[test]
     fn results_are_compared_once_they_count_every_accepted_vote() {
         let mix: SegmentMix = "country=US".parse().expect("mix");
-        let mut truth = Truth::new(&["p".to_owned()]);
-        truth.add(&vote(1, 0, 0), "p", ("run", &mix), false);
-        truth.add(&vote(2, 1, 0), "p", ("run", &mix), false);
+        let truth = truth_of(&[&[vote(1, 0, 0), vote(2, 1, 0)]], &["p".to_owned()], &mix);
         let poll = &truth.polls["p"];
         assert_eq!(poll.differences("p", &results(&[("red", 1)])), None);
         assert_eq!(
