@@ -106,10 +106,18 @@ struct Opened {
     query: Option<(KvRegistry, NatsLiveFeed)>,
 }
 
-async fn open(server: &NatsServer, service: Service, opened: &mut Opened) -> anyhow::Result<()> {
+/// Opens `service`'s side; the vote log with `per_stream` partitions to a stream (0: one
+/// stream).
+async fn open(
+    server: &NatsServer,
+    service: Service,
+    per_stream: u16,
+    opened: &mut Opened,
+) -> anyhow::Result<()> {
     let client = connect(&settings(server, service), PATIENCE).await?;
     let options = LogOptions {
         partitions: PARTITIONS,
+        per_stream,
         ..LogOptions::default()
     };
     match service {
@@ -159,12 +167,13 @@ fn vote(poll_id: &str, i: usize) -> (Vote, String) {
     (vote, key)
 }
 
-/// Every NATS operation of the three services, each through its own user.
-async fn run_services(server: &NatsServer, first: Service) -> anyhow::Result<()> {
+/// Every NATS operation of the three services, each through its own user, with the vote
+/// log laid `per_stream` partitions to a stream.
+async fn run_services(server: &NatsServer, first: Service, per_stream: u16) -> anyhow::Result<()> {
     let mut opened = Opened::default();
-    open(server, first, &mut opened).await?;
+    open(server, first, per_stream, &mut opened).await?;
     for service in SERVICES.into_iter().filter(|s| *s != first) {
-        open(server, service, &mut opened).await?;
+        open(server, service, per_stream, &mut opened).await?;
     }
     let (log, ingest_polls) = opened.ingest.expect("opened");
     let (log_reader, processor_polls, live_out) = opened.processor.expect("opened");
@@ -307,9 +316,9 @@ async fn processor_client(server: &NatsServer) -> anyhow::Result<async_nats::Cli
     Ok(connect(&settings(server, Service::Processor), PATIENCE).await?)
 }
 
-async fn services_work_when_first(first: Service) {
+async fn services_work_when_first(first: Service, per_stream: u16) {
     let server = start_layout().await;
-    if let Err(err) = run_services(&server, first).await {
+    if let Err(err) = run_services(&server, first, per_stream).await {
         panic!(
             "{err:#}\nviolations reported by the server:\n{}",
             violations(&server)
@@ -325,19 +334,35 @@ async fn services_work_when_first(first: Service) {
 #[tokio::test]
 async fn needs_nats_the_layout_carries_ingest_started_first() {
     require!(NatsServer);
-    services_work_when_first(Service::Ingest).await;
+    services_work_when_first(Service::Ingest, 0).await;
 }
 
 #[tokio::test]
 async fn needs_nats_the_layout_carries_the_processor_started_first() {
     require!(NatsServer);
-    services_work_when_first(Service::Processor).await;
+    services_work_when_first(Service::Processor, 0).await;
 }
 
 #[tokio::test]
 async fn needs_nats_the_layout_carries_the_query_service_started_first() {
     require!(NatsServer);
-    services_work_when_first(Service::Query).await;
+    services_work_when_first(Service::Query, 0).await;
+}
+
+/// The log over two streams, `VOTES` and `VOTES_1` (one partition each): the poll's
+/// votes, their read-back, pulls, acks and purge go to `VOTES_1`, which the layout grants
+/// too.
+#[tokio::test]
+async fn needs_nats_the_layout_carries_a_log_over_two_streams() {
+    require!(NatsServer);
+    let layout = tally_nats::StreamLayout::new(PARTITIONS, 1);
+    let at = tally_core::ports::partition_of("layout", PARTITIONS);
+    assert_eq!(
+        layout.name_of(at),
+        "VOTES_1",
+        "the test's poll is meant to be in the second stream"
+    );
+    services_work_when_first(Service::Ingest, 1).await;
 }
 
 /// A raw client of `user`, with the permission violations the server sends it.
