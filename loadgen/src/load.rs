@@ -201,8 +201,7 @@ pub struct Sent {
     pub watched_acks: Vec<Instant>,
     /// The accepted votes, counted by index while the load runs.
     tally: Tally,
-    /// The accepted votes by name: made from the tally when the load ends (and the votes
-    /// kept with `--truth`, as they come).
+    /// The accepted votes by name: made from the tally when the load ends.
     pub truth: Truth,
     /// When the first vote was sent, how long the load took, and the CPU time this process
     /// used meanwhile (`None` where it cannot be read).
@@ -212,7 +211,7 @@ pub struct Sent {
 }
 
 impl Sent {
-    fn new(polls: &[String], started: Instant) -> Sent {
+    fn new(started: Instant) -> Sent {
         Sent {
             requests: 0,
             retried: 0,
@@ -224,7 +223,7 @@ impl Sent {
             latencies_us: Vec::new(),
             watched_acks: Vec::new(),
             tally: Tally::default(),
-            truth: Truth::new(polls),
+            truth: Truth::default(),
             started,
             seconds: 0.0,
             cpu_seconds: None,
@@ -244,7 +243,6 @@ impl Sent {
         self.latencies_us.extend(other.latencies_us);
         self.watched_acks.extend(other.watched_acks);
         self.tally.merge(other.tally);
-        self.truth.merge(other.truth);
     }
 }
 
@@ -276,7 +274,7 @@ pub async fn send(target: Arc<Target>, schedule: Schedule) -> anyhow::Result<Sen
         };
         senders.spawn(sender.run(next_vote.clone(), started));
     }
-    let mut sent = Sent::new(&target.polls, started);
+    let mut sent = Sent::new(started);
     while let Some(account) = senders.join_next().await {
         sent.merge(account.context("a sender failed")?);
     }
@@ -285,7 +283,7 @@ pub async fn send(target: Arc<Target>, schedule: Schedule) -> anyhow::Result<Sen
         .zip(crate::own_cpu_seconds())
         .map(|(before, after)| after - before);
     let tally = std::mem::take(&mut sent.tally);
-    sent.truth.add_tally(&tally, &target.polls, &target.mix);
+    sent.truth = Truth::of(tally, &target.polls, &target.mix);
     if schedule.progress {
         progress.shutdown().await;
         eprintln!();
@@ -309,7 +307,7 @@ impl Sender {
     async fn run(mut self, next_vote: Arc<AtomicU64>, started: Instant) -> Sent {
         let schedule = self.schedule;
         let deadline = started + schedule.duration;
-        let mut sent = Sent::new(&self.target.polls, started);
+        let mut sent = Sent::new(started);
         loop {
             let first = next_vote.fetch_add(schedule.per_request, Ordering::Relaxed);
             if schedule.votes.is_some_and(|votes| first >= votes) {
@@ -356,10 +354,10 @@ impl Sender {
                     if vote.poll == 0 {
                         sent.watched_acks.push(acked_at);
                     }
-                    sent.tally.add(vote, target.mix.key_count());
+                    sent.tally.add(vote, &target.mix);
                     if self.schedule.keep_votes {
                         let poll = &target.polls[vote.poll];
-                        sent.truth.keep(vote, poll, &target.run, &target.mix);
+                        sent.tally.keep(vote, poll, &target.run, &target.mix);
                     }
                 }
                 Some(_) => {}

@@ -35,31 +35,40 @@ pub struct PollTruth {
 /// What one sender saw accepted, counted by the indices a [`SyntheticVote`] is made of
 /// (poll, option, and each segment key's value), one map entry per combination seen: no
 /// name is looked up or compared per vote, so the load generator spends little of the
-/// machine it shares with the deployment. [`Truth::add_tally`] names the counts once, at
+/// machine it shares with the deployment. [`Truth::of`] names the counts once, at
 /// the end. (Counting into `Truth`'s maps of names per vote was ~10% of the client's CPU
 /// per single vote.)
 #[derive(Default)]
 pub struct Tally {
     counts: HashMap<u64, u64, BuildHasherDefault<PackedKeyHasher>>,
+    /// Accepted votes as they were sent, when asked to keep them (`--truth`).
+    kept: Vec<VoteRequest>,
 }
 
 impl Tally {
-    /// Counts an accepted vote; `keys` is the number of keys in the mix its pick is from.
-    pub fn add(&mut self, vote: &SyntheticVote, keys: usize) {
+    /// Counts an accepted vote, drawn from `mix`.
+    pub fn add(&mut self, vote: &SyntheticVote, mix: &SegmentMix) {
         *self
             .counts
             .entry(pack(vote.poll, vote.choice, 0, 0))
             .or_default() += 1;
+        let keys = mix.key_count();
         for (slot, &value) in vote.segment.iter().take(keys).enumerate() {
             let key = pack(vote.poll, vote.choice, slot + 1, value);
             *self.counts.entry(key).or_default() += 1;
         }
     }
 
+    /// Keeps an accepted vote of the poll `poll_id` as it was sent (`--truth`).
+    pub fn keep(&mut self, vote: &SyntheticVote, poll_id: &str, run: &str, mix: &SegmentMix) {
+        self.kept.push(vote.to_request(poll_id, run, mix));
+    }
+
     pub fn merge(&mut self, other: Tally) {
         for (key, count) in other.counts {
             *self.counts.entry(key).or_default() += count;
         }
+        self.kept.extend(other.kept);
     }
 }
 
@@ -105,21 +114,19 @@ impl Hasher for PackedKeyHasher {
 }
 
 impl Truth {
-    pub fn new(polls: &[String]) -> Truth {
-        Truth {
+    /// The truth a load's merged [`Tally`] adds up to: every one of `polls` (those with no
+    /// accepted vote too), named by `polls` and `mix`, with the votes it kept.
+    pub fn of(tally: Tally, polls: &[String], mix: &SegmentMix) -> Truth {
+        let mut truth = Truth {
             polls: polls
                 .iter()
                 .map(|p| (p.clone(), PollTruth::default()))
                 .collect(),
-            votes: Vec::new(),
-        }
-    }
-
-    /// Adds what a sender's [`Tally`] counted; `polls` and `mix` name its indices.
-    pub fn add_tally(&mut self, tally: &Tally, polls: &[String], mix: &SegmentMix) {
-        for (&key, &count) in &tally.counts {
+            votes: tally.kept,
+        };
+        for (key, count) in tally.counts {
             let (poll, choice, slot, value) = unpack(key);
-            let poll = self.polls.entry(polls[poll].clone()).or_default();
+            let poll = truth.polls.entry(polls[poll].clone()).or_default();
             let option = OPTIONS[choice];
             if slot == 0 {
                 poll.accepted += count;
@@ -136,31 +143,7 @@ impl Truth {
                     .or_default() += count;
             }
         }
-    }
-
-    /// Keeps an accepted vote as it was sent (`--truth`).
-    pub fn keep(&mut self, vote: &SyntheticVote, poll_id: &str, run: &str, mix: &SegmentMix) {
-        self.votes.push(vote.to_request(poll_id, run, mix));
-    }
-
-    pub fn merge(&mut self, other: Truth) {
-        for (id, theirs) in other.polls {
-            let poll = self.polls.entry(id).or_default();
-            poll.accepted += theirs.accepted;
-            for (option, count) in theirs.options {
-                *poll.options.entry(option).or_default() += count;
-            }
-            for (dimension, values) in theirs.segments {
-                let ours = poll.segments.entry(dimension).or_default();
-                for (value, options) in values {
-                    let ours = ours.entry(value).or_default();
-                    for (option, count) in options {
-                        *ours.entry(option).or_default() += count;
-                    }
-                }
-            }
-        }
-        self.votes.extend(other.votes);
+        truth
     }
 
     pub fn accepted(&self) -> u64 {
@@ -301,19 +284,26 @@ mod tests {
         .expect("results")
     }
 
-    /// The truth of `votes` counted by one tally per share, merged.
-    fn truth_of(shares: &[&[SyntheticVote]], polls: &[String], mix: &SegmentMix) -> Truth {
+    /// The truth of `votes` counted by one tally per share, merged; the votes for which
+    /// `keep` says so kept.
+    fn truth_of(
+        shares: &[&[SyntheticVote]],
+        polls: &[String],
+        mix: &SegmentMix,
+        keep: impl Fn(&SyntheticVote) -> bool,
+    ) -> Truth {
         let mut tally = Tally::default();
         for share in shares {
             let mut counted = Tally::default();
             for vote in *share {
-                counted.add(vote, mix.key_count());
+                counted.add(vote, mix);
+                if keep(vote) {
+                    counted.keep(vote, &polls[vote.poll], "run", mix);
+                }
             }
             tally.merge(counted);
         }
-        let mut truth = Truth::new(polls);
-        truth.add_tally(&tally, polls, mix);
-        truth
+        Truth::of(tally, polls, mix)
     }
 
     #[test]
@@ -322,7 +312,7 @@ mod tests {
         let polls = ["p".to_owned()];
         let one = [vote(1, 0, 0), vote(2, 1, 1)];
         let two = [vote(3, 0, 1)];
-        let truth = truth_of(&[&one, &two], &polls, &mix);
+        let truth = truth_of(&[&one, &two], &polls, &mix, |vote| vote.voter < 3);
         let poll = &truth.polls["p"];
         assert_eq!(poll.accepted, 3);
         assert_eq!(
@@ -333,6 +323,12 @@ mod tests {
         assert_eq!(poll.segments["country"]["DE"]["green"], 1);
         assert_eq!(poll.segments["country"]["US"]["red"], 1);
         assert_eq!(poll.segments.len(), 1, "only the mix's keys");
+        assert_eq!(truth.votes.len(), 2, "only the votes asked to be kept");
+        assert_eq!(
+            truth.votes[1].voter_id.as_deref(),
+            Some("lg-run-2"),
+            "kept as sent"
+        );
     }
 
     #[test]
@@ -347,7 +343,7 @@ mod tests {
             .map(|voter| SyntheticVote::random(rng.random_range(0..polls.len()), voter, &mix))
             .collect();
         let (first, rest) = votes.split_at(1_234);
-        let truth = truth_of(&[first, rest], &polls, &mix);
+        let truth = truth_of(&[first, rest], &polls, &mix, |_| false);
         // Counted by name, vote by vote.
         let mut want: BTreeMap<String, PollTruth> = BTreeMap::new();
         for vote in &votes {
@@ -377,7 +373,8 @@ mod tests {
     #[test]
     fn results_are_compared_once_they_count_every_accepted_vote() {
         let mix: SegmentMix = "country=US".parse().expect("mix");
-        let truth = truth_of(&[&[vote(1, 0, 0), vote(2, 1, 0)]], &["p".to_owned()], &mix);
+        let votes = [vote(1, 0, 0), vote(2, 1, 0)];
+        let truth = truth_of(&[&votes], &["p".to_owned()], &mix, |_| false);
         let poll = &truth.polls["p"];
         assert_eq!(poll.differences("p", &results(&[("red", 1)])), None);
         assert_eq!(
