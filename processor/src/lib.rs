@@ -4,9 +4,11 @@
 //!
 //! In: log entries (versioned vote events). Out: `votes`, `vote_windows` and
 //! `segment_rollups` rows, each stamped with the log sequence it covers, and [`Results`] on
-//! the live feed. Rollups are collected over about a second (fresh) and about half a minute
-//! (settled) of batches and written together (see [`tally_core::rollup`]); the others are
-//! written per batch.
+//! the live feed. Raw votes are written per batch, before the batch's totals are published.
+//! Window rows and rollups are collected over about a second (window rows and fresh
+//! rollups) and about half a minute (settled rollups) of batches and written together, after
+//! the totals are out (see [`tally_core::rollup`]): a ClickHouse insert is a part of files
+//! written and merged later, whatever its size.
 //!
 //! Segment values are capped per poll and dimension: the first
 //! [`MAX_SEGMENT_VALUES`](tally_core::segment::MAX_SEGMENT_VALUES) distinct values are kept,

@@ -59,6 +59,8 @@ pub(crate) struct Partition {
     /// Votes after each rollup watermark not yet written as rollup rows.
     fresh: Rollups,
     settled: Rollups,
+    /// Answers of votes after the windows watermark not yet written as window rows.
+    windows: PendingWindows,
     /// The running [`compact_sets`](tally_core::ports::Warehouse::compact_sets) of this
     /// partition, if any.
     compacting: Option<tokio::task::JoinHandle<()>>,
@@ -86,6 +88,7 @@ impl Partition {
             segment_values: HashMap::new(),
             fresh: Rollups::default(),
             settled: Rollups::default(),
+            windows: PendingWindows::default(),
             compacting: None,
         }
     }
@@ -152,6 +155,7 @@ impl Partition {
             self.segment_values.clear();
             self.fresh.clear();
             self.settled.clear();
+            self.windows = PendingWindows::default();
             tracing::info!(
                 partition,
                 votes = watermarks.votes,
@@ -200,7 +204,7 @@ impl Partition {
     /// Retries writes until they succeed or the worker is stopped.
     async fn process(&mut self, batch: Vec<LogEntry>) -> Step {
         let started = std::time::Instant::now();
-        let mut stages = [Duration::ZERO; 4];
+        let mut stages = [Duration::ZERO; 3];
         let entries = batch.len();
         metrics::histogram!("tally_processor_batch_size").record(entries as f64);
         let last_seq = batch.last().map(|e| e.seq).unwrap_or(0);
@@ -232,7 +236,8 @@ impl Partition {
 
         // Entries are in sequence order, so what a table lacks is a suffix of the batch.
         let new_votes = &votes[votes.partition_point(|v| v.seq <= self.watermarks.votes)..];
-        let window_votes = &votes[votes.partition_point(|v| v.seq <= self.watermarks.windows)..];
+        let windowed = self.watermarks.windows.max(self.windows.upto);
+        let window_votes = &votes[votes.partition_point(|v| v.seq <= windowed)..];
         stages[0] = started.elapsed();
         if !new_votes.is_empty() {
             self.load_states(new_votes).await?;
@@ -255,41 +260,22 @@ impl Partition {
         }
         stages[1] = started.elapsed();
 
-        let mut picks = Picks::default();
         for v in window_votes {
             for option in &v.vote.choice {
-                picks.push(&v.vote.poll_id, v.vote.received_at, option);
+                self.windows
+                    .push(&v.vote.poll_id, v.vote.received_at, option);
             }
         }
-        if !picks.is_empty() {
-            let picks = picks.finish();
-            let rows = loop {
-                match self.engine.windows(picks.clone(), last_seq).await {
-                    Ok(rows) => break rows,
-                    Err(err) => {
-                        tracing::error!(partition = self.partition, error = %tally_core::error::Chain(&err), "window aggregation failed, retrying");
-                        self.pause(Duration::from_secs(1)).await?;
-                    }
-                }
-            };
-            let warehouse = self.deps.warehouse.clone();
-            let partition = self.partition;
-            self.insert(
-                "insert windows",
-                last_seq,
-                |m| m.windows,
-                || warehouse.insert_windows(partition, &rows),
-            )
-            .await?;
-            self.watermarks.windows = last_seq;
+        if !window_votes.is_empty() {
+            self.windows.upto = last_seq;
         }
-        stages[2] = started.elapsed();
 
         self.count_and_publish(new_votes).await;
         metrics::counter!("tally_votes_counted_total").increment(new_votes.len() as u64);
-        stages[3] = started.elapsed();
+        stages[2] = started.elapsed();
 
-        // Rollups after the totals are out, so their write never delays live results. Votes
+        // Window rows and rollups after the totals are out, so their writes never delay live
+        // results, and for many batches at once: each insert is a part on ClickHouse. Votes
         // the settled rows hold go nowhere; votes the fresh rows already hold (a replay after
         // a restart) go to the settled ones directly; the rest go to the fresh ones and reach
         // the settled ones when they are written. So a fresh write never reaches back over
@@ -304,27 +290,30 @@ impl Partition {
         }
         if self.fresh.votes() >= self.config.rollup_votes
             || self.fresh.age() >= self.config.rollup_interval
+            || self.windows.picks >= self.config.rollup_votes
+            || self.windows.age() >= self.config.rollup_interval
         {
             self.write_rollups(false).await?;
         }
-        // Where a batch's time goes, cumulative ms after: decode, raw-vote insert, windows
-        // and their insert, counting and publishing.
+        // Where a batch's time goes, cumulative ms after: decode, raw-vote insert, counting
+        // and publishing.
         tracing::debug!(
             partition = self.partition,
             entries,
             decoded_ms = stages[0].as_millis() as u64,
             votes_written_ms = stages[1].as_millis() as u64,
-            windows_written_ms = stages[2].as_millis() as u64,
-            published_ms = stages[3].as_millis() as u64,
+            published_ms = stages[2].as_millis() as u64,
             "batch processed"
         );
         Ok(())
     }
 
-    /// Writes the pending fresh rollups, then the settled ones when they are due (or
-    /// `settle_now`) and end where the fresh rows end — a breakdown relies on every settled
-    /// write ending at a fresh write's position. Retries until written or stopped.
+    /// Writes the pending window rows, then the pending fresh rollups, then the settled
+    /// ones when they are due (or `settle_now`) and end where the fresh rows end — a
+    /// breakdown relies on every settled write ending at a fresh write's position. So the
+    /// time series is never behind the breakdowns. Retries until written or stopped.
     async fn write_rollups(&mut self, settle_now: bool) -> Step {
+        self.write_windows().await?;
         if self.fresh.votes() > 0 {
             self.write_level(RollupLevel::Fresh).await?;
             failpoint("after-rollups-insert");
@@ -334,6 +323,45 @@ impl Partition {
             || self.settled.votes() >= self.config.settle_votes;
         if self.settled.votes() > 0 && due && self.settled.last_seq() == self.watermarks.rollups {
             return self.write_level(RollupLevel::Settled).await;
+        }
+        Ok(())
+    }
+
+    /// Counts the pending answers per (poll, window, option) and writes them as window
+    /// rows covering the log up to the last vote they hold. Retries until written or
+    /// stopped.
+    async fn write_windows(&mut self) -> Step {
+        if self.windows.upto <= self.watermarks.windows {
+            return Ok(());
+        }
+        let (picks, upto) = (self.windows.take(), self.windows.upto);
+        if !picks.is_empty() {
+            let picks = picks.finish();
+            let rows = loop {
+                match self.engine.windows(picks.clone(), upto).await {
+                    Ok(rows) => break rows,
+                    Err(err) => {
+                        tracing::error!(partition = self.partition, error = %tally_core::error::Chain(&err), "window aggregation failed, retrying");
+                        self.pause(Duration::from_secs(1)).await?;
+                    }
+                }
+            };
+            let warehouse = self.deps.warehouse.clone();
+            let partition = self.partition;
+            self.insert(
+                "insert windows",
+                upto,
+                |m| m.windows,
+                || warehouse.insert_windows(partition, &rows),
+            )
+            .await?;
+            tracing::debug!(
+                partition,
+                rows = rows.len(),
+                covered = upto,
+                "windows written"
+            );
+            self.watermarks.windows = upto;
         }
         Ok(())
     }
@@ -587,6 +615,38 @@ impl Partition {
         } else {
             tracing::error!(partition = self.partition, kind = ?err.kind(), error = %err.chain(), "{what} failed, retrying");
         }
+    }
+}
+
+/// Answers taken from the votes after the windows watermark, not yet written as window
+/// rows: they are counted and written together, with the fresh rollups.
+#[derive(Default)]
+struct PendingWindows {
+    answers: Picks,
+    /// How many answers `answers` holds.
+    picks: usize,
+    /// The last log entry whose answers were taken, pending or written.
+    upto: u64,
+    /// When the oldest pending answer was taken.
+    since: Option<std::time::Instant>,
+}
+
+impl PendingWindows {
+    fn push(&mut self, poll_id: &str, received_ms: i64, option: &str) {
+        self.answers.push(poll_id, received_ms, option);
+        self.picks += 1;
+        self.since.get_or_insert_with(std::time::Instant::now);
+    }
+
+    fn age(&self) -> Duration {
+        self.since.map_or(Duration::ZERO, |since| since.elapsed())
+    }
+
+    /// The pending answers, leaving none.
+    fn take(&mut self) -> Picks {
+        self.picks = 0;
+        self.since = None;
+        std::mem::take(&mut self.answers)
     }
 }
 

@@ -144,6 +144,10 @@ struct Recording {
     settled_at: Mutex<Vec<u64>>,
     /// Each call of `compact_sets`: its sets and position.
     compactions: Mutex<Vec<Compaction>>,
+    /// The answers each window write counts.
+    window_writes: Mutex<Vec<u64>>,
+    /// Each fresh write: the position it covers and where the window rows stood before it.
+    fresh_and_windows: Mutex<Vec<(u64, u64)>>,
     lose_answers: Mutex<Vec<&'static str>>,
 }
 
@@ -157,6 +161,8 @@ impl Recording {
             writes: Mutex::new(Vec::new()),
             settled_at: Mutex::new(Vec::new()),
             compactions: Mutex::new(Vec::new()),
+            window_writes: Mutex::new(Vec::new()),
+            fresh_and_windows: Mutex::new(Vec::new()),
             lose_answers: Mutex::new(lose_answers.to_vec()),
         })
     }
@@ -191,6 +197,8 @@ impl Warehouse for Recording {
     }
     async fn insert_windows(&self, partition: u16, rows: &[WindowRow]) -> tally_core::Result<()> {
         self.inner.insert_windows(partition, rows).await?;
+        let answers = rows.iter().map(|row| row.votes).sum();
+        self.window_writes.lock().unwrap().push(answers);
         self.answer("vote_windows")
     }
     async fn insert_rollups(
@@ -199,6 +207,14 @@ impl Warehouse for Recording {
         level: RollupLevel,
         rows: &[RollupRow],
     ) -> tally_core::Result<()> {
+        if level == RollupLevel::Fresh {
+            let windows = self.inner.watermarks(partition).await?.windows;
+            let covered = rows.iter().map(|row| row.last_seq).max().unwrap_or(0);
+            self.fresh_and_windows
+                .lock()
+                .unwrap()
+                .push((covered, windows));
+        }
         self.inner.insert_rollups(partition, level, rows).await?;
         // The votes a write covers: its whole segments' ballots (the cube counts them again).
         let votes = rows
@@ -302,6 +318,39 @@ async fn process_backlog(
     breakdown_at(recording.as_ref(), store.log.tip(0)).await;
     processor.shutdown(Duration::from_secs(60)).await;
     recording
+}
+
+/// Window rows are not written per batch (each insert is a ClickHouse part) but with the
+/// fresh rollups, for many batches at once, and always before them, so a time series is
+/// never behind a breakdown; they count every answer once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn window_rows_are_written_for_many_batches_at_once_before_the_rollups() {
+    const VOTES: u64 = 3_000;
+    let (batch_max, rollup_votes) = (50, 500);
+    let recording = process_backlog((1..=VOTES).map(vote), batch_max, rollup_votes, 1_000).await;
+
+    let writes = recording.window_writes.lock().unwrap().clone();
+    assert_eq!(
+        writes.iter().sum::<u64>(),
+        VOTES,
+        "window rows count every answer once: {writes:?}"
+    );
+    // 60 batches; a write when the pending answers reach the limit, and at the end.
+    let most = (VOTES as usize).div_ceil(rollup_votes) + 1;
+    assert!(
+        writes.len() <= most,
+        "{} window writes for {} batches, more than {most}: {writes:?}",
+        writes.len(),
+        VOTES as usize / batch_max
+    );
+    let fresh = recording.fresh_and_windows.lock().unwrap().clone();
+    assert!(!fresh.is_empty());
+    for (covered, windows) in fresh {
+        assert!(
+            windows >= covered,
+            "fresh rollups up to {covered} written while the window rows stood at {windows}"
+        );
+    }
 }
 
 /// A backlog many times the rollup limits, read without a pause (so neither the time

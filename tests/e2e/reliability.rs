@@ -249,7 +249,8 @@ async fn verify(cluster: &Cluster, truth: &Value) -> Result<()> {
                 );
             }
         }
-        // Window rows are written before totals are published; they must add up as well.
+        // Window rows are written before the rollups the breakdowns above read; they must
+        // add up as well.
         let sums = cluster.timeseries_sums(poll).await?;
         ensure!(
             sums == truth_counts(&expected["options"]),
