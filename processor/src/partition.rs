@@ -155,7 +155,7 @@ impl Partition {
             self.segment_values.clear();
             self.fresh.clear();
             self.settled.clear();
-            self.windows = PendingWindows::default();
+            self.windows = PendingWindows::after(watermarks.windows);
             tracing::info!(
                 partition,
                 votes = watermarks.votes,
@@ -236,8 +236,7 @@ impl Partition {
 
         // Entries are in sequence order, so what a table lacks is a suffix of the batch.
         let new_votes = &votes[votes.partition_point(|v| v.seq <= self.watermarks.votes)..];
-        let windowed = self.watermarks.windows.max(self.windows.upto);
-        let window_votes = &votes[votes.partition_point(|v| v.seq <= windowed)..];
+        let window_votes = &votes[votes.partition_point(|v| v.seq <= self.windows.upto)..];
         stages[0] = started.elapsed();
         if !new_votes.is_empty() {
             self.load_states(new_votes).await?;
@@ -290,7 +289,7 @@ impl Partition {
         }
         if self.fresh.votes() >= self.config.rollup_votes
             || self.fresh.age() >= self.config.rollup_interval
-            || self.windows.picks >= self.config.rollup_votes
+            || self.windows.answers.len() >= self.config.rollup_votes
             || self.windows.age() >= self.config.rollup_interval
         {
             self.write_rollups(false).await?;
@@ -623,18 +622,24 @@ impl Partition {
 #[derive(Default)]
 struct PendingWindows {
     answers: Picks,
-    /// How many answers `answers` holds.
-    picks: usize,
-    /// The last log entry whose answers were taken, pending or written.
+    /// The last log entry whose answers were taken, pending or written: the windows
+    /// watermark when nothing is pending.
     upto: u64,
     /// When the oldest pending answer was taken.
     since: Option<std::time::Instant>,
 }
 
 impl PendingWindows {
+    /// None pending, the window rows holding the log up to `watermark`.
+    fn after(watermark: u64) -> Self {
+        PendingWindows {
+            upto: watermark,
+            ..Default::default()
+        }
+    }
+
     fn push(&mut self, poll_id: &str, received_ms: i64, option: &str) {
         self.answers.push(poll_id, received_ms, option);
-        self.picks += 1;
         self.since.get_or_insert_with(std::time::Instant::now);
     }
 
@@ -644,7 +649,6 @@ impl PendingWindows {
 
     /// The pending answers, leaving none.
     fn take(&mut self) -> Picks {
-        self.picks = 0;
         self.since = None;
         std::mem::take(&mut self.answers)
     }

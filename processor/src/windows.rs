@@ -47,7 +47,12 @@ impl Picks {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.received_ms.len() == 0
+        self.len() == 0
+    }
+
+    /// How many answers it holds.
+    pub fn len(&self) -> usize {
+        self.received_ms.len()
     }
 
     /// The answers as the batch the plan reads.
