@@ -76,16 +76,11 @@ async fn bad_input_gets_clear_errors_and_changes_nothing(deployment: Deployment)
     let before = cluster
         .wait_for_total("bad", 10, Duration::from_secs(30))
         .await?;
-    // Window rows trail the totals by about a second; a step is checked against the
-    // window widths they carry.
-    let end = tokio::time::Instant::now() + Duration::from_secs(30);
-    while cluster.timeseries_sums("bad").await?.values().sum::<u64>() < 10 {
-        ensure!(
-            tokio::time::Instant::now() < end,
-            "the time series never held the 10 votes"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // A step is checked against the window widths the window rows carry, which trail the
+    // totals by about a second.
+    cluster
+        .wait_for_timeseries("bad", &[("red".to_owned(), 10)].into())
+        .await?;
     let shut_before = cluster.results("shut").await?;
 
     let ingest = &cluster.ingest.url;

@@ -717,6 +717,29 @@ impl Cluster {
         Ok(sums)
     }
 
+    /// Waits until a poll's time series sums to `counts` per option (options with no votes
+    /// left out). Window rows trail the live totals by about a second; a time series that
+    /// counts more votes than `counts` fails at once, as does one not there in 60 s.
+    pub async fn wait_for_timeseries(
+        &self,
+        poll: &str,
+        counts: &BTreeMap<String, u64>,
+    ) -> Result<()> {
+        let want: u64 = counts.values().sum();
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let sums = self.timeseries_sums(poll).await?;
+            if &sums == counts {
+                return Ok(());
+            }
+            ensure!(
+                sums.values().sum::<u64>() < want && tokio::time::Instant::now() < end,
+                "{poll}: time-series sums {sums:?}, expected {counts:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Runs a statement on this cluster's ClickHouse database and returns its TSV output;
     /// `None` in standalone, which has no ClickHouse.
     pub async fn clickhouse_query(&self, sql: &str) -> Result<Option<String>> {

@@ -162,18 +162,7 @@ async fn processor_crashes_mid_stream_count_once(deployment: Deployment) -> Resu
         );
     }
     let truth: BTreeMap<String, u64> = truth.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-    let end = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let sums = cluster.timeseries_sums("crash").await?;
-        if sums == truth {
-            break;
-        }
-        ensure!(
-            sums.values().sum::<u64>() < 6_000 && tokio::time::Instant::now() < end,
-            "window aggregates count {sums:?}, expected {truth:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    cluster.wait_for_timeseries("crash", &truth).await?;
 
     // 3. Segment rollups are lost: first the fresh ones alone (the settled ones then cover
     //    for them), then both levels, as in an upgrade from a version without them. Each

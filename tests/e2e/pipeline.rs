@@ -348,18 +348,7 @@ pub async fn check_results(cluster: &Cluster, truth: &Truth) -> Result<()> {
 
 pub async fn check_timeseries(cluster: &Cluster, truth: &Truth) -> Result<()> {
     for (poll, counts) in &truth.counts {
-        let end = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let sums = cluster.timeseries_sums(poll).await?;
-            if &sums == counts {
-                break;
-            }
-            ensure!(
-                tokio::time::Instant::now() < end,
-                "{poll}: time-series sums {sums:?} != truth {counts:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        cluster.wait_for_timeseries(poll, counts).await?;
     }
     Ok(())
 }
