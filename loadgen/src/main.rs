@@ -2,6 +2,14 @@
 //! (the default command), and measures the baselines `scripts/bench` compares against.
 //! A tool, not a service: it lives apart from the `tally` server binary.
 
+// The same allocator as `tally`: the baselines this binary serves (the HTTP layer alone,
+// raw log appends and publishes) are compared with tally's own figures, so they must not
+// pay for a slower malloc than tally does; and the load's client costs less of the CPU it
+// shares with the servers. glibc's malloc and free were ~30% of the HTTP baseline's
+// instructions per request (docs/BENCHMARKS.md, 2026-12-07 (3)).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
