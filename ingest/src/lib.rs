@@ -104,7 +104,7 @@ pub struct Ingest {
     polls: Arc<PollCache>,
     secrets: Secrets,
     /// Pseudonym hashers of per-poll polls, so a vote costs no key derivation; bounded.
-    hashers: RwLock<HashMap<String, VoterHasher>>,
+    hashers: RwLock<foldhash::HashMap<String, VoterHasher>>,
     /// The per-vote metrics, registered once ([`describe_metrics`]): a registry lookup per
     /// vote showed in profiles of single votes.
     accepted: metrics::Counter,
@@ -142,7 +142,7 @@ impl Ingest {
             guard,
             polls: PollCache::start(deps.registry, tasks),
             secrets,
-            hashers: RwLock::new(HashMap::new()),
+            hashers: RwLock::default(),
             accepted: metrics::counter!("tally_votes_accepted_total"),
             append_single: metrics::histogram!("tally_log_append_duration_seconds", "mode" => "single"),
             config,
@@ -532,7 +532,13 @@ pub fn api(ingest: Arc<Ingest>) -> Router {
     let vote_limit = ingest.config.max_vote_bytes;
     let batch_limit = ingest.config.max_batch_bytes;
     let origins = cors::Cors::new(ingest.polls.clone(), ingest.guard.clone());
-    let routes = Router::new()
+    let batch = Router::new().route(
+        "/v1/votes:batch",
+        post(batch::batch).layer(DefaultBodyLimit::max(batch_limit)),
+    );
+    // The vote route is guarded by its cross-origin layer (`cors::guarded`), so it is added
+    // after `protect`.
+    guard::protect(batch, ingest.guard.clone())
         .route(
             "/v1/polls/{id}/votes",
             post(votes::vote)
@@ -540,14 +546,10 @@ pub fn api(ingest: Arc<Ingest>) -> Router {
                 .layer(DefaultBodyLimit::max(vote_limit))
                 .layer(axum::middleware::from_fn_with_state(
                     (origins, &VOTE_CORS),
-                    cors::layer,
+                    cors::guarded,
                 )),
         )
-        .route(
-            "/v1/votes:batch",
-            post(batch::batch).layer(DefaultBodyLimit::max(batch_limit)),
-        );
-    guard::protect(routes, ingest.guard.clone()).with_state(ingest)
+        .with_state(ingest)
 }
 
 /// The vote routes' part of the OpenAPI document (the query service merges it into the one

@@ -196,8 +196,8 @@ impl App {
 pub fn api(app: Arc<App>) -> Router {
     let origins = cors::Cors::new(app.polls.clone(), app.guard.clone());
     let read_cors =
-        axum::middleware::from_fn_with_state((origins.clone(), &READ_CORS), cors::layer);
-    let many_cors = axum::middleware::from_fn_with_state((origins, &MANY_CORS), cors::layer);
+        axum::middleware::from_fn_with_state((origins.clone(), &READ_CORS), cors::guarded);
+    let many_cors = axum::middleware::from_fn_with_state((origins, &MANY_CORS), cors::guarded);
     let routes = Router::new()
         .route("/v1/polls", post(polls::create).get(polls::list))
         .route(
@@ -210,6 +210,21 @@ pub fn api(app: Arc<App>) -> Router {
         .route("/v1/polls/{id}/close", post(polls::close))
         .route("/v1/polls/{id}/reopen", post(polls::reopen))
         .route("/v1/polls/{id}/tokens", post(polls::mint_token))
+        .route("/v1/polls/{id}/breakdown", get(analytics::breakdown))
+        .route("/v1/polls/{id}/timeseries", get(analytics::timeseries))
+        .route("/v1/polls/{id}/export", get(export::export))
+        .route("/v1/sql", post(sql::sql))
+        .route("/dashboard", get(assets::dashboard_redirect))
+        .route("/dashboard/", get(assets::overview))
+        .route("/dashboard/polls/{id}", get(assets::poll_page))
+        .route("/dashboard/assets/{version}/{file}", get(assets::versioned))
+        .route("/widget.js", get(assets::widget))
+        .route("/embed/{poll}", get(assets::embed_page))
+        .route("/openapi.json", get(openapi::openapi_json))
+        .route("/docs", get(openapi::docs));
+    // The routes pages on other sites use are guarded by their cross-origin layer
+    // (`cors::guarded`), so they are added after `protect`.
+    guard::protect(routes, app.guard.clone())
         .route(
             "/v1/polls/{id}/results",
             get(results::results)
@@ -222,10 +237,6 @@ pub fn api(app: Arc<App>) -> Router {
                 .options(cors::preflight_only)
                 .layer(read_cors.clone()),
         )
-        .route("/v1/polls/{id}/breakdown", get(analytics::breakdown))
-        .route("/v1/polls/{id}/timeseries", get(analytics::timeseries))
-        .route("/v1/polls/{id}/export", get(export::export))
-        .route("/v1/sql", post(sql::sql))
         .route(
             "/v1/polls/{id}/live",
             get(live::live)
@@ -238,16 +249,8 @@ pub fn api(app: Arc<App>) -> Router {
                 .options(cors::preflight_only)
                 .layer(many_cors),
         )
-        .route("/dashboard", get(assets::dashboard_redirect))
-        .route("/dashboard/", get(assets::overview))
-        .route("/dashboard/polls/{id}", get(assets::poll_page))
-        .route("/dashboard/assets/{version}/{file}", get(assets::versioned))
-        .route("/widget.js", get(assets::widget))
-        .route("/embed/{poll}", get(assets::embed_page))
-        .route("/openapi.json", get(openapi::openapi_json))
-        .route("/docs", get(openapi::docs))
-        .layer(DefaultBodyLimit::max(64 * 1024));
-    guard::protect(routes, app.guard.clone()).with_state(app)
+        .layer(DefaultBodyLimit::max(64 * 1024))
+        .with_state(app)
 }
 
 /// What a page on another origin may read: a poll's ballot, results and live totals (the

@@ -1054,3 +1054,87 @@ async fn unknown_routes_and_methods_get_problem_json() {
         ["poll_registry", "warehouse"]
     );
 }
+
+/// The routes pages on other sites read (results, ballot, live, the multi-poll stream) are
+/// behind the per-address guard like every other route, once per request: one address's
+/// requests to all of them, preflights included, draw on one quota, one request each, and
+/// another address keeps its own.
+#[tokio::test]
+async fn the_widget_routes_share_the_per_address_quota_one_request_each() {
+    use axum::extract::ConnectInfo;
+    use axum::http::header;
+    let h = common::Harness::with_config(|config| {
+        config.rate_per_ip = tally_service::limits::Rate::parse("5/min").unwrap();
+    });
+    h.create(
+        json!({"id": "shop", "title": "T", "question": "Q", "kind": "single",
+        "results_visibility": "live", "allowed_origins": ["https://shop.example"],
+        "options": [{"id": "a", "label": "A"}, {"id": "b", "label": "B"}]}),
+    )
+    .await;
+    let from = |address: &str, method: Method, path: &str, origin: bool| {
+        let mut request = Request::builder().method(method).uri(path);
+        if origin {
+            request = request
+                .header(header::ORIGIN, "https://shop.example")
+                .header(header::ACCESS_CONTROL_REQUEST_METHOD, "GET");
+        }
+        let mut request = request.body(Body::empty()).unwrap();
+        let peer: std::net::SocketAddr = format!("{address}:40000").parse().unwrap();
+        request.extensions_mut().insert(ConnectInfo(peer));
+        request
+    };
+    let quota = [
+        (Method::GET, "/v1/polls/shop/results", false),
+        (Method::OPTIONS, "/v1/polls/shop/results", true),
+        (Method::GET, "/v1/polls/shop/ballot", true),
+        (Method::GET, "/v1/polls/shop/live", false),
+        (Method::GET, "/v1/live?polls=shop", true),
+    ];
+    for (spent, (method, path, origin)) in quota.into_iter().enumerate() {
+        let answer = h
+            .send(from("192.0.2.1", method.clone(), path, origin))
+            .await;
+        assert!(
+            answer.status.is_success(),
+            "{method} {path}: {}",
+            answer.status
+        );
+        assert_eq!(
+            answer.header("ratelimit-limit"),
+            Some("5"),
+            "{method} {path}"
+        );
+        let remaining = (4 - spent).to_string();
+        assert_eq!(
+            answer.header("ratelimit-remaining"),
+            Some(remaining.as_str()),
+            "{method} {path} draws one request from the quota"
+        );
+        if origin {
+            assert_eq!(
+                answer.header("access-control-allow-origin"),
+                Some("https://shop.example")
+            );
+        }
+    }
+    for (method, path) in [
+        (Method::GET, "/v1/polls/shop/results"),
+        (Method::GET, "/v1/live?polls=shop"),
+        (Method::GET, "/v1/polls"),
+    ] {
+        h.send(from("192.0.2.1", method, path, false))
+            .await
+            .expect_problem(429, "rate-limited", None);
+    }
+    let other = h
+        .send(from(
+            "192.0.2.2",
+            Method::GET,
+            "/v1/polls/shop/ballot",
+            true,
+        ))
+        .await;
+    assert_eq!(other.status, 200, "another address has its own quota");
+    assert_eq!(other.header("ratelimit-remaining"), Some("4"));
+}

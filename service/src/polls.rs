@@ -18,7 +18,7 @@ use crate::tasks::Tasks;
 pub struct PollCache {
     registry: Arc<dyn PollRegistry>,
     /// Readers take the lock for a map lookup only; never held across an await.
-    polls: RwLock<HashMap<String, Arc<Poll>>>,
+    polls: RwLock<foldhash::HashMap<String, Arc<Poll>>>,
     /// Bumped on every change, so waiters (SSE streams) notice closes and edits.
     changes: watch::Sender<u64>,
     /// Ids the registry did not know, and when it said so: a request for an unknown poll
@@ -37,7 +37,7 @@ impl PollCache {
     pub fn start(registry: Arc<dyn PollRegistry>, tasks: &Tasks) -> Arc<PollCache> {
         let cache = Arc::new(PollCache {
             registry,
-            polls: RwLock::new(HashMap::new()),
+            polls: RwLock::default(),
             changes: watch::Sender::new(0),
             misses: std::sync::Mutex::new(HashMap::new()),
         });

@@ -133,14 +133,26 @@ fn refused(detail: String) -> Response {
     .into_response()
 }
 
-/// The middleware: `axum::middleware::from_fn_with_state((cors, policy), cors::layer)` on a
-/// route (as `MethodRouter::layer`), whose `OPTIONS` is [`preflight_only`] so that
-/// preflights reach the layer.
-pub async fn layer(
+/// The middleware of a route taken from other origins: the per-address guard
+/// ([`super::guard::run`], with the guard of `cors`) and then the origin check, in one layer
+/// (each `from_fn` layer costs a request a clone of the service under it and a boxed
+/// future). `axum::middleware::from_fn_with_state((cors, policy), cors::guarded)` on a route
+/// (as `MethodRouter::layer`) added after [`super::guard::protect`], whose `OPTIONS` is
+/// [`preflight_only`] so that preflights reach the layer.
+pub async fn guarded(
     State((cors, policy)): State<(Arc<Cors>, &'static Policy)>,
     request: Request,
     next: Next,
 ) -> Response {
+    let guard = cors.guard.clone();
+    super::guard::run(&guard, request, |request| {
+        check(&cors, policy, request, next)
+    })
+    .await
+}
+
+/// The origin check of [`guarded`] around `next`.
+async fn check(cors: &Cors, policy: &Policy, request: Request, next: Next) -> Response {
     let Some(origin) = request.headers().get(header::ORIGIN).cloned() else {
         return with_vary(next.run(request).await);
     };

@@ -103,6 +103,8 @@ impl Guard {
 }
 
 /// `router` behind `guard` (see [`layer`]); the layer applies to the routes it already has.
+/// Routes taken from other origins are added after, each with [`super::cors::guarded`],
+/// which guards them too.
 pub fn protect<S: Clone + Send + Sync + 'static>(
     router: axum::Router<S>,
     guard: Arc<Guard>,
@@ -128,8 +130,19 @@ pub fn sweep_periodically(tasks: &crate::Tasks, sweep: impl Fn() + Send + 'stati
 /// Without a peer address (a router served without connect info, as in some tests) there
 /// is nothing to key on and the guard lets the request through.
 pub async fn layer(State(guard): State<Arc<Guard>>, request: Request, next: Next) -> Response {
+    run(&guard, request, |request| next.run(request)).await
+}
+
+/// The guard around `inner`, the rest of the request: what [`layer`] does, for a middleware
+/// that does more than guard (a route taken from other origins is guarded by
+/// [`super::cors::guarded`], one layer instead of two).
+pub async fn run<F, Fut>(guard: &Guard, request: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let Some(client) = guard.client_ip(&request) else {
-        return next.run(request).await;
+        return inner(request).await;
     };
     let key = limit_key(client);
     if let Some(wait) = guard.blocked_for(key) {
@@ -155,7 +168,7 @@ pub async fn layer(State(guard): State<Arc<Guard>>, request: Request, next: Next
     let sent_key = request
         .headers()
         .contains_key(axum::http::header::AUTHORIZATION);
-    let mut response = next.run(request).await;
+    let mut response = inner(request).await;
     if sent_key && response.status() == axum::http::StatusCode::UNAUTHORIZED {
         guard.failed_auth(key);
     }

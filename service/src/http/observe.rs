@@ -152,7 +152,7 @@ struct RouteMetrics {
 /// and status classes a fixed few, so this holds a bounded number of series.
 pub struct Observed {
     service: &'static str,
-    routes: std::sync::RwLock<std::collections::HashMap<String, std::sync::Arc<RouteMetrics>>>,
+    routes: std::sync::RwLock<foldhash::HashMap<String, std::sync::Arc<RouteMetrics>>>,
 }
 
 impl Observed {
@@ -252,22 +252,36 @@ where
     response
 }
 
-/// A new request id: 16 random hex digits, from the standard library's seeded hasher (no
-/// RNG crate needed; unpredictability is not required, only uniqueness in practice).
+/// A new request id: 16 hex digits, unique within the process (a counter from a random
+/// start, through a bijective mixer so ids do not look sequential) and, with a random start
+/// per process, in practice across processes. Unpredictability is not required, only
+/// uniqueness; the start is drawn once, so a request costs a counter step and the mixing.
 fn uuid_like() -> String {
-    use std::collections::hash_map::RandomState;
-    use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    format!("{:016x}", hasher.finish())
+    static NEXT: std::sync::OnceLock<AtomicU64> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        hasher.write_u32(std::process::id());
+        AtomicU64::new(hasher.finish())
+    });
+    // SplitMix64's output function: a bijection of u64, so distinct counts give distinct ids.
+    let mut id = next.fetch_add(1, Ordering::Relaxed);
+    id = (id ^ (id >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    id = (id ^ (id >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    id ^= id >> 31;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    for (i, digit) in digits.iter_mut().enumerate() {
+        *digit = HEX[(id >> (60 - 4 * i)) as usize & 0xf];
+    }
+    std::str::from_utf8(&digits).expect("hex digits").to_owned()
 }
 
 #[cfg(test)]
@@ -323,6 +337,10 @@ mod tests {
         assert!(!valid_request_id("has space"));
         assert!(!valid_request_id("new\nline"));
         assert!(!valid_request_id(&"x".repeat(65)));
-        assert_ne!(uuid_like(), uuid_like());
+        let ids: std::collections::HashSet<String> = (0..10_000).map(|_| uuid_like()).collect();
+        assert_eq!(ids.len(), 10_000, "every id differs");
+        assert!(ids.iter().all(|id| id.len() == 16
+            && id.bytes().all(|b| b.is_ascii_hexdigit())
+            && valid_request_id(id)));
     }
 }
