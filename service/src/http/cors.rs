@@ -144,8 +144,7 @@ pub async fn guarded(
     request: Request,
     next: Next,
 ) -> Response {
-    let guard = cors.guard.clone();
-    super::guard::run(&guard, request, |request| {
+    super::guard::run(&cors.guard, request, |request| {
         check(&cors, policy, request, next)
     })
     .await
