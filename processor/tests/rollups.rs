@@ -43,6 +43,66 @@ fn one_partition(dir: &tempfile::TempDir) -> tally_embedded::Embedded {
     .unwrap()
 }
 
+/// Appends `votes` to the log of `store`, each accepted; their log positions, in order.
+async fn append(store: &tally_embedded::Embedded, votes: impl Iterator<Item = Vote>) -> Vec<u64> {
+    let votes: Vec<(Vote, String)> = votes
+        .map(|v| {
+            let key = v.unique_key(Dedupe::PerVoter);
+            (v, key)
+        })
+        .collect();
+    store
+        .log
+        .append_many(&votes)
+        .await
+        .into_iter()
+        .map(|answer| match answer {
+            Ok(Appended::Accepted { seq, .. }) => seq,
+            other => panic!("vote refused: {other:?}"),
+        })
+        .collect()
+}
+
+/// Starts a processor over the log and registry of `store`, writing to `warehouse`.
+fn start(
+    store: &tally_embedded::Embedded,
+    warehouse: Arc<dyn Warehouse>,
+    config: tally_processor::Config,
+) -> Tasks {
+    let processor = Tasks::new();
+    tally_processor::start(
+        tally_processor::Deps {
+            log: store.log.clone(),
+            registry: store.registry.clone(),
+            warehouse,
+            live: store.live.clone(),
+            leases: None,
+        },
+        config,
+        &processor,
+    )
+    .unwrap();
+    processor
+}
+
+/// The test poll's answers per option over its whole time series (the window rows).
+async fn windowed(warehouse: &dyn Warehouse) -> BTreeMap<String, u64> {
+    let points = warehouse
+        .timeseries(&TimeseriesQuery {
+            poll_id: "aligned".into(),
+            step_seconds: 60,
+            from_ms: None,
+            to_ms: None,
+        })
+        .await
+        .unwrap();
+    let mut counts = BTreeMap::new();
+    for (option, votes) in points.into_iter().flat_map(|point| point.counts) {
+        *counts.entry(option).or_default() += votes;
+    }
+    counts
+}
+
 /// The test poll's breakdown by country, once the rollups reach `tip`.
 async fn breakdown_at(warehouse: &dyn Warehouse, tip: u64) -> Breakdown {
     let query = BreakdownQuery {
@@ -74,19 +134,10 @@ async fn settled_rows_ahead_of_fresh_ones_count_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = one_partition(&dir);
     let votes: Vec<Vote> = (1..=500).map(vote).collect();
+    let seqs = append(&store, votes.iter().cloned()).await;
     let mut settled = Rollups::default();
-    for (i, v) in votes.iter().enumerate() {
-        let Appended::Accepted { seq, .. } = store
-            .log
-            .append(v, &v.unique_key(Dedupe::PerVoter))
-            .await
-            .unwrap()
-        else {
-            panic!("vote {i} refused");
-        };
-        if i < 300 {
-            settled.add(v, seq);
-        }
+    for (v, seq) in votes.iter().zip(seqs).take(300) {
+        settled.add(v, seq);
     }
     let covered = settled.last_seq();
     store
@@ -96,23 +147,15 @@ async fn settled_rows_ahead_of_fresh_ones_count_once() {
         .unwrap();
 
     let warehouse: Arc<dyn Warehouse> = store.warehouse.clone();
-    let processor = Tasks::new();
-    tally_processor::start(
-        tally_processor::Deps {
-            log: store.log.clone(),
-            registry: store.registry.clone(),
-            warehouse: warehouse.clone(),
-            live: store.live.clone(),
-            leases: None,
-        },
+    let processor = start(
+        &store,
+        warehouse.clone(),
         tally_processor::Config {
             // No settled write during the test: the breakdown must rest on the old one.
             settle_interval: Duration::from_secs(600),
             ..Default::default()
         },
-        &processor,
-    )
-    .unwrap();
+    );
 
     let breakdown = breakdown_at(warehouse.as_ref(), store.log.tip(0)).await;
     processor.shutdown(Duration::from_secs(60)).await;
@@ -142,24 +185,14 @@ async fn settled_rows_ahead_of_fresh_ones_count_once() {
 async fn window_rows_ahead_of_the_other_tables_count_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = one_partition(&dir);
+    let votes: Vec<Vote> = (1..=500).map(vote).collect();
+    let seqs = append(&store, votes.iter().cloned()).await;
+    let covered = seqs[299];
+    let width = i64::from(tally_processor::DEFAULT_WINDOW_SECONDS);
     let mut windows: BTreeMap<(i64, String), u64> = BTreeMap::new();
-    let mut covered = 0;
-    for i in 1..=500 {
-        let v = vote(i);
-        let Appended::Accepted { seq, .. } = store
-            .log
-            .append(&v, &v.unique_key(Dedupe::PerVoter))
-            .await
-            .unwrap()
-        else {
-            panic!("vote {i} refused");
-        };
-        if i <= 300 {
-            let width = i64::from(tally_processor::DEFAULT_WINDOW_SECONDS);
-            let start = v.received_at / 1000 / width * width;
-            *windows.entry((start, v.choice[0].clone())).or_default() += 1;
-            covered = seq;
-        }
+    for v in &votes[..300] {
+        let start = v.received_at / 1000 / width * width;
+        *windows.entry((start, v.choice[0].clone())).or_default() += 1;
     }
     let rows: Vec<WindowRow> = windows
         .into_iter()
@@ -179,37 +212,15 @@ async fn window_rows_ahead_of_the_other_tables_count_once() {
     );
 
     let warehouse: Arc<dyn Warehouse> = store.warehouse.clone();
-    let processor = Tasks::new();
-    tally_processor::start(
-        tally_processor::Deps {
-            log: store.log.clone(),
-            registry: store.registry.clone(),
-            warehouse: warehouse.clone(),
-            live: store.live.clone(),
-            leases: None,
-        },
+    let processor = start(
+        &store,
+        warehouse.clone(),
         tally_processor::Config::default(),
-        &processor,
-    )
-    .unwrap();
+    );
     breakdown_at(warehouse.as_ref(), store.log.tip(0)).await;
     processor.shutdown(Duration::from_secs(60)).await;
 
-    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-    let points = warehouse
-        .timeseries(&TimeseriesQuery {
-            poll_id: "aligned".into(),
-            step_seconds: 60,
-            from_ms: None,
-            to_ms: None,
-        })
-        .await
-        .unwrap();
-    for point in points {
-        for (option, votes) in point.counts {
-            *counts.entry(option).or_default() += votes;
-        }
-    }
+    let counts = windowed(warehouse.as_ref()).await;
     // Votes 3, 6, … 498 chose `a`: 166 of them.
     assert_eq!(
         counts,
@@ -366,28 +377,11 @@ async fn process_backlog(
 ) -> Arc<Recording> {
     let dir = tempfile::tempdir().unwrap();
     let store = one_partition(&dir);
-    let backlog: Vec<(Vote, String)> = votes
-        .map(|v| {
-            let key = v.unique_key(Dedupe::PerVoter);
-            (v, key)
-        })
-        .collect();
-    for answer in store.log.append_many(&backlog).await {
-        assert!(
-            matches!(answer, Ok(Appended::Accepted { .. })),
-            "{answer:?}"
-        );
-    }
+    append(&store, votes).await;
     let recording = Recording::new(store.warehouse.clone(), &[]);
-    let processor = Tasks::new();
-    tally_processor::start(
-        tally_processor::Deps {
-            log: store.log.clone(),
-            registry: store.registry.clone(),
-            warehouse: recording.clone(),
-            live: store.live.clone(),
-            leases: None,
-        },
+    let processor = start(
+        &store,
+        recording.clone(),
         tally_processor::Config {
             batch_max,
             rollup_votes,
@@ -396,9 +390,7 @@ async fn process_backlog(
             settle_interval: Duration::from_secs(600),
             ..Default::default()
         },
-        &processor,
-    )
-    .unwrap();
+    );
     breakdown_at(recording.as_ref(), store.log.tip(0)).await;
     processor.shutdown(Duration::from_secs(60)).await;
     recording
@@ -512,19 +504,7 @@ async fn settled_writes_ask_for_the_poll_own_keys_to_be_added_up() {
 async fn an_insert_whose_answer_was_lost_is_not_written_twice() {
     let dir = tempfile::tempdir().unwrap();
     let store = one_partition(&dir);
-    let votes: Vec<(Vote, String)> = (1..=500)
-        .map(|i| {
-            let v = vote(i);
-            let key = v.unique_key(Dedupe::PerVoter);
-            (v, key)
-        })
-        .collect();
-    for answer in store.log.append_many(&votes).await {
-        assert!(
-            matches!(answer, Ok(Appended::Accepted { .. })),
-            "{answer:?}"
-        );
-    }
+    append(&store, (1..=500).map(vote)).await;
     let tables = [
         "votes",
         "vote_windows",
@@ -532,24 +512,16 @@ async fn an_insert_whose_answer_was_lost_is_not_written_twice() {
         RollupLevel::Settled.table(),
     ];
     let recording = Recording::new(store.warehouse.clone(), &tables);
-    let processor = Tasks::new();
-    tally_processor::start(
-        tally_processor::Deps {
-            log: store.log.clone(),
-            registry: store.registry.clone(),
-            warehouse: recording.clone(),
-            live: store.live.clone(),
-            leases: None,
-        },
+    let processor = start(
+        &store,
+        recording.clone(),
         tally_processor::Config {
             batch_max: 100,
             rollup_votes: 100,
             settle_votes: 200,
             ..Default::default()
         },
-        &processor,
-    )
-    .unwrap();
+    );
     let breakdown = breakdown_at(recording.as_ref(), store.log.tip(0)).await;
     processor.shutdown(Duration::from_secs(60)).await;
     assert!(
@@ -560,17 +532,6 @@ async fn an_insert_whose_answer_was_lost_is_not_written_twice() {
     assert_eq!(tally.ballots, 500, "results count each vote once");
     let ballots: Vec<u64> = breakdown.groups.iter().map(|g| g.ballots).collect();
     assert_eq!(ballots, [250, 250], "breakdowns count each vote once");
-    let windowed: u64 = recording
-        .timeseries(&TimeseriesQuery {
-            poll_id: "aligned".into(),
-            step_seconds: 60,
-            from_ms: None,
-            to_ms: None,
-        })
-        .await
-        .unwrap()
-        .iter()
-        .flat_map(|point| point.counts.values())
-        .sum();
+    let windowed: u64 = windowed(recording.as_ref()).await.values().sum();
     assert_eq!(windowed, 500, "windows count each vote once");
 }
