@@ -57,6 +57,11 @@ fn harness() -> Harness {
 
 /// The ingest router on the harness's store.
 fn ingest(h: &Harness) -> axum::Router {
+    ingest_with(h, tally_ingest::limits::LimitConfig::default())
+}
+
+/// The ingest router on the harness's store, with `limits`.
+fn ingest_with(h: &Harness, limits: tally_ingest::limits::LimitConfig) -> axum::Router {
     let tasks = tally_service::Tasks::new();
     let ingest = tally_ingest::Ingest::new(
         tally_ingest::Deps {
@@ -66,6 +71,7 @@ fn ingest(h: &Harness) -> axum::Router {
         },
         tally_ingest::Config {
             secret: SECRET.to_vec(),
+            limits,
             ..Default::default()
         },
         &tasks,
@@ -185,6 +191,75 @@ async fn the_document_is_openapi_3_1_and_names_every_route_the_routers_serve() {
             "{route} is not served: {status} {text}"
         );
     }
+}
+
+/// Every operation that documents `429` answers it once its client address has spent its
+/// request quota, whatever router or layer serves it: a route registered where the
+/// per-address guard does not reach (`guard::protect` wraps only the routes a router has
+/// when it is called; cross-origin routes are guarded by `cors::guarded`) fails here.
+#[tokio::test]
+async fn every_route_documenting_429_is_behind_the_per_address_guard() {
+    use axum::extract::ConnectInfo;
+    let once = tally_service::limits::Rate::parse("1/min").unwrap();
+    let h = Harness::with_config(|config| {
+        config.openapi = Some(Document(document(tally_ingest::openapi(), Votes::Here)));
+        config.rate_per_ip = once;
+    });
+    let ingest = ingest_with(
+        &h,
+        tally_ingest::limits::LimitConfig {
+            per_ip: once,
+            ..Default::default()
+        },
+    );
+    h.ab_poll("p", "live").await;
+    let doc = served_document(&h).await;
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            if !operation["responses"]["429"].is_object() {
+                continue;
+            }
+            checked += 1;
+            // Each operation from an address of its own, so each starts with a full quota.
+            let peer: std::net::SocketAddr =
+                format!("10.0.{}.{}:40000", checked / 200, checked % 200 + 1)
+                    .parse()
+                    .unwrap();
+            let uri = path.replace("{id}", "p").replace("{poll}", "p")
+                + if path == "/v1/live" { "?polls=p" } else { "" };
+            let router = if path.starts_with("/v1/polls/{id}/votes") || path == "/v1/votes:batch" {
+                ingest.clone()
+            } else {
+                h.router.clone()
+            };
+            let mut statuses = Vec::new();
+            for _ in 0..2 {
+                let mut request = Request::builder()
+                    .method(method.to_uppercase().as_str())
+                    .uri(&uri)
+                    .body(Body::empty())
+                    .unwrap();
+                request.extensions_mut().insert(ConnectInfo(peer));
+                let answer = router.clone().oneshot(request).await.unwrap();
+                statuses.push(answer.status().as_u16());
+            }
+            assert_ne!(
+                statuses[0], 429,
+                "{method} {path}: the first request is within the quota"
+            );
+            assert_eq!(
+                statuses[1], 429,
+                "{method} {path} documents 429 but the second request from one address got {}",
+                statuses[1]
+            );
+        }
+    }
+    let v1 = ROUTES
+        .iter()
+        .filter(|route| route.contains(" /v1/"))
+        .count();
+    assert_eq!(checked, v1, "every /v1 operation is checked");
 }
 
 #[tokio::test]
