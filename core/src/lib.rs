@@ -23,6 +23,7 @@ pub mod retry;
 pub mod rollup;
 pub mod secrets;
 pub mod segment;
+pub mod text;
 pub mod time;
 pub mod token;
 pub mod vote;

@@ -85,8 +85,20 @@ fn invisible(c: char) -> bool {
 /// The error completes "segment value `key` …".
 pub fn clean_value(value: &str) -> Result<String, String> {
     use unicode_normalization::UnicodeNormalization;
+    // ASCII, as most values are: one pass over the bytes. ASCII text is NFC, holds no
+    // invisible character (see `invisible`), and its control characters are the Cc ones.
+    if value.is_ascii() {
+        if value.bytes().any(|b| b.is_ascii_control()) {
+            return Err(CONTROL.to_owned());
+        }
+        let value = value.trim();
+        if value.len() > MAX_VALUE_CHARS {
+            return Err(too_long());
+        }
+        return Ok(value.to_owned());
+    }
     if value.chars().any(char::is_control) {
-        return Err("contains control characters".to_owned());
+        return Err(CONTROL.to_owned());
     }
     if value.chars().any(invisible) {
         return Err(
@@ -94,15 +106,17 @@ pub fn clean_value(value: &str) -> Result<String, String> {
                 .to_owned(),
         );
     }
-    let value = if value.is_ascii() {
-        value.trim().to_owned()
-    } else {
-        value.trim().nfc().collect()
-    };
+    let value: String = value.trim().nfc().collect();
     if value.chars().count() > MAX_VALUE_CHARS {
-        return Err(format!("is longer than {MAX_VALUE_CHARS} characters"));
+        return Err(too_long());
     }
     Ok(value)
+}
+
+const CONTROL: &str = "contains control characters";
+
+fn too_long() -> String {
+    format!("is longer than {MAX_VALUE_CHARS} characters")
 }
 
 impl Segment {
@@ -230,6 +244,32 @@ mod tests {
         assert!(Segment::parse(&raw(json!({"country": "Germany"})), &[], None).is_err());
         assert!(Segment::parse(&raw(json!({"device": 3})), &[], None).is_err());
         assert!(Segment::parse(&raw(json!({"device": "x".repeat(129)})), &[], None).is_err());
+    }
+
+    /// ASCII values take a shorter path: it must refuse and keep what the general one does.
+    #[test]
+    fn ascii_values_follow_the_same_rules() {
+        for c in (0u8..128).map(char::from) {
+            assert!(!invisible(c), "{c:?}");
+            let cleaned = clean_value(&format!(" a{c}b "));
+            if c.is_control() {
+                assert_eq!(cleaned, Err(CONTROL.to_owned()), "{c:?}");
+            } else {
+                assert_eq!(cleaned.as_deref(), Ok(format!("a{c}b").as_str()), "{c:?}");
+            }
+        }
+        for (one, max) in [("x", "x"), ("\u{e9}", "\u{e9}")] {
+            let longest = one.repeat(MAX_VALUE_CHARS);
+            assert_eq!(
+                clean_value(&format!("  {longest}\t")),
+                Err(CONTROL.to_owned())
+            );
+            assert_eq!(
+                clean_value(&format!("  {longest} ")).as_deref(),
+                Ok(longest.as_str())
+            );
+            assert_eq!(clean_value(&(longest + max)), Err(too_long()));
+        }
     }
 
     #[test]

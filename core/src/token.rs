@@ -57,7 +57,7 @@ fn results_mac(key: &[u8], poll_id: &str, expiry: i64) -> Vec<u8> {
 pub fn mint(token_key: &[u8], poll_id: &str, voter_id: &str, expiry_unix: i64) -> String {
     format!(
         "{V2}{expiry_unix}.{}",
-        hex::encode(voter_mac(token_key, poll_id, voter_id, expiry_unix))
+        crate::text::hex(&voter_mac(token_key, poll_id, voter_id, expiry_unix))
     )
 }
 
@@ -139,7 +139,7 @@ pub fn verify(
 pub fn mint_results(secrets: &Secrets, poll_id: &str, expiry_unix: i64) -> String {
     format!(
         "{V2}{expiry_unix}.{}",
-        hex::encode(results_mac(&secrets.results_key(), poll_id, expiry_unix))
+        crate::text::hex(&results_mac(&secrets.results_key(), poll_id, expiry_unix))
     )
 }
 

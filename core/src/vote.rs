@@ -89,7 +89,7 @@ impl Vote {
             }
             Dedupe::None => {
                 let digest = Sha256::digest(self.vote_id.as_bytes());
-                format!("i{}", hex::encode(&digest[..16]))
+                format!("i{}", crate::text::hex(&digest[..16]))
             }
         }
     }
@@ -99,7 +99,7 @@ impl Vote {
 /// token itself, so one token is one ballot however many vote ids it comes with.
 pub fn token_unique_key(token: &str) -> String {
     let digest = Sha256::digest(token.as_bytes());
-    format!("t{}", hex::encode(&digest[..16]))
+    format!("t{}", crate::text::hex(&digest[..16]))
 }
 
 /// Hashes voter ids with a pseudonym key (see [`crate::secrets`]); the hash is the only
@@ -121,7 +121,7 @@ impl VoterHasher {
         let mut mac = self.key.clone();
         mac.update(b"voter\0");
         mac.update(voter_id.as_bytes());
-        hex::encode(&mac.finalize().into_bytes()[..16])
+        crate::text::hex(&mac.finalize().into_bytes()[..16])
     }
 }
 

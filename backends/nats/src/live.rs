@@ -60,7 +60,7 @@ impl NatsLiveFeed {
 pub fn sign(key: &[u8; 32], payload: &[u8]) -> String {
     format!(
         "{SCHEME_V1}{}",
-        hex::encode(mac(key, payload).finalize().into_bytes())
+        tally_core::text::hex(&mac(key, payload).finalize().into_bytes())
     )
 }
 

@@ -126,9 +126,10 @@ impl JetStreamLog {
 
     /// The subject of `vote` in `partition`.
     fn subject_in(partition: u16, vote: &Vote, unique_key: &str) -> String {
-        use std::fmt::Write;
         let mut subject = String::with_capacity(13 + vote.poll_id.len() + unique_key.len());
-        let _ = write!(subject, "votes.{partition}.");
+        subject.push_str("votes.");
+        subject.push_str(itoa::Buffer::new().format(partition));
+        subject.push('.');
         subject.push_str(&vote.poll_id);
         subject.push('.');
         subject.push_str(unique_key);

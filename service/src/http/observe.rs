@@ -276,12 +276,7 @@ fn uuid_like() -> String {
     id = (id ^ (id >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     id = (id ^ (id >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     id ^= id >> 31;
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut digits = [0u8; 16];
-    for (i, digit) in digits.iter_mut().enumerate() {
-        *digit = HEX[(id >> (60 - 4 * i)) as usize & 0xf];
-    }
-    std::str::from_utf8(&digits).expect("hex digits").to_owned()
+    tally_core::text::hex(&id.to_be_bytes())
 }
 
 #[cfg(test)]
