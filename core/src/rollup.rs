@@ -39,9 +39,14 @@
 //! ([`BreakdownPlan::for_set`]). Rows kept per minute by earlier versions lie inside
 //! their hour, so both widths are read alike.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
+
+// Every vote the processor counts is looked up here by poll, bucket and segment, and SipHash
+// was most of that. foldhash is seeded at random per process, so voters who pick segment
+// values cannot pick collisions; and the processor caps the values of each key beforehand.
+use foldhash::HashMap;
 
 use crate::analytics::BreakdownQuery;
 use crate::analytics::{too_many_groups, Breakdown, GroupCounts, MAX_GROUPS};
@@ -184,7 +189,7 @@ impl Rollups {
     /// cloned only the first time they are seen.
     fn counts(&mut self, poll_id: &str, bucket: i64, segment: &Segment) -> &mut Counts {
         if !self.groups.contains_key(poll_id) {
-            self.groups.insert(poll_id.to_owned(), HashMap::new());
+            self.groups.insert(poll_id.to_owned(), HashMap::default());
         }
         let segments = self
             .groups
@@ -306,7 +311,7 @@ fn pair_name(a: usize, b: usize) -> String {
 /// not whole segments are left out. Keys borrow from the rows, so a whole segment costs
 /// its sets' hash lookups and nothing is allocated but the rows made.
 pub fn cube_rows(whole: &[RollupRow]) -> Vec<RollupRow> {
-    let mut writes: HashMap<(&str, i64, u32, u64), Vec<&RollupRow>> = HashMap::new();
+    let mut writes: HashMap<(&str, i64, u32, u64), Vec<&RollupRow>> = HashMap::default();
     for row in whole.iter().filter(|row| row.dims.is_empty()) {
         writes
             .entry((
@@ -322,9 +327,9 @@ pub fn cube_rows(whole: &[RollupRow]) -> Vec<RollupRow> {
     let mut out = Vec::new();
     // The poll's own keys per write and hour (see [`CUSTOM_SET_SECONDS`]), across the
     // write's minutes.
-    let mut custom: HashMap<(&str, i64, u64, &str, &str), Counts> = HashMap::new();
+    let mut custom: HashMap<(&str, i64, u64, &str, &str), Counts> = HashMap::default();
     for ((poll_id, bucket_start, bucket_seconds, last_seq), rows) in writes {
-        let mut sets: HashMap<SetValues<'_>, Counts> = HashMap::new();
+        let mut sets: HashMap<SetValues<'_>, Counts> = HashMap::default();
         let hour =
             bucket_start.div_euclid(i64::from(CUSTOM_SET_SECONDS)) * i64::from(CUSTOM_SET_SECONDS);
         for row in rows {

@@ -10,7 +10,8 @@ use arrow::datatypes::SchemaRef;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
 use tally_core::Result;
 
 use super::{storage, Table};
@@ -117,6 +118,10 @@ pub(super) fn load_table(dir: &Path, wanted: Option<&str>) -> Result<(Table, Vec
     Ok((table, lacking))
 }
 
+/// Columns whose every value differs from the others, written without dictionary or
+/// statistics.
+const UNIQUE_COLUMNS: [&str; 2] = ["vote_id", "voter_key"];
+
 /// Writes `batch` to `dir/name` atomically: a temp file, fsync, rename, fsync of the dir.
 pub(super) fn write_file(
     schema: &SchemaRef,
@@ -144,10 +149,22 @@ impl Writer {
         let path = dir.join(name);
         let tmp = dir.join(format!("{name}.tmp"));
         let file = File::create(&tmp).map_err(storage)?;
-        let properties = WriterProperties::builder()
+        let mut properties = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
-            .set_max_row_group_row_count(Some(64 * 1024))
-            .build();
+            .set_max_row_group_row_count(Some(64 * 1024));
+        // A vote's id and voter key are unique and random: a dictionary of them only fills
+        // up before the writer falls back to plain values, and their min and max prune
+        // nothing. Comparing their values for both was ~3% of standalone's CPU under single
+        // votes (perf, docs/BENCHMARKS.md run 2026-12-07 (4)).
+        for column in UNIQUE_COLUMNS {
+            if schema.column_with_name(column).is_some() {
+                let path = ColumnPath::from(column);
+                properties = properties
+                    .set_column_dictionary_enabled(path.clone(), false)
+                    .set_column_statistics_enabled(path, EnabledStatistics::None);
+            }
+        }
+        let properties = properties.build();
         let writer =
             ArrowWriter::try_new(file, schema.clone(), Some(properties)).map_err(storage)?;
         Ok(Writer {
