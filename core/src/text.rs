@@ -1,4 +1,5 @@
-//! Text encodings of bytes that sit on a vote's path.
+//! Text encodings of bytes: the project's one hex writer (voter keys, tokens, request ids,
+//! generated keys).
 
 /// `bytes` as lowercase hex, two digits a byte (what `hex::encode` writes, without its
 /// per-character iterator: a voter key cost ~1,200 instructions that way).

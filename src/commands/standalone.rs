@@ -88,7 +88,10 @@ fn stored_secret(path: &Path, prefix: &str) -> anyhow::Result<(String, bool)> {
             return Ok((existing, false));
         }
     }
-    let value = format!("{prefix}{}", hex(&rand::random::<[u8; 24]>()));
+    let value = format!(
+        "{prefix}{}",
+        tally_core::text::hex(&rand::random::<[u8; 24]>())
+    );
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -142,10 +145,6 @@ async fn catch_up(store: &tally_embedded::Embedded) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 async fn run(

@@ -44,11 +44,7 @@ pub struct TokenKeyArgs {
 impl TokenKeyArgs {
     pub fn run(self) -> anyhow::Result<()> {
         let secrets = Secrets::new(self.secret.as_bytes()).map_err(anyhow::Error::msg)?;
-        println!("{}", hex_encode(&secrets.token_key()));
+        println!("{}", tally_core::text::hex(&secrets.token_key()));
         Ok(())
     }
-}
-
-fn hex_encode(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
