@@ -43,10 +43,10 @@ pub struct StandaloneArgs {
     #[arg(long, env = "TALLY_LOG_MERGE_AT", default_value_t = 200_000,
           value_parser = clap::value_parser!(u32).range(1..=5_000_000))]
     log_merge_at: u32,
-    /// Microseconds the vote log waits for more votes to join a durable commit while votes
-    /// come side by side (a vote that comes alone never waits): one commit's fsync then
-    /// serves more votes. 0 commits every group at once, for the lowest latency at a
-    /// higher CPU cost per vote
+    /// Microseconds a vote may wait, from when it reaches the vote log, for more votes to
+    /// join its durable commit while votes come side by side (a vote that comes alone never
+    /// waits): one commit's fsync then serves more votes. 0 commits every group at once, for
+    /// the lowest latency at a higher CPU cost per vote
     #[arg(long, env = "TALLY_LOG_GROUP_WAIT_US", default_value_t = tally_embedded::LOG_GROUP_WAIT.as_micros() as u32,
           value_parser = clap::value_parser!(u32).range(0..=100_000))]
     log_group_wait_us: u32,

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -97,6 +97,8 @@ struct AppendRequest {
     unique: String,
     payload: Vec<u8>,
     reply: oneshot::Sender<Result<Appended>>,
+    /// When it was handed to the writer: how long it has waited already (see [`gather`]).
+    queued: Instant,
 }
 
 /// The embedded [`VoteLog`].
@@ -231,10 +233,13 @@ struct Writer {
 
 /// Completes a group begun by one append: takes every append queued, and when the last
 /// group held more than one (appends come side by side) and this one is still under
-/// [`GROUP_WAIT_UNTIL`], `pause`s for `wait` once and takes what came meanwhile. A commit
-/// costs about the same for one vote as for a hundred (redb's pages and the fsync), so under
-/// a steady stream of single votes this is a fraction of the CPU per vote for at most `wait`
-/// more latency. An append that comes alone is never held.
+/// [`GROUP_WAIT_UNTIL`], `pause`s once, until the group's oldest append has waited `wait`
+/// since it was queued, and takes what came meanwhile. A commit costs about the same for
+/// one vote as for a hundred (redb's pages and the fsync), so under a steady stream of
+/// single votes this is a fraction of the CPU per vote for at most `wait` more latency. The
+/// time an append spent queued behind the commit before counts: under a flat-out stream it
+/// has waited that long already, and the writer does not add a whole `wait` to every
+/// commit's time. An append that comes alone is never held.
 fn gather(
     queue: &mut mpsc::Receiver<AppendRequest>,
     group: &mut Vec<AppendRequest>,
@@ -251,8 +256,14 @@ fn gather(
         }
     };
     take_queued(queue, group);
-    if !wait.is_zero() && last > 1 && group.len() < GROUP_WAIT_UNTIL {
-        pause(wait);
+    if wait.is_zero() || last <= 1 || group.len() >= GROUP_WAIT_UNTIL {
+        return;
+    }
+    let waited = group
+        .first()
+        .map_or(Duration::ZERO, |oldest| oldest.queued.elapsed());
+    if let Some(rest) = wait.checked_sub(waited).filter(|rest| !rest.is_zero()) {
+        pause(rest);
         take_queued(queue, group);
     }
 }
@@ -438,6 +449,7 @@ impl EmbeddedLog {
             unique: unique_key(&vote.poll_id, unique),
             payload: wire::encode(vote),
             reply,
+            queued: Instant::now(),
         };
         self.appends
             .send(request)
@@ -620,6 +632,7 @@ mod tests {
             unique: unique.to_owned(),
             payload: b"entry".to_vec(),
             reply,
+            queued: Instant::now(),
         };
         (request, answer)
     }
@@ -658,9 +671,41 @@ mod tests {
                 appends.try_send(request(&format!("late{i}")).0).unwrap();
             }
         });
-        assert_eq!(paused, Some(wait));
+        let paused = paused.expect("a pause while appends come side by side");
+        assert!(paused <= wait, "paused {paused:?}, more than {wait:?}");
         assert_eq!(group.len(), 7);
         assert_eq!(group[6].unique, "late3");
+
+        // The time the oldest append spent queued counts: it is held only for the rest of
+        // the wait, and not at all once it has waited the whole of it.
+        let behind = Duration::from_micros(1500);
+        let (appends, mut queue, _answers) = queued(0);
+        let mut oldest = request("oldest").0;
+        oldest.queued = Instant::now() - behind;
+        appends.try_send(oldest).unwrap();
+        appends.try_send(request("next").0).unwrap();
+        let mut group = Vec::new();
+        let mut paused = None;
+        gather(&mut queue, &mut group, 5, wait, |pause| {
+            paused = Some(pause)
+        });
+        let paused = paused.expect("a pause for the rest of the wait");
+        assert!(
+            paused <= wait - behind,
+            "paused {paused:?} after {behind:?} queued"
+        );
+        assert_eq!(group.len(), 2);
+
+        let (appends, mut queue, _answers) = queued(0);
+        let mut oldest = request("oldest").0;
+        oldest.queued = Instant::now() - wait;
+        appends.try_send(oldest).unwrap();
+        appends.try_send(request("next").0).unwrap();
+        let mut group = Vec::new();
+        gather(&mut queue, &mut group, 5, wait, |pause| {
+            panic!("paused {pause:?} for an append that has waited {wait:?} already")
+        });
+        assert_eq!(group.len(), 2);
 
         // After a group of one (a vote that came alone), and with no wait set: no pause.
         for (last, wait) in [(1, wait), (0, wait), (5, Duration::ZERO)] {
