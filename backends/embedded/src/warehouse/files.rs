@@ -8,8 +8,8 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
-use parquet::arrow::ArrowWriter;
-use parquet::basic::Compression;
+use parquet::arrow::{ArrowSchemaConverter, ArrowWriter};
+use parquet::basic::{Compression, Type as PhysicalType};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use tally_core::Result;
@@ -118,9 +118,14 @@ pub(super) fn load_table(dir: &Path, wanted: Option<&str>) -> Result<(Table, Vec
     Ok((table, lacking))
 }
 
-/// Columns whose every value differs from the others, written without dictionary or
-/// statistics.
+/// Columns whose every value differs from the others, written without a dictionary.
 const UNIQUE_COLUMNS: [&str; 2] = ["vote_id", "voter_key"];
+
+/// The text columns whose min and max let a read skip row groups: rows are stored sorted by
+/// poll, and rollups next by dimension set ([`super::tail::sort_columns`]). Every other text
+/// column (segment values, choices, ids) holds values spread over every row group, so its
+/// statistics prune nothing.
+const PRUNING_TEXT_COLUMNS: [&str; 2] = ["poll_id", super::columns::ROLLUP_DIMS_NAME];
 
 /// Writes `batch` to `dir/name` atomically: a temp file, fsync, rename, fsync of the dir.
 pub(super) fn write_file(
@@ -152,16 +157,29 @@ impl Writer {
         let mut properties = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(64 * 1024));
+        // Text statistics cost two comparisons of every value (its min and max): ~2% of
+        // standalone's CPU under single votes, for the segment columns, choices and ids,
+        // where they prune nothing (perf, docs/BENCHMARKS.md run 2026-12-07 (5)). Numbers'
+        // statistics cost next to nothing and prune by position and time.
+        let leaves = ArrowSchemaConverter::new()
+            .convert(schema)
+            .map_err(storage)?;
+        for leaf in leaves.columns() {
+            let root = leaf.path().parts().first().map_or("", String::as_str);
+            if leaf.physical_type() == PhysicalType::BYTE_ARRAY
+                && !PRUNING_TEXT_COLUMNS.contains(&root)
+            {
+                properties = properties
+                    .set_column_statistics_enabled(leaf.path().clone(), EnabledStatistics::None);
+            }
+        }
         // A vote's id and voter key are unique and random: a dictionary of them only fills
-        // up before the writer falls back to plain values, and their min and max prune
-        // nothing. Comparing their values for both was ~3% of standalone's CPU under single
-        // votes (perf, docs/BENCHMARKS.md run 2026-12-07 (4)).
+        // up before the writer falls back to plain values (~1% of standalone's CPU under
+        // single votes, run 2026-12-07 (4)).
         for column in UNIQUE_COLUMNS {
             if schema.column_with_name(column).is_some() {
-                let path = ColumnPath::from(column);
-                properties = properties
-                    .set_column_dictionary_enabled(path.clone(), false)
-                    .set_column_statistics_enabled(path, EnabledStatistics::None);
+                properties =
+                    properties.set_column_dictionary_enabled(ColumnPath::from(column), false);
             }
         }
         let properties = properties.build();
@@ -211,4 +229,114 @@ pub(super) fn read_batches_of(path: &Path, rows: usize) -> Result<ParquetRecordB
 
 fn reader(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
     ParquetRecordBatchReaderBuilder::try_new(File::open(path).map_err(storage)?).map_err(storage)
+}
+
+#[cfg(test)]
+mod tests {
+    use parquet::basic::Encoding;
+    use tally_core::ports::StoredVote;
+    use tally_core::rollup::RollupRow;
+    use tally_core::segment::Segment;
+    use tally_core::vote::Vote;
+
+    use super::*;
+    use crate::warehouse::columns;
+
+    /// Each leaf column of the file's first row group: whether it has statistics, and
+    /// whether it is dictionary-encoded.
+    fn leaves_of(path: &Path) -> Vec<(String, bool, bool)> {
+        let builder = reader(path).unwrap();
+        let group = builder.metadata().row_group(0);
+        group
+            .columns()
+            .iter()
+            .map(|column| {
+                let dictionary = column
+                    .encodings()
+                    .any(|e| matches!(e, Encoding::RLE_DICTIONARY | Encoding::PLAIN_DICTIONARY));
+                (
+                    column.column_path().string(),
+                    column.statistics().is_some(),
+                    dictionary,
+                )
+            })
+            .collect()
+    }
+
+    fn has_statistics(leaves: &[(String, bool, bool)], path: &str) -> bool {
+        leaves
+            .iter()
+            .find(|(p, ..)| p == path)
+            .unwrap_or_else(|| panic!("no column {path} in {leaves:?}"))
+            .1
+    }
+
+    /// Text columns keep min and max only where a read prunes by them (the poll, a
+    /// rollup's dimension set); numbers always do; unique ids are written without a
+    /// dictionary, segment values with one.
+    #[test]
+    fn statistics_where_they_prune_and_dictionaries_where_values_repeat() {
+        let dir = tempfile::tempdir().unwrap();
+        let votes: Vec<StoredVote> = (0..200u64)
+            .map(|i| StoredVote {
+                seq: i + 1,
+                vote: Vote {
+                    vote_id: format!("v{i}"),
+                    poll_id: "p".into(),
+                    voter_key: format!("k{i:08x}"),
+                    choice: vec!["a".into()],
+                    value: None,
+                    segment: Segment {
+                        country: ["DE", "FR"][(i % 2) as usize].into(),
+                        ..Default::default()
+                    },
+                    received_at: 1_700_000_000_000 + i as i64,
+                },
+            })
+            .collect();
+        let schema = columns::votes_schema();
+        let batch = columns::votes_batch(&schema, 0, &votes).unwrap();
+        let leaves = leaves_of(&write_file(&schema, dir.path(), "votes.parquet", &batch).unwrap());
+        for pruning in ["poll_id", "seq", "log_partition", "received_ms", "value"] {
+            assert!(has_statistics(&leaves, pruning), "{pruning}: {leaves:?}");
+        }
+        for text in [
+            "vote_id",
+            "voter_key",
+            "country",
+            "choice.list.item",
+            "dim_keys.list.item",
+        ] {
+            assert!(!has_statistics(&leaves, text), "{text}: {leaves:?}");
+        }
+        for (path, _, dictionary) in &leaves {
+            let unique = UNIQUE_COLUMNS.contains(&path.as_str());
+            assert_eq!(*dictionary, !unique, "{path}: {leaves:?}");
+        }
+
+        let rows: Vec<RollupRow> = ["", "country"]
+            .into_iter()
+            .map(|dims| RollupRow {
+                poll_id: "p".into(),
+                dims: dims.into(),
+                bucket_start: 0,
+                bucket_seconds: 60,
+                segment: Segment::default(),
+                ballots: 1,
+                answers: vec!["a".into()],
+                answer_votes: vec![1],
+                last_seq: 1,
+            })
+            .collect();
+        let schema = columns::rollups_schema();
+        let batch = columns::rollups_batch(&schema, 0, &rows).unwrap();
+        let leaves =
+            leaves_of(&write_file(&schema, dir.path(), "rollups.parquet", &batch).unwrap());
+        for pruning in ["poll_id", "dims", "bucket_start", "last_seq"] {
+            assert!(has_statistics(&leaves, pruning), "{pruning}: {leaves:?}");
+        }
+        for text in ["country", "answers.list.item"] {
+            assert!(!has_statistics(&leaves, text), "{text}: {leaves:?}");
+        }
+    }
 }
