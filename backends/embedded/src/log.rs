@@ -234,7 +234,7 @@ struct Writer {
 /// Completes a group begun by one append: takes every append queued, and when the last
 /// group held more than one (appends come side by side) and this one is still under
 /// [`GROUP_WAIT_UNTIL`], `pause`s once, until the group's oldest append has waited `wait`
-/// since it was queued, and takes what came meanwhile. A commit costs about the same for
+/// since it was queued (as of `now`), and takes what came meanwhile. A commit costs about the same for
 /// one vote as for a hundred (redb's pages and the fsync), so under a steady stream of
 /// single votes this is a fraction of the CPU per vote for at most `wait` more latency. The
 /// time an append spent queued behind the commit before counts: under a flat-out stream it
@@ -245,6 +245,7 @@ fn gather(
     group: &mut Vec<AppendRequest>,
     last: usize,
     wait: Duration,
+    now: Instant,
     pause: impl FnOnce(Duration),
 ) {
     let take_queued = |queue: &mut mpsc::Receiver<AppendRequest>, group: &mut Vec<_>| {
@@ -259,9 +260,9 @@ fn gather(
     if wait.is_zero() || last <= 1 || group.len() >= GROUP_WAIT_UNTIL {
         return;
     }
-    let waited = group
-        .first()
-        .map_or(Duration::ZERO, |oldest| oldest.queued.elapsed());
+    let waited = group.first().map_or(Duration::ZERO, |oldest| {
+        now.saturating_duration_since(oldest.queued)
+    });
     if let Some(rest) = wait.checked_sub(waited).filter(|rest| !rest.is_zero()) {
         pause(rest);
         take_queued(queue, group);
@@ -279,6 +280,7 @@ impl Writer {
                 &mut group,
                 last,
                 self.group_wait,
+                Instant::now(),
                 std::thread::sleep,
             );
             last = group.len();
@@ -661,48 +663,45 @@ mod tests {
     #[test]
     fn a_group_waits_for_more_appends_only_while_they_come_side_by_side() {
         let wait = Duration::from_millis(2);
-        // Side by side: the pause is taken, and what came during it joins the group.
+        // Side by side: the pause is taken, and what came during it joins the group. The
+        // clock is read before the appends are queued: they have not waited yet.
+        let before = Instant::now();
         let (appends, mut queue, _answers) = queued(3);
         let mut group = Vec::new();
         let mut paused = None;
-        gather(&mut queue, &mut group, 5, wait, |pause| {
+        gather(&mut queue, &mut group, 5, wait, before, |pause| {
             paused = Some(pause);
             for i in 0..4 {
                 appends.try_send(request(&format!("late{i}")).0).unwrap();
             }
         });
-        let paused = paused.expect("a pause while appends come side by side");
-        assert!(paused <= wait, "paused {paused:?}, more than {wait:?}");
+        assert_eq!(paused, Some(wait));
         assert_eq!(group.len(), 7);
         assert_eq!(group[6].unique, "late3");
 
         // The time the oldest append spent queued counts: it is held only for the rest of
         // the wait, and not at all once it has waited the whole of it.
-        let behind = Duration::from_micros(1500);
-        let (appends, mut queue, _answers) = queued(0);
-        let mut oldest = request("oldest").0;
-        oldest.queued = Instant::now() - behind;
-        appends.try_send(oldest).unwrap();
-        appends.try_send(request("next").0).unwrap();
+        let group_of_two = || {
+            let (appends, queue, _answers) = queued(0);
+            let oldest = request("oldest").0;
+            let queued_at = oldest.queued;
+            appends.try_send(oldest).unwrap();
+            appends.try_send(request("next").0).unwrap();
+            (appends, queue, queued_at)
+        };
+        let (_appends, mut queue, queued_at) = group_of_two();
         let mut group = Vec::new();
         let mut paused = None;
-        gather(&mut queue, &mut group, 5, wait, |pause| {
+        let now = queued_at + Duration::from_micros(1500);
+        gather(&mut queue, &mut group, 5, wait, now, |pause| {
             paused = Some(pause)
         });
-        let paused = paused.expect("a pause for the rest of the wait");
-        assert!(
-            paused <= wait - behind,
-            "paused {paused:?} after {behind:?} queued"
-        );
+        assert_eq!(paused, Some(Duration::from_micros(500)));
         assert_eq!(group.len(), 2);
 
-        let (appends, mut queue, _answers) = queued(0);
-        let mut oldest = request("oldest").0;
-        oldest.queued = Instant::now() - wait;
-        appends.try_send(oldest).unwrap();
-        appends.try_send(request("next").0).unwrap();
+        let (_appends, mut queue, queued_at) = group_of_two();
         let mut group = Vec::new();
-        gather(&mut queue, &mut group, 5, wait, |pause| {
+        gather(&mut queue, &mut group, 5, wait, queued_at + wait, |pause| {
             panic!("paused {pause:?} for an append that has waited {wait:?} already")
         });
         assert_eq!(group.len(), 2);
@@ -711,7 +710,7 @@ mod tests {
         for (last, wait) in [(1, wait), (0, wait), (5, Duration::ZERO)] {
             let (_appends, mut queue, _answers) = queued(3);
             let mut group = Vec::new();
-            gather(&mut queue, &mut group, last, wait, |_| {
+            gather(&mut queue, &mut group, last, wait, before, |_| {
                 panic!("paused after a group of {last}, wait {wait:?}")
             });
             assert_eq!(group.len(), 3);
@@ -720,7 +719,7 @@ mod tests {
         // A group already large enough is committed at once.
         let (_appends, mut queue, _answers) = queued(GROUP_WAIT_UNTIL);
         let mut group = Vec::new();
-        gather(&mut queue, &mut group, 5, wait, |_| {
+        gather(&mut queue, &mut group, 5, wait, before, |_| {
             panic!("paused with a full group")
         });
         assert_eq!(group.len(), GROUP_WAIT_UNTIL);
@@ -728,7 +727,7 @@ mod tests {
         // Never more than a transaction takes, waiting or not.
         let (appends, mut queue, _answers) = queued(GROUP_MAX + 10);
         let mut group = Vec::new();
-        gather(&mut queue, &mut group, 5, wait, |_| unreachable!());
+        gather(&mut queue, &mut group, 5, wait, before, |_| unreachable!());
         assert_eq!(group.len(), GROUP_MAX);
         drop(appends);
     }
