@@ -358,3 +358,27 @@ fn string_lists(batch: &RecordBatch, index: usize) -> Result<Vec<Vec<String>>> {
         (0..a.len()).map(|i| a.value(i).to_owned()).collect()
     })
 }
+
+/// `count` votes of poll `p` for option `a`, at positions 1 onwards, each with its own id
+/// and voter key, the country `country(i)` of the i-th: rows for tests of the files and
+/// queries.
+#[cfg(test)]
+pub(super) fn test_votes(count: u64, country: impl Fn(u64) -> String) -> Vec<StoredVote> {
+    (0..count)
+        .map(|i| StoredVote {
+            seq: i + 1,
+            vote: tally_core::vote::Vote {
+                vote_id: format!("v{i}"),
+                poll_id: "p".into(),
+                voter_key: format!("k{i:08x}"),
+                choice: vec!["a".into()],
+                value: None,
+                segment: Segment {
+                    country: country(i),
+                    ..Default::default()
+                },
+                received_at: 1_700_000_000_000 + i as i64,
+            },
+        })
+        .collect()
+}

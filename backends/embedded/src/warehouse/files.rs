@@ -234,10 +234,8 @@ fn reader(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
 #[cfg(test)]
 mod tests {
     use parquet::basic::Encoding;
-    use tally_core::ports::StoredVote;
     use tally_core::rollup::RollupRow;
     use tally_core::segment::Segment;
-    use tally_core::vote::Vote;
 
     use super::*;
     use crate::warehouse::columns;
@@ -277,23 +275,7 @@ mod tests {
     #[test]
     fn statistics_where_they_prune_and_dictionaries_where_values_repeat() {
         let dir = tempfile::tempdir().unwrap();
-        let votes: Vec<StoredVote> = (0..200u64)
-            .map(|i| StoredVote {
-                seq: i + 1,
-                vote: Vote {
-                    vote_id: format!("v{i}"),
-                    poll_id: "p".into(),
-                    voter_key: format!("k{i:08x}"),
-                    choice: vec!["a".into()],
-                    value: None,
-                    segment: Segment {
-                        country: ["DE", "FR"][(i % 2) as usize].into(),
-                        ..Default::default()
-                    },
-                    received_at: 1_700_000_000_000 + i as i64,
-                },
-            })
-            .collect();
+        let votes = columns::test_votes(200, |i| ["DE", "FR"][(i % 2) as usize].into());
         let schema = columns::votes_schema();
         let batch = columns::votes_batch(&schema, 0, &votes).unwrap();
         let leaves = leaves_of(&write_file(&schema, dir.path(), "votes.parquet", &batch).unwrap());

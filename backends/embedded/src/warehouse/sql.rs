@@ -682,8 +682,6 @@ fn range_clause(column: &str, (from, to): (Option<i64>, Option<i64>)) -> String 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tally_core::ports::StoredVote;
-    use tally_core::vote::Vote;
 
     use crate::warehouse::columns;
 
@@ -718,23 +716,7 @@ mod tests {
     /// 300 votes of poll `p`, countries `C0` to `C299`, as the in-memory rows of `votes`.
     fn votes_view() -> TableView {
         let schema = columns::votes_schema();
-        let votes: Vec<StoredVote> = (0..300u64)
-            .map(|i| StoredVote {
-                seq: i + 1,
-                vote: Vote {
-                    vote_id: format!("v{i}"),
-                    poll_id: "p".into(),
-                    voter_key: String::new(),
-                    choice: vec!["a".into()],
-                    value: None,
-                    segment: tally_core::segment::Segment {
-                        country: format!("C{i}"),
-                        ..Default::default()
-                    },
-                    received_at: 1_700_000_000_000,
-                },
-            })
-            .collect();
+        let votes = columns::test_votes(300, |i| format!("C{i}"));
         let batch = columns::votes_batch(&schema, 0, &votes).unwrap();
         TableView {
             kind: Kind::Votes,
