@@ -44,8 +44,10 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 // Every vote the processor counts is looked up here by poll, bucket and segment, and SipHash
-// was most of that. foldhash is seeded at random per process, so voters who pick segment
-// values cannot pick collisions; and the processor caps the values of each key beforehand.
+// was most of that. foldhash is only minimally DoS-resistant (seeded at random per process,
+// but not made to withstand an attacker who studies a long-running process), so what a
+// voter can put in these maps is bounded another way: the processor caps the values of
+// each key before counting, which bounds the segments per poll and bucket.
 use foldhash::HashMap;
 
 use crate::analytics::BreakdownQuery;

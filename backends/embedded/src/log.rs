@@ -234,12 +234,12 @@ struct Writer {
 /// Completes a group begun by one append: takes every append queued, and when the last
 /// group held more than one (appends come side by side) and this one is still under
 /// [`GROUP_WAIT_UNTIL`], `pause`s once, until the group's oldest append has waited `wait`
-/// since it was queued (as of `now`), and takes what came meanwhile. A commit costs about the same for
-/// one vote as for a hundred (redb's pages and the fsync), so under a steady stream of
-/// single votes this is a fraction of the CPU per vote for at most `wait` more latency. The
-/// time an append spent queued behind the commit before counts: under a flat-out stream it
-/// has waited that long already, and the writer does not add a whole `wait` to every
-/// commit's time. An append that comes alone is never held.
+/// since it was queued (as of `now`), and takes what came meanwhile. A commit costs about
+/// the same for one vote as for a hundred (redb's pages and the fsync), so under a steady
+/// stream of single votes this is a fraction of the CPU per vote for at most `wait` more
+/// latency. The time an append spent queued behind the commit before counts: under a
+/// flat-out stream it has waited that long already, and the writer does not add a whole
+/// `wait` to every commit's time. An append that comes alone is never held.
 fn gather(
     queue: &mut mpsc::Receiver<AppendRequest>,
     group: &mut Vec<AppendRequest>,
