@@ -529,7 +529,6 @@ static VOTE_CORS: cors::Policy = cors::Policy {
 /// a web page of another origin is taken only when the poll lists that origin in
 /// `allowed_origins` (see [`cors`]); the batch route is for servers and answers no page.
 pub fn api(ingest: Arc<Ingest>) -> Router {
-    let vote_limit = ingest.config.max_vote_bytes;
     let batch_limit = ingest.config.max_batch_bytes;
     let origins = cors::Cors::new(ingest.polls.clone(), ingest.guard.clone());
     let batch = Router::new().route(
@@ -537,17 +536,14 @@ pub fn api(ingest: Arc<Ingest>) -> Router {
         post(batch::batch).layer(DefaultBodyLimit::max(batch_limit)),
     );
     // The vote route is guarded by its cross-origin layer (`cors::guarded`), so it is added
-    // after `protect`.
+    // after `protect`. Its handler keeps the body limit (`max_vote_bytes`) itself: a layer
+    // more would cost every vote a clone of the route and a boxed future.
     guard::protect(batch, ingest.guard.clone())
         .route(
             "/v1/polls/{id}/votes",
             post(votes::vote)
                 .options(cors::preflight_only)
-                .layer(DefaultBodyLimit::max(vote_limit))
-                .layer(axum::middleware::from_fn_with_state(
-                    (origins, &VOTE_CORS),
-                    cors::guarded,
-                )),
+                .layer(cors::guarded(origins, &VOTE_CORS)),
         )
         .with_state(ingest)
 }

@@ -19,14 +19,14 @@
 
 use std::sync::Arc;
 
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tally_core::api::Accepted;
 use tally_core::problem::Problem;
 use tally_core::vote::VoteRequest;
-use tally_service::http::{require_content_type, ApiError, ApiJson};
+use tally_service::http::{read_body_within, require_content_type, ApiError};
 
 use crate::Ingest;
 
@@ -163,9 +163,13 @@ pub(crate) async fn vote(
         return ApiError(problem).into_response();
     }
     let browser = BrowserVoter::read(&ingest, &request);
-    let mut vote = match ApiJson::<VoteRequest>::from_request(request, &()).await {
-        Ok(ApiJson(vote)) => vote,
+    let body = match read_body_within(request, ingest.config.max_vote_bytes).await {
+        Ok(body) => body,
         Err(problem) => return problem.into_response(),
+    };
+    let mut vote: VoteRequest = match tally_core::problem::parse_json(&body) {
+        Ok(vote) => vote,
+        Err(problem) => return ApiError(problem).into_response(),
     };
     if vote.poll_id.as_ref().is_some_and(|id| id != &poll_id) {
         return ApiError(Problem::invalid(

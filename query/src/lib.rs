@@ -195,9 +195,8 @@ impl App {
 /// The query routes alone, for composing with other services on one listener.
 pub fn api(app: Arc<App>) -> Router {
     let origins = cors::Cors::new(app.polls.clone(), app.guard.clone());
-    let read_cors =
-        axum::middleware::from_fn_with_state((origins.clone(), &READ_CORS), cors::guarded);
-    let many_cors = axum::middleware::from_fn_with_state((origins, &MANY_CORS), cors::guarded);
+    let read_cors = cors::guarded(origins.clone(), &READ_CORS);
+    let many_cors = cors::guarded(origins, &MANY_CORS);
     let routes = Router::new()
         .route("/v1/polls", post(polls::create).get(polls::list))
         .route(

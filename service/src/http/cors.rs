@@ -14,15 +14,16 @@
 //! authentication. Credentials are never allowed across origins (no
 //! `Access-Control-Allow-Credentials`), so a cross-site page cannot ride on tally's cookies.
 
+use std::future::Future;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tally_core::poll::parse_origin;
 use tally_core::problem::Problem;
 
+use super::around::{Around, AroundLayer};
 use super::{ApiError, Guard};
 use crate::PollCache;
 
@@ -135,31 +136,47 @@ fn refused(detail: String) -> Response {
 
 /// The middleware of a route taken from other origins: the per-address guard
 /// ([`super::guard::run`], with the guard of `cors`) and then the origin check, in one layer
-/// (each `from_fn` layer costs a request a clone of the service under it and a boxed
-/// future). `axum::middleware::from_fn_with_state((cors, policy), cors::guarded)` on a route
-/// (as `MethodRouter::layer`) added after [`super::guard::protect`], whose `OPTIONS` is
-/// [`preflight_only`] so that preflights reach the layer.
-pub async fn guarded(
-    State((cors, policy)): State<(Arc<Cors>, &'static Policy)>,
-    request: Request,
-    next: Next,
-) -> Response {
-    super::guard::run(&cors.guard, request, |request| {
-        check(&cors, policy, request, next)
-    })
-    .await
+/// (each layer costs a request a clone of the service under it and a boxed future).
+/// `cors::guarded(cors, policy)` on a route (as `MethodRouter::layer`) added after
+/// [`super::guard::protect`], whose `OPTIONS` is [`preflight_only`] so that preflights reach
+/// the layer.
+pub fn guarded(cors: Arc<Cors>, policy: &'static Policy) -> AroundLayer<Guarded> {
+    AroundLayer(Guarded { cors, policy })
 }
 
-/// The origin check of [`guarded`] around `next`.
-async fn check(cors: &Cors, policy: &Policy, request: Request, next: Next) -> Response {
+/// The middleware of [`guarded`].
+#[derive(Clone)]
+pub struct Guarded {
+    cors: Arc<Cors>,
+    policy: &'static Policy,
+}
+
+impl Around for Guarded {
+    fn around<F, Fut>(&self, request: Request, inner: F) -> impl Future<Output = Response> + Send
+    where
+        F: FnOnce(Request) -> Fut + Send,
+        Fut: Future<Output = Response> + Send,
+    {
+        super::guard::run(&self.cors.guard, request, |request| {
+            check(&self.cors, self.policy, request, inner)
+        })
+    }
+}
+
+/// The origin check of [`guarded`] around `inner`, the rest of the request.
+async fn check<F, Fut>(cors: &Cors, policy: &Policy, request: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let Some(origin) = request.headers().get(header::ORIGIN).cloned() else {
-        return with_vary(next.run(request).await);
+        return with_vary(inner(request).await);
     };
     let Ok(origin_text) = origin.to_str().map(str::to_owned) else {
         return refused("the Origin header is not readable".to_owned());
     };
     if cors.same_origin(&origin_text, &request) {
-        return with_vary(next.run(request).await);
+        return with_vary(inner(request).await);
     }
     let preflight = request.method() == Method::OPTIONS
         && request
@@ -203,7 +220,7 @@ async fn check(cors: &Cors, policy: &Policy, request: Request, next: Next) -> Re
         );
         return with_vary(response);
     }
-    let mut response = next.run(request).await;
+    let mut response = inner(request).await;
     let headers = response.headers_mut();
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
     if !policy.expose_headers.is_empty() {

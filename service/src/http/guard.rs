@@ -6,15 +6,16 @@
 //! that fails too often is refused with 429 until its quota replenishes, whatever it sends.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, Request, State};
-use axum::middleware::Next;
+use axum::extract::{ConnectInfo, Request};
 use axum::response::{IntoResponse, Response};
 use tally_core::problem::Problem;
 
+use super::around::{Around, AroundLayer};
 use super::ApiError;
 use crate::limits::{limit_key, Limit, Proxies, Rate};
 
@@ -109,7 +110,7 @@ pub fn protect<S: Clone + Send + Sync + 'static>(
     router: axum::Router<S>,
     guard: Arc<Guard>,
 ) -> axum::Router<S> {
-    router.route_layer(axum::middleware::from_fn_with_state(guard, layer))
+    router.route_layer(layer(guard))
 }
 
 /// Runs `sweep` every 10 s until `tasks` shut down: how the owner of limiters forgets the
@@ -126,11 +127,25 @@ pub fn sweep_periodically(tasks: &crate::Tasks, sweep: impl Fn() + Send + 'stati
     });
 }
 
-/// The guard as middleware (`axum::middleware::from_fn_with_state(guard, guard::layer)`).
-/// Without a peer address (a router served without connect info, as in some tests) there
-/// is nothing to key on and the guard lets the request through.
-pub async fn layer(State(guard): State<Arc<Guard>>, request: Request, next: Next) -> Response {
-    run(&guard, request, |request| next.run(request)).await
+/// The guard as middleware (a layer: `router.route_layer(guard::layer(guard))`). Without a
+/// peer address (a router served without connect info, as in some tests) there is nothing
+/// to key on and the guard lets the request through.
+pub fn layer(guard: Arc<Guard>) -> AroundLayer<Guarding> {
+    AroundLayer(Guarding(guard))
+}
+
+/// The middleware of [`layer`]: [`run`] around the rest of each request.
+#[derive(Clone)]
+pub struct Guarding(Arc<Guard>);
+
+impl Around for Guarding {
+    fn around<F, Fut>(&self, request: Request, inner: F) -> impl Future<Output = Response> + Send
+    where
+        F: FnOnce(Request) -> Fut + Send,
+        Fut: Future<Output = Response> + Send,
+    {
+        run(&self.0, request, inner)
+    }
 }
 
 /// The guard around `inner`, the rest of the request: what [`layer`] does, for a middleware
@@ -200,7 +215,7 @@ mod tests {
                     }
                 }),
             )
-            .layer(axum::middleware::from_fn_with_state(guard, layer))
+            .layer(layer(guard))
     }
 
     fn request(from: &str, key: bool) -> Request {

@@ -75,26 +75,76 @@ pub fn service(
         .route("/metrics", get(super::observe::metrics_route))
         .fallback(|| async { ApiError(problem::no_route()) })
         .method_not_allowed_fallback(|| async { ApiError(problem::method_not_allowed()) })
-        .layer(axum::middleware::from_fn(
-            move |request, next: axum::middleware::Next| {
-                let observed = observed.clone();
-                async move {
-                    super::observe::layer(&observed, request, move |request| {
-                        time_limit(timeout, request, next)
-                    })
-                    .await
-                }
-            },
-        ))
+        .layer(Outermost { observed, timeout })
 }
 
+/// The outermost middleware of [`service`]: [`super::observe`] around [`time_limit`]. A layer
+/// of its own, not `from_fn`: it reads the request before calling the service under it
+/// directly, so a request costs no clone of that service (see [`super::around`]).
+#[derive(Clone)]
+struct Outermost {
+    observed: std::sync::Arc<super::observe::Observed>,
+    timeout: std::time::Duration,
+}
+
+impl<S> tower::Layer<S> for Outermost {
+    type Service = OutermostService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        OutermostService {
+            outermost: self.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct OutermostService<S> {
+    outermost: Outermost,
+    inner: S,
+}
+
+impl<S> tower::Service<axum::extract::Request> for OutermostService<S>
+where
+    S: tower::Service<
+        axum::extract::Request,
+        Response = axum::response::Response,
+        Error = std::convert::Infallible,
+    >,
+    S::Future: Send + 'static,
+{
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = super::around::ResponseFuture;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::extract::Request) -> Self::Future {
+        let observing = super::observe::Observing::start(&self.outermost.observed, &request);
+        // Made now, run when polled: inside the request's scope, within the time limit. Boxed
+        // at once: it holds the request until the route takes it, and the futures around it
+        // would each copy it.
+        let rest = Box::pin(self.inner.call(request));
+        let timeout = self.outermost.timeout;
+        Box::pin(async move {
+            let rest = time_limit(timeout, super::around::infallible(rest));
+            Ok(observing.around(rest).await)
+        })
+    }
+}
+
+/// `rest` answered within `timeout`, else 408.
 async fn time_limit(
     timeout: std::time::Duration,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
+    rest: impl std::future::Future<Output = axum::response::Response>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    match tokio::time::timeout(timeout, next.run(request)).await {
+    match tokio::time::timeout(timeout, rest).await {
         Ok(response) => response,
         Err(_) => ApiError(problem::Problem::new(
             408,

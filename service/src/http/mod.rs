@@ -1,5 +1,6 @@
 //! The HTTP kit the services share.
 
+pub mod around;
 pub mod cors;
 pub mod guard;
 pub mod health;
@@ -10,5 +11,5 @@ pub mod streams;
 
 pub use guard::Guard;
 pub use health::{service, Probe, REQUEST_TIMEOUT};
-pub use problem::{read_body, require_content_type, ApiError, ApiJson, Reply};
+pub use problem::{read_body, read_body_within, require_content_type, ApiError, ApiJson, Reply};
 pub use serve::{serve, ServeConfig};

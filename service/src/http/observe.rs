@@ -184,72 +184,113 @@ impl Observed {
     }
 }
 
-/// The middleware of [`super::service`]: request id, access log, request metrics around
-/// `run` (the rest of the stack: one middleware, so a request pays for one layer here).
-pub async fn layer<F, Fut>(observed: &Observed, request: Request, run: F) -> Response
-where
-    F: FnOnce(Request) -> Fut,
-    Fut: std::future::Future<Output = Response>,
-{
-    let started = Instant::now();
-    let id = request
-        .headers()
-        .get(REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|id| valid_request_id(id))
-        .map(str::to_owned)
-        .unwrap_or_else(uuid_like);
-    // Counted under a fixed few labels; logged as sent.
-    let method = request.method().clone();
-    let method_index = method_index(&method);
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-    let client = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|info| info.0.ip());
-    let span = tracing::info_span!("request", request_id = %id);
-    let mut response = REQUEST_ID
-        .scope(id.clone(), run(request).instrument(span.clone()))
-        .await;
-    let status = response.status();
-    let elapsed = started.elapsed();
-    let series = observed.route(route);
-    let labels = || {
-        [
-            ("service", observed.service.to_owned()),
-            ("route", route.to_owned()),
-            ("method", METHODS[method_index].to_owned()),
-        ]
-    };
-    series.requests[method_index][status_class(status)]
-        .get_or_init(|| {
-            let [service, route, method] = labels();
-            let status = ("status", STATUS_CLASSES[status_class(status)].to_owned());
-            metrics::counter!(
-                "tally_http_requests_total",
-                &[service, route, method, status]
-            )
-        })
-        .increment(1);
-    series.durations[method_index]
-        .get_or_init(|| metrics::histogram!("tally_http_request_duration_seconds", &labels()))
-        .record(elapsed.as_secs_f64());
-    span.in_scope(|| {
-        tracing::info!(
-            target: "tally::access",
-            method = %method,
+/// The middleware of [`super::service`]: request id, access log and request metrics around
+/// the rest of the stack (one middleware, so a request pays for one layer here).
+///
+/// [`Observing::start`] reads what it needs of the request before the request goes on, so
+/// the layer can call the service under it directly, needing no clone of it;
+/// [`Observing::around`] then runs the rest inside the request's id scope and span, and
+/// counts and logs its answer.
+pub struct Observing {
+    started: Instant,
+    id: String,
+    method: axum::http::Method,
+    method_index: usize,
+    route: Option<MatchedPath>,
+    client: Option<std::net::IpAddr>,
+    series: std::sync::Arc<RouteMetrics>,
+    service: &'static str,
+    span: tracing::Span,
+}
+
+impl Observing {
+    pub fn start(observed: &Observed, request: &Request) -> Observing {
+        let started = Instant::now();
+        let id = request
+            .headers()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|id| valid_request_id(id))
+            .map(str::to_owned)
+            .unwrap_or_else(uuid_like);
+        // Counted under a fixed few labels; logged as sent.
+        let method = request.method().clone();
+        let method_index = method_index(&method);
+        let route = request.extensions().get::<MatchedPath>().cloned();
+        let client = request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|info| info.0.ip());
+        let series = observed.route(route.as_ref().map_or("unmatched", MatchedPath::as_str));
+        let span = tracing::info_span!("request", request_id = %id);
+        Observing {
+            started,
+            id,
+            method,
+            method_index,
             route,
-            status = status.as_u16(),
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            client = client.map(|ip| ip.to_string()).unwrap_or_default(),
-            "request"
-        )
-    });
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+            client,
+            series,
+            service: observed.service,
+            span,
+        }
     }
-    response
+
+    /// Answers with `rest`, the request's future (made, not yet run).
+    pub async fn around(self, rest: impl std::future::Future<Output = Response>) -> Response {
+        let Observing {
+            started,
+            id,
+            method,
+            method_index,
+            route,
+            client,
+            series,
+            service,
+            span,
+        } = self;
+        let mut response = REQUEST_ID
+            .scope(id.clone(), rest.instrument(span.clone()))
+            .await;
+        let status = response.status();
+        let elapsed = started.elapsed();
+        let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let labels = || {
+            [
+                ("service", service.to_owned()),
+                ("route", route.to_owned()),
+                ("method", METHODS[method_index].to_owned()),
+            ]
+        };
+        series.requests[method_index][status_class(status)]
+            .get_or_init(|| {
+                let [service, route, method] = labels();
+                let status = ("status", STATUS_CLASSES[status_class(status)].to_owned());
+                metrics::counter!(
+                    "tally_http_requests_total",
+                    &[service, route, method, status]
+                )
+            })
+            .increment(1);
+        series.durations[method_index]
+            .get_or_init(|| metrics::histogram!("tally_http_request_duration_seconds", &labels()))
+            .record(elapsed.as_secs_f64());
+        span.in_scope(|| {
+            tracing::info!(
+                target: "tally::access",
+                method = %method,
+                route,
+                status = status.as_u16(),
+                latency_ms = elapsed.as_secs_f64() * 1000.0,
+                client = client.map(|ip| ip.to_string()).unwrap_or_default(),
+                "request"
+            )
+        });
+        if let Ok(value) = HeaderValue::from_str(&id) {
+            response.headers_mut().insert(REQUEST_ID_HEADER, value);
+        }
+        response
+    }
 }
 
 /// A new request id: 16 hex digits, unique within the process (a counter from a random
@@ -290,15 +331,12 @@ mod tests {
     async fn invented_methods_are_counted_as_other() {
         use axum::body::Body;
         use tower::ServiceExt;
-        let observed = std::sync::Arc::new(Observed::new("observe-test"));
-        let app = axum::Router::new()
-            .route("/observed", axum::routing::get(|| async { "ok" }))
-            .layer(axum::middleware::from_fn(
-                move |request, next: axum::middleware::Next| {
-                    let observed = observed.clone();
-                    async move { layer(&observed, request, |request| next.run(request)).await }
-                },
-            ));
+        let app = crate::http::service(
+            "observe-test",
+            axum::Router::new().route("/observed", axum::routing::get(|| async { "ok" })),
+            Vec::new(),
+            std::time::Duration::from_secs(5),
+        );
         for method in ["BREW", "XMETHOD1", "XMETHOD2"] {
             let request = axum::http::Request::builder()
                 .method(method)

@@ -136,15 +136,42 @@ where
 pub async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
     match Bytes::from_request(req, state).await {
         Ok(bytes) => Ok(bytes),
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(Problem::new(
-            413,
-            "body-too-large",
-            "Body too large",
-            "the request body exceeds the size limit of this endpoint",
-        )
-        .into()),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(body_too_large())
+        }
         Err(rejection) => {
             Err(Problem::bad_request("unreadable-body", rejection.body_text()).into())
         }
     }
+}
+
+/// Buffers a body of at most `limit` bytes (counted as it arrives, chunked or not), mapping
+/// the limit to 413: [`read_body`] under `DefaultBodyLimit::max(limit)`, for a route that
+/// keeps its limit without a layer (a layer costs each request a clone of the service under
+/// it and a boxed future).
+pub async fn read_body_within(req: Request, limit: usize) -> Result<Bytes, ApiError> {
+    match axum::body::to_bytes(req.into_body(), limit).await {
+        Ok(bytes) => Ok(bytes),
+        Err(err)
+            if std::error::Error::source(&err)
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>()) =>
+        {
+            Err(body_too_large())
+        }
+        Err(err) => Err(Problem::bad_request(
+            "unreadable-body",
+            format!("Failed to buffer the request body: {err}"),
+        )
+        .into()),
+    }
+}
+
+fn body_too_large() -> ApiError {
+    Problem::new(
+        413,
+        "body-too-large",
+        "Body too large",
+        "the request body exceeds the size limit of this endpoint",
+    )
+    .into()
 }
