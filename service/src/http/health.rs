@@ -1,8 +1,14 @@
 //! `/healthz` (the process is up) and `/readyz` (its dependencies answer), for every service.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
+use axum::extract::Request;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures::future::BoxFuture;
@@ -12,6 +18,8 @@ use tally_core::ports::{PollRegistry, VoteLog, Warehouse};
 use tally_core::problem;
 use tally_core::Result;
 
+use super::around::{infallible, ResponseFuture};
+use super::observe::{Observed, Observing};
 use super::ApiError;
 
 /// A named readiness check of one dependency.
@@ -57,20 +65,15 @@ where
 
 /// The default of how long a request may take to be answered (its response head; a live
 /// stream's body may flow for hours). Covers clients that trickle their body.
-pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A service's router: its `api`, `/healthz` and `/readyz` over `probes`, `/metrics`,
 /// problem+json answers for unknown paths and methods, a 408 for requests not answered in
 /// `timeout`, and (outermost) the request id, access log and request metrics of
 /// [`super::observe`], under the service `name`.
-pub fn service(
-    name: &'static str,
-    api: Router,
-    probes: Vec<Probe>,
-    timeout: std::time::Duration,
-) -> Router {
+pub fn service(name: &'static str, api: Router, probes: Vec<Probe>, timeout: Duration) -> Router {
     // Installed before any request, so every metric recorded is exposed.
-    let observed = std::sync::Arc::new(super::observe::Observed::new(name));
+    let observed = Arc::new(Observed::new(name));
     api.merge(routes(probes))
         .route("/metrics", get(super::observe::metrics_route))
         .fallback(|| async { ApiError(problem::no_route()) })
@@ -83,8 +86,8 @@ pub fn service(
 /// directly, so a request costs no clone of that service (see [`super::around`]).
 #[derive(Clone)]
 struct Outermost {
-    observed: std::sync::Arc<super::observe::Observed>,
-    timeout: std::time::Duration,
+    observed: Arc<Observed>,
+    timeout: Duration,
 }
 
 impl<S> tower::Layer<S> for Outermost {
@@ -104,46 +107,35 @@ struct OutermostService<S> {
     inner: S,
 }
 
-impl<S> tower::Service<axum::extract::Request> for OutermostService<S>
+impl<S> tower::Service<Request> for OutermostService<S>
 where
-    S: tower::Service<
-        axum::extract::Request,
-        Response = axum::response::Response,
-        Error = std::convert::Infallible,
-    >,
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
     S::Future: Send + 'static,
 {
-    type Response = axum::response::Response;
-    type Error = std::convert::Infallible;
-    type Future = super::around::ResponseFuture;
+    type Response = Response;
+    type Error = Infallible;
+    type Future = ResponseFuture;
 
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: axum::extract::Request) -> Self::Future {
-        let observing = super::observe::Observing::start(&self.outermost.observed, &request);
+    fn call(&mut self, request: Request) -> Self::Future {
+        let observing = Observing::start(&self.outermost.observed, &request);
         // Made now, run when polled: inside the request's scope, within the time limit. Boxed
         // at once: it holds the request until the route takes it, and the futures around it
         // would each copy it.
         let rest = Box::pin(self.inner.call(request));
         let timeout = self.outermost.timeout;
         Box::pin(async move {
-            let rest = time_limit(timeout, super::around::infallible(rest));
+            let rest = time_limit(timeout, infallible(rest));
             Ok(observing.around(rest).await)
         })
     }
 }
 
 /// `rest` answered within `timeout`, else 408.
-async fn time_limit(
-    timeout: std::time::Duration,
-    rest: impl std::future::Future<Output = axum::response::Response>,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
+async fn time_limit(timeout: Duration, rest: impl Future<Output = Response>) -> Response {
     match tokio::time::timeout(timeout, rest).await {
         Ok(response) => response,
         Err(_) => ApiError(problem::Problem::new(
@@ -171,8 +163,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>(probes: Vec<Probe>) -> Router<S>
                     let mut checks = serde_json::Map::new();
                     let mut ready = true;
                     for (name, check) in probes.iter() {
-                        let outcome =
-                            tokio::time::timeout(std::time::Duration::from_secs(2), check()).await;
+                        let outcome = tokio::time::timeout(Duration::from_secs(2), check()).await;
                         let status = match outcome {
                             Ok(Ok(())) => "ok".to_owned(),
                             Ok(Err(err)) => {
