@@ -195,7 +195,6 @@ pub struct Observing {
     started: Instant,
     id: String,
     method: axum::http::Method,
-    method_index: usize,
     route: Option<MatchedPath>,
     client: Option<std::net::IpAddr>,
     series: std::sync::Arc<RouteMetrics>,
@@ -213,9 +212,6 @@ impl Observing {
             .filter(|id| valid_request_id(id))
             .map(str::to_owned)
             .unwrap_or_else(uuid_like);
-        // Counted under a fixed few labels; logged as sent.
-        let method = request.method().clone();
-        let method_index = method_index(&method);
         let route = request.extensions().get::<MatchedPath>().cloned();
         let client = request
             .extensions()
@@ -226,8 +222,7 @@ impl Observing {
         Observing {
             started,
             id,
-            method,
-            method_index,
+            method: request.method().clone(),
             route,
             client,
             series,
@@ -238,31 +233,22 @@ impl Observing {
 
     /// Answers with `rest`, the request's future (made, not yet run).
     pub async fn around(self, rest: impl std::future::Future<Output = Response>) -> Response {
-        let Observing {
-            started,
-            id,
-            method,
-            method_index,
-            route,
-            client,
-            series,
-            service,
-            span,
-        } = self;
         let mut response = REQUEST_ID
-            .scope(id.clone(), rest.instrument(span.clone()))
+            .scope(self.id.clone(), rest.instrument(self.span.clone()))
             .await;
         let status = response.status();
-        let elapsed = started.elapsed();
-        let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let elapsed = self.started.elapsed();
+        let route = self.route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        // Counted under a fixed few labels; logged as sent.
+        let method_index = method_index(&self.method);
         let labels = || {
             [
-                ("service", service.to_owned()),
+                ("service", self.service.to_owned()),
                 ("route", route.to_owned()),
                 ("method", METHODS[method_index].to_owned()),
             ]
         };
-        series.requests[method_index][status_class(status)]
+        self.series.requests[method_index][status_class(status)]
             .get_or_init(|| {
                 let [service, route, method] = labels();
                 let status = ("status", STATUS_CLASSES[status_class(status)].to_owned());
@@ -272,21 +258,21 @@ impl Observing {
                 )
             })
             .increment(1);
-        series.durations[method_index]
+        self.series.durations[method_index]
             .get_or_init(|| metrics::histogram!("tally_http_request_duration_seconds", &labels()))
             .record(elapsed.as_secs_f64());
-        span.in_scope(|| {
+        self.span.in_scope(|| {
             tracing::info!(
                 target: "tally::access",
-                method = %method,
+                method = %self.method,
                 route,
                 status = status.as_u16(),
                 latency_ms = elapsed.as_secs_f64() * 1000.0,
-                client = client.map(|ip| ip.to_string()).unwrap_or_default(),
+                client = self.client.map(|ip| ip.to_string()).unwrap_or_default(),
                 "request"
             )
         });
-        if let Ok(value) = HeaderValue::from_str(&id) {
+        if let Ok(value) = HeaderValue::from_str(&self.id) {
             response.headers_mut().insert(REQUEST_ID_HEADER, value);
         }
         response
