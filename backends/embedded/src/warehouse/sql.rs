@@ -271,6 +271,27 @@ fn above(column: &str, bounds: &Positions) -> String {
     }
 }
 
+/// `column` above the bound of its row's partition in `after` and at most its bound in
+/// `upto`, with one plain range over all partitions beside it (above the lowest bound in
+/// `after` of a partition in `upto`, at most the highest in `upto`): it takes no row the
+/// rest would not, and it is what the files' statistics can skip whole row groups by, where
+/// the per-partition conditions make every fresh row of a poll be read.
+fn between(column: &str, after: &Positions, upto: &Positions) -> String {
+    let Some(highest) = upto.values().max() else {
+        return "false".to_owned();
+    };
+    let lowest = upto
+        .keys()
+        .map(|partition| after.get(partition).copied().unwrap_or(0))
+        .min()
+        .unwrap_or(0);
+    format!(
+        "{column} > {lowest} AND {column} <= {highest} AND {} AND {}",
+        above(column, after),
+        at_most(column, upto)
+    )
+}
+
 /// The tables that hold segments: the rollups of both levels (all a breakdown of whole
 /// buckets reads) and the raw votes (for the cut buckets of a time range).
 const SEGMENT_KINDS: [Kind; 3] = [
@@ -406,14 +427,7 @@ impl Snapshot {
                 format!(
                     "{} UNION ALL {}",
                     level(settled_kind, at_most("last_seq", &settled)),
-                    level(
-                        fresh_kind,
-                        format!(
-                            "{} AND {}",
-                            above("last_seq", &settled),
-                            at_most("last_seq", &fresh)
-                        )
-                    ),
+                    level(fresh_kind, between("last_seq", &settled, &fresh)),
                 )
             };
         if let Some(buckets) = plan.buckets {
@@ -710,6 +724,31 @@ mod tests {
             params,
             ["p", "DE", "FR", "IT", "pro"].map(text),
             "the poll id, then each value once"
+        );
+    }
+
+    #[test]
+    fn a_range_between_positions_covers_every_partition_it_reads() {
+        let positions = |pairs: &[(u16, u64)]| pairs.iter().copied().collect::<Positions>();
+        // Partition 2 has no lower bound: the range starts at 0 for it; partition 5 has one
+        // but no upper bound, so it reads nothing and does not narrow the range.
+        let condition = between(
+            "last_seq",
+            &positions(&[(1, 40), (5, 90)]),
+            &positions(&[(1, 70), (2, 20)]),
+        );
+        assert!(
+            condition.starts_with("last_seq > 0 AND last_seq <= 70 AND "),
+            "{condition}"
+        );
+        let condition = between("last_seq", &positions(&[(1, 40)]), &positions(&[(1, 70)]));
+        assert!(
+            condition.starts_with("last_seq > 40 AND last_seq <= 70 AND "),
+            "{condition}"
+        );
+        assert_eq!(
+            between("last_seq", &positions(&[(1, 40)]), &positions(&[])),
+            "false"
         );
     }
 
