@@ -368,12 +368,12 @@ async fn needs_clickhouse_a_breakdown_reads_only_the_fresh_rows_after_the_settle
     // The statement itself, refused by the server if it reads more rows than allowed, once
     // the server has merged each table's parts into one (as it does in the background): the
     // index skips rows by granules of 8,192 within a part, so many small parts are each read.
+    let clickhouse = tally_testkit::clickhouse()
+        .await
+        .expect("clickhouse-server");
     for table in ["segment_cube", "segment_cube_fresh"] {
         run_sql(
-            &tally_testkit::clickhouse()
-                .await
-                .expect("clickhouse-server")
-                .url,
+            &clickhouse.url,
             &config.database,
             &format!("OPTIMIZE TABLE {table} FINAL"),
         )
@@ -393,9 +393,6 @@ async fn needs_clickhouse_a_breakdown_reads_only_the_fresh_rows_after_the_settle
         RowShape::PerAnswerList,
     );
     let budget = WRITES * STORES / 2;
-    let clickhouse = tally_testkit::clickhouse()
-        .await
-        .expect("clickhouse-server");
     let response = reqwest::Client::new()
         .post(format!(
             "{}/?database={}&max_rows_to_read={budget}&read_overflow_mode=throw",
