@@ -457,13 +457,13 @@ impl ClickHouseWarehouse {
         let coverage = async {
             self.client
                 .query_raw(&sql::cube_coverage(poll_id))
-                .fetch_one::<(u8, u8)>()
+                .fetch_all::<(u8, u64)>()
                 .await
                 .map_err(warehouse_error)
         };
-        let ((settled, fresh), (settled_whole, fresh_whole)) =
+        let ((settled, fresh), levels) =
             futures::try_join!(self.level_positions(poll_id, true), coverage)?;
-        let covers = settled_whole == 1 && fresh_whole == 1;
+        let covers = levels.len() == 2 && levels.iter().all(|(_, older)| *older == 0);
         // A poll without rows at either level is asked again when it has them.
         let learnt = match (covers, !settled.is_empty() && !fresh.is_empty()) {
             (true, true) => Some(CubeCoverage::Whole),
