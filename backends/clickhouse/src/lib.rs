@@ -457,13 +457,13 @@ impl ClickHouseWarehouse {
         let coverage = async {
             self.client
                 .query_raw(&sql::cube_coverage(poll_id))
-                .fetch_all::<(u8, u64)>()
+                .fetch_one::<u64>()
                 .await
                 .map_err(warehouse_error)
         };
-        let ((settled, fresh), levels) =
+        let ((settled, fresh), uncovered) =
             futures::try_join!(self.level_positions(poll_id, true), coverage)?;
-        let covers = levels.len() == 2 && levels.iter().all(|(_, older)| *older == 0);
+        let covers = uncovered == 0;
         // A poll without rows at either level is asked again when it has them.
         let learnt = match (covers, !settled.is_empty() && !fresh.is_empty()) {
             (true, true) => Some(CubeCoverage::Whole),

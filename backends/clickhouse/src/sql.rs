@@ -973,31 +973,31 @@ pub fn record_compaction(
     )
 }
 
-/// Whether the cube holds every rollup write of a poll: per level, `(level, older)` rows
-/// (0 settled, 1 fresh), the cube holding every write of the level when `older` is 0. The
-/// first write of the level tells: writes made before the cube existed have none of its
-/// rows and every write since has them, so it holds them all when no whole segment of the
-/// poll is older than its oldest totals row (any is, when it has none). Asked as "is there
-/// one older", which the key skips to (`last_seq` follows `poll_id` in the fresh table's),
-/// not as the poll's oldest whole segment, which read every one of them (~1.2 s before the
-/// first breakdown of a poll of 10M votes and 10,000 stores after a start). One row per
-/// level, not one row of both: the server's read limits do not hold in a scalar subquery.
+/// Whether the cube holds every rollup write of a poll: the number of levels (at most 2)
+/// with a whole segment older than the level's oldest cube totals row, 0 when it holds
+/// them all. The first write of a level tells: writes made before the cube existed have
+/// none of its rows and every write since has them (a level whose cube has no row has
+/// every whole segment older). Asked as "is there one older", which the key skips to
+/// (`last_seq` follows `poll_id` in the fresh table's), not as the poll's oldest whole
+/// segment, which read every one of them (~1.2 s before the first breakdown of a poll of
+/// 10M votes and 10,000 stores after a start). Counted over a subquery, not compared in
+/// scalar ones: the server's read limits do not hold in a scalar subquery.
 pub fn cube_coverage(poll_id: &str) -> String {
     let poll = lit(poll_id);
-    let level = |level: RollupLevel, tag: u8| {
+    let level = |level: RollupLevel| {
         format!(
-            "SELECT toUInt8({tag}) AS level, count() AS older FROM (SELECT 1 FROM {whole} \
-             WHERE poll_id = {poll} AND last_seq < (SELECT if(count() = 0, {NO_POSITION}, \
-             min(last_seq)) FROM {cube} WHERE poll_id = {poll} AND dims = {total}) LIMIT 1)",
+            "SELECT 1 FROM {whole} WHERE poll_id = {poll} AND last_seq < \
+             (SELECT if(count() = 0, {NO_POSITION}, min(last_seq)) FROM {cube} \
+             WHERE poll_id = {poll} AND dims = {total}) LIMIT 1",
             cube = cube_table(level),
             whole = level.table(),
             total = lit(TOTAL_SET),
         )
     };
     format!(
-        "{} UNION ALL {}",
-        level(RollupLevel::Settled, 0),
-        level(RollupLevel::Fresh, 1)
+        "SELECT count() FROM ({} UNION ALL {})",
+        level(RollupLevel::Settled),
+        level(RollupLevel::Fresh)
     )
 }
 
